@@ -1,0 +1,88 @@
+"""Saving and loading converted weights: an orbax checkpoint of an NNX module's state plus a
+small `config.json` that says how to rebuild the module.
+
+One place for this so the teacher converter, the student converter and the trainer's exported
+models all write the same layout:
+
+    DIR/config.json     {"kind": ..., "config": {...}, ...}   (JSON, human-readable)
+    DIR/state/          orbax checkpoint of the module's pure state dict
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+CONFIG_FILE = "config.json"
+STATE_DIR = "state"
+
+
+class WeightsError(RuntimeError):
+    """Weights that are missing, corrupt or of the wrong kind; the message says how to fix it."""
+
+
+def save_module(path: str | pathlib.Path, module: nnx.Module, meta: dict[str, Any]) -> pathlib.Path:
+    """Writes `module`'s state (every nnx.Variable) and `meta` under `path` (overwritten)."""
+    path = pathlib.Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    pure = nnx.to_pure_dict(nnx.state(module))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / STATE_DIR, pure, force=True)
+        ckptr.wait_until_finished()
+    # The JSON goes last: its presence marks a complete save.
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_meta(path: str | pathlib.Path, kind: str | None = None, hint: str = "") -> dict[str, Any]:
+    """The JSON written next to the weights; checks it is of `kind` when given."""
+    path = pathlib.Path(path)
+    cfg = path / CONFIG_FILE
+    if not cfg.is_file():
+        raise WeightsError(
+            f"no converted weights at {path} (missing {CONFIG_FILE})." + (f" {hint}" if hint else "")
+        )
+    try:
+        meta = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{cfg} is not valid JSON ({e}); convert the weights again.") from e
+    if kind is not None and meta.get("kind") != kind:
+        raise WeightsError(f"{path} holds weights of kind {meta.get('kind')!r}, expected {kind!r}.")
+    return meta
+
+
+def load_module(
+    path: str | pathlib.Path,
+    build: Callable[[dict[str, Any]], nnx.Module],
+    kind: str | None = None,
+    hint: str = "",
+) -> tuple[nnx.Module, dict[str, Any]]:
+    """Rebuilds a module saved by `save_module`.
+
+    `build(meta)` constructs the module; it runs under `nnx.eval_shape`, so no memory is spent on
+    a random initialisation that the checkpoint then overwrites.
+    """
+    path = pathlib.Path(path).absolute()
+    meta = read_meta(path, kind, hint)
+    abstract = nnx.eval_shape(lambda: build(meta))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state)
+    )
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            pure = ckptr.restore(path / STATE_DIR, target)
+    except Exception as e:  # orbax raises many types; all mean the same thing to the user
+        raise WeightsError(
+            f"could not read the weights in {path / STATE_DIR}: {type(e).__name__}: {e}. "
+            "The checkpoint is corrupt or was written for another configuration; convert again."
+            + (f" {hint}" if hint else "")
+        ) from e
+    pure = jax.tree.map(np.asarray, pure)
+    nnx.replace_by_pure_dict(abstract_state, pure)
+    return nnx.merge(graphdef, abstract_state), meta
