@@ -1,0 +1,164 @@
+"""`convert_weights.py`: turns released PyTorch weights into pand_jax weight directories.
+
+    convert_weights.py                                   teacher (model hub) + both students
+    convert_weights.py --checkpoint F [--model N | --model-config F.json] [--out D] [--verify]
+    convert_weights.py --demo-model [--verify] [--out D]  tiny random ConvNeXt CLIP, offline
+    convert_weights.py --student resnet18|mobilenet_v2 [--checkpoint F] [--out D] [--verify]
+
+Errors a user can fix print as one line `error: ...` and exit with status 2; a --verify above
+tolerance prints the differences and exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+
+from pand_jax.convert import open_clip as oc
+from pand_jax.convert.state_dict import ConversionError, read_state_dict
+from pand_jax.models import clip as clip_lib
+from pand_jax.weights import WeightsError
+
+WEIGHTS = pathlib.Path("weights")
+STUDENTS = ("resnet18", "mobilenet_v2")
+DEMO_MODEL = "pand_demo_convnext"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="convert_weights.py", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=pathlib.Path,
+                   help="local PyTorch state dict (.safetensors, .bin, .pt); no download")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help=f"open_clip model name (default {clip_lib.TEACHER_MODEL})")
+    which.add_argument("--model-config", type=pathlib.Path, help="open_clip model config JSON")
+    which.add_argument("--student", choices=STUDENTS, help="convert a torchvision student")
+    which.add_argument("--demo-model", action="store_true",
+                       help="a tiny random-weight ConvNeXt CLIP built in PyTorch (offline smoke run)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag to download "
+                   f"(default {clip_lib.TEACHER_PRETRAINED} for {clip_lib.TEACHER_MODEL})")
+    p.add_argument("--out", type=pathlib.Path, help="output directory (default weights/<name>)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare against the PyTorch model on random inputs; exit 1 above tolerance")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest relative difference --verify accepts (default 1e-4)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.student:
+            return convert_student(args.student, args.checkpoint, args.out, args.verify)
+        if args.demo_model:
+            return convert_demo(args.out or WEIGHTS / "demo_teacher", args.verify, args.tolerance)
+        default_run = not (args.checkpoint or args.model or args.model_config)
+        status = convert_teacher(args)
+        if default_run and status == 0:
+            for arch in STUDENTS:
+                status = max(status, convert_student(arch, None, None, args.verify))
+        return status
+    except (ConversionError, WeightsError, ValueError, OSError) as e:
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+        return 2
+
+
+def convert_student(arch: str, checkpoint: pathlib.Path | None, out: pathlib.Path | None,
+                    verify: bool) -> int:
+    from pand_jax.convert.torchvision import convert_student as convert  # torch side, lazily
+
+    result = convert(arch, checkpoint=checkpoint, out=out or WEIGHTS / arch, verify=verify)
+    return result if isinstance(result, int) else 0
+
+
+def _model_spec(args: argparse.Namespace) -> tuple[str | dict[str, Any], str]:
+    """(open_clip name or config dict, a label for the metadata)."""
+    if args.model_config is None:
+        return args.model or clip_lib.TEACHER_MODEL, args.model or clip_lib.TEACHER_MODEL
+    if not args.model_config.is_file():
+        raise ConversionError(f"model config file not found: {args.model_config}")
+    try:
+        return json.loads(args.model_config.read_text()), args.model_config.stem
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{args.model_config} is not valid JSON: {e}") from e
+
+
+def convert_teacher(args: argparse.Namespace) -> int:
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise ConversionError(f"checkpoint file not found: {args.checkpoint}")
+    spec, name = _model_spec(args)
+    cfg = clip_lib.config_from_open_clip(spec)  # unsupported models fail before any download
+    meta: dict[str, Any] = {"model": name}
+    if args.checkpoint is not None:
+        checkpoint = args.checkpoint
+    else:
+        tag = args.pretrained or (clip_lib.TEACHER_PRETRAINED if name == clip_lib.TEACHER_MODEL
+                                  else None)
+        if tag is None or not isinstance(spec, str):
+            raise ConversionError(f"no pretrained tag known for {name}: pass --pretrained TAG or "
+                                  "--checkpoint FILE")
+        checkpoint = download_checkpoint(name, tag)
+        meta["pretrained"] = tag
+    meta["checkpoint"] = str(checkpoint)
+    return _convert_and_save(read_state_dict(checkpoint), spec, cfg, args.out or WEIGHTS / "teacher",
+                             meta, args.verify, args.tolerance)
+
+
+def _convert_and_save(sd: dict[str, np.ndarray], spec, cfg: clip_lib.CLIPConfig, out: pathlib.Path,
+                      meta: dict[str, Any], verify: bool, tolerance: float) -> int:
+    model = oc.convert_state_dict(sd, cfg)
+    path = clip_lib.save_clip(out, model, **meta)
+    print(f"saved {meta['model']} ({clip_lib.param_count(model):,} parameters) to {path}")
+    if not verify:
+        return 0
+    import torch
+
+    torch_model = oc.build_torch_model(spec)
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    diffs = oc.verify_clip(model, torch_model, batch=2)
+    worst = max(d["rel"] for d in diffs.values())
+    for key, d in diffs.items():
+        print(f"verify {key:6s}: max abs {d['abs']:.3e}  max rel {d['rel']:.3e}")
+    ok = worst <= tolerance
+    print(f"verify {'passed' if ok else 'FAILED'}: max rel {worst:.3e} (tolerance {tolerance:.0e})")
+    return 0 if ok else 1
+
+
+def convert_demo(out: pathlib.Path, verify: bool, tolerance: float) -> int:
+    """Random-weight tiny open_clip ConvNeXt CLIP: saved as a PyTorch state dict, converted back."""
+    from safetensors.torch import save_file
+
+    torch_model = oc.build_torch_model(DEMO_MODEL)
+    oc.randomize_torch_model(torch_model, seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "open_clip_demo.safetensors"
+    save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, str(checkpoint))
+    print(f"wrote a random {DEMO_MODEL} open_clip state dict to {checkpoint}")
+    cfg = clip_lib.config_from_open_clip(DEMO_MODEL)
+    return _convert_and_save(read_state_dict(checkpoint), DEMO_MODEL, cfg, out,
+                             {"model": DEMO_MODEL, "checkpoint": str(checkpoint)}, verify, tolerance)
+
+
+def download_checkpoint(model: str, tag: str) -> pathlib.Path:
+    """The open_clip weights from the model hub (safetensors first), cached by huggingface_hub."""
+    import open_clip
+    from huggingface_hub import hf_hub_download
+
+    pretrained = open_clip.get_pretrained_cfg(model, tag)
+    hub_id = (pretrained or {}).get("hf_hub", "").strip("/")
+    if not hub_id:
+        raise ConversionError(f"open_clip has no model-hub weights for {model} / {tag}; "
+                              "pass --checkpoint FILE")
+    print(f"downloading {model} / {tag} from the model hub ({hub_id}) ...")
+    errors = []
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        try:
+            return pathlib.Path(hf_hub_download(hub_id, filename))
+        except Exception as e:  # network, auth and missing-file errors all end the same way
+            errors.append(f"{filename}: {type(e).__name__}: {e}")
+    raise ConversionError(
+        f"could not download {hub_id} ({errors[-1]}). Download open_clip_model.safetensors from "
+        f"https://huggingface.co/{hub_id} elsewhere and pass --checkpoint FILE --model {model}")

@@ -1,0 +1,244 @@
+"""open_clip ConvNeXt CLIP state dict -> `pand_jax.models.clip.CLIP`, and a parity check.
+
+The key map is explicit, one entry per PyTorch tensor, with the layout change it needs:
+  "linear": Linear weight [out, in] -> kernel [in, out]
+  "conv":   conv weight OIHW -> HWIO (a depthwise [C, 1, 7, 7] becomes [7, 7, 1, C])
+  "copy":   same layout (biases, LayerNorm weight -> scale, gamma, embeddings, text_projection)
+The expected PyTorch shapes are derived from the NNX model's own shapes through the same map,
+so `check_state_dict` can name any key or shape that does not fit before anything is copied.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pand_jax.convert.state_dict import ConversionError, check_state_dict, read_state_dict
+from pand_jax.models import clip as clip_lib
+from pand_jax.models.clip import CLIP, CLIPConfig
+
+Entry = tuple[str, tuple, str]  # (PyTorch key, NNX state path, layout kind)
+
+# Non-parameter buffers some open_clip versions save; nothing to convert.
+IGNORED_SUFFIXES = ("attn_mask", "position_ids")
+
+
+def _ln(torch_prefix: str, path: tuple) -> Iterator[Entry]:
+    yield f"{torch_prefix}.weight", path + ("scale",), "copy"
+    yield f"{torch_prefix}.bias", path + ("bias",), "copy"
+
+
+def _layer(torch_prefix: str, path: tuple, kind: str, bias: bool = True) -> Iterator[Entry]:
+    yield f"{torch_prefix}.weight", path + ("kernel",), kind
+    if bias:
+        yield f"{torch_prefix}.bias", path + ("bias",), "copy"
+
+
+def _vision_keys(cfg: CLIPConfig) -> Iterator[Entry]:
+    v, t = ("visual",), "visual.trunk"
+    yield from _layer(f"{t}.stem.0", v + ("stem_conv",), "conv")
+    yield from _ln(f"{t}.stem.1", v + ("stem_norm",))
+    for s, depth in enumerate(cfg.vision.depths):
+        sp = v + ("stages", s)
+        if s > 0:
+            yield from _ln(f"{t}.stages.{s}.downsample.0", sp + ("downsample_norm",))
+            yield from _layer(f"{t}.stages.{s}.downsample.1", sp + ("downsample_conv",), "conv")
+        for b in range(depth):
+            bt, bp = f"{t}.stages.{s}.blocks.{b}", sp + ("blocks", b)
+            yield f"{bt}.gamma", bp + ("gamma",), "copy"
+            yield from _layer(f"{bt}.conv_dw", bp + ("conv_dw",), "conv")
+            yield from _ln(f"{bt}.norm", bp + ("norm",))
+            yield from _layer(f"{bt}.mlp.fc1", bp + ("mlp_fc1",), "linear")
+            yield from _layer(f"{bt}.mlp.fc2", bp + ("mlp_fc2",), "linear")
+    yield from _ln(f"{t}.head.norm", v + ("head_norm",))
+    if cfg.vision.proj == "linear":
+        yield from _layer("visual.head.proj", v + ("head_proj",), "linear", cfg.vision.proj_bias)
+    else:
+        yield from _layer("visual.head.mlp.fc1", v + ("head_mlp_fc1",), "linear")
+        yield from _layer("visual.head.mlp.fc2", v + ("head_mlp_fc2",), "linear",
+                          cfg.vision.proj_bias)
+
+
+def _text_keys(cfg: CLIPConfig) -> Iterator[Entry]:
+    p = ("text",)
+    yield "token_embedding.weight", p + ("token_embedding",), "copy"
+    yield "positional_embedding", p + ("positional_embedding",), "copy"
+    for i in range(cfg.text.layers):
+        tt, tp = f"transformer.resblocks.{i}", p + ("resblocks", i)
+        yield from _ln(f"{tt}.ln_1", tp + ("ln_1",))
+        # in_proj_weight is q;k;v stacked on dim 0, the same order the fused kernel splits in.
+        yield f"{tt}.attn.in_proj_weight", tp + ("attn", "in_proj", "kernel"), "linear"
+        yield f"{tt}.attn.in_proj_bias", tp + ("attn", "in_proj", "bias"), "copy"
+        yield from _layer(f"{tt}.attn.out_proj", tp + ("attn", "out_proj"), "linear")
+        yield from _ln(f"{tt}.ln_2", tp + ("ln_2",))
+        yield from _layer(f"{tt}.mlp.c_fc", tp + ("mlp_c_fc",), "linear")
+        yield from _layer(f"{tt}.mlp.c_proj", tp + ("mlp_c_proj",), "linear")
+    yield from _ln("ln_final", p + ("ln_final",))
+    yield "text_projection", p + ("text_projection",), "copy"
+
+
+def key_map(cfg: CLIPConfig) -> list[Entry]:
+    return [*_vision_keys(cfg), *_text_keys(cfg), ("logit_scale", ("logit_scale",), "copy")]
+
+
+def _to_jax_layout(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "linear":
+        return x.T
+    if kind == "conv":
+        return x.transpose(2, 3, 1, 0)
+    return x
+
+
+def _to_torch_shape(shape: tuple, kind: str) -> tuple:
+    if kind == "linear":
+        return shape[::-1]
+    if kind == "conv":
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape
+
+
+def _get(tree: Mapping, path: tuple) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def expected_shapes(model: CLIP) -> dict[str, tuple[int, ...]]:
+    """PyTorch key -> shape of the open_clip state dict that fits `model` (abstract or not)."""
+    pure = nnx.to_pure_dict(nnx.state(model))
+    return {k: _to_torch_shape(tuple(_get(pure, p).shape), kind)
+            for k, p, kind in key_map(model.config)}
+
+
+def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, dtype=jnp.float32) -> CLIP:
+    """A CLIP holding the open_clip weights in `sd` (checked key by key and shape by shape)."""
+    abstract = nnx.eval_shape(lambda: CLIP(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    check_state_dict(sd, expected_shapes(abstract), ignore=IGNORED_SUFFIXES)
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    entries = key_map(cfg)
+    if len({p for _, p, _ in entries}) != len(jax.tree.leaves(pure)):
+        raise AssertionError("key map does not cover every parameter")  # a bug here, not input
+    for key, path, kind in entries:
+        *parent, leaf = path
+        # np.array, not np.ascontiguousarray: the latter turns the 0-d logit_scale into shape (1,).
+        value = np.array(_to_jax_layout(np.asarray(sd[key], np.float32), kind), order="C")
+        if value.shape != _get(pure, path).shape:
+            raise AssertionError(f"{key} converts to {value.shape}, not {_get(pure, path).shape}")
+        _get(pure, tuple(parent))[leaf] = value
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def convert_checkpoint(path: str | pathlib.Path, cfg: CLIPConfig, dtype=jnp.float32) -> CLIP:
+    return convert_state_dict(read_state_dict(path), cfg, dtype)
+
+
+# ----------------------------------------------------------------------------- PyTorch side
+
+
+def register_demo_models() -> None:
+    """Registers the tiny `pand_demo_*` ConvNeXts with timm so open_clip can build them."""
+    import timm
+    from timm.models import register_model
+    from timm.models.convnext import _create_convnext
+
+    for name, (depths, dims, eps) in clip_lib.TIMM_CONVNEXT.items():
+        if not name.startswith("pand_demo") or timm.is_model(name):
+            continue
+
+        def entry(pretrained=False, _n=name, _a=dict(depths=depths, dims=dims, norm_eps=eps), **kw):
+            # A stub pretrained config: without one timm logs a warning on every build.
+            kw["pretrained_cfg"] = kw.get("pretrained_cfg") or {"architecture": _n}
+            return _create_convnext(_n, pretrained=pretrained, **dict(_a, **kw))
+
+        entry.__name__ = name  # timm registers under the function's name
+        register_model(entry)
+
+
+def open_clip_config(name_or_dict: str | dict[str, Any]) -> dict[str, Any]:
+    return (clip_lib._open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str)
+            else name_or_dict)
+
+
+def build_torch_model(name_or_dict: str | dict[str, Any], device: str = "cpu"):
+    """The open_clip CLIP (PyTorch, eval mode) for a model name or config; device "meta" allocates
+    nothing."""
+    import torch
+    from open_clip.model import CLIP as TorchCLIP
+
+    register_demo_models()
+    cfg = open_clip_config(name_or_dict)
+    with torch.device(device):
+        model = TorchCLIP(**cfg)
+    return model.eval()
+
+
+def randomize_torch_model(model, seed: int = 0) -> None:
+    """Makes every parameter random, including those the default init leaves constant (biases,
+    LayerNorm affine, layer scale at 1e-6, logit_scale) so no mistake can hide behind them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if name.endswith("gamma"):
+                p.copy_(0.5 * noise)
+            elif p.ndim <= 1:  # biases ~0 +- 0.3, LayerNorm weights ~1 +- 0.3, logit_scale
+                p.add_(0.3 * noise if p.ndim else 0.1 * noise)
+
+
+def torch_state_dict(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    # Relative to the reference's largest magnitude: element-wise ratios blow up near zero.
+    err = float(np.max(np.abs(a - b)))
+    return {"abs": err, "rel": err / max(float(np.max(np.abs(b))), 1e-30)}
+
+
+def random_inputs(cfg: CLIPConfig, batch: int, image_size: int, seed: int):
+    """Normal images [B, S, S, 3] and token rows 'SOT, words, EOT, padding' with EOT = vocab-1."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
+    n, vocab = cfg.text.context_length, cfg.text.vocab_size
+    tokens = np.zeros((batch, n), np.int64)
+    for i, length in enumerate(rng.integers(2, n + 1, batch)):
+        tokens[i, :length] = rng.integers(1, vocab - 1, length)
+        tokens[i, length - 1] = vocab - 1
+    return images, tokens
+
+
+def verify_clip(model: CLIP, torch_model, *, batch: int = 4, image_size: int | None = None,
+                seed: int = 0) -> dict[str, dict[str, float]]:
+    """Runs the NNX model and the open_clip model on the same random images and tokens in float32
+    (JAX matmul precision "highest") and returns {"image"|"text"|"logits": {"abs", "rel"}}."""
+    import torch
+
+    cfg = model.config
+    images, tokens = random_inputs(cfg, batch, image_size or cfg.vision.image_size, seed)
+    graphdef, state = nnx.split(model)
+    with jax.default_matmul_precision("highest"):
+        img, txt, logits = jax.jit(lambda s, x, t: _features(nnx.merge(graphdef, s), x, t))(
+            state, images, tokens)
+    torch_model = torch_model.float().eval()
+    with torch.no_grad():
+        ti = torch_model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+        tt = torch_model.encode_text(torch.from_numpy(tokens))
+        tl = torch_model.logit_scale.exp() * _normalize(ti) @ _normalize(tt).T
+    return {name: _rel(np.asarray(a), b.numpy())
+            for name, a, b in (("image", img, ti), ("text", txt, tt), ("logits", logits, tl))}
+
+
+def _features(model: CLIP, images, tokens):
+    return model.encode_image(images), model.encode_text(tokens), model(images, tokens)
+
+
+def _normalize(x):
+    return x / x.norm(dim=-1, keepdim=True)

@@ -1,0 +1,188 @@
+"""torchvision ResNet-18 / MobileNet-V2 ImageNet weights -> the Flax `Student`.
+
+The NNX parameter paths mirror torchvision's keys (see models/resnet.py), so conversion is:
+drop the `backbone` prefix, map the head (`classifier` -> `fc` / `classifier.1`), rename the
+leaves (kernel/scale -> weight, mean/var -> running_mean/var) and transpose layouts
+(conv OIHW -> HWIO, linear [out, in] -> [in, out]).
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from pand_jax.convert.state_dict import ConversionError, check_state_dict, read_state_dict
+from pand_jax.models.student import Student, check_arch, save_student
+
+TORCHVISION_WEIGHTS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1",
+}
+HEAD = {"resnet18": "fc", "mobilenet_v2": "classifier.1"}
+LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+        "var": "running_var"}
+IMAGENET_CLASSES = 1000
+# Relative max-abs difference allowed by --verify (fp32, highest matmul precision); a correct
+# port is ~1e-6, a wrong padding or BN detail is >1e-2.
+VERIFY_TOLERANCE = 1e-4
+VERIFY_IMAGE_SIZE = 224
+VERIFY_BATCH = 2
+
+def torch_key(arch: str, path: tuple) -> str:
+    """NNX state path -> torchvision state-dict key."""
+    *module, leaf = path
+    module = [HEAD[arch]] if module == ["classifier"] else module[1:]  # drop "backbone"
+    return ".".join([*map(str, module), LEAF[leaf]])
+
+
+def _to_torch_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) == 4:  # HWIO -> OIHW
+        return (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 2:  # [in, out] -> [out, in]
+        return (shape[1], shape[0])
+    return shape
+
+
+def _to_flax_layout(w: np.ndarray) -> np.ndarray:
+    if w.ndim == 4:
+        return w.transpose(2, 3, 1, 0)
+    if w.ndim == 2:
+        return w.T
+    return w
+
+
+def _num_classes(arch: str, state_dict: Mapping[str, np.ndarray]) -> int:
+    """Read from the head so fine-tuned torchvision checkpoints convert too."""
+    head = state_dict.get(f"{HEAD[arch]}.weight")
+    return int(head.shape[0]) if head is not None and np.ndim(head) == 2 else IMAGENET_CLASSES
+
+
+def torchvision_to_nnx(arch: str, state_dict: Mapping[str, np.ndarray]) -> dict:
+    """A torchvision state dict (NumPy or torch tensors) -> the pure state dict of
+    `Student(arch, num_classes)` (`nnx.to_pure_dict` layout). Raises ConversionError naming
+    missing/unexpected keys and shape mismatches."""
+    check_arch(arch)
+    state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
+    num_classes = _num_classes(arch, state_dict)
+    abstract = nnx.eval_shape(lambda: Student(arch, num_classes, rngs=nnx.Rngs(0)))
+    targets = flatten_dict(nnx.to_pure_dict(nnx.state(abstract)))
+    keys = {path: torch_key(arch, path) for path in targets}
+    check_state_dict(state_dict, {keys[p]: _to_torch_layout(t.shape) for p, t in targets.items()},
+                     ignore=("num_batches_tracked",))
+    return unflatten_dict({
+        p: _to_flax_layout(state_dict[keys[p]]).astype(np.float32) for p in targets
+    })
+
+
+def student_from_state_dict(arch: str, state_dict: Mapping[str, np.ndarray]) -> Student:
+    """The converted Student in eval mode (fp32)."""
+    pure = torchvision_to_nnx(arch, state_dict)
+    model = Student(arch, _num_classes(arch, state_dict), rngs=nnx.Rngs(0))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    model.eval()
+    return model
+
+
+def _download(arch: str) -> tuple[dict[str, np.ndarray], str]:
+    """torchvision's IMAGENET1K_V1 weights through torch.hub's cache (same file torchvision uses)."""
+    import torch
+    import torchvision
+
+    url = torchvision.models.get_weight(TORCHVISION_WEIGHTS[arch]).url
+    path = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(path.name)
+        print(f"downloading {url} -> {path}")
+        try:
+            torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None)
+        except Exception as e:  # urllib, ssl and hash errors all mean "could not get the file"
+            raise ConversionError(
+                f"could not download the {arch} weights from {url} ({type(e).__name__}: {e}). "
+                f"Offline? Fetch that file elsewhere and pass it with --checkpoint FILE."
+            ) from e
+    return read_state_dict(path), url
+
+
+def convert_student(arch: str, checkpoint: str | pathlib.Path | None = None,
+                    out: str | pathlib.Path | None = None, verify: bool = False) -> pathlib.Path:
+    """Converts torchvision weights for `arch` and saves them under `out` (default weights/ARCH).
+
+    Without `checkpoint` the IMAGENET1K_V1 weights are downloaded; with it nothing touches the
+    network. `verify` compares the result with torchvision on random images."""
+    check_arch(arch)
+    if checkpoint is None:
+        state_dict, source = _download(arch)
+    else:
+        state_dict, source = read_state_dict(checkpoint), str(pathlib.Path(checkpoint).absolute())
+    model = student_from_state_dict(arch, state_dict)
+    if verify:
+        verify_student(arch, model, state_dict)
+    out = pathlib.Path("weights") / arch if out is None else pathlib.Path(out)
+    out = save_student(out, model, source=source)
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    print(f"{arch}: {n:,} parameters ({model.num_classes} classes) saved to {out}")
+    return out
+
+
+def torchvision_model(arch: str, state_dict: Mapping[str, Any]):
+    """The torchvision reference built from the same weights, in eval mode."""
+    import torch
+    import torchvision
+
+    tv = getattr(torchvision.models, arch)(weights=None, num_classes=_num_classes(arch, state_dict))
+    tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}
+    missing, unexpected = tv.load_state_dict(tensors, strict=False)
+    if [k for k in missing if not k.endswith("num_batches_tracked")] or unexpected:
+        raise ConversionError(f"torchvision {arch} rejects the checkpoint: missing {missing}, "
+                              f"unexpected {unexpected}")
+    return tv.eval()
+
+
+def torchvision_outputs(tv, images_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, pooled features) from a torchvision classifier; features are the head's input."""
+    import torch
+
+    head = tv.fc if hasattr(tv, "fc") else tv.classifier
+    captured = {}
+    handle = head.register_forward_pre_hook(lambda _, args: captured.update(features=args[0]))
+    try:
+        with torch.no_grad():
+            logits = tv(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous())
+    finally:
+        handle.remove()
+    return logits.numpy(), captured["features"].detach().numpy()
+
+
+def relative_diff(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max abs diff, max abs diff / max |want|)."""
+    diff = float(np.max(np.abs(np.asarray(got, np.float64) - want)))
+    return diff, diff / max(float(np.max(np.abs(want))), 1e-30)
+
+
+def verify_student(arch: str, model: Student, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Runs the Flax and torchvision models on the same random images, prints the differences of
+    logits and features and raises ConversionError above VERIFY_TOLERANCE."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((VERIFY_BATCH, VERIFY_IMAGE_SIZE, VERIFY_IMAGE_SIZE, 3), np.float32)
+    want_logits, want_features = torchvision_outputs(torchvision_model(arch, state_dict), images)
+    with jax.default_matmul_precision("highest"):
+        features = nnx.jit(lambda m, x: m.features(x))(model, images)
+        logits = model.classifier(features)
+    worst = 0.0
+    for name, got, want in (("logits", logits, want_logits), ("features", features, want_features)):
+        abs_diff, rel_diff = relative_diff(got, want)
+        worst = max(worst, rel_diff)
+        print(f"verify {arch} {name}: max abs diff {abs_diff:.3e}, relative {rel_diff:.3e}")
+    if worst > VERIFY_TOLERANCE:
+        raise ConversionError(
+            f"{arch}: Flax and torchvision disagree (relative {worst:.3e} > {VERIFY_TOLERANCE:g}); "
+            "the conversion is wrong, do not use these weights."
+        )
+

@@ -1,0 +1,296 @@
+"""Losses of PAND and its baselines (REFERENCE.md sections 4 and 5).
+
+Every function is pure and jittable, vectorised over samples and neighbours, and computes in
+fp32 even when given bf16 (fp64 inputs stay fp64, which the gradient checks use).
+
+Input checks happen at trace time: shapes, k, group sizes and reductions raise ValueError.
+Labels can only be range-checked when they are concrete (eager calls); under jit they are
+tracers, so a label outside [0, C) instead turns the loss into NaN, which is loud rather than
+silently wrong.
+
+Teacher inputs are not wrapped in stop_gradient (the teacher is frozen and its outputs carry
+no gradient in the trainer), except in `rkd`, where Park et al. detach the teacher explicitly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# VL2Lite/PAND use a fixed CLIP-style scale of 1/0.07 for the text-logit KL, not the teacher's
+# learned logit scale.
+VL2LITE_SCALE = 1.0 / 0.07
+
+# Loss matmuls are small; "highest" keeps TF32/bf16 passes on accelerators from flipping
+# nearest-neighbour choices and from hiding parity errors.
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _fp32(x):
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_ndim(name, x, ndim):
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+
+
+def _check_same_shape(name_a, a, name_b, b):
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {a.shape} and {name_b} {b.shape} must have the same shape")
+
+
+def _check_positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_labels(labels, batch, num_classes):
+    labels = jnp.asarray(labels)
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), got {labels.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+    return labels
+
+
+def _label_logit(logits, labels):
+    """logits[i, labels[i]], NaN where a (traced) label is outside [0, C)."""
+    num_classes = logits.shape[-1]
+    valid = (labels >= 0) & (labels < num_classes)
+    picked = jnp.take_along_axis(logits, jnp.clip(labels, 0, num_classes - 1)[:, None], axis=1)
+    return jnp.where(valid[:, None], picked, jnp.nan)[:, 0]
+
+
+def l2_normalize(x, axis=-1):
+    """x / ||x||, with zero vectors mapped to zero and given a zero (not infinite) gradient."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    nonzero = sq > 0
+    return jnp.where(nonzero, x * lax.rsqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
+def _kl_rows(log_p, log_q, axis=-1):
+    """KL(p || q) from log-probabilities; p = 0 terms contribute exactly 0."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis)
+
+
+def js_divergence(p_logits, q_logits, axis=-1):
+    """Jensen-Shannon divergence between softmax(p_logits) and softmax(q_logits), natural log.
+
+    Reduces `axis`; the result lies in [0, ln 2]. Computed from log-softmax so that logits of
+    magnitude 1e4 stay finite: log m = logaddexp(log p, log q) - log 2.
+    """
+    p_logits, q_logits = _fp32(p_logits), _fp32(q_logits)
+    _check_same_shape("p_logits", p_logits, "q_logits", q_logits)
+    log_p = jax.nn.log_softmax(p_logits, axis=axis)
+    log_q = jax.nn.log_softmax(q_logits, axis=axis)
+    log_m = jnp.logaddexp(log_p, log_q) - jnp.log(2.0).astype(log_p.dtype)
+    return 0.5 * (_kl_rows(log_p, log_m, axis) + _kl_rows(log_q, log_m, axis))
+
+
+def _check_logit_pair(student_logits, teacher_logits):
+    student_logits, teacher_logits = _fp32(student_logits), _fp32(teacher_logits)
+    _check_ndim("student_logits", student_logits, 2)
+    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    return student_logits, teacher_logits
+
+
+def nsd_paper(student_logits, teacher_logits, labels, k=3):
+    """NSD of the paper, Eq. 6-8: class neighbourhood around each sample's ground truth.
+
+    N_i = the k non-ground-truth classes with the largest teacher logits. Margins
+    D_ij = z[i, y_i] - z[i, j] over j in N_i (the same j for teacher and student);
+    rho_i = softmax_j(-D_ij); loss = mean_i JS(rho^T_i || rho^S_i).
+    """
+    z_s, z_t = _check_logit_pair(student_logits, teacher_logits)
+    batch, num_classes = z_s.shape
+    _check_positive_int("k", k)
+    if k >= num_classes:
+        raise ValueError(f"k must be < the number of classes C={num_classes}, got k={k}")
+    labels = _check_labels(labels, batch, num_classes)
+
+    is_ground_truth = labels[:, None] == jnp.arange(num_classes)
+    _, neighbours = lax.top_k(jnp.where(is_ground_truth, -jnp.inf, z_t), k)  # [B, k]
+
+    def margins(z):
+        return _label_logit(z, labels)[:, None] - jnp.take_along_axis(z, neighbours, axis=1)
+
+    return jnp.mean(js_divergence(-margins(z_t), -margins(z_s)))
+
+
+def _batch_neighbours(z_t, k):
+    """Indices [G, g, k] of each sample's k most cosine-similar other samples in its group."""
+    z_hat = l2_normalize(lax.stop_gradient(z_t))
+    similarity = jnp.einsum("gic,gjc->gij", z_hat, z_hat, precision=_HIGHEST)
+    # Mask self explicitly rather than dropping the first sorted column as the released code
+    # does: with duplicate samples, self need not sort first.
+    self_mask = jnp.eye(z_t.shape[1], dtype=bool)
+    _, neighbours = lax.top_k(jnp.where(self_mask, -jnp.inf, similarity), k)
+    return neighbours
+
+
+def nsd_batch(student_logits, teacher_logits, k=3, group_size=None):
+    """NSD of the released code (from NRKD): in-batch sample neighbourhood.
+
+    Neighbours j of sample i: the k samples of its group (self excluded) whose L2-normalised
+    teacher logits are most cosine-similar; chosen from the teacher only. With
+    Delta_ij = z[i] - z[j] (vectors over classes), loss = sum_ij JS(softmax_C Delta^t_ij ||
+    softmax_C Delta^s_ij) / (B k). `group_size` splits the batch into consecutive groups
+    (e.g. 32 to mimic the released per-GPU batches); None uses the whole batch. A group of
+    g <= k samples uses k = g - 1, as the released code does.
+    """
+    z_s, z_t = _check_logit_pair(student_logits, teacher_logits)
+    batch, num_classes = z_s.shape
+    _check_positive_int("k", k)
+    group = batch if group_size is None else group_size
+    _check_positive_int("group_size", group, minimum=2)
+    if batch % group:
+        raise ValueError(f"batch size {batch} is not divisible by group_size {group}")
+    k = min(k, group - 1)
+
+    z_s = z_s.reshape(batch // group, group, num_classes)
+    z_t = z_t.reshape(batch // group, group, num_classes)
+    neighbours = _batch_neighbours(z_t, k)[..., None]  # [G, g, k, 1]
+
+    def deltas(z):  # [G, g, k, C]; the gather keeps the neighbour's gradient
+        return z[:, :, None, :] - jnp.take_along_axis(z[:, None], neighbours, axis=2)
+
+    return jnp.sum(js_divergence(deltas(z_t), deltas(z_s))) / (batch * k)
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy with integer labels."""
+    logits = _fp32(logits)
+    _check_ndim("logits", logits, 2)
+    labels = _check_labels(labels, *logits.shape)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - _label_logit(logits, labels))
+
+
+def kd(student_logits, teacher_logits, temperature=4.0):
+    """Hinton KD: T^2 * batch-mean KL(softmax(z_t / T) || softmax(z_s / T))."""
+    z_s, z_t = _check_logit_pair(student_logits, teacher_logits)
+    log_p = jax.nn.log_softmax(z_t / temperature, axis=1)
+    log_q = jax.nn.log_softmax(z_s / temperature, axis=1)
+    return temperature**2 * jnp.mean(_kl_rows(log_p, log_q))
+
+
+def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, align_text, labels,
+            student_logits, temperature=2.0, reduction="pand"):
+    """The VL2Lite base losses (cls, vis, txt), returned separately and unweighted.
+
+    cls = CE(z_s, y); vis = mean |h - a| with h, a the L2-normalised student features and
+    image-align output; txt = tau^2 KL(softmax(s t T^T / tau) || softmax(s h A^T / tau)) with
+    t, T, A the normalised teacher image embedding, text anchors and text-align output, s = 1/0.07.
+    reduction "pand": batch-mean KL (released code with learned prompts).
+    reduction "vl2lite": KLDivLoss 'mean' over B*C times C/2, i.e. half the batch-mean KL.
+    """
+    if reduction not in ("pand", "vl2lite"):
+        raise ValueError(f"reduction must be 'pand' or 'vl2lite', got {reduction!r}")
+    h, a = _fp32(student_features), _fp32(align_image)
+    t, anchors, a_txt = _fp32(teacher_image_emb), _fp32(text_anchors), _fp32(align_text)
+    z_s = _fp32(student_logits)
+    for name, x in [("student_features", h), ("teacher_image_emb", t), ("text_anchors", anchors),
+                    ("align_image", a), ("align_text", a_txt), ("student_logits", z_s)]:
+        _check_ndim(name, x, 2)
+    batch, num_classes = z_s.shape
+    expected = {"student_features": ((batch, a_txt.shape[1]), h),
+                "align_image": ((batch, a_txt.shape[1]), a),
+                "teacher_image_emb": ((batch, anchors.shape[1]), t),
+                "text_anchors": ((num_classes, anchors.shape[1]), anchors),
+                "align_text": ((num_classes, a_txt.shape[1]), a_txt)}
+    for name, (shape, x) in expected.items():
+        if x.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (B={batch}, C={num_classes}), "
+                             f"got {x.shape}")
+
+    cls = cross_entropy(z_s, labels)
+    h = l2_normalize(h)
+    vis = jnp.mean(jnp.abs(h - l2_normalize(a)))
+
+    def text_log_probs(image, text):
+        logits = VL2LITE_SCALE * jnp.matmul(image, text.T, precision=_HIGHEST) / temperature
+        return jax.nn.log_softmax(logits, axis=1)
+
+    kl = _kl_rows(text_log_probs(l2_normalize(t), l2_normalize(anchors)),
+                  text_log_probs(h, l2_normalize(a_txt)))
+    # 'mean' over B*C then * C/2 equals sum/(2B): half the batch mean.
+    scale = 1.0 if reduction == "pand" else 0.5
+    txt = temperature**2 * scale * jnp.mean(kl)
+    return cls, vis, txt
+
+
+def loss_weights(epoch, num_epochs, cls_offset=0.0):
+    """Released schedule: w_cls = clip(offset + e / (8 E), 0, 1), w_vis = w_txt = (1 - w_cls)/2.
+
+    `epoch` is 0-based and may be a Python number or a traced scalar (the trainer passes it
+    inside jit). cls_offset = 0.01 gives the paper's stated start of 0.01 / 0.495 / 0.495.
+    """
+    if isinstance(num_epochs, (int, float, np.number)) and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be > 0, got {num_epochs!r}")
+    e = jnp.asarray(epoch, dtype=jnp.float32)
+    w_cls = jnp.clip(cls_offset + e / (8.0 * num_epochs), 0.0, 1.0)
+    w_base = (1.0 - w_cls) / 2.0
+    return w_cls, w_base, w_base
+
+
+def _smooth_l1(x, y):
+    """Huber with beta 1, mean over all elements (PyTorch smooth_l1_loss)."""
+    d = jnp.abs(x - y)
+    return jnp.mean(jnp.where(d < 1.0, 0.5 * d * d, d - 0.5))
+
+
+def _pairwise_distances(e):
+    diff = e[:, None, :] - e[None, :, :]
+    sq = jnp.sum(diff * diff, axis=-1)
+    nonzero = sq > 0  # the diagonal (and duplicates) get distance 0 and a zero gradient
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
+def _normalised_distances(e):
+    d = _pairwise_distances(e)
+    n = e.shape[0]
+    mean_off_diagonal = jnp.sum(d) / (n * (n - 1))
+    return d / mean_off_diagonal
+
+
+def _triplet_angles(e):
+    """cos of the angle at i between j and k: <unit(e_j - e_i), unit(e_k - e_i)>, [B, B, B]."""
+    u = l2_normalize(e[None, :, :] - e[:, None, :])
+    return jnp.einsum("ijd,ikd->ijk", u, u, precision=_HIGHEST)
+
+
+def rkd(student_features, teacher_features, distance_weight=25.0, angle_weight=50.0):
+    """Relational KD (Park et al. 2019): distance + angle losses with smooth-L1.
+
+    Distances are normalised by their mean over off-diagonal pairs; the teacher side is
+    detached. Student and teacher feature widths may differ; the batch sizes must match.
+    """
+    s, t = _fp32(student_features), lax.stop_gradient(_fp32(teacher_features))
+    _check_ndim("student_features", s, 2)
+    _check_ndim("teacher_features", t, 2)
+    if s.shape[0] != t.shape[0] or s.shape[0] < 2:
+        raise ValueError(f"student_features {s.shape} and teacher_features {t.shape} need the "
+                         "same batch size, at least 2")
+    distance = _smooth_l1(_normalised_distances(s), _normalised_distances(t))
+    angle = _smooth_l1(_triplet_angles(s), _triplet_angles(t))
+    return distance_weight * distance + angle_weight * angle
+
+
+def coop_ce(image_features, text_features, labels, logit_scale):
+    """CoOp objective: CE over logit_scale * norm(img) @ norm(txt)^T.
+
+    `logit_scale` is the multiplier itself (exp of CLIP's stored log scale, about 100).
+    """
+    img, txt = _fp32(image_features), _fp32(text_features)
+    _check_ndim("image_features", img, 2)
+    _check_ndim("text_features", txt, 2)
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"image_features {img.shape} and text_features {txt.shape} must share "
+                         "the feature width")
+    logits = logit_scale * jnp.matmul(l2_normalize(img), l2_normalize(txt).T, precision=_HIGHEST)
+    return cross_entropy(logits, labels)

@@ -1,0 +1,100 @@
+"""The distilled student: a torchvision backbone (ResNet-18 or MobileNet-V2) plus a linear head.
+
+    Student(arch, num_classes, dtype=..., rngs=...)
+      .features(x) -> [B, num_features] fp32 pooled penultimate features (h before L2norm)
+      __call__(x)  -> [B, num_classes] fp32 logits (z_s)
+
+Inputs are NHWC images normalised by the caller. Parameters and BatchNorm statistics are fp32;
+`dtype` is the compute dtype of the convolutions. Train/eval through `model.train()` /
+`model.eval()` (BatchNorm batch statistics vs running averages).
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pand_jax import weights
+from pand_jax.models.mobilenet_v2 import MobileNetV2
+from pand_jax.models.resnet import ResNet18
+
+ARCHS = ("resnet18", "mobilenet_v2")
+BACKBONES = {"resnet18": ResNet18, "mobilenet_v2": MobileNetV2}
+KIND = "student"
+
+
+def _torch_linear_bias_init(fan_in: int):
+    """PyTorch's nn.Linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the released code's new
+    head is a default-initialised nn.Linear."""
+    bound = fan_in ** -0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown student architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+class Student(nnx.Module):
+    def __init__(self, arch: str, num_classes: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        check_arch(arch)
+        self.arch = arch
+        self.num_classes = num_classes
+        self.backbone = BACKBONES[arch](dtype=dtype, rngs=rngs)
+        self.num_features = self.backbone.num_features
+        # fp32 head: it is tiny and the logits feed softmax/KL terms. Kernel init is PyTorch's
+        # default for nn.Linear (kaiming_uniform a=sqrt(5) = U(+-1/sqrt(fan_in))).
+        self.classifier = nnx.Linear(
+            self.num_features, num_classes,
+            kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            bias_init=_torch_linear_bias_init(self.num_features),
+            rngs=rngs,
+        )
+
+    def features(self, x: jax.Array) -> jax.Array:
+        return self.backbone(x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.classifier(self.features(x))
+
+
+def _missing_hint(path: pathlib.Path) -> str:
+    arch = path.name if path.name in ARCHS else "|".join(ARCHS)
+    return f"Convert them with: python convert_weights.py --student {arch} --out {path}"
+
+
+def load_student(path: str | pathlib.Path, dtype=jnp.float32) -> Student:
+    """A saved student (converted ImageNet weights or a trained one) in eval mode, with the head
+    it was saved with: for converted weights the 1000-class ImageNet classifier."""
+    path = pathlib.Path(path)
+
+    def build(meta: dict[str, Any]) -> Student:
+        cfg = meta["config"]
+        return Student(cfg["arch"], cfg["num_classes"], dtype=dtype, rngs=nnx.Rngs(0))
+
+    model, _ = weights.load_module(path, build, kind=KIND, hint=_missing_hint(path))
+    model.eval()
+    return model
+
+
+def student_from_pretrained(path: str | pathlib.Path, num_classes: int, *, rngs: nnx.Rngs,
+                            dtype=jnp.float32) -> Student:
+    """Converted backbone + a fresh `num_classes` head, in train mode (the start of Stage-NSD)."""
+    pretrained = load_student(path, dtype)
+    model = Student(pretrained.arch, num_classes, dtype=dtype, rngs=rngs)
+    nnx.update(model.backbone, nnx.state(pretrained.backbone))
+    model.train()
+    return model
+
+
+def save_student(path: str | pathlib.Path, model: Student, **meta: Any) -> pathlib.Path:
+    """Saves weights + config.json ({"kind": "student", "config": {arch, num_classes}, **meta})."""
+    config = {"arch": model.arch, "num_classes": model.num_classes}
+    return weights.save_module(path, model, {"kind": KIND, "config": config, **meta})

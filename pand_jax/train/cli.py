@@ -1,0 +1,152 @@
+"""`python train.py`: Stage-PSC, Stage-NSD and the offline demo.
+
+Values come from configs/{psc,nsd}.json (the paper's defaults), then the flags below, then any
+`--set dotted.key=value`. The resolved config is written to the workdir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+from pand_jax import config as config_lib
+
+# Flag -> config key; None values (flag not given) leave the config alone.
+FLAG_KEYS = {
+    "dataset": "dataset", "data_dir": "data_dir", "teacher": "teacher", "epochs": "epochs",
+    "batch_size": "batch_size", "student": "student", "method": "method",
+    "nsd_form": "loss.nsd_form", "lambda_nsd": "loss.lambda_nsd", "anchors": "anchors",
+    "teacher_cache": "teacher_cache",
+}
+NSD_ONLY = ("student", "method", "nsd_form", "lambda_nsd", "anchors", "no_psc", "teacher_cache")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python train.py --stage psc --dataset aircraft\n"
+               "  python train.py --stage nsd --dataset aircraft --student mobilenet_v2\n"
+               "  python train.py --demo")
+    p.add_argument("--stage", choices=("psc", "nsd"))
+    p.add_argument("--demo", action="store_true", help="offline demo: tiny CLIP, digits, PSC+NSD")
+    p.add_argument("--dataset")
+    p.add_argument("--student", choices=("resnet18", "mobilenet_v2"))
+    p.add_argument("--method", choices=("pand", "vl2lite", "kd", "rkd", "none"))
+    p.add_argument("--nsd-form", choices=("paper", "batch"))
+    p.add_argument("--lambda-nsd", type=float)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--anchors", help="anchors.npz from Stage-PSC (default: runs/DATASET/psc/)")
+    g.add_argument("--no-psc", action="store_true", help="template anchors (ablation +NSD only)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--teacher-cache", type=int, metavar="V",
+                   help="Stage-NSD: precompute the teacher on V augmented views (0: online)")
+    p.add_argument("--workdir", help="run directory (default: runs/DATASET/STAGE[...])")
+    p.add_argument("--teacher", help="converted teacher weights (default: weights/teacher)")
+    p.add_argument("--data-dir", help="prepared datasets (python -m pand_jax.data.prepare)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set optimizer.grad_clip=1.0")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a workdir even though its recorded config differs")
+    p.add_argument("--coordinator", help="multi-process: coordinator host:port (process 0)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    return p
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path]:
+    """The config for args.stage and its workdir."""
+    stage = args.stage
+    if stage == "psc":
+        given = [f for f in NSD_ONLY if getattr(args, f) not in (None, False)]
+        if given:
+            raise config_lib.ConfigError(
+                f"--{given[0].replace('_', '-')} applies to --stage nsd only")
+    cfg = config_lib.default_config(stage)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None and (stage == "nsd" or flag not in NSD_ONLY):
+            config_lib.override(cfg, key, value)
+    if args.no_psc:
+        cfg["no_psc"] = True
+    cfg = config_lib.apply_sets(cfg, args.set)
+    if stage == "nsd" and cfg["method"] == "pand" and not cfg["no_psc"] and not cfg["anchors"]:
+        cfg["anchors"] = str(pathlib.Path("runs") / cfg["dataset"] / "psc" / "anchors.npz")
+    if args.workdir:
+        workdir = pathlib.Path(args.workdir)
+    elif stage == "psc":
+        workdir = pathlib.Path("runs") / cfg["dataset"] / "psc"
+    else:
+        variant = cfg["method"] + ("-nopsc" if cfg["no_psc"] else "")
+        workdir = pathlib.Path("runs") / cfg["dataset"] / "nsd" / f"{variant}-{cfg['student']}"
+    return cfg, workdir
+
+
+def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False) -> dict:
+    from pand_jax.train import nsd, psc, setup
+
+    setup.prepare_workdir(workdir, cfg, allow_change)
+    return (psc if cfg["stage"] == "psc" else nsd).run(cfg, workdir)
+
+
+def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
+             allow_change: bool) -> dict:
+    from pand_jax import demo
+
+    d = demo.demo_config()
+    teacher = workdir / "teacher"
+    if not (teacher / "config.json").is_file():
+        acc = demo.train_teacher(d["teacher"], teacher)
+        print(f"[demo] teacher trained; zero-shot top1 of the prompt template: {100 * acc:.1f}%")
+    out = {}
+    for stage in ("psc", "nsd"):
+        cfg = config_lib.default_config(stage)
+        for key, value in _flatten(d[stage]):
+            config_lib.override(cfg, key, value)
+        cfg["teacher"] = str(teacher)
+        if stage == "nsd":
+            cfg["anchors"] = str(workdir / "psc" / "anchors.npz")
+            if teacher_cache is not None:
+                cfg["teacher_cache"] = teacher_cache
+        cfg = config_lib.apply_sets(cfg, [s.split(":", 1)[1] for s in sets
+                                          if s.startswith(stage + ":")])
+        out[stage] = run_stage(cfg, workdir / stage, allow_change)
+    print(f"[demo] PSC top1 {100 * out['psc']['best_top1']:.1f}%, "
+          f"NSD student top1 {100 * out['nsd']['best_top1']:.1f}% (chance 10%); "
+          f"summaries in {workdir}/psc and {workdir}/nsd")
+    return out
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.demo and not args.stage:
+        parser().error("give --stage psc|nsd, or --demo")
+    try:
+        from pand_jax.train.mesh import maybe_initialize_distributed
+
+        maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        if args.demo:
+            run_demo(pathlib.Path(args.workdir or "runs/demo"), args.teacher_cache, args.set,
+                     args.allow_config_change)
+        else:
+            cfg, workdir = resolve(args)
+            summary = run_stage(cfg, workdir, args.allow_config_change)
+            print(json.dumps(summary, indent=2))
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        # Our own errors say what was wrong and how to fix it; a traceback adds nothing.
+        # PAND_DEBUG=1 shows it anyway.
+        if os.environ.get("PAND_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,150 @@
+"""The epoch loop both stages share: resume, progress bar, metrics one step late, evaluation
+and checkpoint every epoch, a checkpoint on SIGTERM/Ctrl-C, best-epoch tracking, summary.json.
+
+A stage supplies a `Task`: how many steps an epoch has, its batches from any (epoch, step),
+a jitted train step, an evaluation, and what to export when the score improves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from pand_jax.train.checkpoint import Checkpointer
+from pand_jax.train.metrics import MetricsWriter
+
+
+@dataclasses.dataclass
+class Task:
+    name: str                                       # "psc" or "nsd", for messages
+    steps_per_epoch: int
+    global_batch_size: int
+    batches: Callable[[int, int], Iterator[Any]]    # (epoch, start_step) -> device batches
+    train_step: Callable[[Any, Any, int], tuple[Any, dict]]  # (state, batch, epoch)
+    evaluate: Callable[[Any], dict[str, float]]     # must contain "top1" and "select"
+    export_best: Callable[[Any, dict[str, float]], None]
+
+
+def _jsonable(x: Any) -> Any:
+    return x.item() if isinstance(x, np.generic) else x
+
+
+class _StopRequest:
+    """Turns SIGTERM and a first Ctrl-C into a flag the loop checks between steps, so it can
+    save a checkpoint before it stops; a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
+        checkpoints_to_keep: int = 2, summary_extra: dict | None = None) -> dict[str, Any]:
+    """Runs (or resumes) `epochs` epochs; returns the summary also written to summary.json."""
+    is_main = jax.process_index() == 0
+    ckpt = Checkpointer(workdir / "checkpoints", checkpoints_to_keep)
+    pos = {"epoch": 0, "step": 0, "best_top1": None, "best_select": -1.0, "best_epoch": None,
+           "last_top1": None, "history": [], "train_seconds": 0.0, "train_images": 0}
+    if ckpt.latest_step() is not None:
+        state, pos = ckpt.restore(state)
+        if is_main:
+            print(f"[{task.name}] resuming from {workdir} at epoch {pos['epoch']}, "
+                  f"step {pos['step']}", flush=True)
+    metrics = MetricsWriter(workdir)
+    stop = _StopRequest()
+    try:
+        state = _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main)
+    finally:
+        stop.restore()
+        ckpt.close()
+        metrics.close()
+    summary = {
+        "stage": task.name, "epochs": epochs, "best_top1": pos["best_top1"],
+        "best_epoch": pos["best_epoch"], "last_top1": pos["last_top1"],
+        "images_per_second": pos["train_images"] / max(pos["train_seconds"], 1e-9),
+        "devices": jax.device_count(), "processes": jax.process_count(),
+        "global_batch_size": task.global_batch_size, **(summary_extra or {}),
+    }
+    if is_main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
+    spe = task.steps_per_epoch
+    while pos["epoch"] < epochs:
+        epoch, start = pos["epoch"], pos["step"]
+        bar = tqdm(total=spe, initial=start, desc=f"{task.name} epoch {epoch + 1}/{epochs}",
+                   disable=not is_main, dynamic_ncols=True, unit="step")
+        pending = None  # (step, device metrics): read one step late, so the host never waits
+        t0, timed_images = None, 0
+        for step, batch in enumerate(task.batches(epoch, start), start):
+            state, out = task.train_step(state, batch, epoch)
+            if pending is not None:
+                _log_step(metrics, bar, *pending)
+            pending = (epoch * spe + step, out)
+            if t0 is None:  # the first step of a session includes compilation: not timed
+                jax.block_until_ready(out)
+                t0 = time.perf_counter()
+            else:
+                timed_images += task.global_batch_size
+            bar.update(1)
+            pos["step"] = step + 1
+            if stop.requested:
+                break
+        if pending is not None:
+            _log_step(metrics, bar, *pending)
+        jax.block_until_ready(state)
+        if t0 is not None and timed_images:
+            pos["train_seconds"] += time.perf_counter() - t0
+            pos["train_images"] += timed_images
+        bar.close()
+        if stop.requested:
+            ckpt.save(epoch * spe + pos["step"], state, pos)
+            ckpt.wait()
+            raise SystemExit(
+                f"[{task.name}] stopped at epoch {epoch + 1}, step {pos['step']}; "
+                "checkpoint saved. Run the same command again to resume.")
+        _end_epoch(task, state, pos, epoch, metrics, is_main)
+        ckpt.save((epoch + 1) * spe, state, pos)
+    return state
+
+
+def _log_step(metrics, bar, step, out):
+    values = {k: float(np.asarray(v)) for k, v in out.items()}
+    metrics.write("step", step, values)
+    bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
+
+
+def _end_epoch(task, state, pos, epoch, metrics, is_main):
+    scores = {k: _jsonable(v) for k, v in task.evaluate(state).items()}
+    pos["last_top1"] = scores["top1"]
+    improved = scores["select"] > pos["best_select"]
+    if improved:
+        pos.update(best_select=scores["select"], best_top1=scores["top1"], best_epoch=epoch + 1)
+        task.export_best(state, scores)
+    pos["history"].append({"epoch": epoch + 1, **scores})
+    pos["epoch"], pos["step"] = epoch + 1, 0
+    metrics.write("epoch", (epoch + 1) * task.steps_per_epoch,
+                  {"epoch": epoch + 1, **scores, "best_top1": pos["best_top1"]})
+    if is_main:
+        print(f"[{task.name}] epoch {epoch + 1}: top1 {100 * scores['top1']:.2f}% "
+              f"(best {100 * pos['best_top1']:.2f}% at epoch {pos['best_epoch']})", flush=True)

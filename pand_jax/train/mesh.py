@@ -1,0 +1,73 @@
+"""Data parallelism over every device of every process: a 1-D mesh with axis "data".
+
+Parameters are replicated and batches are sharded along their leading axis. Under `jax.jit`
+the batch mean in BatchNorm then spans the global batch, which gives sync BN for free.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+    """Joins a multi-process run when asked to, or when a cluster environment says so.
+
+    Explicit arguments serve localhost runs and tests; otherwise JAX detects SLURM, Open MPI,
+    TPU pods and the like itself when JAX_COORDINATOR_ADDRESS or a cluster is present.
+    """
+    if coordinator is not None:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID"):
+        jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch size") -> None:
+    n = mesh.size
+    if global_batch % n:
+        raise ValueError(
+            f"the global {what} {global_batch} is not divisible by the {n} devices of the mesh; "
+            f"choose a multiple of {n} (for example {max(n, global_batch // n * n)})."
+        )
+
+
+def to_global(mesh: Mesh, local_batch: dict) -> dict:
+    """This process's slice of a batch (NumPy) -> global arrays sharded on "data"."""
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def replicate(mesh: Mesh, tree):
+    """Puts a host pytree on every device (identical on every process)."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def compute_dtype(name: str):
+    """'auto' is bf16 on accelerators and fp32 on CPU (where bf16 matmuls are slow)."""
+    import jax.numpy as jnp
+
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    try:
+        return {"float32": jnp.float32, "fp32": jnp.float32,
+                "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected auto, float32 or bfloat16") from None

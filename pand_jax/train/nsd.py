@@ -1,0 +1,249 @@
+"""Stage-NSD: distil the frozen CLIP teacher into a ResNet-18 / MobileNet-V2 student.
+
+Methods (`method`): "none" (CE only), "kd" (Hinton), "rkd" (Park et al.), "vl2lite" (the base
+loss with hand-crafted template anchors) and "pand" (the base loss with learned PSC anchors plus
+lambda_NSD * NSD). `no_psc` swaps PAND's learned anchors for template ones (the "+NSD only"
+ablation); `loss.lambda_nsd = 0` gives "+PSC only".
+
+Teacher and student see the same augmented view, regenerated on device from
+(seed, example index, epoch); the teacher runs online here.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pand_jax import anchors as anchors_lib
+from pand_jax import losses, prompts
+from pand_jax import data as data_lib
+from pand_jax.data import augment, datasets, pipeline
+from pand_jax.models import student as student_lib
+from pand_jax.train import features, loop, mesh as mesh_lib, setup
+
+METHODS = ("pand", "vl2lite", "kd", "rkd", "none")
+NSD_FORMS = ("paper", "batch")
+
+
+class AlignMLP(nnx.Module):
+    """VL2Lite's align head: Linear(D -> d) - ReLU - Linear(d -> d)."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(in_dim, out_dim, rngs=rngs)
+        self.fc2 = nnx.Linear(out_dim, out_dim, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+class Distillee(nnx.Module):
+    """Everything Stage-NSD trains: the student and the two align heads."""
+
+    def __init__(self, student: student_lib.Student, teacher_dim: int, align_dim: int | None,
+                 *, rngs: nnx.Rngs):
+        d = align_dim or student.num_features
+        if d != student.num_features:
+            raise ValueError(f"align_dim {d} must equal the student's feature width "
+                             f"{student.num_features} (L_vis compares them directly)")
+        self.student = student
+        self.align_image = AlignMLP(teacher_dim, d, rngs=rngs)
+        self.align_text = AlignMLP(teacher_dim, d, rngs=rngs)
+
+
+def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
+    """Paper: AdamW 1e-4, weight decay 1e-4, cosine to 1e-5 over the run. "cosine_restart" is
+    the released code's cosine restarted every `restart_epochs`."""
+    o, epochs = cfg["optimizer"], cfg["epochs"]
+    total = epochs * steps_per_epoch
+
+    def cosine(steps):
+        return optax.cosine_decay_schedule(o["lr"], max(steps, 1), alpha=o["end_lr"] / o["lr"])
+
+    if o["schedule"] == "cosine":
+        schedule = cosine(total)
+    elif o["schedule"] == "cosine_restart":
+        period = o["restart_epochs"] * steps_per_epoch
+        n = -(-epochs // o["restart_epochs"])
+        schedule = optax.join_schedules([cosine(period)] * n, [period * i for i in range(1, n)])
+    else:
+        raise ValueError(f"optimizer.schedule must be 'cosine' or 'cosine_restart', "
+                         f"got {o['schedule']!r}")
+    parts = [optax.clip_by_global_norm(o["grad_clip"])] if o["grad_clip"] else []
+    parts.append(optax.adamw(schedule, weight_decay=o["weight_decay"]))
+    return optax.chain(*parts), schedule
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"unknown method {cfg['method']!r}; expected one of {METHODS}")
+    if cfg["loss"]["nsd_form"] not in NSD_FORMS:
+        raise ValueError(f"unknown nsd_form {cfg['loss']['nsd_form']!r}; expected one of {NSD_FORMS}")
+    if cfg["anchors"] and cfg["no_psc"]:
+        raise ValueError("--anchors and --no-psc contradict each other: pick one")
+
+
+def text_anchors(cfg, info, clip):
+    """(anchors [C, D], learned?) for the method: PSC's for PAND, templates otherwise."""
+    if cfg["method"] == "none":
+        return None, False
+    if cfg["anchors"]:
+        return anchors_lib.load(cfg["anchors"], info)[0], True
+    if cfg["method"] == "pand" and not cfg["no_psc"]:
+        raise ValueError("PAND needs learned anchors: pass --anchors FILE (written by "
+                         f"python train.py --stage psc --dataset {info.key}), or --no-psc for "
+                         "template anchors")
+    return prompts.template_anchors(clip, info.class_names, info.prompt_template), False
+
+
+def build_model(cfg, num_classes: int, teacher_dim: int, dtype) -> Distillee:
+    rngs = nnx.Rngs(cfg["seed"])
+    weights = cfg["student_weights"]
+    if weights:
+        student = student_lib.student_from_pretrained(
+            weights.format(student=cfg["student"]), num_classes, rngs=rngs, dtype=dtype)
+    else:  # from scratch (the offline demo)
+        student = student_lib.Student(cfg["student"], num_classes, dtype=dtype, rngs=rngs)
+    model = Distillee(student, teacher_dim, cfg["align_dim"], rngs=rngs)
+    model.train()
+    return model
+
+
+def make_loss(cfg, learned_anchors: bool, num_epochs: int):
+    """loss(model, images_student, labels, t, anchors, epoch) -> (total, parts) for the method."""
+    lc, method = cfg["loss"], cfg["method"]
+    reduction = lc["txt_reduction"]
+    if reduction == "auto":  # PAND's batch-mean KL with learned prompts, VL2Lite's otherwise
+        reduction = "pand" if learned_anchors else "vl2lite"
+
+    def loss(model, images, labels, t, anchors, epoch):
+        feats = model.student.features(images)
+        logits = model.student.classifier(feats)
+        parts = {"cls": losses.cross_entropy(logits, labels)}
+        if method in ("kd", "pand"):
+            z_t = lc["scale"] * losses.l2_normalize(t) @ anchors.T  # teacher logits
+        if method == "kd":
+            parts["kd"] = losses.kd(logits, z_t, lc["kd_temperature"])
+            return parts["cls"] + parts["kd"], parts
+        if method == "rkd":
+            parts["rkd"] = losses.rkd(feats, t, lc["rkd_distance_weight"], lc["rkd_angle_weight"])
+            return parts["cls"] + parts["rkd"], parts
+        if method == "none":
+            return parts["cls"], parts
+        t_n = losses.l2_normalize(t)
+        _, parts["vis"], parts["txt"] = losses.vl2lite(
+            feats, t_n, anchors, model.align_image(t_n), model.align_text(anchors), labels,
+            logits, lc["tau"], reduction)
+        w_cls, w_vis, w_txt = losses.loss_weights(epoch, num_epochs, lc["cls_offset"])
+        total = w_cls * parts["cls"] + w_vis * parts["vis"] + w_txt * parts["txt"]
+        parts["w_cls"] = w_cls
+        if method == "pand" and lc["lambda_nsd"]:
+            parts["nsd"] = (losses.nsd_paper(logits, z_t, labels, lc["nsd_k"])
+                            if lc["nsd_form"] == "paper" else
+                            losses.nsd_batch(logits, z_t, lc["nsd_k"], lc["nsd_group_size"]))
+            total = total + lc["lambda_nsd"] * parts["nsd"]
+        return total, parts
+
+    return loss
+
+
+def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
+    check_config(cfg)
+    info = setup.dataset_info(cfg["dataset"])
+    mesh = mesh_lib.make_mesh()
+    batch = cfg["batch_size"]
+    mesh_lib.check_batch_size(batch, mesh)
+    dtype = mesh_lib.compute_dtype(cfg["dtype"])
+    needs_teacher = cfg["method"] != "none"
+
+    clip, teacher_id = setup.load_teacher(cfg["teacher"], dtype) if needs_teacher else (None, None)
+    anchors, learned = text_anchors(cfg, info, clip)
+    teacher_dim = clip.config.embed_dim if clip is not None else 1
+    model = build_model(cfg, info.num_classes, teacher_dim, dtype)
+
+    train_source = data_lib.load_split(info.key, info.train_split, cfg["data_dir"])
+    train_loader = pipeline.Loader(train_source, global_batch_size=batch,
+                                   image_size=cfg["host_image_size"], resize="stretch",
+                                   train=True, seed=cfg["seed"])
+    spe = train_loader.steps_per_epoch
+    if spe == 0:
+        raise ValueError(f"batch_size {batch} is larger than the {len(train_source)} training "
+                         f"examples of {info.key}; lower it with --batch-size")
+    tx, schedule = optimizer(cfg, spe)
+    loss_fn = make_loss(cfg, learned, cfg["epochs"])
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = mesh_lib.replicate(mesh, {"params": params, "rest": rest, "opt_state": tx.init(params),
+                                      "step": jnp.zeros((), jnp.int32)})
+    if needs_teacher:
+        t_graphdef, t_state = nnx.split(clip)
+        frozen = mesh_lib.replicate(mesh, (t_state, jnp.asarray(anchors)))
+    else:
+        t_graphdef, frozen = None, (None, None)
+    size, recipe, seed = cfg["image_size"], cfg["augment"], cfg["seed"]
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, frozen, batch, epoch):
+        keys = augment.example_keys(seed, batch["index"], epoch)
+        images = augment.augment(batch["image"], keys, recipe, size)
+        t_state, anchors = frozen
+        t = None
+        if t_graphdef is not None:
+            teacher = nnx.merge(t_graphdef, t_state, copy=True)
+            t = jax.lax.stop_gradient(teacher.encode_image(images)).astype(jnp.float32)
+
+        def objective(params):
+            model = nnx.merge(graphdef, params, state["rest"], copy=True)
+            total, parts = loss_fn(model, images, batch["label"], t, anchors, epoch)
+            return total, (parts, nnx.split(model, nnx.Param, ...)[2])
+
+        (total, (parts, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"params": optax.apply_updates(state["params"], updates),
+                     "rest": rest, "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        return new_state, {"loss": total, **parts, "lr": schedule(state["step"])}
+
+    eval_size = cfg["image_size"]
+    test_loader = setup.eval_loader(info, info.test_split, cfg, eval_size, "stretch",
+                                    cfg["eval_batch_size"], mesh)
+
+    @jax.jit
+    def predict(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        model.eval()
+        return jnp.argmax(model.student(setup.eval_images(batch["image"], eval_size)), -1)
+
+    def evaluate(state):
+        preds, labels = features.run_over_split(
+            lambda b: predict(state["params"], state["rest"], b), test_loader, mesh, "evaluate")
+        return {"top1": float(np.mean(preds == labels)), "select": float(np.mean(preds == labels))}
+
+    def export_best(state, scores):
+        best = nnx.merge(graphdef, *jax.device_get((state["params"], state["rest"])))
+        if jax.process_index() == 0:
+            best.student.eval()
+            student_lib.save_student(workdir / "student", best.student, dataset=info.key,
+                                     class_names=list(info.class_names), top1=scores["top1"],
+                                     method=cfg["method"])
+
+    def batches(epoch, start):
+        for b in train_loader.epoch(epoch, start):
+            yield mesh_lib.to_global(mesh, b)
+
+    task = loop.Task("nsd", spe, batch, batches,
+                     lambda s, b, e: train_step(s, frozen, b, jnp.int32(e)),
+                     evaluate, export_best)
+    return loop.fit(task, state, epochs=cfg["epochs"], workdir=workdir,
+                    checkpoints_to_keep=cfg["checkpoints_to_keep"],
+                    summary_extra={"dataset": info.key, "method": cfg["method"],
+                                   "student": cfg["student"], "teacher": teacher_id,
+                                   "learned_anchors": learned, "no_psc": cfg["no_psc"],
+                                   "nsd_form": cfg["loss"]["nsd_form"],
+                                   "lambda_nsd": cfg["loss"]["lambda_nsd"],
+                                   "teacher_cache_views": cfg["teacher_cache"]})

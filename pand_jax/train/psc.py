@@ -1,0 +1,137 @@
+"""Stage-PSC: CoOp prompt learning on the frozen teacher, giving calibrated text anchors.
+
+Teacher image features are computed once per split (eval transform, 256 center crop,
+L2-normalised) and cached in the workdir; only the 16 context vectors are trained (optax SGD,
+cosine); the text tower runs on prompts cut after the longest EOT. The anchors of the epoch
+with the best selection score (the dataset's val split where it has one, else test, as in the
+released code) are exported to `anchors.npz`, which Stage-NSD reads with `--anchors`.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pand_jax import anchors as anchors_lib
+from pand_jax import losses, prompts
+from pand_jax.train import features, loop, mesh as mesh_lib, setup
+from pand_jax.train.state import jit_apply
+
+
+def optimizer(cfg: dict[str, Any], total_steps: int) -> optax.GradientTransformation:
+    """Paper: SGD 0.002, momentum 0.9, no weight decay; cosine to 0; optional clipping
+    (the released code clips at 1.0)."""
+    o = cfg["optimizer"]
+    schedule = (optax.cosine_decay_schedule(o["lr"], total_steps) if o["schedule"] == "cosine"
+                else optax.constant_schedule(o["lr"]))
+    parts = [optax.clip_by_global_norm(o["grad_clip"])] if o["grad_clip"] else []
+    if o["weight_decay"]:
+        parts.append(optax.add_decayed_weights(o["weight_decay"]))
+    parts.append(optax.sgd(schedule, momentum=o["momentum"]))
+    return optax.chain(*parts)
+
+
+def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) -> dict[str, np.ndarray]:
+    """L2-normalised teacher image embeddings [N, D] and labels [N] of a split, cached."""
+    size = cfg["feature_image_size"]
+
+    def compute():
+        loader = setup.eval_loader(info, split, cfg, size, "shorter_center_crop",
+                                   cfg["feature_batch_size"], mesh)
+        encode = jit_apply(clip, lambda m, b: losses.l2_normalize(
+            m.encode_image(setup.eval_images(b["image"], size))), mesh)
+        feats, labels = features.run_over_split(encode, loader, mesh, f"teacher features ({split})")
+        return {"features": feats.astype(np.float32), "labels": labels.astype(np.int32)}
+
+    key = dict(teacher=teacher_id, dataset=info.key, split=split, size=size,
+               data_dir=str(cfg["data_dir"]), version=1)
+    return features.cached_arrays(workdir / f"features_{split}.npz", key, compute)
+
+
+def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
+    info = setup.dataset_info(cfg["dataset"])
+    mesh = mesh_lib.make_mesh()
+    mesh_lib.check_batch_size(cfg["batch_size"], mesh)
+    mesh_lib.check_batch_size(cfg["feature_batch_size"], mesh, "feature batch size")
+    clip, teacher_id = setup.load_teacher(cfg["teacher"], mesh_lib.compute_dtype(cfg["dtype"]))
+
+    select_split = info.val_split or info.test_split
+    splits = dict.fromkeys([info.train_split, info.test_split, select_split])
+    data = {s: teacher_image_features(clip, info, s, cfg, mesh, workdir, teacher_id)
+            for s in splits}
+    train = data[info.train_split]
+    n_train, batch = len(train["labels"]), cfg["batch_size"]
+    steps_per_epoch = n_train // batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch} is larger than the {n_train} training examples "
+                         f"of {info.key}; lower it with --batch-size")
+
+    parts = prompts.prompt_parts(clip, info.class_names, info.prompt_template, cfg["n_ctx"])
+    graphdef, teacher_state = nnx.split(clip)
+    frozen = mesh_lib.replicate(mesh, (teacher_state, parts))
+    logit_scale = jnp.exp(clip.logit_scale.value)
+
+    def anchors_of(ctx, frozen):
+        teacher_state, parts = frozen
+        clip = nnx.merge(graphdef, teacher_state, copy=True)
+        return losses.l2_normalize(prompts.prompt_features(clip, ctx, parts))
+
+    tx = optimizer(cfg, cfg["epochs"] * steps_per_epoch)
+    ctx = prompts.init_context(jax.random.key(cfg["seed"]), cfg["n_ctx"], clip.config.text.width,
+                               cfg["ctx_init_std"])
+    state = mesh_lib.replicate(mesh, {"ctx": ctx, "opt_state": tx.init(ctx)})
+
+    @jax.jit
+    def train_step(state, frozen, batch):
+        def loss_fn(ctx):
+            return losses.coop_ce(batch["features"], anchors_of(ctx, frozen), batch["label"],
+                                  logit_scale)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["ctx"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["ctx"])
+        return ({"ctx": optax.apply_updates(state["ctx"], updates), "opt_state": opt_state},
+                {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+    eval_data = {s: mesh_lib.replicate(mesh, (data[s]["features"], data[s]["labels"]))
+                 for s in splits}
+
+    @jax.jit
+    def top1(ctx, frozen, feats, labels):
+        return jnp.mean(jnp.argmax(feats @ anchors_of(ctx, frozen).T, -1) == labels)
+
+    def batches(epoch, start):
+        order = np.random.default_rng([cfg["seed"], epoch]).permutation(n_train)
+        lo, hi = setup.process_slice(batch)
+        for step in range(start, steps_per_epoch):
+            idx = order[step * batch: (step + 1) * batch][lo:hi]
+            yield mesh_lib.to_global(mesh, {"features": train["features"][idx],
+                                            "label": train["labels"][idx]})
+
+    def evaluate(state):
+        scores = {s: float(top1(state["ctx"], frozen, *eval_data[s])) for s in splits}
+        return {"top1": scores[info.test_split], "select": scores[select_split],
+                **({"val_top1": scores[select_split]} if select_split != info.test_split else {})}
+
+    def export_best(state, scores):
+        anchors = np.asarray(jax.device_get(anchors_of(state["ctx"], frozen)))
+        if jax.process_index() == 0:
+            anchors_lib.save(workdir / "anchors.npz", anchors, info, teacher_id=teacher_id,
+                             n_ctx=cfg["n_ctx"], top1=scores["top1"], select=scores["select"],
+                             select_split=select_split)
+
+    task = loop.Task("psc", steps_per_epoch, batch, batches,
+                     lambda s, b, e: train_step(s, frozen, b), evaluate, export_best)
+    test = data[info.test_split]
+    template = prompts.template_anchors(clip, info.class_names, info.prompt_template)
+    zero_shot = float(np.mean(np.argmax(test["features"] @ template.T, -1) == test["labels"]))
+    return loop.fit(task, state, epochs=cfg["epochs"], workdir=workdir,
+                    checkpoints_to_keep=cfg["checkpoints_to_keep"],
+                    summary_extra={"dataset": info.key, "method": "coop", "teacher": teacher_id,
+                                   "anchors": str(workdir / "anchors.npz"),
+                                   "select_split": select_split,
+                                   "zero_shot_top1": zero_shot})

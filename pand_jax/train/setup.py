@@ -1,0 +1,56 @@
+"""What both stages do before training: the workdir, the dataset, the teacher, the loaders."""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+
+from pand_jax import config as config_lib
+from pand_jax import data as data_lib
+from pand_jax.data import datasets, pipeline
+from pand_jax.train.mesh import check_batch_size
+
+
+def prepare_workdir(workdir: pathlib.Path, cfg: dict[str, Any], allow_change: bool) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_lib.check_same_run(workdir, cfg, allow_change)
+    if jax.process_index() == 0:
+        config_lib.write_config(workdir, cfg)
+
+
+def dataset_info(key: str):
+    return datasets.get_dataset(key)
+
+
+def load_teacher(path: str, dtype):
+    """The converted CLIP teacher and an id for cache keys and anchors."""
+    from pand_jax import weights
+    from pand_jax.models.clip import load_clip
+
+    meta = weights.read_meta(path, "clip", hint="Convert it with: python convert_weights.py "
+                             f"--out {path}  (or pass --teacher DIR)")
+    teacher_id = meta.get("teacher_id") or ":".join(
+        str(meta.get(k)) for k in ("model", "pretrained") if meta.get(k)) or str(path)
+    return load_clip(path, dtype=dtype), teacher_id
+
+
+def process_slice(global_batch: int) -> tuple[int, int]:
+    """This process's rows [lo, hi) of a global batch (processes in order, equal shares)."""
+    local = global_batch // jax.process_count()
+    return jax.process_index() * local, (jax.process_index() + 1) * local
+
+
+def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, batch: int, mesh):
+    check_batch_size(batch, mesh, "evaluation batch size")
+    source = data_lib.load_split(info.key, split, cfg["data_dir"])
+    return pipeline.Loader(source, global_batch_size=batch, image_size=size, resize=resize,
+                           train=False, seed=cfg["seed"])
+
+
+def eval_images(images, size: int):
+    """The deterministic eval transform (resize if needed, CLIP normalisation) on device."""
+    from pand_jax.data import augment
+
+    keys = augment.example_keys(0, jax.numpy.zeros(images.shape[0], jax.numpy.int32), 0)
+    return augment.augment(images, keys, "eval", size)

@@ -1,0 +1,287 @@
+"""Datasets, builders, sources and the host pipeline (CPU, tiny data made in tmp_path)."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from pand_jax.data import DATASETS, get_dataset, load_split
+from pand_jax.data import builders, classnames
+from pand_jax.data.pipeline import Loader, resize_image
+from pand_jax.data.prepare import prepare
+from pand_jax.data.sources import TfdsSource, prepared_dir
+
+
+# ------------------------------------------------------------------ registry
+
+def test_registry_counts_and_names():
+    expected = {"cub": 200, "aircraft": 100, "pets": 37, "dogs": 120, "digits": 10}
+    assert {k: d.num_classes for k, d in DATASETS.items()} == expected
+    for d in DATASETS.values():
+        assert len(set(d.class_names)) == d.num_classes and "{}" in d.prompt_template
+    assert DATASETS["cub"].class_names[0] == "Black footed Albatross"
+    assert DATASETS["aircraft"].class_names[0] == "Boeing 707-320"
+    assert DATASETS["aircraft"].class_names[41] == "Boeing 717"  # no doubled maker
+    assert DATASETS["pets"].class_names[2] == "American Pit Bull Terrier"
+    assert DATASETS["dogs"].class_names[1] == "Japanese spaniel"
+    assert DATASETS["aircraft"].val_split == "val" and DATASETS["cub"].val_split is None
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError, match="cub, aircraft, pets, dogs, digits"):
+        get_dataset("imagenet")
+
+
+# ------------------------------------------------------------------ digits
+
+def test_digits_split():
+    train, test = load_split("digits", "train"), load_split("digits", "test")
+    assert len(train) + len(test) == 1797 and len(test) == 450
+    ex = train[0]
+    assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
+    labels = np.array([test[i]["label"] for i in range(len(test))])
+    assert np.bincount(labels).min() >= 43  # stratified: every digit 43-46 times
+    with pytest.raises(ValueError, match="splits: train, test"):
+        load_split("digits", "validation")
+
+
+def test_unprepared_dataset_names_prepare_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"python -m pand_jax.data.prepare --dataset cub --data-dir {tmp_path}"):
+        load_split("cub", "train", data_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------ raw archive trees
+
+def _jpeg(path, shape=(24, 32, 3), seed=0, mode="RGB", fmt="JPEG"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+    img = Image.fromarray(arr)
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+
+
+def _cub_tree(root):
+    root = f"{root}/CUB_200_2011"
+    os.makedirs(root)
+    rows = [(1, 0, 1), (2, 0, 0), (3, 5, 1), (4, 199, 0), (5, 199, 1)]  # id, label, is_train
+    with open(f"{root}/classes.txt", "w") as f:
+        f.writelines(f"{i + 1} {i + 1:03d}.{n}\n" for i, n in enumerate(classnames.CUB))
+    images, labels, split = [], [], []
+    for image_id, label, is_train in rows:
+        rel = f"{label + 1:03d}.{classnames.CUB[label]}/img_{image_id}.jpg"
+        _jpeg(f"{root}/images/{rel}", seed=image_id, mode="CMYK" if image_id == 3 else "RGB")
+        images.append(f"{image_id} {rel}\n")
+        labels.append(f"{image_id} {label + 1}\n")
+        split.append(f"{image_id} {is_train}\n")
+    for name, lines in (("images", images), ("image_class_labels", labels), ("train_test_split", split)):
+        with open(f"{root}/{name}.txt", "w") as f:
+            f.writelines(lines)
+    return {"train": [0, 5, 199], "test": [0, 199]}
+
+
+def _aircraft_tree(root):
+    root = f"{root}/fgvc-aircraft-2013b/data"
+    os.makedirs(f"{root}/images")
+    variants = list(classnames.AIRCRAFT)
+    with open(f"{root}/variants.txt", "w") as f:
+        f.write("\n".join(variants) + "\n")
+    layout = {"train": [0, 72, 99], "val": [72], "test": [37, 99]}  # 72 = "F-16A/B": slash in a name
+    n = 0
+    for split, labels in layout.items():
+        with open(f"{root}/images_variant_{split}.txt", "w") as f:
+            for label in labels:
+                n += 1
+                _jpeg(f"{root}/images/{n:07d}.jpg", seed=n, mode="L" if n == 1 else "RGB")
+                f.write(f"{n:07d} {variants[label]}\n")
+    return layout
+
+
+def _pets_tree(root):
+    layout = {"train": [0, 36, 5], "test": [10, 20]}
+    n = 0
+    for split, listing in (("train", "trainval"), ("test", "test")):
+        lines = ["#Image CLASS-ID SPECIES BREED ID\n"]
+        for label in layout[split]:
+            n += 1
+            name = f"{classnames.PETS[label]}_{n}"
+            # Oxford-IIIT Pet has PNGs and RGBA files named .jpg; they must come out RGB.
+            _jpeg(f"{root}/images/{name}.jpg", seed=n, mode="RGBA" if n == 2 else "RGB", fmt="PNG" if n == 2 else "JPEG")
+            lines.append(f"{name} {label + 1} 1 1\n")
+        os.makedirs(f"{root}/annotations", exist_ok=True)
+        with open(f"{root}/annotations/{listing}.txt", "w") as f:
+            f.writelines(lines)
+    return layout
+
+
+def _dogs_tree(root):
+    from scipy.io import savemat
+
+    layout = {"train": [0, 119, 60], "test": [1, 119]}
+    for d in classnames.DOGS:
+        os.makedirs(f"{root}/Images/{d}")
+    n = 0
+    for split, labels in layout.items():
+        files = []
+        for label in labels:
+            n += 1
+            rel = f"{classnames.DOGS[label]}/{classnames.DOGS[label].split('-')[0]}_{n}.jpg"
+            _jpeg(f"{root}/Images/{rel}", seed=n)
+            files.append(rel)
+        savemat(f"{root}/{split}_list.mat", {"file_list": np.array(files, dtype=object)[:, None]})
+    return layout
+
+
+TREES = {"cub": _cub_tree, "aircraft": _aircraft_tree, "pets": _pets_tree, "dogs": _dogs_tree}
+
+
+@pytest.mark.parametrize("key", list(TREES))
+def test_builder_reads_raw_layout(tmp_path, key):
+    layout = TREES[key](str(tmp_path / "raw"))
+    data_dir = str(tmp_path / "data")
+    prepare(key, data_dir, str(tmp_path / "raw"))
+    for split, labels in layout.items():
+        src = load_split(key, split, data_dir=data_dir)
+        assert len(src) == len(labels)
+        got = [src[i] for i in range(len(src))]
+        assert sorted(ex["label"] for ex in got) == sorted(labels)
+        assert [ex["index"] for ex in got] == list(range(len(src)))
+        assert all(ex["image"].ndim == 3 and ex["image"].shape[-1] == 3 and ex["image"].dtype == np.uint8 for ex in got)
+    with pytest.raises(ValueError, match="splits: "):
+        load_split(key, "nope", data_dir=data_dir)
+    if key == "aircraft":
+        tv = load_split(key, "trainval", data_dir=data_dir)
+        assert len(tv) == len(layout["train"]) + len(layout["val"])
+        assert tv[len(tv) - 1]["index"] == len(tv) - 1
+
+
+def test_corrupt_image_is_reported_and_nothing_is_published(tmp_path):
+    _aircraft_tree(str(tmp_path / "raw"))
+    bad = tmp_path / "raw/fgvc-aircraft-2013b/data/images/0000002.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    data_dir = str(tmp_path / "data")
+    with pytest.raises(builders.CorruptImagesError, match="0000002.jpg"):
+        prepare("aircraft", data_dir, str(tmp_path / "raw"))
+    assert prepared_dir("aircraft", data_dir) is None
+    with pytest.raises(FileNotFoundError, match="--dataset aircraft"):
+        load_split("aircraft", "train", data_dir=data_dir)
+
+
+def test_class_list_mismatch_is_an_error(tmp_path):
+    _aircraft_tree(str(tmp_path / "raw"))
+    variants = tmp_path / "raw/fgvc-aircraft-2013b/data/variants.txt"
+    variants.write_text(variants.read_text().replace("A380", "A390"))
+    with pytest.raises(ValueError, match="A390"):
+        prepare("aircraft", str(tmp_path / "data"), str(tmp_path / "raw"))
+
+
+def test_missing_manual_dir_explains_layout(tmp_path):
+    with pytest.raises(ValueError, match="variants.txt"):
+        prepare("aircraft", str(tmp_path / "data"))
+
+
+# ------------------------------------------------------------------ TFDS official builders (mocked)
+
+@pytest.mark.parametrize("name", ["caltech_birds2011", "oxford_iiit_pet", "stanford_dogs"])
+def test_mock_tfds_source_through_pipeline(name):
+    with tfds.testing.mock_data(num_examples=10):
+        src = TfdsSource([tfds.data_source(name, split="train")], f"{name}-train")
+        assert len(src) == 10
+        loader = Loader(src, global_batch_size=4, image_size=32, train=True, process_index=0, process_count=1, threads=2)
+        batches = list(loader.epoch(0))
+    assert len(batches) == loader.steps_per_epoch == 2
+    b = batches[0]
+    assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8
+    assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32 and b["mask"].all()
+
+
+# ------------------------------------------------------------------ pipeline
+
+def _digits_loader(**kw):
+    args = dict(global_batch_size=64, image_size=32, train=True, seed=3, process_index=0, process_count=1, threads=2)
+    args.update(kw)
+    return Loader(load_split("digits", args.pop("split", "train")), **args)
+
+
+def test_train_batches_shapes_and_determinism():
+    loader = _digits_loader()
+    a, b = list(loader.epoch(0)), list(loader.epoch(0))
+    assert len(a) == loader.steps_per_epoch == 1347 // 64
+    assert a[0]["image"].shape == (64, 32, 32, 3) and a[0]["label"].shape == (64,)
+    assert all(np.array_equal(x["index"], y["index"]) and np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+    c = next(loader.epoch(1))
+    assert not np.array_equal(a[0]["index"], c["index"])
+    src = loader.source
+    assert all(a[0]["label"][j] == src[a[0]["index"][j]]["label"] for j in range(64))
+
+
+def test_process_slices_are_disjoint_and_cover_each_global_batch():
+    full = _digits_loader(global_batch_size=64)
+    p0 = _digits_loader(global_batch_size=64, process_index=0, process_count=2)
+    p1 = _digits_loader(global_batch_size=64, process_index=1, process_count=2)
+    assert p0.local_batch_size == 32
+    for g, x, y in zip(full.epoch(2), p0.epoch(2), p1.epoch(2)):
+        assert not set(x["index"]) & set(y["index"])
+        assert np.array_equal(np.concatenate([x["index"], y["index"]]), g["index"])
+
+
+def test_eval_pads_last_batch_with_mask():
+    loader = _digits_loader(split="test", train=False, global_batch_size=64)
+    batches = list(loader.epoch(0))
+    assert len(batches) == loader.steps_per_epoch == 8  # 450 = 7 * 64 + 2
+    last = batches[-1]
+    assert last["image"].shape == (64, 32, 32, 3) and last["mask"].sum() == 2
+    assert (last["image"][~last["mask"]] == 0).all() and (last["index"][~last["mask"]] == -1).all()
+    seen = np.concatenate([b["index"][b["mask"]] for b in batches])
+    assert np.array_equal(seen, np.arange(450))
+
+
+def test_resume_from_step_and_from_iterator_state():
+    loader = _digits_loader()
+    full = list(loader.epoch(4))
+    resumed = next(loader.epoch(4, start_step=5))
+    assert np.array_equal(resumed["index"], full[5]["index"])
+    it = loader.epoch(4)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    fresh = loader.epoch(4)
+    fresh.set_state(state)
+    nxt = next(fresh)
+    assert np.array_equal(nxt["index"], full[3]["index"]) and np.array_equal(nxt["image"], full[3]["image"])
+
+
+def test_cache_gives_identical_batches_and_is_reused(tmp_path):
+    plain = _digits_loader(image_size=24)
+    cached = _digits_loader(image_size=24, cache_dir=str(tmp_path))
+    (path,) = [p for p in tmp_path.iterdir() if p.name.endswith(".images.npy")]
+    mtime = path.stat().st_mtime_ns
+    for x, y in zip(plain.epoch(1), cached.epoch(1)):
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
+    _digits_loader(image_size=24, cache_dir=str(tmp_path))
+    assert path.stat().st_mtime_ns == mtime and not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+def test_loader_bad_arguments():
+    with pytest.raises(ValueError, match="resize mode 'crop'"):
+        _digits_loader(resize="crop")
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        _digits_loader(process_count=3)
+    with pytest.raises(ValueError, match="start_step 99"):
+        _digits_loader().epoch(0, start_step=99)
+
+
+# ------------------------------------------------------------------ host resize vs torchvision
+
+def test_host_resize_matches_torchvision():
+    from torchvision import transforms as T
+
+    img = np.random.default_rng(0).integers(0, 255, (181, 243, 3), dtype=np.uint8)
+    pil = Image.fromarray(img)
+    stretch = np.asarray(T.Resize((64, 64))(pil))
+    assert np.array_equal(resize_image(img, 64, "stretch"), stretch)
+    clip_eval = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64)])
+    for arr in (img, img.transpose(1, 0, 2)):
+        assert np.array_equal(resize_image(arr, 64, "shorter_center_crop"), np.asarray(clip_eval(Image.fromarray(arr))))

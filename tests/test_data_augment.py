@@ -1,0 +1,144 @@
+"""On-device augmentation: determinism by key, parameter ranges, torchvision agreement."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from pand_jax.data import augment as A
+
+
+def _images(b=4, s=40, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 255, (b, s, s, 3), dtype=np.uint8))
+
+
+def test_normalisation_constants():
+    assert np.allclose(A.CLIP_MEAN, [0.48145466, 0.4578275, 0.40821073])
+    assert np.allclose(A.CLIP_STD, [0.26862954, 0.26130258, 0.27577711])
+    x = A.normalize(jnp.full((1, 1, 1, 3), 255, jnp.uint8))
+    assert np.allclose(x[0, 0, 0], (1 - A.CLIP_MEAN) / A.CLIP_STD)
+
+
+def test_example_keys_fold_seed_index_view():
+    keys = A.example_keys(7, jnp.array([3, 4]), 2)
+    ref = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), 4), 2)
+    assert keys.shape == (2, 2) and np.array_equal(keys[1], ref)
+    assert np.array_equal(A.example_keys(7, 4, 2), ref)
+
+
+@pytest.mark.parametrize("recipe", ["released", "rrc"])
+def test_same_key_bit_identical_other_view_differs(recipe):
+    imgs = _images()
+    idx = jnp.arange(4)
+    a = A.augment(imgs, A.example_keys(0, idx, 1), recipe, 32)
+    b = A.augment(imgs, A.example_keys(0, idx, 1), recipe, 32)
+    c = A.augment(imgs, A.example_keys(0, idx, 2), recipe, 32)
+    assert a.shape == (4, 32, 32, 3) and a.dtype == jnp.float32 and bool(jnp.isfinite(a).all())
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert all(not np.array_equal(a[i], c[i]) for i in range(4))
+    # an example's view does not depend on its batch neighbours
+    solo = A.augment(imgs[2:3], A.example_keys(0, idx[2:3], 1), recipe, 32)
+    assert np.allclose(solo[0], a[2], atol=1e-5)
+
+
+def test_released_parameter_ranges():
+    keys = A.example_keys(0, jnp.arange(2000), 0)
+    p = jax.tree.map(np.asarray, A.sample_params(keys, "released", 256, 224))
+    assert ((p["crop"] >= 0) & (p["crop"] <= 32)).all()
+    assert p["side"].min() == 192 and p["side"].max() == 224
+    assert ((p["offset"] >= 0) & (p["offset"] + p["side"][:, None] <= 224)).all()
+    assert (np.abs(p["angle"]) <= 60).all() and np.abs(p["angle"]).max() > 55
+    assert ((p["sigma"] >= 1e-5) & (p["sigma"] <= 10)).all()
+    assert ((p["brightness"] >= 0.7) & (p["brightness"] <= 1.3)).all()
+    for k in ("contrast", "saturation"):
+        assert ((p[k] >= 0.9) & (p[k] <= 1.1)).all()
+    assert (np.abs(p["hue"]) <= 0.1).all()
+    assert (np.sort(p["jitter_order"], axis=1) == np.arange(4)).all()
+    assert 0.45 < p["flip"].mean() < 0.55
+    region = p["region"]  # source-pixel square inside the image
+    assert (region[:, :2] >= 0).all() and (region[:, :2] + region[:, 2:] <= 256 + 1e-3).all()
+
+
+def test_rrc_parameter_ranges():
+    keys = A.example_keys(1, jnp.arange(2000), 0)
+    p = jax.tree.map(np.asarray, A.sample_params(keys, "rrc", 64, 32))
+    y, x, h, w = p["region"].T
+    assert (y >= 0).all() and (x >= 0).all() and (y + h <= 64).all() and (x + w <= 64).all()
+    frac, ratio = h * w / 64**2, w / h
+    assert (frac >= 0.08 - 0.02).all() and (frac <= 1.0).all()
+    assert ((ratio >= 0.75 - 0.05) & (ratio <= 4 / 3 + 0.05)).all()
+
+
+def test_eval_is_normalise_only_at_native_size_and_matches_pil_resize():
+    imgs = _images(2, 64)
+    keys = A.example_keys(0, jnp.arange(2), 0)
+    assert np.allclose(A.augment(imgs, keys, "eval", 64), A.normalize(imgs), atol=1e-6)
+    out = np.asarray(A.augment(imgs, keys, "eval", 48)) * A.CLIP_STD + A.CLIP_MEAN
+    pil = np.stack([np.asarray(Image.fromarray(np.asarray(i)).resize((48, 48), Image.BILINEAR)) for i in imgs]) / 255.0
+    # PIL rounds to uint8 (fixed-point weights): at most one grey level apart, mostly less.
+    assert np.abs(out - pil).max() <= 1 / 255 + 1e-6 and np.abs(out - pil).mean() < 0.5 / 255
+
+
+def test_unknown_recipe_and_bad_shape():
+    with pytest.raises(ValueError, match="recipe 'autoaugment'"):
+        A.augment(_images(), A.example_keys(0, jnp.arange(4), 0), "autoaugment", 32)
+    with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
+        A.augment(jnp.zeros((2, 8, 9, 3), jnp.uint8), A.example_keys(0, jnp.arange(2), 0), "eval", 8)
+
+
+# ------------------------------------------------------------------ pieces vs torchvision (float tensors)
+
+def _float_image(s=33, seed=1):
+    return np.random.default_rng(seed).random((s, s, 3), dtype=np.float32)
+
+
+def _torch(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def test_rotation_matches_torchvision():
+    x = _float_image()
+    for angle in (37.0, -60.0):
+        ours = np.asarray(A._rotate_flip(jnp.asarray(x), angle, False))
+        ref = TF.rotate(_torch(x), angle, interpolation=TF.InterpolationMode.BILINEAR).numpy().transpose(1, 2, 0)
+        assert np.abs(ours - ref).max() < 1e-4
+    flipped = np.asarray(A._rotate_flip(jnp.asarray(x), 20.0, True))
+    ref = TF.hflip(TF.rotate(_torch(x), 20.0, interpolation=TF.InterpolationMode.BILINEAR)).numpy().transpose(1, 2, 0)
+    assert np.abs(flipped - ref).max() < 1e-4
+
+
+def test_blur_matches_torchvision():
+    x = _float_image()
+    for sigma in (1e-5, 0.7, 10.0):
+        ours = np.asarray(A._gaussian_blur(jnp.asarray(x), sigma))
+        ref = TF.gaussian_blur(_torch(x), [5, 5], [sigma, sigma]).numpy().transpose(1, 2, 0)
+        assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_colour_ops_match_torchvision():
+    x = _float_image()
+    t = _torch(x)
+    pairs = [
+        (lambda y: jnp.clip(y * 1.25, 0, 1), TF.adjust_brightness(t, 1.25)),
+        (lambda y: A._blend(y, A._grey(y).mean(), 0.92), TF.adjust_contrast(t, 0.92)),
+        (lambda y: A._blend(y, A._grey(y)[..., None], 1.08), TF.adjust_saturation(t, 1.08)),
+        (lambda y: A._adjust_hue(y, -0.07), TF.adjust_hue(t, -0.07)),
+    ]
+    for ours, ref in pairs:
+        assert np.abs(np.asarray(ours(jnp.asarray(x))) - ref.numpy().transpose(1, 2, 0)).max() < 1e-5
+
+
+def test_crop_then_square_crop_matches_two_step_reference():
+    """The fused crop (RandomCrop then square crop resized back) equals doing both steps."""
+    imgs = _images(1, 64)
+    keys = A.example_keys(5, jnp.arange(1), 0)
+    p = A.sample_params(keys, "released", 64, 56)
+    x = np.asarray(imgs[0], np.float32) / 255.0
+    (y0, x0), side, (y2, x2) = np.asarray(p["crop"][0]), int(p["side"][0]), np.asarray(p["offset"][0])
+    first = x[y0:y0 + 56, x0:x0 + 56]
+    ref = TF.resize(_torch(first[y2:y2 + side, x2:x2 + side]), [56, 56], antialias=True).numpy().transpose(1, 2, 0)
+    ours = np.asarray(A._crop_upsample(jnp.asarray(x), p["region"][0], 56))
+    assert np.abs(ours - ref).max() < 1e-4

@@ -1,0 +1,416 @@
+"""Losses against references written from the formulas (REFERENCE.md sections 4-5).
+
+References are float64 NumPy loops or literal PyTorch transcriptions of the released formulas.
+fp32 parity uses rtol 1e-5: the losses are sums of JS/KL terms whose per-element fp32 rounding
+(~6e-8) accumulates over B*k*C terms and cancels inside log-ratios, so 1e-6 is not reliably
+reachable in fp32; the same comparisons under x64 hold to 1e-12, which pins the formulas.
+"""
+
+import functools
+import itertools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from jax.test_util import check_grads
+
+from pand_jax import losses as L
+
+LN2 = np.log(2.0)
+HYP = settings(max_examples=15, deadline=None)
+
+
+# Everything runs under jit: one compile per shape instead of one per eager op, which keeps
+# the file fast on a busy CPU.
+@functools.cache
+def jitted(name, *static):
+    return jax.jit(getattr(L, name), static_argnames=static)
+
+
+def rng_arrays(seed, *shapes, scale=1.0):
+    r = np.random.default_rng(seed)
+    return [scale * r.standard_normal(s) for s in shapes]
+
+
+# ---------------------------------------------------------------- float64 references
+
+
+def ref_softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def ref_js(p_logits, q_logits):
+    p, q = ref_softmax(p_logits), ref_softmax(q_logits)
+    m = (p + q) / 2
+    kl = lambda a, b: sum(ai * np.log(ai / bi) for ai, bi in zip(a, b) if ai > 0)
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def ref_nsd_paper(zs, zt, y, k):
+    total = 0.0
+    for i in range(len(y)):
+        others = [c for c in np.argsort(-zt[i], kind="stable") if c != y[i]][:k]
+        d_t = np.array([zt[i, y[i]] - zt[i, j] for j in others])
+        d_s = np.array([zs[i, y[i]] - zs[i, j] for j in others])
+        total += ref_js(-d_t, -d_s)
+    return total / len(y)
+
+
+def ref_nsd_batch(zs, zt, k, group_size=None):
+    b = len(zs)
+    g = b if group_size is None else group_size
+    k = min(k, g - 1)
+    total = 0.0
+    for start in range(0, b, g):
+        members = range(start, start + g)
+        for i in members:
+            cos = {j: zt[i] @ zt[j] / np.linalg.norm(zt[i]) / np.linalg.norm(zt[j])
+                   for j in members if j != i}
+            for j in sorted(cos, key=lambda j: -cos[j])[:k]:
+                total += ref_js(zt[i] - zt[j], zs[i] - zs[j])
+    return total / (b * k)
+
+
+def torch_vl2lite(sf, te, ta, ai, at, y, zs, tau, reduction):
+    """Literal transcription of the released criterion (feature_norm adds 1e-10)."""
+    t = lambda x: torch.tensor(x, dtype=torch.float64)
+    norm = lambda x: x / (x.norm(dim=-1, keepdim=True) + 1e-10)
+    hidden, aligned_img, aligned_nlp = norm(t(sf)), norm(t(ai)), norm(t(at))
+    clip_img, clip_nlp = norm(t(te)), norm(t(ta))
+    scale = 1 / 0.07
+    cls = torch.nn.CrossEntropyLoss()(t(zs), torch.tensor(y))
+    vis = torch.nn.L1Loss()(hidden, aligned_img)
+    student = scale * hidden @ aligned_nlp.T / tau
+    teacher = scale * clip_img @ clip_nlp.T / tau
+    kl = torch.nn.KLDivLoss(reduction="mean" if reduction == "vl2lite" else "batchmean")
+    txt = kl(F.log_softmax(student, dim=1), F.softmax(teacher, dim=1)) * tau * tau
+    if reduction == "vl2lite":
+        txt = txt * zs.shape[1] / 2
+    return cls.item(), vis.item(), txt.item()
+
+
+def torch_rkd(s, t, wd, wa):
+    """Park et al. 2019 as published, in float64."""
+    s, t = torch.tensor(s), torch.tensor(t)
+
+    def pdist(e):
+        sq = (e**2).sum(1)
+        d = (sq[:, None] + sq[None, :] - 2 * e @ e.T).clamp(min=1e-12).sqrt().clone()
+        d[range(len(e)), range(len(e))] = 0
+        return d
+
+    def angles(e):
+        u = F.normalize(e[None] - e[:, None], p=2, dim=2)
+        return torch.bmm(u, u.transpose(1, 2)).view(-1)
+
+    td, sd = pdist(t), pdist(s)
+    dist = F.smooth_l1_loss(sd / sd[sd > 0].mean(), td / td[td > 0].mean())
+    ang = F.smooth_l1_loss(angles(s), angles(t))
+    return (wd * dist + wa * ang).item()
+
+
+def torch_kd(zs, zt, tau):
+    zs, zt = torch.tensor(zs), torch.tensor(zt)
+    return (F.kl_div(F.log_softmax(zs / tau, 1), F.softmax(zt / tau, 1), reduction="batchmean")
+            * tau**2).item()
+
+
+def torch_coop_ce(img, txt, y, scale):
+    img, txt = torch.tensor(img), torch.tensor(txt)
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    return F.cross_entropy(logits, torch.tensor(y)).item()
+
+
+# ---------------------------------------------------------------- parity
+
+PRECISIONS = [(np.float32, 1e-5), (np.float64, 1e-12)]
+
+
+def run_in(dtype, name, *args, **kwargs):
+    """L.<name> jitted on args cast to dtype (x64 enabled for float64), as Python floats."""
+    with jax.enable_x64(dtype == np.float64):
+        cast = [a.astype(dtype) if a.dtype.kind == "f" else a for a in map(np.asarray, args)]
+        out = jitted(name, *kwargs)(*cast, **kwargs)
+        return np.asarray(out, np.float64).tolist()
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("b,c,k", [(4, 5, 1), (8, 10, 3), (16, 37, 4)])
+def test_nsd_paper_parity(dtype, rtol, b, c, k):
+    zs, zt = rng_arrays(b * c + k, (b, c), (b, c), scale=3.0)
+    y = np.random.default_rng(k).integers(0, c, b)
+    got = run_in(dtype, "nsd_paper", zs, zt, y, k=k)
+    np.testing.assert_allclose(got, ref_nsd_paper(zs, zt, y, k), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("b,c,k,group", [(8, 10, 3, None), (16, 7, 3, 4), (12, 20, 2, 3),
+                                         (8, 5, 5, 2), (6, 9, 1, None)])
+def test_nsd_batch_parity(dtype, rtol, b, c, k, group):
+    zs, zt = rng_arrays(b + c + k, (b, c), (b, c), scale=3.0)
+    got = run_in(dtype, "nsd_batch", zs, zt, k=k, group_size=group)
+    np.testing.assert_allclose(got, ref_nsd_batch(zs, zt, k, group), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+def test_js_parity(dtype, rtol):
+    p, q = rng_arrays(0, (6, 11), (6, 11), scale=4.0)
+    got = run_in(dtype, "js_divergence", p, q)
+    np.testing.assert_allclose(got, [ref_js(a, b) for a, b in zip(p, q)], rtol=rtol)
+    # axis: the same rows laid out as columns
+    got_t = run_in(dtype, "js_divergence", p.T, q.T, axis=0)
+    np.testing.assert_allclose(got_t, got, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("reduction", ["pand", "vl2lite"])
+@pytest.mark.parametrize("b,c,d,dt", [(4, 5, 6, 8), (16, 20, 12, 10)])
+def test_vl2lite_parity(dtype, rtol, reduction, b, c, d, dt):
+    sf, te, ta, ai, at, zs = rng_arrays(b + c, (b, d), (b, dt), (c, dt), (b, d), (c, d), (b, c))
+    y = np.random.default_rng(1).integers(0, c, b)
+    got = run_in(dtype, "vl2lite", sf, te, ta, ai, at, y, zs, temperature=2.0,
+                 reduction=reduction)
+    with warnings.catch_warnings():  # torch warns that 'mean' is not 'batchmean': intended
+        warnings.simplefilter("ignore", UserWarning)
+        want = torch_vl2lite(sf, te, ta, ai, at, y, zs, 2.0, reduction)
+    # rtol floor 1e-9 in x64: the released feature_norm adds 1e-10 to the norm
+    np.testing.assert_allclose(got, want, rtol=max(rtol, 1e-9))
+
+
+def test_vl2lite_reductions_relate_by_half():
+    args = rng_arrays(3, (8, 6), (8, 5), (10, 5), (8, 6), (10, 6), (8, 10))
+    y = np.arange(8)
+    vl2lite = jitted("vl2lite", "reduction")
+    pand = vl2lite(*args[:5], y, args[5], reduction="pand")
+    vl2 = vl2lite(*args[:5], y, args[5], reduction="vl2lite")
+    np.testing.assert_allclose(pand[:2], vl2[:2])
+    np.testing.assert_allclose(vl2[2], pand[2] / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("b,ds,dt", [(5, 4, 7), (12, 16, 8)])
+def test_rkd_parity(dtype, rtol, b, ds, dt):
+    s, t = rng_arrays(b, (b, ds), (b, dt))
+    got = run_in(dtype, "rkd", s, t, distance_weight=25.0, angle_weight=50.0)
+    # 1e-9 floor in x64: Park's pdist expands |a-b|^2 = a^2 + b^2 - 2ab (cancellation)
+    np.testing.assert_allclose(got, torch_rkd(s, t, 25.0, 50.0), rtol=max(rtol, 1e-9))
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_kd_parity(dtype, rtol, tau):
+    zs, zt = rng_arrays(7, (9, 13), (9, 13), scale=5.0)
+    np.testing.assert_allclose(run_in(dtype, "kd", zs, zt, temperature=tau),
+                               torch_kd(zs, zt, tau), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+def test_coop_ce_parity(dtype, rtol):
+    img, txt = rng_arrays(5, (8, 16), (6, 16))
+    y = np.random.default_rng(2).integers(0, 6, 8)
+    np.testing.assert_allclose(run_in(dtype, "coop_ce", img, txt, y, 100.0),
+                               torch_coop_ce(img, txt, y, 100.0), rtol=rtol)
+
+
+def test_loss_weights_schedule():
+    for e, offset in itertools.product([0, 5, 80, 1000], [0.0, 0.01]):
+        w_cls, w_vis, w_txt = L.loss_weights(e, 100, cls_offset=offset)
+        want = min(max(offset + e / 800, 0.0), 1.0)
+        np.testing.assert_allclose([w_cls, w_vis, w_txt], [want, (1 - want) / 2, (1 - want) / 2],
+                                   rtol=1e-6)
+    np.testing.assert_allclose(L.loss_weights(0, 300, cls_offset=0.01), [0.01, 0.495, 0.495],
+                               rtol=1e-6)
+    traced = jax.jit(lambda e: L.loss_weights(e, 100))(jnp.asarray(80))
+    np.testing.assert_allclose(traced, L.loss_weights(80, 100), rtol=1e-6)
+    with pytest.raises(ValueError, match="num_epochs"):
+        L.loss_weights(0, 0)
+
+
+# ---------------------------------------------------------------- properties
+
+logit_pairs = st.tuples(st.integers(0, 2**16), st.sampled_from([(4, 5), (8, 10), (6, 3)]),
+                        st.sampled_from([0.1, 1.0, 30.0]))
+
+
+@HYP
+@given(logit_pairs)
+def test_js_properties(case):
+    seed, shape, scale = case
+    p, q = (jnp.asarray(a, jnp.float32) for a in rng_arrays(seed, shape, shape, scale=scale))
+    js_divergence = jitted("js_divergence")
+    js = js_divergence(p, q)
+    np.testing.assert_array_equal(js, js_divergence(q, p))  # exactly symmetric
+    assert np.all(js >= -1e-7) and np.all(js <= LN2 + 1e-6)
+    # zero iff the distributions match: a per-row shift keeps the distribution
+    np.testing.assert_allclose(js_divergence(p, p + 3.0), 0.0, atol=2e-6)
+    differ = np.abs(jax.nn.softmax(p) - jax.nn.softmax(q)).max(axis=-1) > 1e-2
+    assert np.all(js[differ] > 0)
+
+
+@HYP
+@given(logit_pairs, st.integers(1, 2), st.floats(-50, 50), st.floats(-50, 50))
+def test_nsd_paper_row_shift_invariant(case, k, shift_s, shift_t):
+    seed, (b, c), scale = case
+    zs, zt = rng_arrays(seed, (b, c), (b, c), scale=scale)
+    y = np.random.default_rng(seed).integers(0, c, b)
+    row = np.linspace(-1, 1, b)[:, None]
+    nsd_paper = jitted("nsd_paper", "k")
+    base = nsd_paper(zs, zt, y, k=k)
+    shifted = nsd_paper(zs + shift_s * row, zt + shift_t * row, y, k=k)
+    np.testing.assert_allclose(shifted, base, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(nsd_paper(zt, zt, y, k=k), 0.0, atol=1e-6)
+
+
+@HYP
+@given(logit_pairs, st.integers(1, 4))
+def test_nsd_batch_permutation_invariant(case, k):
+    seed, (b, c), scale = case
+    zs, zt = rng_arrays(seed, (b, c), (b, c), scale=scale)
+    perm = np.random.default_rng(seed + 1).permutation(b)
+    nsd_batch = jitted("nsd_batch", "k")
+    np.testing.assert_allclose(nsd_batch(zs[perm], zt[perm], k=k), nsd_batch(zs, zt, k=k),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(nsd_batch(zt, zt, k=k), 0.0, atol=1e-6)
+
+
+def test_nsd_batch_group_equals_mean_of_groups():
+    zs, zt = rng_arrays(4, (12, 6), (12, 6))
+    nsd_batch = jitted("nsd_batch", "group_size")
+    groups = [float(nsd_batch(zs[i:i + 4], zt[i:i + 4])) for i in range(0, 12, 4)]
+    np.testing.assert_allclose(nsd_batch(zs, zt, group_size=4), np.mean(groups), rtol=1e-6)
+
+
+def test_nsd_batch_gradient_reaches_neighbours():
+    # only sample 0's row differs, yet its neighbours' logits must get gradient too
+    zs, zt = rng_arrays(8, (6, 5), (6, 5))
+    grad = jax.jit(jax.grad(functools.partial(L.nsd_batch, k=2)))(zt + np.eye(6, 5)[0], zt)
+    assert np.count_nonzero(np.abs(grad).sum(axis=1) > 0) > 1
+
+
+# ---------------------------------------------------------------- gradients and robustness
+
+B, C, D = 6, 7, 5
+
+
+def loss_cases():
+    """(name, fn of differentiable float args, args) for every loss."""
+    zs, zt, sf, te, ta, ai, at, img, txt = rng_arrays(
+        11, (B, C), (B, C), (B, D), (B, 8), (C, 8), (B, D), (C, D), (B, 8), (C, 8), scale=2.0)
+    y = np.arange(B) % C
+    return [
+        ("js", lambda p, q: jnp.sum(L.js_divergence(p, q)), (zs, zt)),
+        ("nsd_paper", lambda s, t: L.nsd_paper(s, t, y, k=3), (zs, zt)),
+        ("nsd_batch", lambda s, t: L.nsd_batch(s, t, k=3), (zs, zt)),
+        ("nsd_batch_groups", lambda s, t: L.nsd_batch(s, t, k=3, group_size=3), (zs, zt)),
+        ("kd", lambda s, t: L.kd(s, t, temperature=4.0), (zs, zt)),
+        ("rkd", lambda s: L.rkd(s, te), (sf,)),
+        ("vl2lite", lambda *a: sum(L.vl2lite(*a[:5], y, a[5])), (sf, te, ta, ai, at, zs)),
+        ("vl2lite_vl2", lambda *a: sum(L.vl2lite(*a[:5], y, a[5], reduction="vl2lite")),
+         (sf, te, ta, ai, at, zs)),
+        ("coop_ce", lambda i, t: L.coop_ce(i, t, y, 100.0), (img, txt)),
+    ]
+
+
+CASES = {name: (fn, args) for name, fn, args in loss_cases()}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_check_grads(name):
+    fn, args = CASES[name]
+    with jax.enable_x64(True):
+        check_grads(jax.jit(fn), tuple(jnp.asarray(a, jnp.float64) for a in args), order=1,
+                    modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
+def finite_value_and_grads(fn, args):
+    value, grads = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args)
+    assert value.dtype == jnp.float32
+    assert np.isfinite(value), value
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
+    return value
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_finite_at_large_magnitude(name):
+    fn, args = CASES[name]
+    finite_value_and_grads(fn, [jnp.asarray(a * 1e4, jnp.float32) for a in args])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_finite_with_ties(name):
+    fn, args = CASES[name]
+    # duplicated rows, constant rows and equal values in every row: ties in every top-k,
+    # zero pairwise distances in RKD, equal logits in the softmaxes
+    tied = []
+    for a in args:
+        a = np.array(a, np.float32)
+        a[1] = a[0]
+        a[2] = 1.0
+        a[3, ::2] = a[3, 0]
+        tied.append(jnp.asarray(a))
+    finite_value_and_grads(fn, tied)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bf16_inputs_compute_in_fp32(name):
+    fn, args = CASES[name]
+    low = [jnp.asarray(a, jnp.bfloat16) for a in args]
+    value = finite_value_and_grads(fn, low)
+    # the same bf16-rounded values in fp32 give the same fp32 answer
+    np.testing.assert_allclose(value, jax.jit(fn)(*[x.astype(jnp.float32) for x in low]),
+                               rtol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def raises_eager_and_traced(match, fn, *args):
+    with pytest.raises(ValueError, match=match):
+        fn(*args)
+    with pytest.raises(ValueError, match=match):
+        jax.jit(fn)(*args)
+
+
+def test_bad_inputs_raise():
+    zs, zt = rng_arrays(0, (8, 5), (8, 5))
+    y = np.zeros(8, np.int32)
+    raises_eager_and_traced("k must be < the number of classes",
+                            lambda s, t: L.nsd_paper(s, t, y, k=5), zs, zt)
+    raises_eager_and_traced("same shape", lambda s, t: L.nsd_paper(s, t[:, :4], y), zs, zt)
+    raises_eager_and_traced("same shape", lambda s, t: L.nsd_batch(s, t[:4]), zs, zt)
+    raises_eager_and_traced("same shape", lambda s, t: L.kd(s, t[:, 1:]), zs, zt)
+    raises_eager_and_traced("not divisible by group_size 3",
+                            lambda s, t: L.nsd_batch(s, t, group_size=3), zs, zt)
+    raises_eager_and_traced("group_size must be an int >= 2",
+                            lambda s, t: L.nsd_batch(s, t, group_size=1), zs, zt)
+    raises_eager_and_traced("k must be an int >= 1", lambda s, t: L.nsd_batch(s, t, k=0), zs, zt)
+    raises_eager_and_traced("2-D", lambda s, t: L.nsd_batch(s[0], t[0]), zs, zt)
+    raises_eager_and_traced("labels must have shape",
+                            lambda s, t: L.nsd_paper(s, t, y[:3]), zs, zt)
+    raises_eager_and_traced("reduction",
+                            lambda s: L.vl2lite(s, s, s, s, s, y, s, reduction="x"), zs)
+    raises_eager_and_traced("text_anchors must have shape",
+                            lambda s: L.vl2lite(s, s, s[:3], s, s, y, s), zs)
+    raises_eager_and_traced("feature width", lambda s: L.coop_ce(s, s[:, :3], y, 1.0), zs)
+    raises_eager_and_traced("same batch size", lambda s: L.rkd(s, s[:4]), zs)
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_out_of_range_labels(bad):
+    zs, zt = rng_arrays(0, (8, 5), (8, 5))
+    y = np.zeros(8, np.int32)
+    y[3] = bad
+    calls = [lambda y: L.nsd_paper(zs, zt, y), lambda y: L.coop_ce(zs, zt[:5], y, 10.0),
+             lambda y: L.vl2lite(zs, zs, zs[:5], zs, zs[:5], y, zs)[0]]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+            call(y)
+        # traced labels cannot be checked at trace time: the loss is NaN instead
+        assert np.isnan(jax.jit(call)(jnp.asarray(y)))

@@ -1,0 +1,7 @@
+"""PAND training: `python train.py --stage psc|nsd --dataset KEY`, or `--demo`. See --help."""
+import sys
+
+from pand_jax.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
