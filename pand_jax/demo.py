@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from pand_jax import config as config_lib
 from pand_jax import losses, prompts
 from pand_jax import data as data_lib
 from pand_jax.data import augment, datasets
 from pand_jax.models.clip import CLIP, CLIPConfig, ConvNeXtConfig, TextConfig, save_clip
+from pand_jax.train.loop import progress_bar
 
 DEMO_TEACHER_ID = "pand-demo-clip:digits"
 
@@ -72,7 +72,7 @@ def train_teacher(t: dict, out: pathlib.Path, seed: int = 0) -> float:
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
-    bar = tqdm(range(t["steps"]), desc="demo teacher", unit="step", dynamic_ncols=True)
+    bar = progress_bar(iterable=range(t["steps"]), desc="demo teacher", unit="step")
     for _ in bar:
         idx = rng.choice(len(labels), t["batch_size"], replace=False)
         params, opt_state, loss = step(params, opt_state, images[idx], labels[idx],

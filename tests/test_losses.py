@@ -144,7 +144,7 @@ def run_in(dtype, name, *args, **kwargs):
 @pytest.mark.parametrize("b,c,k", [(4, 5, 1), (8, 10, 3), (16, 37, 4)])
 def test_nsd_paper_parity(dtype, rtol, b, c, k):
     zs, zt = rng_arrays(b * c + k, (b, c), (b, c), scale=3.0)
-    y = np.random.default_rng(k).integers(0, c, b)
+    y = np.random.default_rng(k).integers(0, c, b, dtype=np.int32)
     got = run_in(dtype, "nsd_paper", zs, zt, y, k=k)
     np.testing.assert_allclose(got, ref_nsd_paper(zs, zt, y, k), rtol=rtol)
 
@@ -173,7 +173,7 @@ def test_js_parity(dtype, rtol):
 @pytest.mark.parametrize("b,c,d,dt", [(4, 5, 6, 8), (16, 20, 12, 10)])
 def test_vl2lite_parity(dtype, rtol, reduction, b, c, d, dt):
     sf, te, ta, ai, at, zs = rng_arrays(b + c, (b, d), (b, dt), (c, dt), (b, d), (c, d), (b, c))
-    y = np.random.default_rng(1).integers(0, c, b)
+    y = np.random.default_rng(1).integers(0, c, b, dtype=np.int32)
     got = run_in(dtype, "vl2lite", sf, te, ta, ai, at, y, zs, temperature=2.0,
                  reduction=reduction)
     with warnings.catch_warnings():  # torch warns that 'mean' is not 'batchmean': intended
@@ -185,7 +185,7 @@ def test_vl2lite_parity(dtype, rtol, reduction, b, c, d, dt):
 
 def test_vl2lite_reductions_relate_by_half():
     args = rng_arrays(3, (8, 6), (8, 5), (10, 5), (8, 6), (10, 6), (8, 10))
-    y = np.arange(8)
+    y = np.arange(8, dtype=np.int32)
     vl2lite = jitted("vl2lite", "reduction")
     pand = vl2lite(*args[:5], y, args[5], reduction="pand")
     vl2 = vl2lite(*args[:5], y, args[5], reduction="vl2lite")
@@ -213,7 +213,7 @@ def test_kd_parity(dtype, rtol, tau):
 @pytest.mark.parametrize("dtype,rtol", PRECISIONS)
 def test_coop_ce_parity(dtype, rtol):
     img, txt = rng_arrays(5, (8, 16), (6, 16))
-    y = np.random.default_rng(2).integers(0, 6, 8)
+    y = np.random.default_rng(2).integers(0, 6, 8, dtype=np.int32)
     np.testing.assert_allclose(run_in(dtype, "coop_ce", img, txt, y, 100.0),
                                torch_coop_ce(img, txt, y, 100.0), rtol=rtol)
 
@@ -258,7 +258,7 @@ def test_js_properties(case):
 def test_nsd_paper_row_shift_invariant(case, k, shift_s, shift_t):
     seed, (b, c), scale = case
     zs, zt = rng_arrays(seed, (b, c), (b, c), scale=scale)
-    y = np.random.default_rng(seed).integers(0, c, b)
+    y = np.random.default_rng(seed).integers(0, c, b, dtype=np.int32)
     row = np.linspace(-1, 1, b)[:, None]
     nsd_paper = jitted("nsd_paper", "k")
     base = nsd_paper(zs, zt, y, k=k)
@@ -302,7 +302,7 @@ def loss_cases():
     """(name, fn of differentiable float args, args) for every loss."""
     zs, zt, sf, te, ta, ai, at, img, txt = rng_arrays(
         11, (B, C), (B, C), (B, D), (B, 8), (C, 8), (B, D), (C, D), (B, 8), (C, 8), scale=2.0)
-    y = np.arange(B) % C
+    y = (np.arange(B) % C).astype(np.int32)
     return [
         ("js", lambda p, q: jnp.sum(L.js_divergence(p, q)), (zs, zt)),
         ("nsd_paper", lambda s, t: L.nsd_paper(s, t, y, k=3), (zs, zt)),

@@ -150,7 +150,9 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
 
     with jax.default_matmul_precision("highest"):
         single = jax.jit(step)(params, stats, jax.device_put(x, jax.devices()[0]))
-        mesh = jax.make_mesh((8,), ("data",))
+        # Auto axes: GSPMD inserts the cross-device reductions (jax 0.10's make_mesh defaults to
+        # Explicit axes, where the weight-gradient contraction over the batch needs out_sharding).
+        mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         sharded_x = jax.device_put(x, data)
         assert len(sharded_x.sharding.device_set) == 8
@@ -240,23 +242,35 @@ def test_students_offline_download_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_students_bf16_close_to_fp32(arch):
-    """bf16 compute: params and BN statistics stay fp32, outputs within bf16 rounding of fp32."""
-    tv = random_torchvision(arch, seed=3)
-    sd = numpy_state_dict(tv)
+    """bf16 compute: params and BN statistics stay fp32, outputs within bf16 rounding of fp32.
+
+    Outputs are compared in eval mode: in train mode a 3-image batch leaves some random-weight
+    channels with variance far below eps, and BatchNorm then multiplies rounding error by up to
+    1/sqrt(eps) ~ 300 (torchvision's own fp32 shows it, see the train-parity test)."""
+    sd = numpy_state_dict(random_torchvision(arch, seed=3))
     fp32 = student_from_state_dict(arch, sd)
     bf16 = Student(arch, 1000, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     nnx.update(bf16, nnx.state(fp32))
-    for model in (fp32, bf16):
-        model.train()
+    bf16.eval()
     x = images(seed=3)
     logits32, features32 = forward(fp32, x)
     logits16, features16 = forward(bf16, x)
     assert logits16.dtype == features16.dtype == jnp.float32
-    assert {v.dtype for v in jax.tree.leaves(nnx.state(bf16, nnx.Param, nnx.BatchStat))} == {np.dtype(np.float32)}
     # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few percent through 20-50 layers.
     assert_close(features16, features32, tol=5e-2, what="bf16 features")
     assert_close(logits16, logits32, tol=5e-2, what="bf16 logits")
-    stats32 = jax.tree.leaves(nnx.state(fp32, nnx.BatchStat))
-    stats16 = jax.tree.leaves(nnx.state(bf16, nnx.BatchStat))
-    for a, b in zip(stats32, stats16):
-        assert_close(b, a, tol=5e-2, what="bf16 running stats")
+
+    for model in (fp32, bf16):
+        model.train()
+        forward(model, x)
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(bf16, nnx.Param, nnx.BatchStat))} == {
+        np.dtype(np.float32)}
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(nnx.state(bf16, nnx.BatchStat)))
+    # The first BatchNorm's statistics (before any amplification): fp32 sums of bf16 activations.
+    stem32, stem16 = (flatten_dict(nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))
+                      for m in (fp32, bf16))
+    stem_bn = {"resnet18": ("backbone", "bn1"), "mobilenet_v2": ("backbone", "features", 0, 1)}
+    stem = [p for p in stem32 if p[:-1] == stem_bn[arch]]
+    assert len(stem) == 2
+    for path in stem:
+        assert_close(stem16[path], stem32[path], tol=1e-2, what=f"bf16 {path}")

@@ -9,7 +9,6 @@ so `check_state_dict` can name any key or shape that does not fit before anythin
 """
 from __future__ import annotations
 
-import pathlib
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pand_jax.convert.state_dict import ConversionError, check_state_dict, read_state_dict
+from pand_jax.convert.state_dict import check_state_dict
 from pand_jax.models import clip as clip_lib
 from pand_jax.models.clip import CLIP, CLIPConfig
 
@@ -134,10 +133,6 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, dtype=jnp.
     return nnx.merge(graphdef, state)
 
 
-def convert_checkpoint(path: str | pathlib.Path, cfg: CLIPConfig, dtype=jnp.float32) -> CLIP:
-    return convert_state_dict(read_state_dict(path), cfg, dtype)
-
-
 # ----------------------------------------------------------------------------- PyTorch side
 
 
@@ -160,11 +155,6 @@ def register_demo_models() -> None:
         register_model(entry)
 
 
-def open_clip_config(name_or_dict: str | dict[str, Any]) -> dict[str, Any]:
-    return (clip_lib._open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str)
-            else name_or_dict)
-
-
 def build_torch_model(name_or_dict: str | dict[str, Any], device: str = "cpu"):
     """The open_clip CLIP (PyTorch, eval mode) for a model name or config; device "meta" allocates
     nothing."""
@@ -172,7 +162,8 @@ def build_torch_model(name_or_dict: str | dict[str, Any], device: str = "cpu"):
     from open_clip.model import CLIP as TorchCLIP
 
     register_demo_models()
-    cfg = open_clip_config(name_or_dict)
+    cfg = (clip_lib.open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str)
+           else name_or_dict)
     with torch.device(device):
         model = TorchCLIP(**cfg)
     return model.eval()

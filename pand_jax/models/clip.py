@@ -138,7 +138,8 @@ def supported_models() -> list[str]:
     return sorted(names)
 
 
-def _open_clip_model_config(name: str) -> dict[str, Any]:
+def open_clip_model_config(name: str) -> dict[str, Any]:
+    """open_clip's model-config dict for a built-in or demo model name."""
     if name in DEMO_MODELS:
         return DEMO_MODELS[name]
     import open_clip
@@ -152,7 +153,7 @@ def _open_clip_model_config(name: str) -> dict[str, Any]:
 
 def config_from_open_clip(name_or_dict: str | dict[str, Any]) -> CLIPConfig:
     """CLIPConfig of an open_clip model: a built-in name or a model-config JSON dict."""
-    d = _open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str) else name_or_dict
+    d = open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str) else name_or_dict
     label = name_or_dict if isinstance(name_or_dict, str) else "the given model config"
     vision, text = d.get("vision_cfg", {}), d.get("text_cfg", {})
     timm_name = vision.get("timm_model_name")

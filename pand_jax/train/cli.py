@@ -93,12 +93,23 @@ def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False) -> d
 
 def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
              allow_change: bool) -> dict:
+    """Teacher, then PSC, then NSD, with configs/demo.json; `--set SECTION:key=value` changes
+    one section (teacher, psc or nsd)."""
     from pand_jax import demo
 
     d = demo.demo_config()
+    by_section = {s: [] for s in d}
+    for item in sets:
+        section, sep, rest = item.partition(":")
+        if not sep or section not in by_section:
+            raise config_lib.ConfigError(
+                f"with --demo, --set takes SECTION:key=value with SECTION one of {list(d)}; "
+                f"got {item!r}")
+        by_section[section].append(rest)
     teacher = workdir / "teacher"
     if not (teacher / "config.json").is_file():
-        acc = demo.train_teacher(d["teacher"], teacher)
+        acc = demo.train_teacher(config_lib.apply_sets(d["teacher"], by_section["teacher"]),
+                                 teacher)
         print(f"[demo] teacher trained; zero-shot top1 of the prompt template: {100 * acc:.1f}%")
     out = {}
     for stage in ("psc", "nsd"):
@@ -110,8 +121,7 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
             cfg["anchors"] = str(workdir / "psc" / "anchors.npz")
             if teacher_cache is not None:
                 cfg["teacher_cache"] = teacher_cache
-        cfg = config_lib.apply_sets(cfg, [s.split(":", 1)[1] for s in sets
-                                          if s.startswith(stage + ":")])
+        cfg = config_lib.apply_sets(cfg, by_section[stage])
         out[stage] = run_stage(cfg, workdir / stage, allow_change)
     print(f"[demo] PSC top1 {100 * out['psc']['best_top1']:.1f}%, "
           f"NSD student top1 {100 * out['nsd']['best_top1']:.1f}% (chance 10%); "

@@ -11,17 +11,17 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
 from pand_jax.train.mesh import to_global
+from pand_jax.train.loop import progress_bar
 
 
 def run_over_split(fn: Callable[[dict], Any], loader, mesh, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Applies jitted `fn(global_batch) -> [B, ...]` to every example of an eval `loader`
     (in order, last batch padded) and returns (outputs [N, ...], labels [N]) on every process."""
     outs, labels = [], []
-    for batch in tqdm(loader.epoch(0), total=loader.steps_per_epoch, desc=desc,
-                      disable=jax.process_index() != 0, unit="batch", dynamic_ncols=True):
+    for batch in progress_bar(iterable=loader.epoch(0), total=loader.steps_per_epoch, desc=desc,
+                              unit="batch"):
         gbatch = to_global(mesh, batch)
         out = fn(gbatch)
         # Gathering a global batch onto every host keeps the order of the split.

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import pathlib
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -92,8 +93,8 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
     spe = task.steps_per_epoch
     while pos["epoch"] < epochs:
         epoch, start = pos["epoch"], pos["step"]
-        bar = tqdm(total=spe, initial=start, desc=f"{task.name} epoch {epoch + 1}/{epochs}",
-                   disable=not is_main, dynamic_ncols=True, unit="step")
+        bar = progress_bar(total=spe, initial=start, desc=f"{task.name} epoch {epoch + 1}/{epochs}",
+                           unit="step")
         pending = None  # (step, device metrics): read one step late, so the host never waits
         t0, timed_images = None, 0
         for step, batch in enumerate(task.batches(epoch, start), start):
@@ -126,6 +127,14 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
         _end_epoch(task, state, pos, epoch, metrics, is_main)
         ckpt.save((epoch + 1) * spe, state, pos)
     return state
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """tqdm on process 0; redrawn at most every 30 s when the output is a log file, not a
+    terminal, so logs stay readable."""
+    interactive = sys.stderr.isatty()
+    return tqdm(disable=jax.process_index() != 0, dynamic_ncols=True,
+                mininterval=0.1 if interactive else 30.0, **kwargs)
 
 
 def _log_step(metrics, bar, step, out):

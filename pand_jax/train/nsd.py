@@ -11,6 +11,7 @@ Teacher and student see the same augmented view, regenerated on device from
 from __future__ import annotations
 
 import functools
+import itertools
 import pathlib
 from typing import Any
 
@@ -152,14 +153,20 @@ def make_loss(cfg, learned_anchors: bool, num_epochs: int):
     return loss
 
 
+def steps_per_epoch(loader, cfg) -> int:
+    spe = loader.steps_per_epoch
+    return min(spe, cfg["max_steps_per_epoch"]) if cfg["max_steps_per_epoch"] else spe
+
+
 def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     check_config(cfg)
     info = setup.dataset_info(cfg["dataset"])
     mesh = mesh_lib.make_mesh()
-    batch = cfg["batch_size"]
+    batch, views = cfg["batch_size"], cfg["teacher_cache"]
     mesh_lib.check_batch_size(batch, mesh)
     dtype = mesh_lib.compute_dtype(cfg["dtype"])
     needs_teacher = cfg["method"] != "none"
+    cached = needs_teacher and views > 0 and not cfg["teacher_cache_online"]
 
     clip, teacher_id = setup.load_teacher(cfg["teacher"], dtype) if needs_teacher else (None, None)
     anchors, learned = text_anchors(cfg, info, clip)
@@ -170,32 +177,44 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     train_loader = pipeline.Loader(train_source, global_batch_size=batch,
                                    image_size=cfg["host_image_size"], resize="stretch",
                                    train=True, seed=cfg["seed"])
-    spe = train_loader.steps_per_epoch
-    if spe == 0:
-        raise ValueError(f"batch_size {batch} is larger than the {len(train_source)} training "
-                         f"examples of {info.key}; lower it with --batch-size")
+    spe = steps_per_epoch(train_loader, cfg)
     tx, schedule = optimizer(cfg, spe)
     loss_fn = make_loss(cfg, learned, cfg["epochs"])
+    size, recipe, seed = cfg["image_size"], cfg["augment"], cfg["seed"]
+
+    cache = None
+    if cached:
+        from pand_jax.train import teacher_cache
+
+        key = dict(teacher=teacher_id, dataset=info.key, split=info.train_split,
+                   data_dir=str(cfg["data_dir"]), recipe=recipe, host=cfg["host_image_size"],
+                   size=size, seed=seed, views=views)
+        cache = teacher_cache.build(
+            clip, train_source, views=views, seed=seed, recipe=recipe,
+            host_image_size=cfg["host_image_size"], image_size=size,
+            batch_size=cfg["eval_batch_size"], mesh=mesh, path=workdir / "teacher_cache", key=key)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = mesh_lib.replicate(mesh, {"params": params, "rest": rest, "opt_state": tx.init(params),
                                       "step": jnp.zeros((), jnp.int32)})
-    if needs_teacher:
-        t_graphdef, t_state = nnx.split(clip)
-        frozen = mesh_lib.replicate(mesh, (t_state, jnp.asarray(anchors)))
-    else:
-        t_graphdef, frozen = None, (None, None)
-    size, recipe, seed = cfg["image_size"], cfg["augment"], cfg["seed"]
+    online = needs_teacher and not cached
+    t_graphdef, t_state = nnx.split(clip) if online else (None, None)
+    frozen = mesh_lib.replicate(mesh, (t_state, None if anchors is None else jnp.asarray(anchors)))
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, frozen, batch, epoch):
-        keys = augment.example_keys(seed, batch["index"], epoch)
-        images = augment.augment(batch["image"], keys, recipe, size)
+        # The view of each example: a fresh one every epoch, or one of the V cached views.
+        view = batch["view"] if views else epoch
+        images = augment.augment(batch["image"], augment.example_keys(seed, batch["index"], view),
+                                 recipe, size)
         t_state, anchors = frozen
-        t = None
-        if t_graphdef is not None:
+        if cached:
+            t = batch["teacher"].astype(jnp.float32)
+        elif online:
             teacher = nnx.merge(t_graphdef, t_state, copy=True)
             t = jax.lax.stop_gradient(teacher.encode_image(images)).astype(jnp.float32)
+        else:
+            t = None
 
         def objective(params):
             model = nnx.merge(graphdef, params, state["rest"], copy=True)
@@ -204,10 +223,22 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
 
         (total, (parts, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {"params": optax.apply_updates(state["params"], updates),
-                     "rest": rest, "opt_state": opt_state,
-                     "step": state["step"] + 1}
+        new_state = {"params": optax.apply_updates(state["params"], updates), "rest": rest,
+                     "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, {"loss": total, **parts, "lr": schedule(state["step"])}
+
+    def batches(epoch, start):
+        if views:
+            from pand_jax.train import teacher_cache
+
+            epoch_views = teacher_cache.views_for_epoch(seed, epoch, len(train_source), views)
+        for b in itertools.islice(train_loader.epoch(epoch, start), spe - start):
+            b = {k: b[k] for k in ("image", "label", "index")}
+            if views:
+                b["view"] = epoch_views[b["index"]]
+            if cached:
+                b["teacher"] = np.asarray(cache[b["index"], b["view"]])
+            yield mesh_lib.to_global(mesh, b)
 
     eval_size = cfg["image_size"]
     test_loader = setup.eval_loader(info, info.test_split, cfg, eval_size, "stretch",
@@ -222,7 +253,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     def evaluate(state):
         preds, labels = features.run_over_split(
             lambda b: predict(state["params"], state["rest"], b), test_loader, mesh, "evaluate")
-        return {"top1": float(np.mean(preds == labels)), "select": float(np.mean(preds == labels))}
+        top1 = float(np.mean(preds == labels))
+        return {"top1": top1, "select": top1}
 
     def export_best(state, scores):
         best = nnx.merge(graphdef, *jax.device_get((state["params"], state["rest"])))
@@ -231,10 +263,6 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
             student_lib.save_student(workdir / "student", best.student, dataset=info.key,
                                      class_names=list(info.class_names), top1=scores["top1"],
                                      method=cfg["method"])
-
-    def batches(epoch, start):
-        for b in train_loader.epoch(epoch, start):
-            yield mesh_lib.to_global(mesh, b)
 
     task = loop.Task("nsd", spe, batch, batches,
                      lambda s, b, e: train_step(s, frozen, b, jnp.int32(e)),
@@ -246,4 +274,4 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                                    "learned_anchors": learned, "no_psc": cfg["no_psc"],
                                    "nsd_form": cfg["loss"]["nsd_form"],
                                    "lambda_nsd": cfg["loss"]["lambda_nsd"],
-                                   "teacher_cache_views": cfg["teacher_cache"]})
+                                   "teacher_cache_views": views})

@@ -67,6 +67,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     train = data[info.train_split]
     n_train, batch = len(train["labels"]), cfg["batch_size"]
     steps_per_epoch = n_train // batch
+    if cfg["max_steps_per_epoch"]:
+        steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch} is larger than the {n_train} training examples "
                          f"of {info.key}; lower it with --batch-size")
@@ -74,7 +76,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     parts = prompts.prompt_parts(clip, info.class_names, info.prompt_template, cfg["n_ctx"])
     graphdef, teacher_state = nnx.split(clip)
     frozen = mesh_lib.replicate(mesh, (teacher_state, parts))
-    logit_scale = jnp.exp(clip.logit_scale.value)
+    logit_scale = jnp.exp(clip.logit_scale[...])
 
     def anchors_of(ctx, frozen):
         teacher_state, parts = frozen

@@ -1,0 +1,267 @@
+"""The trainer end to end through `train.py`, on `digits` with a tiny random CLIP teacher.
+
+Runs that need another device count or several processes go through subprocesses (the device
+count is fixed when JAX starts). Parameters are compared through the checkpoints they write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# One optimizer step per epoch on 8 examples keeps every run to seconds after compilation.
+PSC_ARGS = ["--stage", "psc", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
+            "--set", "max_steps_per_epoch=1", "--set", "feature_image_size=32",
+            "--set", "feature_batch_size=64", "--set", "dtype=float32", "--set", "n_ctx=4"]
+NSD_ARGS = ["--stage", "nsd", "--dataset", "digits", "--epochs", "1", "--batch-size", "8",
+            "--set", "max_steps_per_epoch=1", "--set", "student_weights=null",
+            "--set", "host_image_size=36", "--set", "image_size=32", "--set", "augment=rrc",
+            "--set", "eval_batch_size=64", "--set", "dtype=float32"]
+
+
+def run_train(args, *, devices=1, env=None, check=True, **popen):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    cmd = [sys.executable, str(REPO / "train.py"), *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **popen)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(map(str, args))} failed:\n"
+                             f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+    return out
+
+
+def latest_state(workdir: pathlib.Path) -> dict:
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore((workdir / "checkpoints" / str(steps[-1]) / "state").absolute())
+
+
+def assert_trees_close(a, b, rtol, atol):
+    import jax
+
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                                   rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory) -> pathlib.Path:
+    """A random tiny CLIP with the real tokenizer's vocabulary (configs/demo.json)."""
+    from pand_jax import demo
+    from pand_jax.models.clip import CLIP, save_clip
+
+    path = tmp_path_factory.mktemp("teacher")
+    clip = CLIP(demo.teacher_config(demo.demo_config()["teacher"]), rngs=nnx.Rngs(0))
+    save_clip(path, clip, teacher_id="test-teacher")
+    return path
+
+
+@pytest.fixture(scope="session")
+def psc_run(teacher, tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("psc1")
+    run_train(PSC_ARGS + ["--teacher", teacher, "--workdir", workdir])
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def nsd_run(teacher, psc_run, tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("nsd1")
+    run_train(NSD_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
+                          "--workdir", workdir])
+    return workdir
+
+
+def test_psc_writes_anchors_summary_and_metrics(psc_run):
+    summary = json.loads((psc_run / "summary.json").read_text())
+    assert summary["stage"] == "psc" and summary["dataset"] == "digits"
+    assert 0.0 <= summary["best_top1"] <= 1.0 and summary["images_per_second"] >= 0
+    with np.load(psc_run / "anchors.npz") as f:
+        anchors = f["anchors"]
+        assert anchors.shape == (10, 64)
+        np.testing.assert_allclose(np.linalg.norm(anchors, axis=-1), 1.0, rtol=1e-5)
+        assert json.loads(str(f["meta"]))["n_ctx"] == 4
+    kinds = [json.loads(line)["kind"] for line in (psc_run / "metrics.jsonl").open()]
+    assert kinds == ["step", "epoch"]
+    assert json.loads((psc_run / "config.json").read_text())["n_ctx"] == 4
+
+
+def test_psc_step_on_8_devices_matches_1(teacher, psc_run, tmp_path):
+    run_train(PSC_ARGS + ["--teacher", teacher, "--workdir", tmp_path], devices=8)
+    assert_trees_close(latest_state(tmp_path)["ctx"], latest_state(psc_run)["ctx"], 1e-5, 1e-7)
+
+
+def test_nsd_step_on_8_devices_matches_1(teacher, psc_run, nsd_run, tmp_path):
+    """BatchNorm in training mode over a batch sharded 1 example per device: the statistics
+    must be the global batch's (sync BN) for the step to match."""
+    run_train(NSD_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
+                          "--workdir", tmp_path], devices=8)
+    one, eight = latest_state(nsd_run), latest_state(tmp_path)
+    assert_trees_close(eight["params"], one["params"], 1e-5, 1e-6)
+    assert_trees_close(eight["rest"], one["rest"], 1e-5, 1e-6)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["devices"] == 8 and summary["method"] == "pand"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(teacher, psc_run, nsd_run, tmp_path):
+    port = _free_port()
+    args = NSD_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
+                       "--workdir", tmp_path, "--coordinator", f"localhost:{port}",
+                       "--num-processes", "2"]
+    procs = [run_train(args + ["--process-id", i], popen=dict()) for i in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["devices"] == 2
+    assert_trees_close(latest_state(tmp_path)["params"], latest_state(nsd_run)["params"],
+                       1e-5, 1e-6)
+
+
+def test_killed_run_resumes_to_the_same_params(teacher, psc_run, tmp_path):
+    args = [a for a in NSD_ARGS] + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
+                                    "--set", "method=vl2lite", "--set", "anchors=null"]
+    args[args.index("--epochs") + 1] = "2"
+    args[args.index("max_steps_per_epoch=1")] = "max_steps_per_epoch=2"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_train(args + ["--workdir", straight])
+
+    proc = run_train(args + ["--workdir", killed], popen=dict())
+    first = killed / "checkpoints" / "2"  # written, atomically, after epoch 1 (2 steps)
+    deadline = time.time() + 600
+    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.is_dir(), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+
+    out = run_train(args + ["--workdir", killed])
+    assert "resuming" in out.stdout
+    assert_trees_close(latest_state(killed), latest_state(straight), 1e-6, 1e-7)
+    history = json.loads((killed / "summary.json").read_text())
+    assert history["epochs"] == 2 and history["last_top1"] is not None
+
+
+def test_demo_learns_well_above_chance(tmp_path):
+    """The README's main job, shortened: the demo teacher, PSC and NSD all learn digits."""
+    out = run_train(["--demo", "--workdir", tmp_path, "--set", "teacher:steps=150",
+                     "--set", "psc:epochs=2", "--set", "nsd:epochs=3"])
+    psc = json.loads((tmp_path / "psc" / "summary.json").read_text())
+    nsd = json.loads((tmp_path / "nsd" / "summary.json").read_text())
+    assert psc["best_top1"] > 0.6, out.stdout[-2000:]
+    assert nsd["best_top1"] > 0.4, out.stdout[-2000:]
+    assert nsd["method"] == "pand" and nsd["learned_anchors"] is True
+    assert (tmp_path / "nsd" / "student" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------- bad input (in process)
+
+def cli(argv, capsys):
+    from pand_jax.train.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_anchors_with_wrong_class_count(teacher, tmp_path, capsys):
+    from pand_jax import anchors
+    from pand_jax.data import get_dataset
+
+    info = get_dataset("digits")
+    fake = type("Info", (), {"key": "other", "class_names": info.class_names[:5]})
+    anchors.save(tmp_path / "a.npz", np.eye(5, 64, dtype=np.float32), fake)
+    code, err = cli(NSD_ARGS + ["--teacher", teacher, "--anchors", tmp_path / "a.npz",
+                                "--workdir", tmp_path / "w"], capsys)
+    assert code == 2 and "anchors for 5 classes" in err and "digits has 10" in err
+
+
+def test_anchors_with_wrong_class_names(teacher, tmp_path, capsys):
+    from pand_jax import anchors
+
+    names = tuple(f"class {i}" for i in range(10))
+    fake = type("Info", (), {"key": "digits", "class_names": names})
+    anchors.save(tmp_path / "a.npz", np.eye(10, 64, dtype=np.float32), fake)
+    code, err = cli(NSD_ARGS + ["--teacher", teacher, "--anchors", tmp_path / "a.npz",
+                                "--workdir", tmp_path / "w"], capsys)
+    assert code == 2 and "'class 0' in the anchors but '0' in the dataset" in err
+
+
+def test_missing_teacher_names_the_convert_command(tmp_path, capsys):
+    code, err = cli(PSC_ARGS + ["--teacher", tmp_path / "nothing", "--workdir", tmp_path / "w"],
+                    capsys)
+    assert code == 2 and "python convert_weights.py" in err
+
+
+def test_missing_data_names_the_prepare_command(teacher, tmp_path, capsys):
+    code, err = cli(["--stage", "psc", "--dataset", "cub", "--teacher", teacher,
+                     "--data-dir", tmp_path, "--workdir", tmp_path / "w"], capsys)
+    assert code == 2 and "python -m pand_jax.data.prepare --dataset cub" in err
+
+
+def test_unknown_dataset_lists_the_valid_ones(teacher, tmp_path, capsys):
+    code, err = cli(["--stage", "psc", "--dataset", "mnist", "--teacher", teacher,
+                     "--workdir", tmp_path / "w"], capsys)
+    assert code == 2 and "'mnist'" in err and "aircraft" in err and "cub" in err
+
+
+def test_workdir_with_another_config_is_refused(teacher, psc_run, tmp_path, capsys):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(psc_run, workdir)
+    argv = PSC_ARGS + ["--teacher", teacher, "--workdir", workdir, "--set", "optimizer.lr=0.1"]
+    code, err = cli(argv, capsys)
+    assert code == 2 and "different config" in err and "optimizer.lr: 0.002 -> 0.1" in err
+
+
+def test_unknown_config_key(capsys):
+    code, err = cli(PSC_ARGS + ["--set", "optimizer.lrr=0.1"], capsys)
+    assert code == 2 and "optimizer.lrr" in err and "'lr'" in err
+
+
+def test_pand_without_anchors_names_psc(teacher, tmp_path, capsys):
+    code, err = cli(NSD_ARGS + ["--teacher", teacher, "--anchors", tmp_path / "none.npz",
+                                "--workdir", tmp_path / "w"], capsys)
+    assert code == 2 and "python train.py --stage psc --dataset digits" in err
+
+
+def test_batch_not_divisible_by_devices(teacher, tmp_path):
+    out = run_train(PSC_ARGS + ["--batch-size", "12", "--teacher", teacher,
+                                "--workdir", tmp_path], devices=8, check=False)
+    assert out.returncode == 2
+    assert "global batch size 12 is not divisible by the 8 devices" in out.stderr
+
+
+def test_corrupt_checkpoint_is_reported(teacher, psc_run, tmp_path, capsys):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(psc_run, workdir)
+    for f in (workdir / "checkpoints").rglob("*"):
+        if f.is_file() and "state" in f.parts and f.stat().st_size > 64:
+            f.write_bytes(b"\0" * 16)
+    code, err = cli(PSC_ARGS + ["--teacher", teacher, "--workdir", workdir], capsys)
+    assert code == 2 and "could not restore checkpoint" in err and "--workdir" in err
