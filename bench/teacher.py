@@ -115,6 +115,8 @@ def main() -> None:
         f"{vision_flops(cfg.vision, 256, cfg.embed_dim) / 1e9:.4g} GFLOP/img at 256 px; "
         "MFU " + (f"against {peak:.0f} TFLOP/s dense bf16" if peak else
                   "n/a (no peak known for this device)"),
+        *(["- note: CPU at small size on a shared machine: this only proves the script; the "
+           "figures that count come from `--size full` on a GPU."] if device == "cpu" else []),
         "", "| px | run | images/s | MFU |", "|---|---|---|---|", *rows, ""])
     print(section)
     if args.append:

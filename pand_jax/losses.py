@@ -27,8 +27,11 @@ _HIGHEST = lax.Precision.HIGHEST
 
 
 def _fp32(x):
+    """Upcast bf16/fp16/integers to fp32; fp32 and fp64 pass through unchanged."""
     x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits >= 32:
+        return x
+    return x.astype(jnp.float32)
 
 
 def _check_ndim(name, x, ndim):
@@ -255,7 +258,8 @@ def _normalised_distances(e):
     d = _pairwise_distances(e)
     n = e.shape[0]
     mean_off_diagonal = jnp.sum(d) / (n * (n - 1))
-    return d / mean_off_diagonal
+    # a fully collapsed batch has no scale to normalise by; its distances are all zero anyway
+    return d / jnp.where(mean_off_diagonal > 0, mean_off_diagonal, 1.0)
 
 
 def _triplet_angles(e):

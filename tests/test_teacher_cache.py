@@ -14,6 +14,7 @@ from pand_jax.data.sources import ArraySource
 from pand_jax.models.clip import CLIP
 from pand_jax.train import mesh as mesh_lib
 from pand_jax.train import teacher_cache
+from pand_jax.train.state import jit_apply
 
 N, VIEWS, SEED, HOST, SIZE, RECIPE = 10, 2, 3, 36, 32, "rrc"
 KEY = {"teacher": "random-demo-clip", "dataset": "digits", "split": "train", "data_dir": None}
@@ -21,7 +22,18 @@ KEY = {"teacher": "random-demo-clip", "dataset": "digits", "split": "train", "da
 
 @pytest.fixture(scope="module")
 def clip():
-    return CLIP(demo.teacher_config(demo.demo_config()["teacher"]), rngs=nnx.Rngs(0))
+    """The demo CLIP with random weights drawn by NumPy (compiling JAX's initialisers for every
+    layer shape would cost more CPU than the rest of this file)."""
+    cfg = demo.teacher_config(demo.demo_config()["teacher"])
+    model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        centre = 1.0 if "['scale']" in jax.tree_util.keystr(path) else 0.0  # LayerNorm scales
+        return (centre + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +63,19 @@ def build(clip, source, path, **overrides):
     return teacher_cache.build(clip, source, **{**args, **overrides})
 
 
-def online(clip, source, views):
+@pytest.fixture(scope="module")
+def online(clip, source):
     """The teacher on the views the trainer regenerates: [N, V, D] fp32."""
     host = np.stack([pipeline.resize_image(source[i]["image"], HOST, "stretch") for i in range(N)])
-    index = np.arange(N)
-    return np.stack([np.asarray(clip.encode_image(augment.augment(
-        host, augment.example_keys(SEED, index, v), RECIPE, SIZE))) for v in range(views)], 1)
+    encode = jit_apply(clip, lambda m, keys: m.encode_image(augment.augment(host, keys, RECIPE, SIZE)))
+    return np.stack([np.asarray(encode(augment.example_keys(SEED, np.arange(N), v)))
+                     for v in range(VIEWS)], 1)
 
 
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("bfloat16", 1e-2)])
-def test_cached_equals_online_teacher(clip, source, tmp_path, dtype, rtol):
+def test_cached_equals_online_teacher(clip, source, online, tmp_path, dtype, rtol):
     cache = build(clip, source, tmp_path, dtype=dtype)
-    expected = online(clip, source, VIEWS)
+    expected = online
     assert cache.shape == (N, VIEWS, clip.config.embed_dim)
     got = np.asarray(cache, np.float32)
     err = np.linalg.norm(got - expected, axis=-1) / np.linalg.norm(expected, axis=-1)
@@ -78,18 +91,15 @@ def test_reused_when_key_matches(clip, source, tmp_path, calls):
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("change", [
-    {"key": dict(KEY, teacher="another-teacher")},
-    {"seed": SEED + 1},
-    {"recipe": "released"},
-    {"views": VIEWS + 1},
-])
-def test_rebuilt_when_key_changes(clip, source, tmp_path, calls, capsys, change):
+def test_rebuilt_when_key_changes(clip, source, tmp_path, calls, capsys):
     build(clip, source, tmp_path)
-    cache = build(clip, source, tmp_path, **change)
-    assert calls["n"] == 2
-    assert "another teacher, dataset, split or augmentation" in capsys.readouterr().out
-    assert cache.shape[1] == change.get("views", VIEWS)
+    changes = [{"key": dict(KEY, teacher="another-teacher")}, {"seed": SEED + 1},
+               {"recipe": "released"}, {"views": VIEWS + 1}]
+    for n, change in enumerate(changes, 2):
+        cache = build(clip, source, tmp_path, **change)
+        assert calls["n"] == n, change
+        assert "another teacher, dataset, split or augmentation" in capsys.readouterr().out
+        assert cache.shape[1] == change.get("views", VIEWS)
 
 
 def _drop_complete_flag(path):
@@ -102,16 +112,19 @@ def _truncate(path):
     f.write_bytes(f.read_bytes()[:-100])
 
 
-@pytest.mark.parametrize("damage", [_drop_complete_flag, _truncate,
-                                    lambda p: (p / teacher_cache.META).unlink()])
-def test_rebuilt_when_partial(clip, source, tmp_path, calls, capsys, damage):
+def _drop_meta(path):
+    (path / teacher_cache.META).unlink()
+
+
+def test_rebuilt_when_partial(clip, source, tmp_path, calls, capsys):
     expected = np.asarray(build(clip, source, tmp_path), np.float32)
-    damage(tmp_path)
-    again = np.asarray(build(clip, source, tmp_path), np.float32)
-    assert calls["n"] == 2
-    assert "partial" in capsys.readouterr().out
-    np.testing.assert_array_equal(again, expected)
-    assert json.loads((tmp_path / teacher_cache.META).read_text())["complete"] is True
+    for n, damage in enumerate([_drop_complete_flag, _truncate, _drop_meta], 2):
+        damage(tmp_path)
+        again = np.asarray(build(clip, source, tmp_path), np.float32)
+        assert calls["n"] == n, damage.__name__
+        assert "partial" in capsys.readouterr().out
+        np.testing.assert_array_equal(again, expected)
+        assert json.loads((tmp_path / teacher_cache.META).read_text())["complete"] is True
 
 
 def test_views_for_epoch():

@@ -19,6 +19,7 @@ and all processes then read the same file, so `path` must be on a filesystem eve
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -29,13 +30,13 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from pand_jax.data import augment, pipeline
 from pand_jax.train import features
-from pand_jax.train.mesh import to_global
-from pand_jax.train.state import jit_apply
+from pand_jax.train.mesh import replicate, to_global
 
 VERSION = 1
 EMBEDDINGS, META = "embeddings.npy", "meta.json"
@@ -127,21 +128,31 @@ def _write_meta(path: pathlib.Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, path / META)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "seed", "recipe", "image_size", "dtype"))
+def _encode(state, images, index, view, *, graphdef, seed, recipe, image_size, dtype):
+    """Teacher embeddings [B, D] of view `view` of a batch, cast to the storage dtype on device.
+
+    Module-level so that rebuilds with the same teacher and settings reuse the compiled program;
+    the teacher state is an argument, never a baked-in constant."""
+    # Padding rows carry index -1; any valid key will do, their rows are dropped.
+    keys = augment.example_keys(seed, jnp.maximum(index, 0), view)
+    images = augment.augment(images, keys, recipe, image_size)
+    teacher = nnx.merge(graphdef, state, copy=True)
+    return teacher.encode_image(images).astype(DTYPES[dtype][0])
+
+
 def _compute(clip, source, *, views, seed, recipe, host_image_size, image_size, batch_size,
              mesh, path, meta) -> None:
     """Runs the teacher over every (example, view) and writes the rows as they arrive."""
-    device_dtype, disk_dtype = DTYPES[meta["dtype"]]
+    disk_dtype = DTYPES[meta["dtype"]][1]
     is_main = jax.process_index() == 0
     loader = pipeline.Loader(source, global_batch_size=batch_size, image_size=host_image_size,
                              resize="stretch", train=False, seed=seed)
 
-    def encode(teacher, images, index, view):
-        # Padding rows carry index -1; any valid key will do, their rows are dropped.
-        keys = augment.example_keys(seed, jnp.maximum(index, 0), view)
-        views_ = augment.augment(images, keys, recipe, image_size)
-        return teacher.encode_image(views_).astype(device_dtype)
-
-    encode = jit_apply(clip, encode, mesh)
+    graphdef, state = nnx.split(clip)
+    state = replicate(mesh, state)
+    static = dict(graphdef=graphdef, seed=seed, recipe=recipe, image_size=image_size,
+                  dtype=meta["dtype"])
     out = None
     if is_main:
         path.mkdir(parents=True, exist_ok=True)
@@ -161,7 +172,8 @@ def _compute(clip, source, *, views, seed, recipe, host_image_size, image_size, 
                       desc=f"teacher cache ({views} views)", disable=not is_main,
                       dynamic_ncols=True):
         g = to_global(mesh, batch)
-        embs = tuple(encode(g["image"], g["index"], np.int32(v)) for v in range(views))
+        embs = tuple(_encode(state, g["image"], g["index"], np.int32(v), **static)
+                     for v in range(views))
         if pending is not None:
             write(pending)
         pending = (embs, g["index"], g["mask"])
