@@ -99,7 +99,7 @@ def bench_one(name, b, c, device, reps):
 
     sync = torch.cuda.synchronize if tdev.type == "cuda" else (lambda: None)
     torch_ms = time_it(run_torch, sync, reps)
-    torch_value = float(out["torch"])
+    torch_value = float(out["torch"].detach())
     return jax_ms, torch_ms, jax_value, torch_value
 
 
@@ -112,7 +112,8 @@ def main():
     platform = "gpu" if args.device.startswith("cuda") else "cpu"
     print(f"jax {jax.__version__} on {jax.devices(platform)[0]}, "
           f"torch {torch.__version__} on {args.device}, k={K}, fp32, median of {args.reps}")
-    print("| loss | B | C | JAX jit fwd+bwd (ms) | PyTorch fwd+bwd (ms) | speed-up | |loss diff| rel |")
+    print("| loss | B | C | JAX jit fwd+bwd (ms) | PyTorch fwd+bwd (ms) | speed-up "
+          "| rel. loss diff |")
     print("|---|---|---|---|---|---|---|")
     for name in ("nsd_batch", "nsd_paper"):
         for b, c in SHAPES:

@@ -76,7 +76,7 @@ def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.Gradient
         raise ValueError(f"optimizer.schedule must be 'cosine' or 'cosine_restart', "
                          f"got {o['schedule']!r}")
     parts = [optax.clip_by_global_norm(o["grad_clip"])] if o["grad_clip"] else []
-    parts.append(optax.adamw(schedule, weight_decay=o["weight_decay"]))
+    parts.append(optax.adamw(schedule, eps=o["eps"], weight_decay=o["weight_decay"]))
     return optax.chain(*parts), schedule
 
 
