@@ -13,7 +13,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -85,35 +83,6 @@ def nsd_config() -> dict:
     return cfg
 
 
-def make_nsd_step(cfg, model, tx, loss_fn, t_graphdef, recipe: str, size: int):
-    """The Stage-NSD train step as nsd.run builds it; `teacher_state is None` = cached."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    seed = cfg["seed"]
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(state, teacher_state, anchors, batch, epoch):
-        keys = augment.example_keys(seed, batch["index"], batch["view"])
-        images = augment.augment(batch["image"], keys, recipe, size)
-        if teacher_state is None:
-            t = batch["teacher"].astype(jnp.float32)
-        else:
-            teacher = nnx.merge(t_graphdef, teacher_state, copy=True)
-            t = jax.lax.stop_gradient(teacher.encode_image(images)).astype(jnp.float32)
-
-        def objective(params):
-            m = nnx.merge(graphdef, params, state["rest"], copy=True)
-            total, parts = loss_fn(m, images, batch["label"], t, anchors, epoch)
-            return total, nnx.split(m, nnx.Param, ...)[2]
-
-        (total, rest), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "rest": rest,
-                "opt_state": opt_state}, total
-
-    state = {"params": params, "rest": rest, "opt_state": tx.init(params)}
-    return step, state
-
-
 def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
     cfg = nsd_config()
     clip = CLIP(config_from_open_clip(size.teacher), dtype=dtype, rngs=nnx.Rngs(0))
@@ -130,18 +99,19 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
         rng.standard_normal((CUB_CLASSES, dim)).astype(np.float32))))
     t_graphdef, t_state = nnx.split(clip)
     t_state = mesh_lib.replicate(mesh, t_state)
-    tx, _ = nsd.optimizer(cfg, CUB_TRAIN // b)
+    cfg.update(image_size=size.image, augment="released")
+    tx, schedule = nsd.optimizer(cfg, CUB_TRAIN // b)
     loss_fn = nsd.make_loss(cfg, True, NSD_EPOCHS)
     epoch = jnp.int32(0)
     rates = {}
     for name, teacher_state, data in (("online", t_state, batch), ("cached", None, cached_batch)):
-        model = nsd.build_model(cfg, CUB_CLASSES, dim, dtype)
-        step, state = make_nsd_step(cfg, model, tx, loss_fn, t_graphdef, "released", size.image)
+        graphdef, state = nsd.init_state(nsd.build_model(cfg, CUB_CLASSES, dim, dtype), tx)
+        step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
         box = [mesh_lib.replicate(mesh, state)]
 
         def run():
-            box[0], loss = step(box[0], teacher_state, anchors, data, epoch)
-            return loss
+            box[0], metrics = step(box[0], (teacher_state, anchors), data, epoch)
+            return metrics["loss"]
 
         rates[name] = b / timed(run, steps)
 
@@ -181,25 +151,14 @@ def bench_psc(clip, mesh, steps: int) -> dict[str, float]:
             rng.standard_normal((PSC_BATCH, dim)).astype(np.float32))),
         "label": rng.integers(0, CUB_CLASSES, PSC_BATCH).astype(np.int32)})
 
-    def anchors_of(ctx, frozen):
-        t_state, parts = frozen
-        return losses.l2_normalize(prompts.prompt_features(
-            nnx.merge(graphdef, t_state, copy=True), ctx, parts))
-
-    @jax.jit
-    def step(state, frozen, batch):
-        loss, grads = jax.value_and_grad(lambda c: losses.coop_ce(
-            batch["features"], anchors_of(c, frozen), batch["label"], 100.0))(state["ctx"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["ctx"])
-        return {"ctx": optax.apply_updates(state["ctx"], updates), "opt_state": opt_state}, loss
-
+    step = psc.make_train_step(graphdef, tx, jnp.exp(clip.logit_scale[...]))
     box = [state]
 
     def run():
-        box[0], loss = step(box[0], frozen, batch)
-        return loss
+        box[0], metrics = step(box[0], frozen, batch)
+        return metrics["loss"]
 
-    evaluate = jax.jit(anchors_of)
+    evaluate = jax.jit(psc.anchors_fn(graphdef))
     return {"psc_step_s": timed(run, steps),
             "psc_anchors_s": timed(lambda: evaluate(box[0]["ctx"], frozen), steps)}
 

@@ -72,17 +72,30 @@ def load_module(
     abstract = nnx.eval_shape(lambda: build(meta))
     graphdef, abstract_state = nnx.split(abstract)
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state)
+        lambda x: np.zeros((), x.dtype), nnx.to_pure_dict(abstract_state)
     )
+    # Plain NumPy on every process: converted weights are replicated host data, so no device
+    # layout from the saving process (nor any collective) is involved in reading them.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            pure = ckptr.restore(path / STATE_DIR, target)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            pure = ckptr.restore(path / STATE_DIR, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args))
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
         raise WeightsError(
             f"could not read the weights in {path / STATE_DIR}: {type(e).__name__}: {e}. "
             "The checkpoint is corrupt or was written for another configuration; convert again."
             + (f" {hint}" if hint else "")
         ) from e
-    pure = jax.tree.map(np.asarray, pure)
+    _check_shapes(pure, nnx.to_pure_dict(abstract_state), path, hint)
     nnx.replace_by_pure_dict(abstract_state, pure)
     return nnx.merge(graphdef, abstract_state), meta
+
+
+def _check_shapes(pure, expected, path, hint: str) -> None:
+    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree.leaves_with_path(pure)}
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree.leaves_with_path(expected)}
+    bad = [f"{k}: stored {got.get(k)}, model {want[k]}" for k in want if got.get(k) != want[k]]
+    if bad:
+        raise WeightsError(f"the weights in {path} do not fit the model in their config.json: "
+                           + "; ".join(bad[:5]) + ". Convert again." + (f" {hint}" if hint else ""))

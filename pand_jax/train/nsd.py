@@ -24,7 +24,7 @@ from flax import nnx
 from pand_jax import anchors as anchors_lib
 from pand_jax import losses, prompts
 from pand_jax import data as data_lib
-from pand_jax.data import augment, datasets, pipeline
+from pand_jax.data import augment, pipeline
 from pand_jax.models import student as student_lib
 from pand_jax.train import features, loop, mesh as mesh_lib, setup
 
@@ -153,6 +153,52 @@ def make_loss(cfg, learned_anchors: bool, num_epochs: int):
     return loss
 
 
+def init_state(model: Distillee, tx) -> tuple[Any, dict]:
+    """(graphdef, train state): trainable params, BatchNorm statistics, optimizer, step."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, {"params": params, "rest": rest, "opt_state": tx.init(params),
+                      "step": jnp.zeros((), jnp.int32)}
+
+
+def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
+    """The jitted Stage-NSD step `(state, (teacher_state, anchors), batch, epoch) ->
+    (state, metrics)`, donating `state`.
+
+    What the step does follows the batch's structure (static under jit): with
+    batch["teacher"] the teacher's embeddings come from the cache; otherwise the teacher runs
+    online when `t_graphdef` is given (no teacher at all for method "none"). With
+    batch["view"] each example uses that augmented view, otherwise a fresh one per epoch.
+    """
+    seed, recipe, size = cfg["seed"], cfg["augment"], cfg["image_size"]
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, frozen, batch, epoch):
+        view = batch.get("view", epoch)
+        images = augment.augment(batch["image"], augment.example_keys(seed, batch["index"], view),
+                                 recipe, size)
+        t_state, anchors = frozen
+        if "teacher" in batch:
+            t = batch["teacher"].astype(jnp.float32)
+        elif t_graphdef is not None:
+            teacher = nnx.merge(t_graphdef, t_state, copy=True)
+            t = jax.lax.stop_gradient(teacher.encode_image(images)).astype(jnp.float32)
+        else:
+            t = None
+
+        def objective(params):
+            model = nnx.merge(graphdef, params, state["rest"], copy=True)
+            total, parts = loss_fn(model, images, batch["label"], t, anchors, epoch)
+            return total, (parts, nnx.split(model, nnx.Param, ...)[2])
+
+        (total, (parts, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"params": optax.apply_updates(state["params"], updates), "rest": rest,
+                     "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, {"loss": total, **parts, "lr": schedule(state["step"])}
+
+    return train_step
+
+
 def steps_per_epoch(loader, cfg) -> int:
     spe = loader.steps_per_epoch
     return min(spe, cfg["max_steps_per_epoch"]) if cfg["max_steps_per_epoch"] else spe
@@ -188,44 +234,18 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
 
         key = dict(teacher=teacher_id, dataset=info.key, split=info.train_split,
                    data_dir=str(cfg["data_dir"]), recipe=recipe, host=cfg["host_image_size"],
-                   size=size, seed=seed, views=views)
+                   size=size, seed=seed, views=views, dtype=str(jnp.dtype(dtype)))
         cache = teacher_cache.build(
             clip, train_source, views=views, seed=seed, recipe=recipe,
             host_image_size=cfg["host_image_size"], image_size=size,
             batch_size=cfg["eval_batch_size"], mesh=mesh, path=workdir / "teacher_cache", key=key)
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    state = mesh_lib.replicate(mesh, {"params": params, "rest": rest, "opt_state": tx.init(params),
-                                      "step": jnp.zeros((), jnp.int32)})
+    graphdef, state = init_state(model, tx)
+    state = mesh_lib.replicate(mesh, state)
     online = needs_teacher and not cached
     t_graphdef, t_state = nnx.split(clip) if online else (None, None)
     frozen = mesh_lib.replicate(mesh, (t_state, None if anchors is None else jnp.asarray(anchors)))
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_step(state, frozen, batch, epoch):
-        # The view of each example: a fresh one every epoch, or one of the V cached views.
-        view = batch["view"] if views else epoch
-        images = augment.augment(batch["image"], augment.example_keys(seed, batch["index"], view),
-                                 recipe, size)
-        t_state, anchors = frozen
-        if cached:
-            t = batch["teacher"].astype(jnp.float32)
-        elif online:
-            teacher = nnx.merge(t_graphdef, t_state, copy=True)
-            t = jax.lax.stop_gradient(teacher.encode_image(images)).astype(jnp.float32)
-        else:
-            t = None
-
-        def objective(params):
-            model = nnx.merge(graphdef, params, state["rest"], copy=True)
-            total, parts = loss_fn(model, images, batch["label"], t, anchors, epoch)
-            return total, (parts, nnx.split(model, nnx.Param, ...)[2])
-
-        (total, (parts, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {"params": optax.apply_updates(state["params"], updates), "rest": rest,
-                     "opt_state": opt_state, "step": state["step"] + 1}
-        return new_state, {"loss": total, **parts, "lr": schedule(state["step"])}
+    train_step = make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
 
     def batches(epoch, start):
         if views:
@@ -257,12 +277,12 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
         return {"top1": top1, "select": top1}
 
     def export_best(state, scores):
+        # Every process takes part: orbax saves are collective (the primary writes).
         best = nnx.merge(graphdef, *jax.device_get((state["params"], state["rest"])))
-        if jax.process_index() == 0:
-            best.student.eval()
-            student_lib.save_student(workdir / "student", best.student, dataset=info.key,
-                                     class_names=list(info.class_names), top1=scores["top1"],
-                                     method=cfg["method"])
+        best.student.eval()
+        student_lib.save_student(workdir / "student", best.student, dataset=info.key,
+                                 class_names=list(info.class_names), top1=scores["top1"],
+                                 method=cfg["method"])
 
     task = loop.Task("nsd", spe, batch, batches,
                      lambda s, b, e: train_step(s, frozen, b, jnp.int32(e)),

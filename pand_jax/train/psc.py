@@ -36,6 +36,35 @@ def optimizer(cfg: dict[str, Any], total_steps: int) -> optax.GradientTransforma
     return optax.chain(*parts)
 
 
+def anchors_fn(graphdef):
+    """`anchors_of(ctx, (teacher_state, parts))`: L2-normalised prompt features [C, D]."""
+    def anchors_of(ctx, frozen):
+        teacher_state, parts = frozen
+        clip = nnx.merge(graphdef, teacher_state, copy=True)
+        return losses.l2_normalize(prompts.prompt_features(clip, ctx, parts))
+
+    return anchors_of
+
+
+def make_train_step(graphdef, tx, logit_scale):
+    """The jitted Stage-PSC step `(state, (teacher_state, parts), batch) -> (state, metrics)`;
+    only the context vectors `state["ctx"]` are trained."""
+    anchors_of = anchors_fn(graphdef)
+
+    @jax.jit
+    def train_step(state, frozen, batch):
+        def loss_fn(ctx):
+            return losses.coop_ce(batch["features"], anchors_of(ctx, frozen), batch["label"],
+                                  logit_scale)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["ctx"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["ctx"])
+        return ({"ctx": optax.apply_updates(state["ctx"], updates), "opt_state": opt_state},
+                {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+    return train_step
+
+
 def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) -> dict[str, np.ndarray]:
     """L2-normalised teacher image embeddings [N, D] and labels [N] of a split, cached."""
     size = cfg["feature_image_size"]
@@ -78,27 +107,13 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     frozen = mesh_lib.replicate(mesh, (teacher_state, parts))
     logit_scale = jnp.exp(clip.logit_scale[...])
 
-    def anchors_of(ctx, frozen):
-        teacher_state, parts = frozen
-        clip = nnx.merge(graphdef, teacher_state, copy=True)
-        return losses.l2_normalize(prompts.prompt_features(clip, ctx, parts))
-
+    anchors_of = anchors_fn(graphdef)
     tx = optimizer(cfg, cfg["epochs"] * steps_per_epoch)
     ctx = prompts.init_context(jax.random.key(cfg["seed"]), cfg["n_ctx"], clip.config.text.width,
                                cfg["ctx_init_std"])
     state = mesh_lib.replicate(mesh, {"ctx": ctx, "opt_state": tx.init(ctx)})
 
-    @jax.jit
-    def train_step(state, frozen, batch):
-        def loss_fn(ctx):
-            return losses.coop_ce(batch["features"], anchors_of(ctx, frozen), batch["label"],
-                                  logit_scale)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["ctx"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["ctx"])
-        return ({"ctx": optax.apply_updates(state["ctx"], updates), "opt_state": opt_state},
-                {"loss": loss, "grad_norm": optax.global_norm(grads)})
-
+    train_step = make_train_step(graphdef, tx, logit_scale)
     eval_data = {s: mesh_lib.replicate(mesh, (data[s]["features"], data[s]["labels"]))
                  for s in splits}
 
