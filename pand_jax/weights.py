@@ -34,8 +34,10 @@ def save_module(path: str | pathlib.Path, module: nnx.Module, meta: dict[str, An
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / STATE_DIR, pure, force=True)
         ckptr.wait_until_finished()
-    # The JSON goes last: its presence marks a complete save.
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    # The JSON goes last: its presence marks a complete save. Orbax saves are collective (every
+    # process calls this); the JSON is written once.
+    if jax.process_index() == 0:
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 

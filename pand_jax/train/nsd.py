@@ -268,7 +268,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     def predict(params, rest, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
-        return jnp.argmax(model.student(setup.eval_images(batch["image"], eval_size)), -1)
+        return jnp.argmax(model.student(augment.eval_transform(batch["image"], eval_size)), -1)
 
     def evaluate(state):
         preds, labels = features.run_over_split(

@@ -19,6 +19,7 @@ from flax import nnx
 
 from pand_jax import anchors as anchors_lib
 from pand_jax import losses, prompts
+from pand_jax.data import augment
 from pand_jax.train import features, loop, mesh as mesh_lib, setup
 from pand_jax.train.state import jit_apply
 
@@ -73,7 +74,7 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
         loader = setup.eval_loader(info, split, cfg, size, "shorter_center_crop",
                                    cfg["feature_batch_size"], mesh)
         encode = jit_apply(clip, lambda m, b: losses.l2_normalize(
-            m.encode_image(setup.eval_images(b["image"], size))), mesh)
+            m.encode_image(augment.eval_transform(b["image"], size))), mesh)
         feats, labels = features.run_over_split(encode, loader, mesh, f"teacher features ({split})")
         return {"features": feats.astype(np.float32), "labels": labels.astype(np.int32)}
 

@@ -47,10 +47,3 @@ def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, b
     return pipeline.Loader(source, global_batch_size=batch, image_size=size, resize=resize,
                            train=False, seed=cfg["seed"])
 
-
-def eval_images(images, size: int):
-    """The deterministic eval transform (resize if needed, CLIP normalisation) on device."""
-    from pand_jax.data import augment
-
-    keys = augment.example_keys(0, jax.numpy.zeros(images.shape[0], jax.numpy.int32), 0)
-    return augment.augment(images, keys, "eval", size)
