@@ -176,15 +176,34 @@ def test_killed_run_resumes_to_the_same_params(teacher, psc_run, tmp_path):
     assert history["epochs"] == 2 and history["last_top1"] is not None
 
 
+def test_cached_teacher_gives_the_online_trajectory(teacher, tmp_path):
+    """With V views, caching the teacher changes where its embeddings come from, not what
+    they are: two epochs with the fp32 cache follow the online run on the same views."""
+    args = NSD_ARGS + ["--teacher", teacher, "--no-psc", "--teacher-cache", "2",
+                       "--set", "teacher_cache_dtype=float32"]
+    args[args.index("--epochs") + 1] = "2"
+    run_train(args + ["--workdir", tmp_path / "cached"])
+    run_train(args + ["--workdir", tmp_path / "online", "--set", "teacher_cache_online=true"])
+    assert (tmp_path / "cached" / "teacher_cache").is_dir()
+    assert not (tmp_path / "online" / "teacher_cache").exists()
+    assert_trees_close(latest_state(tmp_path / "cached"), latest_state(tmp_path / "online"),
+                       1e-5, 1e-6)
+    summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
+    assert summary["teacher_cache_views"] == 2
+
+
 def test_demo_learns_well_above_chance(tmp_path):
-    """The README's main job, shortened: the demo teacher, PSC and NSD all learn digits."""
-    out = run_train(["--demo", "--workdir", tmp_path, "--set", "teacher:steps=150",
-                     "--set", "psc:epochs=2", "--set", "nsd:epochs=3"])
+    """The README's main job, shortened, with the teacher cache: the demo teacher, PSC and
+    NSD all learn digits."""
+    out = run_train(["--demo", "--workdir", tmp_path, "--teacher-cache", "2",
+                     "--set", "teacher:steps=150", "--set", "psc:epochs=2",
+                     "--set", "nsd:epochs=3"])
     psc = json.loads((tmp_path / "psc" / "summary.json").read_text())
     nsd = json.loads((tmp_path / "nsd" / "summary.json").read_text())
     assert psc["best_top1"] > 0.6, out.stdout[-2000:]
     assert nsd["best_top1"] > 0.4, out.stdout[-2000:]
     assert nsd["method"] == "pand" and nsd["learned_anchors"] is True
+    assert nsd["teacher_cache_views"] == 2
     assert (tmp_path / "nsd" / "student" / "config.json").is_file()
 
 
