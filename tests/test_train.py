@@ -295,3 +295,9 @@ def test_corrupt_checkpoint_is_reported(teacher, psc_run, tmp_path, capsys):
             f.write_bytes(b"\0" * 16)
     code, err = cli(PSC_ARGS + ["--teacher", teacher, "--workdir", workdir], capsys)
     assert code == 2 and "could not restore checkpoint" in err and "--workdir" in err
+
+
+def test_unknown_train_split_lists_the_splits(teacher, tmp_path, capsys):
+    code, err = cli(PSC_ARGS + ["--teacher", teacher, "--workdir", tmp_path / "w",
+                                "--set", "train_split=trainval"], capsys)
+    assert code == 2 and "'trainval'" in err and "train" in err and "test" in err

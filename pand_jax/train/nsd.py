@@ -26,7 +26,7 @@ from pand_jax import losses, prompts
 from pand_jax import data as data_lib
 from pand_jax.data import augment, pipeline
 from pand_jax.models import student as student_lib
-from pand_jax.train import features, loop, mesh as mesh_lib, setup
+from pand_jax.train import features, loop, mesh as mesh_lib, setup, teacher_cache
 
 METHODS = ("pand", "vl2lite", "kd", "rkd", "none")
 NSD_FORMS = ("paper", "batch")
@@ -219,7 +219,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     teacher_dim = clip.config.embed_dim if clip is not None else 1
     model = build_model(cfg, info.num_classes, teacher_dim, dtype)
 
-    train_source = data_lib.load_split(info.key, info.train_split, cfg["data_dir"])
+    train_split = setup.train_split(info, cfg)
+    train_source = data_lib.load_split(info.key, train_split, cfg["data_dir"])
     train_loader = pipeline.Loader(train_source, global_batch_size=batch,
                                    image_size=cfg["host_image_size"], resize="stretch",
                                    train=True, seed=cfg["seed"])
@@ -230,9 +231,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
 
     cache = None
     if cached:
-        from pand_jax.train import teacher_cache
-
-        key = dict(teacher=teacher_id, dataset=info.key, split=info.train_split,
+        key = dict(teacher=teacher_id, dataset=info.key, split=train_split,
                    data_dir=str(cfg["data_dir"]), recipe=recipe, host=cfg["host_image_size"],
                    size=size, seed=seed, views=views, dtype=str(jnp.dtype(dtype)))
         cache = teacher_cache.build(
@@ -250,8 +249,6 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
 
     def batches(epoch, start):
         if views:
-            from pand_jax.train import teacher_cache
-
             epoch_views = teacher_cache.views_for_epoch(seed, epoch, len(train_source), views)
         for b in itertools.islice(train_loader.epoch(epoch, start), spe - start):
             b = {k: b[k] for k in ("image", "label", "index")}
@@ -292,6 +289,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                     checkpoints_to_keep=cfg["checkpoints_to_keep"],
                     summary_extra={"dataset": info.key, "method": cfg["method"],
                                    "student": cfg["student"], "teacher": teacher_id,
+                                   "train_split": train_split,
                                    "learned_anchors": learned, "no_psc": cfg["no_psc"],
                                    "nsd_form": cfg["loss"]["nsd_form"],
                                    "lambda_nsd": cfg["loss"]["lambda_nsd"],

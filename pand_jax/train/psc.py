@@ -91,10 +91,11 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     clip, teacher_id = setup.load_teacher(cfg["teacher"], mesh_lib.compute_dtype(cfg["dtype"]))
 
     select_split = info.val_split or info.test_split
-    splits = dict.fromkeys([info.train_split, info.test_split, select_split])
+    train_split = setup.train_split(info, cfg)
+    splits = dict.fromkeys([train_split, info.test_split, select_split])
     data = {s: teacher_image_features(clip, info, s, cfg, mesh, workdir, teacher_id)
             for s in splits}
-    train = data[info.train_split]
+    train = data[train_split]
     n_train, batch = len(train["labels"]), cfg["batch_size"]
     steps_per_epoch = n_train // batch
     if cfg["max_steps_per_epoch"]:
@@ -151,5 +152,5 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                     checkpoints_to_keep=cfg["checkpoints_to_keep"],
                     summary_extra={"dataset": info.key, "method": "coop", "teacher": teacher_id,
                                    "anchors": str(workdir / "anchors.npz"),
-                                   "select_split": select_split,
+                                   "select_split": select_split, "train_split": train_split,
                                    "zero_shot_top1": zero_shot})

@@ -23,6 +23,12 @@ def dataset_info(key: str):
     return datasets.get_dataset(key)
 
 
+def train_split(info, cfg: dict[str, Any]) -> str:
+    """The dataset's official training split unless the config names another (for example
+    `--set train_split=trainval` for FGVC-Aircraft)."""
+    return cfg["train_split"] or info.train_split
+
+
 def load_teacher(path: str, dtype):
     """The converted CLIP teacher and an id for cache keys and anchors."""
     from pand_jax import weights
