@@ -1,0 +1,159 @@
+"""Host pipeline (grain): per-process slices of global batches of fixed-size uint8 images.
+
+The host only decodes and resizes (augmentation runs on device, `augment.py`). One grain
+element is one local batch: step -> (indices of that step) -> images, so resuming at any
+step is a slice, and grain's iterator state (`get_state`/`set_state`) is the step counter.
+An optional uint8 cache (a memory-mapped .npy of the whole split) turns later epochs into a
+fancy-indexing copy with no JPEG decoding.
+"""
+
+import os
+import tempfile
+
+import grain
+import numpy as np
+from PIL import Image
+
+RESIZE_MODES = ("stretch", "shorter_center_crop")
+
+
+def resize_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """uint8 HWC RGB -> uint8 [size, size, 3], as torchvision does it on PIL images.
+
+    stretch: Resize((size, size)), bilinear with PIL's antialiasing (released-code NSD).
+    shorter_center_crop: Resize(size) bicubic on the shorter side + CenterCrop(size)
+    (open_clip eval preprocessing, used for PSC features).
+    """
+    img = Image.fromarray(image)
+    if mode == "stretch":
+        return np.asarray(img.resize((size, size), Image.BILINEAR))
+    if mode != "shorter_center_crop":
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
+    w, h = img.size
+    # torchvision keeps the long side as int(size * long / short) (truncation, not rounding).
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(img)[top:top + size, left:left + size]
+
+
+def epoch_order(n: int, global_batch_size: int, *, train: bool, seed: int, epoch: int) -> np.ndarray:
+    """Example indices of every global batch of an epoch: int64 [steps, global_batch_size].
+
+    train: a permutation seeded by (seed, epoch), remainder dropped. eval: in order, the
+    last batch padded with -1.
+    """
+    if train:
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        steps = n // global_batch_size
+        return perm[:steps * global_batch_size].reshape(steps, global_batch_size)
+    steps = -(-n // global_batch_size)
+    order = np.full(steps * global_batch_size, -1, np.int64)
+    order[:n] = np.arange(n)
+    return order.reshape(steps, global_batch_size)
+
+
+class Loader:
+    """Batches of one process for `source` (a `load_split` result or any random-access source).
+
+    `epoch(e, start_step)` yields dicts {image uint8 [b,S,S,3], label int32 [b], index int32 [b],
+    mask bool [b]} with b = `local_batch_size`; the global batch is the concatenation of the
+    processes' batches in process order. The returned grain iterator has get_state/set_state.
+    """
+
+    def __init__(self, source, *, global_batch_size: int, image_size: int, resize: str = "stretch",
+                 train: bool, seed: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, cache_dir: str | None = None, workers: int = 0,
+                 threads: int = 8):
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+                             f"{process_count} processes")
+        if train and len(source) < global_batch_size:
+            raise ValueError(f"train split of {len(source)} examples is smaller than one global batch "
+                             f"of {global_batch_size}; nothing would be yielded")
+        self.source, self.train, self.seed = source, train, seed
+        self.global_batch_size, self.image_size, self.resize = global_batch_size, image_size, resize
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = global_batch_size // process_count
+        self.workers, self.threads = workers, threads
+        self.cache = None if cache_dir is None else self._open_cache(cache_dir)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, g = len(self.source), self.global_batch_size
+        return n // g if self.train else -(-n // g)
+
+    def local_order(self, epoch: int) -> np.ndarray:
+        """This process's slice of every global batch of the epoch: [steps, local_batch_size]."""
+        order = epoch_order(len(self.source), self.global_batch_size, train=self.train,
+                            seed=self.seed, epoch=epoch)
+        lo = self.process_index * self.local_batch_size
+        return order[:, lo:lo + self.local_batch_size]
+
+    def epoch(self, epoch: int, start_step: int = 0) -> grain.DatasetIterator:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
+        ds = grain.MapDataset.source(self.local_order(epoch))[start_step:].map(self._load_batch)
+        # Each element is a whole batch, so a few in flight keep the threads busy.
+        read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=2 * self.threads)
+        it_ds = ds.to_iter_dataset(read)
+        if self.workers:
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        return iter(it_ds)
+
+    def _load_batch(self, indices: np.ndarray) -> dict:
+        valid = indices >= 0
+        safe = np.where(valid, indices, 0)
+        if self.cache is not None:
+            images, labels = self.cache[0][safe], self.cache[1][safe]
+            images[~valid] = 0
+        else:
+            images = np.zeros((len(indices), self.image_size, self.image_size, 3), np.uint8)
+            labels = np.zeros(len(indices), np.int64)
+            for j in np.flatnonzero(valid):  # decode + resize; PIL releases the GIL
+                images[j], labels[j] = self._decode(int(indices[j]))
+        return {"image": images, "label": np.where(valid, labels, 0).astype(np.int32),
+                "index": indices.astype(np.int32), "mask": valid}
+
+    def _decode(self, i: int) -> tuple[np.ndarray, int]:
+        ex = self.source[i]
+        return resize_image(np.asarray(ex["image"]), self.image_size, self.resize), ex["label"]
+
+    def _open_cache(self, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
+        """(images memmap [N,S,S,3], labels [N]); built once, published by an atomic rename."""
+        name = getattr(self.source, "name", None)
+        if name is None:
+            raise ValueError("cache_dir needs a source with a `name` (load_split sets it)")
+        stem = os.path.join(cache_dir, f"{name}-{self.resize}{self.image_size}-n{len(self.source)}")
+        if not os.path.exists(stem + ".images.npy"):
+            os.makedirs(cache_dir, exist_ok=True)
+            self._write_cache(stem)
+        return np.load(stem + ".images.npy", mmap_mode="r"), np.load(stem + ".labels.npy")
+
+    def _write_cache(self, stem: str) -> None:
+        n, s = len(self.source), self.image_size
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(stem), suffix=".npy.tmp")
+        os.close(fd)
+        try:
+            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+            labels = np.zeros(n, np.int64)
+            chunk = 64
+            ds = grain.MapDataset.range(0, n, chunk).map(
+                lambda lo: (lo, [self._decode(i) for i in range(lo, min(lo + chunk, n))]))
+            for lo, rows in ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads)):
+                for k, (img, label) in enumerate(rows):
+                    images[lo + k], labels[lo + k] = img, label
+            images.flush()
+            del images
+            # labels first: the images file appearing is what marks the cache complete.
+            np.save(stem + ".labels.npy", labels)
+            os.replace(tmp, stem + ".images.npy")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)

@@ -1,0 +1,100 @@
+"""Random-access sources: `load_split(key, split)` -> dicts {image, label, index}."""
+
+import functools
+import os
+
+import numpy as np
+from PIL import Image
+
+from pand_jax.data.datasets import get_dataset
+
+DEFAULT_DATA_DIR = os.path.expanduser("~/tensorflow_datasets")
+
+
+class ArraySource:
+    """In-memory source (digits); `images` uint8 [N, H, W, 3]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str | None = None):
+        self.images, self.labels, self.name = images, labels, name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": int(self.labels[i]), "index": int(i)}
+
+
+class TfdsSource:
+    """A TFDS data source (or several, concatenated) with the stable `index` added."""
+
+    def __init__(self, parts: list, name: str):
+        self.parts, self.name = parts, name  # name keys the pipeline's uint8 cache
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for a split of {len(self)} examples")
+        part = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        ex = self.parts[part][i - int(self.offsets[part])]
+        return {"image": ex["image"], "label": int(ex["label"]), "index": i}
+
+
+@functools.cache
+def _digits(size: int = 32) -> dict[str, ArraySource]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    grey = (d.images * (255.0 / 16.0)).round().astype(np.uint8)  # values are 0..16
+    big = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR)) for g in grey])
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(grey)), test_size=0.25, stratify=d.target, random_state=0)
+    return {s: ArraySource(rgb[ix], d.target[ix].astype(np.int64), name=f"digits{size}-{s}")
+            for s, ix in (("train", np.sort(idx_train)), ("test", np.sort(idx_test)))}
+
+
+def _prepare_command(key: str, data_dir: str) -> str:
+    return f"python -m pand_jax.data.prepare --dataset {key} --data-dir {data_dir} --manual-dir RAW"
+
+
+def prepared_dir(key: str, data_dir: str) -> str | None:
+    """The newest prepared version folder of the project's or the official builder, if any."""
+    info = get_dataset(key)
+    for name in (info.tfds_name, info.official_tfds_name):
+        root = os.path.join(data_dir, name) if name else None
+        if root and os.path.isdir(root):
+            versions = sorted(v for v in os.listdir(root)
+                              if os.path.exists(os.path.join(root, v, "dataset_info.json")))
+            if versions:
+                return os.path.join(root, versions[-1])
+    return None
+
+
+def load_split(key: str, split: str, data_dir: str | None = None):
+    """Random-access source of {image: uint8 HWC RGB, label: int, index: int} for one split."""
+    info = get_dataset(key)
+    if info.tfds_name is None:
+        return _split_of(_digits(info.image_size), split, key)
+    import tensorflow_datasets as tfds
+
+    data_dir = data_dir or DEFAULT_DATA_DIR
+    path = prepared_dir(key, data_dir)
+    if path is None:
+        raise FileNotFoundError(
+            f"dataset {key!r} is not prepared under {data_dir}; run:\n  {_prepare_command(key, data_dir)}")
+    sources = tfds.builder_from_directory(path).as_data_source()
+    if split == "trainval" and "trainval" not in sources and {"train", "val"} <= set(sources):
+        return TfdsSource([sources["train"], sources["val"]], f"{key}-trainval")  # FGVC-Aircraft
+    return TfdsSource([_split_of(sources, split, key)], f"{key}-{split}")
+
+
+def _split_of(splits: dict, split: str, key: str):
+    if split not in splits:
+        extra = ["trainval"] if {"train", "val"} <= set(splits) else []
+        raise ValueError(f"dataset {key!r} has no split {split!r}; splits: {', '.join(list(splits) + extra)}")
+    return splits[split]
