@@ -119,9 +119,11 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     eval_data = {s: mesh_lib.replicate(mesh, (data[s]["features"], data[s]["labels"]))
                  for s in splits}
 
+    anchors_jit = jax.jit(anchors_of)
+
     @jax.jit
-    def top1(ctx, frozen, feats, labels):
-        return jnp.mean(jnp.argmax(feats @ anchors_of(ctx, frozen).T, -1) == labels)
+    def top1(anchors, feats, labels):
+        return jnp.mean(jnp.argmax(feats @ anchors.T, -1) == labels)
 
     def batches(epoch, start):
         order = np.random.default_rng([cfg["seed"], epoch]).permutation(n_train)
@@ -132,12 +134,13 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                                             "label": train["labels"][idx]})
 
     def evaluate(state):
-        scores = {s: float(top1(state["ctx"], frozen, *eval_data[s])) for s in splits}
+        anchors = anchors_jit(state["ctx"], frozen)  # one text-tower pass for every split
+        scores = {s: float(top1(anchors, *eval_data[s])) for s in splits}
         return {"top1": scores[info.test_split], "select": scores[select_split],
                 **({"val_top1": scores[select_split]} if select_split != info.test_split else {})}
 
     def export_best(state, scores):
-        anchors = np.asarray(jax.device_get(anchors_of(state["ctx"], frozen)))
+        anchors = np.asarray(jax.device_get(anchors_jit(state["ctx"], frozen)))
         if jax.process_index() == 0:
             anchors_lib.save(workdir / "anchors.npz", anchors, info, teacher_id=teacher_id,
                              n_ctx=cfg["n_ctx"], top1=scores["top1"], select=scores["select"],
