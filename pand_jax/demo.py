@@ -77,7 +77,7 @@ def train_teacher(t: dict, out: pathlib.Path, seed: int = 0) -> float:
         idx = rng.choice(len(labels), t["batch_size"], replace=False)
         params, opt_state, loss = step(params, opt_state, images[idx], labels[idx],
                                        rng.integers(len(captions)))
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     clip = nnx.merge(graphdef, params)
     save_clip(out, clip, teacher_id=DEMO_TEACHER_ID, model="pand_demo", pretrained="digits")
     test_images, test_labels = _split_arrays(info.test_split)

@@ -140,7 +140,7 @@ def progress_bar(**kwargs) -> tqdm:
 def _log_step(metrics, bar, step, out):
     values = {k: float(np.asarray(v)) for k, v in out.items()}
     metrics.write("step", step, values)
-    bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
+    bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
 
 
 def _end_epoch(task, state, pos, epoch, metrics, is_main):
