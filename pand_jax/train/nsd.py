@@ -223,7 +223,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     train_source = data_lib.load_split(info.key, train_split, cfg["data_dir"])
     train_loader = pipeline.Loader(train_source, global_batch_size=batch,
                                    image_size=cfg["host_image_size"], resize="stretch",
-                                   train=True, seed=cfg["seed"])
+                                   train=True, seed=cfg["seed"],
+                                   cache_dir=setup.host_cache_dir(cfg, workdir))
     spe = steps_per_epoch(train_loader, cfg)
     tx, schedule = optimizer(cfg, spe)
     loss_fn = make_loss(cfg, learned, cfg["epochs"])
@@ -260,7 +261,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
 
     eval_size = cfg["image_size"]
     test_loader = setup.eval_loader(info, info.test_split, cfg, eval_size, "stretch",
-                                    cfg["eval_batch_size"], mesh)
+                                    cfg["eval_batch_size"], mesh, setup.host_cache_dir(cfg, workdir))
 
     @jax.jit
     def predict(params, rest, batch):

@@ -47,9 +47,17 @@ def process_slice(global_batch: int) -> tuple[int, int]:
     return jax.process_index() * local, (jax.process_index() + 1) * local
 
 
-def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, batch: int, mesh):
+def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, batch: int, mesh,
+                cache_dir: pathlib.Path | None = None):
     check_batch_size(batch, mesh, "evaluation batch size")
     source = data_lib.load_split(info.key, split, cfg["data_dir"])
     return pipeline.Loader(source, global_batch_size=batch, image_size=size, resize=resize,
-                           train=False, seed=cfg["seed"])
+                           train=False, seed=cfg["seed"], cache_dir=cache_dir)
+
+
+def host_cache_dir(cfg: dict[str, Any], workdir: pathlib.Path) -> pathlib.Path | None:
+    """Where the decoded, resized uint8 images of every epoch after the first come from
+    (JPEG decoding on a few host cores cannot keep up with a GPU student step). One folder per
+    process, so processes sharing a filesystem never write the same file."""
+    return workdir / "host_cache" / f"process{jax.process_index()}" if cfg["host_cache"] else None
 
