@@ -301,3 +301,23 @@ def test_unknown_train_split_lists_the_splits(teacher, tmp_path, capsys):
     code, err = cli(PSC_ARGS + ["--teacher", teacher, "--workdir", tmp_path / "w",
                                 "--set", "train_split=trainval"], capsys)
     assert code == 2 and "'trainval'" in err and "train" in err and "test" in err
+
+
+@pytest.mark.parametrize("env, several", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),  # a single-task SLURM job must not wait for a cluster
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+])
+def test_multi_process_launch_detection(monkeypatch, env, several):
+    from pand_jax.train import mesh
+
+    for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert mesh._launched_as_several_processes() is several

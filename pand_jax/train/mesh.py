@@ -18,13 +18,21 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
                                  process_id: int | None = None) -> None:
     """Joins a multi-process run when asked to, or when a cluster environment says so.
 
-    Explicit arguments serve localhost runs and tests; otherwise JAX detects SLURM, Open MPI,
-    TPU pods and the like itself when JAX_COORDINATOR_ADDRESS or a cluster is present.
+    Explicit arguments serve localhost runs and tests; under SLURM, Open MPI or a multi-worker
+    TPU slice (or with JAX_COORDINATOR_ADDRESS set) JAX reads the cluster from the environment.
     """
     if coordinator is not None:
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID"):
+    elif _launched_as_several_processes():
         jax.distributed.initialize()
+
+
+def _launched_as_several_processes() -> bool:
+    env = os.environ
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")
+                or int(env.get("SLURM_NTASKS", "1")) > 1
+                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
 def make_mesh() -> Mesh:
