@@ -24,7 +24,7 @@ from flax import nnx
 from pand_jax import anchors as anchors_lib
 from pand_jax import losses, prompts
 from pand_jax import data as data_lib
-from pand_jax.data import augment, pipeline
+from pand_jax.data import augment, datasets, pipeline
 from pand_jax.models import student as student_lib
 from pand_jax.train import features, loop, mesh as mesh_lib, setup, teacher_cache
 
@@ -199,14 +199,9 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
     return train_step
 
 
-def steps_per_epoch(loader, cfg) -> int:
-    spe = loader.steps_per_epoch
-    return min(spe, cfg["max_steps_per_epoch"]) if cfg["max_steps_per_epoch"] else spe
-
-
 def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     check_config(cfg)
-    info = setup.dataset_info(cfg["dataset"])
+    info = datasets.get_dataset(cfg["dataset"])
     mesh = mesh_lib.make_mesh()
     batch, views = cfg["batch_size"], cfg["teacher_cache"]
     mesh_lib.check_batch_size(batch, mesh)
@@ -225,7 +220,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                                    image_size=cfg["host_image_size"], resize="stretch",
                                    train=True, seed=cfg["seed"],
                                    cache_dir=setup.host_cache_dir(cfg, workdir))
-    spe = steps_per_epoch(train_loader, cfg)
+    spe = setup.steps_per_epoch(train_loader.steps_per_epoch, cfg)
     tx, schedule = optimizer(cfg, spe)
     loss_fn = make_loss(cfg, learned, cfg["epochs"])
     size, recipe, seed = cfg["image_size"], cfg["augment"], cfg["seed"]

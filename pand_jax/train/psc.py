@@ -19,7 +19,7 @@ from flax import nnx
 
 from pand_jax import anchors as anchors_lib
 from pand_jax import losses, prompts
-from pand_jax.data import augment
+from pand_jax.data import augment, datasets
 from pand_jax.train import features, loop, mesh as mesh_lib, setup
 from pand_jax.train.state import jit_apply
 
@@ -84,7 +84,7 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
 
 
 def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
-    info = setup.dataset_info(cfg["dataset"])
+    info = datasets.get_dataset(cfg["dataset"])
     mesh = mesh_lib.make_mesh()
     mesh_lib.check_batch_size(cfg["batch_size"], mesh)
     mesh_lib.check_batch_size(cfg["feature_batch_size"], mesh, "feature batch size")
@@ -97,9 +97,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
             for s in splits}
     train = data[train_split]
     n_train, batch = len(train["labels"]), cfg["batch_size"]
-    steps_per_epoch = n_train // batch
-    if cfg["max_steps_per_epoch"]:
-        steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])
+    steps_per_epoch = setup.steps_per_epoch(n_train // batch, cfg)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch} is larger than the {n_train} training examples "
                          f"of {info.key}; lower it with --batch-size")

@@ -8,7 +8,7 @@ import jax
 
 from pand_jax import config as config_lib
 from pand_jax import data as data_lib
-from pand_jax.data import datasets, pipeline
+from pand_jax.data import pipeline
 from pand_jax.train.mesh import check_batch_size
 
 
@@ -19,8 +19,9 @@ def prepare_workdir(workdir: pathlib.Path, cfg: dict[str, Any], allow_change: bo
         config_lib.write_config(workdir, cfg)
 
 
-def dataset_info(key: str):
-    return datasets.get_dataset(key)
+def steps_per_epoch(full: int, cfg: dict[str, Any]) -> int:
+    """An epoch's steps, cut to `max_steps_per_epoch` when set (quick experiments, tests)."""
+    return min(full, cfg["max_steps_per_epoch"]) if cfg["max_steps_per_epoch"] else full
 
 
 def train_split(info, cfg: dict[str, Any]) -> str:
