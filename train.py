@@ -1,7 +1,7 @@
 """PAND training: `python train.py --stage psc|nsd --dataset KEY`, or `--demo`. See --help."""
 import sys
 
-from pand_jax.train.cli import main
+from pand_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

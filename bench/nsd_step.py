@@ -5,7 +5,7 @@
 
 Measures images/s of
   (a) ours, online: on-device augmentation + teacher forward + student fwd/bwd + PAND losses
-      + AdamW (built from pand_jax.train.nsd: Distillee, make_loss, optimizer);
+      + AdamW (built from pand_jax.train.nsd: build_model, make_loss, optimizer);
   (b) ours, cached: the same step with the teacher embedding given (teacher_cache path);
   (c) a PyTorch reference step: open_clip ConvNeXt teacher under no_grad + torchvision
       resnet18 + the same losses in torch + AdamW, on an already augmented batch (the released
@@ -32,15 +32,15 @@ from jax.sharding import Mesh
 from pand_jax import config as config_lib
 from pand_jax import losses, prompts
 from pand_jax.data import augment, datasets
-from pand_jax.models.clip import CLIP, DEMO_MODELS, config_from_open_clip
-from pand_jax.train import mesh as mesh_lib
+from pand_jax.convert.open_clip import DEMO_MODELS, config_from_open_clip
+from pand_jax.models.clip import CLIP
+from pand_jax import devices
 from pand_jax.train import nsd, psc, teacher_cache
-from pand_jax.train.state import jit_apply
 
 # CUB-200-2011 and the paper's schedules.
 CUB_TRAIN, CUB_TEST, CUB_CLASSES = 5994, 5794, 200
 NSD_EPOCHS, PSC_EPOCHS, PSC_BATCH = 300, 200, 128
-# REFERENCE.md: convnext_xxlarge vision forward, GFLOPs per 256 px image.
+# convnext_xxlarge vision forward, GFLOPs per 256 px image.
 XXL_GFLOPS_256 = 395.9
 
 # The small teacher: the demo ConvNeXt image tower and a small text tower that still takes
@@ -92,13 +92,13 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
             "label": rng.integers(0, CUB_CLASSES, b).astype(np.int32),
             "index": np.arange(b, dtype=np.int32), "view": np.zeros(b, np.int32),
             "mask": np.ones(b, bool)}
-    batch = mesh_lib.to_global(mesh, host)
-    cached_batch = dict(batch, teacher=mesh_lib.to_global(
+    batch = devices.to_global(mesh, host)
+    cached_batch = dict(batch, teacher=devices.to_global(
         mesh, {"t": rng.standard_normal((b, dim)).astype(jnp.bfloat16)})["t"])
-    anchors = mesh_lib.replicate(mesh, np.asarray(losses.l2_normalize(
+    anchors = devices.replicate(mesh, np.asarray(losses.l2_normalize(
         rng.standard_normal((CUB_CLASSES, dim)).astype(np.float32))))
     t_graphdef, t_state = nnx.split(clip)
-    t_state = mesh_lib.replicate(mesh, t_state)
+    t_state = devices.replicate(mesh, t_state)
     cfg.update(image_size=size.image, augment="released")
     tx, schedule = nsd.optimizer(cfg, CUB_TRAIN // b)
     loss_fn = nsd.make_loss(cfg, True, NSD_EPOCHS)
@@ -107,7 +107,7 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
     for name, teacher_state, data in (("online", t_state, batch), ("cached", None, cached_batch)):
         graphdef, state = nsd.init_state(nsd.build_model(cfg, CUB_CLASSES, dim, dtype), tx)
         step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
-        box = [mesh_lib.replicate(mesh, state)]
+        box = [devices.replicate(mesh, state)]
 
         def run():
             box[0], metrics = step(box[0], (teacher_state, anchors), data, epoch)
@@ -119,15 +119,15 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
                   dtype="bfloat16")
     rates["teacher_views"] = b / timed(lambda: teacher_cache._encode(
         t_state, batch["image"], batch["index"], np.int32(0), **static), steps)
-    feat_images = mesh_lib.to_global(mesh, {"i": rng.integers(
+    feat_images = devices.to_global(mesh, {"i": rng.integers(
         0, 256, (b, size.feature, size.feature, 3), dtype=np.uint8)})["i"]
-    encode = jit_apply(clip, lambda m, x: m.encode_image(augment.normalize(x)), mesh)
+    encode = devices.jit_apply(clip, lambda m, x: m.encode_image(augment.normalize(x)), mesh)
     rates["teacher_features"] = b / timed(lambda: encode(feat_images), steps)
 
     student = nsd.build_model(cfg, CUB_CLASSES, dim, dtype).student
     student.eval()
-    predict = jit_apply(student, lambda m, x: jnp.argmax(m(augment.normalize(x)), -1), mesh)
-    eval_images = mesh_lib.to_global(mesh, {"i": host["image"][:, :size.image, :size.image]})["i"]
+    predict = devices.jit_apply(student, lambda m, x: jnp.argmax(m(augment.normalize(x)), -1), mesh)
+    eval_images = devices.to_global(mesh, {"i": host["image"][:, :size.image, :size.image]})["i"]
     rates["student_eval"] = b / timed(lambda: predict(eval_images), steps)
     rates.update(bench_psc(clip, mesh, steps))
     return rates
@@ -140,13 +140,13 @@ def bench_psc(clip, mesh, steps: int) -> dict[str, float]:
     info = datasets.get_dataset("cub")
     parts = prompts.prompt_parts(clip, info.class_names, info.prompt_template, cfg["n_ctx"])
     graphdef, t_state = nnx.split(clip)
-    frozen = mesh_lib.replicate(mesh, (t_state, parts))
+    frozen = devices.replicate(mesh, (t_state, parts))
     tx = psc.optimizer(cfg, PSC_EPOCHS * (CUB_TRAIN // PSC_BATCH))
     ctx = prompts.init_context(jax.random.key(0), cfg["n_ctx"], clip.config.text.width)
-    state = mesh_lib.replicate(mesh, {"ctx": ctx, "opt_state": tx.init(ctx)})
+    state = devices.replicate(mesh, {"ctx": ctx, "opt_state": tx.init(ctx)})
     rng = np.random.default_rng(0)
     dim = clip.config.embed_dim
-    batch = mesh_lib.to_global(mesh, {
+    batch = devices.to_global(mesh, {
         "features": np.asarray(losses.l2_normalize(
             rng.standard_normal((PSC_BATCH, dim)).astype(np.float32))),
         "label": rng.integers(0, CUB_CLASSES, PSC_BATCH).astype(np.int32)})
@@ -268,11 +268,11 @@ def main() -> None:
     args = p.parse_args()
 
     size = SIZES[args.size]
-    devices = jax.devices(args.device)
-    mesh = Mesh(np.array(devices), (mesh_lib.DATA,))
-    mesh_lib.check_batch_size(size.batch, mesh)
-    dtype = mesh_lib.compute_dtype(args.dtype)
-    with jax.default_device(devices[0]):
+    backend_devices = jax.devices(args.device)
+    mesh = Mesh(np.array(backend_devices), (devices.DATA,))
+    devices.check_batch_size(size.batch, mesh)
+    dtype = devices.compute_dtype(args.dtype)
+    with jax.default_device(backend_devices[0]):
         rates = bench_ours(size, dtype, mesh, args.steps)
     if not args.no_torch:
         rates["torch"] = bench_torch(size, args.device, args.dtype, args.steps)

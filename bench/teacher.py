@@ -20,7 +20,9 @@ import torch
 from flax import nnx
 
 from pand_jax.convert import open_clip as oc
-from pand_jax.models.clip import CLIP, ConvNeXtConfig, config_from_open_clip
+from pand_jax.convert.open_clip import config_from_open_clip
+from pand_jax.models.clip import CLIP
+from pand_jax.models.convnext import ConvNeXtConfig
 
 MODELS = {"small": "pand_demo_convnext", "full": "convnext_xxlarge"}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM

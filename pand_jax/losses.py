@@ -1,4 +1,9 @@
-"""Losses of PAND and its baselines (REFERENCE.md sections 4 and 5).
+"""Losses of PAND and its baselines, and the Stage-NSD objective of each method.
+
+Notation (the paper's): z_s student logits, h student penultimate features, y labels,
+t teacher image embedding, T text anchors (PSC's learned prompts or hand-written templates),
+s = 1/0.07 the fixed logit scale, tau the KL temperature. docs/equations.md maps every paper
+equation to the function here that computes it.
 
 Every function is pure and jittable, vectorised over samples and neighbours, and computes in
 fp32 even when given bf16 (fp64 inputs stay fp64, which the gradient checks use).
@@ -12,14 +17,19 @@ Teacher inputs are not wrapped in stop_gradient (the teacher is frozen and its o
 no gradient in the trainer), except in `rkd`, where Park et al. detach the teacher explicitly.
 """
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from jax import lax
 
-# VL2Lite/PAND use a fixed CLIP-style scale of 1/0.07 for the text-logit KL, not the teacher's
-# learned logit scale.
+# VL2Lite/PAND use a fixed CLIP-style logit scale s = 1/0.07, not the teacher's learned one: for
+# the text-logit KL and for the teacher logits z_t that KD and NSD read (config `loss.scale`).
 VL2LITE_SCALE = 1.0 / 0.07
+
+NSD_FORMS = ("paper", "batch")  # nsd_paper (Eq. 6-8) or nsd_batch (released code)
 
 # Loss matmuls are small; "highest" keeps TF32/bf16 passes on accelerators from flipping
 # nearest-neighbour choices and from hiding parity errors.
@@ -156,8 +166,8 @@ def nsd_batch(student_logits, teacher_logits, k=3, group_size=None):
         raise ValueError(f"batch size {batch} is not divisible by group_size {group}")
     k = min(k, group - 1)
 
-    z_s = z_s.reshape(batch // group, group, num_classes)
-    z_t = z_t.reshape(batch // group, group, num_classes)
+    z_s, z_t = (rearrange(z, "(groups member) c -> groups member c", member=group)
+                for z in (z_s, z_t))
     neighbours = _batch_neighbours(z_t, k)[..., None]  # [G, g, k, 1]
 
     def deltas(z):  # [G, g, k, C]; the gather keeps the neighbour's gradient
@@ -183,12 +193,12 @@ def kd(student_logits, teacher_logits, temperature=4.0):
 
 
 def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, align_text, labels,
-            student_logits, temperature=2.0, reduction="pand"):
+            student_logits, temperature=2.0, reduction="pand", scale=VL2LITE_SCALE):
     """The VL2Lite base losses (cls, vis, txt), returned separately and unweighted.
 
     cls = CE(z_s, y); vis = mean |h - a| with h, a the L2-normalised student features and
     image-align output; txt = tau^2 KL(softmax(s t T^T / tau) || softmax(s h A^T / tau)) with
-    t, T, A the normalised teacher image embedding, text anchors and text-align output, s = 1/0.07.
+    t, T, A the normalised teacher image embedding, text anchors and text-align output, s = scale.
     reduction "pand": batch-mean KL (released code with learned prompts).
     reduction "vl2lite": KLDivLoss 'mean' over B*C times C/2, i.e. half the batch-mean KL.
     """
@@ -216,14 +226,14 @@ def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, alig
     vis = jnp.mean(jnp.abs(h - l2_normalize(a)))
 
     def text_log_probs(image, text):
-        logits = VL2LITE_SCALE * jnp.matmul(image, text.T, precision=_HIGHEST) / temperature
+        logits = scale * jnp.matmul(image, text.T, precision=_HIGHEST) / temperature
         return jax.nn.log_softmax(logits, axis=1)
 
     kl = _kl_rows(text_log_probs(l2_normalize(t), l2_normalize(anchors)),
                   text_log_probs(h, l2_normalize(a_txt)))
     # 'mean' over B*C then * C/2 equals sum/(2B): half the batch mean.
-    scale = 1.0 if reduction == "pand" else 0.5
-    txt = temperature**2 * scale * jnp.mean(kl)
+    factor = 1.0 if reduction == "pand" else 0.5
+    txt = temperature**2 * factor * jnp.mean(kl)
     return cls, vis, txt
 
 
@@ -298,3 +308,101 @@ def coop_ce(image_features, text_features, labels, logit_scale):
                          "the feature width")
     logits = logit_scale * jnp.matmul(l2_normalize(img), l2_normalize(txt).T, precision=_HIGHEST)
     return cross_entropy(logits, labels)
+
+
+# ---------------------------------------------------------------- Stage-NSD objectives
+
+
+class NSDInputs(NamedTuple):
+    """What a Stage-NSD objective sees for one batch."""
+    logits: jax.Array            # z_s [B, C]
+    features: jax.Array          # student penultimate features before L2norm [B, d]
+    labels: jax.Array            # y [B]
+    teacher: jax.Array | None    # t, the teacher's image embedding [B, D] (None for "none")
+    anchors: jax.Array | None    # T, text anchors [C, D] (None for "none")
+    align_image: Callable | None  # MLP_img, VL2Lite's trainable image-align head
+    align_text: Callable | None   # MLP_txt, VL2Lite's trainable text-align head
+    epoch: jax.Array | int       # 0-based epoch e (the loss-weight schedule reads it)
+
+
+def teacher_logits(teacher, anchors, scale=VL2LITE_SCALE):
+    """z_t = s * L2norm(t) @ L2norm(T)^T: the teacher's class logits over the text anchors."""
+    return scale * jnp.matmul(l2_normalize(_fp32(teacher)), l2_normalize(_fp32(anchors)).T,
+                              precision=_HIGHEST)
+
+
+def nsd(student_logits, teacher_logits_, labels, form="paper", k=3, group_size=None):
+    """L_NSD in the chosen form: "paper" = `nsd_paper` (Eq. 6-8, class neighbourhood), "batch" =
+    `nsd_batch` (the released code's in-batch sample neighbourhood; `group_size` applies)."""
+    if form == "paper":
+        return nsd_paper(student_logits, teacher_logits_, labels, k)
+    if form == "batch":
+        return nsd_batch(student_logits, teacher_logits_, k, group_size)
+    raise ValueError(f"nsd form must be one of {NSD_FORMS}, got {form!r}")
+
+
+def none_objective(x: NSDInputs):
+    """No KD: L = CE(z_s, y)."""
+    cls = cross_entropy(x.logits, x.labels)
+    return cls, {"cls": cls}
+
+
+def kd_objective(x: NSDInputs, *, temperature=4.0, scale=VL2LITE_SCALE):
+    """Hinton KD against the teacher's anchor logits: L = CE + `kd`(z_s, z_t, T)."""
+    cls = cross_entropy(x.logits, x.labels)
+    distill = kd(x.logits, teacher_logits(x.teacher, x.anchors, scale), temperature)
+    return cls + distill, {"cls": cls, "kd": distill}
+
+
+def rkd_objective(x: NSDInputs, *, distance_weight=25.0, angle_weight=50.0):
+    """RKD on the penultimate features: L = CE + `rkd`(h, t)."""
+    cls = cross_entropy(x.logits, x.labels)
+    relational = rkd(x.features, x.teacher, distance_weight, angle_weight)
+    return cls + relational, {"cls": cls, "rkd": relational}
+
+
+def vl2lite_objective(x: NSDInputs, *, num_epochs, tau=2.0, scale=VL2LITE_SCALE, cls_offset=0.0,
+                      reduction="vl2lite"):
+    """The VL2Lite base loss, PAND's L_base:
+
+        L_base = w_cls L_cls + w_vis L_vis + w_txt L_txt                  (`loss_weights`)
+        L_cls  = CE(z_s, y)                                               (`cross_entropy`)
+        L_vis  = mean |L2norm(h) - L2norm(MLP_img(t_hat))|                (`vl2lite`)
+        L_txt  = tau^2 KL(softmax(s t_hat T_hat^T / tau) || softmax(s h_hat A^T / tau)),
+                 A = L2norm(MLP_txt(T_hat))                               (`vl2lite`)
+
+    with t_hat, T_hat, h_hat the L2-normalised t, T, h. w_cls = clip(offset + e / 8E, 0, 1),
+    w_vis = w_txt = (1 - w_cls) / 2 (the released schedule; the paper states it starts at
+    0.01 / 0.495 / 0.495, i.e. cls_offset 0.01).
+    """
+    t_hat = l2_normalize(_fp32(x.teacher))
+    cls, vis, txt = vl2lite(x.features, t_hat, x.anchors, x.align_image(t_hat),
+                            x.align_text(x.anchors), x.labels, x.logits, tau, reduction, scale)
+    w_cls, w_vis, w_txt = loss_weights(x.epoch, num_epochs, cls_offset)
+    total = w_cls * cls + w_vis * vis + w_txt * txt
+    return total, {"cls": cls, "vis": vis, "txt": txt, "w_cls": w_cls}
+
+
+def pand_objective(x: NSDInputs, *, num_epochs, tau=2.0, scale=VL2LITE_SCALE, cls_offset=0.0,
+                   reduction="pand", lambda_nsd=0.5, nsd_form="paper", k=3, group_size=None):
+    """PAND's Stage-NSD objective with the anchors T learned by Stage-PSC:
+
+        L_total = L_base + lambda_NSD * L_NSD
+
+    L_base is `vl2lite_objective` (with the batch-mean text KL, reduction "pand"); L_NSD is
+    `nsd` on z_s and the teacher logits z_t = s t_hat T_hat^T (`teacher_logits`): the paper's
+    Eq. 6-8 (K nearest non-target classes, margin distributions, Jensen-Shannon), or the
+    released code's in-batch form. lambda_NSD = 0 gives the "+PSC only" ablation.
+    """
+    total, terms = vl2lite_objective(x, num_epochs=num_epochs, tau=tau, scale=scale,
+                                     cls_offset=cls_offset, reduction=reduction)
+    if lambda_nsd:
+        terms["nsd"] = nsd(x.logits, teacher_logits(x.teacher, x.anchors, scale), x.labels,
+                           nsd_form, k, group_size)
+        total = total + lambda_nsd * terms["nsd"]
+    return total, terms
+
+
+OBJECTIVES = {"pand": pand_objective, "vl2lite": vl2lite_objective, "kd": kd_objective,
+              "rkd": rkd_objective, "none": none_objective}
+METHODS = tuple(OBJECTIVES)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pand_jax import losses
+from pand_jax import devices, losses
 
 PLACEHOLDER = "X"
 
@@ -76,7 +76,5 @@ def template_anchors(clip, class_names: Sequence[str], template: str) -> np.ndar
     features of `template.format(name)` from the frozen text tower, [C, D]."""
     tokens = cut_after_eot(tokenize(class_prompts(class_names, template),
                                     clip.config.text.context_length))
-    from pand_jax.train.state import jit_apply
-
-    encode = jit_apply(clip, lambda m, t: losses.l2_normalize(m.encode_text(t)))
+    encode = devices.jit_apply(clip, lambda m, t: losses.l2_normalize(m.encode_text(t)))
     return np.asarray(encode(jnp.asarray(tokens)))

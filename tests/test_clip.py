@@ -18,10 +18,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from pand_jax.convert import cli
+from pand_jax.cli import convert as cli
 from pand_jax.convert import open_clip as oc
 from pand_jax.models import clip as clip_lib
-from pand_jax.models.clip import CLIP, CLIPConfig, config_from_open_clip, load_clip, save_clip
+from pand_jax.convert.open_clip import config_from_open_clip
+from pand_jax.models.clip import CLIP, CLIPConfig, load_clip, save_clip
 from pand_jax.weights import WeightsError
 
 DEMOS = ["pand_demo_convnext", "pand_demo_convnext_eps5"]
@@ -105,7 +106,7 @@ def test_config_json_round_trip_and_eps():
         cfg = config_from_open_clip(name)
         assert cfg.vision.ln_eps == eps and cfg.text.ln_eps == 1e-5
         assert CLIPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    d = json.loads(json.dumps(clip_lib.DEMO_MODELS["pand_demo_convnext"]))
+    d = json.loads(json.dumps(oc.DEMO_MODELS["pand_demo_convnext"]))
     assert config_from_open_clip(d) == config_from_open_clip("pand_demo_convnext")
 
 
@@ -158,7 +159,7 @@ def demo_checkpoint(tmp_path_factory):
     oc.randomize_torch_model(torch_model, seed=11)
     sd = oc.torch_state_dict(torch_model)
     save_file(sd, str(d / "demo.safetensors"))
-    (d / "demo.json").write_text(json.dumps(clip_lib.DEMO_MODELS["pand_demo_convnext"]))
+    (d / "demo.json").write_text(json.dumps(oc.DEMO_MODELS["pand_demo_convnext"]))
     return d, sd
 
 

@@ -1,4 +1,4 @@
-"""Losses against references written from the formulas (REFERENCE.md sections 4-5).
+"""Losses against references written from the formulas (docs/equations.md).
 
 References are float64 NumPy loops or literal PyTorch transcriptions of the released formulas.
 fp32 parity uses rtol 1e-5: the losses are sums of JS/KL terms whose per-element fp32 rounding

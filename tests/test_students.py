@@ -21,8 +21,9 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from pand_jax.convert.state_dict import ConversionError  # noqa: E402
+from pand_jax.convert.state_dict import relative_diff  # noqa: E402
 from pand_jax.convert.torchvision import (  # noqa: E402
-    convert_student, relative_diff, student_from_state_dict, torchvision_outputs, torchvision_to_nnx)
+    convert_student, student_from_state_dict, torchvision_outputs, torchvision_to_nnx)
 from pand_jax.models.student import (  # noqa: E402
     ARCHS, Student, load_student, save_student, student_from_pretrained)
 from pand_jax.weights import WeightsError  # noqa: E402

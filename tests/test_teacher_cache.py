@@ -8,13 +8,12 @@ import pytest
 from flax import nnx
 
 from pand_jax import data as data_lib
-from pand_jax import demo
+from pand_jax.train import demo
 from pand_jax.data import augment, pipeline
 from pand_jax.data.sources import ArraySource
 from pand_jax.models.clip import CLIP
-from pand_jax.train import mesh as mesh_lib
+from pand_jax import devices
 from pand_jax.train import teacher_cache
-from pand_jax.train.state import jit_apply
 
 N, VIEWS, SEED, HOST, SIZE, RECIPE = 10, 2, 3, 36, 32, "rrc"
 KEY = {"teacher": "random-demo-clip", "dataset": "digits", "split": "train", "data_dir": None}
@@ -59,7 +58,7 @@ def calls(monkeypatch):
 def build(clip, source, path, **overrides):
     # batch 4 over 10 examples: the last batch is padded, which the cache must drop.
     args = dict(views=VIEWS, seed=SEED, recipe=RECIPE, host_image_size=HOST, image_size=SIZE,
-                batch_size=4, mesh=mesh_lib.make_mesh(), path=path, key=KEY)
+                batch_size=4, mesh=devices.make_mesh(), path=path, key=KEY)
     return teacher_cache.build(clip, source, **{**args, **overrides})
 
 
@@ -67,7 +66,7 @@ def build(clip, source, path, **overrides):
 def online(clip, source):
     """The teacher on the views the trainer regenerates: [N, V, D] fp32."""
     host = np.stack([pipeline.resize_image(source[i]["image"], HOST, "stretch") for i in range(N)])
-    encode = jit_apply(clip, lambda m, keys: m.encode_image(augment.augment(host, keys, RECIPE, SIZE)))
+    encode = devices.jit_apply(clip, lambda m, keys: m.encode_image(augment.augment(host, keys, RECIPE, SIZE)))
     return np.stack([np.asarray(encode(augment.example_keys(SEED, np.arange(N), v)))
                      for v in range(VIEWS)], 1)
 

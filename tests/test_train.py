@@ -76,7 +76,7 @@ def assert_trees_close(a, b, rtol, atol):
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory) -> pathlib.Path:
     """A random tiny CLIP with the real tokenizer's vocabulary (configs/demo.json)."""
-    from pand_jax import demo
+    from pand_jax.train import demo
     from pand_jax.models.clip import CLIP, save_clip
 
     path = tmp_path_factory.mktemp("teacher")
@@ -210,7 +210,7 @@ def test_demo_learns_well_above_chance(tmp_path):
 # ----------------------------------------------------------------- bad input (in process)
 
 def cli(argv, capsys):
-    from pand_jax.train.cli import main
+    from pand_jax.cli.train import main
 
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
@@ -313,11 +313,11 @@ def test_unknown_train_split_lists_the_splits(teacher, tmp_path, capsys):
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
 ])
 def test_multi_process_launch_detection(monkeypatch, env, several):
-    from pand_jax.train import mesh
+    from pand_jax import devices
 
     for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                 "JAX_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert mesh._launched_as_several_processes() is several
+    assert devices._launched_as_several_processes() is several

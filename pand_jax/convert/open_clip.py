@@ -16,14 +16,109 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pand_jax.convert.state_dict import check_state_dict
+from pand_jax.convert.state_dict import (check_state_dict, nchw, relative_diff, to_flax_layout,
+                                         torch_shape)
 from pand_jax.models import clip as clip_lib
 from pand_jax.models.clip import CLIP, CLIPConfig
+from pand_jax.models.convnext import TIMM_CONVNEXT, ConvNeXtConfig
+from pand_jax.models.text import TextConfig
+
+# Tiny ConvNeXt variants for offline demos and tests (depths, dims, LayerNorm eps), registered
+# with timm by `register_demo_models`, and their open_clip model configs (64 px, 2-layer text
+# tower, small vocabulary).
+DEMO_CONVNEXT = {
+    "pand_demo_convnext": ((1, 1, 2, 1), (16, 32, 48, 64), 1e-6),
+    "pand_demo_convnext_eps5": ((2, 1, 1, 1), (24, 32, 40, 56), 1e-5),
+}
+_CONVNEXT_VARIANTS = {**TIMM_CONVNEXT, **DEMO_CONVNEXT}
+
+DEMO_MODELS = {
+    "pand_demo_convnext": {
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "pand_demo_convnext", "timm_model_pretrained": False,
+                       "timm_pool": "", "timm_proj": "linear", "timm_drop": 0.0,
+                       "timm_drop_path": 0.1, "image_size": 64},
+        "text_cfg": {"context_length": 16, "vocab_size": 500, "width": 32, "heads": 4, "layers": 2},
+    },
+    "pand_demo_convnext_eps5": {
+        "embed_dim": 24,
+        "vision_cfg": {"timm_model_name": "pand_demo_convnext_eps5", "timm_model_pretrained": False,
+                       "timm_pool": "", "timm_proj": "linear", "timm_drop": 0.0,
+                       "timm_drop_path": 0.1, "image_size": 64},
+        "text_cfg": {"context_length": 12, "vocab_size": 300, "width": 48, "heads": 3, "layers": 2},
+    },
+}
 
 Entry = tuple[str, tuple, str]  # (PyTorch key, NNX state path, layout kind)
 
 # Non-parameter buffers some open_clip versions save; nothing to convert.
 IGNORED_SUFFIXES = ("attn_mask", "position_ids")
+
+
+def supported_models() -> list[str]:
+    """open_clip built-in model names this port can represent, plus the demo models."""
+    names = list(DEMO_MODELS)
+    try:
+        import open_clip
+    except ImportError:
+        return [clip_lib.TEACHER_MODEL] + names
+    for name in open_clip.list_models():
+        vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+        if vision.get("timm_model_name") in _CONVNEXT_VARIANTS:
+            names.append(name)
+    return sorted(names)
+
+
+def open_clip_model_config(name: str) -> dict[str, Any]:
+    """open_clip's model-config dict for a built-in or demo model name."""
+    if name in DEMO_MODELS:
+        return DEMO_MODELS[name]
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r}; supported ConvNeXt CLIP models: "
+                         + ", ".join(supported_models()))
+    return cfg
+
+
+def config_from_open_clip(name_or_dict: str | dict[str, Any]) -> CLIPConfig:
+    """CLIPConfig of an open_clip model: a built-in name or a model-config JSON dict."""
+    d = open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str) else name_or_dict
+    label = name_or_dict if isinstance(name_or_dict, str) else "the given model config"
+    vision, text = d.get("vision_cfg", {}), d.get("text_cfg", {})
+    timm_name = vision.get("timm_model_name")
+    problems = []
+    if timm_name not in _CONVNEXT_VARIANTS:
+        problems.append(f"image tower {timm_name!r} is not a timm ConvNeXt with linear MLPs"
+                        if timm_name else "image tower is not a timm model")
+    if vision.get("timm_pool", "avg") not in ("", "avg"):
+        problems.append(f"timm_pool {vision['timm_pool']!r}")
+    if vision.get("timm_proj", "linear") not in ("linear", "mlp"):
+        problems.append(f"timm_proj {vision['timm_proj']!r}")
+    for key, ok in (("hf_model_name", None), ("no_causal_mask", False), ("embed_cls", False),
+                    ("proj_bias", False), ("pool_type", "argmax"), ("ls_init_value", None),
+                    ("proj_type", "linear")):
+        if text.get(key, ok) != ok:
+            problems.append(f"text_cfg {key}={text[key]!r}")
+    if d.get("quick_gelu"):
+        problems.append("quick_gelu")
+    if problems:
+        raise ValueError(f"{label} is not supported ({'; '.join(problems)}): only open_clip CLIP "
+                         "models with a timm ConvNeXt image tower and the standard text tower are. "
+                         "Supported: " + ", ".join(supported_models()))
+    depths, dims, eps = _CONVNEXT_VARIANTS[timm_name]
+    size = vision.get("image_size", 224)
+    return CLIPConfig(
+        embed_dim=d["embed_dim"],
+        vision=ConvNeXtConfig(depths, dims, size if isinstance(size, int) else size[0], eps,
+                              timm_name, vision.get("timm_proj", "linear"),
+                              vision.get("timm_proj_bias", False)),
+        text=TextConfig(width=text.get("width", 512), heads=text.get("heads", 8),
+                        layers=text.get("layers", 12),
+                        context_length=text.get("context_length", 77),
+                        vocab_size=text.get("vocab_size", 49408)),
+    )
 
 
 def _ln(torch_prefix: str, path: tuple) -> Iterator[Entry]:
@@ -84,22 +179,6 @@ def key_map(cfg: CLIPConfig) -> list[Entry]:
     return [*_vision_keys(cfg), *_text_keys(cfg), ("logit_scale", ("logit_scale",), "copy")]
 
 
-def _to_jax_layout(x: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "linear":
-        return x.T
-    if kind == "conv":
-        return x.transpose(2, 3, 1, 0)
-    return x
-
-
-def _to_torch_shape(shape: tuple, kind: str) -> tuple:
-    if kind == "linear":
-        return shape[::-1]
-    if kind == "conv":
-        return (shape[3], shape[2], shape[0], shape[1])
-    return shape
-
-
 def _get(tree: Mapping, path: tuple) -> Any:
     for k in path:
         tree = tree[k]
@@ -109,7 +188,7 @@ def _get(tree: Mapping, path: tuple) -> Any:
 def expected_shapes(model: CLIP) -> dict[str, tuple[int, ...]]:
     """PyTorch key -> shape of the open_clip state dict that fits `model` (abstract or not)."""
     pure = nnx.to_pure_dict(nnx.state(model))
-    return {k: _to_torch_shape(tuple(_get(pure, p).shape), kind)
+    return {k: torch_shape(tuple(_get(pure, p).shape), kind)
             for k, p, kind in key_map(model.config)}
 
 
@@ -125,7 +204,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, dtype=jnp.
     for key, path, kind in entries:
         *parent, leaf = path
         # np.array, not np.ascontiguousarray: the latter turns the 0-d logit_scale into shape (1,).
-        value = np.array(_to_jax_layout(np.asarray(sd[key], np.float32), kind), order="C")
+        value = np.array(to_flax_layout(np.asarray(sd[key], np.float32), kind), order="C")
         if value.shape != _get(pure, path).shape:
             raise AssertionError(f"{key} converts to {value.shape}, not {_get(pure, path).shape}")
         _get(pure, tuple(parent))[leaf] = value
@@ -142,8 +221,8 @@ def register_demo_models() -> None:
     from timm.models import register_model
     from timm.models.convnext import _create_convnext
 
-    for name, (depths, dims, eps) in clip_lib.TIMM_CONVNEXT.items():
-        if not name.startswith("pand_demo") or timm.is_model(name):
+    for name, (depths, dims, eps) in DEMO_CONVNEXT.items():
+        if timm.is_model(name):
             continue
 
         def entry(pretrained=False, _n=name, _a=dict(depths=depths, dims=dims, norm_eps=eps), **kw):
@@ -162,7 +241,7 @@ def build_torch_model(name_or_dict: str | dict[str, Any], device: str = "cpu"):
     from open_clip.model import CLIP as TorchCLIP
 
     register_demo_models()
-    cfg = (clip_lib.open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str)
+    cfg = (open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str)
            else name_or_dict)
     with torch.device(device):
         model = TorchCLIP(**cfg)
@@ -186,12 +265,6 @@ def randomize_torch_model(model, seed: int = 0) -> None:
 
 def torch_state_dict(model) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    # Relative to the reference's largest magnitude: element-wise ratios blow up near zero.
-    err = float(np.max(np.abs(a - b)))
-    return {"abs": err, "rel": err / max(float(np.max(np.abs(b))), 1e-30)}
 
 
 def random_inputs(cfg: CLIPConfig, batch: int, image_size: int, seed: int):
@@ -220,10 +293,10 @@ def verify_clip(model: CLIP, torch_model, *, batch: int = 4, image_size: int | N
             state, images, tokens)
     torch_model = torch_model.float().eval()
     with torch.no_grad():
-        ti = torch_model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+        ti = torch_model.encode_image(nchw(images))
         tt = torch_model.encode_text(torch.from_numpy(tokens))
         tl = torch_model.logit_scale.exp() * _normalize(ti) @ _normalize(tt).T
-    return {name: _rel(np.asarray(a), b.numpy())
+    return {name: dict(zip(("abs", "rel"), relative_diff(np.asarray(a), b.numpy())))
             for name, a, b in (("image", img, ti), ("text", txt, tt), ("logits", logits, tl))}
 
 

@@ -1,6 +1,6 @@
-"""Reading PyTorch state dicts as NumPy and checking them against what a converter expects.
-
-Shared by the teacher (open_clip) and student (torchvision) converters. Safetensors files need
+"""What the teacher (open_clip) and student (torchvision) converters share: reading PyTorch state
+dicts as NumPy, checking them against what a converter expects, the PyTorch <-> Flax weight
+layouts, and the relative error the --verify checks report. Safetensors files need
 no torch; .bin/.pt files are read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ import pathlib
 from typing import Mapping
 
 import numpy as np
+from einops import rearrange
 
 
 class ConversionError(ValueError):
@@ -93,3 +94,44 @@ def check_state_dict(
 
 def _preview(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+# Layout kinds: "linear" (PyTorch [out, in] <-> Flax kernel [in, out]), "conv" (OIHW <-> HWIO; a
+# depthwise [C, 1, k, k] becomes [k, k, 1, C]) and "copy" (biases, norms, embeddings).
+_TO_FLAX = {"linear": (1, 0), "conv": (2, 3, 1, 0)}
+_TO_TORCH = {"linear": (1, 0), "conv": (3, 2, 0, 1)}
+
+
+def layout_of(ndim: int) -> str:
+    """The layout kind of a weight by its rank, for models whose 4-D weights are all convs and
+    2-D weights all Linear (the torchvision students)."""
+    return {4: "conv", 2: "linear"}.get(ndim, "copy")
+
+
+def to_flax_layout(w: np.ndarray, kind: str) -> np.ndarray:
+    """A PyTorch weight in the Flax layout of `kind`."""
+    return w.transpose(_TO_FLAX[kind]) if kind in _TO_FLAX else w
+
+
+def to_torch_layout(w: np.ndarray, kind: str) -> np.ndarray:
+    """A Flax weight back in PyTorch's layout (the inverse of `to_flax_layout`)."""
+    return w.transpose(_TO_TORCH[kind]) if kind in _TO_TORCH else w
+
+
+def torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax weight of `shape`."""
+    return tuple(shape[i] for i in _TO_TORCH[kind]) if kind in _TO_TORCH else tuple(shape)
+
+
+def relative_diff(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max abs diff, max abs diff / max |want|): relative to the reference's largest magnitude,
+    because element-wise ratios blow up near zero."""
+    diff = float(np.max(np.abs(np.asarray(got, np.float64) - want)))
+    return diff, diff / max(float(np.max(np.abs(want))), 1e-30)
+
+
+def nchw(images_nhwc: np.ndarray):
+    """NHWC images (the Flax models' layout) as a contiguous NCHW torch tensor (PyTorch's)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rearrange(images_nhwc, "b h w c -> b c h w")))

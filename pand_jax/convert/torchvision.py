@@ -15,7 +15,9 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from pand_jax.convert.state_dict import ConversionError, check_state_dict, read_state_dict
+from pand_jax.convert.state_dict import (ConversionError, check_state_dict, layout_of, nchw,
+                                         read_state_dict, relative_diff, to_flax_layout,
+                                         torch_shape)
 from pand_jax.models.student import Student, check_arch, save_student
 
 TORCHVISION_WEIGHTS = {
@@ -39,22 +41,6 @@ def torch_key(arch: str, path: tuple) -> str:
     return ".".join([*map(str, module), LEAF[leaf]])
 
 
-def _to_torch_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
-    if len(shape) == 4:  # HWIO -> OIHW
-        return (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2:  # [in, out] -> [out, in]
-        return (shape[1], shape[0])
-    return shape
-
-
-def _to_flax_layout(w: np.ndarray) -> np.ndarray:
-    if w.ndim == 4:
-        return w.transpose(2, 3, 1, 0)
-    if w.ndim == 2:
-        return w.T
-    return w
-
-
 def _num_classes(arch: str, state_dict: Mapping[str, np.ndarray]) -> int:
     """Read from the head so fine-tuned torchvision checkpoints convert too."""
     head = state_dict.get(f"{HEAD[arch]}.weight")
@@ -71,11 +57,13 @@ def torchvision_to_nnx(arch: str, state_dict: Mapping[str, np.ndarray]) -> dict:
     abstract = nnx.eval_shape(lambda: Student(arch, num_classes, rngs=nnx.Rngs(0)))
     targets = flatten_dict(nnx.to_pure_dict(nnx.state(abstract)))
     keys = {path: torch_key(arch, path) for path in targets}
-    check_state_dict(state_dict, {keys[p]: _to_torch_layout(t.shape) for p, t in targets.items()},
+    check_state_dict(state_dict, {keys[p]: torch_shape(t.shape, layout_of(len(t.shape)))
+                                 for p, t in targets.items()},
                      ignore=("num_batches_tracked",))
-    return unflatten_dict({
-        p: _to_flax_layout(state_dict[keys[p]]).astype(np.float32) for p in targets
-    })
+    def convert(w: np.ndarray) -> np.ndarray:
+        return to_flax_layout(w, layout_of(w.ndim)).astype(np.float32)
+
+    return unflatten_dict({p: convert(state_dict[keys[p]]) for p in targets})
 
 
 def student_from_state_dict(arch: str, state_dict: Mapping[str, np.ndarray]) -> Student:
@@ -154,16 +142,10 @@ def torchvision_outputs(tv, images_nhwc: np.ndarray) -> tuple[np.ndarray, np.nda
     handle = head.register_forward_pre_hook(lambda _, args: captured.update(features=args[0]))
     try:
         with torch.no_grad():
-            logits = tv(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous())
+            logits = tv(nchw(images_nhwc))
     finally:
         handle.remove()
     return logits.numpy(), captured["features"].detach().numpy()
-
-
-def relative_diff(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
-    """(max abs diff, max abs diff / max |want|)."""
-    diff = float(np.max(np.abs(np.asarray(got, np.float64) - want)))
-    return diff, diff / max(float(np.max(np.abs(want))), 1e-30)
 
 
 def verify_student(arch: str, model: Student, state_dict: Mapping[str, np.ndarray]) -> None:

@@ -4,7 +4,9 @@ Every random choice of an example comes from `example_keys(seed, index, view)`, 
 augmented view can be regenerated exactly (what a teacher-feature cache relies on).
 `sample_params` draws the parameters and `apply_params` applies them, so tests can check
 the parameter ranges. Recipes:
-- "released": the released code's Stage-NSD train transform (REFERENCE.md section 3).
+- "released": the released code's Stage-NSD train transform: Resize 256, RandomCrop 224, a
+  random square crop of side U{192..224} resized back to 224, RandomRotation(60), GaussianBlur
+  (kernel 5, sigma U[1e-5, 10]), ColorJitter(0.3, 0.1, 0.1, 0.1), horizontal flip.
 - "rrc": RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip.
 - "eval": resize to out_size when the host size differs; no randomness.
 All end with CLIP mean/std normalisation. Inputs are uint8 [B, S, S, 3] from the host.

@@ -1,6 +1,6 @@
 """The project's own TFDS builders: raw archive layouts -> array_record, no TensorFlow.
 
-Each builder reads the folder a user already has (REFERENCE.md section 3) from
+Each builder reads the folder a user already has (the extracted official archive) from
 `manual_dir`. Images are stored as JPEG bytes; files that are not RGB JPEGs (greyscale,
 RGBA, CMYK, PNG in disguise) are converted to RGB and re-encoded. Files that cannot be
 decoded at all are collected and reported together at the end of the split, which aborts

@@ -1,4 +1,4 @@
-"""Registry of the datasets PAND is evaluated on (REFERENCE.md section 3), plus `digits`."""
+"""Registry of the datasets PAND is evaluated on (docs/paper_vs_code.md, "Data"), plus `digits`."""
 
 import dataclasses
 import re

@@ -9,25 +9,35 @@ the residual stream and the pooled output stay float32 (40 bf16 residual adds wo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-if TYPE_CHECKING:
-    from pand_jax.models.clip import ConvNeXtConfig
+from pand_jax.models.layers import gelu, layer_norm
+
+# timm ConvNeXt variants with linear-MLP blocks: (depths, dims, LayerNorm eps). timm uses eps 1e-6
+# except for convnext_xxlarge (1e-5).
+TIMM_CONVNEXT = {
+    "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), 1e-6),
+    "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768), 1e-6),
+    "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024), 1e-6),
+    "convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536), 1e-6),
+    "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048), 1e-6),
+    "convnext_xxlarge": ((3, 4, 30, 3), (384, 768, 1536, 3072), 1e-5),
+}
 
 
-def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance like torch: the fast E[x^2]-E[x]^2 form loses digits on the large,
-    # offset activations of deep ConvNeXt stages.
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    # open_clip/timm use nn.GELU(): the exact erf form. The tanh approximation costs ~2e-4 rel.
-    return jax.nn.gelu(x, approximate=False)
+@dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+    depths: tuple
+    dims: tuple
+    image_size: int
+    ln_eps: float
+    timm_model_name: str = ""
+    proj: str = "linear"  # open_clip `timm_proj`: "linear" or "mlp"
+    proj_bias: bool = False
 
 
 class Block(nnx.Module):

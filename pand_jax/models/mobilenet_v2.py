@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pand_jax.models.resnet import BatchNorm, Sequential, conv, global_avg_pool
+from pand_jax.models.layers import BatchNorm, Sequential, conv, global_avg_pool
 
 # (expand ratio t, output channels c, repeats n, first stride s), torchvision's table.
 INVERTED_RESIDUAL_SETTING = (

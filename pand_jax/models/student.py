@@ -1,8 +1,11 @@
-"""The distilled student: a torchvision backbone (ResNet-18 or MobileNet-V2) plus a linear head.
+"""The distilled student: a torchvision backbone (ResNet-18 or MobileNet-V2) plus a linear head,
+and what Stage-NSD trains around it (VL2Lite's two align heads).
 
     Student(arch, num_classes, dtype=..., rngs=...)
       .features(x) -> [B, num_features] fp32 pooled penultimate features (h before L2norm)
       __call__(x)  -> [B, num_classes] fp32 logits (z_s)
+    Distillee(student, teacher_dim, align_dim, rngs=...)
+      .student, .align_image, .align_text (AlignMLP: Linear(D -> d) - ReLU - Linear(d -> d))
 
 Inputs are NHWC images normalised by the caller. Parameters and BatchNorm statistics are fp32;
 `dtype` is the compute dtype of the convolutions. Train/eval through `model.train()` /
@@ -21,8 +24,8 @@ from pand_jax import weights
 from pand_jax.models.mobilenet_v2 import MobileNetV2
 from pand_jax.models.resnet import ResNet18
 
-ARCHS = ("resnet18", "mobilenet_v2")
 BACKBONES = {"resnet18": ResNet18, "mobilenet_v2": MobileNetV2}
+ARCHS = tuple(BACKBONES)
 KIND = "student"
 
 
@@ -63,6 +66,31 @@ class Student(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.classifier(self.features(x))
+
+
+class AlignMLP(nnx.Module):
+    """VL2Lite's align head: Linear(D -> d) - ReLU - Linear(d -> d)."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(in_dim, out_dim, rngs=rngs)
+        self.fc2 = nnx.Linear(out_dim, out_dim, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+class Distillee(nnx.Module):
+    """Everything Stage-NSD trains: the student and the two align heads."""
+
+    def __init__(self, student: Student, teacher_dim: int, align_dim: int | None,
+                 *, rngs: nnx.Rngs):
+        d = align_dim or student.num_features
+        if d != student.num_features:
+            raise ValueError(f"align_dim {d} must equal the student's feature width "
+                             f"{student.num_features} (L_vis compares them directly)")
+        self.student = student
+        self.align_image = AlignMLP(teacher_dim, d, rngs=rngs)
+        self.align_text = AlignMLP(teacher_dim, d, rngs=rngs)
 
 
 def _missing_hint(path: pathlib.Path) -> str:

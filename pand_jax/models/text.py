@@ -7,16 +7,24 @@ attention run in `dtype`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
-from pand_jax.models.convnext import gelu, layer_norm
+from pand_jax.models.layers import gelu, layer_norm
 
-if TYPE_CHECKING:
-    from pand_jax.models.clip import TextConfig
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    width: int
+    heads: int
+    layers: int
+    context_length: int = 77
+    vocab_size: int = 49408
+    ln_eps: float = 1e-5
 
 
 class Attention(nnx.Module):
@@ -26,12 +34,12 @@ class Attention(nnx.Module):
         self.heads = heads
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, w = x.shape
         q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
-        q, k, v = (t.reshape(b, n, self.heads, w // self.heads) for t in (q, k, v))
+        q, k, v = (rearrange(t, "b n (heads d) -> b n heads d", heads=self.heads)
+                   for t in (q, k, v))
         # Softmax runs in float32 inside dot_product_attention whatever the input dtype.
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(y.reshape(b, n, w))
+        return self.out_proj(rearrange(y, "b n heads d -> b n (heads d)"))
 
 
 class ResidualAttentionBlock(nnx.Module):

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from pand_jax.train.mesh import to_global
-from pand_jax.train.loop import progress_bar
+from pand_jax.devices import to_global
+from pand_jax.progress import progress_bar
 
 
 def run_over_split(fn: Callable[[dict], Any], loader, mesh, desc: str) -> tuple[np.ndarray, np.ndarray]:

@@ -10,14 +10,13 @@ import dataclasses
 import json
 import pathlib
 import signal
-import sys
 import time
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
+from pand_jax.progress import progress_bar
 from pand_jax.train.checkpoint import Checkpointer
 from pand_jax.train.metrics import MetricsWriter
 
@@ -127,14 +126,6 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
         _end_epoch(task, state, pos, epoch, metrics, is_main)
         ckpt.save((epoch + 1) * spe, state, pos)
     return state
-
-
-def progress_bar(**kwargs) -> tqdm:
-    """tqdm on process 0; redrawn at most every 30 s when the output is a log file, not a
-    terminal, so logs stay readable."""
-    interactive = sys.stderr.isatty()
-    return tqdm(disable=jax.process_index() != 0, dynamic_ncols=True,
-                mininterval=0.1 if interactive else 30.0, **kwargs)
 
 
 def _log_step(metrics, bar, step, out):

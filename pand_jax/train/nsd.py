@@ -22,39 +22,11 @@ import optax
 from flax import nnx
 
 from pand_jax import anchors as anchors_lib
-from pand_jax import losses, prompts
 from pand_jax import data as data_lib
+from pand_jax import devices, losses, prompts
 from pand_jax.data import augment, datasets, pipeline
 from pand_jax.models import student as student_lib
-from pand_jax.train import features, loop, mesh as mesh_lib, setup, teacher_cache
-
-METHODS = ("pand", "vl2lite", "kd", "rkd", "none")
-NSD_FORMS = ("paper", "batch")
-
-
-class AlignMLP(nnx.Module):
-    """VL2Lite's align head: Linear(D -> d) - ReLU - Linear(d -> d)."""
-
-    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(in_dim, out_dim, rngs=rngs)
-        self.fc2 = nnx.Linear(out_dim, out_dim, rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.relu(self.fc1(x)))
-
-
-class Distillee(nnx.Module):
-    """Everything Stage-NSD trains: the student and the two align heads."""
-
-    def __init__(self, student: student_lib.Student, teacher_dim: int, align_dim: int | None,
-                 *, rngs: nnx.Rngs):
-        d = align_dim or student.num_features
-        if d != student.num_features:
-            raise ValueError(f"align_dim {d} must equal the student's feature width "
-                             f"{student.num_features} (L_vis compares them directly)")
-        self.student = student
-        self.align_image = AlignMLP(teacher_dim, d, rngs=rngs)
-        self.align_text = AlignMLP(teacher_dim, d, rngs=rngs)
+from pand_jax.train import features, loop, setup, teacher_cache
 
 
 def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
@@ -81,10 +53,11 @@ def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.Gradient
 
 
 def check_config(cfg: dict[str, Any]) -> None:
-    if cfg["method"] not in METHODS:
-        raise ValueError(f"unknown method {cfg['method']!r}; expected one of {METHODS}")
-    if cfg["loss"]["nsd_form"] not in NSD_FORMS:
-        raise ValueError(f"unknown nsd_form {cfg['loss']['nsd_form']!r}; expected one of {NSD_FORMS}")
+    if cfg["method"] not in losses.METHODS:
+        raise ValueError(f"unknown method {cfg['method']!r}; expected one of {losses.METHODS}")
+    if cfg["loss"]["nsd_form"] not in losses.NSD_FORMS:
+        raise ValueError(f"unknown nsd_form {cfg['loss']['nsd_form']!r}; expected one of "
+                         f"{losses.NSD_FORMS}")
     if cfg["anchors"] and cfg["no_psc"]:
         raise ValueError("--anchors and --no-psc contradict each other: pick one")
 
@@ -102,7 +75,7 @@ def text_anchors(cfg, info, clip):
     return prompts.template_anchors(clip, info.class_names, info.prompt_template), False
 
 
-def build_model(cfg, num_classes: int, teacher_dim: int, dtype) -> Distillee:
+def build_model(cfg, num_classes: int, teacher_dim: int, dtype) -> student_lib.Distillee:
     rngs = nnx.Rngs(cfg["seed"])
     weights = cfg["student_weights"]
     if weights:
@@ -110,50 +83,47 @@ def build_model(cfg, num_classes: int, teacher_dim: int, dtype) -> Distillee:
             weights.format(student=cfg["student"]), num_classes, rngs=rngs, dtype=dtype)
     else:  # from scratch (the offline demo)
         student = student_lib.Student(cfg["student"], num_classes, dtype=dtype, rngs=rngs)
-    model = Distillee(student, teacher_dim, cfg["align_dim"], rngs=rngs)
+    model = student_lib.Distillee(student, teacher_dim, cfg["align_dim"], rngs=rngs)
     model.train()
     return model
 
 
-def make_loss(cfg, learned_anchors: bool, num_epochs: int):
-    """loss(model, images_student, labels, t, anchors, epoch) -> (total, parts) for the method."""
+def objective_settings(cfg, learned_anchors: bool, num_epochs: int) -> dict[str, Any]:
+    """The keyword arguments of `losses.OBJECTIVES[cfg["method"]]` from the `loss` config."""
     lc, method = cfg["loss"], cfg["method"]
     reduction = lc["txt_reduction"]
     if reduction == "auto":  # PAND's batch-mean KL with learned prompts, VL2Lite's otherwise
         reduction = "pand" if learned_anchors else "vl2lite"
+    base = dict(num_epochs=num_epochs, tau=lc["tau"], scale=lc["scale"],
+                cls_offset=lc["cls_offset"], reduction=reduction)
+    return {
+        "none": {},
+        "kd": dict(temperature=lc["kd_temperature"], scale=lc["scale"]),
+        "rkd": dict(distance_weight=lc["rkd_distance_weight"],
+                    angle_weight=lc["rkd_angle_weight"]),
+        "vl2lite": base,
+        "pand": dict(base, lambda_nsd=lc["lambda_nsd"], nsd_form=lc["nsd_form"], k=lc["nsd_k"],
+                     group_size=lc["nsd_group_size"]),
+    }[method]
+
+
+def make_loss(cfg, learned_anchors: bool, num_epochs: int):
+    """loss(model, images_student, labels, t, anchors, epoch) -> (total, terms): the student
+    forward, then the method's objective from `losses.OBJECTIVES`."""
+    objective = functools.partial(losses.OBJECTIVES[cfg["method"]],
+                                  **objective_settings(cfg, learned_anchors, num_epochs))
 
     def loss(model, images, labels, t, anchors, epoch):
-        feats = model.student.features(images)
-        logits = model.student.classifier(feats)
-        parts = {"cls": losses.cross_entropy(logits, labels)}
-        if method in ("kd", "pand"):
-            z_t = lc["scale"] * losses.l2_normalize(t) @ anchors.T  # teacher logits
-        if method == "kd":
-            parts["kd"] = losses.kd(logits, z_t, lc["kd_temperature"])
-            return parts["cls"] + parts["kd"], parts
-        if method == "rkd":
-            parts["rkd"] = losses.rkd(feats, t, lc["rkd_distance_weight"], lc["rkd_angle_weight"])
-            return parts["cls"] + parts["rkd"], parts
-        if method == "none":
-            return parts["cls"], parts
-        t_n = losses.l2_normalize(t)
-        _, parts["vis"], parts["txt"] = losses.vl2lite(
-            feats, t_n, anchors, model.align_image(t_n), model.align_text(anchors), labels,
-            logits, lc["tau"], reduction)
-        w_cls, w_vis, w_txt = losses.loss_weights(epoch, num_epochs, lc["cls_offset"])
-        total = w_cls * parts["cls"] + w_vis * parts["vis"] + w_txt * parts["txt"]
-        parts["w_cls"] = w_cls
-        if method == "pand" and lc["lambda_nsd"]:
-            parts["nsd"] = (losses.nsd_paper(logits, z_t, labels, lc["nsd_k"])
-                            if lc["nsd_form"] == "paper" else
-                            losses.nsd_batch(logits, z_t, lc["nsd_k"], lc["nsd_group_size"]))
-            total = total + lc["lambda_nsd"] * parts["nsd"]
-        return total, parts
+        features = model.student.features(images)
+        return objective(losses.NSDInputs(
+            logits=model.student.classifier(features), features=features, labels=labels,
+            teacher=t, anchors=anchors, align_image=model.align_image,
+            align_text=model.align_text, epoch=epoch))
 
     return loss
 
 
-def init_state(model: Distillee, tx) -> tuple[Any, dict]:
+def init_state(model: student_lib.Distillee, tx) -> tuple[Any, dict]:
     """(graphdef, train state): trainable params, BatchNorm statistics, optimizer, step."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, {"params": params, "rest": rest, "opt_state": tx.init(params),
@@ -202,10 +172,10 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
 def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     check_config(cfg)
     info = datasets.get_dataset(cfg["dataset"])
-    mesh = mesh_lib.make_mesh()
+    mesh = devices.make_mesh()
     batch, views = cfg["batch_size"], cfg["teacher_cache"]
-    mesh_lib.check_batch_size(batch, mesh)
-    dtype = mesh_lib.compute_dtype(cfg["dtype"])
+    devices.check_batch_size(batch, mesh)
+    dtype = devices.compute_dtype(cfg["dtype"])
     needs_teacher = cfg["method"] != "none"
     cached = needs_teacher and views > 0 and not cfg["teacher_cache_online"]
 
@@ -237,10 +207,10 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
             dtype=cfg["teacher_cache_dtype"])
 
     graphdef, state = init_state(model, tx)
-    state = mesh_lib.replicate(mesh, state)
+    state = devices.replicate(mesh, state)
     online = needs_teacher and not cached
     t_graphdef, t_state = nnx.split(clip) if online else (None, None)
-    frozen = mesh_lib.replicate(mesh, (t_state, None if anchors is None else jnp.asarray(anchors)))
+    frozen = devices.replicate(mesh, (t_state, None if anchors is None else jnp.asarray(anchors)))
     train_step = make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
 
     def batches(epoch, start):
@@ -252,7 +222,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                 b["view"] = epoch_views[b["index"]]
             if cached:
                 b["teacher"] = np.asarray(cache[b["index"], b["view"]])
-            yield mesh_lib.to_global(mesh, b)
+            yield devices.to_global(mesh, b)
 
     eval_size = cfg["image_size"]
     test_loader = setup.eval_loader(info, info.test_split, cfg, eval_size, "stretch",

@@ -18,10 +18,9 @@ import optax
 from flax import nnx
 
 from pand_jax import anchors as anchors_lib
-from pand_jax import losses, prompts
+from pand_jax import devices, losses, prompts
 from pand_jax.data import augment, datasets
-from pand_jax.train import features, loop, mesh as mesh_lib, setup
-from pand_jax.train.state import jit_apply
+from pand_jax.train import features, loop, setup
 
 
 def optimizer(cfg: dict[str, Any], total_steps: int) -> optax.GradientTransformation:
@@ -73,7 +72,7 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
     def compute():
         loader = setup.eval_loader(info, split, cfg, size, "shorter_center_crop",
                                    cfg["feature_batch_size"], mesh)
-        encode = jit_apply(clip, lambda m, b: losses.l2_normalize(
+        encode = devices.jit_apply(clip, lambda m, b: losses.l2_normalize(
             m.encode_image(augment.eval_transform(b["image"], size))), mesh)
         feats, labels = features.run_over_split(encode, loader, mesh, f"teacher features ({split})")
         return {"features": feats.astype(np.float32), "labels": labels.astype(np.int32)}
@@ -85,10 +84,10 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
 
 def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     info = datasets.get_dataset(cfg["dataset"])
-    mesh = mesh_lib.make_mesh()
-    mesh_lib.check_batch_size(cfg["batch_size"], mesh)
-    mesh_lib.check_batch_size(cfg["feature_batch_size"], mesh, "feature batch size")
-    clip, teacher_id = setup.load_teacher(cfg["teacher"], mesh_lib.compute_dtype(cfg["dtype"]))
+    mesh = devices.make_mesh()
+    devices.check_batch_size(cfg["batch_size"], mesh)
+    devices.check_batch_size(cfg["feature_batch_size"], mesh, "feature batch size")
+    clip, teacher_id = setup.load_teacher(cfg["teacher"], devices.compute_dtype(cfg["dtype"]))
 
     select_split = info.val_split or info.test_split
     train_split = setup.train_split(info, cfg)
@@ -104,17 +103,17 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
 
     parts = prompts.prompt_parts(clip, info.class_names, info.prompt_template, cfg["n_ctx"])
     graphdef, teacher_state = nnx.split(clip)
-    frozen = mesh_lib.replicate(mesh, (teacher_state, parts))
+    frozen = devices.replicate(mesh, (teacher_state, parts))
     logit_scale = jnp.exp(clip.logit_scale[...])
 
     anchors_of = anchors_fn(graphdef)
     tx = optimizer(cfg, cfg["epochs"] * steps_per_epoch)
     ctx = prompts.init_context(jax.random.key(cfg["seed"]), cfg["n_ctx"], clip.config.text.width,
                                cfg["ctx_init_std"])
-    state = mesh_lib.replicate(mesh, {"ctx": ctx, "opt_state": tx.init(ctx)})
+    state = devices.replicate(mesh, {"ctx": ctx, "opt_state": tx.init(ctx)})
 
     train_step = make_train_step(graphdef, tx, logit_scale)
-    eval_data = {s: mesh_lib.replicate(mesh, (data[s]["features"], data[s]["labels"]))
+    eval_data = {s: devices.replicate(mesh, (data[s]["features"], data[s]["labels"]))
                  for s in splits}
 
     anchors_jit = jax.jit(anchors_of)
@@ -128,7 +127,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
         lo, hi = setup.process_slice(batch)
         for step in range(start, steps_per_epoch):
             idx = order[step * batch: (step + 1) * batch][lo:hi]
-            yield mesh_lib.to_global(mesh, {"features": train["features"][idx],
+            yield devices.to_global(mesh, {"features": train["features"][idx],
                                             "label": train["labels"][idx]})
 
     def evaluate(state):

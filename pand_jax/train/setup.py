@@ -9,7 +9,7 @@ import jax
 from pand_jax import config as config_lib
 from pand_jax import data as data_lib
 from pand_jax.data import pipeline
-from pand_jax.train.mesh import check_batch_size
+from pand_jax.devices import check_batch_size
 
 
 def prepare_workdir(workdir: pathlib.Path, cfg: dict[str, Any], allow_change: bool) -> None:

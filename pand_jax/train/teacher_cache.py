@@ -32,11 +32,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
 from pand_jax.data import augment, pipeline
+from pand_jax.devices import replicate, to_global
+from pand_jax.progress import progress_bar
 from pand_jax.train import features
-from pand_jax.train.mesh import replicate, to_global
 
 VERSION = 1
 EMBEDDINGS, META = "embeddings.npy", "meta.json"
@@ -168,9 +168,8 @@ def _compute(clip, source, *, views, seed, recipe, host_image_size, image_size, 
             out[np.asarray(index)[mask]] = rows[np.asarray(mask)].view(disk_dtype)
 
     pending = None  # one batch in flight: decode and write overlap the device work
-    for batch in tqdm(loader.epoch(0), total=loader.steps_per_epoch, unit="batch",
-                      desc=f"teacher cache ({views} views)", disable=not is_main,
-                      dynamic_ncols=True):
+    for batch in progress_bar(iterable=loader.epoch(0), total=loader.steps_per_epoch,
+                              unit="batch", desc=f"teacher cache ({views} views)"):
         g = to_global(mesh, batch)
         embs = tuple(_encode(state, g["image"], g["index"], np.int32(v), **static)
                      for v in range(views))

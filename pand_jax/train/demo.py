@@ -20,8 +20,8 @@ from pand_jax import config as config_lib
 from pand_jax import losses, prompts
 from pand_jax import data as data_lib
 from pand_jax.data import augment, datasets
-from pand_jax.models.clip import CLIP, CLIPConfig, ConvNeXtConfig, TextConfig, save_clip
-from pand_jax.train.loop import progress_bar
+from pand_jax.models.clip import CLIP, CLIPConfig, save_clip
+from pand_jax.progress import progress_bar
 
 DEMO_TEACHER_ID = "pand-demo-clip:digits"
 
@@ -31,11 +31,8 @@ def demo_config() -> dict:
 
 
 def teacher_config(t: dict) -> CLIPConfig:
-    v = t["vision"]
-    return CLIPConfig(t["embed_dim"],
-                      ConvNeXtConfig(tuple(v["depths"]), tuple(v["dims"]), v["image_size"],
-                                     v["ln_eps"]),
-                      TextConfig(**t["text"]))
+    """The demo teacher's architecture: the `model` entry of the demo config's teacher section."""
+    return CLIPConfig.from_dict(t["model"])
 
 
 def _split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,8 @@ import pathlib
 import sys
 
 from pand_jax import config as config_lib
+from pand_jax.losses import METHODS, NSD_FORMS
+from pand_jax.models.student import ARCHS
 
 # Flag -> config key; None values (flag not given) leave the config alone.
 FLAG_KEYS = {
@@ -32,9 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=("psc", "nsd"))
     p.add_argument("--demo", action="store_true", help="offline demo: tiny CLIP, digits, PSC+NSD")
     p.add_argument("--dataset")
-    p.add_argument("--student", choices=("resnet18", "mobilenet_v2"))
-    p.add_argument("--method", choices=("pand", "vl2lite", "kd", "rkd", "none"))
-    p.add_argument("--nsd-form", choices=("paper", "batch"))
+    p.add_argument("--student", choices=ARCHS)
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--nsd-form", choices=NSD_FORMS)
     p.add_argument("--lambda-nsd", type=float)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--anchors", help="anchors.npz from Stage-PSC (default: runs/DATASET/psc/)")
@@ -95,7 +97,7 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
              allow_change: bool) -> dict:
     """Teacher, then PSC, then NSD, with configs/demo.json; `--set SECTION:key=value` changes
     one section (teacher, psc or nsd)."""
-    from pand_jax import demo
+    from pand_jax.train import demo
 
     d = demo.demo_config()
     by_section = {s: [] for s in d}
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.demo and not args.stage:
         parser().error("give --stage psc|nsd, or --demo")
     try:
-        from pand_jax.train.mesh import maybe_initialize_distributed
+        from pand_jax.devices import maybe_initialize_distributed
 
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.demo:

@@ -1,14 +1,21 @@
-"""Data parallelism over every device of every process: a 1-D mesh with axis "data".
+"""Devices: data parallelism over every device of every process, and the compute dtype.
 
-Parameters are replicated and batches are sharded along their leading axis. Under `jax.jit`
-the batch mean in BatchNorm then spans the global batch, which gives sync BN for free.
+A 1-D mesh with axis "data": parameters are replicated and batches are sharded along their
+leading axis. Under `jax.jit` the batch mean in BatchNorm then spans the global batch, which
+gives sync BN for free. Modules run under jit through `jit_apply`: a module is split once into
+a static graphdef and a state pytree, and the state is an argument (so 1.2B teacher weights are
+never baked into a program as constants), merged back with `copy=True`, which avoids NNX's
+"mutate from a different trace level" error.
 """
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -70,8 +77,6 @@ def replicate(mesh: Mesh, tree):
 
 def compute_dtype(name: str):
     """'auto' is bf16 on accelerators and fp32 on CPU (where bf16 matmuls are slow)."""
-    import jax.numpy as jnp
-
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     try:
@@ -79,3 +84,18 @@ def compute_dtype(name: str):
                 "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; expected auto, float32 or bfloat16") from None
+
+
+def jit_apply(module: nnx.Module, fn: Callable[..., Any], mesh: Mesh | None = None
+              ) -> Callable[..., Any]:
+    """`fn(module, *args)` as a jitted function of `*args`, with the module's state an argument
+    (replicated over `mesh` when given, so sharded batches run data-parallel)."""
+    graphdef, state = nnx.split(module)
+    if mesh is not None:
+        state = replicate(mesh, state)
+
+    @jax.jit
+    def apply(state, *args):
+        return fn(nnx.merge(graphdef, state, copy=True), *args)
+
+    return lambda *args: apply(state, *args)

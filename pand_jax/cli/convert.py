@@ -21,10 +21,10 @@ import numpy as np
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.state_dict import ConversionError, read_state_dict
 from pand_jax.models import clip as clip_lib
+from pand_jax.models.student import ARCHS
 from pand_jax.weights import WeightsError
 
 WEIGHTS = pathlib.Path("weights")
-STUDENTS = ("resnet18", "mobilenet_v2")
 DEMO_MODEL = "pand_demo_convnext"
 
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help=f"open_clip model name (default {clip_lib.TEACHER_MODEL})")
     which.add_argument("--model-config", type=pathlib.Path, help="open_clip model config JSON")
-    which.add_argument("--student", choices=STUDENTS, help="convert a torchvision student")
+    which.add_argument("--student", choices=ARCHS, help="convert a torchvision student")
     which.add_argument("--demo-model", action="store_true",
                        help="a tiny random-weight ConvNeXt CLIP built in PyTorch (offline smoke run)")
     p.add_argument("--pretrained", help="open_clip pretrained tag to download "
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         default_run = not (args.checkpoint or args.model or args.model_config)
         status = convert_teacher(args)
         if default_run and status == 0:
-            for arch in STUDENTS:
+            for arch in ARCHS:
                 status = max(status, convert_student(arch, None, None, args.verify))
         return status
     except (ConversionError, WeightsError, ValueError, OSError) as e:
@@ -90,7 +90,7 @@ def convert_teacher(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise ConversionError(f"checkpoint file not found: {args.checkpoint}")
     spec, name = _model_spec(args)
-    cfg = clip_lib.config_from_open_clip(spec)  # unsupported models fail before any download
+    cfg = oc.config_from_open_clip(spec)  # unsupported models fail before any download
     meta: dict[str, Any] = {"model": name}
     if args.checkpoint is not None:
         checkpoint = args.checkpoint
@@ -137,7 +137,7 @@ def convert_demo(out: pathlib.Path, verify: bool, tolerance: float) -> int:
     checkpoint = out / "open_clip_demo.safetensors"
     save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, str(checkpoint))
     print(f"wrote a random {DEMO_MODEL} open_clip state dict to {checkpoint}")
-    cfg = clip_lib.config_from_open_clip(DEMO_MODEL)
+    cfg = oc.config_from_open_clip(DEMO_MODEL)
     return _convert_and_save(read_state_dict(checkpoint), DEMO_MODEL, cfg, out,
                              {"model": DEMO_MODEL, "checkpoint": str(checkpoint)}, verify, tolerance)
 

@@ -1,0 +1,103 @@
+"""Layers shared by the teacher towers and the students, each written once.
+
+- `layer_norm`, `gelu`: the ConvNeXt image tower and the CLIP text tower (open_clip/timm).
+- `BatchNorm`, `conv`, `Sequential`, `global_avg_pool`: the torchvision students.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance like torch: the fast E[x^2]-E[x]^2 form loses digits on the large,
+    # offset activations of deep ConvNeXt stages.
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    # open_clip/timm use nn.GELU(): the exact erf form. The tanh approximation costs ~2e-4 rel.
+    return jax.nn.gelu(x, approximate=False)
+
+
+# torchvision initialises convolutions with kaiming_normal_(mode="fan_out", relu), untruncated.
+CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BatchNorm(nnx.Module):
+    """PyTorch `BatchNorm2d` (eps 1e-5, momentum 0.1 = Flax momentum 0.9) over the last axis.
+
+    Written instead of using `nnx.BatchNorm` because PyTorch updates `running_var` with the
+    UNBIASED batch variance (times n / (n - 1)) while normalising with the biased one; Flax stores
+    the biased variance, so its running statistics drift from torchvision's after every training
+    step. Statistics are always fp32, whatever the compute dtype. Batch statistics are plain
+    means over the (global) batch, so under `jax.jit` with a batch-sharded input XLA reduces them
+    across devices: synchronised BatchNorm without an axis name.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
+                 use_running_average: bool = False):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        # The attribute `nnx.Module.train()` / `.eval()` toggle.
+        self.use_running_average = use_running_average
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            mean, var = self._batch_stats(x)
+        scale = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+        shift = self.bias[...] - mean * scale
+        # fp32 affine: x - mean cancels badly in bf16 when |mean| >> std.
+        return (x.astype(jnp.float32) * scale + shift).astype(x.dtype)
+
+    def _batch_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        axes = tuple(range(x.ndim - 1))
+        n = math.prod(x.shape[a] for a in axes)
+        if n < 2:
+            raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {x.shape}")
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axes)
+        var = jnp.square(x32 - mean).mean(axes)  # two-pass, as PyTorch: no E[x^2]-E[x]^2 cancellation
+        m = self.momentum
+        unbiased = jax.lax.stop_gradient(var) * (n / (n - 1))
+        self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+        self.var[...] = m * self.var[...] + (1 - m) * unbiased
+        return mean, var
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by `nnx.view(model, use_running_average=...)`."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class Sequential(nnx.List):
+    """`torch.nn.Sequential`: children indexed 0, 1, ... so paths keep torchvision's indices."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *,
+         dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    """Bias-free conv with PyTorch's symmetric padding (k - 1) // 2; Flax "SAME" pads stride-2
+    convs asymmetrically and would shift every feature map by half a pixel."""
+    pad = (kernel - 1) // 2
+    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                    feature_group_count=groups, use_bias=False, dtype=dtype,
+                    param_dtype=jnp.float32, kernel_init=CONV_INIT, rngs=rngs)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, C] in fp32 (the features the losses see)."""
+    return x.astype(jnp.float32).mean(axis=(1, 2))
