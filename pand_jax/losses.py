@@ -331,13 +331,14 @@ def teacher_logits(teacher, anchors, scale=VL2LITE_SCALE):
                               precision=_HIGHEST)
 
 
-def nsd(student_logits, teacher_logits_, labels, form="paper", k=3, group_size=None):
-    """L_NSD in the chosen form: "paper" = `nsd_paper` (Eq. 6-8, class neighbourhood), "batch" =
-    `nsd_batch` (the released code's in-batch sample neighbourhood; `group_size` applies)."""
+def nsd(z_s, z_t, labels, form="paper", k=3, group_size=None):
+    """L_NSD between student logits z_s and teacher logits z_t in the chosen form: "paper" =
+    `nsd_paper` (Eq. 6-8, class neighbourhood), "batch" = `nsd_batch` (the released code's
+    in-batch sample neighbourhood; `group_size` applies)."""
     if form == "paper":
-        return nsd_paper(student_logits, teacher_logits_, labels, k)
+        return nsd_paper(z_s, z_t, labels, k)
     if form == "batch":
-        return nsd_batch(student_logits, teacher_logits_, k, group_size)
+        return nsd_batch(z_s, z_t, k, group_size)
     raise ValueError(f"nsd form must be one of {NSD_FORMS}, got {form!r}")
 
 
@@ -348,7 +349,7 @@ def none_objective(x: NSDInputs):
 
 
 def kd_objective(x: NSDInputs, *, temperature=4.0, scale=VL2LITE_SCALE):
-    """Hinton KD against the teacher's anchor logits: L = CE + `kd`(z_s, z_t, T)."""
+    """Hinton KD against the teacher's anchor logits z_t: L = CE + `kd`(z_s, z_t)."""
     cls = cross_entropy(x.logits, x.labels)
     distill = kd(x.logits, teacher_logits(x.teacher, x.anchors, scale), temperature)
     return cls + distill, {"cls": cls, "kd": distill}
@@ -369,7 +370,7 @@ def vl2lite_objective(x: NSDInputs, *, num_epochs, tau=2.0, scale=VL2LITE_SCALE,
         L_cls  = CE(z_s, y)                                               (`cross_entropy`)
         L_vis  = mean |L2norm(h) - L2norm(MLP_img(t_hat))|                (`vl2lite`)
         L_txt  = tau^2 KL(softmax(s t_hat T_hat^T / tau) || softmax(s h_hat A^T / tau)),
-                 A = L2norm(MLP_txt(T_hat))                               (`vl2lite`)
+                 A = L2norm(MLP_txt(T))                                   (`vl2lite`)
 
     with t_hat, T_hat, h_hat the L2-normalised t, T, h. w_cls = clip(offset + e / 8E, 0, 1),
     w_vis = w_txt = (1 - w_cls) / 2 (the released schedule; the paper states it starts at
