@@ -158,6 +158,24 @@ def test_exif_orientation_is_applied(tmp_path):
     assert tuple(got[0, -1]) == (255, 0, 0)
 
 
+def test_builders_store_rotated_jpegs_upright(tmp_path):
+    import io
+
+    from pand_jax.data.builders import rgb_jpeg_bytes
+
+    arr = np.zeros((16, 32, 3), np.uint8)
+    arr[:, :16] = 255  # left half white
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    img.save(tmp_path / "plain.jpg", quality=95)
+    exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to display"
+    img.save(tmp_path / "rot.jpg", quality=95, exif=exif.tobytes())
+    assert rgb_jpeg_bytes(str(tmp_path / "plain.jpg")) == (tmp_path / "plain.jpg").read_bytes()
+    stored = np.asarray(Image.open(io.BytesIO(rgb_jpeg_bytes(str(tmp_path / "rot.jpg")))))
+    assert stored.shape == (32, 16, 3)  # upright: counter-clockwise, the white half at the bottom
+    assert stored[20:, :].mean() > 240 and stored[:12, :].mean() < 15
+
+
 # ------------------------------------------------------------------ bad images
 
 def _break(root: pathlib.Path) -> list[pathlib.Path]:

@@ -22,9 +22,9 @@ import os
 import re
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pand_jax.data import images
+from pand_jax.progress import progress_bar
 
 PREFIX = "folder:"
 # torchvision's ImageFolder extensions.
@@ -151,9 +151,12 @@ def bad_images(tree: Tree) -> list[tuple[str, str]]:
     key = (tree.root, tree.fingerprint)
     if key not in _BAD:
         paths = [p for split in tree.files.values() for p, _ in split]
-        with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-            results = list(tqdm(pool.map(_read_error, paths), total=len(paths), unit="image",
-                                desc=f"checking {tree.root}", mininterval=5.0))
+        with (concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool,
+              progress_bar(total=len(paths), unit="image", desc=f"checking {tree.root}") as bar):
+            results = []
+            for err in pool.map(_read_error, paths):  # PIL decodes without the GIL
+                results.append(err)
+                bar.update(1)
         _BAD[key] = [(p, err) for p, err in zip(paths, results) if err]
     return _BAD[key]
 
