@@ -4,8 +4,9 @@ Each builder reads the folder a user already has from `manual_dir` (or, for `fol
 the image folder itself). Images are stored as JPEG bytes; files that are not upright RGB
 JPEGs (greyscale, RGBA, CMYK, 16-bit, PNG in disguise, EXIF-rotated) go through
 `images.read_rgb` and are re-encoded. Files that cannot be decoded at all are collected
-and reported together at the end of the split, which aborts the build: TFDS writes into an `.incomplete` folder and only renames it when every split
-succeeded, so a failed build never looks complete.
+and reported together at the end of the split, which aborts the build: TFDS writes into an
+`.incomplete` folder and only renames it when every split succeeded, so a failed build never
+looks complete.
 """
 
 import inspect
@@ -44,10 +45,14 @@ def rgb_jpeg_bytes(path: str) -> bytes:
     return out.getvalue()
 
 
-def _read_lines(path: str) -> list[str]:
+def _archive_file(path: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"expected the archive file {path}; is --manual-dir the right folder?")
-    with open(path) as f:
+    return path
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(_archive_file(path)) as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -215,7 +220,8 @@ class PandCars(_RawBuilder):
                                        f"{root}/devkit/cars_test_annos_withlabels.mat")
                            if os.path.exists(p)), f"{root}/cars_test_annos_withlabels.mat")
         out = {}
-        for split, annos in (("train", f"{root}/devkit/cars_train_annos.mat"), ("test", test_annos)):
+        train_annos = f"{root}/devkit/cars_train_annos.mat"
+        for split, annos in (("train", train_annos), ("test", test_annos)):
             rows = np.atleast_1d(_loadmat(annos)["annotations"])
             out[split] = [(f"{root}/cars_{split}/{r['fname']}", int(r["class"]) - 1) for r in rows]
         return out
@@ -290,9 +296,7 @@ def folder_builder(tree: folder.Tree, name: str) -> type[PandFolder]:
 def _loadmat(path: str) -> dict:
     from scipy.io import loadmat  # scipy ships with scikit-learn
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"expected the archive file {path}; is --manual-dir the right folder?")
-    return loadmat(path, squeeze_me=True)
+    return loadmat(_archive_file(path), squeeze_me=True)
 
 
 def _find_root(root: str, marker: str, subdirs: list[str], layout: str) -> str:

@@ -77,7 +77,8 @@ def fingerprint(root: str, files) -> str:
     h = hashlib.sha256()
     for path, label in files:
         st = os.stat(path)
-        h.update(f"{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        rel = os.path.relpath(path, root)
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -129,8 +130,10 @@ def _class_names(root: str, folders: tuple[str, ...]) -> tuple[str, ...]:
                 given = json.load(f)
         except (OSError, ValueError) as e:
             raise FolderError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(given, dict) or not all(isinstance(v, str) and v.strip() for v in given.values()):
-            raise FolderError(f'{path} must map class folders to names: {{"{folders[0]}": "a name", ...}}')
+        if not isinstance(given, dict) or not all(isinstance(v, str) and v.strip()
+                                                  for v in given.values()):
+            raise FolderError(f'{path} must map class folders to names: '
+                              f'{{"{folders[0]}": "a name", ...}}')
         unknown = sorted(set(given) - set(folders))
         if unknown:
             raise FolderError(f"{path} names folders that are not classes: {unknown}; "
@@ -174,8 +177,8 @@ def check_images(tree: Tree, skip: bool) -> list[tuple[str, str]]:
     bad = bad_images(tree)
     if bad and not skip:
         raise BadImagesError(
-            f"{len(bad)} image file(s) under {tree.root} cannot be read; nothing was run. Replace or "
-            "remove them, or pass --skip-bad-images to train without them:\n  "
+            f"{len(bad)} image file(s) under {tree.root} cannot be read; nothing was run. Replace "
+            "or remove them, or pass --skip-bad-images to train without them:\n  "
             + "\n  ".join(f"{p} ({err})" for p, err in bad))
     return bad
 

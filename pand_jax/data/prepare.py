@@ -30,7 +30,8 @@ def prepare(key: str, data_dir: str, manual_dir: str | None = None, official: bo
         from pand_jax.data.builders import folder_builder
 
         tree = folder.scan(folder.root_of(key))
-        builder = folder_builder(tree, info.tfds_name)(data_dir=data_dir, file_format="array_record")
+        builder = folder_builder(tree, info.tfds_name)(data_dir=data_dir,
+                                                       file_format="array_record")
         manual_dir = tree.root
     else:
         from pand_jax.data.builders import BUILDERS
@@ -71,7 +72,8 @@ def _verify(builder) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, metavar="KEY",
-                        help=f"{', '.join(k for k, d in DATASETS.items() if d.tfds_name)}, or folder:PATH")
+                        help=", ".join(k for k, d in DATASETS.items() if d.tfds_name)
+                        + ", or folder:PATH")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--manual-dir", help="the extracted raw archive (project builders)")
     parser.add_argument("--official", action="store_true", help="TFDS's own builder (needs TensorFlow)")

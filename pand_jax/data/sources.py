@@ -72,7 +72,8 @@ def check_folder(info, data_dir: str | None, skip_bad_images: bool, train_split:
     prepared = prepared_dir(info.key, data_dir or DEFAULT_DATA_DIR, info) is not None
     skipped = [] if prepared else folder.check_images(tree, skip_bad_images)
     if train_split not in tree.files:
-        raise folder.FolderError(f"{tree.root} has no {train_split}/ folder for train_split={train_split!r}")
+        raise folder.FolderError(
+            f"{tree.root} has no {train_split}/ folder for train_split={train_split!r}")
     left_out = {p for p, _ in skipped}
     n = sum(p not in left_out for p, _ in tree.files[train_split])
     if n < batch_size:

@@ -198,8 +198,9 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     if cached:
         # The source name follows an image folder's files and which copy is read.
         key = dict(teacher=teacher_id, dataset=info.key, source=train_source.name,
-                   split=train_split, data_dir=str(cfg["data_dir"]), recipe=recipe, host=cfg["host_image_size"],
-                   size=size, seed=seed, views=views, dtype=str(jnp.dtype(dtype)))
+                   split=train_split, data_dir=str(cfg["data_dir"]), recipe=recipe,
+                   host=cfg["host_image_size"], size=size, seed=seed, views=views,
+                   dtype=str(jnp.dtype(dtype)))
         cache = teacher_cache.build(
             clip, train_source, views=views, seed=seed, recipe=recipe,
             host_image_size=cfg["host_image_size"], image_size=size,

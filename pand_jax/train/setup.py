@@ -71,8 +71,8 @@ def process_slice(global_batch: int) -> tuple[int, int]:
 def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, batch: int, mesh,
                 cache_dir: pathlib.Path | None = None):
     check_batch_size(batch, mesh, "evaluation batch size")
-    return pipeline.Loader(load_split(info, split, cfg), global_batch_size=batch, image_size=size, resize=resize,
-                           train=False, seed=cfg["seed"], cache_dir=cache_dir)
+    return pipeline.Loader(load_split(info, split, cfg), global_batch_size=batch, image_size=size,
+                           resize=resize, train=False, seed=cfg["seed"], cache_dir=cache_dir)
 
 
 def host_cache_dir(cfg: dict[str, Any], workdir: pathlib.Path) -> pathlib.Path | None:
