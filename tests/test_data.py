@@ -279,6 +279,24 @@ def test_new_builders_check_their_class_lists(tmp_path, key, edit, message):
         prepare(key, str(tmp_path / "data"), raw)
 
 
+def test_official_split_names_are_mapped(tmp_path):
+    """TFDS's food101 calls the official test list `validation`; its copy must serve `test`."""
+    import types
+
+    layout = _food_tree(str(tmp_path / "raw"))
+
+    def body(ns):
+        ns["name"] = "food101"
+        ns["split_files"] = lambda self, root: {
+            {"test": "validation"}.get(k, k): v for k, v in builders.PandFood.split_files(self, root).items()}
+
+    official = types.new_class("Food101", (builders.PandFood,), {"skip_registration": True}, body)
+    official(data_dir=str(tmp_path / "data"), file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "raw")))
+    test = load_split("food", "test", data_dir=str(tmp_path / "data"))
+    assert sorted(test[i]["label"] for i in range(len(test))) == sorted(layout["test"].values())
+
+
 def test_missing_manual_dir_explains_layout(tmp_path):
     with pytest.raises(ValueError, match="variants.txt"):
         prepare("aircraft", str(tmp_path / "data"))

@@ -61,6 +61,19 @@ def test_labels_names_and_every_example(tmp_path):
             assert (ex["image"] == _color(label, k)).all()
 
 
+def test_sub_folders_other_files_and_letter_case(tmp_path):
+    root = make_tree(tmp_path / "birds", {"train": 1, "test": 1})
+    cardinal = root / "train" / "cardinal"
+    os.makedirs(cardinal / "2024")
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(cardinal / "2024" / "A.JPEG", format="JPEG")
+    (cardinal / "notes.txt").write_text("not an image")
+    (cardinal / ".hidden.png").write_bytes(b"")
+    src = load_split(key(root), "train", data_dir=str(tmp_path / "none"))
+    assert [(os.path.relpath(p, root), label) for p, label in src.files] == [
+        ("train/Zebra_finch/img0.png", 0), ("train/blue-jay/img0.png", 1),
+        ("train/cardinal/img0.png", 2), ("train/cardinal/2024/A.JPEG", 2)]
+
+
 def test_relative_and_absolute_paths_name_the_same_dataset(tmp_path, monkeypatch):
     make_tree(tmp_path / "birds")
     monkeypatch.chdir(tmp_path)
@@ -127,7 +140,7 @@ def _modes(rng):
         ("RGBA", Image.fromarray(rgba), ".png", rgba[..., :3]),  # alpha dropped, like torchvision
         ("CMYK", Image.fromarray(cmyk, "CMYK"), ".tif", (255 - cmyk[..., :3]) * nk / 255),
         ("I;16", Image.fromarray(wide), ".png", rep(np.round(wide / 257.0))),
-        ("I", Image.fromarray(wide.astype(np.int32) * 1, "I"), ".tif", rep(np.round(wide / 257.0))),
+        ("I", Image.fromarray(wide.astype(np.int32), "I"), ".tif", rep(np.round(wide / 257.0))),
         ("F", Image.fromarray(unit, "F"), ".tif", rep(np.round(unit * 255.0))),
         ("F", Image.fromarray(unit * 300, "F"), ".tif", rep(np.clip(np.round(unit * 300), 0, 255))),
         ("1", Image.fromarray(grey > 127), ".png", rep((grey > 127) * 255)),
@@ -243,6 +256,14 @@ def test_prepared_copy_is_read_in_the_folder_order(tmp_path):
     assert not isinstance(load_split(key(root), "test", data_dir=data_dir), TfdsSource)
 
 
+def test_prepare_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    from pand_jax.data.prepare import main
+
+    assert main(["--dataset", f"folder:{tmp_path}/nope", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/nope is not a folder") and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------ anchors, CLI, both stages
 
 def test_anchors_of_another_folder_are_refused(tmp_path):
@@ -299,7 +320,7 @@ def test_psc_then_nsd_on_a_folder(teacher, tmp_path):  # noqa: F811
         == [str(p) for p in bad]
     run_train(_stage_args(NSD_ARGS, root) + ["--teacher", teacher, "--workdir", nsd,
                                               "--anchors", psc / "anchors.npz", "--skip-bad-images",
-                                              "--teacher-cache", "1"])
+                                              "--teacher-cache", "1"], devices=2)
     summary = json.loads((nsd / "summary.json").read_text())
     assert summary["dataset"] == key(root) and summary["learned_anchors"] is True
     student = json.loads((nsd / "student" / "config.json").read_text())

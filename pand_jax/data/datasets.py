@@ -21,6 +21,8 @@ class DatasetInfo:
     official_tfds_name: str | None  # TFDS's builder (needs TensorFlow to build), if any
     image_size: int  # natural host resolution for the demo / learning tests
     fingerprint: str | None = None  # image folders: changes with their files; keys the caches
+    # Split names of the official builder where they differ from ours (ours -> TFDS's).
+    official_splits: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:
@@ -87,13 +89,15 @@ DATASETS: dict[str, DatasetInfo] = {
         prompt_template="a photo of a {}, a type of flower.", train_split="train",
         test_split="test", val_split="val",
         source="Oxford Flowers-102 (Oxford VGG), official setid.mat train/val/test split",
-        tfds_name="pand_flowers", official_tfds_name="oxford_flowers102", image_size=256),
+        tfds_name="pand_flowers", official_tfds_name="oxford_flowers102", image_size=256,
+        official_splits={"val": "validation"}),
     "food": DatasetInfo(
         key="food", num_classes=101, class_names=tuple(map(_food_name, classnames.FOOD)),
         prompt_template="a photo of {}, a type of food.", train_split="train",
         test_split="test", val_split=None,
         source="Food-101 (ETH Zurich), official meta/train.txt and meta/test.txt",
-        tfds_name="pand_food", official_tfds_name="food101", image_size=256),
+        tfds_name="pand_food", official_tfds_name="food101", image_size=256,
+        official_splits={"test": "validation"}),  # TFDS calls the official test list validation
     "digits": DatasetInfo(
         key="digits", num_classes=10, class_names=tuple(str(d) for d in range(10)),
         prompt_template="a photo of the digit {}", train_split="train", test_split="test",

@@ -1,6 +1,6 @@
 """Your own images: `--dataset folder:PATH` reads the torchvision ImageFolder layout.
 
-    PATH/train/<class>/*.jpg   any of IMAGE_EXTENSIONS, in any letter case
+    PATH/train/<class>/*.jpg   any of IMAGE_EXTENSIONS, in any letter case, sub-folders too
     PATH/test/<class>/...
     PATH/val/<class>/...       optional: Stage-PSC then picks its best epoch on it, not on test
     PATH/classes.json          optional: {"<class folder>": "display name", ...}
@@ -112,9 +112,10 @@ def scan(root: str) -> Tree:
 
 
 def _class_images(path: str) -> list[str]:
-    found = sorted(os.path.join(path, e.name) for e in os.scandir(path)
-                   if e.is_file() and not e.name.startswith(".")
-                   and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    # Sub-folders of a class folder count, in torchvision's order (sorted walk, sorted names).
+    found = [os.path.join(d, f) for d, _, names in sorted(os.walk(path, followlinks=True))
+             for f in sorted(names)
+             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
     if not found:
         raise FolderError(f"class folder {path} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                           "add some or remove the folder from every split")

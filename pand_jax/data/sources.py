@@ -114,6 +114,8 @@ def load_split(key: str, split: str, data_dir: str | None = None, skip_bad_image
         raise FileNotFoundError(
             f"dataset {key!r} is not prepared under {data_dir}; run:\n  {_prepare_command(key, data_dir)}")
     sources = tfds.builder_from_directory(path).as_data_source()
+    if os.path.basename(os.path.dirname(path)) == info.official_tfds_name:
+        split = info.official_splits.get(split, split)
     name = info.tfds_name if folder.is_folder(key) else key  # a folder key is a path
     if split == "trainval" and "trainval" not in sources and {"train", "val"} <= set(sources):
         return TfdsSource([sources["train"], sources["val"]], f"{name}-trainval")  # FGVC-Aircraft
