@@ -7,7 +7,8 @@ By default the project's own builders read the raw archive in RAW (no TensorFlow
 An image folder needs no RAW: its prepared copy is named after its files, and training with
 the same --data-dir reads it instead of the folder while the folder is unchanged.
 `--official` builds TFDS's own builder instead (caltech_birds2011, oxford_iiit_pet,
-stanford_dogs): it downloads and needs TensorFlow (`pip install 'pand_jax[tensorflow]'`).
+stanford_dogs, cars196, oxford_flowers102, food101): it downloads and needs TensorFlow
+(`pip install 'pand_jax[tensorflow]'`).
 """
 
 import argparse
