@@ -17,7 +17,8 @@ from pand_jax.data.sources import TfdsSource, prepared_dir
 # ------------------------------------------------------------------ registry
 
 def test_registry_counts_and_names():
-    expected = {"cub": 200, "aircraft": 100, "pets": 37, "dogs": 120, "digits": 10}
+    expected = {"cub": 200, "aircraft": 100, "pets": 37, "dogs": 120, "cars": 196, "flowers": 102,
+                "food": 101, "digits": 10}
     assert {k: d.num_classes for k, d in DATASETS.items()} == expected
     for d in DATASETS.values():
         assert len(set(d.class_names)) == d.num_classes and "{}" in d.prompt_template
@@ -27,10 +28,14 @@ def test_registry_counts_and_names():
     assert DATASETS["pets"].class_names[2] == "American Pit Bull Terrier"
     assert DATASETS["dogs"].class_names[1] == "Japanese spaniel"
     assert DATASETS["aircraft"].val_split == "val" and DATASETS["cub"].val_split is None
+    assert DATASETS["cars"].class_names[-1] == "smart fortwo Convertible 2012"
+    assert DATASETS["flowers"].class_names[:2] == ("pink primrose", "hard-leaved pocket orchid")
+    assert DATASETS["food"].class_names[-1] == "waffles" and DATASETS["flowers"].val_split == "val"
+    assert DATASETS["food"].prompt_template == "a photo of {}, a type of food."
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ValueError, match="cub, aircraft, pets, dogs, digits"):
+    with pytest.raises(ValueError, match="cub, aircraft, pets, dogs, cars, flowers, food, digits, or folder:PATH"):
         get_dataset("imagenet")
 
 
@@ -79,7 +84,8 @@ def _cub_tree(root):
     for name, lines in (("images", images), ("image_class_labels", labels), ("train_test_split", split)):
         with open(f"{root}/{name}.txt", "w") as f:
             f.writelines(lines)
-    return {"train": [0, 5, 199], "test": [0, 199]}
+    return {split: {f"img_{i}.jpg": label for i, label, t in rows if t == (split == "train")}
+            for split in ("train", "test")}
 
 
 def _aircraft_tree(root):
@@ -89,31 +95,35 @@ def _aircraft_tree(root):
     with open(f"{root}/variants.txt", "w") as f:
         f.write("\n".join(variants) + "\n")
     layout = {"train": [0, 72, 99], "val": [72], "test": [37, 99]}  # 72 = "F-16A/B": slash in a name
-    n = 0
+    n, out = 0, {}
     for split, labels in layout.items():
+        out[split] = {}
         with open(f"{root}/images_variant_{split}.txt", "w") as f:
             for label in labels:
                 n += 1
                 _jpeg(f"{root}/images/{n:07d}.jpg", seed=n, mode="L" if n == 1 else "RGB")
                 f.write(f"{n:07d} {variants[label]}\n")
-    return layout
+                out[split][f"{n:07d}.jpg"] = label
+    return out
 
 
 def _pets_tree(root):
     layout = {"train": [0, 36, 5], "test": [10, 20]}
-    n = 0
+    n, out = 0, {}
     for split, listing in (("train", "trainval"), ("test", "test")):
         lines = ["#Image CLASS-ID SPECIES BREED ID\n"]
+        out[split] = {}
         for label in layout[split]:
             n += 1
             name = f"{classnames.PETS[label]}_{n}"
+            out[split][f"{name}.jpg"] = label
             # Oxford-IIIT Pet has PNGs and RGBA files named .jpg; they must come out RGB.
             _jpeg(f"{root}/images/{name}.jpg", seed=n, mode="RGBA" if n == 2 else "RGB", fmt="PNG" if n == 2 else "JPEG")
             lines.append(f"{name} {label + 1} 1 1\n")
         os.makedirs(f"{root}/annotations", exist_ok=True)
         with open(f"{root}/annotations/{listing}.txt", "w") as f:
             f.writelines(lines)
-    return layout
+    return out
 
 
 def _dogs_tree(root):
@@ -122,31 +132,88 @@ def _dogs_tree(root):
     layout = {"train": [0, 119, 60], "test": [1, 119]}
     for d in classnames.DOGS:
         os.makedirs(f"{root}/Images/{d}")
-    n = 0
+    n, out = 0, {}
     for split, labels in layout.items():
-        files = []
+        files, out[split] = [], {}
         for label in labels:
             n += 1
             rel = f"{classnames.DOGS[label]}/{classnames.DOGS[label].split('-')[0]}_{n}.jpg"
             _jpeg(f"{root}/Images/{rel}", seed=n)
             files.append(rel)
+            out[split][os.path.basename(rel)] = label
         savemat(f"{root}/{split}_list.mat", {"file_list": np.array(files, dtype=object)[:, None]})
+    return out
+
+
+def _cars_tree(root):
+    from scipy.io import savemat
+
+    layout = {"train": {"00001.jpg": 0, "00002.jpg": 195, "00003.jpg": 117}, "test": {"00001.jpg": 195, "00002.jpg": 3}}
+    os.makedirs(f"{root}/devkit")
+    savemat(f"{root}/devkit/cars_meta.mat", {"class_names": np.array(classnames.CARS, dtype=object)[None]})
+    fields = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
+    for n, (split, files) in enumerate(layout.items()):
+        annos = np.zeros((1, len(files)), dtype=fields)
+        for j, (fname, label) in enumerate(files.items()):
+            # CMYK in the test split: Stanford Cars has a few.
+            _jpeg(f"{root}/cars_{split}/{fname}", seed=10 * n + j, mode="CMYK" if split == "test" and j == 0 else "RGB")
+            annos[0, j] = (1, 2, 20, 15, label + 1, fname)
+        path = f"{root}/devkit/cars_train_annos.mat" if split == "train" else f"{root}/cars_test_annos_withlabels.mat"
+        savemat(path, {"annotations": annos})
     return layout
 
 
-TREES = {"cub": _cub_tree, "aircraft": _aircraft_tree, "pets": _pets_tree, "dogs": _dogs_tree}
+def _flowers_tree(root):
+    from scipy.io import savemat
+
+    # Labels of image 1..110 (1-based, every class present); only the listed images exist.
+    labels = np.concatenate([np.arange(1, 103), [7, 7, 50, 102, 1, 1, 1, 1]])
+    setid = {"trnid": [104, 3], "valid": [105], "tstid": [106, 102, 1]}
+    os.makedirs(root)
+    savemat(f"{root}/imagelabels.mat", {"labels": labels[None]})
+    savemat(f"{root}/setid.mat", {k: np.array(v)[None] for k, v in setid.items()})
+    out = {}
+    for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
+        out[split] = {}
+        for i in setid[key]:
+            _jpeg(f"{root}/jpg/image_{i:05d}.jpg", seed=i)
+            out[split][f"image_{i:05d}.jpg"] = int(labels[i - 1]) - 1
+    return out
+
+
+def _food_tree(root):
+    root = f"{root}/food-101"
+    layout = {"train": [("apple_pie", "101"), ("waffles", "7"), ("sushi", "55")], "test": [("waffles", "3"), ("apple_pie", "1")]}
+    os.makedirs(f"{root}/meta")
+    with open(f"{root}/meta/classes.txt", "w") as f:
+        f.write("\n".join(classnames.FOOD) + "\n")
+    out = {}
+    for split, rows in layout.items():
+        with open(f"{root}/meta/{split}.txt", "w") as f:
+            f.writelines(f"{c}/{i}\n" for c, i in rows)
+        for c, i in rows:
+            _jpeg(f"{root}/images/{c}/{i}.jpg", seed=int(i))
+        out[split] = {f"{c}/{i}.jpg": classnames.FOOD.index(c) for c, i in rows}
+    return out
+
+
+TREES = {"cub": _cub_tree, "aircraft": _aircraft_tree, "pets": _pets_tree, "dogs": _dogs_tree,
+         "cars": _cars_tree, "flowers": _flowers_tree, "food": _food_tree}
 
 
 @pytest.mark.parametrize("key", list(TREES))
 def test_builder_reads_raw_layout(tmp_path, key):
-    layout = TREES[key](str(tmp_path / "raw"))
+    layout = TREES[key](str(tmp_path / "raw"))  # {split: {file_name: label}}
     data_dir = str(tmp_path / "data")
     prepare(key, data_dir, str(tmp_path / "raw"))
+    stored = tfds.builder_from_directory(prepared_dir(key, data_dir)).as_data_source()
     for split, labels in layout.items():
         src = load_split(key, split, data_dir=data_dir)
         assert len(src) == len(labels)
         got = [src[i] for i in range(len(src))]
-        assert sorted(ex["label"] for ex in got) == sorted(labels)
+        names = [stored[split][i]["file_name"].decode() for i in range(len(src))]
+        assert sorted(names) == sorted(labels)
+        assert [ex["label"] for ex in got] == [labels[n] for n in names]  # each example's own label
         assert [ex["index"] for ex in got] == list(range(len(src)))
         assert all(ex["image"].ndim == 3 and ex["image"].shape[-1] == 3 and ex["image"].dtype == np.uint8 for ex in got)
     with pytest.raises(ValueError, match="splits: "):
@@ -175,6 +242,59 @@ def test_class_list_mismatch_is_an_error(tmp_path):
     variants.write_text(variants.read_text().replace("A380", "A390"))
     with pytest.raises(ValueError, match="A390"):
         prepare("aircraft", str(tmp_path / "data"), str(tmp_path / "raw"))
+
+
+def _rename_car(raw):
+    from scipy.io import savemat
+
+    names = list(classnames.CARS)
+    names[5] = "Acura Integra Type Z 2001"
+    savemat(f"{raw}/devkit/cars_meta.mat", {"class_names": np.array(names, dtype=object)[None]})
+
+
+def _drop_flower_label(raw):
+    from scipy.io import loadmat, savemat
+
+    labels = loadmat(f"{raw}/imagelabels.mat")["labels"]
+    labels[labels == 50] = 51  # label 50 no longer occurs: not the 102-class archive
+    savemat(f"{raw}/imagelabels.mat", {"labels": labels})
+
+
+def _rename_food(raw):
+    path = f"{raw}/food-101/meta/classes.txt"
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("tiramisu", "tiramisu_cake"))
+
+
+@pytest.mark.parametrize("key, edit, message", [
+    ("cars", _rename_car, "Type Z"), ("flowers", _drop_flower_label, "imagelabels.mat labels"),
+    ("food", _rename_food, "tiramisu_cake")])
+def test_new_builders_check_their_class_lists(tmp_path, key, edit, message):
+    raw = str(tmp_path / "raw")
+    TREES[key](raw)
+    edit(raw)
+    with pytest.raises(ValueError, match=message):
+        prepare(key, str(tmp_path / "data"), raw)
+
+
+def test_official_split_names_are_mapped(tmp_path):
+    """TFDS's food101 calls the official test list `validation`; its copy must serve `test`."""
+    import types
+
+    layout = _food_tree(str(tmp_path / "raw"))
+
+    def body(ns):
+        ns["name"] = "food101"
+        ns["split_files"] = lambda self, root: {
+            {"test": "validation"}.get(k, k): v for k, v in builders.PandFood.split_files(self, root).items()}
+
+    official = types.new_class("Food101", (builders.PandFood,), {"skip_registration": True}, body)
+    official(data_dir=str(tmp_path / "data"), file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "raw")))
+    test = load_split("food", "test", data_dir=str(tmp_path / "data"))
+    assert sorted(test[i]["label"] for i in range(len(test))) == sorted(layout["test"].values())
 
 
 def test_missing_manual_dir_explains_layout(tmp_path):

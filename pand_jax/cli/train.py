@@ -12,6 +12,7 @@ import pathlib
 import sys
 
 from pand_jax import config as config_lib
+from pand_jax.data.datasets import run_name
 from pand_jax.losses import METHODS, NSD_FORMS
 from pand_jax.models.student import ARCHS
 
@@ -20,7 +21,7 @@ FLAG_KEYS = {
     "dataset": "dataset", "data_dir": "data_dir", "teacher": "teacher", "epochs": "epochs",
     "batch_size": "batch_size", "student": "student", "method": "method",
     "nsd_form": "loss.nsd_form", "lambda_nsd": "loss.lambda_nsd", "anchors": "anchors",
-    "teacher_cache": "teacher_cache",
+    "teacher_cache": "teacher_cache", "skip_bad_images": "skip_bad_images",
 }
 NSD_ONLY = ("student", "method", "nsd_form", "lambda_nsd", "anchors", "no_psc", "teacher_cache")
 
@@ -33,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
                "  python train.py --demo")
     p.add_argument("--stage", choices=("psc", "nsd"))
     p.add_argument("--demo", action="store_true", help="offline demo: tiny CLIP, digits, PSC+NSD")
-    p.add_argument("--dataset")
+    p.add_argument("--dataset", help="cub, aircraft, pets, dogs, cars, flowers, food, digits, or "
+                   "folder:PATH for your own images (PATH/train/<class>/*.jpg, PATH/test/...)")
     p.add_argument("--student", choices=ARCHS)
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--nsd-form", choices=NSD_FORMS)
@@ -48,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="run directory (default: runs/DATASET/STAGE[...])")
     p.add_argument("--teacher", help="converted teacher weights (default: weights/teacher)")
     p.add_argument("--data-dir", help="prepared datasets (python -m pand_jax.data.prepare)")
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="folder datasets: leave out unreadable images (listed in the workdir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set optimizer.grad_clip=1.0")
     p.add_argument("--allow-config-change", action="store_true",
@@ -74,15 +78,16 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path]:
     if args.no_psc:
         cfg["no_psc"] = True
     cfg = config_lib.apply_sets(cfg, args.set)
+    runs = pathlib.Path("runs") / run_name(str(cfg["dataset"]))
     if stage == "nsd" and cfg["method"] == "pand" and not cfg["no_psc"] and not cfg["anchors"]:
-        cfg["anchors"] = str(pathlib.Path("runs") / cfg["dataset"] / "psc" / "anchors.npz")
+        cfg["anchors"] = str(runs / "psc" / "anchors.npz")
     if args.workdir:
         workdir = pathlib.Path(args.workdir)
     elif stage == "psc":
-        workdir = pathlib.Path("runs") / cfg["dataset"] / "psc"
+        workdir = runs / "psc"
     else:
         variant = cfg["method"] + ("-nopsc" if cfg["no_psc"] else "")
-        workdir = pathlib.Path("runs") / cfg["dataset"] / "nsd" / f"{variant}-{cfg['student']}"
+        workdir = runs / "nsd" / f"{variant}-{cfg['student']}"
     return cfg, workdir
 
 

@@ -1,17 +1,19 @@
 """The project's own TFDS builders: raw archive layouts -> array_record, no TensorFlow.
 
-Each builder reads the folder a user already has (the extracted official archive) from
-`manual_dir`. Images are stored as JPEG bytes; files that are not RGB JPEGs (greyscale,
-RGBA, CMYK, PNG in disguise) are converted to RGB and re-encoded. Files that cannot be
-decoded at all are collected and reported together at the end of the split, which aborts
-the build: TFDS writes into an `.incomplete` folder and only renames it when every split
-succeeded, so a failed build never looks complete.
+Each builder reads the folder a user already has from `manual_dir` (or, for `folder:PATH`,
+the image folder itself). Images are stored as JPEG bytes; files that are not upright RGB
+JPEGs (greyscale, RGBA, CMYK, 16-bit, PNG in disguise, EXIF-rotated) go through
+`images.read_rgb` and are re-encoded. Files that cannot be decoded at all are collected
+and reported together at the end of the split, which aborts the build: TFDS writes into an
+`.incomplete` folder and only renames it when every split succeeded, so a failed build never
+looks complete.
 """
 
 import inspect
 import io
 import os
 import re
+import types
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,9 +21,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from pand_jax.data import classnames
+from pand_jax.data import classnames, folder, images
 
 _JPEG_QUALITY = 95  # only for converted images; clean RGB JPEGs are stored byte for byte
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 class CorruptImagesError(RuntimeError):
@@ -29,22 +32,27 @@ class CorruptImagesError(RuntimeError):
 
 
 def rgb_jpeg_bytes(path: str) -> bytes:
-    """The file's bytes if it is an RGB JPEG, else the image converted to an RGB JPEG."""
+    """The file's bytes if it is an upright RGB JPEG, else `images.read_rgb` of it as a JPEG."""
     with open(path, "rb") as f:
         data = f.read()
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # truncated files fail here, not later in the training loop
-        if img.format == "JPEG" and img.mode == "RGB":
+        # Decoders of the stored bytes ignore EXIF, so rotated files are stored upright.
+        if img.format == "JPEG" and img.mode == "RGB" and img.getexif().get(_ORIENTATION, 1) == 1:
             return data
-        out = io.BytesIO()
-        img.convert("RGB").save(out, format="JPEG", quality=_JPEG_QUALITY)
-        return out.getvalue()
+    out = io.BytesIO()
+    images.read_rgb(path).save(out, format="JPEG", quality=_JPEG_QUALITY)
+    return out.getvalue()
+
+
+def _archive_file(path: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"expected the archive file {path}; is --manual-dir the right folder?")
+    return path
 
 
 def _read_lines(path: str) -> list[str]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"expected the archive file {path}; is --manual-dir the right folder?")
-    with open(path) as f:
+    with open(_archive_file(path)) as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -62,6 +70,7 @@ class _RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     RAW_NAMES: tuple[str, ...] = ()
     LAYOUT = ""  # shown to users in MANUAL_DOWNLOAD_INSTRUCTIONS and errors
+    KEEP_ORDER = False  # store examples in generation order, not TFDS's hash order
 
     # TFDS 4.9.10's own `code_path` needs the `importlib_resources` backport on Python >= 3.9
     # (an `isinstance` check evaluated before its fallback); the plain file path is all it
@@ -80,6 +89,7 @@ class _RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "file_name": tfds.features.Text(),
             }),
             supervised_keys=("image", "label"),
+            disable_shuffling=self.KEEP_ORDER,
         )
 
     def _split_generators(self, dl_manager):
@@ -90,15 +100,19 @@ class _RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """{split: [(image path, label)]} read from the archive layout under `root`."""
         raise NotImplementedError
 
+    def example_name(self, path: str) -> str:
+        """The example's key and file_name (unique within a split)."""
+        return os.path.basename(path)
+
     def _generate_examples(self, files: list[tuple[str, int]]) -> Iterator[tuple[str, dict]]:
         bad = []
         for path, label in files:
             try:
                 image = rgb_jpeg_bytes(path)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            except images.READ_ERRORS as e:
                 bad.append(f"{path} ({e})")
                 continue
-            name = os.path.basename(path)
+            name = self.example_name(path)
             yield name, {"image": image, "label": label, "file_name": name}
         if bad:
             raise CorruptImagesError(
@@ -175,18 +189,114 @@ class PandDogs(_RawBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Extract images.tar and lists.tar side by side: {LAYOUT}."
 
     def split_files(self, root):
-        from scipy.io import loadmat  # scipy ships with scikit-learn
-
         root = _find_root(root, "train_list.mat", [], self.LAYOUT)
         found = sorted(d for d in os.listdir(f"{root}/Images") if re.match(r"n\d{8}-", d))
         _check_names(found, self.RAW_NAMES, "Stanford Dogs Images/ folders")
         label_of = {name: i for i, name in enumerate(self.RAW_NAMES)}
         out = {}
         for split in ("train", "test"):
-            files = loadmat(f"{root}/{split}_list.mat", squeeze_me=True)["file_list"]
+            files = _loadmat(f"{root}/{split}_list.mat")["file_list"]
             files = [str(f) for f in np.atleast_1d(files)]
             out[split] = [(f"{root}/Images/{f}", label_of[f.split("/")[0]]) for f in files]
         return out
+
+
+class PandCars(_RawBuilder):
+    """Stanford Cars from `cars_train/`, `cars_test/` and the devkit's .mat files."""
+
+    RAW_NAMES = classnames.CARS
+    LAYOUT = ("{cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
+              "cars_test_annos_withlabels.mat}")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Extract cars_train.tgz, cars_test.tgz and car_devkit.tgz side by side and put "
+        f"cars_test_annos_withlabels.mat next to them (or in devkit/): {LAYOUT}.")
+
+    def split_files(self, root):
+        root = _find_root(root, "devkit/cars_meta.mat", ["stanford_cars", "cars"], self.LAYOUT)
+        meta = _loadmat(f"{root}/devkit/cars_meta.mat")
+        _check_names([str(n) for n in np.atleast_1d(meta["class_names"])], self.RAW_NAMES,
+                     "Stanford Cars devkit/cars_meta.mat")
+        test_annos = next((p for p in (f"{root}/cars_test_annos_withlabels.mat",
+                                       f"{root}/devkit/cars_test_annos_withlabels.mat")
+                           if os.path.exists(p)), f"{root}/cars_test_annos_withlabels.mat")
+        out = {}
+        train_annos = f"{root}/devkit/cars_train_annos.mat"
+        for split, annos in (("train", train_annos), ("test", test_annos)):
+            rows = np.atleast_1d(_loadmat(annos)["annotations"])
+            out[split] = [(f"{root}/cars_{split}/{r['fname']}", int(r["class"]) - 1) for r in rows]
+        return out
+
+
+class PandFlowers(_RawBuilder):
+    """Oxford Flowers-102 from `jpg/`, `imagelabels.mat` and `setid.mat`.
+
+    setid.mat's `trnid` is the train split, `valid` val and `tstid` test (1,020 / 1,020 /
+    6,149 images: the larger set is the test split, as in the paper and CoOp).
+    """
+
+    RAW_NAMES = classnames.FLOWERS
+    LAYOUT = "{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Extract 102flowers.tgz and put imagelabels.mat and setid.mat next to jpg/: {LAYOUT}.")
+
+    def split_files(self, root):
+        root = _find_root(root, "setid.mat", ["flowers-102", "oxford_flowers102"], self.LAYOUT)
+        labels = np.atleast_1d(_loadmat(f"{root}/imagelabels.mat")["labels"]).astype(int)
+        # The archive has no class names, only labels 1..102; check there are that many.
+        _check_names(sorted(set(labels.tolist())), tuple(range(1, len(self.RAW_NAMES) + 1)),
+                     "Oxford Flowers-102 imagelabels.mat labels")
+        setid = _loadmat(f"{root}/setid.mat")
+        return {split: [(f"{root}/jpg/image_{i:05d}.jpg", int(labels[i - 1]) - 1)
+                        for i in np.atleast_1d(setid[key]).astype(int)]
+                for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))}
+
+
+class PandFood(_RawBuilder):
+    """Food-101 from `food-101/{meta/, images/}` (official train/test lists)."""
+
+    RAW_NAMES = classnames.FOOD
+    LAYOUT = "food-101/{meta/classes.txt, meta/train.txt, meta/test.txt, images/<class>/*.jpg}"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Extract food-101.tar.gz; the folder holds {LAYOUT}."
+
+    def split_files(self, root):
+        root = _find_root(root, "meta/classes.txt", ["food-101"], self.LAYOUT)
+        found = _read_lines(f"{root}/meta/classes.txt")
+        _check_names(found, self.RAW_NAMES, "Food-101 meta/classes.txt")
+        label_of = {name: i for i, name in enumerate(found)}
+        # Lines are "<class>/<image id>".
+        return {split: [(f"{root}/images/{rel}.jpg", label_of[rel.split("/")[0]])
+                        for rel in _read_lines(f"{root}/meta/{split}.txt")]
+                for split in ("train", "test")}
+
+    def example_name(self, path):
+        return "/".join(path.split("/")[-2:])  # <class>/<image id>.jpg
+
+
+class PandFolder(_RawBuilder):
+    """An image folder (`folder:PATH`); `folder_builder` makes one subclass per folder."""
+
+    KEEP_ORDER = True  # the prepared copy has the folder's order: the same index, the same image
+    TREE: folder.Tree | None = None
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "The image folder itself: PATH/{train,test}/<class>/<images>."
+
+    def split_files(self, root):
+        return {split: list(files) for split, files in self.TREE.files.items()}
+
+    def example_name(self, path):
+        return os.path.relpath(path, self.TREE.root)  # file names repeat across class folders
+
+
+def folder_builder(tree: folder.Tree, name: str) -> type[PandFolder]:
+    def body(ns):
+        ns.update(name=name, TREE=tree, RAW_NAMES=tree.folders, LAYOUT=tree.root)
+
+    return types.new_class(name, (PandFolder,), {"skip_registration": True}, body)
+
+
+def _loadmat(path: str) -> dict:
+    from scipy.io import loadmat  # scipy ships with scikit-learn
+
+    return loadmat(_archive_file(path), squeeze_me=True)
 
 
 def _find_root(root: str, marker: str, subdirs: list[str], layout: str) -> str:
@@ -197,4 +307,5 @@ def _find_root(root: str, marker: str, subdirs: list[str], layout: str) -> str:
     raise FileNotFoundError(f"no {marker} under {root} (also tried {subdirs}); expected the layout {layout}")
 
 
-BUILDERS = {"cub": PandCub, "aircraft": PandAircraft, "pets": PandPets, "dogs": PandDogs}
+BUILDERS = {"cub": PandCub, "aircraft": PandAircraft, "pets": PandPets, "dogs": PandDogs,
+            "cars": PandCars, "flowers": PandFlowers, "food": PandFood}

@@ -1,9 +1,10 @@
-"""Registry of the datasets PAND is evaluated on (docs/paper_vs_code.md, "Data"), plus `digits`."""
+"""Registry of the datasets PAND is evaluated on, three more fine-grained benchmarks,
+`digits`, and any image folder (`folder:PATH`, see `folder.py`)."""
 
 import dataclasses
 import re
 
-from pand_jax.data import classnames
+from pand_jax.data import classnames, folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,9 @@ class DatasetInfo:
     tfds_name: str | None  # the project's own builder (pand_jax.data.builders); None: no preparation
     official_tfds_name: str | None  # TFDS's builder (needs TensorFlow to build), if any
     image_size: int  # natural host resolution for the demo / learning tests
+    fingerprint: str | None = None  # image folders: changes with their files; keys the caches
+    # Split names of the official builder where they differ from ours (ours -> TFDS's).
+    official_splits: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:
@@ -47,6 +51,10 @@ def _dogs_name(raw: str) -> str:
     return raw.split("-", 1)[1].replace("_", " ")
 
 
+def _food_name(raw: str) -> str:
+    return raw.replace("_", " ")
+
+
 DATASETS: dict[str, DatasetInfo] = {
     "cub": DatasetInfo(
         key="cub", num_classes=200, class_names=tuple(map(_cub_name, classnames.CUB)),
@@ -70,6 +78,26 @@ DATASETS: dict[str, DatasetInfo] = {
         prompt_template="a photo of {}, a type of dog", train_split="train", test_split="test",
         val_split=None, source="Stanford Dogs (ImageNet subset), official train/test lists",
         tfds_name="pand_dogs", official_tfds_name="stanford_dogs", image_size=256),
+    # Templates and class names as in CoOp.
+    "cars": DatasetInfo(
+        key="cars", num_classes=196, class_names=classnames.CARS,
+        prompt_template="a photo of a {}.", train_split="train", test_split="test",
+        val_split=None, source="Stanford Cars (Krause et al. 2013), official train/test split",
+        tfds_name="pand_cars", official_tfds_name="cars196", image_size=256),
+    "flowers": DatasetInfo(
+        key="flowers", num_classes=102, class_names=classnames.FLOWERS,
+        prompt_template="a photo of a {}, a type of flower.", train_split="train",
+        test_split="test", val_split="val",
+        source="Oxford Flowers-102 (Oxford VGG), official setid.mat train/val/test split",
+        tfds_name="pand_flowers", official_tfds_name="oxford_flowers102", image_size=256,
+        official_splits={"val": "validation"}),
+    "food": DatasetInfo(
+        key="food", num_classes=101, class_names=tuple(map(_food_name, classnames.FOOD)),
+        prompt_template="a photo of {}, a type of food.", train_split="train",
+        test_split="test", val_split=None,
+        source="Food-101 (ETH Zurich), official meta/train.txt and meta/test.txt",
+        tfds_name="pand_food", official_tfds_name="food101", image_size=256,
+        official_splits={"test": "validation"}),  # TFDS calls the official test list validation
     "digits": DatasetInfo(
         key="digits", num_classes=10, class_names=tuple(str(d) for d in range(10)),
         prompt_template="a photo of the digit {}", train_split="train", test_split="test",
@@ -79,6 +107,25 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 def get_dataset(key: str) -> DatasetInfo:
+    if folder.is_folder(key):
+        return folder_info(folder.scan(folder.root_of(key)))
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {key!r}; valid keys: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {key!r}; valid keys: {', '.join(DATASETS)}, "
+                         "or folder:PATH for your own images")
     return DATASETS[key]
+
+
+def folder_info(tree: folder.Tree) -> DatasetInfo:
+    # The prepared copy's name changes with the files, so a stale copy is never read.
+    safe = re.sub(r"[^a-z0-9]+", "_", folder.run_name(folder.PREFIX + tree.root).lower())
+    return DatasetInfo(
+        key=folder.PREFIX + tree.root, num_classes=len(tree.folders), class_names=tree.class_names,
+        prompt_template=folder.DEFAULT_TEMPLATE, train_split="train", test_split="test",
+        val_split="val" if "val" in tree.files else None, source=f"image folder {tree.root}",
+        tfds_name=f"pand_{safe}_{tree.fingerprint[:10]}", official_tfds_name=None,
+        image_size=256, fingerprint=tree.fingerprint)
+
+
+def run_name(key: str) -> str:
+    """The dataset's folder under runs/ (file-system safe)."""
+    return folder.run_name(key) if folder.is_folder(key) else key

@@ -1,15 +1,20 @@
 """Write a dataset as array_record that `tfds.data_source` reads without TensorFlow.
 
     python -m pand_jax.data.prepare --dataset KEY --data-dir DIR [--manual-dir RAW] [--official]
+    python -m pand_jax.data.prepare --dataset folder:PATH --data-dir DIR
 
 By default the project's own builders read the raw archive in RAW (no TensorFlow needed).
+An image folder needs no RAW: its prepared copy is named after its files, and training with
+the same --data-dir reads it instead of the folder while the folder is unchanged.
 `--official` builds TFDS's own builder instead (caltech_birds2011, oxford_iiit_pet,
-stanford_dogs): it downloads and needs TensorFlow (`pip install 'pand_jax[tensorflow]'`).
+stanford_dogs, cars196, oxford_flowers102, food101): it downloads and needs TensorFlow
+(`pip install 'pand_jax[tensorflow]'`).
 """
 
 import argparse
 import sys
 
+from pand_jax.data import folder
 from pand_jax.data.datasets import DATASETS, get_dataset
 
 
@@ -22,6 +27,13 @@ def prepare(key: str, data_dir: str, manual_dir: str | None = None, official: bo
         raise ValueError(f"dataset {key!r} ships with scikit-learn and needs no preparation")
     if official:
         builder = _official_builder(info, data_dir)
+    elif folder.is_folder(key):
+        from pand_jax.data.builders import folder_builder
+
+        tree = folder.scan(folder.root_of(key))
+        builder = folder_builder(tree, info.tfds_name)(data_dir=data_dir,
+                                                       file_format="array_record")
+        manual_dir = tree.root
     else:
         from pand_jax.data.builders import BUILDERS
 
@@ -60,12 +72,18 @@ def _verify(builder) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, choices=[k for k, d in DATASETS.items() if d.tfds_name])
+    parser.add_argument("--dataset", required=True, metavar="KEY",
+                        help=", ".join(k for k, d in DATASETS.items() if d.tfds_name)
+                        + ", or folder:PATH")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--manual-dir", help="the extracted raw archive (project builders)")
     parser.add_argument("--official", action="store_true", help="TFDS's own builder (needs TensorFlow)")
     args = parser.parse_args(argv)
-    path = prepare(args.dataset, args.data_dir, args.manual_dir, args.official)
+    try:
+        path = prepare(args.dataset, args.data_dir, args.manual_dir, args.official)
+    except (ValueError, RuntimeError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"prepared {args.dataset} in {path}")
     return 0
 

@@ -6,6 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from pand_jax.data import folder
 from pand_jax.data.datasets import get_dataset
 
 DEFAULT_DATA_DIR = os.path.expanduser("~/tensorflow_datasets")
@@ -62,9 +63,29 @@ def _prepare_command(key: str, data_dir: str) -> str:
     return f"python -m pand_jax.data.prepare --dataset {key} --data-dir {data_dir} --manual-dir RAW"
 
 
-def prepared_dir(key: str, data_dir: str) -> str | None:
+def check_folder(info, data_dir: str | None, skip_bad_images: bool, train_split: str,
+                 batch_size: int) -> tuple[folder.Tree, list[tuple[str, str]]]:
+    """An image folder's tree and the (path, reason) of the images to leave out, after
+    decoding every image (unless it was prepared: preparing checks them) and checking that
+    the training split fills one batch; every problem is raised before anything runs."""
+    tree = folder.scan(folder.root_of(info.key))
+    prepared = prepared_dir(info.key, data_dir or DEFAULT_DATA_DIR, info) is not None
+    skipped = [] if prepared else folder.check_images(tree, skip_bad_images)
+    if train_split not in tree.files:
+        raise folder.FolderError(
+            f"{tree.root} has no {train_split}/ folder for train_split={train_split!r}")
+    left_out = {p for p, _ in skipped}
+    n = sum(p not in left_out for p, _ in tree.files[train_split])
+    if n < batch_size:
+        raise folder.FolderError(
+            f"{tree.root}/{train_split} has {n} readable images, fewer than one training batch of "
+            f"{batch_size}; lower --batch-size or add images")
+    return tree, skipped
+
+
+def prepared_dir(key: str, data_dir: str, info=None) -> str | None:
     """The newest prepared version folder of the project's or the official builder, if any."""
-    info = get_dataset(key)
+    info = info or get_dataset(key)
     for name in (info.tfds_name, info.official_tfds_name):
         root = os.path.join(data_dir, name) if name else None
         if root and os.path.isdir(root):
@@ -75,22 +96,30 @@ def prepared_dir(key: str, data_dir: str) -> str | None:
     return None
 
 
-def load_split(key: str, split: str, data_dir: str | None = None):
-    """Random-access source of {image: uint8 HWC RGB, label: int, index: int} for one split."""
+def load_split(key: str, split: str, data_dir: str | None = None, skip_bad_images: bool = False):
+    """Random-access source of {image: uint8 HWC RGB, label: int, index: int} for one split.
+
+    An image folder is read from its prepared copy in `data_dir` when there is one, else
+    directly (leaving out unreadable files when `skip_bad_images`)."""
     info = get_dataset(key)
     if info.tfds_name is None:
         return _split_of(_digits(info.image_size), split, key)
     import tensorflow_datasets as tfds
 
     data_dir = data_dir or DEFAULT_DATA_DIR
-    path = prepared_dir(key, data_dir)
+    path = prepared_dir(key, data_dir, info)
+    if path is None and folder.is_folder(key):
+        return folder.FolderSource(folder.scan(folder.root_of(key)), split, skip_bad_images)
     if path is None:
         raise FileNotFoundError(
             f"dataset {key!r} is not prepared under {data_dir}; run:\n  {_prepare_command(key, data_dir)}")
     sources = tfds.builder_from_directory(path).as_data_source()
+    if os.path.basename(os.path.dirname(path)) == info.official_tfds_name:
+        split = info.official_splits.get(split, split)
+    name = info.tfds_name if folder.is_folder(key) else key  # a folder key is a path
     if split == "trainval" and "trainval" not in sources and {"train", "val"} <= set(sources):
-        return TfdsSource([sources["train"], sources["val"]], f"{key}-trainval")  # FGVC-Aircraft
-    return TfdsSource([_split_of(sources, split, key)], f"{key}-{split}")
+        return TfdsSource([sources["train"], sources["val"]], f"{name}-trainval")  # FGVC-Aircraft
+    return TfdsSource([_split_of(sources, split, key)], f"{name}-{split}")
 
 
 def _split_of(splits: dict, split: str, key: str):

@@ -22,9 +22,8 @@ import optax
 from flax import nnx
 
 from pand_jax import anchors as anchors_lib
-from pand_jax import data as data_lib
 from pand_jax import devices, losses, prompts
-from pand_jax.data import augment, datasets, pipeline
+from pand_jax.data import augment, pipeline
 from pand_jax.models import student as student_lib
 from pand_jax.train import features, loop, setup, teacher_cache
 
@@ -171,7 +170,7 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
 
 def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     check_config(cfg)
-    info = datasets.get_dataset(cfg["dataset"])
+    info = setup.open_dataset(cfg, workdir)
     mesh = devices.make_mesh()
     batch, views = cfg["batch_size"], cfg["teacher_cache"]
     devices.check_batch_size(batch, mesh)
@@ -185,7 +184,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     model = build_model(cfg, info.num_classes, teacher_dim, dtype)
 
     train_split = setup.train_split(info, cfg)
-    train_source = data_lib.load_split(info.key, train_split, cfg["data_dir"])
+    train_source = setup.load_split(info, train_split, cfg)
     train_loader = pipeline.Loader(train_source, global_batch_size=batch,
                                    image_size=cfg["host_image_size"], resize="stretch",
                                    train=True, seed=cfg["seed"],
@@ -197,9 +196,11 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
 
     cache = None
     if cached:
-        key = dict(teacher=teacher_id, dataset=info.key, split=train_split,
-                   data_dir=str(cfg["data_dir"]), recipe=recipe, host=cfg["host_image_size"],
-                   size=size, seed=seed, views=views, dtype=str(jnp.dtype(dtype)))
+        # The source name follows an image folder's files and which copy is read.
+        key = dict(teacher=teacher_id, dataset=info.key, source=train_source.name,
+                   split=train_split, data_dir=str(cfg["data_dir"]), recipe=recipe,
+                   host=cfg["host_image_size"], size=size, seed=seed, views=views,
+                   dtype=str(jnp.dtype(dtype)))
         cache = teacher_cache.build(
             clip, train_source, views=views, seed=seed, recipe=recipe,
             host_image_size=cfg["host_image_size"], image_size=size,

@@ -19,7 +19,7 @@ from flax import nnx
 
 from pand_jax import anchors as anchors_lib
 from pand_jax import devices, losses, prompts
-from pand_jax.data import augment, datasets
+from pand_jax.data import augment
 from pand_jax.train import features, loop, setup
 
 
@@ -77,13 +77,13 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
         feats, labels = features.run_over_split(encode, loader, mesh, f"teacher features ({split})")
         return {"features": feats.astype(np.float32), "labels": labels.astype(np.int32)}
 
-    key = dict(teacher=teacher_id, dataset=info.key, split=split, size=size,
-               data_dir=str(cfg["data_dir"]), version=1)
+    key = dict(teacher=teacher_id, dataset=info.key, fingerprint=info.fingerprint, split=split,
+               size=size, data_dir=str(cfg["data_dir"]), version=1)
     return features.cached_arrays(workdir / f"features_{split}.npz", key, compute)
 
 
 def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
-    info = datasets.get_dataset(cfg["dataset"])
+    info = setup.open_dataset(cfg, workdir)
     mesh = devices.make_mesh()
     devices.check_batch_size(cfg["batch_size"], mesh)
     devices.check_batch_size(cfg["feature_batch_size"], mesh, "feature batch size")
@@ -140,7 +140,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
         anchors = np.asarray(jax.device_get(anchors_jit(state["ctx"], frozen)))
         if jax.process_index() == 0:
             anchors_lib.save(workdir / "anchors.npz", anchors, info, teacher_id=teacher_id,
-                             n_ctx=cfg["n_ctx"], top1=scores["top1"], select=scores["select"],
+                             n_ctx=cfg["n_ctx"], prompt_template=info.prompt_template,
+                             top1=scores["top1"], select=scores["select"],
                              select_split=select_split)
 
     task = loop.Task("psc", steps_per_epoch, batch, batches,

@@ -1,6 +1,7 @@
 """What both stages do before training: the workdir, the dataset, the teacher, the loaders."""
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -8,7 +9,7 @@ import jax
 
 from pand_jax import config as config_lib
 from pand_jax import data as data_lib
-from pand_jax.data import pipeline
+from pand_jax.data import folder, pipeline, sources
 from pand_jax.devices import check_batch_size
 
 
@@ -17,6 +18,25 @@ def prepare_workdir(workdir: pathlib.Path, cfg: dict[str, Any], allow_change: bo
     config_lib.check_same_run(workdir, cfg, allow_change)
     if jax.process_index() == 0:
         config_lib.write_config(workdir, cfg)
+
+
+def open_dataset(cfg: dict[str, Any], workdir: pathlib.Path):
+    """The run's dataset, with the config's prompt template. An image folder is checked
+    first (layout, every image, one full training batch) and its labels and left-out images
+    are recorded in the workdir."""
+    info = data_lib.get_dataset(cfg["dataset"])
+    if cfg["prompt_template"]:
+        info = dataclasses.replace(info, prompt_template=cfg["prompt_template"])
+    if folder.is_folder(info.key):
+        tree, skipped = sources.check_folder(info, cfg["data_dir"], cfg["skip_bad_images"],
+                                             train_split(info, cfg), cfg["batch_size"])
+        if jax.process_index() == 0:
+            folder.write_record(tree, workdir, skipped)
+    return info
+
+
+def load_split(info, split: str, cfg: dict[str, Any]):
+    return data_lib.load_split(info.key, split, cfg["data_dir"], cfg["skip_bad_images"])
 
 
 def steps_per_epoch(full: int, cfg: dict[str, Any]) -> int:
@@ -51,9 +71,8 @@ def process_slice(global_batch: int) -> tuple[int, int]:
 def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, batch: int, mesh,
                 cache_dir: pathlib.Path | None = None):
     check_batch_size(batch, mesh, "evaluation batch size")
-    source = data_lib.load_split(info.key, split, cfg["data_dir"])
-    return pipeline.Loader(source, global_batch_size=batch, image_size=size, resize=resize,
-                           train=False, seed=cfg["seed"], cache_dir=cache_dir)
+    return pipeline.Loader(load_split(info, split, cfg), global_batch_size=batch, image_size=size,
+                           resize=resize, train=False, seed=cfg["seed"], cache_dir=cache_dir)
 
 
 def host_cache_dir(cfg: dict[str, Any], workdir: pathlib.Path) -> pathlib.Path | None:
