@@ -70,6 +70,8 @@ def check_same_run(workdir: pathlib.Path, config: dict[str, Any], allow_change: 
     if not path.is_file() or allow_change:
         return
     old = json.loads(path.read_text())
+    # Keys a later version added are not a change: the run used what is now their default.
+    old = with_defaults(old, default_config(config["stage"]))
     diffs = diff(old, config)
     if diffs:
         lines = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
@@ -77,6 +79,17 @@ def check_same_run(workdir: pathlib.Path, config: dict[str, Any], allow_change: 
             f"{workdir} holds a run with a different config:\n  {lines}\n"
             "Use a new --workdir, or pass --allow-config-change to resume it with the new values."
         )
+
+
+def with_defaults(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`config` with every key it lacks taken from `defaults`, recursively."""
+    out = dict(config)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(out[key], value)
+    return out
 
 
 def diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

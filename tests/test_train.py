@@ -267,6 +267,21 @@ def test_workdir_with_another_config_is_refused(teacher, psc_run, tmp_path, caps
     assert code == 2 and "different config" in err and "optimizer.lr: 0.002 -> 0.1" in err
 
 
+def test_workdir_from_before_a_new_config_key_resumes(teacher, psc_run, tmp_path, capsys):
+    """A workdir written by a version without some config key resumes: the key's default is
+    what that run used, so it is no config change."""
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(psc_run, workdir)
+    recorded = json.loads((workdir / "config.json").read_text())
+    del recorded["skip_bad_images"], recorded["optimizer"]["momentum"]
+    (workdir / "config.json").write_text(json.dumps(recorded))
+    code, err = cli(PSC_ARGS + ["--teacher", teacher, "--workdir", workdir], capsys)
+    assert code == 0, err
+    assert json.loads((workdir / "config.json").read_text())["optimizer"]["momentum"] == 0.9
+
+
 def test_unknown_config_key(capsys):
     code, err = cli(PSC_ARGS + ["--set", "optimizer.lrr=0.1"], capsys)
     assert code == 2 and "optimizer.lrr" in err and "'lr'" in err
