@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pand_jax.progress import progress_bar
 
 DATA = "data"
 
@@ -99,3 +102,19 @@ def jit_apply(module: nnx.Module, fn: Callable[..., Any], mesh: Mesh | None = No
         return fn(nnx.merge(graphdef, state, copy=True), *args)
 
     return lambda *args: apply(state, *args)
+
+
+def run_over_split(fn: Callable[[dict], Any], loader, mesh, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Applies jitted `fn(global_batch) -> [B, ...]` to every example of an eval `loader`
+    (in order, last batch padded) and returns (outputs [N, ...], labels [N]) on every process."""
+    outs, labels = [], []
+    for batch in progress_bar(iterable=loader.epoch(0), total=loader.steps_per_epoch, desc=desc,
+                              unit="batch"):
+        gbatch = to_global(mesh, batch)
+        out = fn(gbatch)
+        # Gathering a global batch onto every host keeps the order of the split.
+        out, label, mask = multihost_utils.process_allgather(
+            (out, gbatch["label"], gbatch["mask"]), tiled=True)
+        outs.append(np.asarray(out)[mask])
+        labels.append(np.asarray(label)[mask])
+    return np.concatenate(outs), np.concatenate(labels)

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[torch,test]'
+.venv/bin/python -m pip install -q -e '.[torch,deploy,test]'

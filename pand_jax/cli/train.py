@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import sys
 
 from pand_jax import config as config_lib
+from pand_jax.cli import common
 from pand_jax.data.datasets import run_name
 from pand_jax.losses import METHODS, NSD_FORMS
 from pand_jax.models.student import ARCHS
@@ -148,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.demo and not args.stage:
         parser().error("give --stage psc|nsd, or --demo")
-    try:
+
+    def train():
         from pand_jax.devices import maybe_initialize_distributed
 
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -159,11 +159,5 @@ def main(argv: list[str] | None = None) -> int:
             cfg, workdir = resolve(args)
             summary = run_stage(cfg, workdir, args.allow_config_change)
             print(json.dumps(summary, indent=2))
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        # Our own errors say what was wrong and how to fix it; a traceback adds nothing.
-        # PAND_DEBUG=1 shows it anyway.
-        if os.environ.get("PAND_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return common.run(train)

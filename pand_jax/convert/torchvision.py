@@ -1,4 +1,5 @@
-"""torchvision ResNet-18 / MobileNet-V2 ImageNet weights -> the Flax `Student`.
+"""torchvision ResNet-18 / MobileNet-V2 ImageNet weights -> the Flax `Student`, and back
+(`nnx_to_torchvision`, for exporting a trained student).
 
 The NNX parameter paths mirror torchvision's keys (see models/resnet.py), so conversion is:
 drop the `backbone` prefix, map the head (`classifier` -> `fc` / `classifier.1`), rename the
@@ -17,7 +18,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from pand_jax.convert.state_dict import (ConversionError, check_state_dict, layout_of, nchw,
                                          read_state_dict, relative_diff, to_flax_layout,
-                                         torch_shape)
+                                         to_torch_layout, torch_shape)
 from pand_jax.models.student import Student, check_arch, save_student
 
 TORCHVISION_WEIGHTS = {
@@ -64,6 +65,20 @@ def torchvision_to_nnx(arch: str, state_dict: Mapping[str, np.ndarray]) -> dict:
         return to_flax_layout(w, layout_of(w.ndim)).astype(np.float32)
 
     return unflatten_dict({p: convert(state_dict[keys[p]]) for p in targets})
+
+
+def nnx_to_torchvision(student: Student) -> dict[str, np.ndarray]:
+    """The inverse of `torchvision_to_nnx`: a Student's weights and BatchNorm running statistics
+    as the float32 NumPy state dict of `torchvision.models.<arch>(num_classes=C)`, with the
+    `num_batches_tracked` counters torchvision's BatchNorm keeps. They only matter for
+    BatchNorm with momentum=None, which torchvision's models do not use; the Student does not
+    count batches, so they are 0."""
+    pure = flatten_dict(nnx.to_pure_dict(nnx.state(student)))
+    state_dict = {torch_key(student.arch, path): np.ascontiguousarray(
+        to_torch_layout(np.asarray(w, np.float32), layout_of(np.ndim(w)))) for path, w in pure.items()}
+    for key in [k for k in state_dict if k.endswith(".running_mean")]:
+        state_dict[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
+    return state_dict
 
 
 def student_from_state_dict(arch: str, state_dict: Mapping[str, np.ndarray]) -> Student:

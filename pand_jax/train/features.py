@@ -1,5 +1,5 @@
-"""Running a frozen function over a whole split, sharded over every device and process, and
-caching the result on disk keyed by everything it depends on."""
+"""Caching what a frozen function computes over a whole split on disk, keyed by everything it
+depends on."""
 from __future__ import annotations
 
 import hashlib
@@ -10,26 +10,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
-
-from pand_jax.devices import to_global
-from pand_jax.progress import progress_bar
-
-
-def run_over_split(fn: Callable[[dict], Any], loader, mesh, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Applies jitted `fn(global_batch) -> [B, ...]` to every example of an eval `loader`
-    (in order, last batch padded) and returns (outputs [N, ...], labels [N]) on every process."""
-    outs, labels = [], []
-    for batch in progress_bar(iterable=loader.epoch(0), total=loader.steps_per_epoch, desc=desc,
-                              unit="batch"):
-        gbatch = to_global(mesh, batch)
-        out = fn(gbatch)
-        # Gathering a global batch onto every host keeps the order of the split.
-        out, label, mask = multihost_utils.process_allgather(
-            (out, gbatch["label"], gbatch["mask"]), tiled=True)
-        outs.append(np.asarray(out)[mask])
-        labels.append(np.asarray(label)[mask])
-    return np.concatenate(outs), np.concatenate(labels)
 
 
 def cache_key(**parts: Any) -> str:

@@ -25,7 +25,7 @@ from pand_jax import anchors as anchors_lib
 from pand_jax import devices, losses, prompts
 from pand_jax.data import augment, pipeline
 from pand_jax.models import student as student_lib
-from pand_jax.train import features, loop, setup, teacher_cache
+from pand_jax.train import loop, setup, teacher_cache
 
 
 def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
@@ -236,7 +236,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
         return jnp.argmax(model.student(augment.eval_transform(batch["image"], eval_size)), -1)
 
     def evaluate(state):
-        preds, labels = features.run_over_split(
+        preds, labels = devices.run_over_split(
             lambda b: predict(state["params"], state["rest"], b), test_loader, mesh, "evaluate")
         top1 = float(np.mean(preds == labels))
         return {"top1": top1, "select": top1}
@@ -247,7 +247,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
         best.student.eval()
         student_lib.save_student(workdir / "student", best.student, dataset=info.key,
                                  class_names=list(info.class_names), top1=scores["top1"],
-                                 method=cfg["method"])
+                                 method=cfg["method"], image_size=cfg["image_size"])
 
     task = loop.Task("nsd", spe, batch, batches,
                      lambda s, b, e: train_step(s, frozen, b, jnp.int32(e)),

@@ -74,7 +74,7 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
                                    cfg["feature_batch_size"], mesh)
         encode = devices.jit_apply(clip, lambda m, b: losses.l2_normalize(
             m.encode_image(augment.eval_transform(b["image"], size))), mesh)
-        feats, labels = features.run_over_split(encode, loader, mesh, f"teacher features ({split})")
+        feats, labels = devices.run_over_split(encode, loader, mesh, f"teacher features ({split})")
         return {"features": feats.astype(np.float32), "labels": labels.astype(np.int32)}
 
     key = dict(teacher=teacher_id, dataset=info.key, fingerprint=info.fingerprint, split=split,

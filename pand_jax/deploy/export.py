@@ -1,0 +1,72 @@
+"""Exporting a trained student for PyTorch (a torchvision state dict) and ONNX.
+
+Both formats take NCHW float32 images normalised with CLIP's mean and std at the student's image
+size and return logits; a JSON file beside the model (FILE with .json in place of its suffix)
+records the architecture, classes and preprocessing.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import warnings
+from typing import Any
+
+from pand_jax.convert.torchvision import nnx_to_torchvision
+from pand_jax.data import augment
+from pand_jax.deploy import student as student_lib
+
+FORMATS = ("torchvision", "onnx")
+ONNX_OPSET = 17
+
+
+def metadata(student: student_lib.TrainedStudent, fmt: str) -> dict[str, Any]:
+    size = student.image_size
+    return {
+        "format": fmt, "arch": student.model.arch, "num_classes": student.model.num_classes,
+        "class_names": student.class_names, "image_size": size,
+        "mean": augment.CLIP_MEAN.tolist(), "std": augment.CLIP_STD.tolist(),
+        "input": {"layout": "NCHW", "dtype": "float32", "shape": ["batch", 3, size, size],
+                  "normalisation": "(rgb / 255 - mean) / std",
+                  "resize": f"stretch the RGB image to {size}x{size} (bilinear, antialiased)"},
+        "output": "logits [batch, num_classes]",
+        "dataset": student.meta.get("dataset"), "top1": student.meta.get("top1"),
+    }
+
+
+def torchvision_model(student: student_lib.TrainedStudent):
+    """The student as a torchvision model in eval mode, loaded strictly."""
+    import torch
+    import torchvision
+
+    tv = getattr(torchvision.models, student.model.arch)(num_classes=student.model.num_classes)
+    tv.load_state_dict({k: torch.from_numpy(v) for k, v in nnx_to_torchvision(student.model).items()})
+    return tv.eval()
+
+
+def export(student: student_lib.TrainedStudent, fmt: str, out: str | pathlib.Path) -> pathlib.Path:
+    """Writes the model to `out` and its metadata beside it; returns the metadata's path."""
+    import torch
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    out = pathlib.Path(out)
+    if out.suffix == ".json":
+        raise ValueError(f"--out {out}: the metadata goes to FILE.json beside the model; name the "
+                         f"model file differently (for example {out.with_suffix('.pt' if fmt == 'torchvision' else '.onnx')})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tv = torchvision_model(student)
+    if fmt == "torchvision":
+        torch.save(tv.state_dict(), out)
+    else:
+        size = student.image_size
+        example = torch.zeros(1, 3, size, size)
+        # The TorchScript exporter (dynamo=False) needs no package beyond torch and is exact for
+        # these plain conv nets; torch 2.12 warns that it is deprecated.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(tv, (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(json.dumps(metadata(student, fmt), indent=2) + "\n")
+    return sidecar

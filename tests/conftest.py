@@ -1,0 +1,69 @@
+"""Runs shared by several test files: `train.py` on `digits` with a tiny random CLIP teacher
+(session fixtures, so each run happens once per test session)."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# One optimizer step per epoch on 8 examples keeps every run to seconds after compilation.
+PSC_ARGS = ["--stage", "psc", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
+            "--set", "max_steps_per_epoch=1", "--set", "feature_image_size=32",
+            "--set", "feature_batch_size=64", "--set", "dtype=float32", "--set", "n_ctx=4"]
+NSD_ARGS = ["--stage", "nsd", "--dataset", "digits", "--epochs", "1", "--batch-size", "8",
+            "--set", "max_steps_per_epoch=1", "--set", "student_weights=null",
+            "--set", "host_image_size=36", "--set", "image_size=32", "--set", "augment=rrc",
+            "--set", "eval_batch_size=64", "--set", "dtype=float32",
+            # AdamW's first step is lr * g / (|g| + eps): with PyTorch's eps 1e-8 a gradient of
+            # 1e-9 moves a weight by +-lr, so reduction-order noise between device counts would
+            # show as full-size differences. A larger eps keeps the update linear in g.
+            "--set", "optimizer.eps=1e-3"]
+
+
+def run_train(args, *, devices=1, check=True, background=False):
+    """Runs train.py on `devices` fake CPU devices; `background` returns the Popen."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = [sys.executable, str(REPO / "train.py"), *map(str, args)]
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(map(str, args))} failed:\n"
+                             f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+    return out
+
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory) -> pathlib.Path:
+    """A random tiny CLIP with the real tokenizer's vocabulary (configs/demo.json)."""
+    from pand_jax.train import demo
+    from pand_jax.models.clip import CLIP, save_clip
+
+    path = tmp_path_factory.mktemp("teacher")
+    clip = CLIP(demo.teacher_config(demo.demo_config()["teacher"]), rngs=nnx.Rngs(0))
+    save_clip(path, clip, teacher_id="test-teacher")
+    return path
+
+
+@pytest.fixture(scope="session")
+def psc_run(teacher, tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("psc1")
+    run_train(PSC_ARGS + ["--teacher", teacher, "--workdir", workdir])
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def nsd_run(teacher, psc_run, tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("nsd1")
+    run_train(NSD_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
+                          "--workdir", workdir])
+    return workdir
