@@ -73,9 +73,11 @@ def nnx_to_torchvision(student: Student) -> dict[str, np.ndarray]:
     `num_batches_tracked` counters torchvision's BatchNorm keeps. They only matter for
     BatchNorm with momentum=None, which torchvision's models do not use; the Student does not
     count batches, so they are 0."""
-    pure = flatten_dict(nnx.to_pure_dict(nnx.state(student)))
-    state_dict = {torch_key(student.arch, path): np.ascontiguousarray(
-        to_torch_layout(np.asarray(w, np.float32), layout_of(np.ndim(w)))) for path, w in pure.items()}
+    state_dict = {}
+    for path, w in flatten_dict(nnx.to_pure_dict(nnx.state(student))).items():
+        # np.array copies: writable, C-contiguous arrays that torch.from_numpy takes as they are.
+        state_dict[torch_key(student.arch, path)] = np.array(
+            to_torch_layout(np.asarray(w), layout_of(np.ndim(w))), np.float32)
     for key in [k for k in state_dict if k.endswith(".running_mean")]:
         state_dict[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
     return state_dict

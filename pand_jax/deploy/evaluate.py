@@ -22,6 +22,7 @@ from pand_jax import devices, losses, prompts
 from pand_jax.data import augment, pipeline
 from pand_jax.deploy import plots
 from pand_jax.deploy import student as student_lib
+from pand_jax.models.clip import load_clip
 
 TOP_K = 5
 
@@ -39,8 +40,6 @@ def teacher_logits(teacher: str, anchors: str | None, info, split: str, data_dir
     """(logits [N, C], labels [N]) of the CLIP teacher: CLIP's logit scale times the cosine
     similarity of image features and text anchors. The features are computed as Stage-PSC does
     (and in its compute dtype); the similarities in float32 NumPy, as its zero-shot score."""
-    from pand_jax.models.clip import load_clip
-
     clip = load_clip(teacher, dtype=devices.compute_dtype("auto"))
     text = (anchors_lib.load(anchors, info)[0] if anchors else
             prompts.template_anchors(clip, info.class_names, info.prompt_template))

@@ -28,7 +28,6 @@ class TrainedStudent:
     model: student_lib.Student
     meta: dict[str, Any]  # the student's config.json: dataset, class_names, top1, ...
     settings: dict[str, Any]  # image_size, eval_batch_size, dtype, data_dir
-    workdir: pathlib.Path | None
 
     @property
     def class_names(self) -> list[str]:
@@ -54,14 +53,16 @@ def load(path: str | pathlib.Path) -> TrainedStudent:
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no student at {path} (no such directory). {TRAIN_HINT}")
-    if (path / STUDENT_DIR / weights.CONFIG_FILE).is_file():
+    if _workdir_config(path):
+        if not (path / STUDENT_DIR / weights.CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"the Stage-NSD workdir {path} has no {STUDENT_DIR}/ yet: it "
+                                    "is written at the first evaluation of the training run")
         path = path / STUDENT_DIR
     meta = weights.read_meta(path, student_lib.KIND, hint=TRAIN_HINT)
-    workdir = path.parent if _workdir_config(path.parent) else None
-    cfg = _workdir_config(workdir) if workdir else {}
+    cfg = _workdir_config(path.parent)
     settings = {k: meta.get(k, cfg.get(k, v)) for k, v in DEFAULTS.items()}
-    dtype = devices.compute_dtype(settings["dtype"])
-    return TrainedStudent(student_lib.load_student(path, dtype), meta, settings, workdir)
+    model = student_lib.load_student(path, devices.compute_dtype(settings["dtype"]))
+    return TrainedStudent(model, meta, settings)
 
 
 def check_classes(student: TrainedStudent, info) -> None:
@@ -69,7 +70,7 @@ def check_classes(student: TrainedStudent, info) -> None:
     if student.model.num_classes != info.num_classes:
         raise ValueError(f"the student predicts {student.model.num_classes} classes but dataset "
                          f"{info.key!r} has {info.num_classes}; pass the dataset it was trained "
-                         f"on (--dataset {student.meta.get('dataset', '?')})")
+                         f"on (--dataset {student.meta.get('dataset') or '?'})")
     if student.meta.get("class_names") and list(student.meta["class_names"]) != list(info.class_names):
         raise ValueError(f"the student's class names differ from those of dataset {info.key!r}; "
                          f"it was trained on {student.meta.get('dataset')!r}")
