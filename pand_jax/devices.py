@@ -5,7 +5,8 @@ leading axis. Under `jax.jit` the batch mean in BatchNorm then spans the global 
 gives sync BN for free. Modules run under jit through `jit_apply`: a module is split once into
 a static graphdef and a state pytree, and the state is an argument (so 1.2B teacher weights are
 never baked into a program as constants), merged back with `copy=True`, which avoids NNX's
-"mutate from a different trace level" error.
+"mutate from a different trace level" error. `run_over_split` runs such a function over a
+whole evaluation split (training's evaluation, PSC's features, evaluate.py).
 """
 from __future__ import annotations
 
