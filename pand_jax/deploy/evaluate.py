@@ -9,6 +9,7 @@ ones from Stage-PSC, or the dataset's prompt template (zero-shot).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -27,15 +28,16 @@ from pand_jax.models.clip import load_clip
 TOP_K = 5
 
 
-def split_loader(info, split: str, size: int, resize: str, batch: int, data_dir, mesh):
+def split_loader(info, split: str, size: int, resize: str, batch: int, settings, mesh):
     """(source, in-order loader) of a split, as the trainer's evaluation reads it."""
     devices.check_batch_size(batch, mesh, "evaluation batch size")
-    source = data_lib.load_split(info.key, split, data_dir)
+    source = data_lib.load_split(info.key, split, settings["data_dir"],
+                                 settings["skip_bad_images"])
     return source, pipeline.Loader(source, global_batch_size=batch, image_size=size,
                                    resize=resize, train=False)
 
 
-def teacher_logits(teacher: str, anchors: str | None, info, split: str, data_dir, batch: int,
+def teacher_logits(teacher: str, anchors: str | None, info, split: str, settings, batch: int,
                    mesh) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C], labels [N]) of the CLIP teacher: CLIP's logit scale times the cosine
     similarity of image features and text anchors. The features are computed as Stage-PSC does
@@ -44,7 +46,7 @@ def teacher_logits(teacher: str, anchors: str | None, info, split: str, data_dir
     text = (anchors_lib.load(anchors, info)[0] if anchors else
             prompts.template_anchors(clip, info.class_names, info.prompt_template))
     size = clip.config.vision.image_size
-    _, loader = split_loader(info, split, size, "shorter_center_crop", batch, data_dir, mesh)
+    _, loader = split_loader(info, split, size, "shorter_center_crop", batch, settings, mesh)
     encode = devices.jit_apply(clip, lambda m, b: losses.l2_normalize(
         m.encode_image(augment.eval_transform(b["image"], size))), mesh)
     features, labels = devices.run_over_split(encode, loader, mesh, "teacher")
@@ -111,20 +113,22 @@ def evaluate(student_dir: str, dataset: str | None, split: str | None, out: path
              teacher: str | None = None, anchors: str | None = None) -> dict[str, dict]:
     """Evaluates the student (and the teacher when given) and writes the report to `out`."""
     student = student_lib.load(student_dir)
+    settings = dict(student.settings, **({"data_dir": data_dir} if data_dir else {}))
     info = data_lib.get_dataset(dataset or student.meta.get("dataset") or "")
+    if settings["prompt_template"]:  # the one the training run used
+        info = dataclasses.replace(info, prompt_template=settings["prompt_template"])
     student_lib.check_classes(student, info)
     split = split or info.test_split
-    data_dir = data_dir or student.settings["data_dir"]
-    batch = batch_size or student.settings["eval_batch_size"]
+    batch = batch_size or settings["eval_batch_size"]
     mesh = devices.make_mesh()
-    source, loader = split_loader(info, split, student.image_size, "stretch", batch, data_dir, mesh)
+    source, loader = split_loader(info, split, student.image_size, "stretch", batch, settings, mesh)
     logits, labels = devices.run_over_split(student_lib.logits_fn(student, mesh), loader, mesh,
                                             "student")
     scores = {"student": metrics(logits, labels)}
     header = {"dataset": info.key, "split": split, "num_examples": int(len(labels)),
               "student": str(student_dir)}
     if teacher:
-        scores["teacher"] = metrics(teacher_logits(teacher, anchors, info, split, data_dir, batch,
+        scores["teacher"] = metrics(teacher_logits(teacher, anchors, info, split, settings, batch,
                                                    mesh)[0], labels)
         header.update(teacher_path=str(teacher), anchors=str(anchors) if anchors else "template")
     if jax.process_index() == 0:

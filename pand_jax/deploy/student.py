@@ -1,6 +1,6 @@
 """A trained student as evaluate.py, predict.py and export.py find it: the `student/` directory
 Stage-NSD exports (or the NSD workdir holding it), its classes, and the settings of the
-evaluation it was selected with (image size, batch size, compute dtype, data directory).
+evaluation it was selected with (image size, batch size, compute dtype, data directory, ...).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from pand_jax.models import student as student_lib
 
 STUDENT_DIR = "student"
 # Stage-NSD's defaults (configs/nsd.json) for a student whose workdir is not at hand.
-DEFAULTS = {"image_size": 224, "eval_batch_size": 128, "dtype": "auto", "data_dir": None}
+DEFAULTS = {"image_size": 224, "eval_batch_size": 128, "dtype": "auto", "data_dir": None,
+            "skip_bad_images": False, "prompt_template": None}
 TRAIN_HINT = "Train one with: python train.py --stage nsd --dataset DATASET"
 
 
@@ -27,7 +28,7 @@ TRAIN_HINT = "Train one with: python train.py --stage nsd --dataset DATASET"
 class TrainedStudent:
     model: student_lib.Student
     meta: dict[str, Any]  # the student's config.json: dataset, class_names, top1, ...
-    settings: dict[str, Any]  # image_size, eval_batch_size, dtype, data_dir
+    settings: dict[str, Any]  # DEFAULTS' keys
 
     @property
     def class_names(self) -> list[str]:
