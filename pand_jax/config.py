@@ -60,6 +60,15 @@ def apply_sets(config: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return config
 
 
+def flatten(d: dict[str, Any], prefix: str = ""):
+    """(dotted key, value) of every leaf, as `override` and `--set` name them."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def write_config(workdir: pathlib.Path, config: dict[str, Any]) -> None:
     (workdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -120,7 +120,7 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
     out = {}
     for stage in ("psc", "nsd"):
         cfg = config_lib.default_config(stage)
-        for key, value in _flatten(d[stage]):
+        for key, value in config_lib.flatten(d[stage]):
             config_lib.override(cfg, key, value)
         cfg["teacher"] = str(teacher)
         if stage == "nsd":
@@ -133,14 +133,6 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
           f"NSD student top1 {100 * out['nsd']['best_top1']:.1f}% (chance 10%); "
           f"summaries in {workdir}/psc and {workdir}/nsd")
     return out
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def main(argv: list[str] | None = None) -> int:

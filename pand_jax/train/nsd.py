@@ -204,7 +204,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
         cache = teacher_cache.build(
             clip, train_source, views=views, seed=seed, recipe=recipe,
             host_image_size=cfg["host_image_size"], image_size=size,
-            batch_size=cfg["eval_batch_size"], mesh=mesh, path=workdir / "teacher_cache", key=key,
+            batch_size=cfg["eval_batch_size"], mesh=mesh, key=key,
+            path=pathlib.Path(cfg["teacher_cache_dir"] or workdir / "teacher_cache"),
             dtype=cfg["teacher_cache_dtype"])
 
     graphdef, state = init_state(model, tx)

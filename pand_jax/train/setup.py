@@ -78,6 +78,10 @@ def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, b
 def host_cache_dir(cfg: dict[str, Any], workdir: pathlib.Path) -> pathlib.Path | None:
     """Where the decoded, resized uint8 images of every epoch after the first come from
     (JPEG decoding on a few host cores cannot keep up with a GPU student step). One folder per
-    process, so processes sharing a filesystem never write the same file."""
-    return workdir / "host_cache" / f"process{jax.process_index()}" if cfg["host_cache"] else None
+    process, so processes sharing a filesystem never write the same file. `host_cache_dir`
+    lets runs on the same data share one (files are keyed by split, size and count)."""
+    if not cfg["host_cache"]:
+        return None
+    base = pathlib.Path(cfg["host_cache_dir"] or workdir / "host_cache")
+    return base / f"process{jax.process_index()}"
 

@@ -1,0 +1,1 @@
+"""The paper's experiments: the plan of runs, their results gathered into tables, the figures."""

@@ -1,0 +1,205 @@
+"""`reproduce.py` end to end on the offline demo (digits, a random tiny CLIP teacher), shortened
+to one student, one seed, one epoch of two steps and two lambda_NSD values.
+
+One module fixture invokes it three times, in process: first with the RKD run made to fail,
+then again (it resumes: only RKD runs), then once more (everything is finished).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import pathlib
+import shlex
+
+import numpy as np
+import pytest
+from flax import nnx
+from matplotlib import image as mpimg
+
+from pand_jax import data as data_lib
+from pand_jax.cli import reproduce
+from pand_jax.cli import train as train_cli
+from pand_jax.experiments import plan as plan_lib
+from pand_jax.experiments import results as results_lib
+
+SHORT = ["--demo", "--seeds", "1", "--epochs", "1", "--psc-epochs", "1", "--lambdas", "0,0.5",
+         "--teacher-cache", "2", "--set", "max_steps_per_epoch=2", "--set", "batch_size=16",
+         "--set", "image_size=16", "--set", "host_image_size=18", "--set", "n_ctx=4"]
+# The distinct runs of one student and seed: Tables 1-2 plus the sweep {0, 0.5}, which
+# coincides with +PSC and PAND.
+VARIANTS = {"none", "kd", "rkd", "vl2lite", "pand-lambda0", "pand-nopsc", "pand-lambda0.5"}
+
+
+def invoke(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = reproduce.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def read_csv(path: pathlib.Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from pand_jax.models.clip import CLIP, save_clip
+    from pand_jax.train import demo as demo_lib, nsd
+
+    out = tmp_path_factory.mktemp("reproduce")
+    # A random demo teacher: training one is train.py --demo's test; here only shapes matter.
+    clip = CLIP(demo_lib.teacher_config(demo_lib.demo_config()["teacher"]), rngs=nnx.Rngs(0))
+    save_clip(out / "teacher", clip, teacher_id="test-teacher")
+    argv = SHORT + ["--out", out]
+    real_run = nsd.run
+
+    def failing_rkd(cfg, workdir):
+        if cfg["method"] == "rkd":
+            raise RuntimeError("injected failure")
+        return real_run(cfg, workdir)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nsd, "run", failing_rkd)
+        first = invoke(argv)
+    first_csv = read_csv(out / "results.csv")
+    second = invoke(argv)
+    second_csv, second_md = read_csv(out / "results.csv"), (out / "results.md").read_text()
+    third = invoke(argv)
+    return dict(out=out, argv=argv, first=first, first_csv=first_csv, second=second,
+                second_csv=second_csv, second_md=second_md, third=third)
+
+
+def test_a_failed_run_is_reported_and_the_others_complete(demo):
+    rc, stdout, stderr = demo["first"]
+    assert rc == 1
+    assert "failed: resnet18 seed 0 rkd: RuntimeError: injected failure" in stderr
+    assert {pathlib.Path(r["workdir"]).name for r in demo["first_csv"]} == VARIANTS - {"rkd"}
+
+
+def test_rerun_resumes_only_the_failed_run(demo):
+    rc, stdout, _ = demo["second"]
+    assert rc == 0, stdout[-2000:]
+    # Stage-PSC and the 6 finished runs are skipped; only RKD runs.
+    assert "7 of 8 runs already finished" in stdout
+    assert "1 runs done, 7 skipped" in stdout
+
+
+def test_teacher_cache_is_built_once_and_shared(demo):
+    out = demo["out"]
+    built = (demo["first"][1] + demo["second"][1]).count("building the teacher cache")
+    assert built == 1
+    assert (out / "teacher_cache" / "seed0" / "meta.json").is_file()
+    assert not list((out / "nsd").rglob("teacher_cache"))
+
+
+def test_results_csv_has_every_planned_run_with_its_summary(demo):
+    out, rows = demo["out"], demo["second_csv"]
+    assert {pathlib.Path(r["workdir"]).name for r in rows} == VARIANTS
+    assert len(rows) == len(VARIANTS)
+    for r in rows:
+        workdir = pathlib.Path(r["workdir"])
+        summary = json.loads((workdir / "summary.json").read_text())
+        assert workdir.parent == out / "nsd" / "resnet18" / "seed0"
+        assert (r["dataset"], r["student"], r["method"]) == ("digits", "resnet18",
+                                                            summary["method"])
+        assert float(r["best_top1"]) == pytest.approx(summary["best_top1"], abs=1e-12)
+        assert float(r["last_top1"]) == pytest.approx(summary["last_top1"], abs=1e-12)
+        assert (int(r["seed"]), int(r["epochs"]), int(r["best_epoch"])) == (0, 1, 1)
+        assert r["nsd_form"] == summary["nsd_form"] == "paper"
+        if r["method"] == "pand":
+            assert float(r["lambda_nsd"]) == summary["lambda_nsd"]
+            assert (r["no_psc"] == "True") == summary["no_psc"]
+        else:
+            assert r["lambda_nsd"] == ""
+
+
+def test_results_md_gives_each_cell_from_the_runs(demo):
+    md = demo["second_md"]
+    by_dir = {pathlib.Path(r["workdir"]).name: 100 * float(r["best_top1"])
+              for r in demo["second_csv"]}
+    for label, name in [("no KD", "none"), ("KD", "kd"), ("RKD", "rkd"), ("VL2Lite", "vl2lite"),
+                        ("+PSC", "pand-lambda0"), ("+NSD", "pand-nopsc"),
+                        ("PAND", "pand-lambda0.5")]:
+        # digits has no paper numbers: paper and difference stay "-".
+        assert f"| {label} | {by_dir[name]:.2f} | 1 | - | - |" in md
+    assert f"| 0.5 | {by_dir['pand-lambda0.5']:.2f} | 1 | - | - |" in md
+
+
+def test_results_md_puts_the_paper_beside_ours():
+    """CUB / ResNet-18 has paper numbers: mean, sample std, n and the difference."""
+    def result(method, lam, no_psc, seed, top1):
+        return results_lib.Result("cub", "resnet18", method, no_psc, lam, "paper", seed, 300,
+                                  top1, top1, 300, 1.0, pathlib.Path("x"))
+
+    rs = [result("pand", 0.5, False, 0, 0.75), result("pand", 0.5, False, 1, 0.77),
+          result("vl2lite", None, False, 0, 0.70)]
+    md = results_lib.markdown(rs)
+    assert "| PAND | 76.00 ± 1.41 | 2 | 76.09 | -0.09 |" in md   # std over seeds, ddof 1
+    assert "| VL2Lite | 70.00 | 1 | 72.67 | -2.67 |" in md
+    assert "| +NSD | - | 0 | 75.91 | - |" in md                 # known paper cell, no run
+    assert "| KD | - | 0 | - | - |" in md
+    assert "| 0.5 | 76.00 ± 1.41 | 2 | 76.41 | -0.41 |" in md   # the lambda sweep's own number
+
+
+def test_second_invocation_skips_everything_and_gives_the_same_results(demo):
+    rc, stdout, _ = demo["third"]
+    assert rc == 0
+    assert "8 of 8 runs already finished" in stdout and "0 runs done" in stdout
+    assert read_csv(demo["out"] / "results.csv") == demo["second_csv"]
+    assert (demo["out"] / "results.md").read_text() == demo["second_md"]
+
+
+def test_figures_are_written(demo):
+    figures = demo["out"] / "figures"
+    for name in ("accuracy_per_epoch", "lambda_sensitivity", "tsne_vl2lite_vs_pand"):
+        img = mpimg.imread(figures / f"digits_{name}.png")
+        assert img.shape[0] > 400 and img.shape[1] > 600
+        assert img[..., :3].std() > 0.05  # not a blank canvas
+    # Figure 3's points are the whole test split, in order, with their labels.
+    test = data_lib.load_split("digits", "test")
+    with np.load(figures / "cache" / "tsne_pand_resnet18_seed0.npz") as f:
+        assert f["xy"].shape == (len(test), 2)
+        assert f["labels"].tolist() == [test[i]["label"] for i in range(len(test))]
+
+
+def test_list_prints_train_commands_in_dependency_order(demo, capsys):
+    """`--list` (with the real lambda sweep) parses back with train.py's parser; PSC first,
+    then the run that builds the teacher cache; rows that coincide appear once."""
+    argv = [a for a in demo["argv"]]
+    i = argv.index("--lambdas")
+    del argv[i:i + 2]
+    rc, stdout, stderr = invoke(argv + ["--list"])
+    assert rc == 0
+    lines = stdout.strip().splitlines()
+    parsed = []
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:2] == ["python", "train.py"]
+        parsed.append(train_cli.resolve(train_cli.parser().parse_args(words[2:])))
+    stages = [cfg["stage"] for cfg, _ in parsed]
+    assert stages == ["psc"] + ["nsd"] * (len(lines) - 1)
+    assert parsed[0][1] == demo["out"] / "psc"
+    assert parsed[1][0]["teacher_cache"] == 2 and parsed[1][0]["method"] != "none"
+    names = [workdir.name for _, workdir in parsed[1:]]
+    assert sorted(names) == sorted(VARIANTS | {"pand-lambda0.25", "pand-lambda0.75",
+                                               "pand-lambda1"})
+    assert "The first 2 (Stage-PSC, and one run per seed" in stderr
+    # Every run reads the one cache of its seed.
+    assert {cfg.get("teacher_cache_dir") for cfg, _ in parsed[1:] if cfg["method"] != "none"} \
+        == {str(demo["out"] / "teacher_cache" / "seed0")}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "cub", "--students", "resnet50"], "unknown student 'resnet50'"),
+    (["--dataset", "cub", "--set", "loss.lambda_nsd=1"], "--lambdas"),
+    (["--dataset", "cub", "--set", "nope=1"], "unknown config key 'nope'"),
+    (["--dataset", "mnist"], "unknown dataset"),
+    (["--seeds", "1"], "give --dataset NAME"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    rc, stdout, stderr = invoke(args + ["--list"])
+    assert rc == 2
+    assert message in stderr and stderr.count("\n") == 1 and stdout == ""
