@@ -117,9 +117,11 @@ def first_wave(runs: list[Run]) -> int:
 
 
 def is_finished(workdir: pathlib.Path, cfg: dict) -> bool:
-    """A run is finished when it wrote its summary for exactly this config."""
+    """A run is finished when it wrote its summary for this config (keys added to the config
+    since then count as their defaults, as when resuming)."""
     try:
-        recorded = json.loads((workdir / "config.json").read_text())
+        recorded = config_lib.with_defaults(json.loads((workdir / "config.json").read_text()),
+                                            config_lib.default_config(cfg["stage"]))
         same = recorded == json.loads(json.dumps(cfg))
     except (OSError, ValueError):
         return False
