@@ -115,7 +115,7 @@ def student_test_features(workdir: pathlib.Path) -> tuple[np.ndarray, np.ndarray
     from pand_jax import devices
     from pand_jax.data import augment
     from pand_jax.models.student import load_student
-    from pand_jax.train import features, setup
+    from pand_jax.train import setup
 
     cfg = json.loads((workdir / "config.json").read_text())
     info = data_lib.get_dataset(cfg["dataset"])
@@ -127,7 +127,7 @@ def student_test_features(workdir: pathlib.Path) -> tuple[np.ndarray, np.ndarray
         load_student(workdir / "student"),
         lambda student, batch: student.features(augment.eval_transform(batch["image"], size)),
         mesh)
-    return features.run_over_split(extract, loader, mesh, f"test features {workdir.name}")
+    return devices.run_over_split(extract, loader, mesh, f"test features {workdir.name}")
 
 
 def tsne_embedding(workdir: pathlib.Path, cache: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
