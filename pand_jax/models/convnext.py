@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pand_jax.models.conv import conv_general_dilated
 from pand_jax.models.layers import gelu, layer_norm
 
 # timm ConvNeXt variants with linear-MLP blocks: (depths, dims, LayerNorm eps). timm uses eps 1e-6
@@ -45,7 +46,7 @@ class Block(nnx.Module):
 
     def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
         self.conv_dw = nnx.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=dim,
-                                dtype=dtype, rngs=rngs)
+                                dtype=dtype, conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.norm = layer_norm(dim, eps, dtype, rngs)
         self.mlp_fc1 = nnx.Linear(dim, 4 * dim, dtype=dtype, rngs=rngs)
         self.mlp_fc2 = nnx.Linear(4 * dim, dim, dtype=dtype, rngs=rngs)
@@ -66,7 +67,8 @@ class Stage(nnx.Module):
                  rngs: nnx.Rngs):
         self.downsample_norm = layer_norm(in_dim, eps, dtype, rngs) if downsample else None
         self.downsample_conv = (nnx.Conv(in_dim, dim, (2, 2), strides=2, padding="VALID", dtype=dtype,
-                                         rngs=rngs) if downsample else None)
+                                         conv_general_dilated=conv_general_dilated, rngs=rngs)
+                                if downsample else None)
         self.blocks = nnx.List([Block(dim, eps, dtype=dtype, rngs=rngs) for _ in range(depth)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,7 +85,7 @@ class ConvNeXt(nnx.Module):
     def __init__(self, cfg: ConvNeXtConfig, embed_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         eps, dims = cfg.ln_eps, cfg.dims
         self.stem_conv = nnx.Conv(3, dims[0], (4, 4), strides=4, padding="VALID", dtype=dtype,
-                                  rngs=rngs)
+                                  conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.stem_norm = layer_norm(dims[0], eps, jnp.float32, rngs)  # starts the fp32 residual
         in_dims = (dims[0],) + tuple(dims[:-1])
         self.stages = nnx.List([

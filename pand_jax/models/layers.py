@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pand_jax.models.conv import conv_general_dilated
+
 
 def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Two-pass variance like torch: the fast E[x^2]-E[x]^2 form loses digits on the large,
@@ -95,7 +97,8 @@ def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,
     pad = (kernel - 1) // 2
     return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                     feature_group_count=groups, use_bias=False, dtype=dtype,
-                    param_dtype=jnp.float32, kernel_init=CONV_INIT, rngs=rngs)
+                    param_dtype=jnp.float32, kernel_init=CONV_INIT,
+                    conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -1,0 +1,183 @@
+"""`pand_jax.models.conv.conv_general_dilated` against `jax.lax.conv_general_dilated`.
+
+Every convolution shape the students and the teacher use, forward and gradients (w.r.t. input
+and kernel), odd sizes, bf16, under jit and vmap; and that only CPU lowerings use the matmul
+form. Tolerances: fp32 |ours - lax| <= 1e-5 * max|lax| (the sums run in another order; float32
+eps is 1.2e-7 and a sum of up to 7*7*64 terms stays far below 1e-5 relative); bf16 (bf16 in and out, as
+lax) within one bf16 rounding (2^-8 relative) of max|exact|, exact being lax's fp32 result on the
+same bf16-valued operands.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from pand_jax.models import conv as conv_module
+from pand_jax.models.conv import conv_general_dilated
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+FP32_TOL = 1e-5
+BF16_TOL = 2.0 ** -8
+
+# (name, in channels, out channels, kernel, stride, padding, depthwise)
+MODEL_CONVS = [
+    ("resnet18 stem 7x7/2", 3, 8, 7, 2, 3, False),
+    ("resnet18 3x3/1", 8, 8, 3, 1, 1, False),
+    ("resnet18 3x3/2", 8, 16, 3, 2, 1, False),
+    ("resnet18 downsample 1x1/2", 8, 16, 1, 2, 0, False),
+    ("mobilenet_v2 stem 3x3/2", 3, 8, 3, 2, 1, False),
+    ("mobilenet_v2 1x1 expand/project", 8, 12, 1, 1, 0, False),
+    ("mobilenet_v2 depthwise 3x3/1", 12, 12, 3, 1, 1, True),
+    ("mobilenet_v2 depthwise 3x3/2", 12, 12, 3, 2, 1, True),
+    ("convnext stem 4x4/4", 3, 8, 4, 4, "VALID", False),
+    ("convnext downsample 2x2/2", 8, 16, 2, 2, "VALID", False),
+    ("convnext depthwise 7x7", 8, 8, 7, 1, 3, True),
+]
+SIZES = (8, 9, 13)  # even and odd; 9 and 13 leave a remainder for every stride above
+
+
+def operands(cin, cout, k, depthwise, size, dtype=jnp.float32, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, size, size, cin), np.float32)
+    w = rng.standard_normal((k, k, 1 if depthwise else cin, cout), np.float32)
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+
+def both(cin, stride, pad, depthwise):
+    """(ours, lax) with the arguments nnx.Conv passes."""
+    padding = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
+    kwargs = dict(window_strides=(stride, stride), padding=padding, lhs_dilation=(1, 1),
+                  rhs_dilation=(1, 1), dimension_numbers=lax.conv_dimension_numbers(
+                      (1, 1, 1, 1), (1, 1, 1, 1), NHWC),
+                  feature_group_count=cin if depthwise else 1, precision=None)
+    return (lambda x, w: conv_general_dilated(x, w, **kwargs),
+            lambda x, w: lax.conv_general_dilated(x, w, **kwargs))
+
+
+def assert_close(ours, ref, tol):
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max()
+    assert err <= tol * np.abs(ref).max(), f"max |diff| {err:.3g} vs max |ref| {np.abs(ref).max():.3g}"
+
+
+def forward_and_grads(f, x, w, cotangent_seed=1):
+    y, vjp = jax.vjp(f, x, w)
+    # bf16-valued in every dtype, so that bf16 and fp32 runs see the same cotangent
+    ct = jnp.asarray(np.random.default_rng(cotangent_seed).standard_normal(y.shape), jnp.bfloat16)
+    ct = ct.astype(y.dtype)
+    return (y, *vjp(ct))
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name,cin,cout,k,stride,pad,depthwise", MODEL_CONVS,
+                         ids=[c[0] for c in MODEL_CONVS])
+def test_model_convs_match_lax_forward_and_grads(name, cin, cout, k, stride, pad, depthwise, size):
+    ours, ref = both(cin, stride, pad, depthwise)
+    x, w = operands(cin, cout, k, depthwise, size)
+    got = jax.jit(lambda x, w: forward_and_grads(ours, x, w))(x, w)
+    want = jax.jit(lambda x, w: forward_and_grads(ref, x, w))(x, w)
+    for g, r, what in zip(got, want, ("output", "d input", "d kernel")):
+        assert g.dtype == r.dtype, what
+        assert_close(g, r, FP32_TOL)
+
+
+@pytest.mark.parametrize("name,cin,cout,k,stride,pad,depthwise",
+                         [c for c in MODEL_CONVS if c[0] in ("resnet18 3x3/2",
+                                                              "mobilenet_v2 depthwise 3x3/2",
+                                                              "convnext stem 4x4/4")])
+def test_bf16_within_bf16_rounding_of_exact(name, cin, cout, k, stride, pad, depthwise):
+    """bf16 in, bf16 out like lax; each result within bf16 rounding of the fp32 computation on
+    the same (bf16-valued) operands."""
+    ours, ref = both(cin, stride, pad, depthwise)
+    x, w = operands(cin, cout, k, depthwise, 13, jnp.bfloat16)
+    got = forward_and_grads(ours, x, w)
+    exact = forward_and_grads(ref, x.astype(jnp.float32), w.astype(jnp.float32))
+    for g, r, e in zip(got, forward_and_grads(ref, x, w), exact):
+        assert g.dtype == r.dtype == jnp.bfloat16
+        assert_close(g, e, BF16_TOL)
+
+
+def test_vmap_over_input_and_kernel():
+    """A vmapped conv (e.g. an ensemble of kernels) matches vmapped lax, forward and grads."""
+    for depthwise in (False, True):
+        ours, ref = both(8, 2, 1, depthwise)
+        xs, ws = zip(*(operands(8, 8, 3, depthwise, 9, seed=s) for s in range(3)))
+        xs, ws = jnp.stack(xs), jnp.stack(ws)
+        got = jax.jit(jax.vmap(lambda x, w: forward_and_grads(ours, x, w)))(xs, ws)
+        want = jax.vmap(lambda x, w: forward_and_grads(ref, x, w))(xs, ws)
+        for g, r in zip(got, want):
+            assert_close(g, r, FP32_TOL)
+
+
+def test_same_padding_and_preferred_element_type():
+    x, w = operands(4, 6, 3, False, 9, jnp.bfloat16)
+    kwargs = dict(window_strides=(2, 2), padding="SAME", dimension_numbers=NHWC,
+                  preferred_element_type=jnp.float32)
+    got = conv_general_dilated(x, w, **kwargs)
+    want = lax.conv_general_dilated(x, w, **kwargs)
+    assert got.dtype == want.dtype == jnp.float32
+    assert_close(got, want, FP32_TOL)
+
+
+def test_unsupported_configuration_falls_back_to_lax():
+    """Dilation and grouped (not depthwise) convs are XLA's convolution, result unchanged."""
+    x, _ = operands(8, 8, 3, False, 9)
+    for w, kwargs in ((operands(8, 8, 3, False, 9)[1], dict(rhs_dilation=(2, 2))),
+                      (operands(4, 8, 3, False, 9)[1], dict(feature_group_count=2))):
+        args = (x, w, (1, 1), ((1, 1), (1, 1)))
+        hlo = jax.jit(lambda x, w: conv_general_dilated(x, w, *args[2:], dimension_numbers=NHWC,
+                                                        **kwargs)).lower(x, w).as_text()
+        assert "convolution" in hlo and "dot_general" not in hlo
+        np.testing.assert_array_equal(
+            conv_general_dilated(*args, dimension_numbers=NHWC, **kwargs),
+            lax.conv_general_dilated(*args, dimension_numbers=NHWC, **kwargs))
+
+
+def lowered_train_step(platform: str) -> str:
+    """StableHLO of a grad step through nnx.Conv (dense and depthwise), lowered for `platform`."""
+    dense = nnx.Conv(4, 4, (3, 3), padding=((1, 1), (1, 1)),
+                     conv_general_dilated=conv_general_dilated, rngs=nnx.Rngs(0))
+    dw = nnx.Conv(4, 4, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=4,
+                  conv_general_dilated=conv_general_dilated, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(nnx.List([dense, dw]))
+
+    def loss(state, x):
+        a, b = nnx.merge(graphdef, state)
+        return jnp.sum(b(a(x)) ** 2)
+
+    x = jnp.ones((2, 6, 6, 4))
+    return jax.jit(jax.grad(loss)).trace(state, x).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
+def test_accelerators_get_xla_convolution(platform):
+    hlo = lowered_train_step(platform)
+    assert "stablehlo.convolution" in hlo
+    assert "dot_general" not in hlo  # nothing of the CPU form reaches an accelerator compiler
+
+
+def test_cpu_gets_matmul_form_and_env_switch_restores_native(monkeypatch):
+    hlo = lowered_train_step("cpu")
+    assert "stablehlo.convolution" not in hlo and "dot_general" in hlo
+    monkeypatch.setenv("PAND_NATIVE_CONV", "1")
+    hlo = lowered_train_step("cpu")
+    assert "stablehlo.convolution" in hlo and "dot_general" not in hlo
+
+
+def test_models_use_the_module():
+    """Every conv of both students and the teacher goes through this module."""
+    from pand_jax.convert.open_clip import config_from_open_clip
+    from pand_jax.models.clip import CLIP
+    from pand_jax.models.student import Student
+
+    models = [Student(arch, 3, rngs=nnx.Rngs(0)) for arch in ("resnet18", "mobilenet_v2")]
+    models.append(CLIP(config_from_open_clip("pand_demo_convnext"), rngs=nnx.Rngs(0)).visual)
+    for model in models:
+        convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+        assert convs and all(c.conv_general_dilated is conv_module.conv_general_dilated
+                             for c in convs)
