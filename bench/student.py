@@ -6,7 +6,7 @@ fp32 is each framework's default fp32 math (on NVIDIA GPUs both let cuDNN use TF
 convolutions); bf16 is the Flax Student's compute dtype (params and BN statistics fp32) vs
 torch.autocast(bfloat16) with channels_last, PyTorch's fast path. On CPU torch runs with as many
 threads as there are cores, as XLA does. `--conv native fast` measures the Flax models with
-XLA's own convolution (PAND_NATIVE_CONV=1) and with `pand_jax.models.conv` in the same run.
+XLA's own convolution (`xla_convolution()`) and with `pand_jax.models.conv` in the same run.
 
     python bench/student.py --device gpu --batch 128 --steps 50
     python bench/student.py --device cpu --batch 16 --steps 3 --size 64 224 --precision fp32 \
@@ -15,6 +15,7 @@ XLA's own convolution (PAND_NATIVE_CONV=1) and with `pand_jax.models.conv` in th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pand_jax.models.conv import xla_convolution
 from pand_jax.models.student import ARCHS, Student
 
 LR = 1e-4
@@ -114,13 +116,10 @@ def torch_images_per_s(arch: str, bf16: bool, platform: str, batch: int, size: i
 
 
 def flax_with_conv(conv: str, *args) -> float:
-    """Flax figure with XLA's convolution ("native") or `pand_jax.models.conv` ("fast"); the
-    switch is read while tracing, and every call here traces afresh."""
-    os.environ["PAND_NATIVE_CONV"] = "1" if conv == "native" else "0"
-    try:
+    """Flax figure with XLA's convolution ("native") or `pand_jax.models.conv` ("fast"); every
+    call here traces afresh, so the switch applies."""
+    with xla_convolution() if conv == "native" else contextlib.nullcontext():
         return flax_images_per_s(*args)
-    finally:
-        del os.environ["PAND_NATIVE_CONV"]
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ autocast), same device, same run, random weights, at 224 and 256 px.
 
     python bench/teacher.py                       # --size small: tiny demo ConvNeXt (CPU smoke run)
     python bench/teacher.py --size full --batch 64 --append bench/RESULTS.md   # on a GPU
+    python bench/teacher.py --conv native fast    # CPU: XLA's convolution vs pand_jax.models.conv
 
 MFU uses the analytic forward FLOPs of the tower (395.9 GFLOP per 256 px image for
 convnext_xxlarge, scaling with (px/256)^2) against the device's dense bf16 peak.
@@ -10,7 +11,9 @@ convnext_xxlarge, scaling with (px/256)^2) against the device's dense bf16 peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import time
 
 import jax
@@ -22,6 +25,7 @@ from flax import nnx
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
 from pand_jax.models.clip import CLIP
+from pand_jax.models.conv import xla_convolution
 from pand_jax.models.convnext import ConvNeXtConfig
 
 MODELS = {"small": "pand_demo_convnext", "full": "convnext_xxlarge"}
@@ -55,11 +59,14 @@ def time_it(fn, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def bench_flax(model: CLIP, images: np.ndarray, iters: int) -> float:
+def bench_flax(model: CLIP, images: np.ndarray, iters: int, conv: str = "fast") -> float:
+    """`conv` "native" traces with XLA's convolution, "fast" with pand_jax.models.conv (they
+    differ on CPU only); a fresh jit per call, so the choice applies."""
     graphdef, state = nnx.split(model.visual)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     x = jax.device_put(images)
-    return time_it(lambda: fwd(state, x).block_until_ready(), iters)
+    with xla_convolution() if conv == "native" else contextlib.nullcontext():
+        return time_it(lambda: fwd(state, x).block_until_ready(), iters)
 
 
 def bench_torch(visual, images: np.ndarray, iters: int, device: str, bf16: bool) -> float:
@@ -80,11 +87,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--append", help="append the markdown section to this file (one write)")
+    p.add_argument("--conv", nargs="+", default=["fast"], choices=("native", "fast"),
+                   help="Flax convolution: XLA's own and/or pand_jax.models.conv (CPU only differs)")
     args = p.parse_args()
 
     name = MODELS[args.size]
     cfg = config_from_open_clip(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count())  # as many threads as XLA:CPU uses
     kind = jax.devices()[0].device_kind
     peak = peak_tflops(kind)
     torch_visual = oc.build_torch_model(name, device=device).visual.eval()
@@ -94,9 +105,13 @@ def main() -> None:
     for px in (224, 256):
         images = np.random.default_rng(0).standard_normal((args.batch, px, px, 3), np.float32)
         gflop = vision_flops(cfg.vision, px, cfg.embed_dim) / 1e9
+        first_row = len(rows)
         runs = {
-            "Flax fp32": bench_flax(models[jnp.float32], images, args.iters),
-            "Flax bf16": bench_flax(models[jnp.bfloat16], images, args.iters),
+            f"Flax {name}{' (XLA conv)' if conv == 'native' else ''}":
+                bench_flax(models[dt], images, args.iters, conv)
+            for conv in args.conv for name, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16))
+        }
+        runs |= {
             "PyTorch fp32": bench_torch(torch_visual, images, args.iters, device, bf16=False),
             "PyTorch bf16 autocast": bench_torch(torch_visual, images, args.iters, device, True),
         }
@@ -104,15 +119,16 @@ def main() -> None:
             ips = args.batch / sec
             mfu = f"{100 * ips * gflop / 1e3 / peak:.1f}%" if peak else "n/a"
             rows.append(f"| {px} | {label} | {ips:,.1f} | {mfu} |")
-        ratio = runs["PyTorch bf16 autocast"] / runs["Flax bf16"]
-        rows.append(f"| {px} | Flax bf16 / PyTorch bf16 | {ratio:.2f}x | |")
-        print("\n".join(rows[-5:]), flush=True)
+        for prec, torch_name in (("fp32", "PyTorch fp32"), ("bf16", "PyTorch bf16 autocast")):
+            for label in [k for k in runs if k.startswith(f"Flax {prec}")]:
+                rows.append(f"| {px} | {label} / {torch_name} | {runs[torch_name] / runs[label]:.2f}x | |")
+        print("\n".join(rows[first_row:]), flush=True)
 
     section = "\n".join([
-        f"\n## Teacher image tower ({datetime.date(2026, 11, 21).isoformat()})\n",
+        f"\n## Teacher image tower ({datetime.date.today().isoformat()})\n",
         f"- device: {kind} (JAX {jax.__version__}, torch {torch.__version__} on {device})",
         f"- command: `python bench/teacher.py --size {args.size} --batch {args.batch} "
-        f"--iters {args.iters}`",
+        f"--iters {args.iters} --conv {' '.join(args.conv)}`",
         f"- model: {name} image tower, random weights; "
         f"{vision_flops(cfg.vision, 256, cfg.embed_dim) / 1e9:.4g} GFLOP/img at 256 px; "
         "MFU " + (f"against {peak:.0f} TFLOP/s dense bf16" if peak else

@@ -142,3 +142,25 @@ def test_crop_then_square_crop_matches_two_step_reference():
     ref = TF.resize(_torch(first[y2:y2 + side, x2:x2 + side]), [56, 56], antialias=True).numpy().transpose(1, 2, 0)
     ours = np.asarray(A._crop_upsample(jnp.asarray(x), p["region"][0], 56))
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_colour_jitter_applies_each_examples_order_like_torchvision():
+    """Vmapped over all 24 orders: ColorJitter's four ops in that example's order."""
+    import itertools
+
+    orders = np.array(list(itertools.permutations(range(4))), np.int32)
+    n = len(orders)
+    x = np.random.default_rng(2).random((n, 12, 12, 3), dtype=np.float32)
+    factors = {"brightness": 1.25, "contrast": 0.92, "saturation": 1.08, "hue": -0.07}
+    p = {k: jnp.full((n,), v, jnp.float32) for k, v in factors.items()}
+    p["jitter_order"] = jnp.asarray(orders)
+    ours = np.asarray(jax.jit(jax.vmap(A._color_jitter))(jnp.asarray(x), p))
+    tv_ops = [lambda t: TF.adjust_brightness(t, factors["brightness"]),
+              lambda t: TF.adjust_contrast(t, factors["contrast"]),
+              lambda t: TF.adjust_saturation(t, factors["saturation"]),
+              lambda t: TF.adjust_hue(t, factors["hue"])]
+    for image, order, got in zip(x, orders, ours):
+        t = _torch(image)
+        for op in order:
+            t = tv_ops[op](t)
+        assert np.abs(got - t.numpy().transpose(1, 2, 0)).max() < 1e-5, order

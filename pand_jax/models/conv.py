@@ -14,11 +14,12 @@ TPUs the computation is exactly `jax.lax.conv_general_dilated` (cuDNN on NVIDIA)
 fast form covers what the models use: channels-last (NHWC / HWIO) dense convs and depthwise
 convs (one filter per channel), any kernel, stride and explicit / "SAME" / "VALID" padding;
 anything else (dilation, other grouped convs, other layouts) takes XLA's convolution, unchanged.
-Set PAND_NATIVE_CONV=1 to force XLA's convolution everywhere (used by bench/student.py to measure
-the difference).
+Set PAND_NATIVE_CONV=1 (or trace inside `with xla_convolution():`) to force XLA's convolution
+everywhere; the benchmarks use it to measure the difference.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -53,6 +54,21 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     # computation on a GPU host, or an exported function, gets the right branch), and only the
     # chosen branch reaches the compiler. It works under jit, grad and vmap like lax.switch.
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=native)
+
+
+@contextlib.contextmanager
+def xla_convolution():
+    """Functions traced inside this block use XLA's convolution on every platform (jit caches
+    traces: only functions traced afresh are affected)."""
+    before = os.environ.get("PAND_NATIVE_CONV")
+    os.environ["PAND_NATIVE_CONV"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PAND_NATIVE_CONV"]
+        else:
+            os.environ["PAND_NATIVE_CONV"] = before
 
 
 def _channels_last_numbers(ndim: int) -> lax.ConvDimensionNumbers:
