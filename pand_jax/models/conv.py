@@ -11,9 +11,10 @@ What it guarantees: `conv_general_dilated` takes `jax.lax.conv_general_dilated`'
 is passed to `nnx.Conv(conv_general_dilated=...)`) and returns the same values up to float
 rounding (the sums run in another order), forward and under `jax.grad` / `jax.vmap`. On GPUs and
 TPUs the computation is exactly `jax.lax.conv_general_dilated` (cuDNN on NVIDIA). On CPU the
-fast form covers what the models use: channels-last (NHWC / HWIO) dense convs and depthwise
-convs (one filter per channel), any kernel, stride and explicit / "SAME" / "VALID" padding;
-anything else (dilation, other grouped convs, other layouts) takes XLA's convolution, unchanged.
+fast form covers what the models use: channels-last (NHWC / HWIO) dense convs on small maps and
+depthwise convs (one filter per channel), any kernel, stride and explicit / "SAME" / "VALID"
+padding; anything else (large maps, dilation, other grouped convs, other layouts) takes XLA's
+convolution, unchanged.
 Set PAND_NATIVE_CONV=1 (or trace inside `with xla_convolution():`) to force XLA's convolution
 everywhere; the benchmarks use it to measure the difference.
 """
@@ -21,11 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+# Dense convs take the matmul form only on maps of at most 16x16 outputs: XLA:CPU's own kernel
+# is slow on small maps (100 ms for 3x3 512->512 at 2x2) but as fast or faster on large ones
+# (28x28 and up, where im2col patches cost 9x the memory traffic; measured in bench/RESULTS.md).
+# Depthwise convs always take the shifted-product form: XLA:CPU is slow on them at every size.
+DENSE_MAX_POSITIONS = 16 * 16
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -44,6 +53,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return native(lhs, rhs)
     pads = (lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
             if isinstance(padding, str) else padding)
+    out_positions = math.prod((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(
+        lhs.shape[1:-1], rhs.shape[:-2], window_strides, pads))
+    if feature_group_count == 1 and out_positions > DENSE_MAX_POSITIONS:
+        return native(lhs, rhs)
 
     def cpu(lhs, rhs):
         return _cpu_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)),
@@ -52,7 +65,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     # Chosen per platform when the computation is lowered, not by a Python check of
     # jax.default_backend() while tracing: the platform XLA compiles for is what matters (a CPU
     # computation on a GPU host, or an exported function, gets the right branch), and only the
-    # chosen branch reaches the compiler. It works under jit, grad and vmap like lax.switch.
+    # chosen branch reaches the compiler. It works under jit, grad and vmap like lax.switch
+    # (under grad each branch returns zeros for the other's residuals; the conditional's index
+    # is a constant after lowering, so XLA inlines the branch and drops them).
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=native)
 
 
