@@ -133,6 +133,7 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
+    from pand_jax.models.conv import xla_convolution
     from pand_jax.models.student import Student
 
     assert jax.device_count() == 8, jax.devices()
@@ -149,7 +150,7 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
         (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return aux, grads
 
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision("highest"), xla_convolution():
         single = jax.jit(step)(params, stats, jax.device_put(x, jax.devices()[0]))
         # Auto axes: GSPMD inserts the cross-device reductions (jax 0.10's make_mesh defaults to
         # Explicit axes, where the weight-gradient contraction over the batch needs out_sharding).
@@ -163,14 +164,12 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
         pairs = [(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(xs), jax.tree.leaves(ys))]
         return max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in pairs)
 
-    # Forward (logits, BN statistics): global-batch statistics agree to fp32 rounding; statistics
-    # of each device's 2 images would be off at O(1).
-    assert worst(single[0], sharded[0]) < 1e-5, worst(single[0], sharded[0])
-    # Gradients: this loss at random init amplifies rounding ~1e4-fold through 20 training-mode
-    # BatchNorms (a 1e-7 relative change of the input moves the stem's gradient by 3e-3), and the
-    # CPU matmul form of the convolutions (pand_jax.models.conv) rounds differently when the
-    # batch is split.
-    assert worst(single[1], sharded[1]) < 3e-2, worst(single[1], sharded[1])
+    # Global-batch statistics agree to fp32 rounding (statistics of each device's 2 images would
+    # be off at O(1)), and so do the gradients. XLA's convolution is pinned above: this loss at
+    # random init amplifies rounding ~1e4-fold through 20 training-mode BatchNorms, and the CPU
+    # matmul form (pand_jax.models.conv, tested on its own) rounds differently when the batch is
+    # split, which is not what this test is about.
+    assert worst(single, sharded) < 1e-5, worst(single, sharded)
 """)
 
 
