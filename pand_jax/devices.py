@@ -11,6 +11,11 @@ whole evaluation split (training's evaluation, PSC's features, evaluate.py).
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
+from collections import Counter
 from typing import Any, Callable
 
 import jax
@@ -23,6 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pand_jax.progress import progress_bar
 
 DATA = "data"
+GPU_INSTALL = "bash scripts/setup.sh --gpu"
+NVIDIA_PROC = pathlib.Path("/proc/driver/nvidia/gpus")
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -44,6 +51,39 @@ def _launched_as_several_processes() -> bool:
                 or int(env.get("SLURM_NTASKS", "1")) > 1
                 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
                 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def device_line(dtype=None) -> str:
+    """'devices: 8 x NVIDIA H100 80GB HBM3 (gpu), 1 process[, compute bfloat16]'."""
+    kinds = Counter(d.device_kind for d in jax.devices())
+    n = jax.process_count()
+    line = (f"devices: {', '.join(f'{c} x {kind}' for kind, c in kinds.items())} "
+            f"({jax.default_backend()}), {n} process{'es' if n > 1 else ''}")
+    return line if dtype is None else f"{line}, compute {np.dtype(dtype).name}"
+
+
+def report_devices(dtype=None) -> None:
+    """The start line of every command (after `maybe_initialize_distributed`), plus one warning
+    line when an NVIDIA GPU sits idle because only the CPU jaxlib is installed."""
+    if jax.process_index() == 0:
+        print(device_line(dtype), flush=True)
+    if jax.default_backend() == "cpu" and nvidia_gpu_visible():
+        print(f"warning: an NVIDIA GPU is visible but JAX runs on the CPU; install JAX's CUDA "
+              f"plugin with `{GPU_INSTALL}`", file=sys.stderr, flush=True)
+
+
+def nvidia_gpu_visible() -> bool:
+    """Whether the NVIDIA driver sees a GPU, asked without JAX (which may lack the plugin)."""
+    if NVIDIA_PROC.is_dir() and any(NVIDIA_PROC.iterdir()):
+        return True
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(line.startswith("GPU ") for line in listing.splitlines())
 
 
 def make_mesh() -> Mesh:

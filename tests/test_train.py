@@ -44,6 +44,7 @@ def assert_trees_close(a, b, rtol, atol):
 def test_psc_writes_anchors_summary_and_metrics(psc_run):
     summary = json.loads((psc_run / "summary.json").read_text())
     assert summary["stage"] == "psc" and summary["dataset"] == "digits"
+    assert summary["compute_dtype"] == "float32"
     assert 0.0 <= summary["best_top1"] <= 1.0 and summary["images_per_second"] >= 0
     with np.load(psc_run / "anchors.npz") as f:
         anchors = f["anchors"]
@@ -70,6 +71,7 @@ def test_nsd_step_on_8_devices_matches_1(teacher, psc_run, nsd_run, tmp_path):
     assert_trees_close(eight["rest"], one["rest"], 1e-5, 1e-6)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["devices"] == 8 and summary["method"] == "pand"
+    assert summary["compute_dtype"] == "float32"
 
 
 def _free_port() -> int:
@@ -239,6 +241,8 @@ def test_batch_not_divisible_by_devices(teacher, tmp_path):
                                 "--workdir", tmp_path], devices=8, check=False)
     assert out.returncode == 2
     assert "global batch size 12 is not divisible by the 8 devices" in out.stderr
+    # The start line comes first, before the config is checked against the devices.
+    assert out.stdout.startswith("devices: 8 x cpu (cpu), 1 process, compute float32\n")
 
 
 def test_corrupt_checkpoint_is_reported(teacher, psc_run, tmp_path, capsys):

@@ -21,6 +21,7 @@ import numpy as np
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.state_dict import ConversionError, read_state_dict
 from pand_jax.models import clip as clip_lib
+from pand_jax.devices import report_devices
 from pand_jax.models.student import ARCHS
 from pand_jax.weights import WeightsError
 
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    report_devices()
     try:
         if args.student:
             return convert_student(args.student, args.checkpoint, args.out, args.verify)

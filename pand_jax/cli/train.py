@@ -141,14 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("give --stage psc|nsd, or --demo")
 
     def train():
-        from pand_jax.devices import maybe_initialize_distributed
+        from pand_jax import devices
 
-        maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        devices.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.demo:
+            devices.report_devices()
             run_demo(pathlib.Path(args.workdir or "runs/demo"), args.teacher_cache, args.set,
                      args.allow_config_change)
         else:
             cfg, workdir = resolve(args)
+            devices.report_devices(devices.compute_dtype(cfg["dtype"]))
             summary = run_stage(cfg, workdir, args.allow_config_change)
             print(json.dumps(summary, indent=2))
 

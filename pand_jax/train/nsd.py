@@ -257,6 +257,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                     checkpoints_to_keep=cfg["checkpoints_to_keep"],
                     summary_extra={"dataset": info.key, "method": cfg["method"],
                                    "student": cfg["student"], "teacher": teacher_id,
+                                   "compute_dtype": np.dtype(dtype).name,
                                    "train_split": train_split,
                                    "learned_anchors": learned, "no_psc": cfg["no_psc"],
                                    "nsd_form": cfg["loss"]["nsd_form"],

@@ -87,7 +87,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     mesh = devices.make_mesh()
     devices.check_batch_size(cfg["batch_size"], mesh)
     devices.check_batch_size(cfg["feature_batch_size"], mesh, "feature batch size")
-    clip, teacher_id = setup.load_teacher(cfg["teacher"], devices.compute_dtype(cfg["dtype"]))
+    dtype = devices.compute_dtype(cfg["dtype"])
+    clip, teacher_id = setup.load_teacher(cfg["teacher"], dtype)
 
     select_split = info.val_split or info.test_split
     train_split = setup.train_split(info, cfg)
@@ -152,6 +153,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
     return loop.fit(task, state, epochs=cfg["epochs"], workdir=workdir,
                     checkpoints_to_keep=cfg["checkpoints_to_keep"],
                     summary_extra={"dataset": info.key, "method": "coop", "teacher": teacher_id,
+                                   "compute_dtype": np.dtype(dtype).name,
                                    "anchors": str(workdir / "anchors.npz"),
                                    "select_split": select_split, "train_split": train_split,
                                    "zero_shot_top1": zero_shot})
