@@ -1,4 +1,5 @@
-"""Devices: data parallelism over every device of every process, and the compute dtype.
+"""Devices: data parallelism over every device of every process, the compute dtype, and the
+start line every command prints (`report_devices`).
 
 A 1-D mesh with axis "data": parameters are replicated and batches are sharded along their
 leading axis. Under `jax.jit` the batch mean in BatchNorm then spans the global batch, which

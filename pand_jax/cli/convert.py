@@ -20,8 +20,8 @@ import numpy as np
 
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.state_dict import ConversionError, read_state_dict
-from pand_jax.models import clip as clip_lib
 from pand_jax.devices import report_devices
+from pand_jax.models import clip as clip_lib
 from pand_jax.models.student import ARCHS
 from pand_jax.weights import WeightsError
 
