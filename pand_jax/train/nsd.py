@@ -153,7 +153,9 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"params": optax.apply_updates(state["params"], updates), "rest": rest,
                      "opt_state": opt_state, "step": state["step"] + 1}
-        return new_state, {"loss": total, **parts, "lr": schedule(state["step"])}
+        # The loop stops on a non-finite loss term or gradient norm (read one step late).
+        return new_state, {"loss": total, **parts, "grad_norm": optax.global_norm(grads),
+                           "lr": schedule(state["step"])}
 
     return train_step
 
