@@ -48,16 +48,15 @@ class Checkpointer:
         """Starts an async save; the training loop continues while it is written. A failure
         of the previous save surfaces here or in `wait`/`close`."""
         with self._disk_errors():
+            # orbax waits here for the previous save anyway; doing it first lets a failure
+            # of that save be reported with its own step.
+            self.manager.wait_until_finished()
             self._saving = (step, sum(x.nbytes for x in jax.tree.leaves(state)))
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    def restore(self, like: Any, step: int) -> tuple[Any, dict[str, Any]]:
         """Restores into arrays with the shapes, dtypes and shardings of `like`."""
-        step = self.latest_step() if step is None else step
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         try:
