@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import json
 import pathlib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import pydantic
 from pydantic import Field
@@ -27,18 +27,24 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Facts:
     """What the schema needs from the layers above it, passed in by the caller: the device
-    and process counts of the mesh, each dataset's number of classes, and the allowed values
-    of the choice keys, whose lists live where they are used (`losses.METHODS`, ...)."""
+    and process counts of the mesh, a dataset's number of classes, and the allowed values of
+    the choice keys, whose lists live where they are used (`losses.METHODS`, ...)."""
     devices: int
     processes: int
-    classes: dict[str, int]              # dataset key -> number of classes
+    # dataset key -> its number of classes; a ValueError saying what is valid for a bad key
+    num_classes: Callable[[str], int]
     choices: dict[str, tuple[str, ...]]  # config key name -> allowed values
 
 
 def _choice(value: Any, info: pydantic.ValidationInfo) -> Any:
     allowed = info.context["facts"].choices[info.field_name]
     if value not in allowed:
-        raise ValueError("not allowed")  # the message comes from the field's description
+        raise ValueError(f"expected one of {list(allowed)}")
+    return value
+
+
+def _dataset(value: str, info: pydantic.ValidationInfo) -> str:
+    info.context["facts"].num_classes(value)  # raises for an unknown key or a bad folder
     return value
 
 
@@ -51,8 +57,8 @@ def _positive_int(description: str = "an integer >= 1") -> Any:
     return _key(description, ge=1)
 
 
-Choice = Annotated[str, pydantic.AfterValidator(_choice)]
-CHOICE = "one of {}"  # filled in from Facts.choices
+# Any type in: a value outside the list (even of another type) gets the list in its message.
+Choice = Annotated[Any, pydantic.AfterValidator(_choice)]
 OptionalPath = Annotated[str | None, Field(description="a path, or null")]
 PositiveOrNone = Annotated[float, Field(gt=0)] | None
 
@@ -64,12 +70,16 @@ class _Schema(pydantic.BaseModel):
 
 class _Common(_Schema):
     """Keys both stages share."""
-    dataset: Choice = _key(CHOICE)
+    dataset: Annotated[str, pydantic.AfterValidator(_dataset)] = _key(
+        "a dataset key, or folder:PATH")
     data_dir: OptionalPath
     train_split: str | None = _key("a split name, or null for the dataset's own")
+    prompt_template: Annotated[str, Field(pattern=r"\{\}")] | None = _key(
+        "a text with {} where the class name goes, or null for the dataset's own")
+    skip_bad_images: bool = _key("true or false")
     teacher: str = _key("a path")
     seed: int = _key("an integer >= 0", ge=0)
-    dtype: Choice = _key(CHOICE)
+    dtype: Choice
     epochs: int = _positive_int()
     checkpoints_to_keep: int = _positive_int()
     max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = _key("an integer >= 1, or null")
@@ -97,8 +107,8 @@ class NSDLoss(_Schema):
     tau: float = _key("a number > 0", gt=0)
     scale: float = _key("a number > 0", gt=0)
     cls_offset: float = _key("a number in [0, 1]", ge=0, le=1)
-    txt_reduction: Choice = _key(CHOICE)
-    nsd_form: Choice = _key(CHOICE)
+    txt_reduction: Choice
+    nsd_form: Choice
     lambda_nsd: float = _key("a number >= 0", ge=0)
     nsd_k: int = _positive_int()
     nsd_group_size: Annotated[int, Field(ge=2)] | None = _key(
@@ -120,9 +130,9 @@ class NSDOptimizer(_Schema):
 
 class NSDConfig(_Common):
     stage: Literal["nsd"] = _key("'nsd'")
-    student: Choice = _key(CHOICE)
+    student: Choice
     student_weights: OptionalPath
-    method: Choice = _key(CHOICE)
+    method: Choice
     anchors: OptionalPath
     no_psc: bool = _key("true or false")
     # BatchNorm statistics of a single example are degenerate, and RKD needs pairs.
@@ -131,13 +141,13 @@ class NSDConfig(_Common):
     host_image_size: int = _positive_int()
     image_size: int = _positive_int()
     host_cache: bool = _key("true or false")
-    augment: Choice = _key(CHOICE)
+    augment: Choice
     teacher_cache: int = _key("an integer >= 0 (views; 0: online teacher)", ge=0)
     loss: NSDLoss
     align_dim: Annotated[int, Field(ge=1)] | None = _key("an integer >= 1, or null")
     optimizer: NSDOptimizer
     teacher_cache_online: bool = _key("true or false")
-    teacher_cache_dtype: Choice = _key(CHOICE)
+    teacher_cache_dtype: Choice
 
 
 class DemoTeacherConfig(_Schema):
@@ -161,7 +171,9 @@ def validate(config: dict[str, Any], facts: Facts, schema: str | None = None) ->
         checked = model.model_validate(config, context={"facts": facts})
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        key, expected = _describe(model, err["loc"], facts)
+        key, expected = _describe(model, err["loc"])
+        if err["type"] == "value_error":  # our validators say what is allowed themselves
+            raise ConfigError(f"config {key} = {err['input']!r}: {err['ctx']['error']}") from None
         if err["type"] == "missing":
             raise ConfigError(f"config {key} is missing: expected {expected}") from None
         if err["type"] == "extra_forbidden":
@@ -174,7 +186,7 @@ def validate(config: dict[str, Any], facts: Facts, schema: str | None = None) ->
     return checked.model_dump()
 
 
-def _describe(model: type[pydantic.BaseModel], loc: tuple, facts: Facts) -> tuple[str, str]:
+def _describe(model: type[pydantic.BaseModel], loc: tuple) -> tuple[str, str]:
     """(dotted key, what it allows) of an error location; list indices and pydantic's union
     branch names after the key are dropped."""
     names, expected = [], "a valid value"
@@ -184,12 +196,10 @@ def _describe(model: type[pydantic.BaseModel], loc: tuple, facts: Facts) -> tupl
             break
         names.append(part)
         expected = field.description or expected
-        if isinstance(field.annotation, type) and issubclass(field.annotation, pydantic.BaseModel):
-            model = field.annotation
-        else:
-            if expected == CHOICE:
-                expected = CHOICE.format(list(facts.choices[part]))
+        if not (isinstance(field.annotation, type)
+                and issubclass(field.annotation, pydantic.BaseModel)):
             break
+        model = field.annotation
     return ".".join(names), expected
 
 
@@ -222,7 +232,7 @@ def _broken_rule(c: pydantic.BaseModel, facts: Facts) -> tuple[str, Any, str] | 
         return ("loss.nsd_group_size", group,
                 f"a divisor of batch_size ({c.batch_size}): the batch is split into groups")
     if c.method == "pand" and loss.lambda_nsd > 0:
-        classes = facts.classes[c.dataset]
+        classes = facts.num_classes(c.dataset)
         if loss.nsd_form == "paper" and loss.nsd_k >= classes:
             return ("loss.nsd_k", loss.nsd_k, f"< the {classes} classes of {c.dataset} (the "
                     "neighbourhood is the k nearest classes other than the true one)")

@@ -100,6 +100,8 @@ BAD_VALUES = [  # (stage args, extra args, key, value as printed)
     (PSC_ARGS, ["--set", "feature_batch_size=0"], "feature_batch_size", "0"),
     (PSC_ARGS, ["--set", "n_ctx=0"], "n_ctx", "0"),
     (PSC_ARGS, ["--set", "dataset=7"], "dataset", "7"),
+    (PSC_ARGS, ["--set", "dataset=mnist"], "dataset", "'mnist'"),
+    (PSC_ARGS, ["--set", "prompt_template=a photo"], "prompt_template", "'a photo'"),
     (PSC_ARGS, ["--set", "seed=-1"], "seed", "-1"),
 ]
 
@@ -114,7 +116,7 @@ def test_bad_value_is_one_line_naming_key_and_value(stage, extra, key, value, tm
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"error: config {key} = {value}: expected "), err
+    assert lines[0].startswith(f"error: config {key} = {value}: "), err
     assert not (tmp_path / "w").exists()  # checked before any work
 
 
@@ -132,7 +134,8 @@ def test_batch_must_split_evenly_over_every_device():
     from pand_jax.cli.train import facts
 
     real = facts()
-    eight = config.Facts(devices=8, processes=1, classes=real.classes, choices=real.choices)
+    eight = config.Facts(devices=8, processes=1, num_classes=real.num_classes,
+                          choices=real.choices)
     cfg = config.default_config("nsd")
     for key, value in [("batch_size", 12), ("eval_batch_size", 20)]:
         bad = config.apply_sets(cfg, [f"{key}={value}"])

@@ -7,6 +7,7 @@ any work and written to the workdir.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -67,15 +68,15 @@ def facts() -> config_lib.Facts:
     import jax
 
     from pand_jax.data.augment import RECIPES
-    from pand_jax.data.datasets import DATASETS
+    from pand_jax.data.datasets import get_dataset
     from pand_jax.devices import DTYPE_NAMES
     from pand_jax.losses import TXT_REDUCTIONS
     from pand_jax.train.teacher_cache import DTYPES
 
     return config_lib.Facts(
         devices=len(jax.devices()), processes=jax.process_count(),
-        classes={k: d.num_classes for k, d in DATASETS.items()},
-        choices=dict(dataset=tuple(DATASETS), dtype=DTYPE_NAMES, student=ARCHS, method=METHODS,
+        num_classes=functools.cache(lambda key: get_dataset(key).num_classes),
+        choices=dict(dtype=DTYPE_NAMES, student=ARCHS, method=METHODS,
                      nsd_form=NSD_FORMS, txt_reduction=("auto", *TXT_REDUCTIONS),
                      augment=RECIPES, teacher_cache_dtype=tuple(DTYPES)))
 
