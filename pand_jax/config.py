@@ -162,11 +162,11 @@ class DemoTeacherConfig(_Schema):
 SCHEMAS = {"psc": PSCConfig, "nsd": NSDConfig, "demo_teacher": DemoTeacherConfig}
 
 
-def validate(config: dict[str, Any], facts: Facts, schema: str | None = None) -> dict[str, Any]:
+def validate(config: dict[str, Any], facts: Facts, schema: str) -> dict[str, Any]:
     """The checked, normalised config (ints where integers belong, floats for numbers), or a
     ConfigError of one line naming the first bad key, its value and what is allowed.
-    `schema` defaults to the config's stage."""
-    model = SCHEMAS[schema or config.get("stage")]
+    `schema`: "psc", "nsd" or "demo_teacher"."""
+    model = SCHEMAS[schema]
     try:
         checked = model.model_validate(config, context={"facts": facts})
     except pydantic.ValidationError as e:

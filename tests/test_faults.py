@@ -103,6 +103,8 @@ BAD_VALUES = [  # (stage args, extra args, key, value as printed)
     (PSC_ARGS, ["--set", "dataset=mnist"], "dataset", "'mnist'"),
     (PSC_ARGS, ["--set", "prompt_template=a photo"], "prompt_template", "'a photo'"),
     (PSC_ARGS, ["--set", "seed=-1"], "seed", "-1"),
+    (PSC_ARGS, ["--set", "data_dir=5"], "data_dir", "5"),
+    (PSC_ARGS, ["--set", "stage=nsd"], "stage", "'nsd'"),
 ]
 
 
@@ -141,21 +143,21 @@ def test_batch_must_split_evenly_over_every_device():
         bad = config.apply_sets(cfg, [f"{key}={value}"])
         with pytest.raises(config.ConfigError, match=f"config {key} = {value}: expected a "
                            "multiple of the 8 devices"):
-            config.validate(bad, eight)
-    assert config.validate(cfg, eight)["batch_size"] == 128
+            config.validate(bad, eight, "nsd")
+    assert config.validate(cfg, eight, "nsd")["batch_size"] == 128
 
 
-def test_valid_config_is_normalised_and_old_workdirs_still_match(psc2):
-    """Numbers given as integers become floats where floats belong; a config.json written
-    before the schema existed compares equal to the validated one, so old runs resume."""
+def test_valid_config_is_normalised_and_a_workdir_config_is_unchanged(psc2):
+    """Numbers given as integers become floats where floats belong; a run's config.json
+    validates to itself, so resuming a workdir compares equal."""
     from pand_jax import config
     from pand_jax.cli.train import facts
 
     cfg = config.apply_sets(config.default_config("nsd"), ["optimizer.lr=1", "epochs=3"])
-    out = config.validate(cfg, facts())
+    out = config.validate(cfg, facts(), "nsd")
     assert type(out["optimizer"]["lr"]) is float and type(out["epochs"]) is int
     old = json.loads((psc2 / "config.json").read_text())
-    assert config.diff(old, config.validate(old, facts())) == []
+    assert config.diff(old, config.validate(old, facts(), "psc")) == []
 
 
 # ------------------------------------------------------------------------ checkpoints

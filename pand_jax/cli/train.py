@@ -96,7 +96,7 @@ def resolve(args: argparse.Namespace, facts: config_lib.Facts) -> tuple[dict, pa
             config_lib.override(cfg, key, value)
     if args.no_psc:
         cfg["no_psc"] = True
-    cfg = config_lib.validate(config_lib.apply_sets(cfg, args.set), facts)
+    cfg = config_lib.validate(config_lib.apply_sets(cfg, args.set), facts, stage)
     runs = pathlib.Path("runs") / run_name(cfg["dataset"])
     if stage == "nsd" and cfg["method"] == "pand" and not cfg["no_psc"] and not cfg["anchors"]:
         cfg["anchors"] = str(runs / "psc" / "anchors.npz")
@@ -145,7 +145,8 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
             cfg["anchors"] = str(workdir / "psc" / "anchors.npz")
             if teacher_cache is not None:
                 cfg["teacher_cache"] = teacher_cache
-        cfgs[stage] = config_lib.validate(config_lib.apply_sets(cfg, by_section[stage]), facts)
+        cfgs[stage] = config_lib.validate(config_lib.apply_sets(cfg, by_section[stage]), facts,
+                                          stage)
     if not (teacher / "config.json").is_file():
         acc = demo.train_teacher(teacher_cfg, teacher)
         print(f"[demo] teacher trained; zero-shot top1 of the prompt template: {100 * acc:.1f}%")
