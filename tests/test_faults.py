@@ -12,7 +12,8 @@ import signal
 import numpy as np
 import pytest
 
-from test_train import NSD_ARGS, PSC_ARGS, latest_state, teacher  # noqa: F401 (fixture)
+# `teacher` is test_train's session fixture (the tiny random CLIP), shared by importing it.
+from test_train import NSD_ARGS, PSC_ARGS, latest_state, teacher
 
 
 def cli(argv):
@@ -43,7 +44,7 @@ def steps(workdir):
 
 
 @pytest.fixture(scope="module")
-def psc2(teacher, tmp_path_factory):  # noqa: F811
+def psc2(teacher, tmp_path_factory):
     """An undisturbed two-epoch PSC run, the reference every faulted run must end at."""
     workdir = tmp_path_factory.mktemp("psc2")
     assert cli(PSC2 + ["--teacher", teacher, "--workdir", workdir]) == 0
@@ -170,8 +171,8 @@ def corrupt(checkpoint):
         f.write_bytes(b"garbage" * 3)
 
 
-def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(teacher, psc2, tmp_path,  # noqa: F811
-                                                                      capfd):
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(teacher, psc2,
+                                                                      tmp_path, capfd):
     workdir = copy_run(psc2, tmp_path / "run")
     corrupt(workdir / "checkpoints" / "2")
     assert cli(PSC2 + ["--teacher", teacher, "--workdir", workdir]) == 0
@@ -184,7 +185,7 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(teacher, p
     assert_same_state(latest_state(workdir), latest_state(psc2))
 
 
-def test_no_readable_checkpoint_stops_in_two_lines(teacher, psc2, tmp_path, capfd):  # noqa: F811
+def test_no_readable_checkpoint_stops_in_two_lines(teacher, psc2, tmp_path, capfd):
     workdir = copy_run(psc2, tmp_path / "run")
     for step in (1, 2):
         corrupt(workdir / "checkpoints" / str(step))
@@ -215,8 +216,8 @@ def full_disk_on_save(monkeypatch, n):
     monkeypatch.setattr(StandardCheckpointHandler, "async_save", async_save)
 
 
-def test_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(teacher, psc2, tmp_path,  # noqa: F811
-                                                                  capfd, monkeypatch):
+def test_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(teacher, psc2, tmp_path, capfd,
+                                                                  monkeypatch):
     workdir = fresh_run(psc2, tmp_path / "run")
     full_disk_on_save(monkeypatch, 2)
     assert cli(PSC2 + ["--teacher", teacher, "--workdir", workdir]) == 2
@@ -233,7 +234,7 @@ def test_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(teacher, psc2, 
     assert_same_state(latest_state(workdir), latest_state(psc2))
 
 
-def test_sigterm_during_a_save_resumes_to_the_same_state(teacher, psc2, tmp_path,  # noqa: F811
+def test_sigterm_during_a_save_resumes_to_the_same_state(teacher, psc2, tmp_path,
                                                          monkeypatch):
     """SIGTERM arrives while the first epoch's checkpoint is being written: the run saves
     where it stopped, exits, and the rerun ends where an undisturbed run ends."""
@@ -371,7 +372,7 @@ def test_damaged_or_foreign_host_image_cache_is_rebuilt(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().out
 
 
-def test_psc_feature_cache_is_keyed_by_the_compute_dtype(teacher, tmp_path, capsys):  # noqa: F811
+def test_psc_feature_cache_is_keyed_by_the_compute_dtype(teacher, tmp_path, capsys):
     """Features computed in bfloat16 are not reused for a float32 run (nor the reverse)."""
     from pand_jax import config, devices
     from pand_jax.data import get_dataset
@@ -389,7 +390,7 @@ def test_psc_feature_cache_is_keyed_by_the_compute_dtype(teacher, tmp_path, caps
     assert "recomputing" not in printed[0] and "warning: recomputing" in printed[1]
 
 
-def test_truncated_teacher_cache_is_rebuilt(teacher, tmp_path, capsys):  # noqa: F811
+def test_truncated_teacher_cache_is_rebuilt(teacher, tmp_path, capsys):
     from pand_jax import devices
     from pand_jax.data.sources import ArraySource
     from pand_jax.train import setup, teacher_cache
@@ -410,4 +411,4 @@ def test_truncated_teacher_cache_is_rebuilt(teacher, tmp_path, capsys):  # noqa:
         f.truncate(200)
     capsys.readouterr()
     np.testing.assert_array_equal(build(), first)
-    assert "partial" in capsys.readouterr().out
+    assert "warning: stale cache, rebuilding the teacher cache" in capsys.readouterr().out

@@ -140,7 +140,8 @@ class Loader:
         cache, reason = self._read_cache(stem, key)
         if cache is None:
             if os.path.exists(stem + ".images.npy"):
-                print(f"warning: rebuilding the image cache {stem}.images.npy: {reason}", flush=True)
+                print(f"warning: rebuilding the image cache {stem}.images.npy: {reason}",
+                      flush=True)
             os.makedirs(cache_dir, exist_ok=True)
             self._write_cache(stem, key)
             cache, reason = self._read_cache(stem, key)

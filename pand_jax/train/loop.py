@@ -147,10 +147,11 @@ def _log_step(task, metrics, bar, step, out):
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+        epoch = step // task.steps_per_epoch + 1
         raise NonFiniteError(
-            f"[{task.name}] non-finite values at step {step} (epoch {step // task.steps_per_epoch + 1}"
-            f"): {terms}. Stopped without saving that state; the last checkpoint holds the "
-            "last good one. Lower optimizer.lr or set optimizer.grad_clip, then run again.")
+            f"[{task.name}] non-finite values at step {step} (epoch {epoch}): {terms}. Stopped "
+            "without saving that state; the last checkpoint holds the last good one. Lower "
+            "optimizer.lr or set optimizer.grad_clip, then run again.")
 
 
 def _end_epoch(task, state, pos, epoch, metrics, is_main):
