@@ -154,7 +154,7 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
         new_state = {"params": optax.apply_updates(state["params"], updates), "rest": rest,
                      "opt_state": opt_state, "step": state["step"] + 1}
         # The loop stops on a non-finite loss term or gradient norm (read one step late).
-        return new_state, {"loss": total, **parts, "grad_norm": optax.global_norm(grads),
+        return new_state, {"loss": total, **parts, "grad_norm": optax.tree.norm(grads),
                            "lr": schedule(state["step"])}
 
     return train_step
