@@ -1,6 +1,6 @@
 """Fault injection: bad config values, corrupt checkpoints, a full disk during a save, SIGTERM
 during a save, a non-finite loss, and stale or damaged caches. Everything runs in process
-through `pand_jax.cli.train.main` on digits with the tiny random teacher of test_train.py.
+through `pand_jax.cli.train.main` on digits with the tiny random teacher of conftest.py.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import signal
 import numpy as np
 import pytest
 
-# `teacher` is test_train's session fixture (the tiny random CLIP), shared by importing it.
-from test_train import NSD_ARGS, PSC_ARGS, latest_state, teacher
+from conftest import NSD_ARGS, PSC_ARGS
+from test_train import latest_state
 
 
 def cli(argv):
