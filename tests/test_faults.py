@@ -196,6 +196,34 @@ def test_no_readable_checkpoint_stops_in_two_lines(teacher, psc2, tmp_path, capf
     assert steps(workdir) == [1, 2] and not (workdir / "checkpoints_corrupt").exists()
 
 
+def test_checkpoint_holds_the_position_at_save_time(tmp_path, monkeypatch):
+    """The position JSON is written in the background; the loop changing its dict meanwhile
+    (the next epoch's first step) must not reach the checkpoint. A slow writer makes the
+    overlap certain."""
+    import asyncio
+
+    import jax.numpy as jnp
+    from orbax.checkpoint import JsonCheckpointHandler
+
+    from pand_jax.train.checkpoint import Checkpointer
+
+    original = JsonCheckpointHandler._save_fn
+
+    async def slow_save(self, x, directory):
+        await asyncio.sleep(0.5)
+        return await original(self, x, directory)
+
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", slow_save)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    state, pos = {"w": jnp.zeros(3)}, {"epoch": 1, "step": 0, "history": [{"epoch": 1}]}
+    ckpt.save(1, state, pos)
+    pos["step"] = 1
+    pos["history"].append({"epoch": 2})
+    ckpt.wait()
+    assert ckpt.restore(state, 1)[1] == {"epoch": 1, "step": 0, "history": [{"epoch": 1}]}
+    ckpt.close()
+
+
 def full_disk_on_save(monkeypatch, n):
     """Makes the n-th checkpoint save fail in the background the way TensorStore reports a
     full disk (the error surfaces when orbax waits for the write)."""

@@ -14,6 +14,7 @@ how much space a checkpoint needs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import logging
 import pathlib
@@ -52,8 +53,11 @@ class Checkpointer:
             # of that save be reported with its own step.
             self.manager.wait_until_finished()
             self._saving = (step, sum(x.nbytes for x in jax.tree.leaves(state)))
+            # The JSON is written in the background: a copy, or the loop's next changes to
+            # its position dict could land in this checkpoint.
             self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(copy.deepcopy(meta))),
+                force=True)
 
     def restore(self, like: Any, step: int) -> tuple[Any, dict[str, Any]]:
         """Restores into arrays with the shapes, dtypes and shardings of `like`."""
