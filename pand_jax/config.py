@@ -141,8 +141,10 @@ class NSDConfig(_Common):
     host_image_size: int = _positive_int()
     image_size: int = _positive_int()
     host_cache: bool = _key("true or false")
+    host_cache_dir: OptionalPath
     augment: Choice
     teacher_cache: int = _key("an integer >= 0 (views; 0: online teacher)", ge=0)
+    teacher_cache_dir: OptionalPath
     loss: NSDLoss
     align_dim: Annotated[int, Field(ge=1)] | None = _key("an integer >= 1, or null")
     optimizer: NSDOptimizer
@@ -176,8 +178,8 @@ def validate(config: dict[str, Any], facts: Facts, schema: str) -> dict[str, Any
             raise ConfigError(f"config {key} = {err['input']!r}: {err['ctx']['error']}") from None
         if err["type"] == "missing":
             raise ConfigError(f"config {key} is missing: expected {expected}") from None
-        if err["type"] == "extra_forbidden":
-            raise ConfigError(f"unknown config key {key!r}") from None
+        if err["type"] == "extra_forbidden":  # a key the schema lacks (configs/*.json has it)
+            raise ConfigError(f"unknown config key {'.'.join(map(str, err['loc']))!r}") from None
         raise ConfigError(f"config {key} = {err['input']!r}: expected {expected}") from None
     rule = _broken_rule(checked, facts)
     if rule:

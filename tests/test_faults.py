@@ -134,9 +134,9 @@ def test_demo_sections_are_checked_before_the_teacher_trains(tmp_path, capsys):
 
 def test_batch_must_split_evenly_over_every_device():
     from pand_jax import config
-    from pand_jax.cli.train import facts
+    from pand_jax.cli.train import schema_facts
 
-    real = facts()
+    real = schema_facts()
     eight = config.Facts(devices=8, processes=1, num_classes=real.num_classes,
                           choices=real.choices)
     cfg = config.default_config("nsd")
@@ -152,13 +152,13 @@ def test_valid_config_is_normalised_and_a_workdir_config_is_unchanged(psc2):
     """Numbers given as integers become floats where floats belong; a run's config.json
     validates to itself, so resuming a workdir compares equal."""
     from pand_jax import config
-    from pand_jax.cli.train import facts
+    from pand_jax.cli.train import schema_facts
 
     cfg = config.apply_sets(config.default_config("nsd"), ["optimizer.lr=1", "epochs=3"])
-    out = config.validate(cfg, facts(), "nsd")
+    out = config.validate(cfg, schema_facts(), "nsd")
     assert type(out["optimizer"]["lr"]) is float and type(out["epochs"]) is int
     old = json.loads((psc2 / "config.json").read_text())
-    assert config.diff(old, config.validate(old, facts(), "psc")) == []
+    assert config.diff(old, config.validate(old, schema_facts(), "psc")) == []
 
 
 # ------------------------------------------------------------------------ checkpoints

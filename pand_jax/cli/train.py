@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def facts() -> config_lib.Facts:
+@functools.cache
+def schema_facts() -> config_lib.Facts:
     """What the config schema checks against: this run's mesh, the datasets and the choices."""
     import jax
 
@@ -81,7 +82,7 @@ def facts() -> config_lib.Facts:
                      augment=RECIPES, teacher_cache_dtype=tuple(DTYPES)))
 
 
-def resolve(args: argparse.Namespace, facts: config_lib.Facts) -> tuple[dict, pathlib.Path]:
+def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path]:
     """The checked config for args.stage and its workdir."""
     stage = args.stage
     if stage == "psc":
@@ -96,7 +97,7 @@ def resolve(args: argparse.Namespace, facts: config_lib.Facts) -> tuple[dict, pa
             config_lib.override(cfg, key, value)
     if args.no_psc:
         cfg["no_psc"] = True
-    cfg = config_lib.validate(config_lib.apply_sets(cfg, args.set), facts, stage)
+    cfg = config_lib.validate(config_lib.apply_sets(cfg, args.set), schema_facts(), stage)
     runs = pathlib.Path("runs") / run_name(cfg["dataset"])
     if stage == "nsd" and cfg["method"] == "pand" and not cfg["no_psc"] and not cfg["anchors"]:
         cfg["anchors"] = str(runs / "psc" / "anchors.npz")
@@ -118,7 +119,7 @@ def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False) -> d
 
 
 def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
-             allow_change: bool, facts: config_lib.Facts) -> dict:
+             allow_change: bool) -> dict:
     """Teacher, then PSC, then NSD, with configs/demo.json; `--set SECTION:key=value` changes
     one section (teacher, psc or nsd). All three are checked before the teacher trains."""
     from pand_jax.train import demo
@@ -134,7 +135,7 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
         by_section[section].append(rest)
     teacher = workdir / "teacher"
     teacher_cfg = config_lib.validate(config_lib.apply_sets(d["teacher"], by_section["teacher"]),
-                                      facts, "demo_teacher")
+                                      schema_facts(), "demo_teacher")
     cfgs = {}
     for stage in ("psc", "nsd"):
         cfg = config_lib.default_config(stage)
@@ -145,8 +146,8 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
             cfg["anchors"] = str(workdir / "psc" / "anchors.npz")
             if teacher_cache is not None:
                 cfg["teacher_cache"] = teacher_cache
-        cfgs[stage] = config_lib.validate(config_lib.apply_sets(cfg, by_section[stage]), facts,
-                                          stage)
+        cfgs[stage] = config_lib.validate(config_lib.apply_sets(cfg, by_section[stage]),
+                                          schema_facts(), stage)
     if not (teacher / "config.json").is_file():
         acc = demo.train_teacher(teacher_cfg, teacher)
         print(f"[demo] teacher trained; zero-shot top1 of the prompt template: {100 * acc:.1f}%")
@@ -168,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.demo:
             run_demo(pathlib.Path(args.workdir or "runs/demo"), args.teacher_cache, args.set,
-                     args.allow_config_change, facts())
+                     args.allow_config_change)
         else:
-            cfg, workdir = resolve(args, facts())
+            cfg, workdir = resolve(args)
             summary = run_stage(cfg, workdir, args.allow_config_change)
             print(json.dumps(summary, indent=2))
 
