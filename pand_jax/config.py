@@ -1,21 +1,247 @@
 """Run configuration: the paper's defaults live in configs/*.json; the command line overrides
-any value with `--set dotted.key=value`; the resolved config is written into the workdir.
+any value with `--set dotted.key=value`; the resolved config is checked against one typed
+schema (`validate`) before any work, and written into the workdir.
 
 Plain nested dicts keep the on-disk form (config.json in every run) and the in-memory form the
-same, and make "which run was this" a JSON diff.
+same, and make "which run was this" a JSON diff. The schema (pydantic) only checks and
+normalises them: types, ranges, allowed choices and the rules that tie keys together.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Annotated, Any, Callable, Literal
+
+import pydantic
+from pydantic import Field
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names it and what is expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the schema needs from the layers above it, passed in by the caller: the device
+    and process counts of the mesh, a dataset's number of classes, and the allowed values of
+    the choice keys, whose lists live where they are used (`losses.METHODS`, ...)."""
+    devices: int
+    processes: int
+    # dataset key -> its number of classes; a ValueError saying what is valid for a bad key
+    num_classes: Callable[[str], int]
+    choices: dict[str, tuple[str, ...]]  # config key name -> allowed values
+
+
+def _choice(value: Any, info: pydantic.ValidationInfo) -> Any:
+    allowed = info.context["facts"].choices[info.field_name]
+    if value not in allowed:
+        raise ValueError(f"expected one of {list(allowed)}")
+    return value
+
+
+def _dataset(value: str, info: pydantic.ValidationInfo) -> str:
+    info.context["facts"].num_classes(value)  # raises for an unknown key or a bad folder
+    return value
+
+
+def _key(description: str, **bounds: Any) -> Any:
+    """A config key; `description` says what is allowed, and is the error message's end."""
+    return Field(description=description, **bounds)
+
+
+def _positive_int(description: str = "an integer >= 1") -> Any:
+    return _key(description, ge=1)
+
+
+# Any type in: a value outside the list (even of another type) gets the list in its message.
+Choice = Annotated[Any, pydantic.AfterValidator(_choice)]
+OptionalPath = Annotated[str | None, Field(description="a path, or null")]
+PositiveOrNone = Annotated[float, Field(gt=0)] | None
+
+
+class _Schema(pydantic.BaseModel):
+    # strict: JSON true is not a number and 2.0 not an integer; forbid: no unknown keys.
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid")
+
+
+class _Common(_Schema):
+    """Keys both stages share."""
+    dataset: Annotated[str, pydantic.AfterValidator(_dataset)] = _key(
+        "a dataset key, or folder:PATH")
+    data_dir: OptionalPath
+    train_split: str | None = _key("a split name, or null for the dataset's own")
+    prompt_template: Annotated[str, Field(pattern=r"\{\}")] | None = _key(
+        "a text with {} where the class name goes, or null for the dataset's own")
+    skip_bad_images: bool = _key("true or false")
+    teacher: str = _key("a path")
+    seed: int = _key("an integer >= 0", ge=0)
+    dtype: Choice
+    epochs: int = _positive_int()
+    checkpoints_to_keep: int = _positive_int()
+    max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = _key("an integer >= 1, or null")
+
+
+class PSCOptimizer(_Schema):
+    lr: float = _key("a number > 0", gt=0)
+    momentum: float = _key("a number in [0, 1)", ge=0, lt=1)
+    weight_decay: float = _key("a number >= 0", ge=0)
+    schedule: Literal["cosine", "constant"] = _key("one of ['cosine', 'constant']")
+    grad_clip: PositiveOrNone = _key("a number > 0, or null")
+
+
+class PSCConfig(_Common):
+    stage: Literal["psc"] = _key("'psc'")
+    n_ctx: int = _positive_int()
+    ctx_init_std: float = _key("a number >= 0", ge=0)
+    batch_size: int = _positive_int()
+    feature_image_size: int = _positive_int()
+    feature_batch_size: int = _positive_int()
+    optimizer: PSCOptimizer
+
+
+class NSDLoss(_Schema):
+    tau: float = _key("a number > 0", gt=0)
+    scale: float = _key("a number > 0", gt=0)
+    cls_offset: float = _key("a number in [0, 1]", ge=0, le=1)
+    txt_reduction: Choice
+    nsd_form: Choice
+    lambda_nsd: float = _key("a number >= 0", ge=0)
+    nsd_k: int = _positive_int()
+    nsd_group_size: Annotated[int, Field(ge=2)] | None = _key(
+        "an integer >= 2 that divides batch_size, or null for the whole batch")
+    kd_temperature: float = _key("a number > 0", gt=0)
+    rkd_distance_weight: float = _key("a number >= 0", ge=0)
+    rkd_angle_weight: float = _key("a number >= 0", ge=0)
+
+
+class NSDOptimizer(_Schema):
+    lr: float = _key("a number > 0", gt=0)
+    end_lr: float = _key("a number >= 0", ge=0)
+    weight_decay: float = _key("a number >= 0", ge=0)
+    schedule: Literal["cosine", "cosine_restart"] = _key("one of ['cosine', 'cosine_restart']")
+    restart_epochs: int = _positive_int()
+    grad_clip: PositiveOrNone = _key("a number > 0, or null")
+    eps: float = _key("a number > 0", gt=0)
+
+
+class NSDConfig(_Common):
+    stage: Literal["nsd"] = _key("'nsd'")
+    student: Choice
+    student_weights: OptionalPath
+    method: Choice
+    anchors: OptionalPath
+    no_psc: bool = _key("true or false")
+    # BatchNorm statistics of a single example are degenerate, and RKD needs pairs.
+    batch_size: int = _key("an integer >= 2", ge=2)
+    eval_batch_size: int = _positive_int()
+    host_image_size: int = _positive_int()
+    image_size: int = _positive_int()
+    host_cache: bool = _key("true or false")
+    host_cache_dir: OptionalPath
+    augment: Choice
+    teacher_cache: int = _key("an integer >= 0 (views; 0: online teacher)", ge=0)
+    teacher_cache_dir: OptionalPath
+    loss: NSDLoss
+    align_dim: Annotated[int, Field(ge=1)] | None = _key("an integer >= 1, or null")
+    optimizer: NSDOptimizer
+    teacher_cache_online: bool = _key("true or false")
+    teacher_cache_dtype: Choice
+
+
+class DemoTeacherConfig(_Schema):
+    """configs/demo.json's teacher section (the tiny CLIP the demo trains first)."""
+    model: dict[str, Any] = _key("a CLIP architecture (embed_dim, vision, text)")
+    steps: int = _positive_int()
+    batch_size: int = _positive_int()
+    lr: float = _key("a number > 0", gt=0)
+    captions: list[str] = _key("a non-empty list of caption templates", min_length=1)
+
+
+SCHEMAS = {"psc": PSCConfig, "nsd": NSDConfig, "demo_teacher": DemoTeacherConfig}
+
+
+def validate(config: dict[str, Any], facts: Facts, schema: str) -> dict[str, Any]:
+    """The checked, normalised config (ints where integers belong, floats for numbers), or a
+    ConfigError of one line naming the first bad key, its value and what is allowed.
+    `schema`: "psc", "nsd" or "demo_teacher"."""
+    model = SCHEMAS[schema]
+    try:
+        checked = model.model_validate(config, context={"facts": facts})
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key, expected = _describe(model, err["loc"])
+        if err["type"] == "value_error":  # our validators say what is allowed themselves
+            raise ConfigError(f"config {key} = {err['input']!r}: {err['ctx']['error']}") from None
+        if err["type"] == "missing":
+            raise ConfigError(f"config {key} is missing: expected {expected}") from None
+        if err["type"] == "extra_forbidden":  # a key the schema lacks (configs/*.json has it)
+            raise ConfigError(f"unknown config key {'.'.join(map(str, err['loc']))!r}") from None
+        raise ConfigError(f"config {key} = {err['input']!r}: expected {expected}") from None
+    rule = _broken_rule(checked, facts)
+    if rule:
+        key, value, expected = rule
+        raise ConfigError(f"config {key} = {value!r}: expected {expected}")
+    return checked.model_dump()
+
+
+def _describe(model: type[pydantic.BaseModel], loc: tuple) -> tuple[str, str]:
+    """(dotted key, what it allows) of an error location; list indices and pydantic's union
+    branch names after the key are dropped."""
+    names, expected = [], "a valid value"
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            break
+        names.append(part)
+        expected = field.description or expected
+        if not (isinstance(field.annotation, type)
+                and issubclass(field.annotation, pydantic.BaseModel)):
+            break
+        model = field.annotation
+    return ".".join(names), expected
+
+
+def _broken_rule(c: pydantic.BaseModel, facts: Facts) -> tuple[str, Any, str] | None:
+    """(key, value, what is allowed) of the first rule between keys that `c` breaks."""
+    if not isinstance(c, _Common):  # the demo teacher's keys are independent
+        return None
+    mesh = f"a multiple of the {facts.devices} devices (the batch is split evenly over them)"
+    batches = [("batch_size", c.batch_size)]
+    batches += [("feature_batch_size", c.feature_batch_size)] if c.stage == "psc" else [
+        ("eval_batch_size", c.eval_batch_size)]
+    for key, batch in batches:
+        if batch % facts.devices:
+            return key, batch, mesh
+    if c.batch_size % facts.processes:
+        return "batch_size", c.batch_size, f"a multiple of the {facts.processes} processes"
+    if c.stage == "psc":
+        return None
+
+    if c.image_size > c.host_image_size:
+        return ("image_size", c.image_size,
+                f"<= host_image_size ({c.host_image_size}), the size images are stored at")
+    if c.optimizer.end_lr > c.optimizer.lr:
+        return "optimizer.end_lr", c.optimizer.end_lr, f"<= optimizer.lr ({c.optimizer.lr})"
+    if c.anchors and c.no_psc:
+        return "anchors", c.anchors, "null with no_psc = true (--anchors and --no-psc contradict)"
+    loss = c.loss
+    group = loss.nsd_group_size or c.batch_size
+    if loss.nsd_group_size and c.batch_size % group:
+        return ("loss.nsd_group_size", group,
+                f"a divisor of batch_size ({c.batch_size}): the batch is split into groups")
+    if c.method == "pand" and loss.lambda_nsd > 0:
+        classes = facts.num_classes(c.dataset)
+        if loss.nsd_form == "paper" and loss.nsd_k >= classes:
+            return ("loss.nsd_k", loss.nsd_k, f"< the {classes} classes of {c.dataset} (the "
+                    "neighbourhood is the k nearest classes other than the true one)")
+        if loss.nsd_form == "batch" and loss.nsd_k >= group:
+            return ("loss.nsd_k", loss.nsd_k, f"< the {group} samples of a neighbourhood group "
+                    "(loss.nsd_group_size, else batch_size)")
+    return None
 
 
 def default_config(stage: str) -> dict[str, Any]:

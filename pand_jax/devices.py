@@ -120,15 +120,19 @@ def replicate(mesh: Mesh, tree):
     return jax.device_put(tree, replicated(mesh))
 
 
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "bf16": jnp.bfloat16}
+DTYPE_NAMES = ("auto", *_DTYPES)  # the values of the config key `dtype`
+
+
 def compute_dtype(name: str):
     """'auto' is bf16 on accelerators and fp32 on CPU (where bf16 matmuls are slow)."""
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     try:
-        return {"float32": jnp.float32, "fp32": jnp.float32,
-                "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}[name]
+        return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected auto, float32 or bfloat16") from None
+        raise ValueError(f"unknown dtype {name!r}; expected one of {DTYPE_NAMES}") from None
 
 
 def jit_apply(module: nnx.Module, fn: Callable[..., Any], mesh: Mesh | None = None

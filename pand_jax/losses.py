@@ -30,6 +30,8 @@ from jax import lax
 VL2LITE_SCALE = 1.0 / 0.07
 
 NSD_FORMS = ("paper", "batch")  # nsd_paper (Eq. 6-8) or nsd_batch (released code)
+# The text-KL reduction of `vl2lite`: PAND's batch mean, or VL2Lite's half of it.
+TXT_REDUCTIONS = ("pand", "vl2lite")
 
 # Loss matmuls are small; "highest" keeps TF32/bf16 passes on accelerators from flipping
 # nearest-neighbour choices and from hiding parity errors.
@@ -202,8 +204,8 @@ def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, alig
     reduction "pand": batch-mean KL (released code with learned prompts).
     reduction "vl2lite": KLDivLoss 'mean' over B*C times C/2, i.e. half the batch-mean KL.
     """
-    if reduction not in ("pand", "vl2lite"):
-        raise ValueError(f"reduction must be 'pand' or 'vl2lite', got {reduction!r}")
+    if reduction not in TXT_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {TXT_REDUCTIONS}, got {reduction!r}")
     h, a = _fp32(student_features), _fp32(align_image)
     t, anchors, a_txt = _fp32(teacher_image_emb), _fp32(text_anchors), _fp32(align_text)
     z_s = _fp32(student_logits)

@@ -1,11 +1,13 @@
 """`python train.py`: Stage-PSC, Stage-NSD and the offline demo.
 
 Values come from configs/{psc,nsd}.json (the paper's defaults), then the flags below, then any
-`--set dotted.key=value`. The resolved config is written to the workdir.
+`--set dotted.key=value`. The resolved config is checked (`pand_jax.config.validate`) before
+any work and written to the workdir.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -61,8 +63,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@functools.cache
+def schema_facts() -> config_lib.Facts:
+    """What the config schema checks against: this run's mesh, the datasets and the choices."""
+    import jax
+
+    from pand_jax.data.augment import RECIPES
+    from pand_jax.data.datasets import get_dataset
+    from pand_jax.devices import DTYPE_NAMES
+    from pand_jax.losses import TXT_REDUCTIONS
+    from pand_jax.train.teacher_cache import DTYPES
+
+    return config_lib.Facts(
+        devices=len(jax.devices()), processes=jax.process_count(),
+        num_classes=functools.cache(lambda key: get_dataset(key).num_classes),
+        choices=dict(dtype=DTYPE_NAMES, student=ARCHS, method=METHODS,
+                     nsd_form=NSD_FORMS, txt_reduction=("auto", *TXT_REDUCTIONS),
+                     augment=RECIPES, teacher_cache_dtype=tuple(DTYPES)))
+
+
 def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path]:
-    """The config for args.stage and its workdir."""
+    """The checked config for args.stage and its workdir."""
     stage = args.stage
     if stage == "psc":
         given = [f for f in NSD_ONLY if getattr(args, f) not in (None, False)]
@@ -76,8 +97,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path]:
             config_lib.override(cfg, key, value)
     if args.no_psc:
         cfg["no_psc"] = True
-    cfg = config_lib.apply_sets(cfg, args.set)
-    runs = pathlib.Path("runs") / run_name(str(cfg["dataset"]))
+    cfg = config_lib.validate(config_lib.apply_sets(cfg, args.set), schema_facts(), stage)
+    runs = pathlib.Path("runs") / run_name(cfg["dataset"])
     if stage == "nsd" and cfg["method"] == "pand" and not cfg["no_psc"] and not cfg["anchors"]:
         cfg["anchors"] = str(runs / "psc" / "anchors.npz")
     if args.workdir:
@@ -100,7 +121,7 @@ def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False) -> d
 def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
              allow_change: bool) -> dict:
     """Teacher, then PSC, then NSD, with configs/demo.json; `--set SECTION:key=value` changes
-    one section (teacher, psc or nsd)."""
+    one section (teacher, psc or nsd). All three are checked before the teacher trains."""
     from pand_jax.train import demo
 
     d = demo.demo_config()
@@ -113,11 +134,9 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
                 f"got {item!r}")
         by_section[section].append(rest)
     teacher = workdir / "teacher"
-    if not (teacher / "config.json").is_file():
-        acc = demo.train_teacher(config_lib.apply_sets(d["teacher"], by_section["teacher"]),
-                                 teacher)
-        print(f"[demo] teacher trained; zero-shot top1 of the prompt template: {100 * acc:.1f}%")
-    out = {}
+    teacher_cfg = config_lib.validate(config_lib.apply_sets(d["teacher"], by_section["teacher"]),
+                                      schema_facts(), "demo_teacher")
+    cfgs = {}
     for stage in ("psc", "nsd"):
         cfg = config_lib.default_config(stage)
         for key, value in config_lib.flatten(d[stage]):
@@ -127,8 +146,12 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
             cfg["anchors"] = str(workdir / "psc" / "anchors.npz")
             if teacher_cache is not None:
                 cfg["teacher_cache"] = teacher_cache
-        cfg = config_lib.apply_sets(cfg, by_section[stage])
-        out[stage] = run_stage(cfg, workdir / stage, allow_change)
+        cfgs[stage] = config_lib.validate(config_lib.apply_sets(cfg, by_section[stage]),
+                                          schema_facts(), stage)
+    if not (teacher / "config.json").is_file():
+        acc = demo.train_teacher(teacher_cfg, teacher)
+        print(f"[demo] teacher trained; zero-shot top1 of the prompt template: {100 * acc:.1f}%")
+    out = {stage: run_stage(cfg, workdir / stage, allow_change) for stage, cfg in cfgs.items()}
     print(f"[demo] PSC top1 {100 * out['psc']['best_top1']:.1f}%, "
           f"NSD student top1 {100 * out['nsd']['best_top1']:.1f}% (chance 10%); "
           f"summaries in {workdir}/psc and {workdir}/nsd")

@@ -7,6 +7,7 @@ An optional uint8 cache (a memory-mapped .npy of the whole split) turns later ep
 fancy-indexing copy with no JPEG decoding.
 """
 
+import json
 import os
 import tempfile
 
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 RESIZE_MODES = ("stretch", "shorter_center_crop")
+CACHE_VERSION = 1  # of the host image cache's layout; a change rebuilds old caches
 
 
 def resize_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -126,17 +128,47 @@ class Loader:
         return resize_image(np.asarray(ex["image"]), self.image_size, self.resize), ex["label"]
 
     def _open_cache(self, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
-        """(images memmap [N,S,S,3], labels [N]); built once, published by an atomic rename."""
+        """(images memmap [N,S,S,3], labels [N]); built once, published by an atomic rename.
+        A cache written for other settings, truncated or otherwise unreadable is rebuilt with
+        a warning, never reused."""
         name = getattr(self.source, "name", None)
         if name is None:
             raise ValueError("cache_dir needs a source with a `name` (load_split sets it)")
         stem = os.path.join(cache_dir, f"{name}-{self.resize}{self.image_size}-n{len(self.source)}")
-        if not os.path.exists(stem + ".images.npy"):
+        key = {"name": name, "resize": self.resize, "image_size": self.image_size,
+               "num_examples": len(self.source), "version": CACHE_VERSION}
+        cache, reason = self._read_cache(stem, key)
+        if cache is None:
+            if os.path.exists(stem + ".images.npy"):
+                print(f"warning: rebuilding the image cache {stem}.images.npy: {reason}",
+                      flush=True)
             os.makedirs(cache_dir, exist_ok=True)
-            self._write_cache(stem)
-        return np.load(stem + ".images.npy", mmap_mode="r"), np.load(stem + ".labels.npy")
+            self._write_cache(stem, key)
+            cache, reason = self._read_cache(stem, key)
+            if cache is None:
+                raise RuntimeError(f"the image cache {stem}.images.npy is unreadable right after "
+                                   f"it was written: {reason}")
+        return cache
 
-    def _write_cache(self, stem: str) -> None:
+    def _read_cache(self, stem: str, key: dict) -> tuple[tuple | None, str]:
+        """(cache or None, why not)."""
+        n, s = len(self.source), self.image_size
+        try:
+            with open(stem + ".json") as f:
+                if json.load(f) != key:
+                    return None, "it was written for other settings"
+            images = np.load(stem + ".images.npy", mmap_mode="r")  # truncated: ValueError
+            labels = np.load(stem + ".labels.npy")
+        except FileNotFoundError:
+            return None, "a file is missing (an unfinished build, or an older version's cache)"
+        except (OSError, ValueError) as e:
+            return None, f"it is damaged ({type(e).__name__}: {e})"
+        if images.shape != (n, s, s, 3) or images.dtype != np.uint8 or labels.shape != (n,):
+            return None, (f"it holds images {images.shape} {images.dtype} and labels "
+                          f"{labels.shape}, expected ({n}, {s}, {s}, 3) uint8 and ({n},)")
+        return (images, labels), ""
+
+    def _write_cache(self, stem: str, key: dict) -> None:
         n, s = len(self.source), self.image_size
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(stem), suffix=".npy.tmp")
         os.close(fd)
@@ -151,9 +183,13 @@ class Loader:
                     images[lo + k], labels[lo + k] = img, label
             images.flush()
             del images
-            # labels first: the images file appearing is what marks the cache complete.
+            # labels and images first: the key file appearing is what marks the cache complete.
+            if os.path.exists(stem + ".json"):
+                os.remove(stem + ".json")
             np.save(stem + ".labels.npy", labels)
             os.replace(tmp, stem + ".images.npy")
+            with open(stem + ".json", "w") as f:
+                json.dump(key, f)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -34,7 +34,7 @@ def cached_arrays(path: pathlib.Path, key: dict[str, Any],
         except Exception as e:  # truncated or corrupt file
             reason = f"it could not be read ({type(e).__name__})"
         if jax.process_index() == 0:
-            print(f"recomputing {path.name}: {reason}", flush=True)
+            print(f"warning: recomputing {path}: {reason}", flush=True)
     arrays = compute()
     tmp = path.with_name(f".{path.name}.{jax.process_index()}.tmp.npz")
     np.savez(tmp, __key__=np.asarray(digest), **arrays)

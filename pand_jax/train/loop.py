@@ -1,5 +1,6 @@
 """The epoch loop both stages share: resume, progress bar, metrics one step late, evaluation
-and checkpoint every epoch, a checkpoint on SIGTERM/Ctrl-C, best-epoch tracking, summary.json.
+and checkpoint every epoch, a checkpoint on SIGTERM/Ctrl-C, best-epoch tracking, summary.json,
+and a stop at the first step whose loss terms or gradient norm are not finite.
 
 A stage supplies a `Task`: how many steps an epoch has, its batches from any (epoch, step),
 a jitted train step, an evaluation, and what to export when the score improves.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import signal
 import time
@@ -63,8 +65,9 @@ def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
     ckpt = Checkpointer(workdir / "checkpoints", checkpoints_to_keep)
     pos = {"epoch": 0, "step": 0, "best_top1": None, "best_select": -1.0, "best_epoch": None,
            "last_top1": None, "history": [], "train_seconds": 0.0, "train_images": 0}
-    if ckpt.latest_step() is not None:
-        state, pos = ckpt.restore(state)
+    restored = ckpt.restore_newest_good(state)
+    if restored is not None:
+        state, pos = restored
         if is_main:
             print(f"[{task.name}] resuming from {workdir} at epoch {pos['epoch']}, "
                   f"step {pos['step']}", flush=True)
@@ -74,8 +77,8 @@ def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
         state = _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main)
     finally:
         stop.restore()
-        ckpt.close()
         metrics.close()
+        ckpt.close()
     summary = {
         "stage": task.name, "epochs": epochs, "best_top1": pos["best_top1"],
         "best_epoch": pos["best_epoch"], "last_top1": pos["last_top1"],
@@ -99,7 +102,7 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
         for step, batch in enumerate(task.batches(epoch, start), start):
             state, out = task.train_step(state, batch, epoch)
             if pending is not None:
-                _log_step(metrics, bar, *pending)
+                _log_step(task, metrics, bar, *pending)
             pending = (epoch * spe + step, out)
             if t0 is None:  # the first step of a session includes compilation: not timed
                 jax.block_until_ready(out)
@@ -111,27 +114,44 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
             if stop.requested:
                 break
         if pending is not None:
-            _log_step(metrics, bar, *pending)
+            _log_step(task, metrics, bar, *pending)
         jax.block_until_ready(state)
         if t0 is not None and timed_images:
             pos["train_seconds"] += time.perf_counter() - t0
             pos["train_images"] += timed_images
         bar.close()
-        if stop.requested:
-            ckpt.save(epoch * spe + pos["step"], state, pos)
+        # A stop on an epoch's last step still ends the epoch: its checkpoint step is the
+        # epoch-end one, which must hold the evaluated position.
+        if not (stop.requested and pos["step"] < spe):
+            _end_epoch(task, state, pos, epoch, metrics, is_main)
+        ckpt.save(pos["epoch"] * spe + pos["step"], state, pos)
+        if stop.requested and pos["epoch"] < epochs:
             ckpt.wait()
             raise SystemExit(
-                f"[{task.name}] stopped at epoch {epoch + 1}, step {pos['step']}; "
+                f"[{task.name}] stopped at epoch {pos['epoch'] + 1}, step {pos['step']}; "
                 "checkpoint saved. Run the same command again to resume.")
-        _end_epoch(task, state, pos, epoch, metrics, is_main)
-        ckpt.save((epoch + 1) * spe, state, pos)
     return state
 
 
-def _log_step(metrics, bar, step, out):
+class NonFiniteError(RuntimeError):
+    """A loss term or the gradient norm of a step is NaN or infinite."""
+
+
+def _log_step(task, metrics, bar, step, out):
+    """Writes step `step`'s metrics and stops the run when one is not finite. The step after
+    it has already been dispatched from its (bad) state, but no checkpoint is written before
+    every step's metrics have passed through here."""
     values = {k: float(np.asarray(v)) for k, v in out.items()}
     metrics.write("step", step, values)
     bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+        epoch = step // task.steps_per_epoch + 1
+        raise NonFiniteError(
+            f"[{task.name}] non-finite values at step {step} (epoch {epoch}): {terms}. Stopped "
+            "without saving that state; the last checkpoint holds the last good one. Lower "
+            "optimizer.lr or set optimizer.grad_clip, then run again.")
 
 
 def _end_epoch(task, state, pos, epoch, metrics, is_main):

@@ -78,7 +78,8 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
         return {"features": feats.astype(np.float32), "labels": labels.astype(np.int32)}
 
     key = dict(teacher=teacher_id, dataset=info.key, fingerprint=info.fingerprint, split=split,
-               size=size, data_dir=str(cfg["data_dir"]), version=1)
+               size=size, data_dir=str(cfg["data_dir"]),
+               dtype=str(jnp.dtype(devices.compute_dtype(cfg["dtype"]))), version=1)
     return features.cached_arrays(workdir / f"features_{split}.npz", key, compute)
 
 

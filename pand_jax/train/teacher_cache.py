@@ -40,6 +40,7 @@ from pand_jax.train import features
 
 VERSION = 1
 EMBEDDINGS, META = "embeddings.npy", "meta.json"
+NO_CACHE = "no cache yet"
 # Storage dtype name -> (dtype the device casts to, dtype of the .npy on disk).
 DTYPES = {"bfloat16": (jnp.bfloat16, np.uint16), "float32": (jnp.float32, np.float32)}
 # Any edit to the augmentation code may change the views, so the cache key covers its source.
@@ -81,8 +82,9 @@ def build(clip, source, *, views: int, seed: int, recipe: str, host_image_size: 
     multihost_utils.sync_global_devices("teacher_cache: checked")
     if reason is not None:
         if is_main:
-            print(f"building the teacher cache in {path} ({reason}): {shape[0]} examples x "
-                  f"{views} views", flush=True)
+            stale = "" if reason == NO_CACHE else "warning: stale cache, re"
+            print(f"{stale}building the teacher cache in {path} ({reason}): {shape[0]} examples "
+                  f"x {views} views", flush=True)
         _compute(clip, source, views=views, seed=seed, recipe=recipe,
                  host_image_size=host_image_size, image_size=image_size, batch_size=batch_size,
                  mesh=mesh, path=path, meta=dict(key=full_key, digest=digest,
@@ -101,7 +103,7 @@ def _stale_reason(path: pathlib.Path, digest: str, shape: tuple, dtype: str) -> 
     try:
         meta = json.loads((path / META).read_text())
     except FileNotFoundError:
-        return "no cache yet" if not (path / EMBEDDINGS).exists() else "partial: no meta.json"
+        return NO_CACHE if not (path / EMBEDDINGS).exists() else "partial: no meta.json"
     except (OSError, ValueError) as e:
         return f"unreadable meta.json ({type(e).__name__})"
     if meta.get("digest") != digest:
