@@ -63,11 +63,12 @@ def device_line(dtype=None) -> str:
     return line if dtype is None else f"{line}, compute {np.dtype(dtype).name}"
 
 
-def report_devices(dtype=None) -> None:
+def report_devices(dtype=None, file=None) -> None:
     """The start line of every command (after `maybe_initialize_distributed`), plus one warning
-    line when an NVIDIA GPU sits idle because only the CPU jaxlib is installed."""
+    line when an NVIDIA GPU sits idle because only the CPU jaxlib is installed. `file`: stdout
+    by default; commands whose stdout is data (predict.py --json) pass stderr."""
     if jax.process_index() == 0:
-        print(device_line(dtype), flush=True)
+        print(device_line(dtype), file=file or sys.stdout, flush=True)
     if jax.default_backend() == "cpu" and nvidia_gpu_visible():
         print(f"warning: an NVIDIA GPU is visible but JAX runs on the CPU; install JAX's CUDA "
               f"plugin with `{GPU_INSTALL}`", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from pand_jax.data.images import read_rgb
 from pand_jax.data.pipeline import Loader
 from pand_jax.data.prepare import prepare
 from pand_jax.data.sources import TfdsSource, check_folder
-from test_train import NSD_ARGS, PSC_ARGS, run_train, teacher  # noqa: F401  (teacher: fixture)
+from conftest import NSD_ARGS, PSC_ARGS, run_train
 
 CLASSES = ("blue-jay", "Zebra_finch", "cardinal")  # sorted: Zebra_finch, blue-jay, cardinal
 
@@ -301,7 +301,7 @@ def test_bad_images_stop_train_py_before_anything_runs(tmp_path):
     assert not (tmp_path / "run" / "features_train.npz").exists()
 
 
-def test_psc_then_nsd_on_a_folder(teacher, tmp_path):  # noqa: F811
+def test_psc_then_nsd_on_a_folder(teacher, tmp_path):
     # Four classes: the NSD loss takes k = 3 neighbours among the other classes.
     root = make_tree(tmp_path / "birds", {"train": 5, "val": 2, "test": 2}, size=(20, 24),
                      classes=CLASSES + ("robin",))

@@ -21,7 +21,6 @@ from matplotlib import image as mpimg
 from pand_jax import data as data_lib
 from pand_jax.cli import reproduce
 from pand_jax.cli import train as train_cli
-from pand_jax.experiments import plan as plan_lib
 from pand_jax.experiments import results as results_lib
 
 SHORT = ["--demo", "--seeds", "1", "--epochs", "1", "--psc-epochs", "1", "--lambdas", "0,0.5",

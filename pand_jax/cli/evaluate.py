@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--anchors needs --teacher WEIGHTS")
 
     def evaluate():
+        from pand_jax import devices
         from pand_jax.deploy import evaluate as evaluate_lib
 
+        devices.report_devices()
         out = pathlib.Path(args.out or pathlib.Path(args.student) / f"eval-{args.split or 'test'}")
         scores = evaluate_lib.evaluate(args.student, args.dataset, args.split, out,
                                        data_dir=args.data_dir, batch_size=args.batch_size,

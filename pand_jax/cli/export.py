@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def export():
+        from pand_jax import devices
         from pand_jax.deploy import export as export_lib
         from pand_jax.deploy import student as student_lib
 
+        devices.report_devices()
         sidecar = export_lib.export(student_lib.load(args.student), args.format, args.out)
         print(f"wrote {args.out} and {sidecar}")
 

@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(f"--top-k must be at least 1, got {args.top_k}")
 
     def predict():
+        from pand_jax import devices
         from pand_jax.deploy import predict as predict_lib
         from pand_jax.deploy import student as student_lib
 
+        devices.report_devices(file=sys.stderr)  # stdout holds the predictions
         student = student_lib.load(args.student)
         paths = predict_lib.expand(args.images)
         if not paths:

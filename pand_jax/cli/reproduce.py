@@ -19,6 +19,8 @@ import sys
 import traceback
 
 from pand_jax import config as config_lib
+from pand_jax import devices
+from pand_jax.cli import common
 from pand_jax.data import datasets
 from pand_jax.experiments import plan as plan_lib
 from pand_jax.models.student import ARCHS
@@ -220,11 +222,14 @@ def ensure_demo_teacher(path: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def reproduce():
         runs, out = make_plan(args)
-        if args.list:
+        if args.list:  # stdout is the plan, one command per line
             print_plan(runs, args.demo)
             return 0
+        devices.report_devices()
+        failed = []
         if not args.collect:
             if args.demo:
                 ensure_demo_teacher(pathlib.Path(args.teacher or out / "teacher"))
@@ -233,11 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(failed)} failed", flush=True)
             for name, error in failed:
                 print(f"[reproduce] failed: {name}: {error}", file=sys.stderr)
-        ok = gather(out)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        if os.environ.get("PAND_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if ok and (args.collect or not failed) else 1
+        return 0 if gather(out) and not failed else 1
 
+    return common.run(reproduce)

@@ -25,7 +25,6 @@ import itertools
 import math
 import os
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
