@@ -31,11 +31,16 @@ def latest_state(workdir: pathlib.Path) -> dict:
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-    """{"a/b/c": array}: checkpoints restore list indices as strings, NNX keeps them as ints."""
+    """{"a/b/c": array}: checkpoints restore list indices as strings and keep NNX's "value"
+    level, a pure dict of an NNX state has neither."""
     import jax
 
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
-            np.asarray(v, np.float64) for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+    def name(path):
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        return "/".join(keys[:-1] if keys[-1] == "value" else keys)
+
+    return {name(path): np.asarray(v, np.float64)
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def assert_updates_close(got, want, before, rtol):
