@@ -26,10 +26,11 @@ NSD_ARGS = ["--stage", "nsd", "--dataset", "digits", "--epochs", "1", "--batch-s
             "--set", "optimizer.eps=1e-3"]
 
 
-def run_train(args, *, devices=1, check=True, background=False):
-    """Runs train.py on `devices` fake CPU devices; `background` returns the Popen."""
+def run_train(args, *, devices=1, check=True, background=False, env=None):
+    """Runs train.py on `devices` fake CPU devices (with `env` added to the environment);
+    `background` returns the Popen."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
     cmd = [sys.executable, str(REPO / "train.py"), *map(str, args)]
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -39,7 +40,6 @@ def run_train(args, *, devices=1, check=True, background=False):
         raise AssertionError(f"train.py {' '.join(map(str, args))} failed:\n"
                              f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
     return out
-
 
 
 @pytest.fixture(scope="session")

@@ -164,3 +164,52 @@ def test_colour_jitter_applies_each_examples_order_like_torchvision():
         for op in order:
             t = tv_ops[op](t)
         assert np.abs(got - t.numpy().transpose(1, 2, 0)).max() < 1e-5, order
+
+
+# ------------------------------------------------------------------ whole ops vs torchvision, sampled params
+
+def test_rrc_with_offset_matches_torchvision_resized_crop():
+    """Sampled crops (most off the origin) and flips through `apply_params`, against
+    torchvision's resized_crop (bilinear, antialiased) and hflip on the same region."""
+    imgs = _images(8, 48, seed=3)
+    p = A.sample_params(A.example_keys(2, jnp.arange(8), 0), "rrc", 48, 32)
+    ours = np.asarray(A.apply_params(imgs, p, "rrc", 32)) * A.CLIP_STD + A.CLIP_MEAN
+    region, flip = np.asarray(p["region"]).astype(int), np.asarray(p["flip"])
+    assert (region[:, :2] > 0).any(axis=1).sum() >= 6 and 0 < flip.sum() < 8
+    for img, (top, left, h, w), f, got in zip(np.asarray(imgs), region, flip, ours):
+        ref = TF.resized_crop(_torch(img.astype(np.float32) / 255), top, left, h, w, [32, 32],
+                              interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        ref = TF.hflip(ref) if f else ref
+        assert np.abs(got - ref.numpy().transpose(1, 2, 0)).max() < 1e-5
+
+
+def test_rrc_fallback_is_torchvision_central_crop(monkeypatch):
+    """When none of the 10 tries fits (scale > 1 here), torchvision falls back to the central
+    crop, for a square image the whole image; so must we."""
+    from torchvision.transforms import RandomResizedCrop
+
+    monkeypatch.setattr(A, "RRC_SCALE", (1.5, 2.0))
+    p = A.sample_params(A.example_keys(0, jnp.arange(16), 0), "rrc", 40, 32)
+    torch.manual_seed(0)
+    ref = RandomResizedCrop.get_params(torch.zeros(3, 40, 40), [1.5, 2.0], [3 / 4, 4 / 3])
+    assert ref == (0, 0, 40, 40)
+    np.testing.assert_array_equal(np.asarray(p["region"]), np.tile([0, 0, 40, 40], (16, 1)))
+
+
+def test_colour_jitter_order_and_factors_match_torchvision():
+    """The sampled order and factors, applied by torchvision's ColorJitter semantics (fn_idx
+    0..3 = brightness, contrast, saturation, hue), give our jittered image."""
+    x = _float_image(24, seed=4)
+    keys = A.example_keys(3, jnp.arange(6), 0)
+    p = jax.tree.map(np.asarray, A.sample_params(keys, "released", 32, 24))
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    names = ["brightness", "contrast", "saturation", "hue"]
+    orders = {tuple(o) for o in p["jitter_order"]}
+    assert len(orders) >= 4  # several orders exercised
+    for i in range(6):
+        one = {k: v[i] for k, v in p.items()}
+        ref = _torch(x)
+        for fn_id in one["jitter_order"]:
+            ref = ops[fn_id](ref, float(one[names[fn_id]]))
+        ours = np.asarray(A._color_jitter(jnp.asarray(x), one))
+        assert np.abs(ours - ref.numpy().transpose(1, 2, 0)).max() < 1e-5

@@ -286,6 +286,21 @@ def test_nsd_batch_group_equals_mean_of_groups():
     np.testing.assert_allclose(nsd_batch(zs, zt, group_size=4), np.mean(groups), rtol=1e-6)
 
 
+def test_nsd_batch_duplicated_rows_pair_with_their_twin_not_themselves():
+    """A sample whose teacher logits appear twice in the batch has two rows at cosine 1: its
+    neighbour must be the twin (self is excluded by index, not by dropping the first sorted
+    column, which may be the twin). Taking self would add JS(0 || 0) = 0 instead."""
+    zs, zt = rng_arrays(9, (6, 5), (6, 5))
+    zt[1] = zt[0]
+    zt[4] = zt[3]
+    nsd_batch = jitted("nsd_batch", "k")
+    want = ref_nsd_batch(zs, zt, k=1)
+    np.testing.assert_allclose(nsd_batch(zs, zt, k=1), want, rtol=1e-5)
+    twins = (ref_js(zt[0] - zt[1], zs[0] - zs[1]) + ref_js(zt[1] - zt[0], zs[1] - zs[0])
+             + ref_js(zt[3] - zt[4], zs[3] - zs[4]) + ref_js(zt[4] - zt[3], zs[4] - zs[3]))
+    assert twins > 0.05 * want * 6  # the twins' terms are a visible share of the loss
+
+
 def test_nsd_batch_gradient_reaches_neighbours():
     # only sample 0's row differs, yet its neighbours' logits must get gradient too
     zs, zt = rng_arrays(8, (6, 5), (6, 5))

@@ -22,6 +22,10 @@ import numpy as np
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 RECIPES = ("released", "rrc", "eval")
+# Part of every teacher-cache key: bump it when a recipe's output changes, so caches of the old
+# views are rebuilt rather than paired with the new ones. 2: crops no longer filter across
+# their edges.
+VERSION = 2
 
 ROTATION_DEG = 60.0
 BLUR_KERNEL, BLUR_SIGMA = 5, (1e-5, 10.0)
@@ -105,15 +109,29 @@ def sample_params(keys: jax.Array, recipe: str, in_size: int, out_size: int) -> 
 
 # ---------------------------------------------------------------- geometry
 
-def _crop_resize(image, region, out_size: int):
-    """Crop `region` = (top, left, height, width) in source pixels and resize to out_size.
+def _resize_weights(start, length, in_size: int, out_size: int):
+    """[out_size, in_size] weights resizing source pixels [start, start + length) to out_size:
+    torchvision's antialiased bilinear (PIL's triangle filter, widened by the shrink factor),
+    cut at the crop's edges and renormalised there, as resizing an already-cropped image does.
 
-    Bilinear; antialiased when shrinking, like torchvision/PIL resizing.
+    Written out because jax.image.scale_and_translate filters across the crop's edges (it sees
+    the whole image), which changed the border pixels of every crop by up to ~0.3.
     """
-    scale = out_size / region[2:]
-    return jax.image.scale_and_translate(
-        image, (out_size, out_size, image.shape[-1]), (0, 1), scale, -region[:2] * scale,
-        method="linear", antialias=True)
+    scale = length / out_size
+    support = jnp.maximum(scale, 1.0)
+    centre = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+    pixel = jnp.arange(in_size, dtype=jnp.float32)
+    w = jnp.maximum(0.0, 1.0 - jnp.abs(pixel + 0.5 - centre[:, None]) / support)
+    w = jnp.where((pixel >= start) & (pixel < start + length), w, 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def _crop_resize(image, region, out_size: int):
+    """Crop `region` = (top, left, height, width) in source pixels and resize to out_size
+    (torchvision `resized_crop`, bilinear, antialiased)."""
+    wy = _resize_weights(region[0], region[2], image.shape[0], out_size)
+    wx = _resize_weights(region[1], region[3], image.shape[1], out_size)
+    return jnp.einsum("oh,hwc,pw->opc", wy, image, wx, precision=jax.lax.Precision.HIGHEST)
 
 
 def _crop_upsample(image, region, out_size: int):

@@ -29,22 +29,22 @@ from pand_jax.train import loop, setup, teacher_cache
 
 
 def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
-    """Paper: AdamW 1e-4, weight decay 1e-4, cosine to 1e-5 over the run. "cosine_restart" is
-    the released code's cosine restarted every `restart_epochs`."""
+    """Paper: AdamW 1e-4, weight decay 1e-4, cosine to 1e-5 over the run. "cosine_periodic" is
+    the released code's CosineAnnealingLR(T_max=`t_max_epochs`, eta_min=end_lr) run past T_max:
+    down to end_lr over T_max epochs, back up to lr over the next T_max, and so on (no restart).
+    Both change the learning rate every step."""
     o, epochs = cfg["optimizer"], cfg["epochs"]
-    total = epochs * steps_per_epoch
-
-    def cosine(steps):
-        return optax.cosine_decay_schedule(o["lr"], max(steps, 1), alpha=o["end_lr"] / o["lr"])
-
+    lr, end_lr = o["lr"], o["end_lr"]
     if o["schedule"] == "cosine":
-        schedule = cosine(total)
-    elif o["schedule"] == "cosine_restart":
-        period = o["restart_epochs"] * steps_per_epoch
-        n = -(-epochs // o["restart_epochs"])
-        schedule = optax.join_schedules([cosine(period)] * n, [period * i for i in range(1, n)])
+        schedule = optax.cosine_decay_schedule(lr, max(epochs * steps_per_epoch, 1),
+                                               alpha=end_lr / lr)
+    elif o["schedule"] == "cosine_periodic":
+        t_max = max(o["t_max_epochs"] * steps_per_epoch, 1)
+
+        def schedule(step):  # optax's cosine schedules stop at the end or restart; this swings
+            return end_lr + (lr - end_lr) * 0.5 * (1 + jnp.cos(jnp.pi * step / t_max))
     else:
-        raise ValueError(f"optimizer.schedule must be 'cosine' or 'cosine_restart', "
+        raise ValueError(f"optimizer.schedule must be 'cosine' or 'cosine_periodic', "
                          f"got {o['schedule']!r}")
     parts = [optax.clip_by_global_norm(o["grad_clip"])] if o["grad_clip"] else []
     parts.append(optax.adamw(schedule, eps=o["eps"], weight_decay=o["weight_decay"]))
@@ -190,8 +190,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
         # The source name follows an image folder's files and which copy is read.
         key = dict(teacher=teacher_id, dataset=info.key, source=train_source.name,
                    split=train_split, data_dir=str(cfg["data_dir"]), recipe=recipe,
-                   host=cfg["host_image_size"], size=size, seed=seed, views=views,
-                   dtype=str(jnp.dtype(dtype)))
+                   augment_version=augment.VERSION, host=cfg["host_image_size"], size=size,
+                   seed=seed, views=views, dtype=str(jnp.dtype(dtype)))
         cache = teacher_cache.build(
             clip, train_source, views=views, seed=seed, recipe=recipe,
             host_image_size=cfg["host_image_size"], image_size=size,

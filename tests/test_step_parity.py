@@ -1,0 +1,560 @@
+"""Whole training steps against the released PAND recipe, written in PyTorch.
+
+The PyTorch side below is a compact re-implementation of the released code's Stage-NSD step
+(torchvision student with a new Linear head, VL2Lite's two align heads Linear-ReLU-Linear, the
+loss mix with w = clip(e / 8E, 0, 1), NLRD in-batch neighbourhood distillation, AdamW, a
+per-step cosine schedule, optional gradient clipping) and of the Stage-PSC step (CoOp context
+vectors spliced into the open_clip text tower, SGD with momentum, cosine, optional clipping).
+Every loss is written here from its formula: nothing from `pand_jax.losses` is used.
+
+The project's side runs through the functions `train.py` uses (`pand_jax.train.nsd` /
+`pand_jax.train.psc`), from the same weights (through the project's converters), on the same
+already-augmented images and teacher embeddings. After every optimiser step each loss term
+must agree to 1e-5, every parameter update, BatchNorm statistic change and Adam/SGD moment to
+a fraction of its size (fp32; `STATE_RTOL` says why it is not 1e-5 everywhere), and the logged
+learning rate and loss weight. Each step starts
+from PyTorch's state (see `load_torch_state` for why).
+
+The released configuration differs from the project's defaults; the flags that select it:
+    --set loss.nsd_form=batch --set loss.lambda_nsd=1.0 --set loss.nsd_group_size=32
+    --set optimizer.schedule=cosine_periodic   (CosineAnnealingLR, T_max 100 epochs, no restart)
+The cases below run both.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from flax import nnx
+from flax.traverse_util import flatten_dict
+
+from pand_jax import config as config_lib
+from pand_jax import prompts
+from pand_jax.convert import open_clip as convert_clip
+from pand_jax.convert.state_dict import layout_of, to_flax_layout
+from pand_jax.convert.torchvision import HEAD, torch_key, torchvision_to_nnx
+from pand_jax.data import augment
+from pand_jax.train import nsd, psc
+
+jax.config.update("jax_default_matmul_precision", "highest")
+torch.set_num_threads(2)
+
+LOSS_RTOL = 1e-5
+# Gradients (Adam moments) and updates agree to ~2e-5 of their size on most steps. The losses
+# have kinks, though: L1 (L_vis) switches sign where |h - a| is within rounding of 0, ReLU(6)s
+# switch units off near 0 (and 6). On such a step two fp32 implementations agree only as well
+# as fp32 and fp64 do: PyTorch's own fp32 L_vis gradient differs from its fp64 one by 5.5e-2
+# on MobileNet-V2 at the first step here (1280 x 8 elements of |h - a|), and ResNet-18 steps
+# differ by up to 5e-3. The tolerance is that conditioning, not the 1e-5 of a smooth step.
+STATE_RTOL = {"resnet18": 1e-2, "mobilenet_v2": 1e-1}
+NUM_CLASSES, BATCH, TEACHER_DIM = 10, 8, 32
+HOST_SIZE, IMAGE_SIZE = 36, 32
+STEPS_PER_EPOCH, EPOCHS = 1, 3  # 3 steps, each in its own epoch
+SEED = 0
+
+
+def rel_err(got, want, floor=0.0) -> float:
+    """||got - want|| / max(||want||, floor): relative to the tensor's size, so a few elements
+    near zero cannot dominate while a wrong term anywhere in the tensor shows. `floor` is for
+    tensors whose exact value is zero (e.g. the gradient of a head bias under a loss that is
+    invariant to shifting the logits), where only the rounding noise is left to compare."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), floor, 1e-30))
+
+
+def assert_rel(name, got, want, rtol, floor=0.0):
+    err = rel_err(got, want, floor)
+    assert err <= rtol, f"{name}: relative difference {err:.3g} > {rtol:g}"
+
+
+def assert_all_rel(what, pairs, rtol):
+    """Each tensor of `pairs` {name: (got, want)} relative to itself, with a floor of 1e-3 of
+    the whole set's norm for tensors that are exactly zero in exact arithmetic."""
+    floor = 1e-3 * math.sqrt(sum(np.sum(np.square(w, dtype=np.float64)) for _, w in pairs.values()))
+    assert floor > 0, f"{what}: everything is zero"
+    for name, (got, want) in pairs.items():
+        assert_rel(f"{what} {name}", got, want, rtol, floor)
+
+
+# ------------------------------------------------------------------ the released NSD step
+
+def feature_norm(x):
+    """The released code's L2 normalisation (with its 1e-10)."""
+    return x / (x.norm(dim=-1, keepdim=True) + 1e-10)
+
+
+class TorchDistillee(torch.nn.Module):
+    """torchvision student with a new head + the two align heads (the released TeacherStudent
+    without its teacher: the teacher's embeddings are given)."""
+
+    def __init__(self, arch, num_classes, teacher_dim):
+        super().__init__()
+        torch.manual_seed(SEED)
+        self.student = torchvision.models.__dict__[arch](num_classes=num_classes)
+        if arch == "mobilenet_v2":  # the released code replaces the classifier, dropout included
+            self.student.classifier[0] = torch.nn.Identity()
+        self.head = self.student.get_submodule(HEAD[arch])
+        d = self.head.in_features
+        self.align_image = torch.nn.Sequential(torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(),
+                                               torch.nn.Linear(d, d))
+        self.align_text = torch.nn.Sequential(torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(),
+                                              torch.nn.Linear(d, d))
+        # Random BatchNorm affine and statistics: the identity defaults could hide a mix-up.
+        g = torch.Generator().manual_seed(SEED + 1)
+        with torch.no_grad():
+            for m in self.student.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    n = m.num_features
+                    m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(n, generator=g))
+                    m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                    m.running_var.copy_(1 + 0.5 * torch.rand(n, generator=g))
+
+    def forward(self, x):
+        captured = {}
+        hook = self.head.register_forward_hook(lambda m, i, o: captured.update(h=i[0]))
+        logits = self.student(x)
+        hook.remove()
+        return captured["h"], logits
+
+
+def torch_kl_batchmean(log_q, p):
+    return F.kl_div(log_q, p, reduction="batchmean")
+
+
+def torch_js(p_logits, q_logits):
+    """JS(softmax p || softmax q) summed over everything (the released NLRD js_div)."""
+    p, q = F.softmax(p_logits, -1), F.softmax(q_logits, -1)
+    log_m = ((p + q) / 2).log()
+    return (F.kl_div(log_m, p, reduction="sum") + F.kl_div(log_m, q, reduction="sum")) / 2
+
+
+def torch_nlrd(z_s, z_t, k):
+    """The released NLRD: neighbours by cosine similarity of teacher logits (sorted, self
+    dropped), JS between softmaxed logit differences, / (b k)."""
+    b = z_t.shape[0]
+    k = min(k, b - 1)
+    _, idx = torch.sort(feature_norm(z_t) @ feature_norm(z_t).T, descending=True)
+    idx = idx[:, 1:k + 1]
+    return torch_js(z_t[:, None] - z_t[idx], z_s[:, None] - z_s[idx]) / (b * k)
+
+
+def torch_nsd_paper(z_s, z_t, y, k):
+    """Paper Eq. 6-8: the k highest-scoring non-target teacher classes, margin softmaxes, JS."""
+    masked = z_t.scatter(1, y[:, None], -math.inf)
+    nbr = masked.topk(k, dim=1).indices
+    def rho(z):
+        return -(z.gather(1, y[:, None]) - z.gather(1, nbr))
+    p, q = F.softmax(rho(z_t), 1), F.softmax(rho(z_s), 1)
+    m = (p + q) / 2
+    js = 0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)
+    return js.mean()
+
+
+def torch_rkd(s, t, distance_weight, angle_weight):
+    """Park et al. 2019 (their reference implementation's semantics)."""
+    def pdist(e):
+        sq = (e[:, None] - e[None]).pow(2).sum(-1)
+        d = sq.clamp(min=1e-12).sqrt().clone()
+        d[range(len(e)), range(len(e))] = 0
+        return d
+
+    def angles(e):
+        u = F.normalize(e[None] - e[:, None], p=2, dim=2)
+        return torch.bmm(u, u.transpose(1, 2)).view(-1)
+
+    with torch.no_grad():
+        t_d = pdist(t)
+        t_d = t_d / t_d[t_d > 0].mean()
+        t_a = angles(t)
+    s_d = pdist(s)
+    s_d = s_d / s_d[s_d > 0].mean()
+    return (distance_weight * F.smooth_l1_loss(s_d, t_d)
+            + angle_weight * F.smooth_l1_loss(angles(s), t_a))
+
+
+def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned):
+    """(total, unweighted terms) of the released KDModule.model_step for the method."""
+    lc, method = cfg["loss"], cfg["method"]
+    h, z_s = model(images)
+    cls = F.cross_entropy(z_s, labels)
+    if method == "none":
+        return cls, {"cls": cls}
+    s, tau = lc["scale"], lc["tau"]
+    t_hat, anchors = feature_norm(t), feature_norm(anchors)
+    z_t = s * t_hat @ anchors.T
+    if method == "kd":
+        T = lc["kd_temperature"]
+        kd = T * T * torch_kl_batchmean(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1))
+        return cls + kd, {"cls": cls, "kd": kd}
+    if method == "rkd":
+        r = torch_rkd(h, t, lc["rkd_distance_weight"], lc["rkd_angle_weight"])
+        return cls + r, {"cls": cls, "rkd": r}
+    h_hat = feature_norm(h)
+    a_img = feature_norm(model.align_image(t_hat))
+    a_txt = feature_norm(model.align_text(anchors))
+    vis = F.l1_loss(h_hat, a_img)
+    log_q = F.log_softmax(s * h_hat @ a_txt.T / tau, 1)
+    p = F.softmax(s * t_hat @ anchors.T / tau, 1)
+    if learned:  # use_coop: KLDivLoss(reduction="batchmean")
+        txt = torch_kl_batchmean(log_q, p) * tau * tau
+    else:  # VL2Lite: KLDivLoss() ('mean' over B*C) * C / 2
+        txt = F.kl_div(log_q, p, reduction="mean") * tau * tau * z_s.shape[1] / 2
+    w1 = float(np.clip(epoch / (EPOCHS * 8), 0, 1))
+    w2 = float(np.clip(1 - w1, 0, 1))
+    total = w1 * cls + (w2 * vis + w2 * txt) / 2
+    terms = {"cls": cls, "vis": vis, "txt": txt, "w_cls": torch.tensor(w1)}
+    if method == "pand" and lc["lambda_nsd"]:
+        if lc["nsd_form"] == "paper":
+            nsd_loss = torch_nsd_paper(z_s, z_t, labels, lc["nsd_k"])
+        else:  # per-GPU batches under DDP: gradients averaged = the mean of the groups' losses
+            g = lc["nsd_group_size"] or len(labels)
+            nsd_loss = torch.stack([torch_nlrd(zs, zt, lc["nsd_k"]) for zs, zt in
+                                    zip(z_s.split(g), z_t.split(g))]).mean()
+        terms["nsd"] = nsd_loss
+        total = total + lc["lambda_nsd"] * nsd_loss
+    return total, terms
+
+
+def torch_schedule(o, opt):
+    """Per-step CosineAnnealingLR: to end_lr over the run, or (cosine_periodic) with T_max
+    `t_max_epochs` epochs, which anneals down and back up without restarting."""
+    steps = (EPOCHS if o["schedule"] == "cosine" else o["t_max_epochs"]) * STEPS_PER_EPOCH
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=o["end_lr"])
+
+
+# ------------------------------------------------------------------ the two sides
+
+def nsd_config(**overrides):
+    cfg = config_lib.default_config("nsd")
+    cfg.update(student_weights=None, epochs=EPOCHS, batch_size=BATCH, augment="rrc",
+               image_size=IMAGE_SIZE, host_image_size=HOST_SIZE, seed=SEED, dtype="float32")
+    for key, value in overrides.items():
+        config_lib.override(cfg, key, value)
+    return cfg
+
+
+def jax_path_to_torch(arch, path):
+    """NNX path inside Distillee -> the TorchDistillee parameter/buffer name."""
+    head, *rest = path
+    if head == "student":
+        return "student." + torch_key(arch, tuple(rest))
+    module, leaf = rest
+    return f"{head}.{ {'fc1': 0, 'fc2': 2}[module]}.{ {'kernel': 'weight', 'bias': 'bias'}[leaf]}"
+
+
+def flat(tree):
+    return {k: np.asarray(v) for k, v in flatten_dict(nnx.to_pure_dict(tree)).items()}
+
+
+def in_flax_layout(t: torch.Tensor) -> np.ndarray:
+    w = t.detach().numpy()
+    return to_flax_layout(w, layout_of(w.ndim))
+
+
+def _is_adam(x):
+    return isinstance(x, optax.ScaleByAdamState)
+
+
+def adam_moments(opt_state):
+    (adam,) = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(s)]
+    return adam.mu, adam.nu
+
+
+def with_values(tree, value_of):
+    """`tree` (an nnx.State) with each leaf replaced by value_of(path) (pure-dict paths)."""
+    tree = jax.tree.map(lambda x: x, tree)  # a copy: the step donates the original's buffers
+    pure = nnx.to_pure_dict(tree)
+    for path in flatten_dict(pure):
+        node = pure
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = jnp.asarray(value_of(path))
+    nnx.replace_by_pure_dict(tree, pure)
+    return tree
+
+
+def load_torch_state(jstate, torch_model, opt, arch):
+    """The project's train state with the PyTorch side's parameters, BatchNorm statistics and
+    Adam moments (the step counts stay the project's own).
+
+    ReLU networks have kinks: a pre-activation within rounding of 0 switches its unit's
+    gradient on or off, so two fp32 implementations that agree to 1e-7 take a different branch
+    now and then, and their gradients then differ by ~1e-2 (PyTorch's own fp32 and fp64
+    gradients do, on these nets, after a few steps). Starting every step from the same state
+    keeps each step's comparison at the 1e-5 level of one step from equal weights."""
+    params = dict(torch_model.named_parameters())
+    buffers = dict(torch_model.named_buffers())
+
+    def torch_value(source):
+        return lambda path: in_flax_layout(source(jax_path_to_torch(arch, path)))
+
+    new_params = with_values(jstate["params"], torch_value(lambda n: params[n]))
+    new_rest = with_values(jstate["rest"], torch_value(lambda n: buffers[n]))
+
+    def moment(key):
+        return torch_value(lambda n: opt.state[params[n]][key] if params[n] in opt.state
+                           else torch.zeros_like(params[n]))
+
+    def swap(s):
+        if not _is_adam(s):
+            return s
+        return s._replace(mu=with_values(s.mu, moment("exp_avg")),
+                          nu=with_values(s.nu, moment("exp_avg_sq")))
+
+    opt_state = jax.tree.map(swap, jstate["opt_state"], is_leaf=_is_adam)
+    return {**jstate, "params": new_params, "rest": new_rest, "opt_state": opt_state}
+
+
+def make_batches(cfg):
+    """Host uint8 images, labels, indices and teacher embeddings of every step, and the
+    augmented views both sides train on (regenerated from (seed, index, epoch) as the step does)."""
+    rng = np.random.default_rng(SEED)
+    out = []
+    for step in range(EPOCHS * STEPS_PER_EPOCH):
+        epoch = step // STEPS_PER_EPOCH
+        batch = {"image": rng.integers(0, 256, (BATCH, HOST_SIZE, HOST_SIZE, 3), np.uint8),
+                 "label": rng.permutation(NUM_CLASSES)[:BATCH].astype(np.int32),
+                 "index": np.arange(BATCH, dtype=np.int32) + BATCH * (step % STEPS_PER_EPOCH),
+                 "teacher": rng.standard_normal((BATCH, TEACHER_DIM)).astype(np.float32)}
+        views = augment.augment(batch["image"], augment.example_keys(SEED, batch["index"], epoch),
+                                cfg["augment"], IMAGE_SIZE)
+        out.append((epoch, batch, np.asarray(views)))
+    return out
+
+
+NSD_CASES = {
+    # the project's defaults: paper NSD, lambda 0.5, no clipping, cosine to end_lr
+    "pand-paper-resnet18": dict(arch="resnet18", learned=True),
+    # the released configuration: NLRD over per-GPU groups, lambda 1, clipping, the
+    # non-restarting cosine with T_max = 1 epoch here (down over epoch 0, back up over epoch 1)
+    "pand-batch-groups-mobilenet_v2-released": dict(
+        arch="mobilenet_v2", learned=True, clip=True,
+        sets={"loss.nsd_form": "batch", "loss.nsd_group_size": 4, "loss.lambda_nsd": 1.0,
+              "optimizer.schedule": "cosine_periodic", "optimizer.t_max_epochs": 1}),
+    "pand-batch-resnet18-clip": dict(
+        arch="resnet18", learned=True, clip=True,
+        sets={"loss.nsd_form": "batch", "loss.lambda_nsd": 1.0}),
+    "pand-lambda0-resnet18-periodic": dict(
+        arch="resnet18", learned=True,
+        sets={"loss.lambda_nsd": 0.0, "optimizer.schedule": "cosine_periodic",
+              "optimizer.t_max_epochs": 1}),
+    "vl2lite-resnet18": dict(arch="resnet18", method="vl2lite", learned=False),
+    "kd-resnet18-clip": dict(arch="resnet18", method="kd", learned=False, clip=True),
+    "rkd-resnet18": dict(arch="resnet18", method="rkd", learned=False),
+    "none-resnet18": dict(arch="resnet18", method="none", learned=False),
+}
+# Adam moves a weight by about lr * g / (|g| + eps): with eps 1e-8 nearly every update is
+# +-lr whatever g is, and where |g| is near the fp32 noise between the two frameworks (their
+# gradients agree to ~1e-5 of the tensor's norm) the sign itself is noise. A larger eps keeps
+# the update proportional to g, so the update comparison also checks the gradients; the
+# moments m and v check them directly.
+ADAM_EPS = 1e-3
+# Updates are differences of fp32 weights, resolved to about 6e-8 |w| / |update|: the learning
+# rate must move weights by well over 1e-3 of their size to compare updates at 1e-4.
+LR = 1e-2
+# Decoupled weight decay moves a weight by lr * wd * w: 1e-8 of it at the paper's 1e-4, which
+# no tolerance could see. A large one makes "which parameters are decayed, and how" visible.
+WEIGHT_DECAY = 0.5
+# Clipping that binds from the first step (asserted below), so it is exercised, not skipped.
+CLIP_NORM = 0.5
+
+
+@pytest.mark.parametrize("case", list(NSD_CASES))
+def test_nsd_steps_match_released_pytorch(case):
+    spec = NSD_CASES[case]
+    arch, method, learned = spec["arch"], spec.get("method", "pand"), spec["learned"]
+    state_rtol = STATE_RTOL[arch]
+    sets = {"student": arch, "method": method, "optimizer.lr": LR, "optimizer.end_lr": LR / 10,
+            "optimizer.eps": ADAM_EPS, "optimizer.weight_decay": WEIGHT_DECAY,
+            "optimizer.grad_clip": CLIP_NORM if spec.get("clip") else None, **spec.get("sets", {})}
+    cfg = nsd_config(**sets)
+
+    # the same weights on both sides, through the project's converter
+    torch_model = TorchDistillee(arch, NUM_CLASSES, TEACHER_DIM).train()
+    model = nsd.build_model(cfg, NUM_CLASSES, TEACHER_DIM, jnp.float32)
+    sd = {k: v for k, v in torch_model.student.state_dict().items()}
+    state = nnx.state(model.student)
+    nnx.replace_by_pure_dict(state, torchvision_to_nnx(arch, sd))
+    nnx.update(model.student, state)
+    for name in ("align_image", "align_text"):
+        for fc, i in (("fc1", 0), ("fc2", 2)):
+            layer, src = getattr(getattr(model, name), fc), getattr(torch_model, name)[i]
+            layer.kernel[...] = jnp.asarray(src.weight.detach().numpy().T)
+            layer.bias[...] = jnp.asarray(src.bias.detach().numpy())
+
+    anchors_np = np.random.default_rng(SEED + 2).standard_normal((NUM_CLASSES, TEACHER_DIM))
+    anchors_np = (anchors_np / np.linalg.norm(anchors_np, axis=1, keepdims=True)).astype(np.float32)
+    tx, schedule = nsd.optimizer(cfg, STEPS_PER_EPOCH)
+    loss_fn = nsd.make_loss(cfg, learned, cfg["epochs"])
+    graphdef, jstate = nsd.init_state(model, tx)
+    train_step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule)
+    frozen = (None, None if method == "none" else jnp.asarray(anchors_np))
+
+    # torch: AdamW over the parameters that have gradients (the released optimiser skips the
+    # rest); weight decay on all of them, as torch.optim.AdamW(model.parameters()) does
+    o = cfg["optimizer"]
+    opt = torch.optim.AdamW(torch_model.parameters(), lr=o["lr"], betas=(0.9, 0.999),
+                            eps=o["eps"], weight_decay=o["weight_decay"])
+    sched = torch_schedule(o, opt)
+    used = [n for n, _ in torch_model.named_parameters()
+            if method in ("pand", "vl2lite") or n.startswith("student.")]
+
+    for step, (epoch, batch, views) in enumerate(make_batches(cfg)):
+        if step:
+            jstate = load_torch_state(jstate, torch_model, opt, arch)
+        before = {n: p.detach().clone() for n, p in torch_model.named_parameters()}
+        buffers_before = {n: b.detach().clone() for n, b in torch_model.named_buffers()}
+        # -- PyTorch
+        opt.zero_grad()
+        lr = opt.param_groups[0]["lr"]
+        total, terms = torch_objective(
+            cfg, torch_model, torch.from_numpy(views).permute(0, 3, 1, 2),
+            torch.from_numpy(batch["label"]).long(), torch.from_numpy(batch["teacher"]),
+            torch.from_numpy(anchors_np), epoch, learned)
+        total.backward()
+        if o["grad_clip"]:
+            norm = torch.nn.utils.clip_grad_norm_(torch_model.parameters(), o["grad_clip"])
+            assert norm > o["grad_clip"], "the clipping threshold must bind to be tested"
+        opt.step()
+        sched.step()
+
+        # -- the project
+        jstate, metrics = train_step(jstate, frozen, batch, jnp.int32(epoch))
+
+        where = f"{case}, step {step}"
+        assert_rel(f"{where}: loss", metrics["loss"], total.item(), LOSS_RTOL)
+        assert set(metrics) == set(terms) | {"loss", "lr"}, (sorted(metrics), sorted(terms))
+        for name, value in terms.items():
+            assert_rel(f"{where}: {name}", metrics[name], value.item(), LOSS_RTOL)
+        assert_rel(f"{where}: lr", metrics["lr"], lr, 1e-6)
+
+        params, mu, nu = (flat(t) for t in (jstate["params"], *adam_moments(jstate["opt_state"])))
+        torch_params = dict(torch_model.named_parameters())
+        names = {path: jax_path_to_torch(arch, path) for path in params}
+        paths = [path for path, name in names.items() if name in used]
+        assert len(paths) == len(used)
+        assert_all_rel(f"{where}: update of", {
+            names[p]: (params[p] - in_flax_layout(before[names[p]]),
+                       in_flax_layout(torch_params[names[p]] - before[names[p]])) for p in paths},
+            state_rtol)
+        for moments, key in ((mu, "exp_avg"), (nu, "exp_avg_sq")):
+            assert_all_rel(f"{where}: Adam {key} of", {
+                names[p]: (moments[p], in_flax_layout(opt.state[torch_params[names[p]]][key]))
+                for p in paths}, state_rtol)
+        buffers = dict(torch_model.named_buffers())
+        stats = {p: v for p, v in flat(jstate["rest"]).items() if p[-1] in ("mean", "var")}
+        assert len(stats) == sum(n.endswith(("running_mean", "running_var")) for n in buffers)
+        assert_all_rel(f"{where}: change of", {
+            name: (value - buffers_before[name].numpy(),
+                   (buffers[name] - buffers_before[name]).numpy())
+            for name, value in ((jax_path_to_torch(arch, p), v) for p, v in stats.items())},
+            state_rtol)
+
+
+# ------------------------------------------------------------------ Stage-PSC
+
+PSC_MODEL = copy.deepcopy(convert_clip.DEMO_MODELS["pand_demo_convnext"])
+# the real tokenizer's vocabulary, so real prompts can be embedded
+PSC_MODEL["text_cfg"].update(vocab_size=49408, context_length=24)
+CLASS_NAMES = ("Black footed Albatross", "Laysan Albatross", "Sooty Albatross", "Crested Auklet",
+               "Least Auklet")
+TEMPLATE = "a photo of {}, a type of bird"
+N_CTX, PSC_BATCH, PSC_STEPS = 4, 8, 4
+PSC_RTOL = 1e-4  # the text tower is smooth (GELU, no kinks): the full 1e-4 holds
+
+
+def torch_prompt_features(clip, ctx, tokens, n_ctx):
+    """open_clip's encode_text with the placeholder embeddings replaced by `ctx` (CoOp)."""
+    emb = clip.token_embedding(tokens)
+    x = torch.cat([emb[:, :1], ctx.expand(len(tokens), -1, -1), emb[:, 1 + n_ctx:]], dim=1)
+    x = clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask)
+    x = clip.ln_final(x)
+    return x[torch.arange(len(tokens)), tokens.argmax(-1)] @ clip.text_projection
+
+
+@pytest.fixture(scope="module")
+def psc_teacher():
+    torch_clip = convert_clip.build_torch_model(PSC_MODEL)
+    convert_clip.randomize_torch_model(torch_clip, SEED)
+    clip = convert_clip.convert_state_dict(convert_clip.torch_state_dict(torch_clip),
+                                           convert_clip.config_from_open_clip(PSC_MODEL))
+    return torch_clip.requires_grad_(False), clip
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.05])
+def test_psc_steps_match_pytorch(psc_teacher, grad_clip):
+    torch_clip, clip = psc_teacher
+    cfg = config_lib.default_config("psc")
+    config_lib.override(cfg, "optimizer.grad_clip", grad_clip)
+    config_lib.override(cfg, "optimizer.lr", 0.5)  # large enough to move within 4 steps
+    o = cfg["optimizer"]
+
+    parts = prompts.prompt_parts(clip, CLASS_NAMES, TEMPLATE, N_CTX)
+    ctx = prompts.init_context(jax.random.key(SEED), N_CTX, clip.config.text.width,
+                               cfg["ctx_init_std"])
+    tx = psc.optimizer(cfg, PSC_STEPS)
+    graphdef, teacher_state = nnx.split(clip)
+    logit_scale = jnp.exp(clip.logit_scale[...])
+    train_step = psc.make_train_step(graphdef, tx, logit_scale)
+    state, frozen = {"ctx": ctx, "opt_state": tx.init(ctx)}, (teacher_state, parts)
+
+    tokens = torch.from_numpy(prompts.tokenize(
+        [" ".join(["X"] * N_CTX) + " " + TEMPLATE.format(c) for c in CLASS_NAMES],
+        PSC_MODEL["text_cfg"]["context_length"])).long()
+    t_ctx = torch.nn.Parameter(torch.from_numpy(np.asarray(ctx)).clone())
+    opt = torch.optim.SGD([t_ctx], lr=o["lr"], momentum=o["momentum"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=PSC_STEPS, eta_min=0.0)
+    scale = torch_clip.logit_scale.exp()
+
+    rng = np.random.default_rng(SEED)
+    for step in range(PSC_STEPS - 1):
+        feats = rng.standard_normal((PSC_BATCH, PSC_MODEL["embed_dim"])).astype(np.float32)
+        feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+        labels = rng.integers(0, len(CLASS_NAMES), PSC_BATCH).astype(np.int32)
+
+        opt.zero_grad()
+        text = F.normalize(torch_prompt_features(torch_clip, t_ctx, tokens, N_CTX), dim=-1)
+        loss = F.cross_entropy(scale * torch.from_numpy(feats) @ text.T,
+                               torch.from_numpy(labels).long())
+        loss.backward()
+        if grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_([t_ctx], grad_clip)
+            assert norm > grad_clip, "the clipping threshold must bind to be tested"
+        opt.step()
+        sched.step()
+
+        state, metrics = train_step(state, frozen, {"features": feats, "label": labels})
+        assert_rel(f"step {step}: loss", metrics["loss"], loss.item(), LOSS_RTOL)
+        assert_rel(f"step {step}: ctx update", np.asarray(state["ctx"]) - np.asarray(ctx),
+                   (t_ctx - torch.from_numpy(np.asarray(ctx))).detach().numpy(), PSC_RTOL)
+        is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
+        (trace,) = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=is_trace)
+                    if is_trace(s)]
+        assert_rel(f"step {step}: momentum", trace.trace,
+                   opt.state[t_ctx]["momentum_buffer"].numpy(), PSC_RTOL)
+
+
+def test_context_of_real_word_embeddings_reproduces_the_tokenized_prompt(psc_teacher):
+    """Splicing: with the context set to the embeddings of real words, the prompt features
+    equal open_clip's encode_text of the whole sentence tokenized normally."""
+    torch_clip, clip = psc_teacher
+    words = "a blurry bird photo"  # four single-token words: n_ctx = 4
+    ctx_tokens = prompts.tokenize([words], PSC_MODEL["text_cfg"]["context_length"])[0, 1:1 + N_CTX]
+    assert (ctx_tokens < 49406).all()  # no SOT/EOT among them: the words fill the context
+    ctx = clip.embed_tokens(jnp.asarray(ctx_tokens)[None])[0]
+    parts = prompts.prompt_parts(clip, CLASS_NAMES, TEMPLATE, N_CTX)
+    got = np.asarray(psc.anchors_fn(nnx.graphdef(clip))(ctx, (nnx.state(clip), parts)))
+    full = prompts.tokenize([f"{words} {TEMPLATE.format(c)}" for c in CLASS_NAMES],
+                            PSC_MODEL["text_cfg"]["context_length"])
+    with torch.no_grad():
+        want = F.normalize(torch_clip.encode_text(torch.from_numpy(full).long()), dim=-1).numpy()
+    assert_rel("spliced prompt features", got, want, LOSS_RTOL)
