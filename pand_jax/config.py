@@ -53,6 +53,10 @@ def _key(description: str, **bounds: Any) -> Any:
     return Field(description=description, **bounds)
 
 
+# The teacher's ConvNeXt reduces its input 32-fold (stem /4, three downsamples /2).
+TEACHER_MIN_SIZE = "an integer >= 32 (the teacher's ConvNeXt reduces its input 32-fold)"
+
+
 def _positive_int(description: str = "an integer >= 1") -> Any:
     return _key(description, ge=1)
 
@@ -98,7 +102,7 @@ class PSCConfig(_Common):
     n_ctx: int = _positive_int()
     ctx_init_std: float = _key("a number >= 0", ge=0)
     batch_size: int = _positive_int()
-    feature_image_size: int = _positive_int()
+    feature_image_size: int = _key(TEACHER_MIN_SIZE, ge=32)
     feature_batch_size: int = _positive_int()
     optimizer: PSCOptimizer
 
@@ -122,8 +126,8 @@ class NSDOptimizer(_Schema):
     lr: float = _key("a number > 0", gt=0)
     end_lr: float = _key("a number >= 0", ge=0)
     weight_decay: float = _key("a number >= 0", ge=0)
-    schedule: Literal["cosine", "cosine_restart"] = _key("one of ['cosine', 'cosine_restart']")
-    restart_epochs: int = _positive_int()
+    schedule: Literal["cosine", "cosine_periodic"] = _key("one of ['cosine', 'cosine_periodic']")
+    t_max_epochs: int = _positive_int()
     grad_clip: PositiveOrNone = _key("a number > 0, or null")
     eps: float = _key("a number > 0", gt=0)
 
@@ -224,6 +228,8 @@ def _broken_rule(c: pydantic.BaseModel, facts: Facts) -> tuple[str, Any, str] | 
     if c.image_size > c.host_image_size:
         return ("image_size", c.image_size,
                 f"<= host_image_size ({c.host_image_size}), the size images are stored at")
+    if c.method != "none" and c.image_size < 32:  # the teacher sees the student's view
+        return "image_size", c.image_size, TEACHER_MIN_SIZE
     if c.optimizer.end_lr > c.optimizer.lr:
         return "optimizer.end_lr", c.optimizer.end_lr, f"<= optimizer.lr ({c.optimizer.lr})"
     if c.anchors and c.no_psc:

@@ -280,6 +280,8 @@ def test_anchors_of_another_folder_are_refused(tmp_path):
 def test_default_workdir_is_file_system_safe(tmp_path):
     from pand_jax.cli import train as cli
 
+    # resolve checks the folder; PAND's K = 3 neighbours need 4 classes
+    make_tree(tmp_path / "My Birds:2", classes=CLASSES + ("dove",))
     args = cli.parser().parse_args(["--stage", "nsd", "--dataset", f"folder:{tmp_path}/My Birds:2/"])
     cfg, workdir = cli.resolve(args)
     assert workdir == pathlib.Path("runs/folder-My_Birds_2/nsd/pand-resnet18")

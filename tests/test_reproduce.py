@@ -25,7 +25,7 @@ from pand_jax.experiments import results as results_lib
 
 SHORT = ["--demo", "--seeds", "1", "--epochs", "1", "--psc-epochs", "1", "--lambdas", "0,0.5",
          "--teacher-cache", "2", "--set", "max_steps_per_epoch=2", "--set", "batch_size=16",
-         "--set", "image_size=16", "--set", "host_image_size=18", "--set", "n_ctx=4"]
+         "--set", "image_size=32", "--set", "host_image_size=36", "--set", "n_ctx=4"]
 # The distinct runs of one student and seed: Tables 1-2 plus the sweep {0, 0.5}, which
 # coincides with +PSC and PAND.
 VARIANTS = {"none", "kd", "rkd", "vl2lite", "pand-lambda0", "pand-nopsc", "pand-lambda0.5"}

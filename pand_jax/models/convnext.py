@@ -104,6 +104,9 @@ class ConvNeXt(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, 3] (H, W divisible by 32) -> [B, embed_dim] float32."""
+        if min(images.shape[1:3]) < 32:  # stem /4 and three /2 downsamples leave nothing
+            raise ValueError(f"the ConvNeXt image tower needs images of at least 32 x 32 "
+                             f"pixels, got {images.shape[1]} x {images.shape[2]}")
         x = self.stem_norm(self.stem_conv(images))
         for stage in self.stages:
             x = stage(x)
