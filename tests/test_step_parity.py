@@ -421,6 +421,8 @@ def test_nsd_steps_match_released_pytorch(case):
             torch.from_numpy(batch["label"]).long(), torch.from_numpy(batch["teacher"]),
             torch.from_numpy(anchors_np), epoch, learned)
         total.backward()
+        grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum()
+                                   for p in torch_model.parameters() if p.grad is not None))
         if o["grad_clip"]:
             norm = torch.nn.utils.clip_grad_norm_(torch_model.parameters(), o["grad_clip"])
             assert norm > o["grad_clip"], "the clipping threshold must bind to be tested"
@@ -432,10 +434,13 @@ def test_nsd_steps_match_released_pytorch(case):
 
         where = f"{case}, step {step}"
         assert_rel(f"{where}: loss", metrics["loss"], total.item(), LOSS_RTOL)
-        assert set(metrics) == set(terms) | {"loss", "lr"}, (sorted(metrics), sorted(terms))
+        assert set(metrics) == set(terms) | {"loss", "lr", "grad_norm"}, (sorted(metrics),
+                                                                          sorted(terms))
         for name, value in terms.items():
             assert_rel(f"{where}: {name}", metrics[name], value.item(), LOSS_RTOL)
         assert_rel(f"{where}: lr", metrics["lr"], lr, 1e-6)
+        # The global gradient norm (before clipping) holds to the updates' tolerance.
+        assert_rel(f"{where}: grad_norm", metrics["grad_norm"], grad_norm.item(), state_rtol)
 
         params, mu, nu = (flat(t) for t in (jstate["params"], *adam_moments(jstate["opt_state"])))
         torch_params = dict(torch_model.named_parameters())
