@@ -187,7 +187,7 @@ def test_killed_run_resumes_to_the_same_params(teacher, psc_run, tmp_path):
     first = killed / "checkpoints" / "2"  # written, atomically, after epoch 1 (2 steps)
     deadline = time.time() + 600
     while not first.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)  # epoch 2 (2 steps and an evaluation) must not finish first
     assert first.is_dir(), proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -210,13 +210,14 @@ def test_sigterm_inside_an_epoch_resumes_to_the_same_params(teacher, tmp_path):
     run_train(args + ["--workdir", straight])
 
     proc = run_train(args + ["--workdir", stopped], background=True)
-    metrics = stopped / "metrics.jsonl"  # a step is logged once the next one is dispatched
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline and not (
-            metrics.is_file() and '"step"' in metrics.read_text()):
-        time.sleep(0.05)
+    # The epoch's progress bar is drawn after the handler is installed and before the first
+    # step compiles (seconds), so a signal sent on seeing it always lands inside the epoch.
+    # Waiting for a logged step instead raced the 3 fast steps after compilation.
+    seen = ""
+    while "nsd epoch 1/1" not in seen and proc.poll() is None:
+        seen += proc.stdout.read(1)
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=600)[0]
+    out = seen + proc.communicate(timeout=600)[0]
     stopped_at = [line for line in out.splitlines() if "stopped at epoch 1, step" in line]
     assert stopped_at and not stopped_at[0].endswith("step 4; checkpoint saved. Run the same "
                                                      "command again to resume."), out[-3000:]
