@@ -37,7 +37,8 @@ MODEL_CONVS = [
     ("convnext downsample 2x2/2", 8, 16, 2, 2, "VALID", False),
     ("convnext depthwise 7x7", 8, 8, 7, 1, 3, True),
 ]
-SIZES = (8, 13)  # even and odd; 13 leaves a remainder for every stride above
+SIZES = (8, 13, 20)  # even and odd (13 leaves a remainder for every stride above); 20x20
+# stride-1 outputs exceed DENSE_MAX_POSITIONS, where dense kxk convs keep XLA's kernel
 
 
 def operands(cin, cout, k, depthwise, size, dtype=jnp.float32, batch=2, seed=0):
@@ -186,9 +187,11 @@ def test_models_use_the_module():
 
 
 def test_large_dense_maps_keep_xla_convolution_on_cpu():
-    """Above 16x16 outputs XLA:CPU's dense conv is the faster one; depthwise stays shifted."""
+    """Above 16x16 outputs XLA:CPU's dense conv is the faster one, except 1x1 (a plain matmul);
+    depthwise stays shifted."""
     x = jnp.ones((1, 17, 17, 4))
-    for w, groups, native in ((jnp.ones((3, 3, 4, 4)), 1, True), (jnp.ones((3, 3, 1, 4)), 4, False)):
+    for w, groups, native in ((jnp.ones((3, 3, 4, 4)), 1, True), (jnp.ones((1, 1, 4, 4)), 1, False),
+                              (jnp.ones((3, 3, 1, 4)), 4, False)):
         hlo = jax.jit(lambda x, w: conv_general_dilated(
             x, w, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=groups)
         ).trace(x, w).lower(lowering_platforms=("cpu",)).as_text()

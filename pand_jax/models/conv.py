@@ -21,10 +21,12 @@ everywhere; the benchmarks use it to measure the difference.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -32,7 +34,9 @@ from jax import lax
 # Dense convs take the matmul form only on maps of at most 16x16 outputs: XLA:CPU's own kernel
 # is slow on small maps (100 ms for 3x3 512->512 at 2x2) but as fast or faster on large ones
 # (28x28 and up, where im2col patches cost 9x the memory traffic; measured in bench/RESULTS.md).
-# Depthwise convs always take the shifted-product form: XLA:CPU is slow on them at every size.
+# 1x1 convs (MobileNet-V2's expand/project) are a matmul at every size: the input is its own
+# im2col, and XLA:CPU's dot beats its conv there 2-4x, forward and backward. Depthwise convs
+# always take the shifted-product form: XLA:CPU is slow on them at every size.
 DENSE_MAX_POSITIONS = 16 * 16
 
 
@@ -54,7 +58,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             if isinstance(padding, str) else padding)
     out_positions = math.prod((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(
         lhs.shape[1:-1], rhs.shape[:-2], window_strides, pads))
-    if feature_group_count == 1 and out_positions > DENSE_MAX_POSITIONS:
+    pointwise = all(k == 1 for k in rhs.shape[:-2])
+    if feature_group_count == 1 and out_positions > DENSE_MAX_POSITIONS and not pointwise:
         return native(lhs, rhs)
 
     def cpu(lhs, rhs):
@@ -112,13 +117,12 @@ def _cpu_conv(x, w, strides, pads, precision, preferred_element_type):
     # the input sums one term per tap, which bf16 would round at every add.
     acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
     x, w = x.astype(acc_dtype), w.astype(acc_dtype)
-    taps = list(_shifted_taps(x, w.shape[:-2], strides, pads))
     if w.shape[-2] == x.shape[-1]:  # dense: im2col, one matmul over (taps x input channels)
+        taps = list(_shifted_taps(x, w.shape[:-2], strides, pads))
         y = jnp.dot(jnp.concatenate(taps, axis=-1), w.reshape(-1, w.shape[-1]),
                     precision=precision)
-    else:  # depthwise: sum over taps of the shifted input times that tap's per-channel weight
-        per_tap = w.reshape(len(taps), w.shape[-1])
-        y = sum(t * per_tap[i] for i, t in enumerate(taps))
+    else:
+        y = _depthwise(x, w, strides, pads)
     return y.astype(out_dtype)
 
 
@@ -130,3 +134,108 @@ def _shifted_taps(x, kernel_shape, strides, pads):
     for offsets in itertools.product(*map(range, kernel_shape)):
         limit = [o + s * (m - 1) + 1 for o, s, m in zip(offsets, strides, out_shape)]
         yield lax.slice(x, (0, *offsets, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
+
+
+# Depthwise: y = sum over kernel offsets t of (the input shifted by t) * w[t], one weight per
+# channel. Written with its own gradient because XLA:CPU turns the autodiff one (strided pads of
+# every tap, reductions over shifted views) into loops 5-30x slower than PyTorch's kernel. Every
+# read below is a unit-stride slice of a materialised array, which XLA:CPU vectorises:
+# - a strided conv reads the padded input through its stride phases x[:, a::s, b::s] (copied
+#   once), where each tap is a plain slice;
+# - d kernel[t] = sum(phase * dy shifted to t): the shift goes on dy (a pad), never on a
+#   reduction's input (a reduction over a shifted slice is the slow loop);
+# - d input, per phase: the taps of that phase correlate dy (padded) with their weights; the
+#   phases are then interleaved back.
+# `lax.optimization_barrier` keeps a pad or phase copy from being fused into its many readers.
+
+def _depthwise(x, w, strides, pads):
+    return _depthwise_vjp(x, w, strides, pads, x.shape[1:-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_vjp(x, w, strides, pads, size):
+    return _depthwise_fwd(x, w, strides, pads, size)[0]
+
+
+def _depthwise_fwd(x, w, strides, pads, size):
+    phases = _phases(x, strides, pads)
+    out = _out_shape(x.shape, w.shape[:-2], strides, pads)
+    per_tap = w.reshape(-1, w.shape[-1])
+    y = sum(_window(phases[phase], start, out) * per_tap[i]
+            for i, (phase, start) in enumerate(_tap_positions(w.shape[:-2], strides)))
+    return y, (phases, w)
+
+
+def _depthwise_bwd(strides, pads, size, residuals, dy):
+    phases, w = residuals
+    kernel, out = w.shape[:-2], dy.shape[1:-1]
+    phase_shape = next(iter(phases.values())).shape[1:-1]
+    taps = list(_tap_positions(kernel, strides))
+    reduce_axes = tuple(range(dy.ndim - 1))
+    dw = jnp.stack([jnp.sum(phases[phase] * _shift(dy, start, phase_shape), axis=reduce_axes)
+                    for phase, start in taps]).reshape(w.shape)
+
+    # Phase p of d input at u: sum over its taps t of dy[u - start_t] * w[t]; dy padded by the
+    # largest start so that every term is a plain slice.
+    reach = [max(start[d] for _, start in taps) for d in range(len(kernel))]
+    dy_padded = lax.optimization_barrier(jnp.pad(
+        dy, ((0, 0), *((r, p - o) for r, p, o in zip(reach, phase_shape, out)), (0, 0))))
+    per_tap = w.reshape(-1, w.shape[-1])
+    d_phase = {phase: 0 for phase in phases}
+    for i, (phase, start) in enumerate(taps):
+        d_phase[phase] = d_phase[phase] + _window(
+            dy_padded, [r - s for r, s in zip(reach, start)], phase_shape) * per_tap[i]
+    return _unphase(d_phase, strides, pads, size), dw
+
+
+_depthwise_vjp.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def _out_shape(x_shape, kernel, strides, pads):
+    return [(n + lo + hi - k) // s + 1
+            for n, k, s, (lo, hi) in zip(x_shape[1:-1], kernel, strides, pads)]
+
+
+def _tap_positions(kernel, strides):
+    """Per kernel offset (row-major, as HWIO stores them): its stride phase and its start
+    within that phase."""
+    for offsets in itertools.product(*map(range, kernel)):
+        yield (tuple(o % s for o, s in zip(offsets, strides)),
+               tuple(o // s for o, s in zip(offsets, strides)))
+
+
+def _phases(x, strides, pads):
+    """The padded input split into its stride phases {(a, b): xp[:, a::s, b::s]}, each
+    materialised, all of one shape (the padding is rounded up to a multiple of the stride)."""
+    padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads)]
+    extra = [-p % s for p, s in zip(padded, strides)]
+    xp = jnp.pad(x, ((0, 0), *((lo, hi + e) for (lo, hi), e in zip(pads, extra)), (0, 0)))
+    return {phase: lax.optimization_barrier(
+                xp[(slice(None), *(slice(a, None, s) for a, s in zip(phase, strides)))])
+            for phase in itertools.product(*map(range, strides))}
+
+
+def _window(x, start, size):
+    return lax.slice(x, (0, *start, 0), (x.shape[0], *(a + m for a, m in zip(start, size)),
+                                         x.shape[-1]))
+
+
+def _shift(dy, start, shape):
+    """dy placed at `start` in zeros of spatial `shape`."""
+    return jnp.pad(dy, ((0, 0), *((a, n - a - m) for a, n, m in zip(start, shape, dy.shape[1:-1])),
+                        (0, 0)))
+
+
+def _unphase(d_phase, strides, pads, size):
+    """Interleaves the phases back into the padded input's grid and drops the padding."""
+    first = next(iter(d_phase.values()))
+    batch, phase_shape, channels = first.shape[0], first.shape[1:-1], first.shape[-1]
+    stacked = jnp.stack([d_phase[p] for p in itertools.product(*map(range, strides))])
+    rank = len(strides)
+    stacked = stacked.reshape(*strides, batch, *phase_shape, channels)
+    # [s1, s2, N, P1, P2, C] -> [N, P1, s1, P2, s2, C]: phase (a, b) at u lands at u * s + a.
+    order = (rank, *itertools.chain.from_iterable((rank + 1 + d, d) for d in range(rank)),
+             2 * rank + 1)
+    grid = stacked.transpose(order).reshape(
+        batch, *(p * s for p, s in zip(phase_shape, strides)), channels)
+    return grid[(slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, size)))]
