@@ -196,7 +196,9 @@ def _blur_weights(sigma, n: int):
 
 
 def _grey(image):
-    return image @ _GREY
+    # Elementwise like torchvision, not `image @ _GREY`: XLA ends a fusion at a dot, which made
+    # each colour op its own pass over the image in memory.
+    return image[..., 0] * _GREY[0] + image[..., 1] * _GREY[1] + image[..., 2] * _GREY[2]
 
 
 def _blend(a, b, factor):
