@@ -128,7 +128,7 @@ def _resize_weights(start, length, in_size: int, out_size: int):
 
 def _crop_resize(image, region, out_size: int):
     """Crop `region` = (top, left, height, width) in source pixels and resize to out_size
-    (torchvision `resized_crop`, bilinear, antialiased)."""
+    (torchvision `resized_crop`, bilinear, antialiased: plain bilinear where it enlarges)."""
     wy = _resize_weights(region[0], region[2], image.shape[0], out_size)
     wx = _resize_weights(region[1], region[3], image.shape[1], out_size)
     return _separable(wy, image, wx)
