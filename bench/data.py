@@ -2,6 +2,7 @@
 and device augmentation images/s (released recipe, 256 -> 224).
 
     python bench/data.py [--images 512] [--batch 128] [--threads 8]
+        [--device-batch 32] [--device-steps 5] [--device-only]
 
 Builds a synthetic FGVC-Aircraft-like split (random JPEGs, 500x750, q90) with the project's
 own builder in a temporary folder, so it needs no download.
@@ -68,7 +69,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--device-batch", type=int, default=32)
+    ap.add_argument("--device-steps", type=int, default=5, help="timed augmentation batches")
+    ap.add_argument("--device-only", action="store_true", help="skip the host pipeline")
     args = ap.parse_args()
+    if not args.device_only:
+        report_host(args)
+    aug, device = device_rate(args.device_batch, args.device_steps)
+    print(f"device augment released 256->224 on {device}: {aug:,.0f} img/s (batch {args.device_batch})")
+
+
+def report_host(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_raw(f"{tmp}/raw", args.images)
         prepare("aircraft", f"{tmp}/data", f"{tmp}/raw")
@@ -80,12 +90,10 @@ def main() -> None:
         cached_loader = Loader(src, cache_dir=f"{tmp}/cache", **common)
         build = args.images / (time.perf_counter() - t)
         cached = host_rate(cached_loader, epochs=20)
-    aug, device = device_rate(args.device_batch)
     print(f"cpu cores: {os.cpu_count()}  threads: {args.threads}  batch: {args.batch}")
     print(f"host decode+resize (500x750 JPEG -> 256 stretch): {decode:,.0f} img/s")
     print(f"host cache build: {build:,.0f} img/s")
     print(f"host from uint8 cache (256x256): {cached:,.0f} img/s")
-    print(f"device augment released 256->224 on {device}: {aug:,.0f} img/s (batch {args.device_batch})")
 
 
 if __name__ == "__main__":

@@ -110,8 +110,11 @@ def test_rotation_matches_torchvision():
     assert np.abs(flipped - ref).max() < 1e-4
 
 
-def test_blur_matches_torchvision():
-    x = _float_image()
+@pytest.mark.parametrize("size", [33, 224])
+def test_blur_matches_torchvision(size):
+    """The blur as two [n, n] matrices with the reflect padding folded in, against
+    torchvision's padded 5x5 convolution (at the recipe's 224 px too)."""
+    x = _float_image(size)
     for sigma in (1e-5, 0.7, 10.0):
         ours = np.asarray(A._gaussian_blur(jnp.asarray(x), sigma))
         ref = TF.gaussian_blur(_torch(x), [5, 5], [sigma, sigma]).numpy().transpose(1, 2, 0)
@@ -140,8 +143,47 @@ def test_crop_then_square_crop_matches_two_step_reference():
     (y0, x0), side, (y2, x2) = np.asarray(p["crop"][0]), int(p["side"][0]), np.asarray(p["offset"][0])
     first = x[y0:y0 + 56, x0:x0 + 56]
     ref = TF.resize(_torch(first[y2:y2 + side, x2:x2 + side]), [56, 56], antialias=True).numpy().transpose(1, 2, 0)
-    ours = np.asarray(A._crop_upsample(jnp.asarray(x), p["region"][0], 56))
+    ours = np.asarray(A._crop_resize(jnp.asarray(x), p["region"][0], 56))
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_released_crop_matrices_match_torchvision_resized_crop():
+    """The released recipe's crops at its real sizes (host 256 -> 224), as interpolation
+    matrices, against torchvision's resized_crop (plain bilinear: the crops only enlarge).
+    Tolerance: both sides round pixel coordinates near 224 to fp32 (~1.5e-5 each)."""
+    imgs = np.asarray(_images(4, 256, seed=6))
+    p = A.sample_params(A.example_keys(6, jnp.arange(4), 0), "released", 256, 224)
+    region = np.asarray(p["region"])
+    assert (region == region.round()).all() and (region[:, 2] < 224).any()
+    crop = jax.jit(jax.vmap(lambda im, r: A._crop_resize(im / 255.0, r, 224)))
+    ours = np.asarray(crop(jnp.asarray(imgs, jnp.float32), p["region"]))
+    for img, (top, left, h, w), got in zip(imgs, region.astype(int), ours):
+        ref = TF.resized_crop(_torch(img.astype(np.float32) / 255), top, left, h, w, [224, 224],
+                              interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        assert np.abs(got - ref.numpy().transpose(1, 2, 0)).max() < 1e-4
+
+
+def test_released_recipe_matches_torchvision_chain():
+    """Whole released views (sampled params, `apply_params`) against torchvision applying
+    the same crop, rotation, flip, blur and colour ops in turn: the stages composed, as
+    training runs them. Tolerance 5e-5 (of a [0, 1] pixel): fp32 rounding through the chain."""
+    imgs = np.asarray(_images(8, 64, seed=7))
+    p = A.sample_params(A.example_keys(7, jnp.arange(8), 0), "released", 64, 56)
+    ours = np.asarray(A.apply_params(jnp.asarray(imgs), p, "released", 56)) * A.CLIP_STD + A.CLIP_MEAN
+    p = jax.tree.map(np.asarray, p)
+    assert 0 < p["flip"].sum() < 8 and len({tuple(o) for o in p["jitter_order"]}) >= 4
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    names = ["brightness", "contrast", "saturation", "hue"]
+    for i, (img, got) in enumerate(zip(imgs, ours)):
+        top, left, h, w = p["region"][i].astype(int)
+        t = TF.resized_crop(_torch(img.astype(np.float32) / 255), top, left, h, w, [56, 56],
+                            interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        t = TF.rotate(t, float(p["angle"][i]), interpolation=TF.InterpolationMode.BILINEAR)
+        t = TF.hflip(t) if p["flip"][i] else t
+        t = TF.gaussian_blur(t, [5, 5], [float(p["sigma"][i])] * 2)
+        for op in p["jitter_order"][i]:
+            t = ops[op](t, float(p[names[op]][i]))
+        assert np.abs(got - t.numpy().transpose(1, 2, 0)).max() < 5e-5, i
 
 
 def test_colour_jitter_applies_each_examples_order_like_torchvision():

@@ -24,8 +24,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 RECIPES = ("released", "rrc", "eval")
 # Part of every teacher-cache key: bump it when a recipe's output changes, so caches of the old
 # views are rebuilt rather than paired with the new ones. 2: crops no longer filter across
-# their edges.
-VERSION = 2
+# their edges. 3: the released recipe's crop is antialiased when it shrinks (hosts above 256 px).
+VERSION = 3
 
 ROTATION_DEG = 60.0
 BLUR_KERNEL, BLUR_SIGMA = 5, (1e-5, 10.0)
@@ -128,21 +128,22 @@ def _resize_weights(start, length, in_size: int, out_size: int):
 
 def _crop_resize(image, region, out_size: int):
     """Crop `region` = (top, left, height, width) in source pixels and resize to out_size
-    (torchvision `resized_crop`, bilinear, antialiased)."""
+    (torchvision `resized_crop`, bilinear, antialiased: plain bilinear where it enlarges)."""
     wy = _resize_weights(region[0], region[2], image.shape[0], out_size)
     wx = _resize_weights(region[1], region[3], image.shape[1], out_size)
+    return _separable(wy, image, wx)
+
+
+def _separable(wy, image, wx):
+    """[O, H] x [H, W, C] x [P, W] -> [O, P, C]: a separable filter as two matmuls.
+
+    Matrices, though the crop's and the blur's are mostly zeros, because XLA fuses gathers and
+    shifted slices into their consumers and recomputes them there: crop, rotation and blur as
+    gathers and slices ran as one loop re-evaluating the crop's taps for every tap of the
+    rotation, several times slower on CPU than the same stages apart. A dot's operands and
+    result are materialised, so each stage runs once; the matmuls cost less than that on CPU
+    and next to nothing on an accelerator. HIGHEST: no TF32/bf16 passes on GPU/TPU."""
     return jnp.einsum("oh,hwc,pw->opc", wy, image, wx, precision=jax.lax.Precision.HIGHEST)
-
-
-def _crop_upsample(image, region, out_size: int):
-    """Crop `region` and resize to out_size with plain bilinear, clamping at the crop's edges
-    as resizing an already-cropped image does. Exact for the released recipe at host size
-    256 (the crop is never larger than the output); larger hosts would alias slightly."""
-    o = jnp.arange(out_size, dtype=jnp.float32) + 0.5
-    y = jnp.clip(region[0] + o * region[2] / out_size - 0.5, region[0], region[0] + region[2] - 1)
-    x = jnp.clip(region[1] + o * region[3] / out_size - 0.5, region[1], region[1] + region[3] - 1)
-    yy, xx = jnp.meshgrid(y, x, indexing="ij")
-    return _sample_bilinear(image, yy, xx)
 
 
 def _sample_bilinear(image, y, x):
@@ -178,18 +179,26 @@ def _rotate_flip(image, angle_deg, flip):
 
 def _gaussian_blur(image, sigma):
     """torchvision gaussian_blur: separable 5-tap kernel on linspace(-2, 2), reflect padding."""
+    weights = _blur_weights(sigma, image.shape[0])
+    return _separable(weights, image, weights)
+
+
+def _blur_weights(sigma, n: int):
+    """[n, n]: the blur along one axis with torchvision's reflect padding folded in (output
+    pixel i takes kernel tap t from pixel i + t - 2, reflected at the edges)."""
     half = BLUR_KERNEL // 2
     taps = jnp.linspace(-half, half, BLUR_KERNEL)
     kernel = jnp.exp(-0.5 * (taps / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    n = image.shape[0]
-    padded = jnp.pad(image, ((half, half), (half, half), (0, 0)), mode="reflect")
-    rows = sum(kernel[t] * padded[t:t + n] for t in range(BLUR_KERNEL))
-    return sum(kernel[t] * rows[:, t:t + n] for t in range(BLUR_KERNEL))
+    src = jnp.abs(jnp.arange(n)[:, None] + jnp.arange(-half, half + 1))  # reflect at 0
+    src = jnp.where(src > n - 1, 2 * (n - 1) - src, src)  # and at n - 1
+    return (kernel[:, None] * jax.nn.one_hot(src, n, dtype=kernel.dtype)).sum(1)
 
 
 def _grey(image):
-    return image @ _GREY
+    # Elementwise like torchvision, not `image @ _GREY`: XLA ends a fusion at a dot, which made
+    # each colour op its own pass over the image in memory.
+    return image[..., 0] * _GREY[0] + image[..., 1] * _GREY[1] + image[..., 2] * _GREY[2]
 
 
 def _blend(a, b, factor):
@@ -254,7 +263,7 @@ def _apply_one(image, p, recipe: str, out_size: int):
     if recipe == "rrc":
         x = jnp.clip(_crop_resize(x, p["region"], out_size), 0.0, 1.0)
         return jnp.where(p["flip"], x[:, ::-1], x)
-    x = _rotate_flip(_crop_upsample(x, p["region"], out_size), p["angle"], p["flip"])
+    x = _rotate_flip(_crop_resize(x, p["region"], out_size), p["angle"], p["flip"])
     x = _gaussian_blur(x, p["sigma"])
     return _color_jitter(x, p)
 
