@@ -37,6 +37,8 @@ MODEL_CONVS = [
     ("convnext downsample 2x2/2", 8, 16, 2, 2, "VALID", False),
     ("convnext depthwise 7x7", 8, 8, 7, 1, 3, True),
 ]
+# Not in the models, but in the depthwise gradient's reach: a stride phase that no tap reads.
+EDGE_CONVS = [("depthwise 1x1/2", 4, 4, 1, 2, 0, True)]
 SIZES = (8, 13, 20)  # even and odd (13 leaves a remainder for every stride above); 20x20
 # stride-1 outputs exceed DENSE_MAX_POSITIONS, where dense kxk convs keep XLA's kernel
 
@@ -75,8 +77,8 @@ def forward_and_grads(f, x, w, cotangent_seed=1):
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("name,cin,cout,k,stride,pad,depthwise", MODEL_CONVS,
-                         ids=[c[0] for c in MODEL_CONVS])
+@pytest.mark.parametrize("name,cin,cout,k,stride,pad,depthwise", MODEL_CONVS + EDGE_CONVS,
+                         ids=[c[0] for c in MODEL_CONVS + EDGE_CONVS])
 def test_model_convs_match_lax_forward_and_grads(name, cin, cout, k, stride, pad, depthwise, size):
     ours, ref = both(cin, stride, pad, depthwise)
     x, w = operands(cin, cout, k, depthwise, size)

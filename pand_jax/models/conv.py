@@ -181,7 +181,7 @@ def _depthwise_bwd(strides, pads, size, residuals, dy):
     dy_padded = lax.optimization_barrier(jnp.pad(
         dy, ((0, 0), *((r, p - o) for r, p, o in zip(reach, phase_shape, out)), (0, 0))))
     per_tap = w.reshape(-1, w.shape[-1])
-    d_phase = {phase: 0 for phase in phases}
+    d_phase = {phase: jnp.zeros_like(x) for phase, x in phases.items()}  # a phase may have no tap
     for i, (phase, start) in enumerate(taps):
         d_phase[phase] = d_phase[phase] + _window(
             dy_padded, [r - s for r, s in zip(reach, start)], phase_shape) * per_tap[i]
