@@ -35,9 +35,10 @@ class BatchNorm(nnx.Module):
     Written instead of using `nnx.BatchNorm` because PyTorch updates `running_var` with the
     UNBIASED batch variance (times n / (n - 1)) while normalising with the biased one; Flax stores
     the biased variance, so its running statistics drift from torchvision's after every training
-    step. Statistics are always fp32, whatever the compute dtype. Batch statistics are plain
-    means over the (global) batch, so under `jax.jit` with a batch-sharded input XLA reduces them
-    across devices: synchronised BatchNorm without an axis name.
+    step. Statistics are fp32 whatever the compute dtype (fp64 only for fp64 inputs under
+    `jax_enable_x64`). Batch statistics are plain means over the (global) batch, so under
+    `jax.jit` with a batch-sharded input XLA reduces them across devices: synchronised BatchNorm
+    without an axis name.
     """
 
     def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
@@ -59,14 +60,14 @@ class BatchNorm(nnx.Module):
         scale = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
         shift = self.bias[...] - mean * scale
         # fp32 affine: x - mean cancels badly in bf16 when |mean| >> std.
-        return (x.astype(jnp.float32) * scale + shift).astype(x.dtype)
+        return (at_least_fp32(x) * scale + shift).astype(x.dtype)
 
     def _batch_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         axes = tuple(range(x.ndim - 1))
         n = math.prod(x.shape[a] for a in axes)
         if n < 2:
             raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {x.shape}")
-        x32 = x.astype(jnp.float32)
+        x32 = at_least_fp32(x)
         mean = x32.mean(axes)
         var = jnp.square(x32 - mean).mean(axes)  # two-pass, as PyTorch: no E[x^2]-E[x]^2 cancellation
         m = self.momentum
@@ -102,5 +103,10 @@ def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [B, C] in fp32 (the features the losses see)."""
-    return x.astype(jnp.float32).mean(axis=(1, 2))
+    """[B, H, W, C] -> [B, C] in fp32 (the features the losses see; fp64 for fp64 inputs)."""
+    return at_least_fp32(x).mean(axis=(1, 2))
+
+
+def at_least_fp32(x: jax.Array) -> jax.Array:
+    """bf16 -> fp32; fp64 stays fp64, so a float64 run (jax_enable_x64) is float64 throughout."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
