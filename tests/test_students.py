@@ -164,11 +164,11 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
         return max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in pairs)
 
     # Logits, BN statistics and gradients of the global batch: statistics of each device's 2
-    # images would put them off at O(1) (0.3 to 2.6 measured). float64 because fp32 cannot
-    # tell: a ReLU input within fp32 rounding of 0 (here 1.3e-6 in layer2.0, channel 76)
-    # switches with the summation order, which moves one channel's weight gradient by 4%
-    # (JAX 0.12 sums the sharded batch in another order than 0.10). In float64 the two runs
-    # agree to 1.3e-14 (the summation orders' rounding); 1e-9 leaves a wide margin both ways.
+    # images put them off at O(1) (2.6 measured). In float64 because fp32 cannot tell: a ReLU
+    # input within fp32 rounding of 0 (1.3e-6 here, layer2.0 channel 76) switches on or off with
+    # the summation order and moves that channel's weight gradient by 4% (JAX 0.12 sums the
+    # sharded batch in another order than 0.10 does). float64 runs agree to 1.6e-14; 1e-9
+    # leaves wide margins both ways.
     assert worst(single, sharded) < 1e-9, worst(single, sharded)
 """)
 
