@@ -60,7 +60,7 @@ def make_train_step(graphdef, tx, logit_scale):
         loss, grads = jax.value_and_grad(loss_fn)(state["ctx"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["ctx"])
         return ({"ctx": optax.apply_updates(state["ctx"], updates), "opt_state": opt_state},
-                {"loss": loss, "grad_norm": optax.global_norm(grads)})
+                {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
     return train_step
 
