@@ -9,7 +9,8 @@
 #   bash scripts/setup.sh --dry-run ...   print the commands instead of running them
 #
 # PYTHON=/path/to/python3.12 picks the interpreter (default python3). JAX 0.11 and later need
-# Python 3.12; under Python 3.11 the pins fall back to JAX 0.10.2 / Flax 0.12.8.
+# Python 3.12, which gets JAX 0.12 (what CI tests, .ci/run); under Python 3.11 the pins fall back
+# to JAX 0.10.2 / Flax 0.12.8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
