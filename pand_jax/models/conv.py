@@ -56,8 +56,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return native(lhs, rhs)
     pads = (lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
             if isinstance(padding, str) else padding)
-    out_positions = math.prod((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(
-        lhs.shape[1:-1], rhs.shape[:-2], window_strides, pads))
+    out_positions = math.prod(_out_shape(lhs.shape, rhs.shape[:-2], window_strides, pads))
     pointwise = all(k == 1 for k in rhs.shape[:-2])
     if feature_group_count == 1 and out_positions > DENSE_MAX_POSITIONS and not pointwise:
         return native(lhs, rhs)
@@ -129,8 +128,8 @@ def _cpu_conv(x, w, strides, pads, precision, preferred_element_type):
 def _shifted_taps(x, kernel_shape, strides, pads):
     """For each kernel offset (row-major, as HWIO stores them) the strided view of the padded
     input that this kernel tap multiplies: [N, *output spatial, C] each."""
+    out_shape = _out_shape(x.shape, kernel_shape, strides, pads)
     x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    out_shape = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], kernel_shape, strides)]
     for offsets in itertools.product(*map(range, kernel_shape)):
         limit = [o + s * (m - 1) + 1 for o, s, m in zip(offsets, strides, out_shape)]
         yield lax.slice(x, (0, *offsets, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
