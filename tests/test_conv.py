@@ -1,4 +1,5 @@
-"""`pand_jax.models.conv.conv_general_dilated` against `jax.lax.conv_general_dilated`.
+"""`pand_jax.models.conv.conv_general_dilated` against `jax.lax.conv_general_dilated`, and its
+`max_pool` against `flax.nnx.max_pool`.
 
 Every convolution shape the students and the teacher use, forward and gradients (w.r.t. input
 and kernel), odd sizes, bf16, under jit and vmap; and that only CPU lowerings use the matmul
@@ -17,7 +18,7 @@ from flax import nnx
 from jax import lax
 
 from pand_jax.models import conv as conv_module
-from pand_jax.models.conv import conv_general_dilated
+from pand_jax.models.conv import conv_general_dilated, max_pool
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 FP32_TOL = 1e-5
@@ -107,9 +108,9 @@ def test_bf16_within_bf16_rounding_of_exact(name, cin, cout, k, stride, pad, dep
 
 def test_vmap_over_input_and_kernel():
     """A vmapped conv (e.g. an ensemble of kernels) matches vmapped lax, forward and grads."""
-    for depthwise in (False, True):
-        ours, ref = both(8, 2, 1, depthwise)
-        xs, ws = zip(*(operands(8, 8, 3, depthwise, 9, seed=s) for s in range(3)))
+    for k, stride, pad, depthwise in ((3, 2, 1, False), (1, 1, 0, False), (3, 2, 1, True)):
+        ours, ref = both(8, stride, pad, depthwise)
+        xs, ws = zip(*(operands(8, 8, k, depthwise, 9, seed=s) for s in range(3)))
         xs, ws = jnp.stack(xs), jnp.stack(ws)
         got = jax.jit(jax.vmap(lambda x, w: forward_and_grads(ours, x, w)))(xs, ws)
         want = jax.vmap(lambda x, w: forward_and_grads(ref, x, w))(xs, ws)
@@ -198,3 +199,43 @@ def test_large_dense_maps_keep_xla_convolution_on_cpu():
             x, w, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=groups)
         ).trace(x, w).lower(lowering_platforms=("cpu",)).as_text()
         assert ("stablehlo.convolution" in hlo) == native
+
+
+def pools(window, stride, pad):
+    padding = ((pad, pad), (pad, pad))
+    return (lambda x: max_pool(x, (window, window), (stride, stride), padding),
+            lambda x: nnx.max_pool(x, (window, window), strides=(stride, stride), padding=padding))
+
+
+@pytest.mark.parametrize("size", (8, 13, 20))
+@pytest.mark.parametrize("window,stride,pad", [(3, 2, 1), (2, 2, 0), (3, 1, 1)],
+                         ids=["resnet18 3x3/2", "2x2/2", "3x3/1"])
+def test_max_pool_matches_flax_including_ties(window, stride, pad, size):
+    """Forward bit-equal; the gradient goes to the first maximum of each window in row-major
+    order, as XLA's (and PyTorch's): after a ReLU most windows tie at 0, and one position below
+    ties at the maximum, so ties are exercised. Each input sums up to window^2 / stride^2
+    cotangents in another order: within fp32 rounding (1e-6 of max |d input|)."""
+    ours, ref = pools(window, stride, pad)
+    x = np.maximum(np.random.default_rng(size).standard_normal((2, size, size, 3), np.float32), 0)
+    x[0, 2, 2, 0] = x[0, 2, 3, 0] = x[0, 3, 2, 0] = 9.0
+    x = jnp.asarray(x)
+    (y, vjp), (y_ref, vjp_ref) = jax.vjp(jax.jit(ours), x), jax.vjp(ref, x)
+    np.testing.assert_array_equal(y, y_ref)
+    ct = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), jnp.float32)
+    (dx,), (dx_ref,) = vjp(ct), vjp_ref(ct)
+    np.testing.assert_array_equal(dx != 0, dx_ref != 0)  # same winners
+    assert_close(dx, dx_ref, 1e-6)
+
+
+def test_max_pool_under_vmap_bf16_and_platforms():
+    ours, ref = pools(3, 2, 1)
+    xs = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 9, 9, 4)), jnp.bfloat16)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(ours))(xs), jax.vmap(ref)(xs))
+    grad = jax.jit(jax.vmap(jax.grad(lambda x: jnp.sum(ours(x).astype(jnp.float32) ** 2))))
+    grad_ref = jax.vmap(jax.grad(lambda x: jnp.sum(ref(x).astype(jnp.float32) ** 2)))
+    np.testing.assert_array_equal(grad(xs), grad_ref(xs))  # one cotangent per input here
+    for platform, native in (("cpu", False), ("cuda", True), ("tpu", True)):
+        hlo = jax.jit(jax.grad(lambda x: jnp.sum(ours(x) ** 2))).trace(
+            xs[0].astype(jnp.float32)).lower(lowering_platforms=(platform,)).as_text()
+        for op in ("reduce_window", "select_and_scatter"):  # XLA's forward and its gradient
+            assert (op in hlo) == native, (platform, op)

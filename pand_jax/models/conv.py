@@ -116,13 +116,35 @@ def _cpu_conv(x, w, strides, pads, precision, preferred_element_type):
     # the input sums one term per tap, which bf16 would round at every add.
     acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
     x, w = x.astype(acc_dtype), w.astype(acc_dtype)
-    if w.shape[-2] == x.shape[-1]:  # dense: im2col, one matmul over (taps x input channels)
+    if all(k == 1 for k in w.shape[:-2]) and all(st == 1 for st in strides) and not any(
+            map(any, pads)):
+        y = _pointwise(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[-2:]), precision)
+        y = y.reshape(*x.shape[:-1], -1)
+    elif w.shape[-2] == x.shape[-1]:  # dense: im2col, one matmul over (taps x input channels)
         taps = list(_shifted_taps(x, w.shape[:-2], strides, pads))
         y = jnp.dot(jnp.concatenate(taps, axis=-1), w.reshape(-1, w.shape[-1]),
                     precision=precision)
     else:
         y = _depthwise(x, w, strides, pads)
     return y.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise(x, w, precision):
+    return jnp.dot(x, w, precision=precision)
+
+
+def _pointwise_fwd(x, w, precision):
+    return jnp.dot(x, w, precision=precision), (x, w)
+
+
+def _pointwise_bwd(precision, residuals, dy):
+    x, w = residuals
+    dy = lax.optimization_barrier(dy)
+    return (jnp.dot(dy, w.T, precision=precision), jnp.dot(x.T, dy, precision=precision))
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def _shifted_taps(x, kernel_shape, strides, pads):
@@ -190,6 +212,67 @@ def _depthwise_bwd(strides, pads, size, residuals, dy):
 _depthwise_vjp.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+def max_pool(x, window, strides, padding):
+    """Max pooling over the spatial axes of [N, *spatial, C] with explicit (lo, hi) padding that
+    never wins (-inf, as PyTorch's MaxPool2d pads): `flax.nnx.max_pool`'s result. On CPU through
+    stride phases with its own gradient; elsewhere XLA's reduce_window."""
+    window, strides = tuple(window), tuple(strides)
+    pads = tuple(map(tuple, padding))
+
+    def native(x):
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
+                                 ((0, 0), *pads, (0, 0)))
+
+    if os.environ.get("PAND_NATIVE_CONV") == "1":
+        return native(x)
+    return lax.platform_dependent(
+        x, cpu=lambda x: _max_pool_vjp(x, window, strides, pads, x.shape[1:-1]), default=native)
+
+
+# Max pool: y = max over kernel offsets t of the input shifted by t, read from the stride phases
+# like the depthwise conv. XLA:CPU's own gradient of reduce_window (select-and-scatter through
+# index arrays of the padded input's size) took a quarter of a ResNet-18 training step. Here the
+# forward records, per output, the first tap in row-major order that attains the max (int8):
+# that tap gets the gradient, as in XLA's select-and-scatter and PyTorch's max_pool2d. The
+# gradient of each phase is then a sum of masked, shifted dy, all unit-stride slices.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_vjp(x, window, strides, pads, size):
+    return _max_pool_fwd(x, window, strides, pads, size)[0]
+
+
+def _max_pool_fwd(x, window, strides, pads, size):
+    phases = _phases(x, strides, pads, fill=-jnp.inf)
+    out = _out_shape(x.shape, window, strides, pads)
+    taps = [_window(phases[phase], start, out) for phase, start in _tap_positions(window, strides)]
+    y = functools.reduce(jnp.maximum, taps)
+    first = jnp.full(y.shape, len(taps) - 1, jnp.int8)
+    for t in reversed(range(len(taps) - 1)):
+        first = jnp.where(taps[t] == y, jnp.int8(t), first)
+    phase_shape = next(iter(phases.values())).shape[1:-1]
+    return y, (first, phase_shape)
+
+
+def _max_pool_bwd(window, strides, pads, size, residuals, dy):
+    first, phase_shape = residuals
+    taps = list(_tap_positions(window, strides))
+    reach = [max(start[d] for _, start in taps) for d in range(len(window))]
+    spread = ((0, 0), *((r, p - o) for r, p, o in zip(reach, phase_shape, dy.shape[1:-1])),
+              (0, 0))
+    dy_padded = lax.optimization_barrier(jnp.pad(dy, spread))
+    first_padded = lax.optimization_barrier(jnp.pad(first, spread, constant_values=-1))
+    d_phase = {phase: jnp.zeros((dy.shape[0], *phase_shape, dy.shape[-1]), dy.dtype)
+               for phase in itertools.product(*map(range, strides))}
+    for t, (phase, start) in enumerate(taps):
+        at = [r - s for r, s in zip(reach, start)]
+        d_phase[phase] = d_phase[phase] + jnp.where(
+            _window(first_padded, at, phase_shape) == t, _window(dy_padded, at, phase_shape), 0)
+    return (_unphase(d_phase, strides, pads, size),)
+
+
+_max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def _out_shape(x_shape, kernel, strides, pads):
     return [(n + lo + hi - k) // s + 1
             for n, k, s, (lo, hi) in zip(x_shape[1:-1], kernel, strides, pads)]
@@ -203,12 +286,14 @@ def _tap_positions(kernel, strides):
                tuple(o // s for o, s in zip(offsets, strides)))
 
 
-def _phases(x, strides, pads):
-    """The padded input split into its stride phases {(a, b): xp[:, a::s, b::s]}, each
-    materialised, all of one shape (the padding is rounded up to a multiple of the stride)."""
+def _phases(x, strides, pads, fill=0):
+    """The input padded with `fill` and split into its stride phases {(a, b): xp[:, a::s, b::s]},
+    each materialised, all of one shape (the padding is rounded up to a multiple of the
+    stride)."""
     padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads)]
     extra = [-p % s for p, s in zip(padded, strides)]
-    xp = jnp.pad(x, ((0, 0), *((lo, hi + e) for (lo, hi), e in zip(pads, extra)), (0, 0)))
+    xp = jnp.pad(x, ((0, 0), *((lo, hi + e) for (lo, hi), e in zip(pads, extra)), (0, 0)),
+                 constant_values=fill)
     return {phase: lax.optimization_barrier(
                 xp[(slice(None), *(slice(a, None, s) for a, s in zip(phase, strides)))])
             for phase in itertools.product(*map(range, strides))}

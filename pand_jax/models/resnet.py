@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pand_jax.models.conv import max_pool
 from pand_jax.models.layers import BatchNorm, Sequential, conv, global_avg_pool
 
 
@@ -53,8 +54,8 @@ class ResNet18(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype))))
-        # PyTorch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window does here.
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # PyTorch's MaxPool2d(3, 2, padding=1): the padding never wins (-inf).
+        x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
         return global_avg_pool(x)
