@@ -41,7 +41,7 @@ MODEL_CONVS = [
 # Not in the models, but in the depthwise gradient's reach: a stride phase that no tap reads.
 EDGE_CONVS = [("depthwise 1x1/2", 4, 4, 1, 2, 0, True)]
 SIZES = (8, 13, 20)  # even and odd (13 leaves a remainder for every stride above); 20x20
-# stride-1 outputs exceed DENSE_MAX_POSITIONS, where dense kxk convs keep XLA's kernel
+# stride-1 outputs are past the maps where overlapping dense kernels take the matmul form
 
 
 def operands(cin, cout, k, depthwise, size, dtype=jnp.float32, batch=2, seed=0):
@@ -189,16 +189,22 @@ def test_models_use_the_module():
                              for c in convs)
 
 
-def test_large_dense_maps_keep_xla_convolution_on_cpu():
-    """Above 16x16 outputs XLA:CPU's dense conv is the faster one, except 1x1 (a plain matmul);
-    depthwise stays shifted."""
-    x = jnp.ones((1, 17, 17, 4))
-    for w, groups, native in ((jnp.ones((3, 3, 4, 4)), 1, True), (jnp.ones((1, 1, 4, 4)), 1, False),
-                              (jnp.ones((3, 3, 1, 4)), 4, False)):
-        hlo = jax.jit(lambda x, w: conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=groups)
-        ).trace(x, w).lower(lowering_platforms=("cpu",)).as_text()
-        assert ("stablehlo.convolution" in hlo) == native
+@pytest.mark.parametrize("size,channels,kernel,stride,groups,native", [
+    (17, 4, 3, 1, 1, True),      # 17x17 outputs: past every small-map rule
+    (16, 64, 3, 1, 1, False),    # 16x16 outputs over 64 channels: matmul
+    (14, 128, 3, 1, 1, True),    # 14x14 over 128 channels: XLA's kernel is faster
+    (16, 128, 3, 2, 1, False),   # 8x8 outputs: matmul at any width
+    (17, 4, 1, 1, 1, False),     # 1x1: a plain matmul at every size
+    (34, 4, 2, 2, 1, False),     # 2x2/2 (kernel = stride): the input rearranged, any size
+    (17, 4, 3, 1, 4, False),     # depthwise: shifted products at every size
+])
+def test_cpu_form_selection(size, channels, kernel, stride, groups, native):
+    x = jnp.ones((1, size, size, channels))
+    w = jnp.ones((kernel, kernel, channels // groups, channels))
+    hlo = jax.jit(lambda x, w: conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=NHWC, feature_group_count=groups)
+    ).trace(x, w).lower(lowering_platforms=("cpu",)).as_text()
+    assert ("stablehlo.convolution" in hlo) == native
 
 
 def pools(window, stride, pad):

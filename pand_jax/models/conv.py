@@ -1,21 +1,25 @@
-"""`conv_general_dilated` that runs at PyTorch speed on CPU; XLA's own convolution elsewhere.
+"""`conv_general_dilated` and `max_pool` that run at PyTorch speed on CPU; XLA's own ops elsewhere.
 
 Why this exists: XLA:CPU lowers some convolutions very slowly (upstream jax-ml/jax#23713 for
 depthwise convs, openxla/xla#34273): a 3x3 512->512 conv over a 2x2 map takes ~100 ms where
 PyTorch takes 4 ms, a depthwise 3x3 over 96 channels at 32x32 ~30 ms. ResNet-18 and MobileNet-V2
 students hit those shapes in every late stage, which made a CPU training step 7-10x slower than
 torchvision's. The same convolution written as shifted slices + one matmul (im2col), or for a
-depthwise conv as a sum of shifted products, is 30-60x faster on those shapes.
+depthwise conv as a sum of shifted products, is 30-60x faster on those shapes. XLA:CPU's
+gradient of max pooling (select-and-scatter through index arrays) took a quarter of a
+ResNet-18 training step; `max_pool` reads stride phases instead.
 
 What it guarantees: `conv_general_dilated` takes `jax.lax.conv_general_dilated`'s arguments (it
 is passed to `nnx.Conv(conv_general_dilated=...)`) and returns the same values up to float
-rounding (the sums run in another order), forward and under `jax.grad` / `jax.vmap`. On GPUs and
-TPUs the computation is exactly `jax.lax.conv_general_dilated` (cuDNN on NVIDIA). On CPU the
-fast form covers what the models use: channels-last (NHWC / HWIO) dense convs on small maps and
-depthwise convs (one filter per channel), any kernel, stride and explicit / "SAME" / "VALID"
-padding; anything else (large maps, dilation, other grouped convs, other layouts) takes XLA's
-convolution, unchanged.
-Set PAND_NATIVE_CONV=1 (or trace inside `with xla_convolution():`) to force XLA's convolution
+rounding (the sums run in another order), forward and under `jax.grad` / `jax.vmap`; `max_pool`
+returns `flax.nnx.max_pool`'s values exactly and its gradient up to the order of sums. On GPUs
+and TPUs the computation is exactly XLA's (`lax.conv_general_dilated`, cuDNN on NVIDIA;
+`lax.reduce_window`). On CPU the fast forms cover what the models use: channels-last (NHWC /
+HWIO) dense convs where XLA's kernel is slow (small maps, kernels no wider than their stride;
+see `_dense_takes_matmul`) and depthwise convs (one filter per channel), any kernel, stride and
+explicit / "SAME" / "VALID" padding; anything else (large maps, dilation, other grouped convs,
+other layouts) takes XLA's convolution, unchanged.
+Set PAND_NATIVE_CONV=1 (or trace inside `with xla_convolution():`) to force XLA's ops
 everywhere; the benchmarks use it to measure the difference.
 """
 from __future__ import annotations
@@ -31,13 +35,23 @@ import jax.numpy as jnp
 from jax import lax
 
 
-# Dense convs take the matmul form only on maps of at most 16x16 outputs: XLA:CPU's own kernel
-# is slow on small maps (100 ms for 3x3 512->512 at 2x2) but as fast or faster on large ones
-# (28x28 and up, where im2col patches cost 9x the memory traffic; measured in bench/RESULTS.md).
-# 1x1 convs (MobileNet-V2's expand/project) are a matmul at every size: the input is its own
-# im2col, and XLA:CPU's dot beats its conv there 2-4x, forward and backward. Depthwise convs
-# always take the shifted-product form: XLA:CPU is slow on them at every size.
-DENSE_MAX_POSITIONS = 16 * 16
+# Which dense convs take the matmul form, from side-by-side measurements (bench/RESULTS.md):
+# - kernels no wider than their stride (1x1 convs, ConvNeXt's 4x4/4 stem and 2x2/2 downsampling):
+#   the patches are the input rearranged, not copied, and XLA:CPU's dot beats its conv at every
+#   size (2x2/2 768->1536 at 14x14: 9.7 vs 19.1 ms; 1x1: 2-4x, forward and backward);
+# - overlapping kernels (3x3, 7x7) only where XLA:CPU's kernel is slow: up to 8x8 outputs at any
+#   width (3x3 512->512 at 2x2: 107 ms vs 1.7 ms forward) and up to 16x16 outputs over at most
+#   64 input channels (fwd+bwd 4.7 vs 5.6 ms). From 14x14 outputs over 128+ channels, and on
+#   every larger map, XLA's kernel is faster (3x3 256->256 at 14x14: 39 vs 58 ms fwd+bwd): the
+#   9x patch copy costs more than the product saves.
+# Depthwise convs always take the shifted-product form: XLA:CPU is slow on them at every size.
+SMALL_MAP = 8 * 8
+NARROW_MAP, NARROW_CHANNELS = 16 * 16, 64
+
+
+def _dense_takes_matmul(kernel, strides, out_positions, in_channels) -> bool:
+    return (all(k <= s for k, s in zip(kernel, strides)) or out_positions <= SMALL_MAP
+            or (out_positions <= NARROW_MAP and in_channels <= NARROW_CHANNELS))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -57,8 +71,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     pads = (lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
             if isinstance(padding, str) else padding)
     out_positions = math.prod(_out_shape(lhs.shape, rhs.shape[:-2], window_strides, pads))
-    pointwise = all(k == 1 for k in rhs.shape[:-2])
-    if feature_group_count == 1 and out_positions > DENSE_MAX_POSITIONS and not pointwise:
+    if feature_group_count == 1 and not _dense_takes_matmul(
+            rhs.shape[:-2], window_strides, out_positions, lhs.shape[-1]):
         return native(lhs, rhs)
 
     def cpu(lhs, rhs):
@@ -76,7 +90,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 @contextlib.contextmanager
 def xla_convolution():
-    """Functions traced inside this block use XLA's convolution on every platform (jit caches
+    """Functions traced inside this block use XLA's convolution and pooling on every platform (jit caches
     traces: only functions traced afresh are affected)."""
     before = os.environ.get("PAND_NATIVE_CONV")
     os.environ["PAND_NATIVE_CONV"] = "1"
