@@ -196,6 +196,8 @@ def test_models_use_the_module():
     (16, 128, 3, 2, 1, False),   # 8x8 outputs: matmul at any width
     (17, 4, 1, 1, 1, False),     # 1x1: a plain matmul at every size
     (34, 4, 2, 2, 1, False),     # 2x2/2 (kernel = stride): the input rearranged, any size
+    (64, 3, 3, 2, 1, False),     # MobileNet-V2's image stem 3x3/2: matmul
+    (64, 3, 7, 2, 1, True),      # ResNet-18's image stem 7x7/2 (12x patch copies): XLA's
     (17, 4, 3, 1, 4, False),     # depthwise: shifted products at every size
 ])
 def test_cpu_form_selection(size, channels, kernel, stride, groups, native):

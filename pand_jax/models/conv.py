@@ -37,21 +37,27 @@ from jax import lax
 
 # Which dense convs take the matmul form, from side-by-side measurements (bench/RESULTS.md):
 # - kernels no wider than their stride (1x1 convs, ConvNeXt's 4x4/4 stem and 2x2/2 downsampling):
-#   the patches are the input rearranged, not copied, and XLA:CPU's dot beats its conv at every
+#   the patches are the input rearranged, not copied, and XLA:CPU's dot beats its conv at any
 #   size (2x2/2 768->1536 at 14x14: 9.7 vs 19.1 ms; 1x1: 2-4x, forward and backward);
 # - overlapping kernels (3x3, 7x7) only where XLA:CPU's kernel is slow: up to 8x8 outputs at any
 #   width (3x3 512->512 at 2x2: 107 ms vs 1.7 ms forward) and up to 16x16 outputs over at most
 #   64 input channels (fwd+bwd 4.7 vs 5.6 ms). From 14x14 outputs over 128+ channels, and on
 #   every larger map, XLA's kernel is faster (3x3 256->256 at 14x14: 39 vs 58 ms fwd+bwd): the
-#   9x patch copy costs more than the product saves.
+#   9x patch copy costs more than the product saves;
+# - and image stems (at most 4 input channels) whose patches copy the input at most 2.25x
+#   (MobileNet-V2's 3x3/2: forward 0.32 vs 1.68 ms at 64 px, 7.0 vs 14.6 ms at 224 px), not
+#   ResNet-18's 7x7/2 (12.25x: 2.4 vs 1.6 ms).
 # Depthwise convs always take the shifted-product form: XLA:CPU is slow on them at every size.
 SMALL_MAP = 8 * 8
 NARROW_MAP, NARROW_CHANNELS = 16 * 16, 64
+IMAGE_CHANNELS, IMAGE_MAX_COPIES = 4, 2.25
 
 
 def _dense_takes_matmul(kernel, strides, out_positions, in_channels) -> bool:
-    return (all(k <= s for k, s in zip(kernel, strides)) or out_positions <= SMALL_MAP
-            or (out_positions <= NARROW_MAP and in_channels <= NARROW_CHANNELS))
+    copies = math.prod(kernel) / math.prod(strides)  # how often im2col copies each input value
+    return (copies <= 1 or out_positions <= SMALL_MAP
+            or (out_positions <= NARROW_MAP and in_channels <= NARROW_CHANNELS)
+            or (in_channels <= IMAGE_CHANNELS and copies <= IMAGE_MAX_COPIES))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
