@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from jax import lax
 
 from pand_jax.models import conv
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Annotated, Any, Callable, Literal
 
@@ -302,7 +303,15 @@ def flatten(d: dict[str, Any], prefix: str = ""):
 
 
 def write_config(workdir: pathlib.Path, config: dict[str, Any]) -> None:
-    (workdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(workdir / "config.json", config, sort_keys=True)
+
+
+def write_json(path: pathlib.Path, data: Any, **dumps_kwargs: Any) -> None:
+    """Writes `path` whole or not at all (a temporary file renamed over it): the other processes
+    of a run, or a later reader, never see it half written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, **dumps_kwargs) + "\n")
+    os.replace(tmp, path)
 
 
 def check_same_run(workdir: pathlib.Path, config: dict[str, Any], allow_change: bool) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -439,3 +440,30 @@ def test_truncated_teacher_cache_is_rebuilt(teacher, tmp_path, capsys):
     capsys.readouterr()
     np.testing.assert_array_equal(build(), first)
     assert "warning: stale cache, rebuilding the teacher cache" in capsys.readouterr().out
+
+
+def test_workdir_json_is_never_seen_half_written(tmp_path):
+    """Process 0 writes the workdir's config.json while the run's other processes check it (a
+    two-process run once read it empty and stopped). A reader polling while it is rewritten 200
+    times must always find the file absent or whole."""
+    from pand_jax.config import write_config
+
+    config = {f"key{i}": "value" * 50 for i in range(400)}  # ~100 kB: many writes per file
+    done, seen = threading.Event(), []
+
+    def rewrite():
+        try:
+            for _ in range(200):
+                write_config(tmp_path, config)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    path = tmp_path / "config.json"
+    while not done.is_set():
+        if path.is_file():
+            seen.append(json.loads(path.read_text()) == config)
+    writer.join()
+    assert seen and all(seen)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left

@@ -8,7 +8,6 @@ a jitted train step, an evaluation, and what to export when the score improves.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import signal
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from pand_jax.config import write_json
 from pand_jax.progress import progress_bar
 from pand_jax.train.checkpoint import Checkpointer
 from pand_jax.train.metrics import MetricsWriter
@@ -87,7 +87,7 @@ def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
         "global_batch_size": task.global_batch_size, **(summary_extra or {}),
     }
     if is_main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(workdir / "summary.json", summary)
     return summary
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
 import pathlib
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from pand_jax.config import write_json
 from pand_jax.data import augment, pipeline
 from pand_jax.devices import replicate, to_global
 from pand_jax.progress import progress_bar
@@ -125,9 +125,7 @@ def _open(path: pathlib.Path, dtype: str) -> np.ndarray:
 
 
 def _write_meta(path: pathlib.Path, meta: dict[str, Any]) -> None:
-    tmp = path / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    os.replace(tmp, path / META)
+    write_json(path / META, meta, default=str)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "seed", "recipe", "image_size", "dtype"))
