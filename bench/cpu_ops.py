@@ -99,6 +99,7 @@ def conv_row(size, cin, cout, k, stride, depthwise) -> list[float]:
 def pool_row(size, channels) -> list[float]:
     x = jnp.asarray(np.random.default_rng(0).standard_normal((BATCH, size, size, channels),
                                                              np.float32))
+
     def make_op():
         return lambda x: conv.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 

@@ -70,7 +70,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             feature_group_count, batch_group_count, precision, preferred_element_type,
             out_sharding=out_sharding)
 
-    if os.environ.get("PAND_NATIVE_CONV") == "1" or not _cpu_form_applies(
+    if _xla_forced() or not _cpu_form_applies(
             lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, out_sharding):
         return native(lhs, rhs)
@@ -94,19 +94,26 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=native)
 
 
+XLA_SWITCH = "PAND_NATIVE_CONV"
+
+
+def _xla_forced() -> bool:
+    return os.environ.get(XLA_SWITCH) == "1"
+
+
 @contextlib.contextmanager
 def xla_convolution():
     """Functions traced inside this block use XLA's convolution and pooling on every platform
     (jit caches traces: only functions traced afresh are affected)."""
-    before = os.environ.get("PAND_NATIVE_CONV")
-    os.environ["PAND_NATIVE_CONV"] = "1"
+    before = os.environ.get(XLA_SWITCH)
+    os.environ[XLA_SWITCH] = "1"
     try:
         yield
     finally:
         if before is None:
-            del os.environ["PAND_NATIVE_CONV"]
+            del os.environ[XLA_SWITCH]
         else:
-            os.environ["PAND_NATIVE_CONV"] = before
+            os.environ[XLA_SWITCH] = before
 
 
 def _channels_last_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -248,7 +255,7 @@ def max_pool(x, window, strides, padding):
         return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
                                  ((0, 0), *pads, (0, 0)))
 
-    if os.environ.get("PAND_NATIVE_CONV") == "1":
+    if _xla_forced():
         return native(x)
     return lax.platform_dependent(
         x, cpu=lambda x: _max_pool_vjp(x, window, strides, pads, x.shape[1:-1]), default=native)
@@ -274,12 +281,11 @@ def _max_pool_fwd(x, window, strides, pads, size):
     first = jnp.full(y.shape, len(taps) - 1, jnp.int8)
     for t in reversed(range(len(taps) - 1)):
         first = jnp.where(taps[t] == y, jnp.int8(t), first)
-    phase_shape = next(iter(phases.values())).shape[1:-1]
-    return y, (first, phase_shape)
+    return y, first
 
 
-def _max_pool_bwd(window, strides, pads, size, residuals, dy):
-    first, phase_shape = residuals
+def _max_pool_bwd(window, strides, pads, size, first, dy):
+    phase_shape = _phase_shape(size, strides, pads)
     taps = list(_tap_positions(window, strides))
     reach = [max(start[d] for _, start in taps) for d in range(len(window))]
     spread = ((0, 0), *((r, p - o) for r, p, o in zip(reach, phase_shape, dy.shape[1:-1])),
@@ -315,13 +321,18 @@ def _phases(x, strides, pads, fill=0):
     """The input padded with `fill` and split into its stride phases {(a, b): xp[:, a::s, b::s]},
     each materialised, all of one shape (the padding is rounded up to a multiple of the
     stride)."""
-    padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads)]
-    extra = [-p % s for p, s in zip(padded, strides)]
-    xp = jnp.pad(x, ((0, 0), *((lo, hi + e) for (lo, hi), e in zip(pads, extra)), (0, 0)),
-                 constant_values=fill)
+    size = x.shape[1:-1]
+    shape = _phase_shape(size, strides, pads)
+    xp = jnp.pad(x, ((0, 0), *((lo, m * s - n - lo) for n, m, s, (lo, _) in zip(
+        size, shape, strides, pads)), (0, 0)), constant_values=fill)
     return {phase: lax.optimization_barrier(
                 xp[(slice(None), *(slice(a, None, s) for a, s in zip(phase, strides)))])
             for phase in itertools.product(*map(range, strides))}
+
+
+def _phase_shape(size, strides, pads):
+    """The spatial shape of each stride phase of the padded input (padding rounded up)."""
+    return [-(-(n + lo + hi) // s) for n, s, (lo, hi) in zip(size, strides, pads)]
 
 
 def _window(x, start, size):
