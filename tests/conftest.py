@@ -10,6 +10,8 @@ import sys
 import pytest
 from flax import nnx
 
+import pand_jax  # noqa: F401  (its XLA:CPU option must be in XLA_FLAGS before any test runs JAX)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # One optimizer step per epoch on 8 examples keeps every run to seconds after compilation.

@@ -10,6 +10,11 @@ same bf16-valued operands.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +45,8 @@ MODEL_CONVS = [
 ]
 # Not in the models, but in the depthwise gradient's reach: a stride phase that no tap reads.
 EDGE_CONVS = [("depthwise 1x1/2", 4, 4, 1, 2, 0, True)]
-SIZES = (8, 13, 20)  # even and odd (13 leaves a remainder for every stride above); 20x20
-# stride-1 outputs are past the maps where overlapping dense kernels take the matmul form
+SIZES = (4, 13, 20)  # even and odd (13 leaves a remainder for every stride above); dense 3x3
+# and 7x7 kernels take the matmul form at 4 (4x4 outputs at most) and XLA's kernel at 13 and 20
 
 
 def operands(cin, cout, k, depthwise, size, dtype=jnp.float32, batch=2, seed=0):
@@ -98,7 +103,7 @@ def test_bf16_within_bf16_rounding_of_exact(name, cin, cout, k, stride, pad, dep
     """bf16 in, bf16 out like lax; each result within bf16 rounding of the fp32 computation on
     the same (bf16-valued) operands."""
     ours, ref = both(cin, stride, pad, depthwise)
-    x, w = operands(cin, cout, k, depthwise, 13, jnp.bfloat16)
+    x, w = operands(cin, cout, k, depthwise, 8, jnp.bfloat16)  # 4x4 outputs: the matmul form
     got = forward_and_grads(ours, x, w)
     exact = forward_and_grads(ref, x.astype(jnp.float32), w.astype(jnp.float32))
     for g, r, e in zip(got, forward_and_grads(ref, x, w), exact):
@@ -110,7 +115,7 @@ def test_vmap_over_input_and_kernel():
     """A vmapped conv (e.g. an ensemble of kernels) matches vmapped lax, forward and grads."""
     for k, stride, pad, depthwise in ((3, 2, 1, False), (1, 1, 0, False), (3, 2, 1, True)):
         ours, ref = both(8, stride, pad, depthwise)
-        xs, ws = zip(*(operands(8, 8, k, depthwise, 9, seed=s) for s in range(3)))
+        xs, ws = zip(*(operands(8, 8, k, depthwise, 7, seed=s) for s in range(3)))
         xs, ws = jnp.stack(xs), jnp.stack(ws)
         got = jax.jit(jax.vmap(lambda x, w: forward_and_grads(ours, x, w)))(xs, ws)
         want = jax.vmap(lambda x, w: forward_and_grads(ref, x, w))(xs, ws)
@@ -119,7 +124,7 @@ def test_vmap_over_input_and_kernel():
 
 
 def test_same_padding_and_preferred_element_type():
-    x, w = operands(4, 6, 3, False, 9, jnp.bfloat16)
+    x, w = operands(4, 6, 3, False, 7, jnp.bfloat16)
     kwargs = dict(window_strides=(2, 2), padding="SAME", dimension_numbers=NHWC,
                   preferred_element_type=jnp.float32)
     got = conv_general_dilated(x, w, **kwargs)
@@ -154,7 +159,7 @@ def lowered_train_step(platform: str) -> str:
         a, b = nnx.merge(graphdef, state)
         return jnp.sum(b(a(x)) ** 2)
 
-    x = jnp.ones((2, 6, 6, 4))
+    x = jnp.ones((2, 4, 4, 4))  # 4x4 maps: the dense conv takes the matmul form on CPU
     return jax.jit(jax.grad(loss)).trace(state, x).lower(lowering_platforms=(platform,)).as_text()
 
 
@@ -191,12 +196,13 @@ def test_models_use_the_module():
 
 @pytest.mark.parametrize("size,channels,kernel,stride,groups,native", [
     (17, 4, 3, 1, 1, True),      # 17x17 outputs: past every small-map rule
-    (16, 64, 3, 1, 1, False),    # 16x16 outputs over 64 channels: matmul
-    (14, 128, 3, 1, 1, True),    # 14x14 over 128 channels: XLA's kernel is faster
-    (16, 128, 3, 2, 1, False),   # 8x8 outputs: matmul at any width
+    (16, 64, 3, 1, 1, True),     # 16x16 outputs: XLA's kernel at any width
+    (10, 512, 3, 2, 1, True),    # 5x5 outputs: XLA's kernel
+    (8, 512, 3, 2, 1, False),    # 4x4 outputs: matmul at any width
     (17, 4, 1, 1, 1, False),     # 1x1: a plain matmul at every size
     (34, 4, 2, 2, 1, False),     # 2x2/2 (kernel = stride): the input rearranged, any size
-    (64, 3, 3, 2, 1, False),     # MobileNet-V2's image stem 3x3/2: matmul
+    (64, 3, 3, 2, 1, False),     # MobileNet-V2's image stem 3x3/2 at 64 px (32x32): matmul
+    (224, 3, 3, 2, 1, True),     # the same at 224 px (112x112 outputs): XLA's
     (64, 3, 7, 2, 1, True),      # ResNet-18's image stem 7x7/2 (12x patch copies): XLA's
     (17, 4, 3, 1, 4, False),     # depthwise: shifted products at every size
 ])
@@ -247,3 +253,48 @@ def test_max_pool_under_vmap_bf16_and_platforms():
             xs[0].astype(jnp.float32)).lower(lowering_platforms=(platform,)).as_text()
         for op in ("reduce_window", "select_and_scatter"):  # XLA's forward and its gradient
             assert (op in hlo) == native, (platform, op)
+
+
+IMPORT_SCRIPT = """
+import os, sys, json
+import numpy as np
+import pand_jax  # sets XLA's CPU option before JAX starts a backend
+import jax
+from jax import lax
+rng = np.random.default_rng(0)
+x, w = rng.standard_normal((2, 30, 30, 16), np.float32), rng.standard_normal((3, 3, 16, 8), np.float32)
+y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+ref = sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + 30, j:j + 30], w[i, j]) for i in range(3) for j in range(3))
+print(json.dumps({"flags": os.environ["XLA_FLAGS"], "devices": jax.device_count(),
+                  "err": float(np.abs(np.asarray(y) - ref).max() / np.abs(ref).max())}))
+"""
+
+
+@pytest.mark.parametrize("user_flags,want", [
+    ("--xla_force_host_platform_device_count=2",
+     "--xla_force_host_platform_device_count=2 "
+     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"),
+    ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_experimental_ynn_fusion_type="),
+])
+def test_import_sets_xla_cpu_convolution_option(user_flags, want):
+    """`import pand_jax` adds XLA's option for Eigen convolutions to the user's XLA_FLAGS (kept,
+    and still in force: 2 devices) unless the user set that option; the installed jaxlib accepts
+    it (XLA aborts the process on an unknown option or value), and XLA's convolution (30x30
+    maps take XLA's kernel) under it equals a float64 NumPy reference to fp32 rounding."""
+    env = {**os.environ, "XLA_FLAGS": user_flags, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["flags"] == want
+    assert got["devices"] == (2 if "device_count=2" in user_flags else 1)
+    assert got["err"] <= FP32_TOL, got["err"]
+
+
+def test_import_after_jax_ran_warns_that_the_option_came_too_late():
+    script = "import jax; jax.numpy.ones(1); import pand_jax"
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert proc.returncode != 0 and "import pand_jax first" in proc.stderr, proc.stderr[-2000:]

@@ -7,7 +7,8 @@ students hit those shapes in every late stage, which made a CPU training step 7-
 torchvision's. The same convolution written as shifted slices + one matmul (im2col), or for a
 depthwise conv as a sum of shifted products, is 30-60x faster on those shapes. XLA:CPU's
 gradient of max pooling (select-and-scatter through index arrays) took a quarter of a
-ResNet-18 training step; `max_pool` reads stride phases instead.
+ResNet-18 training step; `max_pool` reads stride phases instead. The dense convs left to XLA
+run on its Eigen kernel, which `import pand_jax` selects (see `pand_jax/__init__.py`).
 
 What it guarantees: `conv_general_dilated` takes `jax.lax.conv_general_dilated`'s arguments (it
 is passed to `nnx.Conv(conv_general_dilated=...)`) and returns the same values up to float
@@ -35,29 +36,29 @@ import jax.numpy as jnp
 from jax import lax
 
 
-# Which dense convs take the matmul form, from side-by-side measurements (bench/RESULTS.md):
+# Which dense convs take the matmul form, from side-by-side measurements under the XLA:CPU option
+# that `import pand_jax` sets (Eigen's convolution; bench/RESULTS.md), forward + gradients:
 # - kernels no wider than their stride (1x1 convs, ConvNeXt's 4x4/4 stem and 2x2/2 downsampling):
-#   the patches are the input rearranged, not copied, and XLA:CPU's dot beats its conv at any
-#   size (2x2/2 768->1536 at 14x14: 9.7 vs 19.1 ms; 1x1: 2-4x, forward and backward);
-# - overlapping kernels (3x3, 7x7) only where XLA:CPU's kernel is slow: up to 8x8 outputs at any
-#   width (3x3 512->512 at 2x2: 107 ms vs 1.7 ms forward) and up to 16x16 outputs over at most
-#   64 input channels (fwd+bwd 4.7 vs 5.6 ms). From 14x14 outputs over 128+ channels, and on
-#   every larger map, XLA's kernel is faster (3x3 256->256 at 14x14: 39 vs 58 ms fwd+bwd): the
-#   9x patch copy costs more than the product saves;
-# - and image stems (at most 4 input channels) whose patches copy the input at most 2.25x
-#   (MobileNet-V2's 3x3/2: forward 0.32 vs 1.68 ms at 64 px, 7.0 vs 14.6 ms at 224 px), not
-#   ResNet-18's 7x7/2 (12.25x: 2.4 vs 1.6 ms).
+#   the patches are the input rearranged, not copied; 1x1 16->96 at 112x112: 39 vs 91 ms, 2x2/2
+#   768->1536 at 28x28: 35 vs 45 ms;
+# - overlapping kernels (3x3, 7x7) only on the maps where XLA's kernel falls off a cliff: up to
+#   4x4 outputs (3x3 512->512 at 2x2: 3.8 vs 203 ms, at 3x3: 7.5 vs 13.6 ms; at 4x4 a tie, 19
+#   vs 20 ms). From 8x8 outputs XLA's kernel is faster at every width (3x3 64->64 at 8x8: 1.4 vs
+#   1.9 ms; 256->256 at 14x14: 51 vs 85 ms): the 9x patch copy costs more than the product saves;
+# - and image stems (at most 4 input channels) whose patches copy the input at most 2.25x, up to
+#   32x32 outputs: MobileNet-V2's 3x3/2 at 64 px (whole training steps 67-72 vs 80-89 ms); at
+#   224 px XLA's kernel is faster (eval steps 94 vs 106 ms), and ResNet-18's 7x7/2 (12.25x
+#   copies) is faster on XLA's at both sizes.
 # Depthwise convs always take the shifted-product form: XLA:CPU is slow on them at every size.
-SMALL_MAP = 8 * 8
-NARROW_MAP, NARROW_CHANNELS = 16 * 16, 64
-IMAGE_CHANNELS, IMAGE_MAX_COPIES = 4, 2.25
+SMALL_MAP = 4 * 4
+IMAGE_CHANNELS, IMAGE_MAX_COPIES, IMAGE_MAX_MAP = 4, 2.25, 32 * 32
 
 
 def _dense_takes_matmul(kernel, strides, out_positions, in_channels) -> bool:
     copies = math.prod(kernel) / math.prod(strides)  # how often im2col copies each input value
     return (copies <= 1 or out_positions <= SMALL_MAP
-            or (out_positions <= NARROW_MAP and in_channels <= NARROW_CHANNELS)
-            or (in_channels <= IMAGE_CHANNELS and copies <= IMAGE_MAX_COPIES))
+            or (in_channels <= IMAGE_CHANNELS and copies <= IMAGE_MAX_COPIES
+                and out_positions <= IMAGE_MAX_MAP))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
