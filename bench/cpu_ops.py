@@ -10,6 +10,8 @@ read these rows for the ratio between columns, and `bench/student.py` for the st
 
     python bench/cpu_ops.py                   # every row
     python bench/cpu_ops.py --only pool dw    # rows whose name contains one of these words
+    python bench/cpu_ops.py --rule            # XLA's kernel vs the matmul form, dense convs:
+                                              # the measurements behind _dense_takes_matmul
 """
 from __future__ import annotations
 
@@ -39,6 +41,28 @@ CONVS = {
     "mobilenet_v2 dw3x3 144 @56": (56, 144, 144, 3, 1, True),
 }
 POOLS = {"resnet18 max pool 3x3/2 64 @112": (112, 64)}
+# Dense convs either side of each threshold of `conv._dense_takes_matmul`; name: (input size,
+# in channels, out channels, kernel, stride, padding, batch)
+RULE_CONVS = {
+    "3x3 512-512 @2": (2, 512, 512, 3, 1, 1, BATCH),
+    "3x3 512-512 @3": (3, 512, 512, 3, 1, 1, BATCH),
+    "3x3 512-512 @4": (4, 512, 512, 3, 1, 1, BATCH),
+    "3x3 256-256 @4": (4, 256, 256, 3, 1, 1, BATCH),
+    "3x3/2 256-512 @4": (4, 256, 512, 3, 2, 1, BATCH),
+    "3x3 512-512 @7": (7, 512, 512, 3, 1, 1, BATCH),
+    "3x3 64-64 @8": (8, 64, 64, 3, 1, 1, BATCH),
+    "3x3 64-64 @16": (16, 64, 64, 3, 1, 1, BATCH),
+    "3x3 256-256 @14": (14, 256, 256, 3, 1, 1, BATCH),
+    "3x3 64-64 @56": (56, 64, 64, 3, 1, 1, BATCH),
+    "1x1 16-96 @112": (112, 16, 96, 1, 1, 0, BATCH),
+    "1x1/2 64-128 @56": (56, 64, 128, 1, 2, 0, BATCH),
+    "2x2/2 768-1536 @28": (28, 768, 1536, 2, 2, 0, 2),
+    "4x4/4 3-192 @224": (224, 3, 192, 4, 4, 0, 2),
+    "stem 3x3/2 3-32 @64": (64, 3, 32, 3, 2, 1, BATCH),
+    "stem 3x3/2 3-32 @224": (224, 3, 32, 3, 2, 1, BATCH),
+    "stem 7x7/2 3-64 @64": (64, 3, 64, 7, 2, 3, BATCH),
+    "stem 7x7/2 3-64 @224": (224, 3, 64, 7, 2, 3, BATCH),
+}
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -107,12 +131,42 @@ def pool_row(size, channels) -> list[float]:
                                             torch.randn(BATCH, channels, size, size)))
 
 
+def rule_row(size, cin, cout, k, stride, pad, batch) -> list[float]:
+    """XLA's kernel, then the matmul form forced (`conv._cpu_conv`): fwd, fwd+bwd each."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, size, size, cin), np.float32))
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32) * 0.1)
+    pads = ((pad, pad), (pad, pad))
+    xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads,  # noqa: E731
+                                                    dimension_numbers=NHWC)
+    matmul = lambda x, w: conv._cpu_conv(x, w, (stride, stride), pads, None, None)  # noqa: E731
+    return [*flax_ms(xla, x, w), *flax_ms(matmul, x, w)]
+
+
+def print_rule_table(only) -> None:
+    print("| dense conv | XLA fwd | matmul fwd | XLA fwd+bwd | matmul fwd+bwd | rule picks |")
+    print("|---|---|---|---|---|---|")
+    for name, (size, cin, cout, k, stride, pad, batch) in RULE_CONVS.items():
+        if only and not any(word in name for word in only):
+            continue
+        xf, xb, mf, mb = rule_row(size, cin, cout, k, stride, pad, batch)
+        out = (size + 2 * pad - k) // stride + 1
+        pick = "matmul" if conv._dense_takes_matmul((k, k), (stride, stride), out * out,
+                                                    cin) else "XLA"
+        print(f"| {name} (batch {batch}) | {xf:.1f} | {mf:.1f} | {xb:.1f} | {mb:.1f} | {pick} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", default=[], help="words a row's name must contain")
+    parser.add_argument("--rule", action="store_true",
+                        help="XLA's kernel vs the matmul form for dense convs, no torch")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     print(f"CPU, {os.cpu_count()} cores, batch {BATCH}, fp32, ms (10 timed runs after 2)")
+    if args.rule:
+        return print_rule_table(args.only)
     print("| op | XLA fwd | ours fwd | torch fwd | XLA fwd+bwd | ours fwd+bwd | torch fwd+bwd |")
     print("|---|---|---|---|---|---|---|")
     rows = [(name, conv_row, shape) for name, shape in CONVS.items()]
