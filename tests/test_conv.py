@@ -256,7 +256,7 @@ def test_max_pool_under_vmap_bf16_and_platforms():
 
 
 IMPORT_SCRIPT = """
-import os, sys, json
+import json, os
 import numpy as np
 import pand_jax  # sets XLA's CPU option before JAX starts a backend
 import jax

@@ -37,18 +37,20 @@ from jax import lax
 
 
 # Which dense convs take the matmul form, from side-by-side measurements under the XLA:CPU option
-# that `import pand_jax` sets (Eigen's convolution; bench/RESULTS.md), forward + gradients:
+# that `import pand_jax` sets (Eigen's convolution; `bench/cpu_ops.py --rule`, batch 16, ms of
+# forward + gradients, matmul form vs XLA's kernel):
 # - kernels no wider than their stride (1x1 convs, ConvNeXt's 4x4/4 stem and 2x2/2 downsampling):
-#   the patches are the input rearranged, not copied; 1x1 16->96 at 112x112: 39 vs 91 ms, 2x2/2
-#   768->1536 at 28x28: 35 vs 45 ms;
-# - overlapping kernels (3x3, 7x7) only on the maps where XLA's kernel falls off a cliff: up to
-#   4x4 outputs (3x3 512->512 at 2x2: 3.8 vs 203 ms, at 3x3: 7.5 vs 13.6 ms; at 4x4 a tie, 19
-#   vs 20 ms). From 8x8 outputs XLA's kernel is faster at every width (3x3 64->64 at 8x8: 1.4 vs
-#   1.9 ms; 256->256 at 14x14: 51 vs 85 ms): the 9x patch copy costs more than the product saves;
+#   the patches are the input rearranged, not copied (1x1 16->96 at 112x112: 30.5 vs 83.5;
+#   2x2/2 768->1536 at 28x28, batch 2: 28.6 vs 38.7);
+# - overlapping kernels (3x3, 7x7) only on the maps where XLA's kernel falls off a cliff, up to
+#   4x4 outputs (3x3 512->512 at 2x2: 3.6 vs 218; at 3x3: 5.9 vs 9.2; at 4x4: 11.5 vs 12.8). From
+#   7x7 outputs XLA's kernel ties or wins at every width (3x3 512->512 at 7x7: 30.8 vs 29.7; 64->64
+#   at 8x8: 1.0 vs 0.8; 256->256 at 14x14: 55.5 vs 28.0): the 9x patch copy costs more than the
+#   product saves;
 # - and image stems (at most 4 input channels) whose patches copy the input at most 2.25x, up to
-#   32x32 outputs: MobileNet-V2's 3x3/2 at 64 px (whole training steps 67-72 vs 80-89 ms); at
-#   224 px XLA's kernel is faster (eval steps 94 vs 106 ms), and ResNet-18's 7x7/2 (12.25x
-#   copies) is faster on XLA's at both sizes.
+#   32x32 outputs: MobileNet-V2's 3x3/2 at 64 px, where whole training steps (which need no
+#   input gradient) took 67-72 ms with it vs 80-89 ms without; at 224 px XLA's kernel is faster
+#   (eval steps 94 vs 106 ms), as it is for ResNet-18's 7x7/2 stem (12.25x copies) at both sizes.
 # Depthwise convs always take the shifted-product form: XLA:CPU is slow on them at every size.
 SMALL_MAP = 4 * 4
 IMAGE_CHANNELS, IMAGE_MAX_COPIES, IMAGE_MAX_MAP = 4, 2.25, 32 * 32
