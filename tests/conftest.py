@@ -29,10 +29,12 @@ NSD_ARGS = ["--stage", "nsd", "--dataset", "digits", "--epochs", "1", "--batch-s
 
 
 def run_train(args, *, devices=1, check=True, background=False, env=None):
-    """Runs train.py on `devices` fake CPU devices (with `env` added to the environment);
-    `background` returns the Popen."""
+    """Runs train.py on `devices` fake CPU devices (with `env` added to the environment, its
+    XLA_FLAGS after the device count); `background` returns the Popen."""
+    env = dict(env or {})
+    xla_flags = f"--xla_force_host_platform_device_count={devices} {env.pop('XLA_FLAGS', '')}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+           "XLA_FLAGS": xla_flags.strip(), **env}
     cmd = [sys.executable, str(REPO / "train.py"), *map(str, args)]
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -85,16 +85,19 @@ def assert_trees_close(a, b, rtol, atol):
 
 # Device-count and process-count runs: 2 epochs of 2 steps, with a learning rate that moves
 # the weights by ~1e-3 of their size so their updates are resolved in fp32.
-# The views are the deterministic "eval" ones and the convolutions XLA's own (below): the rrc
-# crop's resize and the CPU conv form are matmuls whose rounding depends on how the batch is
-# split (1 ulp), and random-init training-mode BatchNorms amplify that to ~5 % of an update in
-# 4 steps (measured), which would hide the data-parallel errors these runs are here to catch.
-# Both are tested on their own (test_data_augment.py, test_conv.py).
+# The views are the deterministic "eval" ones and the convolutions XLA's own on its YNNPACK
+# kernel (below): the rrc crop's resize, the CPU conv form and XLA's Eigen convolution (which
+# `import pand_jax` selects for speed) are blocked matmuls whose rounding depends on how the
+# batch is split (1 ulp), and random-init training-mode BatchNorms amplify that to ~5 % of an
+# update in 4 steps (measured; 4 % of bn1's bias with Eigen on JAX 0.12), which would hide the
+# data-parallel errors these runs are here to catch. Those are tested on their own
+# (test_data_augment.py, test_conv.py).
 NSD_STEPS_ARGS = [*NSD_ARGS, "--set", "optimizer.lr=1e-3", "--set", "optimizer.end_lr=1e-4",
                   "--set", "augment=eval"]
 NSD_STEPS_ARGS[NSD_STEPS_ARGS.index("--epochs") + 1] = "2"
 NSD_STEPS_ARGS[NSD_STEPS_ARGS.index("max_steps_per_epoch=1")] = "max_steps_per_epoch=2"
-NATIVE_CONV = {"PAND_NATIVE_CONV": "1"}
+NATIVE_CONV = {"PAND_NATIVE_CONV": "1",
+               "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"}
 
 
 @pytest.fixture(scope="session")
