@@ -1,7 +1,5 @@
 """`python evaluate.py`: see --help (pand_jax/cli/evaluate.py)."""
-import sys
-
-from pand_jax.cli.evaluate import main
+from pand_jax.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("evaluate")

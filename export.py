@@ -1,7 +1,5 @@
 """`python export.py`: see --help (pand_jax/cli/export.py)."""
-import sys
-
-from pand_jax.cli.export import main
+from pand_jax.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("export")

@@ -1,7 +1,5 @@
 """`python predict.py`: see --help (pand_jax/cli/predict.py)."""
-import sys
-
-from pand_jax.cli.predict import main
+from pand_jax.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("predict")

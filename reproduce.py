@@ -1,7 +1,5 @@
 """The paper's tables and figures in one command: see `python reproduce.py --help`."""
-import sys
-
-from pand_jax.cli.reproduce import main
+from pand_jax.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("reproduce")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pand_jax.models import conv
+from pand_jax.hugepages import relaunch_with_huge_pages
 
 BATCH = 16
 # name: (input size, in channels, out channels, kernel, stride, depthwise); padding k // 2
@@ -180,4 +181,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
     main()

@@ -21,6 +21,7 @@ from PIL import Image
 from pand_jax.data import augment, classnames, load_split
 from pand_jax.data.pipeline import Loader
 from pand_jax.data.prepare import prepare
+from pand_jax.hugepages import relaunch_with_huge_pages
 
 
 def make_raw(root: str, n: int) -> None:
@@ -97,4 +98,5 @@ def report_host(args) -> None:
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
     main()

@@ -22,6 +22,7 @@ from flax import nnx
 
 from pand_jax.deploy import export
 from pand_jax.deploy import student as student_lib
+from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.student import ARCHS, Student
 
 NUM_CLASSES = 200  # a CUB-sized head
@@ -99,4 +100,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
     main()

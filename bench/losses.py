@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pand_jax import losses
+from pand_jax.hugepages import relaunch_with_huge_pages
 
 SHAPES = [(128, 200), (4096, 1000)]
 K = 3
@@ -122,4 +123,5 @@ def main():
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
     main()

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from pand_jax import config as config_lib
 from pand_jax import losses, prompts
 from pand_jax.data import augment, datasets
+from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.convert.open_clip import DEMO_MODELS, config_from_open_clip
 from pand_jax.models.clip import CLIP
 from pand_jax import devices
@@ -298,4 +299,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
     main()

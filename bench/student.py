@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.conv import xla_convolution
 from pand_jax.models.student import ARCHS, Student
 
@@ -163,4 +164,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
     main()

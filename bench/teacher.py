@@ -24,6 +24,7 @@ from flax import nnx
 
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
+from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.clip import CLIP
 from pand_jax.models.conv import xla_convolution
 from pand_jax.models.convnext import ConvNeXtConfig
@@ -143,4 +144,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
     main()
