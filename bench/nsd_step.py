@@ -30,12 +30,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pand_jax import config as config_lib
-from pand_jax import losses, prompts
+from pand_jax import devices, losses, prompts
+from pand_jax.convert.open_clip import DEMO_MODELS, config_from_open_clip
 from pand_jax.data import augment, datasets
 from pand_jax.hugepages import relaunch_with_huge_pages
-from pand_jax.convert.open_clip import DEMO_MODELS, config_from_open_clip
 from pand_jax.models.clip import CLIP
-from pand_jax import devices
 from pand_jax.train import nsd, psc, teacher_cache
 
 # CUB-200-2011 and the paper's schedules.
@@ -279,7 +278,7 @@ def main() -> None:
         rates["torch"] = bench_torch(size, args.device, args.dtype, args.steps)
     proj = project(rates, size.batch, args.views)
 
-    print(f"device: {devices[0].device_kind} x{len(devices)}; size {args.size}; dtype {args.dtype}; "
+    print(f"device: {backend_devices[0].device_kind} x{len(backend_devices)}; size {args.size}; dtype {args.dtype}; "
           f"batch {size.batch}; image {size.image}")
     print("| measurement | value |\n|---|---|")
     for name in ("online", "cached", "torch", "teacher_views", "teacher_features", "student_eval"):
