@@ -220,6 +220,24 @@ def test_every_bad_image_is_named_and_skip_leaves_them_out(tmp_path):
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in bad]
 
 
+def test_the_class_record_is_whole_or_the_previous_one(tmp_path, monkeypatch):
+    """A run stopped while it writes the workdir's class record leaves the previous record."""
+    tree = folder.scan(str(make_tree(tmp_path / "birds")))
+    folder.write_record(tree, tmp_path, [])
+    record = (tmp_path / folder.CLASSES_FILE).read_text()
+
+    def dump_half_then_stop(obj, f, **kwargs):
+        text = json.dumps(obj, **kwargs)
+        f.write(text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", dump_half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        folder.write_record(tree, tmp_path, [])
+    assert (tmp_path / folder.CLASSES_FILE).read_text() == record
+    assert [r["folder"] for r in json.loads(record)["classes"]] == list(tree.folders)
+
+
 # ------------------------------------------------------------------ caches and the prepared copy
 
 def test_host_cache_is_keyed_by_the_file_list(tmp_path):

@@ -4,8 +4,10 @@ through `pand_jax.cli.train.main` on digits with the tiny random teacher of conf
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import pathlib
 import shutil
 import signal
 import threading
@@ -398,6 +400,41 @@ def test_damaged_or_foreign_host_image_cache_is_rebuilt(tmp_path, capsys):
     np.save(images, np.zeros(np.load(images, mmap_mode="r").shape, np.uint8))
     np.testing.assert_array_equal(first_batch(digits_loader(tmp_path)), expected)
     assert "other settings" in capsys.readouterr().out
+
+
+def test_rebuilding_an_image_cache_never_shows_a_reader_half_written_labels(tmp_path,
+                                                                            monkeypatch):
+    """Two runs (hosts on a shared disk) may build the same cache at once: while the second
+    writes its labels, a reader that found the first one complete still reads whole labels."""
+    loader = digits_loader(tmp_path)
+    labels_path = next(tmp_path.glob("*.labels.npy"))
+    stem = str(labels_path)[:-len(".labels.npy")]
+    key = json.loads(pathlib.Path(stem + ".json").read_text())
+    expected = np.load(labels_path)
+    read_meanwhile = []
+    real_save = np.save
+
+    def save_in_two_halves(path, array):  # a reader looks in between
+        buffer = io.BytesIO()
+        real_save(buffer, array)
+        data = buffer.getvalue()
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            try:
+                read_meanwhile.append(np.load(labels_path))
+            except ValueError as e:  # what a half-written .npy gives
+                read_meanwhile.append(e)
+            f.write(data[len(data) // 2:])
+
+    monkeypatch.setattr(np, "save", save_in_two_halves)
+    loader._write_cache(stem, key)
+    (seen,) = read_meanwhile
+    assert isinstance(seen, np.ndarray), seen
+    np.testing.assert_array_equal(seen, expected)
+    np.testing.assert_array_equal(np.load(labels_path), expected)
+    assert sorted(p.name[len(pathlib.Path(stem).name):] for p in tmp_path.iterdir()) == [
+        ".images.npy", ".json", ".labels.npy"]  # no temporary file left
 
 
 def test_psc_feature_cache_is_keyed_by_the_compute_dtype(teacher, tmp_path, capsys):

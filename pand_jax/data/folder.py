@@ -207,8 +207,10 @@ def write_record(tree: Tree, workdir, skipped: list[tuple[str, str]]) -> None:
     """The label of each class folder, and the images left out, in the run's workdir."""
     record = [{"label": i, "folder": f, "name": n}
               for i, (f, n) in enumerate(zip(tree.folders, tree.class_names))]
-    with open(os.path.join(workdir, CLASSES_FILE), "w") as f:
+    tmp = os.path.join(workdir, f".{CLASSES_FILE}.tmp")  # renamed into place: never half written
+    with open(tmp, "w") as f:
         json.dump({"root": tree.root, "classes": record}, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, CLASSES_FILE))
     bad_path = os.path.join(workdir, BAD_IMAGES_FILE)
     if skipped:
         with open(bad_path, "w") as f:

@@ -186,10 +186,14 @@ class Loader:
             # labels and images first: the key file appearing is what marks the cache complete.
             if os.path.exists(stem + ".json"):
                 os.remove(stem + ".json")
-            np.save(stem + ".labels.npy", labels)
+            # Through a temporary file like the images: a run building the same cache at the
+            # same time (another host on a shared disk) never reads a half-written one.
+            np.save(tmp + ".labels.npy", labels)
+            os.replace(tmp + ".labels.npy", stem + ".labels.npy")
             os.replace(tmp, stem + ".images.npy")
             with open(stem + ".json", "w") as f:
                 json.dump(key, f)
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            for leftover in (tmp, tmp + ".labels.npy"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
