@@ -1,0 +1,127 @@
+"""The bench/ scripts at their smallest settings: each runs to the end and its summary agrees
+with its own figures (ratios are the quotients of the printed rates, exports match the Flax
+model). Timings themselves are never asserted; they are for bench/RESULTS.md."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_bench(script: str, *args: str) -> str:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (f"bench/{script} failed:\n{out.stdout[-3000:]}\n"
+                                 f"{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of every markdown table row (header rows included, separator rows not)."""
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+
+
+def number(cell: str) -> float:
+    return float(cell.rstrip("x").replace(",", "").split()[0])
+
+
+def assert_ratio(printed: str, top: float, bottom: float) -> None:
+    """`printed` is top / bottom rounded to 2 decimals, from figures rounded to 1 decimal."""
+    slack = 0.005 + (0.05 / bottom + 0.05 * top / bottom ** 2)
+    assert math.isclose(number(printed), top / bottom, abs_tol=slack), (printed, top, bottom)
+
+
+def test_student_rows_and_ratios():
+    text = run_bench("student.py", "--device", "cpu", "--batch", "2", "--steps", "1", "--size",
+                     "32", "--arch", "resnet18", "--precision", "fp32", "--mode", "train", "eval")
+    header, *rows = table_rows(text)
+    assert header == ["arch", "px", "precision", "mode", "flax fast img/s", "torch img/s",
+                      "fast/torch"]
+    assert [row[:4] for row in rows] == [["resnet18", "32", "fp32", "train"],
+                                         ["resnet18", "32", "fp32", "eval"]]
+    for *_, flax, torch, ratio in rows:
+        assert_ratio(ratio, number(flax), number(torch))
+
+
+def test_inference_exports_match_flax():
+    text = run_bench("inference.py", "--batch", "2", "--size", "32", "--iters", "1")
+    header, *rows = table_rows(text)
+    assert [row[0] for row in rows] == ["resnet18", "mobilenet_v2"]
+    for row in rows:
+        cells = dict(zip(header, row))
+        assert all(number(cells[k]) > 0 for k in header if k.endswith("img/s"))
+        # the torchvision and ONNX exports against the Flax model: fp32 rounding only
+        assert number(cells["torchvision rel. err"]) < 1e-5
+        assert number(cells["onnxruntime rel. err"]) < 1e-5
+
+
+def test_losses_match_pytorch_and_speedups_add_up():
+    text = run_bench("losses.py", "--device", "cpu", "--reps", "1")
+    header, *rows = table_rows(text)
+    assert {row[0] for row in rows} == {"nsd_batch", "nsd_paper"}
+    for row in rows:
+        cells = dict(zip(header, row))
+        assert number(cells["rel. loss diff"]) < 1e-5
+        jax_ms = number(cells["JAX jit fwd+bwd (ms)"])
+        torch_ms = number(cells["PyTorch fwd+bwd (ms)"])
+        assert math.isclose(number(cells["speed-up"]), torch_ms / jax_ms, rel_tol=0.01,
+                            abs_tol=0.01)
+
+
+def test_nsd_step_summary_matches_its_rates():
+    """The script whose summary line once crashed after every measurement."""
+    text = run_bench("nsd_step.py", "--size", "small", "--device", "cpu", "--steps", "1")
+    summary = json.loads(text.strip().splitlines()[-1])
+    rates = summary["rates"]
+    assert set(rates) >= {"online", "cached", "torch", "student_eval"}
+    assert all(v > 0 for v in rates.values())
+    printed = {row[0]: row[1] for row in table_rows(text)}
+    assert math.isclose(number(printed["cached / torch"]), rates["cached"] / rates["torch"],
+                        abs_tol=0.005)
+    assert math.isclose(number(printed["cached / online"]), rates["cached"] / rates["online"],
+                        abs_tol=0.005)
+    assert summary["projection_s"]["nsd_cached_s"] > 0
+
+
+def test_teacher_section_is_appended_with_consistent_ratios(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# earlier results\n")
+    run_bench("teacher.py", "--size", "small", "--batch", "1", "--iters", "1",
+              "--append", str(results))
+    text = results.read_text()
+    assert text.startswith("# earlier results\n") and "## Teacher image tower" in text
+    rows = {(row[0], row[1]): row[2] for row in table_rows(text) if row[0] != "px"}
+    for px in ("224", "256"):
+        for flax, torch in (("Flax fp32", "PyTorch fp32"), ("Flax bf16", "PyTorch bf16 autocast")):
+            assert_ratio(rows[(px, f"{flax} / {torch}")], number(rows[(px, flax)]),
+                         number(rows[(px, torch)]))
+
+
+@pytest.mark.parametrize("args, row", [
+    (("--only", "512-512 @7"), "resnet18 3x3 512-512 @7"),
+    (("--rule", "--only", "512-512 @2"), "3x3 512-512 @2 (batch 16)"),
+])
+def test_cpu_ops_rows(args, row):
+    header, *rows = table_rows(run_bench("cpu_ops.py", *args))
+    assert [r[0] for r in rows] == [row]
+    figures = rows[0][1:-1] if "--rule" in args else rows[0][1:]
+    assert all(number(f) > 0 for f in figures)
+    if "--rule" in args:  # a 3x3 conv onto a 2x2 map is where the matmul form is chosen
+        assert rows[0][-1] == "matmul"
+
+
+def test_data_rates():
+    text = run_bench("data.py", "--images", "16", "--batch", "8", "--device-batch", "4",
+                     "--device-steps", "1")
+    rates = [line for line in text.splitlines() if line.endswith("img/s") or "img/s (" in line]
+    assert len(rates) == 4, text[-2000:]
+    assert all(number(line.split(": ")[1]) > 0 for line in rates)
