@@ -178,6 +178,43 @@ def test_two_processes_match_one(teacher, psc_run, nsd_steps_run, tmp_path):
     assert_nsd_runs_match(tmp_path, nsd_steps_run)
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(teacher, psc_run,
+                                                                nsd_steps_run, tmp_path):
+    """A preempted host: only process 1 gets SIGTERM. Both processes stop after the same step
+    with one checkpoint (before, the other ran on into a collective and both hung), and the
+    resumed pair ends where one process running straight through ends."""
+    port = _free_port()
+    args = NSD_STEPS_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
+                             "--workdir", tmp_path, "--coordinator", f"localhost:{port}",
+                             "--num-processes", "2"]
+    procs = [run_train(args + ["--process-id", i], background=True, env=NATIVE_CONV)
+             for i in (0, 1)]
+    # Process 0 draws the epoch's progress bar after the loop's handlers are installed and
+    # before the first step compiles.
+    seen = ""
+    while "nsd epoch 1/2" not in seen and procs[0].poll() is None:
+        seen += procs[0].stdout.read(1)
+    procs[1].send_signal(signal.SIGTERM)
+    try:
+        outs = [seen + procs[0].communicate(timeout=240)[0], procs[1].communicate(timeout=60)[0]]
+    finally:
+        for p in procs:
+            p.kill()
+    stops = [[line for line in out.splitlines() if "checkpoint saved" in line] for out in outs]
+    assert stops[0] and stops[0] == stops[1], "\n".join(out[-3000:] for out in outs)
+    assert [p.returncode for p in procs] == [1, 1]
+    assert not (tmp_path / "summary.json").exists()
+
+    port = _free_port()
+    args[args.index("--coordinator") + 1] = f"localhost:{port}"
+    procs = [run_train(args + ["--process-id", i], background=True, env=NATIVE_CONV)
+             for i in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert "resuming" in outs[0]
+    assert_nsd_runs_match(tmp_path, nsd_steps_run)
+
+
 def test_killed_run_resumes_to_the_same_params(teacher, psc_run, tmp_path):
     args = [a for a in NSD_ARGS] + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
                                     "--set", "method=vl2lite", "--set", "anchors=null"]

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from pand_jax.config import write_json
 from pand_jax.progress import progress_bar
@@ -39,19 +40,40 @@ def _jsonable(x: Any) -> Any:
 
 
 class _StopRequest:
-    """Turns SIGTERM and a first Ctrl-C into a flag the loop checks between steps, so it can
-    save a checkpoint before it stops; a second Ctrl-C interrupts at once."""
+    """Turns SIGTERM and a first Ctrl-C into a stop the loop takes between steps, so it can
+    save a checkpoint before it exits; a second Ctrl-C interrupts at once.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    Every process of a multi-process run must stop after the same step: the checkpoint is
+    written by all of them together, and a process that ran one step further would wait
+    forever for the others in that step's collectives. A signal may reach only some processes
+    (one preempted host) or reach them at different steps, so there JAX's preemption service
+    (started by `jax.distributed.initialize`) takes SIGTERM on any process, tells the others,
+    and `reached_preemption_sync_point` names the same step on all of them; Ctrl-C is passed to
+    it as a SIGTERM."""
 
     def __init__(self):
         self.requested = False
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.agreed = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        own = (signal.SIGINT,) if self.agreed else (signal.SIGTERM, signal.SIGINT)
+        self._previous = {s: signal.signal(s, self._handle) for s in own}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        if self.agreed:
+            signal.raise_signal(signal.SIGTERM)  # to JAX's preemption service
+
+    def after(self, global_step: int) -> bool:
+        """Whether to stop after this step; every process calls it after every step."""
+        if self.agreed:
+            return multihost_utils.reached_preemption_sync_point(global_step)
+        return self.requested
+
+    def pending(self) -> bool:
+        """A stop asked for after the epoch's last step (one process only: processes agree on
+        a step, and the next epoch's first one is where they will)."""
+        return self.requested and not self.agreed
 
     def restore(self):
         for s, handler in self._previous.items():
@@ -98,7 +120,7 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
         bar = progress_bar(total=spe, initial=start, desc=f"{task.name} epoch {epoch + 1}/{epochs}",
                            unit="step")
         pending = None  # (step, device metrics): read one step late, so the host never waits
-        t0, timed_images = None, 0
+        t0, timed_images, stopping = None, 0, False
         for step, batch in enumerate(task.batches(epoch, start), start):
             state, out = task.train_step(state, batch, epoch)
             if pending is not None:
@@ -111,7 +133,8 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
                 timed_images += task.global_batch_size
             bar.update(1)
             pos["step"] = step + 1
-            if stop.requested:
+            if stop.after(epoch * spe + step):
+                stopping = True
                 break
         if pending is not None:
             _log_step(task, metrics, bar, *pending)
@@ -122,10 +145,10 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
         bar.close()
         # A stop on an epoch's last step still ends the epoch: its checkpoint step is the
         # epoch-end one, which must hold the evaluated position.
-        if not (stop.requested and pos["step"] < spe):
+        if not (stopping and pos["step"] < spe):
             _end_epoch(task, state, pos, epoch, metrics, is_main)
         ckpt.save(pos["epoch"] * spe + pos["step"], state, pos)
-        if stop.requested and pos["epoch"] < epochs:
+        if (stopping or stop.pending()) and pos["epoch"] < epochs:
             ckpt.wait()
             raise SystemExit(
                 f"[{task.name}] stopped at epoch {pos['epoch'] + 1}, step {pos['step']}; "
