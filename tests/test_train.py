@@ -164,15 +164,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(teacher, psc_run, nsd_steps_run, tmp_path):
-    port = _free_port()
+def _two_processes(teacher, psc_run, workdir):
+    """The NSD_STEPS run as two processes of one job, started in the background."""
     args = NSD_STEPS_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
-                             "--workdir", tmp_path, "--coordinator", f"localhost:{port}",
+                             "--workdir", workdir, "--coordinator", f"localhost:{_free_port()}",
                              "--num-processes", "2"]
-    procs = [run_train(args + ["--process-id", i], background=True, env=NATIVE_CONV)
-             for i in (0, 1)]
+    return [run_train(args + ["--process-id", i], background=True, env=NATIVE_CONV)
+            for i in (0, 1)]
+
+
+def _finish(procs) -> list[str]:
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
+def test_two_processes_match_one(teacher, psc_run, nsd_steps_run, tmp_path):
+    _finish(_two_processes(teacher, psc_run, tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 2
     assert_nsd_runs_match(tmp_path, nsd_steps_run)
@@ -183,12 +191,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(teacher, psc_run
     """A preempted host: only process 1 gets SIGTERM. Both processes stop after the same step
     with one checkpoint (before, the other ran on into a collective and both hung), and the
     resumed pair ends where one process running straight through ends."""
-    port = _free_port()
-    args = NSD_STEPS_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
-                             "--workdir", tmp_path, "--coordinator", f"localhost:{port}",
-                             "--num-processes", "2"]
-    procs = [run_train(args + ["--process-id", i], background=True, env=NATIVE_CONV)
-             for i in (0, 1)]
+    procs = _two_processes(teacher, psc_run, tmp_path)
     # Process 0 draws the epoch's progress bar after the loop's handlers are installed and
     # before the first step compiles.
     seen = ""
@@ -205,13 +208,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(teacher, psc_run
     assert [p.returncode for p in procs] == [1, 1]
     assert not (tmp_path / "summary.json").exists()
 
-    port = _free_port()
-    args[args.index("--coordinator") + 1] = f"localhost:{port}"
-    procs = [run_train(args + ["--process-id", i], background=True, env=NATIVE_CONV)
-             for i in (0, 1)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-    assert "resuming" in outs[0]
+    assert "resuming" in _finish(_two_processes(teacher, psc_run, tmp_path))[0]
     assert_nsd_runs_match(tmp_path, nsd_steps_run)
 
 
