@@ -291,6 +291,45 @@ def test_sigterm_during_a_save_resumes_to_the_same_state(teacher, psc2, tmp_path
                                                             reference["last_top1"])
 
 
+def test_sigterm_during_an_evaluation_stops_it_and_the_rerun_evaluates(teacher, psc2, tmp_path,
+                                                                       monkeypatch):
+    """SIGTERM arrives as epoch 1's evaluation starts: the run abandons the evaluation (it can
+    outlast a preemption's grace period on a CPU), saves the epoch's trained state, and the
+    rerun evaluates that epoch, replaces the checkpoint and ends where an undisturbed run
+    ends."""
+    import dataclasses
+
+    from pand_jax.train import loop
+
+    workdir = fresh_run(psc2, tmp_path / "run")
+    original_fit, finished = loop.fit, []
+
+    def fit_with_sigterm_in_the_first_evaluation(task, *args, **kwargs):
+        def evaluate(state):
+            if not finished:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finished.append(task.evaluate(state))
+            return finished[-1]
+
+        return original_fit(dataclasses.replace(task, evaluate=evaluate), *args, **kwargs)
+
+    monkeypatch.setattr(loop, "fit", fit_with_sigterm_in_the_first_evaluation)
+    with pytest.raises(SystemExit, match=r"epoch 1, step 1 \(before its evaluation\)"):
+        cli(PSC2 + ["--teacher", teacher, "--workdir", workdir])
+    assert finished == [] and steps(workdir) == [1]
+    assert not (workdir / "anchors.npz").exists()  # nothing exported from an evaluation
+    monkeypatch.undo()
+    assert cli(PSC2 + ["--teacher", teacher, "--workdir", workdir]) == 0
+    assert steps(workdir) == [1, 2]
+    assert_same_state(latest_state(workdir), latest_state(psc2))
+    summary, reference = (json.loads((w / "summary.json").read_text()) for w in (workdir, psc2))
+    assert (summary["best_top1"], summary["last_top1"]) == (reference["best_top1"],
+                                                            reference["last_top1"])
+    lines = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    epochs = [line["epoch"] for line in lines if line["kind"] == "epoch"]
+    assert epochs == [1, 2]
+
+
 # ------------------------------------------------------------------------ non-finite loss
 
 def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(

@@ -52,6 +52,12 @@ class Checkpointer:
             # orbax waits here for the previous save anyway; doing it first lets a failure
             # of that save be reported with its own step.
             self.manager.wait_until_finished()
+            if step in self.manager.all_steps():
+                # Saved before its epoch's evaluation (a stop came first), restored, and now
+                # evaluated: the arrays on disk are these. Replacing it would leave a moment
+                # with no checkpoint of this step; keeping it costs at most a second
+                # evaluation of the epoch if the run dies before its next save.
+                return
             self._saving = (step, sum(x.nbytes for x in jax.tree.leaves(state)))
             # The JSON is written in the background: a copy, or the loop's next changes to
             # its position dict could land in this checkpoint.

@@ -7,6 +7,7 @@ a jitted train step, an evaluation, and what to export when the score improves.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -39,6 +40,10 @@ def _jsonable(x: Any) -> Any:
     return x.item() if isinstance(x, np.generic) else x
 
 
+class _EvaluationStopped(Exception):
+    """A stop asked for during an epoch's evaluation, which is abandoned."""
+
+
 class _StopRequest:
     """Turns SIGTERM and a first Ctrl-C into a stop the loop takes between steps, so it can
     save a checkpoint before it exits; a second Ctrl-C interrupts at once.
@@ -56,6 +61,7 @@ class _StopRequest:
         self.agreed = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
         own = (signal.SIGINT,) if self.agreed else (signal.SIGTERM, signal.SIGINT)
         self._previous = {s: signal.signal(s, self._handle) for s in own}
+        self._evaluating = False
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -63,6 +69,21 @@ class _StopRequest:
         self.requested = True
         if self.agreed:
             signal.raise_signal(signal.SIGTERM)  # to JAX's preemption service
+        elif self._evaluating:
+            raise _EvaluationStopped
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A stop inside this block ends it at once with `_EvaluationStopped` (one process:
+        an evaluation can take minutes on a CPU, longer than a preemption's grace period; the
+        processes of a multi-process run evaluate together, and stop at the next step)."""
+        if self.requested and not self.agreed:
+            raise _EvaluationStopped
+        self._evaluating = True
+        try:
+            yield
+        finally:
+            self._evaluating = False
 
     def after(self, global_step: int) -> bool:
         """Whether to stop after this step; every process calls it after every step."""
@@ -71,8 +92,8 @@ class _StopRequest:
         return self.requested
 
     def pending(self) -> bool:
-        """A stop asked for after the epoch's last step (one process only: processes agree on
-        a step, and the next epoch's first one is where they will)."""
+        """A stop asked for that this process takes at once, between steps or instead of an
+        evaluation (one process only: processes agree on a step, which is a training step)."""
         return self.requested and not self.agreed
 
     def restore(self):
@@ -143,15 +164,22 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
             pos["train_seconds"] += time.perf_counter() - t0
             pos["train_images"] += timed_images
         bar.close()
-        # A stop on an epoch's last step still ends the epoch: its checkpoint step is the
-        # epoch-end one, which must hold the evaluated position.
-        if not (stopping and pos["step"] < spe):
-            _end_epoch(task, state, pos, epoch, metrics, is_main)
+        # An epoch whose steps are done is evaluated, unless a stop comes first: then its
+        # checkpoint holds the position (epoch, last step), and the rerun evaluates it.
+        if pos["step"] == spe and not stop.pending():
+            try:
+                with stop.interruptible():
+                    scores = task.evaluate(state)
+            except _EvaluationStopped:
+                pass
+            else:
+                _end_epoch(task, state, pos, epoch, scores, metrics, is_main)
         ckpt.save(pos["epoch"] * spe + pos["step"], state, pos)
         if (stopping or stop.pending()) and pos["epoch"] < epochs:
             ckpt.wait()
+            before = " (before its evaluation)" if pos["step"] == spe else ""
             raise SystemExit(
-                f"[{task.name}] stopped at epoch {pos['epoch'] + 1}, step {pos['step']}; "
+                f"[{task.name}] stopped at epoch {pos['epoch'] + 1}, step {pos['step']}{before}; "
                 "checkpoint saved. Run the same command again to resume.")
     return state
 
@@ -177,8 +205,8 @@ def _log_step(task, metrics, bar, step, out):
             "optimizer.lr or set optimizer.grad_clip, then run again.")
 
 
-def _end_epoch(task, state, pos, epoch, metrics, is_main):
-    scores = {k: _jsonable(v) for k, v in task.evaluate(state).items()}
+def _end_epoch(task, state, pos, epoch, scores, metrics, is_main):
+    scores = {k: _jsonable(v) for k, v in scores.items()}
     pos["last_top1"] = scores["top1"]
     improved = scores["select"] > pos["best_select"]
     if improved:
