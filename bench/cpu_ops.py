@@ -2,9 +2,10 @@
 
 Each row is one convolution or max pool shape of the students at 224 px (batch 16, fp32),
 timed alone: fwd = forward, fwd+bwd = forward and the gradient w.r.t. input and kernel of
-sum(y^2). "XLA" traces with `xla_convolution()` (XLA's convolution and reduce_window), "ours"
-with `pand_jax.models.conv` (identical to XLA where that is kept), torch is `nn.Conv2d` /
-`nn.MaxPool2d` in channels_last with as many threads as cores. Timed alone, an op also pays for
+sum(y^2). "XLA" traces with `xla_convolution()` (XLA's convolution and reduce_window), "jnp"
+with `pand_jax.models.conv` without oneDNN (PAND_ONEDNN=0: its jnp forms, XLA's kernel where
+that is kept), "ours" with `pand_jax.models.conv` as it runs (oneDNN's convolutions where they
+build), torch is `nn.Conv2d` / `nn.MaxPool2d` in channels_last with as many threads as cores. Timed alone, an op also pays for
 first-touching its fresh output buffers (page faults), which a whole jitted step partly hides:
 read these rows for the ratio between columns, and `bench/student.py` for the step.
 
@@ -98,12 +99,14 @@ def torch_ms(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     return ms(forward), ms(backward)
 
 
-def both_flax(make_op, *operands) -> list[float]:
-    """XLA's then ours; `make_op()` gives a new function each time, because jit caches traces
-    per function and the switch acts at trace time."""
-    with conv.xla_convolution():
-        xla = flax_ms(make_op(), *operands)
-    return [*xla, *flax_ms(make_op(), *operands)]
+def flax_columns(make_op, *operands) -> list[float]:
+    """XLA's, the jnp forms', ours: (fwd, fwd+bwd) each. `make_op()` gives a new function each
+    time, because jit caches traces per function and the switches act at trace time."""
+    times = []
+    for path in conv.CPU_PATHS:
+        with conv.traced_with(path):
+            times += flax_ms(make_op(), *operands)
+    return times
 
 
 def conv_row(size, cin, cout, k, stride, depthwise) -> list[float]:
@@ -118,7 +121,8 @@ def conv_row(size, cin, cout, k, stride, depthwise) -> list[float]:
             feature_group_count=groups)
 
     module = torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
-    return both_flax(make_op, x, w) + list(torch_ms(module, torch.randn(BATCH, cin, size, size)))
+    return flax_columns(make_op, x, w) + list(torch_ms(module,
+                                                        torch.randn(BATCH, cin, size, size)))
 
 
 def pool_row(size, channels) -> list[float]:
@@ -128,19 +132,20 @@ def pool_row(size, channels) -> list[float]:
     def make_op():
         return lambda x: conv.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
-    return both_flax(make_op, x) + list(torch_ms(torch.nn.MaxPool2d(3, 2, 1),
+    return flax_columns(make_op, x) + list(torch_ms(torch.nn.MaxPool2d(3, 2, 1),
                                             torch.randn(BATCH, channels, size, size)))
 
 
 def rule_row(size, cin, cout, k, stride, pad, batch) -> list[float]:
-    """XLA's kernel, then the matmul form forced (`conv._cpu_conv`): fwd, fwd+bwd each."""
+    """XLA's kernel, then the jnp matmul form forced (`conv._cpu_conv`): fwd, fwd+bwd each."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, size, size, cin), np.float32))
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32) * 0.1)
     pads = ((pad, pad), (pad, pad))
     xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads,  # noqa: E731
                                                     dimension_numbers=NHWC)
-    matmul = lambda x, w: conv._cpu_conv(x, w, (stride, stride), pads, None, None)  # noqa: E731
+    matmul = lambda x, w: conv._cpu_conv(x, w, (stride, stride), pads, None, None, 1,  # noqa: E731
+                                             use_onednn=False)
     return [*flax_ms(xla, x, w), *flax_ms(matmul, x, w)]
 
 
@@ -168,16 +173,17 @@ def main() -> None:
     print(f"CPU, {os.cpu_count()} cores, batch {BATCH}, fp32, ms (10 timed runs after 2)")
     if args.rule:
         return print_rule_table(args.only)
-    print("| op | XLA fwd | ours fwd | torch fwd | XLA fwd+bwd | ours fwd+bwd | torch fwd+bwd |")
-    print("|---|---|---|---|---|---|---|")
+    print("| op | XLA fwd | jnp fwd | ours fwd | torch fwd | XLA fwd+bwd | jnp fwd+bwd | "
+          "ours fwd+bwd | torch fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = [(name, conv_row, shape) for name, shape in CONVS.items()]
     rows += [(name, pool_row, shape) for name, shape in POOLS.items()]
     for name, row, shape in rows:
         if args.only and not any(word in name for word in args.only):
             continue
-        xf, xb, of, ob, tf, tb = row(*shape)
-        print(f"| {name} | {xf:.1f} | {of:.1f} | {tf:.1f} | {xb:.1f} | {ob:.1f} | {tb:.1f} |",
-              flush=True)
+        xf, xb, jf, jb, of, ob, tf, tb = row(*shape)
+        print(f"| {name} | {xf:.1f} | {jf:.1f} | {of:.1f} | {tf:.1f} | {xb:.1f} | {jb:.1f} | "
+              f"{ob:.1f} | {tb:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

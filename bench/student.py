@@ -5,17 +5,18 @@ labels, BatchNorm in training mode, a 200-class head; eval = forward with runnin
 fp32 is each framework's default fp32 math (on NVIDIA GPUs both let cuDNN use TF32 for
 convolutions); bf16 is the Flax Student's compute dtype (params and BN statistics fp32) vs
 torch.autocast(bfloat16) with channels_last, PyTorch's fast path. On CPU torch runs with as many
-threads as there are cores, as XLA does. `--conv native fast` measures the Flax models with
-XLA's own convolution (`xla_convolution()`) and with `pand_jax.models.conv` in the same run.
+threads as there are cores, as XLA does. `--conv native jnp fast` measures the Flax models with
+XLA's own convolution (`xla_convolution()`), with `pand_jax.models.conv` without oneDNN
+(PAND_ONEDNN=0, its jnp forms) and with `pand_jax.models.conv` as it runs (oneDNN's kernels on
+CPU where they build) in the same run.
 
     python bench/student.py --device gpu --batch 128 --steps 50
     python bench/student.py --device cpu --batch 16 --steps 3 --size 64 224 --precision fp32 \
-        --conv native fast
+        --conv native jnp fast
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -26,7 +27,7 @@ import optax
 from flax import nnx
 
 from pand_jax.hugepages import relaunch_with_huge_pages
-from pand_jax.models.conv import xla_convolution
+from pand_jax.models.conv import CPU_PATHS, traced_with
 from pand_jax.models.student import ARCHS, Student
 
 LR = 1e-4
@@ -117,9 +118,10 @@ def torch_images_per_s(arch: str, bf16: bool, platform: str, batch: int, size: i
 
 
 def flax_with_conv(conv: str, *args) -> float:
-    """Flax figure with XLA's convolution ("native") or `pand_jax.models.conv` ("fast"); every
-    call here traces afresh, so the switch applies."""
-    with xla_convolution() if conv == "native" else contextlib.nullcontext():
+    """Flax figure with XLA's convolution ("native"), the jnp forms ("jnp") or
+    `pand_jax.models.conv` as it runs ("fast"); every call here traces afresh, so the switches
+    apply."""
+    with traced_with(conv):
         return flax_images_per_s(*args)
 
 
@@ -132,8 +134,9 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--conv", nargs="+", default=["fast"], choices=("native", "fast"),
-                        help="Flax convolution: XLA's own and/or pand_jax.models.conv (CPU only "
+    parser.add_argument("--conv", nargs="+", default=["fast"], choices=CPU_PATHS,
+                        help="Flax convolution: XLA's own, pand_jax.models.conv's jnp forms "
+                             "(without oneDNN), pand_jax.models.conv as it runs (CPU only "
                              "differs)")
     args = parser.parse_args()
 

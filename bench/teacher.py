@@ -3,7 +3,8 @@ autocast), same device, same run, random weights, at 224 and 256 px.
 
     python bench/teacher.py                       # --size small: tiny demo ConvNeXt (CPU smoke run)
     python bench/teacher.py --size full --batch 64 --append bench/RESULTS.md   # on a GPU
-    python bench/teacher.py --conv native fast    # CPU: XLA's convolution vs pand_jax.models.conv
+    python bench/teacher.py --conv native jnp fast   # CPU: XLA's convolution, the jnp forms,
+                                                     # pand_jax.models.conv as it runs (oneDNN)
 
 MFU uses the analytic forward FLOPs of the tower (395.9 GFLOP per 256 px image for
 convnext_xxlarge, scaling with (px/256)^2) against the device's dense bf16 peak.
@@ -11,7 +12,6 @@ convnext_xxlarge, scaling with (px/256)^2) against the device's dense bf16 peak.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import time
@@ -26,7 +26,7 @@ from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
 from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.clip import CLIP
-from pand_jax.models.conv import xla_convolution
+from pand_jax.models.conv import CPU_PATHS, traced_with
 from pand_jax.models.convnext import ConvNeXtConfig
 
 MODELS = {"small": "pand_demo_convnext", "full": "convnext_xxlarge"}
@@ -60,13 +60,16 @@ def time_it(fn, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
+CONV_LABELS = {"native": " (XLA conv)", "jnp": " (jnp conv)", "fast": ""}
+
+
 def bench_flax(model: CLIP, images: np.ndarray, iters: int, conv: str = "fast") -> float:
-    """`conv` "native" traces with XLA's convolution, "fast" with pand_jax.models.conv (they
-    differ on CPU only); a fresh jit per call, so the choice applies."""
+    """`conv` is one of `CPU_PATHS` (they differ on CPU only); a fresh jit per call, so the
+    choice applies."""
     graphdef, state = nnx.split(model.visual)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     x = jax.device_put(images)
-    with xla_convolution() if conv == "native" else contextlib.nullcontext():
+    with traced_with(conv):
         return time_it(lambda: fwd(state, x).block_until_ready(), iters)
 
 
@@ -88,8 +91,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--append", help="append the markdown section to this file (one write)")
-    p.add_argument("--conv", nargs="+", default=["fast"], choices=("native", "fast"),
-                   help="Flax convolution: XLA's own and/or pand_jax.models.conv (CPU only differs)")
+    p.add_argument("--conv", nargs="+", default=["fast"], choices=CPU_PATHS,
+                   help="Flax convolution: XLA's own, pand_jax.models.conv's jnp forms, "
+                        "pand_jax.models.conv as it runs (CPU only differs)")
     args = p.parse_args()
 
     name = MODELS[args.size]
@@ -108,7 +112,7 @@ def main() -> None:
         gflop = vision_flops(cfg.vision, px, cfg.embed_dim) / 1e9
         first_row = len(rows)
         runs = {
-            f"Flax {name}{' (XLA conv)' if conv == 'native' else ''}":
+            f"Flax {name}{CONV_LABELS[conv]}":
                 bench_flax(models[dt], images, args.iters, conv)
             for conv in args.conv for name, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16))
         }

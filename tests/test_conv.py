@@ -2,8 +2,8 @@
 `max_pool` against `flax.nnx.max_pool`.
 
 Every convolution shape the students and the teacher use, forward and gradients (w.r.t. input
-and kernel), odd sizes, bf16, under jit and vmap; and that only CPU lowerings use the matmul
-form. Tolerances: fp32 |ours - lax| <= 1e-5 * max|lax| (the sums run in another order; float32
+and kernel), odd sizes, bf16, under jit and vmap, through both CPU paths (oneDNN's kernels and
+the jnp forms used without them); and that only CPU lowerings use either. Tolerances: fp32 |ours - lax| <= 1e-5 * max|lax| (the sums run in another order; float32
 eps is 1.2e-7 and a sum of up to 7*7*64 terms stays far below 1e-5 relative); bf16 (bf16 in and out, as
 lax) within one bf16 rounding (2^-8 relative) of max|exact|, exact being lax's fp32 result on the
 same bf16-valued operands.
@@ -23,6 +23,7 @@ from flax import nnx
 from jax import lax
 
 from pand_jax.models import conv as conv_module
+from pand_jax.models import onednn
 from pand_jax.models.conv import conv_general_dilated, max_pool
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -47,6 +48,21 @@ MODEL_CONVS = [
 EDGE_CONVS = [("depthwise 1x1/2", 4, 4, 1, 2, 0, True)]
 SIZES = (4, 13, 20)  # even and odd (13 leaves a remainder for every stride above); dense 3x3
 # and 7x7 kernels take the matmul form at 4 (4x4 outputs at most) and XLA's kernel at 13 and 20
+
+
+@pytest.fixture(params=["onednn", "jnp"])
+def cpu_path(request, monkeypatch):
+    """The CPU convolution path under test: oneDNN's kernels (for every conv, as small as
+    these), or the jnp forms."""
+    monkeypatch.setenv(onednn.SWITCH, "all" if request.param == "onednn" else "0")
+    if request.param == "onednn":
+        assert onednn.enabled(), "oneDNN must build here: the test setup installs its wheels"
+    return request.param
+
+
+@pytest.fixture
+def jnp_forms(monkeypatch):
+    monkeypatch.setenv(onednn.SWITCH, "0")
 
 
 def operands(cin, cout, k, depthwise, size, dtype=jnp.float32, batch=2, seed=0):
@@ -85,7 +101,8 @@ def forward_and_grads(f, x, w, cotangent_seed=1):
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name,cin,cout,k,stride,pad,depthwise", MODEL_CONVS + EDGE_CONVS,
                          ids=[c[0] for c in MODEL_CONVS + EDGE_CONVS])
-def test_model_convs_match_lax_forward_and_grads(name, cin, cout, k, stride, pad, depthwise, size):
+def test_model_convs_match_lax_forward_and_grads(name, cin, cout, k, stride, pad, depthwise, size,
+                                                 cpu_path):
     ours, ref = both(cin, stride, pad, depthwise)
     x, w = operands(cin, cout, k, depthwise, size)
     got = jax.jit(lambda x, w: forward_and_grads(ours, x, w))(x, w)
@@ -99,7 +116,7 @@ def test_model_convs_match_lax_forward_and_grads(name, cin, cout, k, stride, pad
                          [c for c in MODEL_CONVS if c[0] in ("resnet18 3x3/2",
                                                               "mobilenet_v2 depthwise 3x3/2",
                                                               "convnext stem 4x4/4")])
-def test_bf16_within_bf16_rounding_of_exact(name, cin, cout, k, stride, pad, depthwise):
+def test_bf16_within_bf16_rounding_of_exact(name, cin, cout, k, stride, pad, depthwise, cpu_path):
     """bf16 in, bf16 out like lax; each result within bf16 rounding of the fp32 computation on
     the same (bf16-valued) operands."""
     ours, ref = both(cin, stride, pad, depthwise)
@@ -111,7 +128,7 @@ def test_bf16_within_bf16_rounding_of_exact(name, cin, cout, k, stride, pad, dep
         assert_close(g, e, BF16_TOL)
 
 
-def test_vmap_over_input_and_kernel():
+def test_vmap_over_input_and_kernel(cpu_path):
     """A vmapped conv (e.g. an ensemble of kernels) matches vmapped lax, forward and grads."""
     for k, stride, pad, depthwise in ((3, 2, 1, False), (1, 1, 0, False), (3, 2, 1, True)):
         ours, ref = both(8, stride, pad, depthwise)
@@ -123,7 +140,22 @@ def test_vmap_over_input_and_kernel():
             assert_close(g, r, FP32_TOL)
 
 
-def test_same_padding_and_preferred_element_type():
+@pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
+def test_rectangular_kernel_strides_and_uneven_padding(depthwise, cpu_path):
+    """Height and width apart: a 3x5 kernel, strides (2, 1), padding (0, 1) and (2, 1)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 11, 4), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 5, 1 if depthwise else 4, 4), np.float32))
+    kwargs = dict(window_strides=(2, 1), padding=((0, 1), (2, 1)), dimension_numbers=NHWC,
+                  feature_group_count=4 if depthwise else 1)
+    got = jax.jit(lambda x, w: forward_and_grads(
+        lambda x, w: conv_general_dilated(x, w, **kwargs), x, w))(x, w)
+    want = forward_and_grads(lambda x, w: lax.conv_general_dilated(x, w, **kwargs), x, w)
+    for g, r in zip(got, want):
+        assert_close(g, r, FP32_TOL)
+
+
+def test_same_padding_and_preferred_element_type(cpu_path):
     x, w = operands(4, 6, 3, False, 7, jnp.bfloat16)
     kwargs = dict(window_strides=(2, 2), padding="SAME", dimension_numbers=NHWC,
                   preferred_element_type=jnp.float32)
@@ -164,13 +196,24 @@ def lowered_train_step(platform: str) -> str:
 
 
 @pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
-def test_accelerators_get_xla_convolution(platform):
+def test_accelerators_get_xla_convolution(platform, cpu_path):
     hlo = lowered_train_step(platform)
     assert "stablehlo.convolution" in hlo
-    assert "dot_general" not in hlo  # nothing of the CPU form reaches an accelerator compiler
+    # nothing of the CPU paths reaches an accelerator compiler
+    assert "dot_general" not in hlo and "PandConv" not in hlo
 
 
-def test_cpu_gets_matmul_form_and_env_switch_restores_native(monkeypatch):
+def test_cpu_gets_onednn_for_every_pass(monkeypatch):
+    monkeypatch.setenv(onednn.SWITCH, "all")
+    assert onednn.enabled()
+    hlo = lowered_train_step("cpu")
+    assert "stablehlo.convolution" not in hlo and "dot_general" not in hlo
+    # the dense conv and the depthwise one; only the second needs its input's gradient
+    counts = {"PandConvForward": 2, "PandConvInputGrad": 1, "PandConvWeightGrad": 2}
+    assert {target: hlo.count(f"@{target}(") for target in counts} == counts
+
+
+def test_cpu_gets_matmul_form_and_env_switch_restores_native(monkeypatch, jnp_forms):
     hlo = lowered_train_step("cpu")
     assert "stablehlo.convolution" not in hlo and "dot_general" in hlo
     monkeypatch.setenv("PAND_NATIVE_CONV", "1")
@@ -206,7 +249,7 @@ def test_models_use_the_module():
     (64, 3, 7, 2, 1, True),      # ResNet-18's image stem 7x7/2 (12x patch copies): XLA's
     (17, 4, 3, 1, 4, False),     # depthwise: shifted products at every size
 ])
-def test_cpu_form_selection(size, channels, kernel, stride, groups, native):
+def test_cpu_form_selection(size, channels, kernel, stride, groups, native, jnp_forms):
     x = jnp.ones((1, size, size, channels))
     w = jnp.ones((kernel, kernel, channels // groups, channels))
     hlo = jax.jit(lambda x, w: conv_general_dilated(
@@ -298,3 +341,72 @@ def test_import_after_jax_ran_warns_that_the_option_came_too_late():
                           text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert proc.returncode != 0 and "import pand_jax first" in proc.stderr, proc.stderr[-2000:]
+
+
+FALLBACK_SCRIPT = """
+import json, warnings
+import numpy as np
+import jax
+from jax import lax
+from pand_jax.models.conv import conv_general_dilated
+rng = np.random.default_rng(0)
+x, w = rng.standard_normal((2, 9, 9, 8), np.float32), rng.standard_normal((3, 3, 8, 8), np.float32)
+args = ((1, 1), ((1, 1), (1, 1)))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    f = jax.jit(jax.grad(lambda x, w: (conv_general_dilated(x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2).sum(), (0, 1)))
+    hlo = f.lower(x, w).as_text()
+got = f(x, w)
+want = jax.grad(lambda x, w: (lax.conv_general_dilated(x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2).sum(), (0, 1))(x, w)
+print(json.dumps({"warnings": [str(c.message) for c in caught], "onednn": "PandConv" in hlo,
+                  "err": max(float(np.abs(g - r).max() / np.abs(r).max()) for g, r in zip(got, want))}))
+"""
+
+
+@pytest.mark.parametrize("breakage,reason", [
+    ({"CXX": "no-such-compiler"}, "no C++ compiler 'no-such-compiler' (set CXX)"),
+    ({"CXX": "false"}, "false exited with status 1: no output"),
+])
+def test_without_onednn_one_warning_and_the_jnp_forms(tmp_path, breakage, reason):
+    """When oneDNN cannot be built here (no compiler, a failed build), one warning names the
+    reason and the convolutions take the jnp forms, whose values equal lax's."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path),
+           onednn.SWITCH: "all", **breakage}
+    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["warnings"] == [f"oneDNN convolutions unavailable ({reason}); CPU convolutions "
+                               "use pand_jax's slower jnp forms (same results)"]
+    assert not got["onednn"] and got["err"] <= FP32_TOL
+    assert not (tmp_path / "pand_jax").exists() or not any((tmp_path / "pand_jax").iterdir())
+
+
+@pytest.mark.parametrize("batch,size,cin,cout,kernel,stride,groups,want", [
+    (16, 56, 64, 64, 3, 1, 1, "onednn"),     # ResNet-18 at 224 px: 1.85e9 multiply-adds
+    (16, 224, 3, 64, 7, 2, 1, "onednn"),     # its stem at 224 px: 1.9e9
+    (16, 64, 3, 64, 7, 2, 1, "xla"),         # its stem at 64 px: 1.5e8, XLA's kernel
+    (16, 16, 64, 64, 3, 1, 1, "xla"),        # ResNet-18 at 64 px: 1.5e8
+    (2, 56, 64, 64, 3, 1, 1, "xla"),         # the 224 px conv at batch 2: 2.3e8
+    (16, 4, 512, 512, 3, 1, 1, "jnp"),       # a 4x4 map: the matmul form
+    (16, 56, 64, 256, 1, 1, 1, "jnp"),       # 1x1: a matmul at any size
+    (16, 28, 192, 192, 3, 1, 192, "onednn"),  # depthwise onto 28x28
+    (16, 27, 192, 192, 3, 1, 192, "jnp"),    # depthwise onto 27x27: shifted products
+    (16, 112, 96, 96, 3, 2, 96, "onednn"),   # depthwise 3x3/2 onto 56x56
+])
+def test_onednn_selection(batch, size, cin, cout, kernel, stride, groups, want):
+    x = jax.ShapeDtypeStruct((batch, size, size, cin), jnp.float32)
+    w = jax.ShapeDtypeStruct((kernel, kernel, cin // groups, cout), jnp.float32)
+    hlo = jax.jit(lambda x, w: conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=NHWC, feature_group_count=groups)
+    ).trace(x, w).lower(lowering_platforms=("cpu",)).as_text()
+    got = ("onednn" if "PandConvForward" in hlo
+           else "xla" if "stablehlo.convolution" in hlo else "jnp")
+    assert got == want
+
+
+def test_bad_onednn_switch_is_named(monkeypatch):
+    monkeypatch.setenv(onednn.SWITCH, "yes")
+    with pytest.raises(ValueError, match="PAND_ONEDNN='yes'; expected one of: 1 .*, 0 .*, all"):
+        conv_general_dilated(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), "SAME",
+                             dimension_numbers=NHWC)

@@ -1,14 +1,21 @@
 """`conv_general_dilated` and `max_pool` that run at PyTorch speed on CPU; XLA's own ops elsewhere.
 
-Why this exists: XLA:CPU lowers some convolutions very slowly (upstream jax-ml/jax#23713 for
-depthwise convs, openxla/xla#34273): a 3x3 512->512 conv over a 2x2 map takes ~100 ms where
+On CPU the large 2-D channels-last convolutions (dense ones with at least 5e8 multiply-adds,
+depthwise ones onto maps of 28x28 or more; see `_onednn_pays`) run on oneDNN, the kernels
+PyTorch uses, through custom calls (`pand_jax.models.onednn`); the jnp forms below take the
+small ones XLA:CPU is slow on. Where oneDNN cannot be built (another CPU architecture, no C++
+compiler; a warning says why) or is switched off (PAND_ONEDNN=0), the jnp forms and XLA's
+kernel take them all.
+
+Why the jnp forms exist: XLA:CPU lowers some convolutions very slowly (upstream jax-ml/jax#23713
+for depthwise convs, openxla/xla#34273): a 3x3 512->512 conv over a 2x2 map takes ~100 ms where
 PyTorch takes 4 ms, a depthwise 3x3 over 96 channels at 32x32 ~30 ms. ResNet-18 and MobileNet-V2
 students hit those shapes in every late stage, which made a CPU training step 7-10x slower than
 torchvision's. The same convolution written as shifted slices + one matmul (im2col), or for a
 depthwise conv as a sum of shifted products, is 30-60x faster on those shapes. XLA:CPU's
-gradient of max pooling (select-and-scatter through index arrays) took a quarter of a
-ResNet-18 training step; `max_pool` reads stride phases instead. The dense convs left to XLA
-run on its Eigen kernel, which `import pand_jax` selects (see `pand_jax/__init__.py`).
+gradient of max pooling (select-and-scatter through index arrays) took a quarter of a ResNet-18
+training step; `max_pool` reads stride phases instead. The dense convs left to XLA run on its
+Eigen kernel, which `import pand_jax` selects (see `pand_jax/__init__.py`).
 
 What it guarantees: `conv_general_dilated` takes `jax.lax.conv_general_dilated`'s arguments (it
 is passed to `nnx.Conv(conv_general_dilated=...)`) and returns the same values up to float
@@ -21,7 +28,7 @@ see `_dense_takes_matmul`) and depthwise convs (one filter per channel), any ker
 explicit / "SAME" / "VALID" padding; anything else (large maps, dilation, other grouped convs,
 other layouts) takes XLA's convolution, unchanged.
 Set PAND_NATIVE_CONV=1 (or trace inside `with xla_convolution():`) to force XLA's ops
-everywhere; the benchmarks use it to measure the difference.
+everywhere, oneDNN's included; the benchmarks use it to measure the difference.
 """
 from __future__ import annotations
 
@@ -30,10 +37,13 @@ import functools
 import itertools
 import math
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pand_jax.models import onednn
 
 
 # Which dense convs take the matmul form, from side-by-side measurements under the XLA:CPU option
@@ -63,6 +73,30 @@ def _dense_takes_matmul(kernel, strides, out_positions, in_channels) -> bool:
                 and out_positions <= IMAGE_MAX_MAP))
 
 
+# Which convs go to oneDNN when it is there, from whole training and eval steps of both students
+# at 64 and 224 px (batch 16) and single convs (`bench/cpu_ops.py`, bench/RESULTS.md). Each
+# custom call pays fixed costs the jnp forms do not (oneDNN's threads wake up, the weights are
+# reordered, XLA cannot fuse BatchNorm/ReLU into it); with every conv on oneDNN the 64 px
+# steps were 20-50 % slower than with the jnp forms, the 224 px ones 10-30 % faster. So:
+# - dense convs that would otherwise take XLA's kernel (see `_dense_takes_matmul`) with at
+#   least 5e8 multiply-adds: ResNet-18's 3x3 convs at 224 px (1.85e9 each at batch 16: 7 ms
+#   forward against Eigen's 10-15) and its 7x7 stem; below that (3x3 64->64 at 16x16, 1.5e8)
+#   Eigen's kernel was as fast or faster with its gradients (3.1 vs 4.4 ms);
+# - depthwise convs onto maps of 28x28 or more (MobileNet-V2 at 224 px: 3x3 over 144 channels
+#   at 56x56, forward and gradients 16 ms against 37 for the shifted products).
+ONEDNN_MIN_MACS = 5e8
+ONEDNN_MIN_DEPTHWISE_MAP = 28 * 28
+
+
+def _onednn_pays(rhs_shape, batch, out_positions, groups, strides) -> bool:
+    """For an HWIO kernel of `rhs_shape` onto `out_positions` outputs per image."""
+    if groups > 1:
+        return out_positions >= ONEDNN_MIN_DEPTHWISE_MAP
+    macs = batch * out_positions * math.prod(rhs_shape)
+    return (not _dense_takes_matmul(rhs_shape[:-2], strides, out_positions, rhs_shape[-2])
+            and macs >= ONEDNN_MIN_MACS)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, out_sharding=None):
@@ -80,13 +114,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     pads = (lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
             if isinstance(padding, str) else padding)
     out_positions = math.prod(_out_shape(lhs.shape, rhs.shape[:-2], window_strides, pads))
-    if feature_group_count == 1 and not _dense_takes_matmul(
+    # oneDNN only where this process computes on the CPU: a GPU host never builds it.
+    use_onednn = (lhs.ndim == 4 and jax.default_backend() == "cpu"
+                  and (onednn.forced() or _onednn_pays(rhs.shape, lhs.shape[0], out_positions,
+                                                        feature_group_count, window_strides))
+                  and onednn.enabled())
+    if not use_onednn and feature_group_count == 1 and not _dense_takes_matmul(
             rhs.shape[:-2], window_strides, out_positions, lhs.shape[-1]):
         return native(lhs, rhs)
 
     def cpu(lhs, rhs):
         return _cpu_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)),
-                         precision, preferred_element_type)
+                         precision, preferred_element_type, feature_group_count, use_onednn)
 
     # Chosen per platform when the computation is lowered, not by a Python check of
     # jax.default_backend() while tracing: the platform XLA compiles for is what matters (a CPU
@@ -104,19 +143,21 @@ def _xla_forced() -> bool:
     return os.environ.get(XLA_SWITCH) == "1"
 
 
-@contextlib.contextmanager
 def xla_convolution():
-    """Functions traced inside this block use XLA's convolution and pooling on every platform
-    (jit caches traces: only functions traced afresh are affected)."""
-    before = os.environ.get(XLA_SWITCH)
-    os.environ[XLA_SWITCH] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[XLA_SWITCH]
-        else:
-            os.environ[XLA_SWITCH] = before
+    """A context in which functions traced afresh use XLA's convolution and pooling on every
+    platform (jit caches traces: functions traced before are not affected)."""
+    return mock.patch.dict(os.environ, {XLA_SWITCH: "1"})
+
+
+CPU_PATHS = {"native": "XLA's convolution and pooling", "jnp": "the jnp forms (no oneDNN)",
+             "fast": "this module as it runs"}
+
+
+def traced_with(path: str):
+    """A context in which functions traced afresh use one of `CPU_PATHS` (the benchmarks
+    compare them)."""
+    return {"native": xla_convolution, "jnp": onednn.switched_off,
+            "fast": contextlib.nullcontext}[path]()
 
 
 def _channels_last_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -140,13 +181,15 @@ def _cpu_form_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_n
             and (isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding)))
 
 
-def _cpu_conv(x, w, strides, pads, precision, preferred_element_type):
+def _cpu_conv(x, w, strides, pads, precision, preferred_element_type, groups, use_onednn):
     out_dtype = preferred_element_type or jnp.result_type(x, w)
     # Everything in fp32 at least (XLA:CPU computes bf16 convs in fp32 too): the gradient w.r.t.
     # the input sums one term per tap, which bf16 would round at every add.
     acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
     x, w = x.astype(acc_dtype), w.astype(acc_dtype)
-    if all(k == 1 for k in w.shape[:-2]) and all(st == 1 for st in strides) and not any(
+    if use_onednn and acc_dtype == jnp.float32:
+        y = onednn.conv(x, w, strides, pads, groups)
+    elif all(k == 1 for k in w.shape[:-2]) and all(st == 1 for st in strides) and not any(
             map(any, pads)):
         y = _pointwise(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[-2:]), precision)
         y = y.reshape(*x.shape[:-1], -1)
