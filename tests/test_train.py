@@ -18,12 +18,15 @@ import pytest
 from conftest import NSD_ARGS, PSC_ARGS, run_train
 
 
-def latest_state(workdir: pathlib.Path) -> dict:
-    """The newest checkpoint's arrays as NumPy, whatever device count wrote them."""
+def latest_state(workdir: pathlib.Path, step: int | None = None) -> dict:
+    """The arrays of the checkpoint at `step` (default the newest) as NumPy, whatever device
+    count wrote them."""
     import jax
 
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    path = (workdir / "checkpoints" / str(steps[-1]) / "state").absolute()
+    assert step is None or step in steps, f"no checkpoint of step {step} in {workdir}: {steps}"
+    path = (workdir / "checkpoints" / str(steps[-1] if step is None else step) / "state")
+    path = path.absolute()
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.metadata(path).item_metadata.tree
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -84,14 +87,10 @@ def assert_trees_close(a, b, rtol, atol):
 
 
 # Device-count and process-count runs: 2 epochs of 2 steps, with a learning rate that moves
-# the weights by ~1e-3 of their size so their updates are resolved in fp32.
+# the weights by ~1e-3 of their size so their updates are resolved in fp32, and every
+# convolution on oneDNN (PAND_ONEDNN=all; these tiny ones would otherwise take the jnp forms).
 # The views are the deterministic "eval" ones (the rrc crop's resize rounds by how the batch is
-# split). Reductions over the batch (weight gradients, BatchNorm statistics) still round by how
-# it is split (1 ulp), and random-init training-mode BatchNorms amplify that over 4 steps: with
-# every convolution on oneDNN (PAND_ONEDNN=all; these tiny ones would otherwise take the jnp
-# forms) the largest difference is 1.5 % of an update (8 devices) and 1.2 % (2 processes); the
-# jnp forms with XLA's YNNPACK kernel gave up to 4 %, with its Eigen kernel 5 % (measured), close
-# to the 3 % the test allows and the 10 % gradient errors it must catch.
+# split).
 ONEDNN = {"PAND_ONEDNN": "all"}
 NSD_STEPS_ARGS = [*NSD_ARGS, "--set", "optimizer.lr=1e-3", "--set", "optimizer.end_lr=1e-4",
                   "--set", "augment=eval"]
@@ -108,13 +107,21 @@ def nsd_steps_run(teacher, psc_run, tmp_path_factory) -> pathlib.Path:
 
 
 def assert_nsd_runs_match(got: pathlib.Path, want: pathlib.Path):
-    """4 steps: parameters and BatchNorm statistics to 3e-2 of how far training moved them.
-    Reduction order differs with the device count, and the kinks of L1 (L_vis) and ReLU turn
-    its 1e-7 into ~1e-2 of an update after a few steps (as fp32 vs fp64 do in PyTorch); a 10 %
-    gradient error is still well outside."""
-    before, a, b = initial_nsd_state(want), latest_state(got), latest_state(want)
-    assert_updates_close(a["params"], b["params"], before["params"], 3e-2)
-    assert_updates_close(a["rest"], b["rest"], before["rest"], 3e-2)
+    """Parameters and BatchNorm statistics after the first epoch (2 steps) to 3e-2 of how far
+    training moved them, and after the second to 3e-1.
+    Reductions over the batch (weight gradients, BatchNorm statistics) round by how it is split
+    (1 ulp), and the random-init training-mode BatchNorms and the kinks of L1 (L_vis) and ReLU
+    amplify that step by step: measured across device and process counts and conv paths
+    (oneDNN, XLA's YNNPACK and Eigen kernels; JAX 0.10 and 0.12), up to 0.35 % of an update after
+    2 steps but up to 8.5 % after 4. A 10 % error in the updates fails the first check (a learning
+    rate 1.1x the 1-device run's is 40 % off after 2 steps); the second catches gross errors in
+    what only the second epoch does (its data, the schedule, BatchNorm statistics carried across
+    the epoch's evaluation)."""
+    before = initial_nsd_state(want)
+    for step, rtol in ((2, 3e-2), (4, 3e-1)):
+        a, b = latest_state(got, step), latest_state(want, step)
+        assert_updates_close(a["params"], b["params"], before["params"], rtol)
+        assert_updates_close(a["rest"], b["rest"], before["rest"], rtol)
 
 
 def test_psc_writes_anchors_summary_and_metrics(psc_run):
