@@ -488,7 +488,7 @@ def torch_prompt_features(clip, ctx, tokens, n_ctx):
 
 @pytest.fixture(scope="module")
 def psc_teacher():
-    torch_clip = convert_clip.build_torch_model(PSC_MODEL)
+    torch_clip = convert_clip.build_torch_model(PSC_MODEL, seed=SEED)
     convert_clip.randomize_torch_model(torch_clip, SEED)
     clip = convert_clip.convert_state_dict(convert_clip.torch_state_dict(torch_clip),
                                            convert_clip.config_from_open_clip(PSC_MODEL))

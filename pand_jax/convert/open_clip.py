@@ -234,23 +234,27 @@ def register_demo_models() -> None:
         register_model(entry)
 
 
-def build_torch_model(name_or_dict: str | dict[str, Any], device: str = "cpu"):
+def build_torch_model(name_or_dict: str | dict[str, Any], device: str = "cpu",
+                      seed: int | None = None):
     """The open_clip CLIP (PyTorch, eval mode) for a model name or config; device "meta" allocates
-    nothing."""
+    nothing. `seed` fixes the default initialisation's random weights (otherwise torch's global
+    generator draws them, whose state depends on everything that ran before in the process)."""
     import torch
     from open_clip.model import CLIP as TorchCLIP
 
     register_demo_models()
     cfg = (open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str)
            else name_or_dict)
-    with torch.device(device):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        if seed is not None:
+            torch.manual_seed(seed)
         model = TorchCLIP(**cfg)
     return model.eval()
 
 
 def randomize_torch_model(model, seed: int = 0) -> None:
-    """Makes every parameter random, including those the default init leaves constant (biases,
-    LayerNorm affine, layer scale at 1e-6, logit_scale) so no mistake can hide behind them."""
+    """Makes the parameters the default init leaves constant (biases, LayerNorm affine, layer
+    scale at 1e-6, logit_scale) random too, so no mistake can hide behind them."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
