@@ -295,8 +295,8 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_rerun_evaluates(teacher, 
                                                                        monkeypatch):
     """SIGTERM arrives as epoch 1's evaluation starts: the run abandons the evaluation (it can
     outlast a preemption's grace period on a CPU), saves the epoch's trained state, and the
-    rerun evaluates that epoch, replaces the checkpoint and ends where an undisturbed run
-    ends."""
+    rerun evaluates that epoch (keeping the epoch's checkpoint, whose arrays it restored) and
+    ends where an undisturbed run ends."""
     import dataclasses
 
     from pand_jax.train import loop
