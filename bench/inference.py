@@ -46,7 +46,7 @@ def bench(arch: str, batch: int, size: int, iters: int) -> dict[str, float]:
     model.eval()
     trained = student_lib.TrainedStudent(
         model, {"class_names": [str(c) for c in range(NUM_CLASSES)]},
-        dict(student_lib.DEFAULTS, image_size=size))
+        dict(student_lib.default_settings(), image_size=size))
     x = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
     x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 

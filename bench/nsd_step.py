@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pand_jax import config as config_lib
-from pand_jax import devices, losses, prompts
+from pand_jax import devices, losses, methods, prompts
 from pand_jax.convert.open_clip import DEMO_MODELS, config_from_open_clip
 from pand_jax.data import augment, datasets
 from pand_jax.hugepages import relaunch_with_huge_pages
@@ -83,6 +83,11 @@ def nsd_config() -> dict:
     return cfg
 
 
+def build(method, cfg, teacher_dim, dtype):
+    return nsd.build_model(method, cfg["student"], cfg["student_weights"], cfg["seed"],
+                           CUB_CLASSES, teacher_dim, dtype)
+
+
 def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
     cfg = nsd_config()
     clip = CLIP(config_from_open_clip(size.teacher), dtype=dtype, rngs=nnx.Rngs(0))
@@ -101,11 +106,12 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
     t_state = devices.replicate(mesh, t_state)
     cfg.update(image_size=size.image, augment="released")
     tx, schedule = nsd.optimizer(cfg, CUB_TRAIN // b)
-    loss_fn = nsd.make_loss(cfg, True, NSD_EPOCHS)
+    method = methods.get(cfg["method"])
+    loss_fn = nsd.make_loss(method, cfg["loss"], True, NSD_EPOCHS)
     epoch = jnp.int32(0)
     rates = {}
     for name, teacher_state, data in (("online", t_state, batch), ("cached", None, cached_batch)):
-        graphdef, state = nsd.init_state(nsd.build_model(cfg, CUB_CLASSES, dim, dtype), tx)
+        graphdef, state = nsd.init_state(build(method, cfg, dim, dtype), tx)
         step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
         box = [devices.replicate(mesh, state)]
 
@@ -124,7 +130,7 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
     encode = devices.jit_apply(clip, lambda m, x: m.encode_image(augment.normalize(x)), mesh)
     rates["teacher_features"] = b / timed(lambda: encode(feat_images), steps)
 
-    student = nsd.build_model(cfg, CUB_CLASSES, dim, dtype).student
+    student = build(method, cfg, dim, dtype).student
     student.eval()
     predict = devices.jit_apply(student, lambda m, x: jnp.argmax(m(augment.normalize(x)), -1), mesh)
     eval_images = devices.to_global(mesh, {"i": host["image"][:, :size.image, :size.image]})["i"]
@@ -188,7 +194,8 @@ def bench_torch(size: Size, device: str, dtype: str, steps: int) -> float:
     trainable = torch.nn.ModuleList([student, head, align_img, align_txt]).to(dev).train()
     opt = torch.optim.AdamW(trainable.parameters(), lr=1e-4, weight_decay=1e-4)
     lc = nsd_config()["loss"]
-    scale, tau, k, lam = lc["scale"], lc["tau"], lc["nsd_k"], lc["lambda_nsd"]
+    scale, tau = lc["scale"], lc["vl2lite"]["tau"]
+    k, lam = lc["pand"]["nsd_k"], lc["pand"]["lambda_nsd"]
     b = size.batch
     images = torch.randn(b, 3, size.image, size.image, device=dev)
     labels = torch.randint(0, CUB_CLASSES, (b,), device=dev)

@@ -1,9 +1,11 @@
-"""Losses of PAND and its baselines, and the Stage-NSD objective of each method.
+"""The loss functions of PAND and its baselines; each method's Stage-NSD objective, which
+combines them, is in `pand_jax.methods`.
 
 Notation (the paper's): z_s student logits, h student penultimate features, y labels,
 t teacher image embedding, T text anchors (PSC's learned prompts or hand-written templates),
-s = 1/0.07 the fixed logit scale, tau the KL temperature. docs/equations.md maps every paper
-equation to the function here that computes it.
+s the fixed logit scale (1/0.07 in configs/nsd.json), tau the KL temperature. docs/equations.md
+maps every paper equation to the function that computes it. Paper values are never defaults
+here: they live in configs/ and arrive as arguments.
 
 Every function is pure and jittable, vectorised over samples and neighbours, and computes in
 fp32 even when given bf16 (fp64 inputs stay fp64, which the gradient checks use).
@@ -17,17 +19,11 @@ Teacher inputs are not wrapped in stop_gradient (the teacher is frozen and its o
 no gradient in the trainer), except in `rkd`, where Park et al. detach the teacher explicitly.
 """
 
-from typing import Callable, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 from jax import lax
-
-# VL2Lite/PAND use a fixed CLIP-style logit scale s = 1/0.07, not the teacher's learned one: for
-# the text-logit KL and for the teacher logits z_t that KD and NSD read (config `loss.scale`).
-VL2LITE_SCALE = 1.0 / 0.07
 
 NSD_FORMS = ("paper", "batch")  # nsd_paper (Eq. 6-8) or nsd_batch (released code)
 # The text-KL reduction of `vl2lite`: PAND's batch mean, or VL2Lite's half of it.
@@ -38,7 +34,7 @@ TXT_REDUCTIONS = ("pand", "vl2lite")
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _fp32(x):
+def fp32(x):
     """Upcast bf16/fp16/integers to fp32; fp32 and fp64 pass through unchanged."""
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits >= 32:
@@ -100,7 +96,7 @@ def js_divergence(p_logits, q_logits, axis=-1):
     Reduces `axis`; the result lies in [0, ln 2]. Computed from log-softmax so that logits of
     magnitude 1e4 stay finite: log m = logaddexp(log p, log q) - log 2.
     """
-    p_logits, q_logits = _fp32(p_logits), _fp32(q_logits)
+    p_logits, q_logits = fp32(p_logits), fp32(q_logits)
     _check_same_shape("p_logits", p_logits, "q_logits", q_logits)
     log_p = jax.nn.log_softmax(p_logits, axis=axis)
     log_q = jax.nn.log_softmax(q_logits, axis=axis)
@@ -109,13 +105,13 @@ def js_divergence(p_logits, q_logits, axis=-1):
 
 
 def _check_logit_pair(student_logits, teacher_logits):
-    student_logits, teacher_logits = _fp32(student_logits), _fp32(teacher_logits)
+    student_logits, teacher_logits = fp32(student_logits), fp32(teacher_logits)
     _check_ndim("student_logits", student_logits, 2)
     _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     return student_logits, teacher_logits
 
 
-def nsd_paper(student_logits, teacher_logits, labels, k=3):
+def nsd_paper(student_logits, teacher_logits, labels, k):
     """NSD of the paper, Eq. 6-8: class neighbourhood around each sample's ground truth.
 
     N_i = the k non-ground-truth classes with the largest teacher logits. Margins
@@ -149,7 +145,7 @@ def _batch_neighbours(z_t, k):
     return neighbours
 
 
-def nsd_batch(student_logits, teacher_logits, k=3, group_size=None):
+def nsd_batch(student_logits, teacher_logits, k, group_size=None):
     """NSD of the released code (from NRKD): in-batch sample neighbourhood.
 
     Neighbours j of sample i: the k samples of its group (self excluded) whose L2-normalised
@@ -180,13 +176,13 @@ def nsd_batch(student_logits, teacher_logits, k=3, group_size=None):
 
 def cross_entropy(logits, labels):
     """Mean softmax cross-entropy with integer labels."""
-    logits = _fp32(logits)
+    logits = fp32(logits)
     _check_ndim("logits", logits, 2)
     labels = _check_labels(labels, *logits.shape)
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - _label_logit(logits, labels))
 
 
-def kd(student_logits, teacher_logits, temperature=4.0):
+def kd(student_logits, teacher_logits, temperature):
     """Hinton KD: T^2 * batch-mean KL(softmax(z_t / T) || softmax(z_s / T))."""
     z_s, z_t = _check_logit_pair(student_logits, teacher_logits)
     log_p = jax.nn.log_softmax(z_t / temperature, axis=1)
@@ -195,7 +191,7 @@ def kd(student_logits, teacher_logits, temperature=4.0):
 
 
 def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, align_text, labels,
-            student_logits, temperature=2.0, reduction="pand", scale=VL2LITE_SCALE):
+            student_logits, temperature, reduction, scale):
     """The VL2Lite base losses (cls, vis, txt), returned separately and unweighted.
 
     cls = CE(z_s, y); vis = mean |h - a| with h, a the L2-normalised student features and
@@ -206,9 +202,9 @@ def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, alig
     """
     if reduction not in TXT_REDUCTIONS:
         raise ValueError(f"reduction must be one of {TXT_REDUCTIONS}, got {reduction!r}")
-    h, a = _fp32(student_features), _fp32(align_image)
-    t, anchors, a_txt = _fp32(teacher_image_emb), _fp32(text_anchors), _fp32(align_text)
-    z_s = _fp32(student_logits)
+    h, a = fp32(student_features), fp32(align_image)
+    t, anchors, a_txt = fp32(teacher_image_emb), fp32(text_anchors), fp32(align_text)
+    z_s = fp32(student_logits)
     for name, x in [("student_features", h), ("teacher_image_emb", t), ("text_anchors", anchors),
                     ("align_image", a), ("align_text", a_txt), ("student_logits", z_s)]:
         _check_ndim(name, x, 2)
@@ -239,7 +235,7 @@ def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, alig
     return cls, vis, txt
 
 
-def loss_weights(epoch, num_epochs, cls_offset=0.0):
+def loss_weights(epoch, num_epochs, cls_offset):
     """Released schedule: w_cls = clip(offset + e / (8 E), 0, 1), w_vis = w_txt = (1 - w_cls)/2.
 
     `epoch` is 0-based and may be a Python number or a traced scalar (the trainer passes it
@@ -280,13 +276,13 @@ def _triplet_angles(e):
     return jnp.einsum("ijd,ikd->ijk", u, u, precision=_HIGHEST)
 
 
-def rkd(student_features, teacher_features, distance_weight=25.0, angle_weight=50.0):
+def rkd(student_features, teacher_features, distance_weight, angle_weight):
     """Relational KD (Park et al. 2019): distance + angle losses with smooth-L1.
 
     Distances are normalised by their mean over off-diagonal pairs; the teacher side is
     detached. Student and teacher feature widths may differ; the batch sizes must match.
     """
-    s, t = _fp32(student_features), lax.stop_gradient(_fp32(teacher_features))
+    s, t = fp32(student_features), lax.stop_gradient(fp32(teacher_features))
     _check_ndim("student_features", s, 2)
     _check_ndim("teacher_features", t, 2)
     if s.shape[0] != t.shape[0] or s.shape[0] < 2:
@@ -302,7 +298,7 @@ def coop_ce(image_features, text_features, labels, logit_scale):
 
     `logit_scale` is the multiplier itself (exp of CLIP's stored log scale, about 100).
     """
-    img, txt = _fp32(image_features), _fp32(text_features)
+    img, txt = fp32(image_features), fp32(text_features)
     _check_ndim("image_features", img, 2)
     _check_ndim("text_features", txt, 2)
     if img.shape[1] != txt.shape[1]:
@@ -312,28 +308,13 @@ def coop_ce(image_features, text_features, labels, logit_scale):
     return cross_entropy(logits, labels)
 
 
-# ---------------------------------------------------------------- Stage-NSD objectives
-
-
-class NSDInputs(NamedTuple):
-    """What a Stage-NSD objective sees for one batch."""
-    logits: jax.Array            # z_s [B, C]
-    features: jax.Array          # student penultimate features before L2norm [B, d]
-    labels: jax.Array            # y [B]
-    teacher: jax.Array | None    # t, the teacher's image embedding [B, D] (None for "none")
-    anchors: jax.Array | None    # T, text anchors [C, D] (None for "none")
-    align_image: Callable | None  # MLP_img, VL2Lite's trainable image-align head
-    align_text: Callable | None   # MLP_txt, VL2Lite's trainable text-align head
-    epoch: jax.Array | int       # 0-based epoch e (the loss-weight schedule reads it)
-
-
-def teacher_logits(teacher, anchors, scale=VL2LITE_SCALE):
+def teacher_logits(teacher, anchors, scale):
     """z_t = s * L2norm(t) @ L2norm(T)^T: the teacher's class logits over the text anchors."""
-    return scale * jnp.matmul(l2_normalize(_fp32(teacher)), l2_normalize(_fp32(anchors)).T,
+    return scale * jnp.matmul(l2_normalize(fp32(teacher)), l2_normalize(fp32(anchors)).T,
                               precision=_HIGHEST)
 
 
-def nsd(z_s, z_t, labels, form="paper", k=3, group_size=None):
+def nsd(z_s, z_t, labels, form, k, group_size):
     """L_NSD between student logits z_s and teacher logits z_t in the chosen form: "paper" =
     `nsd_paper` (Eq. 6-8, class neighbourhood), "batch" = `nsd_batch` (the released code's
     in-batch sample neighbourhood; `group_size` applies)."""
@@ -342,70 +323,3 @@ def nsd(z_s, z_t, labels, form="paper", k=3, group_size=None):
     if form == "batch":
         return nsd_batch(z_s, z_t, k, group_size)
     raise ValueError(f"nsd form must be one of {NSD_FORMS}, got {form!r}")
-
-
-def none_objective(x: NSDInputs):
-    """No KD: L = CE(z_s, y)."""
-    cls = cross_entropy(x.logits, x.labels)
-    return cls, {"cls": cls}
-
-
-def kd_objective(x: NSDInputs, *, temperature=4.0, scale=VL2LITE_SCALE):
-    """Hinton KD against the teacher's anchor logits z_t: L = CE + `kd`(z_s, z_t)."""
-    cls = cross_entropy(x.logits, x.labels)
-    distill = kd(x.logits, teacher_logits(x.teacher, x.anchors, scale), temperature)
-    return cls + distill, {"cls": cls, "kd": distill}
-
-
-def rkd_objective(x: NSDInputs, *, distance_weight=25.0, angle_weight=50.0):
-    """RKD on the penultimate features: L = CE + `rkd`(h, t)."""
-    cls = cross_entropy(x.logits, x.labels)
-    relational = rkd(x.features, x.teacher, distance_weight, angle_weight)
-    return cls + relational, {"cls": cls, "rkd": relational}
-
-
-def vl2lite_objective(x: NSDInputs, *, num_epochs, tau=2.0, scale=VL2LITE_SCALE, cls_offset=0.0,
-                      reduction="vl2lite"):
-    """The VL2Lite base loss, PAND's L_base:
-
-        L_base = w_cls L_cls + w_vis L_vis + w_txt L_txt                  (`loss_weights`)
-        L_cls  = CE(z_s, y)                                               (`cross_entropy`)
-        L_vis  = mean |L2norm(h) - L2norm(MLP_img(t_hat))|                (`vl2lite`)
-        L_txt  = tau^2 KL(softmax(s t_hat T_hat^T / tau) || softmax(s h_hat A^T / tau)),
-                 A = L2norm(MLP_txt(T))                                   (`vl2lite`)
-
-    with t_hat, T_hat, h_hat the L2-normalised t, T, h. w_cls = clip(offset + e / 8E, 0, 1),
-    w_vis = w_txt = (1 - w_cls) / 2 (the released schedule; the paper states it starts at
-    0.01 / 0.495 / 0.495, i.e. cls_offset 0.01).
-    """
-    t_hat = l2_normalize(_fp32(x.teacher))
-    cls, vis, txt = vl2lite(x.features, t_hat, x.anchors, x.align_image(t_hat),
-                            x.align_text(x.anchors), x.labels, x.logits, tau, reduction, scale)
-    w_cls, w_vis, w_txt = loss_weights(x.epoch, num_epochs, cls_offset)
-    total = w_cls * cls + w_vis * vis + w_txt * txt
-    return total, {"cls": cls, "vis": vis, "txt": txt, "w_cls": w_cls}
-
-
-def pand_objective(x: NSDInputs, *, num_epochs, tau=2.0, scale=VL2LITE_SCALE, cls_offset=0.0,
-                   reduction="pand", lambda_nsd=0.5, nsd_form="paper", k=3, group_size=None):
-    """PAND's Stage-NSD objective with the anchors T learned by Stage-PSC:
-
-        L_total = L_base + lambda_NSD * L_NSD
-
-    L_base is `vl2lite_objective` (with the batch-mean text KL, reduction "pand"); L_NSD is
-    `nsd` on z_s and the teacher logits z_t = s t_hat T_hat^T (`teacher_logits`): the paper's
-    Eq. 6-8 (K nearest non-target classes, margin distributions, Jensen-Shannon), or the
-    released code's in-batch form. lambda_NSD = 0 gives the "+PSC only" ablation.
-    """
-    total, terms = vl2lite_objective(x, num_epochs=num_epochs, tau=tau, scale=scale,
-                                     cls_offset=cls_offset, reduction=reduction)
-    if lambda_nsd:
-        terms["nsd"] = nsd(x.logits, teacher_logits(x.teacher, x.anchors, scale), x.labels,
-                           nsd_form, k, group_size)
-        total = total + lambda_nsd * terms["nsd"]
-    return total, terms
-
-
-OBJECTIVES = {"pand": pand_objective, "vl2lite": vl2lite_objective, "kd": kd_objective,
-              "rkd": rkd_objective, "none": none_objective}
-METHODS = tuple(OBJECTIVES)

@@ -15,7 +15,6 @@ import shlex
 
 import numpy as np
 import pytest
-from flax import nnx
 from matplotlib import image as mpimg
 
 from pand_jax import data as data_lib
@@ -44,21 +43,22 @@ def read_csv(path: pathlib.Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from pand_jax.models.clip import CLIP, save_clip
-    from pand_jax.train import demo as demo_lib, nsd
+def demo(teacher, tmp_path_factory):
+    import shutil
+
+    from pand_jax.train import nsd
 
     out = tmp_path_factory.mktemp("reproduce")
-    # A random demo teacher: training one is train.py --demo's test; here only shapes matter.
-    clip = CLIP(demo_lib.teacher_config(demo_lib.demo_config()["teacher"]), rngs=nnx.Rngs(0))
-    save_clip(out / "teacher", clip, teacher_id="test-teacher")
+    # The session's random demo teacher (conftest.py) where --demo looks for its teacher:
+    # training one is train.py --demo's test; here only shapes matter.
+    shutil.copytree(teacher, out / "teacher")
     argv = SHORT + ["--out", out]
     real_run = nsd.run
 
-    def failing_rkd(cfg, workdir):
+    def failing_rkd(cfg, workdir, info):
         if cfg["method"] == "rkd":
             raise RuntimeError("injected failure")
-        return real_run(cfg, workdir)
+        return real_run(cfg, workdir, info)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nsd, "run", failing_rkd)
@@ -107,12 +107,21 @@ def test_results_csv_has_every_planned_run_with_its_summary(demo):
         assert float(r["best_top1"]) == pytest.approx(summary["best_top1"], abs=1e-12)
         assert float(r["last_top1"]) == pytest.approx(summary["last_top1"], abs=1e-12)
         assert (int(r["seed"]), int(r["epochs"]), int(r["best_epoch"])) == (0, 1, 1)
-        assert r["nsd_form"] == summary["nsd_form"] == "paper"
-        if r["method"] == "pand":
-            assert float(r["lambda_nsd"]) == summary["lambda_nsd"]
-            assert (r["no_psc"] == "True") == summary["no_psc"]
+        assert (r["no_psc"] == "True") == summary["no_psc"]
+        if "pand" in summary["loss"]:  # the methods whose settings include PAND's section
+            assert r["nsd_form"] == summary["loss"]["pand"]["nsd_form"] == "paper"
+            assert float(r["lambda_nsd"]) == summary["loss"]["pand"]["lambda_nsd"]
         else:
-            assert r["lambda_nsd"] == ""
+            assert r["lambda_nsd"] == r["nsd_form"] == ""
+        # what the run cost: every run but "none" reads the seed's cache of 2 views per image
+        assert float(r["train_seconds"]) == pytest.approx(summary["train_seconds"], rel=1e-9)
+        assert float(r["wall_seconds"]) == pytest.approx(summary["wall_seconds"], rel=1e-9)
+        assert summary["wall_seconds"] > summary["train_seconds"]
+        if r["method"] == "none":
+            assert (r["teacher_mode"], r["teacher_forwards"]) == ("", "0")
+        else:
+            n_train = len(data_lib.load_split("digits", "train"))
+            assert (r["teacher_mode"], int(r["teacher_forwards"])) == ("cached", 2 * n_train)
 
 
 def test_results_md_gives_each_cell_from_the_runs(demo):
@@ -130,8 +139,11 @@ def test_results_md_gives_each_cell_from_the_runs(demo):
 def test_results_md_puts_the_paper_beside_ours():
     """CUB / ResNet-18 has paper numbers: mean, sample std, n and the difference."""
     def result(method, lam, no_psc, seed, top1):
-        return results_lib.Result("cub", "resnet18", method, no_psc, lam, "paper", seed, 300,
-                                  top1, top1, 300, 1.0, pathlib.Path("x"))
+        loss = {"pand": {"lambda_nsd": lam, "nsd_form": "paper"}} if lam is not None else {}
+        return results_lib.Result(
+            "cub", "resnet18", method, no_psc, lam, "paper", seed, 300, top1, top1, 300, 1.0,
+            train_seconds=8.0, wall_seconds=10.0, teacher_mode="cached", teacher_forwards=100,
+            workdir=pathlib.Path("x"), config={"no_psc": no_psc, "loss": loss})
 
     rs = [result("pand", 0.5, False, 0, 0.75), result("pand", 0.5, False, 1, 0.77),
           result("vl2lite", None, False, 0, 0.70)]
@@ -141,6 +153,9 @@ def test_results_md_puts_the_paper_beside_ours():
     assert "| +NSD | - | 0 | 75.91 | - |" in md                 # known paper cell, no run
     assert "| KD | - | 0 | - | - |" in md
     assert "| 0.5 | 76.00 ± 1.41 | 2 | 76.41 | -0.41 |" in md   # the lambda sweep's own number
+    # what each method cost: mean over its runs; a method without runs has no figures
+    assert "| PAND | cached | 100 | 1.0 | 10.0 |" in md
+    assert "| KD | - | - | - | - |" in md
 
 
 def test_second_invocation_skips_everything_and_gives_the_same_results(demo):
@@ -164,6 +179,17 @@ def test_figures_are_written(demo):
         assert f["labels"].tolist() == [test[i]["label"] for i in range(len(test))]
 
 
+def test_every_method_stays_visible_in_the_accuracy_plot(demo, tmp_path):
+    from pand_jax.experiments import figures
+
+    # One epoch near chance: several methods share a top-1, and so a point.
+    results = results_lib.collect(demo["out"])
+    lines = figures.accuracy_curves(results, "digits", tmp_path / "a.png").axes[0].get_lines()
+    assert len(lines) == len(figures.ROW_ORDER)
+    assert len({float(line.get_xdata()[0]) for line in lines}) == len(lines)  # side by side
+    assert len({line.get_marker() for line in lines}) == len(lines)
+
+
 def test_list_prints_train_commands_in_dependency_order(demo, capsys):
     """`--list` (with the real lambda sweep) parses back with train.py's parser; PSC first,
     then the run that builds the teacher cache; rows that coincide appear once."""
@@ -177,7 +203,7 @@ def test_list_prints_train_commands_in_dependency_order(demo, capsys):
     for line in lines:
         words = shlex.split(line)
         assert words[:2] == ["python", "train.py"]
-        parsed.append(train_cli.resolve(train_cli.parser().parse_args(words[2:])))
+        parsed.append(train_cli.resolve(train_cli.parser().parse_args(words[2:]))[:2])
     stages = [cfg["stage"] for cfg, _ in parsed]
     assert stages == ["psc"] + ["nsd"] * (len(lines) - 1)
     assert parsed[0][1] == demo["out"] / "psc"

@@ -16,7 +16,7 @@ learning rate and loss weight. Each step starts
 from PyTorch's state (see `load_torch_state` for why).
 
 The released configuration differs from the project's defaults; the flags that select it:
-    --set loss.nsd_form=batch --set loss.lambda_nsd=1.0 --set loss.nsd_group_size=32
+    --set loss.pand.nsd_form=batch --set loss.pand.lambda_nsd=1.0 --set loss.pand.nsd_group_size=32
     --set optimizer.schedule=cosine_periodic   (CosineAnnealingLR, T_max 100 epochs, no restart)
 The cases below run both.
 """
@@ -37,15 +37,23 @@ from flax import nnx
 from flax.traverse_util import flatten_dict
 
 from pand_jax import config as config_lib
-from pand_jax import prompts
+from pand_jax import methods, prompts
 from pand_jax.convert import open_clip as convert_clip
 from pand_jax.convert.state_dict import layout_of, to_flax_layout
 from pand_jax.convert.torchvision import HEAD, torch_key, torchvision_to_nnx
 from pand_jax.data import augment
 from pand_jax.train import nsd, psc
 
-jax.config.update("jax_default_matmul_precision", "highest")
+from helpers import torch_state_dict
+
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def highest_matmul_precision():
+    """fp32 parity at matmul precision "highest" for this module's tests only."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 LOSS_RTOL = 1e-5
 # Gradients (Adam moments) and updates agree to ~2e-5 of their size on most steps. The losses
@@ -97,16 +105,19 @@ class TorchDistillee(torch.nn.Module):
 
     def __init__(self, arch, num_classes, teacher_dim):
         super().__init__()
-        torch.manual_seed(SEED)
-        self.student = torchvision.models.__dict__[arch](num_classes=num_classes)
-        if arch == "mobilenet_v2":  # the released code replaces the classifier, dropout included
-            self.student.classifier[0] = torch.nn.Identity()
-        self.head = self.student.get_submodule(HEAD[arch])
-        d = self.head.in_features
-        self.align_image = torch.nn.Sequential(torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(),
-                                               torch.nn.Linear(d, d))
-        self.align_text = torch.nn.Sequential(torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(),
-                                              torch.nn.Linear(d, d))
+        # torchvision and Linear draw their initial weights from torch's global generator: a
+        # forked one, seeded here, leaves the global one as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            self.student = torchvision.models.__dict__[arch](num_classes=num_classes)
+            if arch == "mobilenet_v2":  # the released code replaces the classifier, dropout too
+                self.student.classifier[0] = torch.nn.Identity()
+            self.head = self.student.get_submodule(HEAD[arch])
+            d = self.head.in_features
+            self.align_image = torch.nn.Sequential(
+                torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(), torch.nn.Linear(d, d))
+            self.align_text = torch.nn.Sequential(
+                torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(), torch.nn.Linear(d, d))
         # Random BatchNorm affine and statistics: the identity defaults could hide a mix-up.
         g = torch.Generator().manual_seed(SEED + 1)
         with torch.no_grad():
@@ -188,15 +199,15 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned):
     cls = F.cross_entropy(z_s, labels)
     if method == "none":
         return cls, {"cls": cls}
-    s, tau = lc["scale"], lc["tau"]
+    s, tau = lc["scale"], lc["vl2lite"]["tau"]
     t_hat, anchors = feature_norm(t), feature_norm(anchors)
     z_t = s * t_hat @ anchors.T
     if method == "kd":
-        T = lc["kd_temperature"]
+        T = lc["kd"]["temperature"]
         kd = T * T * torch_kl_batchmean(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1))
         return cls + kd, {"cls": cls, "kd": kd}
     if method == "rkd":
-        r = torch_rkd(h, t, lc["rkd_distance_weight"], lc["rkd_angle_weight"])
+        r = torch_rkd(h, t, lc["rkd"]["distance_weight"], lc["rkd"]["angle_weight"])
         return cls + r, {"cls": cls, "rkd": r}
     h_hat = feature_norm(h)
     a_img = feature_norm(model.align_image(t_hat))
@@ -212,15 +223,16 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned):
     w2 = float(np.clip(1 - w1, 0, 1))
     total = w1 * cls + (w2 * vis + w2 * txt) / 2
     terms = {"cls": cls, "vis": vis, "txt": txt, "w_cls": torch.tensor(w1)}
-    if method == "pand" and lc["lambda_nsd"]:
-        if lc["nsd_form"] == "paper":
-            nsd_loss = torch_nsd_paper(z_s, z_t, labels, lc["nsd_k"])
+    p = lc["pand"]
+    if method == "pand" and p["lambda_nsd"]:
+        if p["nsd_form"] == "paper":
+            nsd_loss = torch_nsd_paper(z_s, z_t, labels, p["nsd_k"])
         else:  # per-GPU batches under DDP: gradients averaged = the mean of the groups' losses
-            g = lc["nsd_group_size"] or len(labels)
-            nsd_loss = torch.stack([torch_nlrd(zs, zt, lc["nsd_k"]) for zs, zt in
+            g = p["nsd_group_size"] or len(labels)
+            nsd_loss = torch.stack([torch_nlrd(zs, zt, p["nsd_k"]) for zs, zt in
                                     zip(z_s.split(g), z_t.split(g))]).mean()
         terms["nsd"] = nsd_loss
-        total = total + lc["lambda_nsd"] * nsd_loss
+        total = total + p["lambda_nsd"] * nsd_loss
     return total, terms
 
 
@@ -338,14 +350,15 @@ NSD_CASES = {
     # non-restarting cosine with T_max = 1 epoch here (down over epoch 0, back up over epoch 1)
     "pand-batch-groups-mobilenet_v2-released": dict(
         arch="mobilenet_v2", learned=True, clip=True,
-        sets={"loss.nsd_form": "batch", "loss.nsd_group_size": 4, "loss.lambda_nsd": 1.0,
+        sets={"loss.pand.nsd_form": "batch", "loss.pand.nsd_group_size": 4,
+              "loss.pand.lambda_nsd": 1.0,
               "optimizer.schedule": "cosine_periodic", "optimizer.t_max_epochs": 1}),
     "pand-batch-resnet18-clip": dict(
         arch="resnet18", learned=True, clip=True,
-        sets={"loss.nsd_form": "batch", "loss.lambda_nsd": 1.0}),
+        sets={"loss.pand.nsd_form": "batch", "loss.pand.lambda_nsd": 1.0}),
     "pand-lambda0-resnet18-periodic": dict(
         arch="resnet18", learned=True,
-        sets={"loss.lambda_nsd": 0.0, "optimizer.schedule": "cosine_periodic",
+        sets={"loss.pand.lambda_nsd": 0.0, "optimizer.schedule": "cosine_periodic",
               "optimizer.t_max_epochs": 1}),
     "vl2lite-resnet18": dict(arch="resnet18", method="vl2lite", learned=False),
     "kd-resnet18-clip": dict(arch="resnet18", method="kd", learned=False, clip=True),
@@ -380,12 +393,14 @@ def test_nsd_steps_match_released_pytorch(case):
 
     # the same weights on both sides, through the project's converter
     torch_model = TorchDistillee(arch, NUM_CLASSES, TEACHER_DIM).train()
-    model = nsd.build_model(cfg, NUM_CLASSES, TEACHER_DIM, jnp.float32)
+    jmethod = methods.get(method)
+    model = nsd.build_model(jmethod, arch, None, cfg["seed"], NUM_CLASSES, TEACHER_DIM,
+                            jnp.float32)
     sd = {k: v for k, v in torch_model.student.state_dict().items()}
     state = nnx.state(model.student)
     nnx.replace_by_pure_dict(state, torchvision_to_nnx(arch, sd))
     nnx.update(model.student, state)
-    for name in ("align_image", "align_text"):
+    for name in model.head_names:  # VL2Lite's align MLPs, for the methods that train them
         for fc, i in (("fc1", 0), ("fc2", 2)):
             layer, src = getattr(getattr(model, name), fc), getattr(torch_model, name)[i]
             layer.kernel[...] = jnp.asarray(src.weight.detach().numpy().T)
@@ -394,7 +409,7 @@ def test_nsd_steps_match_released_pytorch(case):
     anchors_np = np.random.default_rng(SEED + 2).standard_normal((NUM_CLASSES, TEACHER_DIM))
     anchors_np = (anchors_np / np.linalg.norm(anchors_np, axis=1, keepdims=True)).astype(np.float32)
     tx, schedule = nsd.optimizer(cfg, STEPS_PER_EPOCH)
-    loss_fn = nsd.make_loss(cfg, learned, cfg["epochs"])
+    loss_fn = nsd.make_loss(jmethod, cfg["loss"], learned, cfg["epochs"])
     graphdef, jstate = nsd.init_state(model, tx)
     train_step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule)
     frozen = (None, None if method == "none" else jnp.asarray(anchors_np))
@@ -490,7 +505,7 @@ def torch_prompt_features(clip, ctx, tokens, n_ctx):
 def psc_teacher():
     torch_clip = convert_clip.build_torch_model(PSC_MODEL, seed=SEED)
     convert_clip.randomize_torch_model(torch_clip, SEED)
-    clip = convert_clip.convert_state_dict(convert_clip.torch_state_dict(torch_clip),
+    clip = convert_clip.convert_state_dict(torch_state_dict(torch_clip),
                                            convert_clip.config_from_open_clip(PSC_MODEL))
     return torch_clip.requires_grad_(False), clip
 

@@ -19,18 +19,18 @@ import sys
 import traceback
 
 from pand_jax import config as config_lib
-from pand_jax import devices
+from pand_jax import devices, files
 from pand_jax.cli import common
 from pand_jax.data import datasets
 from pand_jax.experiments import plan as plan_lib
 from pand_jax.models.student import ARCHS
 
-# --demo's scale: 20 Stage-NSD runs of 2 epochs of 10 steps keep it to minutes on a CPU.
-DEMO_STUDENTS, DEMO_SEEDS, DEMO_EPOCHS, DEMO_NSD_SETS = ("resnet18",), 2, 2, ["max_steps_per_epoch=10"]
+DEMO = config_lib.demo_config()["reproduce"]  # --demo's scale: minutes on a CPU
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+
+def parser() -> common.Parser:
+    p = common.Parser(
         prog="reproduce.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python reproduce.py --dataset cub --data-dir data\n"
@@ -42,10 +42,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="everything on digits with the demo teacher (made if missing), on a CPU")
     p.add_argument("--students", help=f"comma-separated, from {', '.join(ARCHS)} "
-                                      f"(default: all; --demo: {','.join(DEMO_STUDENTS)})")
-    p.add_argument("--seeds", type=int, help=f"seeds 0..N-1 (default 3; --demo: {DEMO_SEEDS})")
+                                      f"(default: all; --demo: {','.join(DEMO['students'])})")
+    p.add_argument("--seeds", type=int, help=f"seeds 0..N-1 (default 3; --demo: {DEMO['seeds']})")
     p.add_argument("--epochs", type=int, help="Stage-NSD epochs of every run (default: "
-                   f"configs/nsd.json, the paper's 300; --demo: {DEMO_EPOCHS})")
+                   f"configs/nsd.json, the paper's 300; --demo: {DEMO['epochs']})")
     p.add_argument("--psc-epochs", type=int, help="Stage-PSC epochs (default: configs/psc.json)")
     p.add_argument("--lambdas", default=",".join(f"{x:g}" for x in plan_lib.SWEEP_LAMBDAS),
                    help="the lambda_NSD sweep for PAND (default: the paper's %(default)s)")
@@ -70,6 +70,7 @@ def split_sets(sets: list[str]) -> tuple[list[str], list[str]]:
     by_stage = {"psc": [], "nsd": []}
     for item in sets:
         key = item.partition("=")[0].strip()
+        key = config_lib.RENAMED.get(key, key)
         if "=" not in item:
             raise config_lib.ConfigError(f"--set expects key=value, got {item!r}")
         if key in plan_lib.PLANNED_KEYS:
@@ -91,9 +92,7 @@ def split_sets(sets: list[str]) -> tuple[list[str], list[str]]:
 
 def demo_sets() -> tuple[dict, list[str], list[str]]:
     """(demo config, PSC sets, NSD sets): configs/demo.json's stage sections as --set items."""
-    from pand_jax.train import demo
-
-    d = demo.demo_config()
+    d = config_lib.demo_config()
 
     def items(section):
         return [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
@@ -103,12 +102,12 @@ def demo_sets() -> tuple[dict, list[str], list[str]]:
 
 def make_plan(args) -> tuple[list[plan_lib.Run], pathlib.Path]:
     students = (args.students.split(",") if args.students
-                else list(DEMO_STUDENTS if args.demo else ARCHS))
+                else list(DEMO["students"] if args.demo else ARCHS))
     bad = [s for s in students if s not in ARCHS]
     if bad:
         raise config_lib.ConfigError(f"unknown student {bad[0]!r} in --students; expected a "
                                      f"comma-separated list from {list(ARCHS)}")
-    seeds = args.seeds if args.seeds is not None else (DEMO_SEEDS if args.demo else 3)
+    seeds = args.seeds if args.seeds is not None else (DEMO["seeds"] if args.demo else 3)
     if seeds < 1:
         raise config_lib.ConfigError(f"--seeds must be at least 1, got {seeds}")
     try:
@@ -123,8 +122,9 @@ def make_plan(args) -> tuple[list[plan_lib.Run], pathlib.Path]:
     if args.demo:
         dataset = "digits"
         d, demo_psc, demo_nsd = demo_sets()
-        psc_sets, nsd_sets = demo_psc + psc_sets, demo_nsd + DEMO_NSD_SETS + nsd_sets  # user's win
-        epochs, psc_epochs = epochs or DEMO_EPOCHS, psc_epochs or d["psc"]["epochs"]
+        demo_nsd.append(f"max_steps_per_epoch={DEMO['max_steps_per_epoch']}")
+        psc_sets, nsd_sets = demo_psc + psc_sets, demo_nsd + nsd_sets  # the user's win
+        epochs, psc_epochs = epochs or DEMO["epochs"], psc_epochs or d["psc"]["epochs"]
     elif args.dataset:
         dataset = args.dataset
         datasets.get_dataset(dataset)  # an unknown name fails here, listing the known ones
@@ -162,25 +162,25 @@ def run_all(runs: list[plan_lib.Run]) -> tuple[int, int, list[tuple[str, str]]]:
     todo, failed, skipped = [], [], 0
     for run in runs:
         try:
-            cfg, workdir = train_cli.resolve(train_cli.parser().parse_args(list(run.argv)))
+            cfg, workdir, info = train_cli.resolve(train_cli.parser().parse_args(list(run.argv)))
         except config_lib.ConfigError as e:
             failed.append((run.name, str(e)))
             continue
         if plan_lib.is_finished(workdir, cfg):
             skipped += 1
         else:
-            todo.append((run, cfg, workdir))
+            todo.append((run, cfg, workdir, info))
     if skipped:
         print(f"[reproduce] {skipped} of {len(runs)} runs already finished: skipped", flush=True)
     bar = progress_bar(total=len(todo), desc="reproduce", unit="run", position=0)
     ran = 0
-    for run, cfg, workdir in todo:
+    for run, cfg, workdir, info in todo:
         bar.set_postfix_str(run.name)
         if run.needs_psc and any(name == "psc" for name, _ in failed):
             failed.append((run.name, "needs the anchors of Stage-PSC, which failed"))
         else:
             try:
-                summary = train_cli.run_stage(cfg, workdir)
+                summary = train_cli.run_stage(cfg, workdir, info=info)
                 ran += 1
                 bar.write(f"[reproduce] {run.name}: best top-1 "
                           f"{100 * summary['best_top1']:.2f}% ({workdir})")
@@ -202,9 +202,13 @@ def gather(out: pathlib.Path) -> bool:
     if not found:
         print(f"error: no finished Stage-NSD runs under {out / 'nsd'}", file=sys.stderr)
         return False
-    results.write_csv(found, out / "results.csv")
     table = results.markdown(found)
-    (out / "results.md").write_text(table + "\n")
+    # Each file whole or not at all, and a disk that refuses one is one line naming it (the
+    # CSV holds the markdown's rows and columns: its size is about the table's).
+    with files.disk_full_errors(out / "results.csv", len(table), "the results table"), \
+            files.atomic_path(out / "results.csv") as tmp:
+        results.write_csv(found, tmp)
+    files.write_file(out / "results.md", table + "\n", "the results table")
     made = figures.make_figures(found, out)
     print(table)
     print(f"[reproduce] {len(found)} runs -> {out / 'results.csv'}, {out / 'results.md'}, "
@@ -216,7 +220,7 @@ def ensure_demo_teacher(path: pathlib.Path) -> None:
     from pand_jax.train import demo
 
     if not (path / "config.json").is_file():
-        acc = demo.train_teacher(demo.demo_config()["teacher"], path)
+        acc = demo.train_teacher(config_lib.demo_config()["teacher"], path)
         print(f"[reproduce] demo teacher trained: zero-shot top-1 {100 * acc:.1f}%", flush=True)
 
 

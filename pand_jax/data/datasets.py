@@ -2,6 +2,7 @@
 `digits`, and any image folder (`folder:PATH`, see `folder.py`)."""
 
 import dataclasses
+import hashlib
 import re
 
 from pand_jax.data import classnames, folder
@@ -21,6 +22,7 @@ class DatasetInfo:
     official_tfds_name: str | None  # TFDS's builder (needs TensorFlow to build), if any
     image_size: int  # natural host resolution for the demo / learning tests
     fingerprint: str | None = None  # image folders: changes with their files; keys the caches
+    tree: folder.Tree | None = dataclasses.field(default=None, compare=False, repr=False)  # folders
     # Split names of the official builder where they differ from ours (ours -> TFDS's).
     official_splits: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -123,9 +125,13 @@ def folder_info(tree: folder.Tree) -> DatasetInfo:
         prompt_template=folder.DEFAULT_TEMPLATE, train_split="train", test_split="test",
         val_split="val" if "val" in tree.files else None, source=f"image folder {tree.root}",
         tfds_name=f"pand_{safe}_{tree.fingerprint[:10]}", official_tfds_name=None,
-        image_size=256, fingerprint=tree.fingerprint)
+        image_size=256, fingerprint=tree.fingerprint, tree=tree)
 
 
 def run_name(key: str) -> str:
-    """The dataset's folder under runs/ (file-system safe)."""
-    return folder.run_name(key) if folder.is_folder(key) else key
+    """The dataset's folder under runs/ (file-system safe). A folder's carries a short hash of
+    its absolute path, so two folders with one base name (a/birds, b/birds) never share runs."""
+    if not folder.is_folder(key):
+        return key
+    where = hashlib.sha256(folder.root_of(key).encode()).hexdigest()[:8]
+    return f"{folder.run_name(key)}-{where}"

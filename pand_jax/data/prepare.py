@@ -14,7 +14,6 @@ stanford_dogs, cars196, oxford_flowers102, food101): it downloads and needs Tens
 import argparse
 import sys
 
-from pand_jax.data import folder
 from pand_jax.data.datasets import DATASETS, get_dataset
 
 
@@ -27,13 +26,12 @@ def prepare(key: str, data_dir: str, manual_dir: str | None = None, official: bo
         raise ValueError(f"dataset {key!r} ships with scikit-learn and needs no preparation")
     if official:
         builder = _official_builder(info, data_dir)
-    elif folder.is_folder(key):
+    elif info.tree is not None:
         from pand_jax.data.builders import folder_builder
 
-        tree = folder.scan(folder.root_of(key))
-        builder = folder_builder(tree, info.tfds_name)(data_dir=data_dir,
-                                                       file_format="array_record")
-        manual_dir = tree.root
+        builder = folder_builder(info.tree, info.tfds_name)(data_dir=data_dir,
+                                                            file_format="array_record")
+        manual_dir = info.tree.root
     else:
         from pand_jax.data.builders import BUILDERS
 

@@ -1,4 +1,4 @@
-"""Random-access sources: `load_split(key, split)` -> dicts {image, label, index}."""
+"""Random-access sources: `load_split(dataset, split)` -> dicts {image, label, index}."""
 
 import functools
 import os
@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from pand_jax.data import folder
-from pand_jax.data.datasets import get_dataset
+from pand_jax.data.datasets import DatasetInfo, get_dataset
 
 DEFAULT_DATA_DIR = os.path.expanduser("~/tensorflow_datasets")
 
@@ -64,12 +64,12 @@ def _prepare_command(key: str, data_dir: str) -> str:
 
 
 def check_folder(info, data_dir: str | None, skip_bad_images: bool, train_split: str,
-                 batch_size: int) -> tuple[folder.Tree, list[tuple[str, str]]]:
-    """An image folder's tree and the (path, reason) of the images to leave out, after
-    decoding every image (unless it was prepared: preparing checks them) and checking that
-    the training split fills one batch; every problem is raised before anything runs."""
-    tree = folder.scan(folder.root_of(info.key))
-    prepared = prepared_dir(info.key, data_dir or DEFAULT_DATA_DIR, info) is not None
+                 batch_size: int) -> list[tuple[str, str]]:
+    """The (path, reason) of an image folder's images to leave out, after decoding every image
+    (unless it was prepared: preparing checks them) and checking that the training split fills
+    one batch; every problem is raised before anything runs. `info.tree` is the folder's scan."""
+    tree = info.tree
+    prepared = prepared_dir(info, data_dir or DEFAULT_DATA_DIR) is not None
     skipped = [] if prepared else folder.check_images(tree, skip_bad_images)
     if train_split not in tree.files:
         raise folder.FolderError(
@@ -80,12 +80,17 @@ def check_folder(info, data_dir: str | None, skip_bad_images: bool, train_split:
         raise folder.FolderError(
             f"{tree.root}/{train_split} has {n} readable images, fewer than one training batch of "
             f"{batch_size}; lower --batch-size or add images")
-    return tree, skipped
+    return skipped
 
 
-def prepared_dir(key: str, data_dir: str, info=None) -> str | None:
-    """The newest prepared version folder of the project's or the official builder, if any."""
-    info = info or get_dataset(key)
+def _info(dataset) -> DatasetInfo:
+    return dataset if isinstance(dataset, DatasetInfo) else get_dataset(dataset)
+
+
+def prepared_dir(dataset, data_dir: str) -> str | None:
+    """The newest prepared version folder of the project's or the official builder, if any.
+    `dataset` is a key or a resolved DatasetInfo (which saves scanning a folder again)."""
+    info = _info(dataset)
     for name in (info.tfds_name, info.official_tfds_name):
         root = os.path.join(data_dir, name) if name else None
         if root and os.path.isdir(root):
@@ -96,20 +101,22 @@ def prepared_dir(key: str, data_dir: str, info=None) -> str | None:
     return None
 
 
-def load_split(key: str, split: str, data_dir: str | None = None, skip_bad_images: bool = False):
+def load_split(dataset, split: str, data_dir: str | None = None, skip_bad_images: bool = False):
     """Random-access source of {image: uint8 HWC RGB, label: int, index: int} for one split.
 
-    An image folder is read from its prepared copy in `data_dir` when there is one, else
+    `dataset` is a key or a resolved DatasetInfo (an image folder's scan is then reused). An
+    image folder is read from its prepared copy in `data_dir` when there is one, else
     directly (leaving out unreadable files when `skip_bad_images`)."""
-    info = get_dataset(key)
+    info = _info(dataset)
+    key = info.key
     if info.tfds_name is None:
         return _split_of(_digits(info.image_size), split, key)
     import tensorflow_datasets as tfds
 
     data_dir = data_dir or DEFAULT_DATA_DIR
-    path = prepared_dir(key, data_dir, info)
-    if path is None and folder.is_folder(key):
-        return folder.FolderSource(folder.scan(folder.root_of(key)), split, skip_bad_images)
+    path = prepared_dir(info, data_dir)
+    if path is None and info.tree is not None:
+        return folder.FolderSource(info.tree, split, skip_bad_images)
     if path is None:
         raise FileNotFoundError(
             f"dataset {key!r} is not prepared under {data_dir}; run:\n  {_prepare_command(key, data_dir)}")

@@ -12,14 +12,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from pand_jax import config as config_lib
 from pand_jax import devices, weights
 from pand_jax.data import augment, pipeline
 from pand_jax.models import student as student_lib
 
 STUDENT_DIR = "student"
-# Stage-NSD's defaults (configs/nsd.json) for a student whose workdir is not at hand.
-DEFAULTS = {"image_size": 224, "eval_batch_size": 128, "dtype": "auto", "data_dir": None,
-            "skip_bad_images": False, "prompt_template": None}
+# The evaluation settings a student is used with: its own record's, else its workdir's
+# config.json's, else Stage-NSD's defaults in configs/nsd.json (`default_settings`).
+SETTINGS = ("image_size", "eval_batch_size", "dtype", "data_dir", "skip_bad_images",
+            "prompt_template")
 TRAIN_HINT = "Train one with: python train.py --stage nsd --dataset DATASET"
 
 
@@ -27,7 +29,7 @@ TRAIN_HINT = "Train one with: python train.py --stage nsd --dataset DATASET"
 class TrainedStudent:
     model: student_lib.Student
     meta: dict[str, Any]  # the student's config.json: dataset, class_names, top1, ...
-    settings: dict[str, Any]  # DEFAULTS' keys
+    settings: dict[str, Any]  # SETTINGS' keys
 
     @property
     def class_names(self) -> list[str]:
@@ -37,6 +39,19 @@ class TrainedStudent:
     @property
     def image_size(self) -> int:
         return int(self.settings["image_size"])
+
+
+def default_settings() -> dict[str, Any]:
+    """SETTINGS as Stage-NSD's defaults (configs/nsd.json) give them."""
+    nsd = config_lib.default_config("nsd")
+    return {k: nsd[k] for k in SETTINGS}
+
+
+def _recorded_stage(workdir: pathlib.Path) -> str | None:
+    try:
+        return json.loads((workdir / "config.json").read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _workdir_config(workdir: pathlib.Path) -> dict[str, Any]:
@@ -50,18 +65,25 @@ def _workdir_config(workdir: pathlib.Path) -> dict[str, Any]:
 def load(path: str | pathlib.Path) -> TrainedStudent:
     """`path` is a student directory or the Stage-NSD workdir holding `student/`. Settings come
     from the student's own record, then its workdir's config.json, then Stage-NSD's defaults."""
-    path = pathlib.Path(path)
+    path = weights.existing(path)  # or the complete copy a kill during its export left
     if not path.exists():
         raise FileNotFoundError(f"no student at {path} (no such directory). {TRAIN_HINT}")
+    if _recorded_stage(path) == "psc":
+        raise ValueError(f"{path} is a Stage-PSC workdir (it holds text anchors, not a student); "
+                         "pass the Stage-NSD workdir, or its student/")
     if _workdir_config(path):
-        if not (path / STUDENT_DIR / weights.CONFIG_FILE).is_file():
+        student = weights.existing(path / STUDENT_DIR)
+        if not (student / weights.CONFIG_FILE).is_file():
             raise FileNotFoundError(f"the Stage-NSD workdir {path} has no {STUDENT_DIR}/ yet: it "
                                     "is written at the first evaluation of the training run")
         path = path / STUDENT_DIR
     meta = weights.read_meta(path, student_lib.KIND, hint=TRAIN_HINT)
     cfg = _workdir_config(path.parent)
-    settings = {k: meta.get(k, cfg.get(k, v)) for k, v in DEFAULTS.items()}
-    model = student_lib.load_student(path, devices.compute_dtype(settings["dtype"]))
+    settings = {k: meta.get(k, cfg.get(k, v)) for k, v in default_settings().items()}
+    # A damaged trained student is made again by its training run, not by a converter.
+    model = student_lib.load_student(path, devices.compute_dtype(settings["dtype"]),
+                                     hint="Run its training command again: it resumes and "
+                                          f"exports the best student. {TRAIN_HINT}")
     return TrainedStudent(model, meta, settings)
 
 

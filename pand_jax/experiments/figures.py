@@ -2,6 +2,7 @@
 t-SNE of the student's test-set features for VL2Lite against PAND (the paper's Figure 3)."""
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 
@@ -11,10 +12,16 @@ from matplotlib.figure import Figure  # not pyplot: no global state, no display 
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from pand_jax import files
 from pand_jax.experiments import results as results_lib
 from pand_jax.experiments.results import DATASET_NAMES, STUDENT_NAMES, Result
 
 ROW_ORDER = ("no KD", "KD", "RKD", "VL2Lite", "+PSC", "+NSD", "PAND")
+# Methods often tie (short runs, or near chance), and a curve drawn over another hides it: each
+# method has its own marker and dash, and its points sit DODGE epochs to the side of the next's.
+MARKERS = ("o", "s", "D", "^", "v", "P", "X")
+DASHES = ("-", "--", "-.", ":")
+DODGE = 0.05
 
 
 def _title(dataset: str) -> str:
@@ -33,8 +40,9 @@ def epoch_top1(workdir: pathlib.Path) -> dict[int, float]:
     return out
 
 
-def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> None:
-    """One panel per student: mean test top-1 over seeds per epoch, a band of +- 1 std."""
+def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> Figure:
+    """One panel per student: mean test top-1 over seeds per epoch, a band of +- 1 std; the
+    figure is saved to `path` and returned."""
     students = sorted({r.student for r in results if r.dataset == dataset})
     fig = Figure(figsize=(6.4 * len(students), 4.6))
     axes = fig.subplots(1, len(students), squeeze=False, sharey=True)
@@ -50,11 +58,13 @@ def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> 
             seen.update(epochs)
             y = np.asarray([[c[e] for e in epochs] for c in curves])
             mean = y.mean(0)
-            ax.plot(epochs, mean, marker="o" if len(epochs) < 20 else None, markersize=3,
+            x = np.asarray(epochs) + DODGE * (i - (len(ROW_ORDER) - 1) / 2)
+            ax.plot(x, mean, marker=MARKERS[i], markevery=max(1, len(epochs) // 20),
+                    markersize=5, markerfacecolor="none", linestyle=DASHES[i % len(DASHES)],
                     color=colors(i), label=f"{row} (n={len(curves)})")
             if len(curves) > 1:
                 std = y.std(0, ddof=1)
-                ax.fill_between(epochs, mean - std, mean + std, color=colors(i), alpha=0.15,
+                ax.fill_between(x, mean - std, mean + std, color=colors(i), alpha=0.15,
                                 linewidth=0)
         ax.set_title(f"{STUDENT_NAMES.get(student, student)} student")
         ax.set_xlabel("epoch")
@@ -62,20 +72,23 @@ def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> 
             ax.set_xticks(sorted(seen))
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if seen:  # half an epoch either side, so that the dodge reads as small
+            ax.set_xlim(min(seen) - 0.5, max(seen) + 0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")  # where it covers no point
     axes[0][0].set_ylabel("test top-1 accuracy (%)")
     fig.suptitle(f"Test accuracy during Stage-NSD, {_title(dataset)}\n"
-                 "(mean over seeds, band: ±1 std)")
+                 "(mean over seeds, band: ±1 std; methods drawn slightly apart along x)")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save(fig, path)
+    return fig
 
 
 def lambda_sensitivity(results: list[Result], dataset: str, path: pathlib.Path) -> None:
     """PAND's best top-1 against lambda_NSD: mean over seeds, error bars +- 1 std, the paper's
     numbers where known."""
     rs = [r for r in results if r.dataset == dataset]
-    lambdas = sorted({r.lambda_nsd for r in rs if r.method == "pand" and not r.no_psc})
+    lambdas = sorted({r.lambda_nsd for r in rs if r.lambda_nsd is not None and not r.no_psc})
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.subplots()
     colors = colormaps["tab10"]
@@ -105,7 +118,7 @@ def lambda_sensitivity(results: list[Result], dataset: str, path: pathlib.Path) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save(fig, path)
 
 
 def student_test_features(workdir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +199,15 @@ def tsne_figure(left: Result, right: Result, cache_dir: pathlib.Path, path: path
                  f"{_title(left.dataset)}, seed {left.seed}: one colour per class "
                  f"({len(class_names)} classes)")
     fig.tight_layout(rect=(0, 0, 0.9 if not many else 1, 1))
-    fig.savefig(path, dpi=150)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: pathlib.Path) -> None:
+    """The PNG is rendered in memory first, so a disk that refuses it is one line naming the
+    file and its size, and no half-written PNG is left (`files.write_file`)."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=150)
+    files.write_file(path, png.getvalue(), "the figure")
 
 
 def make_figures(results: list[Result], out: pathlib.Path) -> list[pathlib.Path]:
@@ -201,7 +222,7 @@ def make_figures(results: list[Result], out: pathlib.Path) -> list[pathlib.Path]
         path = fig_dir / f"{dataset}_accuracy_per_epoch.png"
         accuracy_curves(rs, dataset, path)
         made.append(path)
-        if any(r.method == "pand" and not r.no_psc for r in rs):
+        if any(r.lambda_nsd is not None and not r.no_psc for r in rs):
             path = fig_dir / f"{dataset}_lambda_sensitivity.png"
             lambda_sensitivity(rs, dataset, path)
             made.append(path)

@@ -1,9 +1,10 @@
 """The paper's experiments as a list of `train.py` command lines.
 
 Every run of Tables 1-2 and of the lambda_NSD sensitivity study is one plain `train.py` argv,
-so `reproduce.py --list` prints exactly what `reproduce.py` runs. A row of the paper is a
-(method, no_psc, lambda_NSD) setting; rows that name the same setting (lambda 0 of the sweep
-is "+PSC", PAND's own lambda is "PAND") are one run.
+so `reproduce.py --list` prints exactly what `reproduce.py` runs. Table 1 has a row per method
+of the registry (`pand_jax.methods`); a row is a method and the config values that make it;
+rows that name the same setting (lambda 0 of the sweep is "+PSC", PAND's own lambda is "PAND")
+are one run.
 
 Layout under OUT:
     psc/                                      Stage-PSC, once (seed 0): anchors.npz
@@ -16,25 +17,67 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from typing import Any
 
 from pand_jax import config as config_lib
+from pand_jax import methods
 
 # The paper's sensitivity study of lambda_NSD (CUB, ResNet-18).
 SWEEP_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# Tables 1-2, in the paper's order: (label, method, no_psc, lambda_nsd or None for PAND's).
-ROWS = (
-    ("no KD", "none", False, None),
-    ("KD", "kd", False, None),
-    ("RKD", "rkd", False, None),
-    ("VL2Lite", "vl2lite", False, None),
-    ("+PSC", "pand", False, 0.0),
-    ("+NSD", "pand", True, None),
-    ("PAND", "pand", False, None),
-)
+LAMBDA_KEY = "loss.pand.lambda_nsd"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A row of the tables: a method and the config values that make it (a value of None is
+    configs/nsd.json's, named so that the sweep's run at that value is the same run)."""
+    label: str
+    method: str
+    sets: tuple[tuple[str, Any], ...] = ()
+
+    def values(self) -> dict[str, Any]:
+        return {k: default_value(k) if v is None else v for k, v in self.sets}
+
+
+def default_value(key: str) -> Any:
+    node = config_lib.default_config("nsd")
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def table1() -> tuple[Row, ...]:
+    """One row per registered method, in the registry's (the paper's Table 1) order."""
+    return tuple(Row(m.label, m.name, m.table_sets) for m in methods.REGISTRY.values())
+
+
+# Table 2, the paper's ablation of PSC and NSD: VL2Lite and PAND rows of Table 1 between them.
+ABLATIONS = (Row("+PSC", "pand", (("no_psc", False), (LAMBDA_KEY, 0.0))),
+             Row("+NSD", "pand", (("no_psc", True),)))
+TABLE2 = ("VL2Lite", "+PSC", "+NSD", "PAND")
+
+
+def sweep(lambdas) -> tuple[Row, ...]:
+    return tuple(Row(f"lambda {lam:g}", "pand", (("no_psc", False), (LAMBDA_KEY, float(lam))))
+                 for lam in lambdas)
+
+
+def rows(lambdas=SWEEP_LAMBDAS) -> tuple[Row, ...]:
+    return table1() + ABLATIONS + sweep(lambdas)
+
+
 # Keys the plan itself sets on every run; changing them with --set would merge rows silently.
-PLANNED_KEYS = ("dataset", "student", "method", "no_psc", "anchors", "seed", "loss.lambda_nsd",
+PLANNED_KEYS = ("dataset", "student", "method", "no_psc", "anchors", "seed", LAMBDA_KEY,
                 "teacher", "teacher_cache", "teacher_cache_dir", "host_cache_dir", "epochs",
                 "stage")
+
+
+def _suffix(key: str, value: Any) -> str:
+    """How a row's config value shows in its run's folder name."""
+    if key == "no_psc":
+        return "-nopsc" if value else ""
+    name = "lambda" if key == LAMBDA_KEY else key.rsplit(".", 1)[-1]
+    return f"-{name}{value:g}" if isinstance(value, float) else f"-{name}{value}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,27 +89,25 @@ class Run:
     builds_cache: bool   # the first run of its seed that reads the teacher cache: it builds it
 
 
-def pand_lambda() -> float:
-    """PAND's lambda_NSD: the paper's default in configs/nsd.json."""
-    return float(config_lib.default_config("nsd")["loss"]["lambda_nsd"])
-
-
-def variant(method: str, no_psc: bool, lambda_nsd: float) -> str:
+def variant(row: Row) -> str:
     """The run's folder name; the same for rows that are the same run."""
-    if method != "pand":
-        return method
-    return "pand-nopsc" if no_psc else f"pand-lambda{lambda_nsd:g}"
+    values = row.values()
+    return row.method + "".join(_suffix(k, values[k]) for k in sorted(values, reverse=True))
 
 
-def row_settings(lambdas=SWEEP_LAMBDAS) -> list[tuple[str, bool, float]]:
-    """(method, no_psc, lambda_nsd) of every distinct run of one student and seed, with the runs
-    that read the teacher first (so that the first one builds the cache)."""
-    settings = []
-    for _, method, no_psc, lam in ROWS:
-        settings.append((method, no_psc, pand_lambda() if lam is None else lam))
-    settings += [("pand", False, float(lam)) for lam in lambdas]
-    unique = list(dict.fromkeys((m, n, lam if m == "pand" else None) for m, n, lam in settings))
-    return sorted(unique, key=lambda s: s[0] == "none")  # stable: the paper's order otherwise
+def row_argv(row: Row) -> list[str]:
+    values = row.values()
+    argv = ["--method", row.method] + (["--no-psc"] if values.pop("no_psc", False) else [])
+    return argv + set_args([f"{k}={v!r}" for k, v in values.items()])
+
+
+def distinct_runs(lambdas=SWEEP_LAMBDAS) -> list[Row]:
+    """One row per distinct run of one student and seed, with the runs that read the teacher
+    first (so that the first one builds the cache)."""
+    unique = {}
+    for row in rows(lambdas):
+        unique.setdefault(variant(row), row)
+    return sorted(unique.values(), key=lambda r: methods.get(r.method).teacher is None)
 
 
 def set_args(sets: list[str]) -> list[str]:
@@ -89,23 +130,22 @@ def plan(*, dataset: str, students: list[str], seeds: int, out: pathlib.Path,
     for seed in range(seeds):
         cache_dir = out / "teacher_cache" / f"seed{seed}"
         for student in students:
-            for method, no_psc, lam in row_settings(lambdas):
-                name = variant(method, no_psc, lam)
+            for row in distinct_runs(lambdas):
+                method, name = methods.get(row.method), variant(row)
+                learned = method.wants_learned_anchors(row.values().get("no_psc", False))
                 workdir = out / "nsd" / student / f"seed{seed}" / name
-                argv = ["--stage", "nsd", *common, "--student", student, "--method", method]
-                if method == "pand":
-                    argv += ["--lambda-nsd", f"{lam:g}"]
-                    argv += ["--no-psc"] if no_psc else ["--anchors", str(psc_dir / "anchors.npz")]
-                if method != "none":
+                argv = ["--stage", "nsd", *common, "--student", student, *row_argv(row)]
+                argv += ["--anchors", str(psc_dir / "anchors.npz")] if learned else []
+                if method.teacher is not None:
                     argv += ["--teacher-cache", str(teacher_cache),
                              "--set", f"teacher_cache_dir={cache_dir}"]
                 argv += (["--epochs", str(epochs)] if epochs else [])
                 argv += ["--set", f"seed={seed}", "--set", f"host_cache_dir={out / 'host_cache'}",
                          "--workdir", str(workdir)]
                 argv += set_args(list(nsd_sets))
-                first = method != "none" and teacher_cache > 0 and len(builders) == seed
+                first = method.teacher is not None and teacher_cache > 0 and len(builders) == seed
                 run = Run(f"{student} seed {seed} {name}", tuple(argv), workdir,
-                          needs_psc=method == "pand" and not no_psc, builds_cache=first)
+                          needs_psc=learned, builds_cache=first)
                 (builders if first else rest).append(run)
     return runs + builders + rest
 
@@ -120,9 +160,7 @@ def is_finished(workdir: pathlib.Path, cfg: dict) -> bool:
     """A run is finished when it wrote its summary for this config (keys added to the config
     since then count as their defaults, as when resuming)."""
     try:
-        recorded = config_lib.with_defaults(json.loads((workdir / "config.json").read_text()),
-                                            config_lib.default_config(cfg["stage"]))
-        same = recorded == json.loads(json.dumps(cfg))
+        same = config_lib.recorded_config(workdir, cfg["stage"]) == json.loads(json.dumps(cfg))
     except (OSError, ValueError):
         return False
     return same and (workdir / "summary.json").is_file()

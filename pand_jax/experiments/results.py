@@ -9,6 +9,8 @@ import pathlib
 
 import numpy as np
 
+from pand_jax import config as config_lib
+from pand_jax import methods
 from pand_jax.experiments import plan
 
 DATASET_NAMES = {"cub": "CUB-200-2011", "aircraft": "FGVC-Aircraft", "pets": "Oxford-IIIT Pet",
@@ -23,10 +25,9 @@ PAPER = {
 PAPER_LAMBDA = {("cub", "resnet18"): {0.5: 76.41}}  # the sensitivity study (Fig. 4)
 # The paper's best PAND result per dataset, for which the public listings name no student.
 PAPER_BEST_UNKNOWN_STUDENT = {"aircraft": 64.75, "dogs": 74.98, "pets": 88.97}
-TABLE1 = ("no KD", "KD", "RKD", "VL2Lite", "PAND")
-TABLE2 = ("VL2Lite", "+PSC", "+NSD", "PAND")
 CSV_FIELDS = ("dataset", "student", "method", "no_psc", "lambda_nsd", "nsd_form", "seed",
-              "epochs", "best_top1", "last_top1", "best_epoch", "images_per_second", "workdir")
+              "epochs", "best_top1", "last_top1", "best_epoch", "images_per_second",
+              "train_seconds", "wall_seconds", "teacher_mode", "teacher_forwards", "workdir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,23 +36,33 @@ class Result:
     student: str
     method: str
     no_psc: bool
-    lambda_nsd: float | None   # PAND only
-    nsd_form: str
+    lambda_nsd: float | None   # methods with a `loss.pand` section only
+    nsd_form: str | None
     seed: int
     epochs: int
     best_top1: float
     last_top1: float
     best_epoch: int
     images_per_second: float
+    train_seconds: float | None        # timed training steps; None: run of an earlier version
+    wall_seconds: float | None         # its epochs' wall time: compilation, evaluation too
+    teacher_mode: str | None           # "online", "cached", or None: no teacher
+    teacher_forwards: int | None       # teacher forward passes the method needs
     workdir: pathlib.Path
+    config: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
     @property
     def rows(self) -> set[str]:
-        """The rows of Tables 1-2 this run fills."""
-        return {label for label, method, no_psc, lam in plan.ROWS
-                if (method, no_psc) == (self.method, self.no_psc)
-                and (self.method != "pand" or no_psc
-                     or self.lambda_nsd == (plan.pand_lambda() if lam is None else lam))}
+        """The labels of the rows of Tables 1-2 this run fills."""
+        return {row.label for row in plan.table1() + plan.ABLATIONS
+                if row.method == self.method
+                and all(_get(self.config, k) == v for k, v in row.values().items())}
+
+
+def _get(cfg: dict, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
 
 
 def collect(out: pathlib.Path) -> list[Result]:
@@ -60,14 +71,19 @@ def collect(out: pathlib.Path) -> list[Result]:
     for summary_path in sorted((pathlib.Path(out) / "nsd").rglob("summary.json")):
         workdir = summary_path.parent
         s = json.loads(summary_path.read_text())
-        cfg = json.loads((workdir / "config.json").read_text())
+        cfg = config_lib.recorded_config(workdir, "nsd")
+        # lambda_NSD and the NSD form, for the runs whose method reads PAND's section
+        pand = {k: cfg["loss"][k] for k in methods.get(s["method"]).sections}.get("pand")
         results.append(Result(
             dataset=s["dataset"], student=s["student"], method=s["method"],
             no_psc=bool(s["no_psc"]),
-            lambda_nsd=float(s["lambda_nsd"]) if s["method"] == "pand" else None,
-            nsd_form=s["nsd_form"], seed=int(cfg["seed"]), epochs=int(s["epochs"]),
-            best_top1=s["best_top1"], last_top1=s["last_top1"], best_epoch=s["best_epoch"],
-            images_per_second=s["images_per_second"], workdir=workdir))
+            lambda_nsd=float(pand["lambda_nsd"]) if pand else None,
+            nsd_form=pand["nsd_form"] if pand else None, seed=int(cfg["seed"]),
+            epochs=int(s["epochs"]), best_top1=s["best_top1"], last_top1=s["last_top1"],
+            best_epoch=s["best_epoch"], images_per_second=s["images_per_second"],
+            train_seconds=s.get("train_seconds"), wall_seconds=s.get("wall_seconds"),
+            teacher_mode=s.get("teacher_mode"),
+            teacher_forwards=s.get("teacher_forwards"), workdir=workdir, config=cfg))
     return results
 
 
@@ -76,9 +92,8 @@ def write_csv(results: list[Result], path: pathlib.Path) -> None:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
         for r in results:
-            row = dataclasses.asdict(r)
-            row["lambda_nsd"] = "" if r.lambda_nsd is None else r.lambda_nsd
-            w.writerow(row)
+            row = {k: v for k, v in dataclasses.asdict(r).items() if k in CSV_FIELDS}
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
 
 
 def top1s(results: list[Result], dataset: str, student: str, row: str | None = None,
@@ -87,7 +102,7 @@ def top1s(results: list[Result], dataset: str, student: str, row: str | None = N
     return np.asarray([100 * r.best_top1 for r in results
                        if (r.dataset, r.student) == (dataset, student)
                        and (row in r.rows if row is not None else
-                            (r.method, r.no_psc, r.lambda_nsd) == ("pand", False, lambda_nsd))])
+                            (r.no_psc, r.lambda_nsd) == (False, lambda_nsd))])
 
 
 def _cell(values: np.ndarray, paper: float | None) -> list[str]:
@@ -112,6 +127,27 @@ def _table(first: str, labels, students, cell) -> list[str]:
     return lines
 
 
+def _cost_table(labels, students, runs) -> list[str]:
+    head = ["method"] + [f"{STUDENT_NAMES.get(s, s)} {c}" for s in students
+                         for c in ("teacher", "teacher passes", "img/s", "wall s")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def mean(values, fmt):
+        values = [v for v in values if v is not None]
+        return format(float(np.mean(values)), fmt) if values else "-"
+
+    for label in labels:
+        cells = [label]
+        for s in students:
+            rs = runs(label, s)
+            modes = sorted({r.teacher_mode or "none" for r in rs}) or ["-"]
+            cells += ["/".join(modes), mean([r.teacher_forwards for r in rs], ",.0f"),
+                      mean([r.images_per_second for r in rs], ".1f"),
+                      mean([r.wall_seconds for r in rs], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: list[Result]) -> str:
     """The paper's tables for every dataset in `results`."""
     lines = []
@@ -119,7 +155,7 @@ def markdown(results: list[Result]) -> str:
         rs = [r for r in results if r.dataset == dataset]
         students = sorted({r.student for r in rs}, key=lambda s: (s not in STUDENT_NAMES, s))
         epochs = sorted({r.epochs for r in rs})
-        forms = sorted({r.nsd_form for r in rs})
+        forms = sorted({r.nsd_form for r in rs if r.nsd_form}) or ["-"]
         paper = {s: PAPER.get((dataset, s), {}) for s in students}
         lines += [f"# {DATASET_NAMES.get(dataset, dataset)}: ours beside the paper", "",
                   "Top-1 test accuracy (%) at each run's best epoch: mean ± std over seeds (n "
@@ -133,16 +169,25 @@ def markdown(results: list[Result]) -> str:
         def row_cell(label, s):
             return _cell(top1s(rs, dataset, s, row=label), paper[s].get(label))
 
-        lambdas = sorted({r.lambda_nsd for r in rs if r.method == "pand" and not r.no_psc})
+        lambdas = sorted({r.lambda_nsd for r in rs if r.lambda_nsd is not None and not r.no_psc})
 
         def lambda_cell(lam, s):
             return _cell(top1s(rs, dataset, s, lambda_nsd=lam),
                          PAPER_LAMBDA.get((dataset, s), {}).get(lam))
 
+        table1 = [row.label for row in plan.table1()]
         lines += ["## Table 1: PAND against the baselines", ""]
-        lines += _table("method", TABLE1, students, row_cell) + [""]
+        lines += _table("method", table1, students, row_cell) + [""]
+        lines += ["## What each method cost to train", "",
+                  "Per run, mean over seeds: where the teacher ran (online in every step, or "
+                  "cached once: its views shared by every run of a seed), the teacher forward "
+                  "passes the method needs (images through the teacher), training images/s "
+                  "(compilation excluded) and the wall time of its epochs (compilation and "
+                  "evaluation included; the teacher cache's build is counted in its passes).", ""]
+        lines += _cost_table(table1, students, lambda label, s: [
+            r for r in rs if label in r.rows and r.student == s]) + [""]
         lines += ["## Table 2: ablation of PSC and NSD", ""]
-        lines += _table("method", TABLE2, students, row_cell) + [""]
+        lines += _table("method", plan.TABLE2, students, row_cell) + [""]
         lines += ["## Sensitivity to lambda_NSD (PAND)", ""]
         lines += _table("lambda_NSD", [f"{x:g}" for x in lambdas], students,
                         lambda lam, s: lambda_cell(float(lam), s)) + [""]

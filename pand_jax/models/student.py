@@ -1,11 +1,11 @@
 """The distilled student: a torchvision backbone (ResNet-18 or MobileNet-V2) plus a linear head,
-and what Stage-NSD trains around it (VL2Lite's two align heads).
+and what Stage-NSD trains around it (its method's heads).
 
     Student(arch, num_classes, dtype=..., rngs=...)
       .features(x) -> [B, num_features] fp32 pooled penultimate features (h before L2norm)
       __call__(x)  -> [B, num_classes] fp32 logits (z_s)
-    Distillee(student, teacher_dim, align_dim, rngs=...)
-      .student, .align_image, .align_text (AlignMLP: Linear(D -> d) - ReLU - Linear(d -> d))
+    Distillee(student, heads)
+      .student, and one attribute per head (`pand_jax.methods`: VL2Lite's align_image, ...)
 
 Inputs are NHWC images normalised by the caller. Parameters and BatchNorm statistics are fp32;
 `dtype` is the compute dtype of the convolutions. Train/eval through `model.train()` /
@@ -68,46 +68,38 @@ class Student(nnx.Module):
         return self.classifier(self.features(x))
 
 
-class AlignMLP(nnx.Module):
-    """VL2Lite's align head: Linear(D -> d) - ReLU - Linear(d -> d)."""
-
-    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(in_dim, out_dim, rngs=rngs)
-        self.fc2 = nnx.Linear(out_dim, out_dim, rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.relu(self.fc1(x)))
-
-
 class Distillee(nnx.Module):
-    """Everything Stage-NSD trains: the student and the two align heads."""
+    """Everything Stage-NSD trains: the student and its method's heads (VL2Lite's align MLPs,
+    ...), each an attribute named as the method names it."""
 
-    def __init__(self, student: Student, teacher_dim: int, align_dim: int | None,
-                 *, rngs: nnx.Rngs):
-        d = align_dim or student.num_features
-        if d != student.num_features:
-            raise ValueError(f"align_dim {d} must equal the student's feature width "
-                             f"{student.num_features} (L_vis compares them directly)")
+    def __init__(self, student: Student, heads: dict[str, nnx.Module]):
         self.student = student
-        self.align_image = AlignMLP(teacher_dim, d, rngs=rngs)
-        self.align_text = AlignMLP(teacher_dim, d, rngs=rngs)
+        self.head_names = tuple(heads)
+        for name, head in heads.items():
+            setattr(self, name, head)
+
+    @property
+    def heads(self) -> dict[str, nnx.Module]:
+        return {name: getattr(self, name) for name in self.head_names}
 
 
 def _missing_hint(path: pathlib.Path) -> str:
     arch = path.name if path.name in ARCHS else "|".join(ARCHS)
-    return f"Convert them with: python convert_weights.py --student {arch} --out {path}"
+    return (f"Convert them with: python convert_weights.py --student {arch} --out {path}, or "
+            "train the student from scratch (no ImageNet start) with --set student_weights=null")
 
 
-def load_student(path: str | pathlib.Path, dtype=jnp.float32) -> Student:
+def load_student(path: str | pathlib.Path, dtype=jnp.float32, hint: str | None = None) -> Student:
     """A saved student (converted ImageNet weights or a trained one) in eval mode, with the head
-    it was saved with: for converted weights the 1000-class ImageNet classifier."""
+    it was saved with: for converted weights the 1000-class ImageNet classifier. `hint` says
+    how to make it again (default: convert the ImageNet weights)."""
     path = pathlib.Path(path)
 
     def build(meta: dict[str, Any]) -> Student:
         cfg = meta["config"]
         return Student(cfg["arch"], cfg["num_classes"], dtype=dtype, rngs=nnx.Rngs(0))
 
-    model, _ = weights.load_module(path, build, kind=KIND, hint=_missing_hint(path))
+    model, _ = weights.load_module(path, build, kind=KIND, hint=hint or _missing_hint(path))
     model.eval()
     return model
 

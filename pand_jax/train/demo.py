@@ -24,10 +24,7 @@ from pand_jax.models.clip import CLIP, CLIPConfig, save_clip
 from pand_jax.progress import progress_bar
 
 DEMO_TEACHER_ID = "pand-demo-clip:digits"
-
-
-def demo_config() -> dict:
-    return json.loads((config_lib.CONFIG_DIR / "demo.json").read_text())
+demo_config = config_lib.demo_config
 
 
 def teacher_config(t: dict) -> CLIPConfig:
@@ -42,18 +39,19 @@ def _split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
             np.asarray([e["label"] for e in examples], np.int32))
 
 
-def train_teacher(t: dict, out: pathlib.Path, seed: int = 0) -> float:
+def train_teacher(t: dict, out: pathlib.Path) -> float:
     """Trains the demo CLIP contrastively on digits captions; saves it; returns the zero-shot
     top-1 of the prompt template on the test split."""
     info = datasets.get_dataset("digits")
-    clip = CLIP(teacher_config(t), rngs=nnx.Rngs(seed))
+    clip = CLIP(teacher_config(t), rngs=nnx.Rngs(t["seed"]))
     ctx_len = clip.config.text.context_length
     captions = [prompts.class_prompts(info.class_names, c) for c in t["captions"]]
     tokens = jnp.asarray(prompts.cut_after_eot(prompts.tokenize(sum(captions, []), ctx_len))
                          .reshape(len(captions), info.num_classes, -1))
     images, labels = _split_arrays(info.train_split)
     graphdef, params = nnx.split(clip)
-    tx = optax.adamw(optax.cosine_decay_schedule(t["lr"], t["steps"]), weight_decay=1e-4)
+    tx = optax.adamw(optax.cosine_decay_schedule(t["lr"], t["steps"]),
+                     weight_decay=t["weight_decay"])
     opt_state = tx.init(params)
 
     @jax.jit
@@ -68,7 +66,7 @@ def train_teacher(t: dict, out: pathlib.Path, seed: int = 0) -> float:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(t["seed"])
     bar = progress_bar(iterable=range(t["steps"]), desc="demo teacher", unit="step")
     for _ in bar:
         idx = rng.choice(len(labels), t["batch_size"], replace=False)

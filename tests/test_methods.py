@@ -1,0 +1,213 @@
+"""The method registry (`pand_jax.methods`): one entry per Stage-NSD method, each paper value
+defined once (configs/), and a dataset resolved once per run."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pand_jax import config, methods
+from pand_jax.methods.base import ANCHOR_KINDS, TEACHER_SIGNALS
+
+from conftest import NSD_ARGS, REPO
+
+PACKAGE = REPO / "pand_jax"
+
+
+def _sources(exclude=()):
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if not any(path.is_relative_to(PACKAGE / e) for e in exclude):
+            yield path, ast.parse(path.read_text(), filename=str(path))
+
+
+def test_every_entry_is_complete_and_reads_its_own_config_sections():
+    loss = config.default_config("nsd")["loss"]
+    assert methods.NAMES == ("none", "kd", "rkd", "vl2lite", "pand")  # the paper's Table 1 order
+    for name, m in methods.REGISTRY.items():
+        assert m.name == name and m.label
+        assert m.teacher in (None, *TEACHER_SIGNALS) and m.anchors in (None, *ANCHOR_KINDS)
+        assert set(m.sections) <= set(loss), (name, m.sections)
+        # its settings come from its sections (and the shared scale) only
+        trimmed = {k: v for k, v in loss.items() if k in m.sections or not isinstance(v, dict)}
+        assert m.settings(trimmed, 10, True) == m.settings(loss, 10, True)
+    with pytest.raises(ValueError, match=r"unknown method 'pandas'; expected one of \['none'"):
+        methods.get("pandas")
+
+
+def test_auto_text_reduction_resolves_in_one_place():
+    loss = config.default_config("nsd")["loss"]
+    assert loss["vl2lite"]["txt_reduction"] == "auto"
+    for name in ("vl2lite", "pand"):
+        s = methods.get(name).settings
+        assert s(loss, 5, learned=True)["reduction"] == "pand"
+        assert s(loss, 5, learned=False)["reduction"] == "vl2lite"
+
+
+def test_no_method_name_is_branched_on_outside_the_registry():
+    """`method == "pand"` and the like belong in pand_jax/methods: elsewhere the fields of the
+    entry say what a method needs."""
+    found = []
+    for path, tree in _sources(exclude=("methods",)):
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            names = {n.value for side in sides for n in ast.walk(side)
+                     if isinstance(n, ast.Constant) and n.value in methods.NAMES}
+            about_method = any("method" in ast.unparse(side) for side in sides)
+            if names and about_method:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)
+
+
+def _paper_values() -> dict[float, str]:
+    """Every number of the methods' and optimisers' sections of configs/, by value."""
+    values = {}
+    for stage in ("psc", "nsd"):
+        for key, v in config.flatten(config.default_config(stage)):
+            if key.startswith(("loss.", "optimizer.")) and isinstance(v, (int, float)) \
+                    and not isinstance(v, bool) and v not in (0, 1):
+                values[_key(v)] = f"{stage}.{key}"
+    return values
+
+
+def _key(v) -> float:
+    """A number to 12 significant digits: 1 / 0.07 written out in JSON is the same value."""
+    return float(f"{float(v):.12g}")
+
+
+def _config_names() -> set[str]:
+    """The leaf names of configs/psc.json and nsd.json, and the names the loss functions give
+    some of them (k for nsd_k, ...)."""
+    names = {key.rsplit(".", 1)[-1] for stage in ("psc", "nsd")
+             for key, _ in config.flatten(config.default_config(stage))}
+    return names | {"k", "group_size", "form", "reduction", "distance_weight", "angle_weight"}
+
+
+def _defaults(tree):
+    """(line, parameter name, default) of every keyword default that is not None."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.Lambda)):
+            a = node.args
+            positional = a.posonlyargs + a.args
+            pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+            pairs += [(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+            for arg, d in pairs:
+                if not (isinstance(d, ast.Constant) and d.value is None):
+                    yield d.lineno, arg.arg, d
+
+
+def _fractions(tree):
+    """(line, value) of every non-integral number in a keyword default or a module constant."""
+    nodes = [d for _, _, d in _defaults(tree)]
+    nodes += [n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+              and n.value is not None]
+    for node in nodes:
+        for n in ast.walk(node):
+            value = None
+            if isinstance(n, ast.Constant) and type(n.value) is float:
+                value = n.value
+            elif isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):  # 1.0 / 0.07
+                try:
+                    value = eval(compile(ast.Expression(n), "", "eval"), {})
+                except Exception:
+                    pass
+            if value is not None and value != int(value):
+                yield n.lineno, _key(value)
+
+
+# Model architectures and converters hold layer sizes and eps values; augmentation its recipe;
+# experiments the paper's reported numbers and its sweep: none of them is a method setting.
+NOT_SETTINGS = ("models", "convert", "data", "experiments")
+
+
+def _violations(path_trees):
+    paper, names = _paper_values(), _config_names()
+    for path, tree in path_trees:
+        for line, name, _ in _defaults(tree):
+            if name in names:
+                yield f"{path}:{line}: default for {name!r}"
+        for line, value in _fractions(tree):
+            if value in paper:
+                yield f"{path}:{line}: {value:g} ({paper[value]})"
+
+
+def test_each_paper_value_is_defined_in_configs_only():
+    """A loss or optimiser setting of configs/ (k=3, T=4, 25/50, tau=2, lambda=0.5, 1/0.07, lr,
+    ...) is never also a keyword default or a module constant of the package, where it could
+    silently disagree with the config."""
+    assert {_key(v) for v in (0.5, 1 / 0.07, 1e-4)} <= set(_paper_values())
+    trees = [(p.relative_to(REPO), t) for p, t in _sources(exclude=NOT_SETTINGS)]
+    found = list(_violations(trees))
+    assert not found, "\n".join(found)
+
+
+def test_the_scan_finds_a_default_defined_twice():
+    tree = ast.parse("def kd(s, t, temperature=4.0, k=3):\n    pass\nSCALE = 1.0 / 0.07\n"
+                     "def f(x, n=2, group_size=None):\n    pass\n")
+    assert list(_violations([("x.py", tree)])) == [
+        "x.py:1: default for 'temperature'", "x.py:1: default for 'k'",
+        "x.py:3: 14.2857 (nsd.loss.scale)"]
+
+
+def test_old_workdir_configs_read_as_the_new_sections():
+    old = json.loads(json.dumps(config.default_config("nsd")))
+    new_loss = old.pop("loss")
+    old["align_dim"] = None
+    old["loss"] = {"scale": new_loss["scale"], "tau": 2.0, "cls_offset": 0.0,
+                   "txt_reduction": "auto", "nsd_form": "batch", "lambda_nsd": 1.0, "nsd_k": 3,
+                   "nsd_group_size": 32, "kd_temperature": 4.0, "rkd_distance_weight": 25.0,
+                   "rkd_angle_weight": 50.0}
+    migrated = config.migrate(old)
+    assert "align_dim" not in migrated
+    assert migrated["loss"]["pand"] == {"lambda_nsd": 1.0, "nsd_form": "batch", "nsd_k": 3,
+                                        "nsd_group_size": 32}
+    assert migrated["loss"]["kd"] == {"temperature": 4.0}
+    assert set(migrated["loss"]) == set(new_loss)
+
+
+def _tree(root: pathlib.Path, per_class: int) -> int:
+    n = 0
+    for split in ("train", "test"):
+        for c, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+            (root / split / c).mkdir(parents=True)
+            for k in range(per_class):
+                Image.new("RGB", (16, 16), tuple(x + k for x in colour)).save(
+                    root / split / c / f"{k}.png")
+                n += 1
+    return n
+
+
+def test_a_folder_is_scanned_and_fingerprinted_once_per_run(tmp_path, monkeypatch):
+    """One NSD run on an image folder walks the folder once and stats each file once (the
+    validation, the checks, both splits' sources and the evaluation read that one scan)."""
+    from pand_jax.cli.train import main
+    from pand_jax.data import folder
+
+    n_files = _tree(tmp_path / "shapes", 4)
+    scans, stats = [], []
+    real_scan, real_stat = folder.scan, os.stat
+    monkeypatch.setattr(folder, "scan", lambda root: scans.append(root) or real_scan(root))
+
+    def counting_stat(path, *a, **kw):
+        if str(path).endswith(".png"):
+            stats.append(path)
+        return real_stat(path, *a, **kw)
+
+    monkeypatch.setattr(folder.os, "stat", counting_stat)
+    args = [a for a in NSD_ARGS]
+    args[args.index("digits")] = f"folder:{tmp_path / 'shapes'}"
+    args[args.index("--batch-size") + 1] = "4"
+    args[args.index("eval_batch_size=64")] = "eval_batch_size=4"
+    assert main(args + ["--method", "none", "--workdir", str(tmp_path / "run")]) == 0
+    assert len(scans) == 1
+    assert len(stats) == n_files
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["teacher_mode"] is None and summary["teacher_forwards"] == 0
+    # one step, whose time is compilation: no step is timed, the wall time has it all
+    assert summary["train_seconds"] == 0.0 and summary["wall_seconds"] > 0
