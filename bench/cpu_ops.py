@@ -2,7 +2,7 @@
 
 Each row is one convolution or max pool shape of the students at 224 px (batch 16, fp32),
 timed alone: fwd = forward, fwd+bwd = forward and the gradient w.r.t. input and kernel of
-sum(y^2). "XLA" traces with `xla_convolution()` (XLA's convolution and reduce_window), "jnp"
+sum(y^2). "XLA" traces with PAND_NATIVE_CONV=1 (XLA's convolution and reduce_window), "jnp"
 with `pand_jax.models.conv` without oneDNN (PAND_ONEDNN=0: its jnp forms, XLA's kernel where
 that is kept), "ours" with `pand_jax.models.conv` as it runs (oneDNN's convolutions where they
 build), torch is `nn.Conv2d` / `nn.MaxPool2d` in channels_last with as many threads as cores. Timed alone, an op also pays for
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from conv_paths import CPU_PATHS, traced_with
 from pand_jax.models import conv
 from pand_jax.hugepages import relaunch_with_huge_pages
 
@@ -80,7 +81,7 @@ def ms(fn, *args, iters: int = 10) -> float:
 
 
 def flax_ms(op, *operands) -> tuple[float, float]:
-    """(fwd, fwd+bwd) of `op` in ms, traced afresh (so xla_convolution() applies)."""
+    """(fwd, fwd+bwd) of `op` in ms, traced afresh (so `traced_with` applies)."""
     grad = jax.grad(lambda *a: jnp.sum(op(*a) ** 2), argnums=tuple(range(len(operands))))
     return ms(jax.jit(op), *operands), ms(jax.jit(grad), *operands)
 
@@ -103,8 +104,8 @@ def flax_columns(make_op, *operands) -> list[float]:
     """XLA's, the jnp forms', ours: (fwd, fwd+bwd) each. `make_op()` gives a new function each
     time, because jit caches traces per function and the switches act at trace time."""
     times = []
-    for path in conv.CPU_PATHS:
-        with conv.traced_with(path):
+    for path in CPU_PATHS:
+        with traced_with(path):
             times += flax_ms(make_op(), *operands)
     return times
 

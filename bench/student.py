@@ -6,7 +6,7 @@ fp32 is each framework's default fp32 math (on NVIDIA GPUs both let cuDNN use TF
 convolutions); bf16 is the Flax Student's compute dtype (params and BN statistics fp32) vs
 torch.autocast(bfloat16) with channels_last, PyTorch's fast path. On CPU torch runs with as many
 threads as there are cores, as XLA does. `--conv native jnp fast` measures the Flax models with
-XLA's own convolution (`xla_convolution()`), with `pand_jax.models.conv` without oneDNN
+XLA's own convolution (PAND_NATIVE_CONV=1), with `pand_jax.models.conv` without oneDNN
 (PAND_ONEDNN=0, its jnp forms) and with `pand_jax.models.conv` as it runs (oneDNN's kernels on
 CPU where they build) in the same run.
 
@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from conv_paths import CPU_PATHS, traced_with
 from pand_jax.hugepages import relaunch_with_huge_pages
-from pand_jax.models.conv import CPU_PATHS, traced_with
 from pand_jax.models.student import ARCHS, Student
 
 LR = 1e-4

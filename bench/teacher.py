@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from flax import nnx
 
+from conv_paths import CPU_PATHS, traced_with
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
 from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.clip import CLIP
-from pand_jax.models.conv import CPU_PATHS, traced_with
 from pand_jax.models.convnext import ConvNeXtConfig
 
 MODELS = {"small": "pand_demo_convnext", "full": "convnext_xxlarge"}

@@ -6,31 +6,37 @@
     convert_weights.py --student resnet18|mobilenet_v2 [--checkpoint F] [--out D] [--verify]
 
 Errors a user can fix print as one line `error: ...` and exit with status 2; a --verify above
-tolerance prints the differences and exits with status 1.
+tolerance prints the differences and exits with status 1. --out is written only when the
+conversion (and its --verify) succeeded: the weights are saved beside it, checked, and renamed
+into place, so a failure leaves --out as it was.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
-import sys
 from typing import Any
 
 import numpy as np
 
+from pand_jax import files
+from pand_jax.cli import common
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.state_dict import ConversionError, read_state_dict
 from pand_jax.devices import report_devices
 from pand_jax.models import clip as clip_lib
 from pand_jax.models.student import ARCHS
-from pand_jax.weights import WeightsError
 
 WEIGHTS = pathlib.Path("weights")
 DEMO_MODEL = "pand_demo_convnext"
 
 
+class VerifyFailed(Exception):
+    """--verify found differences above the tolerance (already printed): exit status 1."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="convert_weights.py", description=__doc__.split("\n")[0])
+    p = common.Parser(prog="convert_weights.py", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=pathlib.Path,
                    help="local PyTorch state dict (.safetensors, .bin, .pt); no download")
     which = p.add_mutually_exclusive_group()
@@ -51,21 +57,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report_devices()
-    try:
-        if args.student:
-            return convert_student(args.student, args.checkpoint, args.out, args.verify)
-        if args.demo_model:
-            return convert_demo(args.out or WEIGHTS / "demo_teacher", args.verify, args.tolerance)
-        default_run = not (args.checkpoint or args.model or args.model_config)
-        status = convert_teacher(args)
-        if default_run and status == 0:
-            for arch in ARCHS:
-                status = max(status, convert_student(arch, None, None, args.verify))
-        return status
-    except (ConversionError, WeightsError, ValueError, OSError) as e:
-        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        return 2
+
+    def convert() -> int:
+        report_devices()
+        try:
+            if args.student:
+                return convert_student(args.student, args.checkpoint, args.out, args.verify)
+            if args.demo_model:
+                return convert_demo(args.out or WEIGHTS / "demo_teacher", args.verify,
+                                    args.tolerance)
+            default_run = not (args.checkpoint or args.model or args.model_config)
+            status = convert_teacher(args)
+            if default_run and status == 0:
+                for arch in ARCHS:
+                    status = max(status, convert_student(arch, None, None, args.verify))
+            return status
+        except VerifyFailed:
+            return 1
+
+    return common.run(convert)
 
 
 def convert_student(arch: str, checkpoint: pathlib.Path | None, out: pathlib.Path | None,
@@ -105,17 +115,28 @@ def convert_teacher(args: argparse.Namespace) -> int:
         checkpoint = download_checkpoint(name, tag)
         meta["pretrained"] = tag
     meta["checkpoint"] = str(checkpoint)
-    return _convert_and_save(read_state_dict(checkpoint), spec, cfg, args.out or WEIGHTS / "teacher",
-                             meta, args.verify, args.tolerance)
+    out = args.out or WEIGHTS / "teacher"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_path(out) as tmp:
+        _save_verified(read_state_dict(checkpoint), spec, cfg, tmp, out, meta, args.verify,
+                       args.tolerance)
+    return 0
 
 
-def _convert_and_save(sd: dict[str, np.ndarray], spec, cfg: clip_lib.CLIPConfig, out: pathlib.Path,
-                      meta: dict[str, Any], verify: bool, tolerance: float) -> int:
+def _save_verified(sd: dict[str, np.ndarray], spec, cfg: clip_lib.CLIPConfig, tmp: pathlib.Path,
+                   out: pathlib.Path, meta: dict[str, Any], verify: bool, tolerance: float) -> None:
+    """Converts `sd` into `tmp` (which becomes `out`) and, with `verify`, checks the saved copy
+    against open_clip (raising VerifyFailed, so that it never becomes `out`)."""
     model = oc.convert_state_dict(sd, cfg)
-    path = clip_lib.save_clip(out, model, **meta)
-    print(f"saved {meta['model']} ({clip_lib.param_count(model):,} parameters) to {path}")
-    if not verify:
-        return 0
+    clip_lib.save_clip(tmp, model, **meta)
+    if verify:
+        _verify(clip_lib.load_clip(tmp), spec, sd, tolerance)
+    print(f"saved {meta['model']} ({clip_lib.param_count(model):,} parameters) to "
+          f"{out.absolute()}")
+
+
+def _verify(model: clip_lib.CLIP, spec, sd: dict[str, np.ndarray], tolerance: float) -> None:
+    """Prints the differences to open_clip; raises VerifyFailed above `tolerance`."""
     import torch
 
     torch_model = oc.build_torch_model(spec)
@@ -126,7 +147,8 @@ def _convert_and_save(sd: dict[str, np.ndarray], spec, cfg: clip_lib.CLIPConfig,
         print(f"verify {key:6s}: max abs {d['abs']:.3e}  max rel {d['rel']:.3e}")
     ok = worst <= tolerance
     print(f"verify {'passed' if ok else 'FAILED'}: max rel {worst:.3e} (tolerance {tolerance:.0e})")
-    return 0 if ok else 1
+    if not ok:
+        raise VerifyFailed
 
 
 def convert_demo(out: pathlib.Path, verify: bool, tolerance: float) -> int:
@@ -135,13 +157,17 @@ def convert_demo(out: pathlib.Path, verify: bool, tolerance: float) -> int:
 
     torch_model = oc.build_torch_model(DEMO_MODEL)
     oc.randomize_torch_model(torch_model, seed=0)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "open_clip_demo.safetensors"
-    save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, str(checkpoint))
-    print(f"wrote a random {DEMO_MODEL} open_clip state dict to {checkpoint}")
-    cfg = oc.config_from_open_clip(DEMO_MODEL)
-    return _convert_and_save(read_state_dict(checkpoint), DEMO_MODEL, cfg, out,
-                             {"model": DEMO_MODEL, "checkpoint": str(checkpoint)}, verify, tolerance)
+    name = "open_clip_demo.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_path(out) as tmp:
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()},
+                  str(tmp / name))
+        print(f"wrote a random {DEMO_MODEL} open_clip state dict to {out / name}")
+        _save_verified(read_state_dict(tmp / name), DEMO_MODEL, oc.config_from_open_clip(DEMO_MODEL),
+                       tmp, out, {"model": DEMO_MODEL, "checkpoint": str(out / name)}, verify,
+                       tolerance)
+    return 0
 
 
 def download_checkpoint(model: str, tag: str) -> pathlib.Path:

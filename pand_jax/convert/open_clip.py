@@ -267,10 +267,6 @@ def randomize_torch_model(model, seed: int = 0) -> None:
                 p.add_(0.3 * noise if p.ndim else 0.1 * noise)
 
 
-def torch_state_dict(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-
-
 def random_inputs(cfg: CLIPConfig, batch: int, image_size: int, seed: int):
     """Normal images [B, S, S, 3] and token rows 'SOT, words, EOT, padding' with EOT = vocab-1."""
     rng = np.random.default_rng(seed)

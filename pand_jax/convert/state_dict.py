@@ -86,8 +86,8 @@ def check_state_dict(
             problems.append(f"shape mismatch for {k}: checkpoint {got}, model expects {want}")
     if problems:
         raise ConversionError(
-            "the checkpoint does not match the model configuration:\n  " + "\n  ".join(problems)
-            + "\nCheck that --model/--model-config (or --student) names the architecture the "
+            "the checkpoint does not match the model configuration: " + "; ".join(problems)
+            + ". Check that --model/--model-config (or --student) names the architecture the "
             "checkpoint was trained with."
         )
 

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from pand_jax import files
 from pand_jax.convert.state_dict import (ConversionError, check_state_dict, layout_of, nchw,
                                          read_state_dict, relative_diff, to_flax_layout,
                                          to_torch_layout, torch_shape)
@@ -130,7 +131,10 @@ def convert_student(arch: str, checkpoint: str | pathlib.Path | None = None,
     if verify:
         verify_student(arch, model, state_dict)
     out = pathlib.Path("weights") / arch if out is None else pathlib.Path(out)
-    out = save_student(out, model, source=source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_path(out) as tmp:  # a run stopped while saving leaves `out` as it was
+        save_student(tmp, model, source=source)
+    out = out.absolute()
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"{arch}: {n:,} parameters ({model.num_classes} classes) saved to {out}")
     return out

@@ -2,9 +2,10 @@
 
 The student sees Stage-NSD's evaluation transform (stretch to the student's image size, CLIP
 normalisation), with its recorded batch size and compute dtype, so its top-1 is the `best_top1`
-training reported. The teacher sees Stage-PSC's feature transform (shorter side resized to the
-tower's image size, center crop) and classifies by cosine similarity to text anchors: learned
-ones from Stage-PSC, or the dataset's prompt template (zero-shot).
+training reported. The teacher sees Stage-PSC's feature transform (shorter side resized, center
+crop; with learned anchors at the image size and dtype their PSC run recorded, zero-shot at the
+tower's own size) and classifies by cosine similarity to text anchors: learned ones from
+Stage-PSC, or the dataset's prompt template (zero-shot).
 """
 from __future__ import annotations
 
@@ -28,9 +29,8 @@ from pand_jax.models.clip import load_clip
 TOP_K = 5
 
 
-def split_loader(info, split: str, size: int, resize: str, batch: int, settings, mesh):
+def split_loader(info, split: str, size: int, resize: str, batch: int, settings):
     """(source, in-order loader) of a split, as the trainer's evaluation reads it."""
-    devices.check_batch_size(batch, mesh, "evaluation batch size")
     source = data_lib.load_split(info.key, split, settings["data_dir"],
                                  settings["skip_bad_images"])
     return source, pipeline.Loader(source, global_batch_size=batch, image_size=size,
@@ -40,13 +40,22 @@ def split_loader(info, split: str, size: int, resize: str, batch: int, settings,
 def teacher_logits(teacher: str, anchors: str | None, info, split: str, settings, batch: int,
                    mesh) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C], labels [N]) of the CLIP teacher: CLIP's logit scale times the cosine
-    similarity of image features and text anchors. The features are computed as Stage-PSC does
-    (and in its compute dtype); the similarities in float32 NumPy, as its zero-shot score."""
-    clip = load_clip(teacher, dtype=devices.compute_dtype("auto"))
-    text = (anchors_lib.load(anchors, info)[0] if anchors else
-            prompts.template_anchors(clip, info.class_names, info.prompt_template))
-    size = clip.config.vision.image_size
-    _, loader = split_loader(info, split, size, "shorter_center_crop", batch, settings, mesh)
+    similarity of image features and text anchors. With Stage-PSC's anchors the features are
+    computed with the image size, resize and compute dtype that run recorded in them, so the
+    top-1 is the one it reported; zero-shot, at the tower's own image size. The similarities
+    are float32 NumPy, as PSC's zero-shot score."""
+    text, meta = anchors_lib.load(anchors, info) if anchors else (None, {})
+    recorded = meta.get("features")
+    if anchors and recorded is None:
+        print(f"warning: {anchors} does not record the settings of its teacher features (an "
+              "older Stage-PSC wrote it); the teacher sees its own image size, which may not "
+              "give the accuracy Stage-PSC reported", flush=True)
+    clip = load_clip(teacher, dtype=devices.compute_dtype(recorded["dtype"] if recorded else "auto"))
+    if text is None:
+        text = prompts.template_anchors(clip, info.class_names, info.prompt_template)
+    size = recorded["image_size"] if recorded else clip.config.vision.image_size
+    resize = recorded["resize"] if recorded else "shorter_center_crop"
+    _, loader = split_loader(info, split, size, resize, batch, settings)
     encode = devices.jit_apply(clip, lambda m, b: losses.l2_normalize(
         m.encode_image(augment.eval_transform(b["image"], size))), mesh)
     features, labels = devices.run_over_split(encode, loader, mesh, "teacher")
@@ -121,7 +130,9 @@ def evaluate(student_dir: str, dataset: str | None, split: str | None, out: path
     split = split or info.test_split
     batch = batch_size or settings["eval_batch_size"]
     mesh = devices.make_mesh()
-    source, loader = split_loader(info, split, student.image_size, "stretch", batch, settings, mesh)
+    # The one batch size no config schema has checked (--batch-size, or a run's on other devices).
+    devices.check_batch_size(batch, mesh, "evaluation batch size")
+    source, loader = split_loader(info, split, student.image_size, "stretch", batch, settings)
     logits, labels = devices.run_over_split(student_lib.logits_fn(student, mesh), loader, mesh,
                                             "student")
     scores = {"student": metrics(logits, labels)}

@@ -5,8 +5,9 @@ import pathlib
 from typing import Iterator, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from pand_jax.data import images as images_lib
 from pand_jax.deploy import student as student_lib
 from pand_jax.progress import progress_bar
 
@@ -33,9 +34,9 @@ def expand(paths) -> list[pathlib.Path]:
 
 
 def read_image(path: pathlib.Path) -> np.ndarray:
-    """uint8 RGB [H, W, 3], upright as a viewer shows it (EXIF orientation applied)."""
-    with Image.open(path) as img:
-        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    """uint8 RGB [H, W, 3], decoded as training decodes it (`images.read_rgb`: upright by its
+    EXIF orientation, 16-bit and float images scaled, not clipped)."""
+    return np.asarray(images_lib.read_rgb(str(path)))
 
 
 def predict(student: student_lib.TrainedStudent, paths, top_k: int) -> Iterator[Prediction]:
@@ -50,7 +51,7 @@ def predict(student: student_lib.TrainedStudent, paths, top_k: int) -> Iterator[
             try:
                 images.append(student_lib.resize(read_image(p), size))
                 done.append((p, None))
-            except Exception as e:  # PIL raises many types for a file it cannot decode
+            except images_lib.READ_ERRORS as e:  # reported; the other files are still predicted
                 done.append((p, f"{type(e).__name__}: {e}"))
         probs = iter(_probabilities(logits_of, images))
         for p, error in done:

@@ -27,17 +27,15 @@ HWIO) dense convs where XLA's kernel is slow (small maps, kernels no wider than 
 see `_dense_takes_matmul`) and depthwise convs (one filter per channel), any kernel, stride and
 explicit / "SAME" / "VALID" padding; anything else (large maps, dilation, other grouped convs,
 other layouts) takes XLA's convolution, unchanged.
-Set PAND_NATIVE_CONV=1 (or trace inside `with xla_convolution():`) to force XLA's ops
-everywhere, oneDNN's included; the benchmarks use it to measure the difference.
+Set PAND_NATIVE_CONV=1 to force XLA's ops everywhere, oneDNN's included; it is read when a
+function is traced, so the benchmarks set it around each measurement (bench/conv_paths.py).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
 import os
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -46,21 +44,12 @@ from jax import lax
 from pand_jax.models import onednn
 
 
-# Which dense convs take the matmul form, from side-by-side measurements under the XLA:CPU option
-# that `import pand_jax` sets (Eigen's convolution; `bench/cpu_ops.py --rule`, batch 16, ms of
-# forward + gradients, matmul form vs XLA's kernel):
-# - kernels no wider than their stride (1x1 convs, ConvNeXt's 4x4/4 stem and 2x2/2 downsampling):
-#   the patches are the input rearranged, not copied (1x1 16->96 at 112x112: 30.5 vs 83.5;
-#   2x2/2 768->1536 at 28x28, batch 2: 28.6 vs 38.7);
-# - overlapping kernels (3x3, 7x7) only on the maps where XLA's kernel falls off a cliff, up to
-#   4x4 outputs (3x3 512->512 at 2x2: 3.6 vs 218; at 3x3: 5.9 vs 9.2; at 4x4: 11.5 vs 12.8). From
-#   7x7 outputs XLA's kernel ties or wins at every width (3x3 512->512 at 7x7: 30.8 vs 29.7; 64->64
-#   at 8x8: 1.0 vs 0.8; 256->256 at 14x14: 55.5 vs 28.0): the 9x patch copy costs more than the
-#   product saves;
-# - and image stems (at most 4 input channels) whose patches copy the input at most 2.25x, up to
-#   32x32 outputs: MobileNet-V2's 3x3/2 at 64 px, where whole training steps (which need no
-#   input gradient) took 67-72 ms with it vs 80-89 ms without; at 224 px XLA's kernel is faster
-#   (eval steps 94 vs 106 ms), as it is for ResNet-18's 7x7/2 stem (12.25x copies) at both sizes.
+# The per-shape timings behind the thresholds below: bench/RESULTS.md, "Where the thresholds...".
+# Which dense convs take the matmul form (against XLA's Eigen kernel, which `import pand_jax`
+# selects): kernels no wider than their stride (the patches are the input rearranged, not
+# copied); overlapping kernels only on maps of up to 4x4 outputs, where XLA's kernel falls off a
+# cliff (from 7x7 the 9x patch copy costs more than the product saves); and image stems (at most
+# 4 input channels) whose patches copy the input at most 2.25x, up to 32x32 outputs.
 # Depthwise convs always take the shifted-product form: XLA:CPU is slow on them at every size.
 SMALL_MAP = 4 * 4
 IMAGE_CHANNELS, IMAGE_MAX_COPIES, IMAGE_MAX_MAP = 4, 2.25, 32 * 32
@@ -73,17 +62,12 @@ def _dense_takes_matmul(kernel, strides, out_positions, in_channels) -> bool:
                 and out_positions <= IMAGE_MAX_MAP))
 
 
-# Which convs go to oneDNN when it is there, from whole training and eval steps of both students
-# at 64 and 224 px (batch 16) and single convs (`bench/cpu_ops.py`, bench/RESULTS.md). Each
-# custom call pays fixed costs the jnp forms do not (oneDNN's threads wake up, the weights are
-# reordered, XLA cannot fuse BatchNorm/ReLU into it); with every conv on oneDNN the 64 px
-# steps were 20-50 % slower than with the jnp forms, the 224 px ones 10-30 % faster. So:
-# - dense convs that would otherwise take XLA's kernel (see `_dense_takes_matmul`) with at
-#   least 5e8 multiply-adds: ResNet-18's 3x3 convs at 224 px (1.85e9 each at batch 16: 7 ms
-#   forward against Eigen's 10-15) and its 7x7 stem; below that (3x3 64->64 at 16x16, 1.5e8)
-#   Eigen's kernel was as fast or faster with its gradients (3.1 vs 4.4 ms);
-# - depthwise convs onto maps of 28x28 or more (MobileNet-V2 at 224 px: 3x3 over 144 channels
-#   at 56x56, forward and gradients 16 ms against 37 for the shifted products).
+# Which convs go to oneDNN when it is there. Each custom
+# call pays fixed costs the jnp forms do not (oneDNN's threads wake up, the weights are
+# reordered, XLA cannot fuse BatchNorm/ReLU into it), so only large convs pay it back: dense
+# convs that would otherwise take XLA's kernel (see `_dense_takes_matmul`) with at least 5e8
+# multiply-adds (ResNet-18's 3x3 convs and 7x7 stem at 224 px), and depthwise convs onto maps
+# of 28x28 or more (MobileNet-V2 at 224 px).
 ONEDNN_MIN_MACS = 5e8
 ONEDNN_MIN_DEPTHWISE_MAP = 28 * 28
 
@@ -141,23 +125,6 @@ XLA_SWITCH = "PAND_NATIVE_CONV"
 
 def _xla_forced() -> bool:
     return os.environ.get(XLA_SWITCH) == "1"
-
-
-def xla_convolution():
-    """A context in which functions traced afresh use XLA's convolution and pooling on every
-    platform (jit caches traces: functions traced before are not affected)."""
-    return mock.patch.dict(os.environ, {XLA_SWITCH: "1"})
-
-
-CPU_PATHS = {"native": "XLA's convolution and pooling", "jnp": "the jnp forms (no oneDNN)",
-             "fast": "this module as it runs"}
-
-
-def traced_with(path: str):
-    """A context in which functions traced afresh use one of `CPU_PATHS` (the benchmarks
-    compare them)."""
-    return {"native": xla_convolution, "jnp": onednn.switched_off,
-            "fast": contextlib.nullcontext}[path]()
 
 
 def _channels_last_numbers(ndim: int) -> lax.ConvDimensionNumbers:

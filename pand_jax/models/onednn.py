@@ -18,7 +18,7 @@ When it is not there (another CPU architecture, no compiler, the wheels missing)
 says so in one warning and `pand_jax.models.conv` keeps its jnp forms: the same values, slower.
 `pand_jax.models.conv` decides which convs go to oneDNN (where measured faster than its jnp
 forms); PAND_ONEDNN=0 turns oneDNN off (the benchmarks use it to measure the difference),
-PAND_ONEDNN=all sends it every conv it can run.
+PAND_ONEDNN=all sends it every conv it can run. Both are read when a function is traced.
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ import importlib.metadata
 import os
 import pathlib
 import subprocess
-import tempfile
 import warnings
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pand_jax import files
 
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 SWITCH = "PAND_ONEDNN"
@@ -66,12 +66,6 @@ def enabled() -> bool:
 def forced() -> bool:
     """PAND_ONEDNN=all: every conv oneDNN can run goes to it (the tests' parity checks)."""
     return mode() == "all"
-
-
-def switched_off():
-    """A context in which functions traced afresh use the jnp forms, as without oneDNN (jit
-    caches traces: functions traced before are not affected)."""
-    return mock.patch.dict(os.environ, {SWITCH: "0"})
 
 
 @functools.cache
@@ -115,8 +109,8 @@ def _build() -> pathlib.Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = pathlib.Path(tmp) / target.name
+    # Whole or absent, when several processes build at once.
+    with files.atomic_path(target) as built:
         command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
                    f"-I{header.parent}", f"-I{jax.ffi.include_dir()}", str(SOURCE),
                    f"-L{library.parent}", "-ldnnl", f"-Wl,-rpath,{library.parent}",
@@ -128,7 +122,6 @@ def _build() -> pathlib.Path:
         except subprocess.CalledProcessError as e:
             last = (e.stderr.strip().splitlines() or ["no output"])[-1]
             raise BuildError(f"{compiler} exited with status {e.returncode}: {last}") from None
-        os.replace(built, target)  # whole or absent, when several processes build at once
     return target
 
 
