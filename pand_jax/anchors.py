@@ -1,16 +1,19 @@
 """Text anchors on disk: what Stage-PSC exports and Stage-NSD reads with `--anchors`.
 
 One .npz: `anchors` [C, D] L2-normalised float32, `class_names` [C], and a JSON `meta` string
-(dataset, teacher id, n_ctx, accuracy, ...). NumPy reads it without pickle.
+(dataset, teacher id, n_ctx, accuracy, ...). Its `features` entry ({image_size, resize,
+dtype}) says how the teacher's image features were computed, so that evaluate.py scores the
+teacher as Stage-PSC did. NumPy reads it without pickle.
 """
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from typing import Any
 
 import numpy as np
+
+from pand_jax import files
 
 
 class AnchorsError(ValueError):
@@ -19,10 +22,10 @@ class AnchorsError(ValueError):
 
 def save(path: pathlib.Path, anchors: np.ndarray, info, **meta: Any) -> None:
     meta = {"dataset": info.key, "num_classes": len(info.class_names), **meta}
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, anchors=np.asarray(anchors, np.float32),
-             class_names=np.asarray(info.class_names), meta=np.asarray(json.dumps(meta)))
-    os.replace(tmp, path)
+    size = np.asarray(anchors).size * 4 + 64 * len(info.class_names)  # about: floats + names
+    with files.disk_full_errors(path, size, "the anchors"), files.atomic_path(path) as tmp:
+        np.savez(tmp, anchors=np.asarray(anchors, np.float32),
+                 class_names=np.asarray(info.class_names), meta=np.asarray(json.dumps(meta)))
 
 
 def load(path: str | pathlib.Path, info) -> tuple[np.ndarray, dict[str, Any]]:
@@ -52,3 +55,18 @@ def load(path: str | pathlib.Path, info) -> tuple[np.ndarray, dict[str, Any]]:
         raise AnchorsError(f"{path}: anchors are not L2-normalised (norms {norms.min():.3f}.."
                            f"{norms.max():.3f}); was it written by Stage-PSC?")
     return anchors.astype(np.float32), meta
+
+
+def check_teacher(path, anchors: np.ndarray, meta: dict[str, Any], teacher_id: str,
+                  width: int) -> None:
+    """Anchors are text features of one teacher: another teacher's (or another width) would
+    compare the student with a space it never sees."""
+    made_by = meta.get("teacher_id")
+    if anchors.shape[1] != width:
+        raise AnchorsError(f"{path} holds {anchors.shape[1]}-d anchors (teacher {made_by!r}) but "
+                           f"the teacher {teacher_id!r} embeds into {width} dimensions; run "
+                           "Stage-PSC with this --teacher, or pass its anchors")
+    if made_by and made_by != teacher_id:
+        raise AnchorsError(f"{path} was made with the teacher {made_by!r}, not this run's "
+                           f"{teacher_id!r}; run Stage-PSC with this --teacher, or pass the "
+                           "--teacher the anchors were made with")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import pathlib
 from typing import Annotated, Any, Callable, Literal
 
 import pydantic
 from pydantic import Field
+
+from pand_jax import files
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,12 +30,17 @@ class ConfigError(ValueError):
 class Facts:
     """What the schema needs from the layers above it, passed in by the caller: the device
     and process counts of the mesh, a dataset's number of classes, and the allowed values of
-    the choice keys, whose lists live where they are used (`losses.METHODS`, ...)."""
+    the choice keys, whose lists live where they are used (`methods.NAMES`, ...), and what
+    the Stage-NSD method needs (`pand_jax.methods`)."""
     devices: int
     processes: int
     # dataset key -> its number of classes; a ValueError saying what is valid for a bad key
     num_classes: Callable[[str], int]
     choices: dict[str, tuple[str, ...]]  # config key name -> allowed values
+    # Stage-NSD's method: does it run the teacher; the first rule of its own it breaks (a
+    # (key, value, expected) triple, given the config and the dataset's number of classes).
+    teacher_needed: Callable[[str], bool]
+    method_rule: Callable[[dict[str, Any], int], tuple[str, Any, str] | None]
 
 
 def _choice(value: Any, info: pydantic.ValidationInfo) -> Any:
@@ -69,8 +75,9 @@ PositiveOrNone = Annotated[float, Field(gt=0)] | None
 
 
 class _Schema(pydantic.BaseModel):
-    # strict: JSON true is not a number and 2.0 not an integer; forbid: no unknown keys.
-    model_config = pydantic.ConfigDict(strict=True, extra="forbid")
+    # strict: JSON true is not a number and 2.0 not an integer; forbid: no unknown keys; every
+    # number finite (--set takes JSON, which reads NaN and Infinity).
+    model_config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class _Common(_Schema):
@@ -108,19 +115,36 @@ class PSCConfig(_Common):
     optimizer: PSCOptimizer
 
 
-class NSDLoss(_Schema):
+class KDLoss(_Schema):
+    temperature: float = _key("a number > 0", gt=0)
+
+
+class RKDLoss(_Schema):
+    distance_weight: float = _key("a number >= 0", ge=0)
+    angle_weight: float = _key("a number >= 0", ge=0)
+
+
+class VL2LiteLoss(_Schema):
     tau: float = _key("a number > 0", gt=0)
-    scale: float = _key("a number > 0", gt=0)
     cls_offset: float = _key("a number in [0, 1]", ge=0, le=1)
     txt_reduction: Choice
-    nsd_form: Choice
+
+
+class PANDLoss(_Schema):
     lambda_nsd: float = _key("a number >= 0", ge=0)
+    nsd_form: Choice
     nsd_k: int = _positive_int()
     nsd_group_size: Annotated[int, Field(ge=2)] | None = _key(
         "an integer >= 2 that divides batch_size, or null for the whole batch")
-    kd_temperature: float = _key("a number > 0", gt=0)
-    rkd_distance_weight: float = _key("a number >= 0", ge=0)
-    rkd_angle_weight: float = _key("a number >= 0", ge=0)
+
+
+class NSDLoss(_Schema):
+    """One section per method (`pand_jax.methods` names the sections each reads)."""
+    scale: float = _key("a number > 0", gt=0)
+    kd: KDLoss
+    rkd: RKDLoss
+    vl2lite: VL2LiteLoss
+    pand: PANDLoss
 
 
 class NSDOptimizer(_Schema):
@@ -151,7 +175,6 @@ class NSDConfig(_Common):
     teacher_cache: int = _key("an integer >= 0 (views; 0: online teacher)", ge=0)
     teacher_cache_dir: OptionalPath
     loss: NSDLoss
-    align_dim: Annotated[int, Field(ge=1)] | None = _key("an integer >= 1, or null")
     optimizer: NSDOptimizer
     teacher_cache_online: bool = _key("true or false")
     teacher_cache_dtype: Choice
@@ -160,9 +183,11 @@ class NSDConfig(_Common):
 class DemoTeacherConfig(_Schema):
     """configs/demo.json's teacher section (the tiny CLIP the demo trains first)."""
     model: dict[str, Any] = _key("a CLIP architecture (embed_dim, vision, text)")
+    seed: int = _key("an integer >= 0", ge=0)
     steps: int = _positive_int()
     batch_size: int = _positive_int()
     lr: float = _key("a number > 0", gt=0)
+    weight_decay: float = _key("a number >= 0", ge=0)
     captions: list[str] = _key("a non-empty list of caption templates", min_length=1)
 
 
@@ -181,6 +206,9 @@ def validate(config: dict[str, Any], facts: Facts, schema: str) -> dict[str, Any
         key, expected = _describe(model, err["loc"])
         if err["type"] == "value_error":  # our validators say what is allowed themselves
             raise ConfigError(f"config {key} = {err['input']!r}: {err['ctx']['error']}") from None
+        if err["type"] == "finite_number":
+            raise ConfigError(f"config {key} = {err['input']!r}: expected a finite number, "
+                              f"{expected}") from None
         if err["type"] == "missing":
             raise ConfigError(f"config {key} is missing: expected {expected}") from None
         if err["type"] == "extra_forbidden":  # a key the schema lacks (configs/*.json has it)
@@ -229,26 +257,60 @@ def _broken_rule(c: pydantic.BaseModel, facts: Facts) -> tuple[str, Any, str] | 
     if c.image_size > c.host_image_size:
         return ("image_size", c.image_size,
                 f"<= host_image_size ({c.host_image_size}), the size images are stored at")
-    if c.method != "none" and c.image_size < 32:  # the teacher sees the student's view
+    if facts.teacher_needed(c.method) and c.image_size < 32:  # it sees the student's view
         return "image_size", c.image_size, TEACHER_MIN_SIZE
     if c.optimizer.end_lr > c.optimizer.lr:
         return "optimizer.end_lr", c.optimizer.end_lr, f"<= optimizer.lr ({c.optimizer.lr})"
     if c.anchors and c.no_psc:
         return "anchors", c.anchors, "null with no_psc = true (--anchors and --no-psc contradict)"
-    loss = c.loss
-    group = loss.nsd_group_size or c.batch_size
-    if loss.nsd_group_size and c.batch_size % group:
-        return ("loss.nsd_group_size", group,
-                f"a divisor of batch_size ({c.batch_size}): the batch is split into groups")
-    if c.method == "pand" and loss.lambda_nsd > 0:
-        classes = facts.num_classes(c.dataset)
-        if loss.nsd_form == "paper" and loss.nsd_k >= classes:
-            return ("loss.nsd_k", loss.nsd_k, f"< the {classes} classes of {c.dataset} (the "
-                    "neighbourhood is the k nearest classes other than the true one)")
-        if loss.nsd_form == "batch" and loss.nsd_k >= group:
-            return ("loss.nsd_k", loss.nsd_k, f"< the {group} samples of a neighbourhood group "
-                    "(loss.nsd_group_size, else batch_size)")
-    return None
+    return facts.method_rule(c.model_dump(), facts.num_classes(c.dataset))
+
+
+# Keys renamed since runs were first written (old dotted key -> new): a workdir's config.json
+# holding them reads as the new spelling, and `--set` takes the old one too.
+RENAMED = {
+    "loss.kd_temperature": "loss.kd.temperature",
+    "loss.rkd_distance_weight": "loss.rkd.distance_weight",
+    "loss.rkd_angle_weight": "loss.rkd.angle_weight",
+    **{f"loss.{k}": f"loss.vl2lite.{k}" for k in ("tau", "cls_offset", "txt_reduction")},
+    **{f"loss.{k}": f"loss.pand.{k}"
+       for k in ("lambda_nsd", "nsd_form", "nsd_k", "nsd_group_size")},
+}
+# Keys dropped since: `align_dim` could only equal the student's feature width.
+REMOVED = ("align_dim",)
+
+
+def migrate(config: dict[str, Any]) -> dict[str, Any]:
+    """A config recorded by an earlier version, with renamed keys moved and removed ones gone."""
+    config = copy.deepcopy(config)
+    for key in REMOVED:
+        config.pop(key, None)
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and not isinstance(node[leaf], dict):
+            value = node.pop(leaf)
+            *new_parents, new_leaf = new.split(".")
+            target = config
+            for part in new_parents:
+                target = target.setdefault(part, {})
+            target[new_leaf] = value
+    return config
+
+
+def recorded_config(workdir: pathlib.Path, stage: str) -> dict[str, Any]:
+    """A workdir's config.json as this version reads it: migrated, and keys added since taken
+    as their defaults (the run used what is now their default)."""
+    old = json.loads((workdir / "config.json").read_text())
+    return with_defaults(migrate(old), default_config(stage))
+
+
+def demo_config() -> dict[str, Any]:
+    """configs/demo.json: the offline demo's teacher, psc and nsd sections, and reproduce.py
+    --demo's scale."""
+    return json.loads((CONFIG_DIR / "demo.json").read_text())
 
 
 def default_config(stage: str) -> dict[str, Any]:
@@ -269,7 +331,7 @@ def parse_value(text: str) -> Any:
 
 def override(config: dict[str, Any], key: str, value: Any) -> None:
     """Sets `a.b.c` in place; unknown keys are an error listing the valid ones at that level."""
-    *parents, leaf = key.split(".")
+    *parents, leaf = RENAMED.get(key, key).split(".")
     node = config
     for i, part in enumerate(parents):
         if not isinstance(node.get(part), dict):
@@ -307,11 +369,10 @@ def write_config(workdir: pathlib.Path, config: dict[str, Any]) -> None:
 
 
 def write_json(path: pathlib.Path, data: Any, **dumps_kwargs: Any) -> None:
-    """Writes `path` whole or not at all (a temporary file renamed over it): the other processes
-    of a run, or a later reader, never see it half written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, **dumps_kwargs) + "\n")
-    os.replace(tmp, path)
+    """Writes `path` whole or not at all (`files.atomic_path`): the other processes of a run,
+    or a later reader, never see it half written."""
+    with files.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, **dumps_kwargs) + "\n")
 
 
 def check_same_run(workdir: pathlib.Path, config: dict[str, Any], allow_change: bool) -> None:
@@ -319,10 +380,7 @@ def check_same_run(workdir: pathlib.Path, config: dict[str, Any], allow_change: 
     path = workdir / "config.json"
     if not path.is_file() or allow_change:
         return
-    old = json.loads(path.read_text())
-    # Keys a later version added are not a change: the run used what is now their default.
-    old = with_defaults(old, default_config(config["stage"]))
-    diffs = diff(old, config)
+    diffs = diff(recorded_config(workdir, config["stage"]), config)
     if diffs:
         lines = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
         raise ConfigError(

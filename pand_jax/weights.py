@@ -10,13 +10,18 @@ models all write the same layout:
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
+
+from pand_jax import files
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
@@ -27,23 +32,62 @@ class WeightsError(RuntimeError):
 
 
 def save_module(path: str | pathlib.Path, module: nnx.Module, meta: dict[str, Any]) -> pathlib.Path:
-    """Writes `module`'s state (every nnx.Variable) and `meta` under `path` (overwritten)."""
+    """Writes `module`'s state (every nnx.Variable) and `meta` under `path`, replacing what was
+    there only once the new copy is complete: it is written beside `path` and renamed into
+    place, so a kill at any moment leaves the previous copy readable (`existing`)."""
     path = pathlib.Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
+    partial, previous = _beside(path, "partial"), _beside(path, "previous")
+    is_main = jax.process_index() == 0
+    if is_main:
+        if not path.exists() and previous.exists():  # a kill between the renames below
+            os.replace(previous, path)
+        shutil.rmtree(partial, ignore_errors=True)
+    _sync("weights: partial cleared")
     pure = nnx.to_pure_dict(nnx.state(module))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / STATE_DIR, pure, force=True)
-        ckptr.wait_until_finished()
-    # The JSON goes last: its presence marks a complete save. Orbax saves are collective (every
-    # process calls this); the JSON is written once.
-    if jax.process_index() == 0:
-        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    files.quiet_refusal_logs()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:  # collective: every process calls this
+            ckptr.save(partial / STATE_DIR, pure, force=True)
+            ckptr.wait_until_finished()
+        if is_main:
+            (partial / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    except Exception as e:
+        if files.refusal(e) is None:
+            raise
+        if is_main:  # the previous copy at `path` is untouched
+            shutil.rmtree(partial, ignore_errors=True)
+        raise files.disk_full_error(
+            e, path, sum(x.nbytes for x in jax.tree.leaves(pure)), "the weights") from e
+    if is_main:
+        # A folder cannot be renamed over another: the old copy steps aside, then is removed.
+        if path.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(path, previous)
+        os.replace(partial, path)
+        shutil.rmtree(previous, ignore_errors=True)
+    _sync("weights: published")
     return path
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _beside(path: pathlib.Path, kind: str) -> pathlib.Path:
+    return path.with_name(f".{path.name}.{kind}")
+
+
+def existing(path: str | pathlib.Path) -> pathlib.Path:
+    """`path`, or the complete copy a kill during `save_module` left beside it."""
+    path = pathlib.Path(path)
+    previous = _beside(path.absolute(), "previous")
+    return previous if not path.exists() and (previous / CONFIG_FILE).is_file() else path
 
 
 def read_meta(path: str | pathlib.Path, kind: str | None = None, hint: str = "") -> dict[str, Any]:
     """The JSON written next to the weights; checks it is of `kind` when given."""
-    path = pathlib.Path(path)
+    path = existing(path)
     cfg = path / CONFIG_FILE
     if not cfg.is_file():
         raise WeightsError(
@@ -69,7 +113,7 @@ def load_module(
     `build(meta)` constructs the module; it runs under `nnx.eval_shape`, so no memory is spent on
     a random initialisation that the checkpoint then overwrites.
     """
-    path = pathlib.Path(path).absolute()
+    path = existing(path).absolute()
     meta = read_meta(path, kind, hint)
     abstract = nnx.eval_shape(lambda: build(meta))
     graphdef, abstract_state = nnx.split(abstract)

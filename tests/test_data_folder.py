@@ -11,6 +11,7 @@ from PIL import Image
 
 from pand_jax import anchors as anchors_lib
 from pand_jax.data import folder, get_dataset, load_split
+from pand_jax.data.datasets import run_name
 from pand_jax.data.images import read_rgb
 from pand_jax.data.pipeline import Loader
 from pand_jax.data.prepare import prepare
@@ -112,7 +113,7 @@ def test_no_images_at_all(tmp_path):
 
 def test_fewer_images_than_one_batch(tmp_path):
     info = get_dataset(key(make_tree(tmp_path / "birds")))  # 12 training images
-    assert len(check_folder(info, None, False, "train", 12)[0].files["train"]) == 12
+    assert check_folder(info, None, False, "train", 12) == []  # all 12 read, none left out
     with pytest.raises(folder.FolderError, match=r"birds/train has 12 readable images, fewer than "
                                                  r"one training batch of 16; lower --batch-size"):
         check_folder(info, None, False, "train", 16)
@@ -211,7 +212,7 @@ def test_every_bad_image_is_named_and_skip_leaves_them_out(tmp_path):
     assert all(str(p) in msg for p in bad)
     with pytest.raises(folder.BadImagesError):
         load_split(info.key, "train", data_dir=str(tmp_path / "none"))
-    _, skipped = check_folder(info, None, True, "train", 4)
+    skipped = check_folder(info, None, True, "train", 4)
     assert [p for p, _ in skipped] == [str(p) for p in bad]
     train = load_split(info.key, "train", data_dir=str(tmp_path / "none"), skip_bad_images=True)
     assert len(train) == 11 and str(bad[0]) not in [p for p, _ in train.files]
@@ -301,9 +302,32 @@ def test_default_workdir_is_file_system_safe(tmp_path):
     # resolve checks the folder; PAND's K = 3 neighbours need 4 classes
     make_tree(tmp_path / "My Birds:2", classes=CLASSES + ("dove",))
     args = cli.parser().parse_args(["--stage", "nsd", "--dataset", f"folder:{tmp_path}/My Birds:2/"])
-    cfg, workdir = cli.resolve(args)
-    assert workdir == pathlib.Path("runs/folder-My_Birds_2/nsd/pand-resnet18")
-    assert cfg["anchors"] == "runs/folder-My_Birds_2/psc/anchors.npz"
+    cfg, workdir, _ = cli.resolve(args)
+    runs = pathlib.Path("runs") / run_name(f"folder:{tmp_path}/My Birds:2")
+    assert runs.name.startswith("folder-My_Birds_2-")
+    assert workdir == runs / "nsd" / "pand-resnet18"
+    assert cfg["anchors"] == str(runs / "psc" / "anchors.npz")
+
+
+def test_folders_with_one_base_name_get_their_own_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = {run_name(f"folder:{where}/birds") for where in ("a", "b")}
+    assert len(names) == 2 and all(n.startswith("folder-birds-") for n in names)
+    assert run_name("folder:a/birds/") == run_name(f"folder:{tmp_path}/a/birds")
+
+
+def test_too_few_classes_for_k_names_the_flag_that_fits(tmp_path):
+    from pand_jax.cli import train as cli
+    from pand_jax.config import ConfigError
+
+    root = make_tree(tmp_path / "birds")  # 3 classes: K = 3 other classes cannot exist
+    args = cli.parser().parse_args(["--stage", "nsd", "--dataset", key(root)])
+    with pytest.raises(ConfigError, match=r"loss\.pand\.nsd_k = 3: .* pass --set "
+                                          r"loss\.pand\.nsd_k=2, or --lambda-nsd 0"):
+        cli.resolve(args)
+    args = cli.parser().parse_args(["--stage", "nsd", "--dataset", key(root),
+                                    "--set", "loss.pand.nsd_k=2"])
+    assert cli.resolve(args)[0]["loss"]["pand"]["nsd_k"] == 2
 
 
 def _stage_args(base, root):
@@ -328,8 +352,11 @@ def test_psc_then_nsd_on_a_folder(teacher, tmp_path):
     bad = _break(root)
     template = "a photo of a {}, a type of bird."
     psc, nsd = tmp_path / "psc", tmp_path / "nsd"
-    run_train(_stage_args(PSC_ARGS, root) + ["--teacher", teacher, "--workdir", psc,
-                                              "--skip-bad-images", "--set", f"prompt_template={template}"])
+    out = run_train(_stage_args(PSC_ARGS, root) + ["--teacher", teacher, "--workdir", psc,
+                                                    "--skip-bad-images",
+                                                    "--set", f"prompt_template={template}"])
+    assert (f"skipped {len(bad)} unreadable image(s) under {root} (--skip-bad-images); "
+            f"listed in {psc / folder.BAD_IMAGES_FILE}") in out.stdout
     with np.load(psc / "anchors.npz") as f:
         assert [str(n) for n in f["class_names"]] == ["Zebra finch", "blue jay", "cardinal", "robin"]
         meta = json.loads(str(f["meta"]))

@@ -1,8 +1,13 @@
 """Teacher cache: cached embeddings equal the online teacher on the regenerated view; the cache
 is reused only when its key matches and it is complete."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -44,12 +49,13 @@ def source():
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the teacher passes (builds) so reuse is observable."""
-    count = {"n": 0}
+    count = {"n": 0, "chunks": []}
     compute = teacher_cache._compute
 
-    def counted(*args, **kwargs):
+    def counted(clip, source, chunks, **kwargs):
         count["n"] += 1
-        return compute(*args, **kwargs)
+        count["chunks"].append(list(chunks))
+        return compute(clip, source, chunks, **kwargs)
 
     monkeypatch.setattr(teacher_cache, "_compute", counted)
     return count
@@ -58,7 +64,8 @@ def calls(monkeypatch):
 def build(clip, source, path, **overrides):
     # batch 4 over 10 examples: the last batch is padded, which the cache must drop.
     args = dict(views=VIEWS, seed=SEED, recipe=RECIPE, host_image_size=HOST, image_size=SIZE,
-                batch_size=4, mesh=devices.make_mesh(), path=path, key=KEY)
+                batch_size=4, mesh=devices.make_mesh(), path=path, key=KEY,
+                compute_dtype=np.float32, dtype="bfloat16")
     return teacher_cache.build(clip, source, **{**args, **overrides})
 
 
@@ -92,18 +99,21 @@ def test_reused_when_key_matches(clip, source, tmp_path, calls):
 
 def test_rebuilt_when_key_changes(clip, source, tmp_path, calls, capsys):
     build(clip, source, tmp_path)
+    # The teacher's compute dtype and the storage dtype both key it: a bf16 teacher's cache in
+    # a shared teacher_cache_dir is never read by an fp32 run, nor the other way round.
     changes = [{"key": dict(KEY, teacher="another-teacher")}, {"seed": SEED + 1},
-               {"recipe": "released"}, {"views": VIEWS + 1}]
+               {"recipe": "released"}, {"views": VIEWS + 1}, {"compute_dtype": jnp.bfloat16},
+               {"dtype": "float32"}]
     for n, change in enumerate(changes, 2):
         cache = build(clip, source, tmp_path, **change)
         assert calls["n"] == n, change
-        assert "another teacher, dataset, split or augmentation" in capsys.readouterr().out
+        assert "another teacher, dataset, split, dtype or augmentation" in capsys.readouterr().out
         assert cache.shape[1] == change.get("views", VIEWS)
 
 
-def _drop_complete_flag(path):
-    meta = json.loads((path / teacher_cache.META).read_text())
-    (path / teacher_cache.META).write_text(json.dumps(dict(meta, complete=False)))
+def _drop_last_checksum(path):  # a build stopped before its last chunk's checksum
+    f = path / teacher_cache.CHECKSUMS
+    f.write_text("".join(f.read_text().splitlines(keepends=True)[:-1]) + "2 3f")  # cut short
 
 
 def _truncate(path):
@@ -116,14 +126,41 @@ def _drop_meta(path):
 
 
 def test_rebuilt_when_partial(clip, source, tmp_path, calls, capsys):
+    """10 examples in batches of 4: chunks 0, 1, 2. A stopped build recomputes what it had not
+    finished; a file cut short or without its meta.json is rebuilt whole."""
     expected = np.asarray(build(clip, source, tmp_path), np.float32)
-    for n, damage in enumerate([_drop_complete_flag, _truncate, _drop_meta], 2):
+    for damage, chunks, message in [(_drop_last_checksum, [2], "resuming"),
+                                    (_truncate, [0, 1, 2], "unreadable"),
+                                    (_drop_meta, [0, 1, 2], "partial: no meta.json")]:
         damage(tmp_path)
         again = np.asarray(build(clip, source, tmp_path), np.float32)
-        assert calls["n"] == n, damage.__name__
-        assert "partial" in capsys.readouterr().out
+        assert calls["chunks"][-1] == chunks, damage.__name__
+        assert message in capsys.readouterr().out
         np.testing.assert_array_equal(again, expected)
-        assert json.loads((tmp_path / teacher_cache.META).read_text())["complete"] is True
+
+
+@pytest.mark.parametrize("junk", ["zeros", "random"])
+def test_damaged_rows_are_found_and_only_their_chunk_recomputed(clip, source, tmp_path, calls,
+                                                                 capsys, junk):
+    """Bytes overwritten inside embeddings.npy (zeros, or random bits with NaN among them) are
+    caught by the chunk checksums: one warning, only that chunk computed again, and the cache
+    equals the undisturbed one."""
+    expected = np.asarray(build(clip, source, tmp_path), np.float32)
+    f = tmp_path / teacher_cache.EMBEDDINGS
+    raw = bytearray(f.read_bytes())
+    row_bytes = VIEWS * clip.config.embed_dim * 2  # bf16
+    start = len(raw) - 10 * row_bytes + 5 * row_bytes + 7  # inside example 5: chunk 1
+    rng = np.random.default_rng(0)
+    junk_bytes = (bytes(40) if junk == "zeros" else
+                  np.full(20, np.nan, np.float32).view(np.uint8)[:20].tobytes()
+                  + rng.integers(0, 256, 20, np.uint8).tobytes())
+    raw[start:start + 40] = junk_bytes
+    f.write_bytes(bytes(raw))
+    again = np.asarray(build(clip, source, tmp_path), np.float32)
+    out = capsys.readouterr().out
+    assert "warning: chunks [1] of" in out and "do not match their checksums" in out, out
+    assert calls["chunks"] == [[0, 1, 2], [1]]
+    np.testing.assert_array_equal(again, expected)
 
 
 def test_views_for_epoch():
@@ -146,3 +183,83 @@ def test_rejects_bad_arguments(clip, source, tmp_path):
     with pytest.raises(ValueError, match="unknown cache dtype"):
         build(clip, source, tmp_path, dtype="float16")
     assert jax.process_count() == 1
+
+
+def _build_in_subprocess(clip, source_dir, path, prelude: str) -> subprocess.CompletedProcess:
+    """The cache built by another process, under train.py's SIGTERM handling; `prelude` sets
+    up the fault."""
+    from pand_jax.models.clip import save_clip
+
+    teacher = path.parent / "teacher"
+    if not teacher.exists():
+        save_clip(teacher, clip, teacher_id="random-demo-clip")
+    code = textwrap.dedent(f"""
+        import numpy as np, pathlib, signal, os, resource
+        from pand_jax import devices
+        from pand_jax.cli import common
+        from pand_jax.data.sources import ArraySource
+        from pand_jax.models.clip import load_clip
+        from pand_jax.train import teacher_cache
+        d = np.load({str(source_dir)!r})
+        source = ArraySource(d["images"], d["labels"], name="digits-train-head")
+        clip = load_clip({str(teacher)!r})
+    """) + textwrap.dedent(prelude) + textwrap.dedent(f"""
+        def build():
+            teacher_cache.build(clip, source, views={VIEWS}, seed={SEED}, recipe={RECIPE!r},
+                                host_image_size={HOST}, image_size={SIZE}, batch_size=4,
+                                mesh=devices.make_mesh(), path=pathlib.Path({str(path)!r}),
+                                key={KEY!r}, compute_dtype=np.float32, dtype="bfloat16")
+        with common.stop_on_sigterm("the test"):
+            raise SystemExit(common.run(build))
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+
+
+@pytest.fixture
+def saved_source(source, tmp_path):
+    path = tmp_path / "source.npz"
+    np.savez(path, images=source.images, labels=source.labels)
+    return path
+
+
+def test_a_build_stopped_by_sigterm_resumes_where_it_stopped(clip, source, saved_source,
+                                                            tmp_path, calls, capsys):
+    """SIGTERM after chunk 1's rows are written, before its checksum: the process says so in
+    one line, keeps chunk 0, and the next build computes chunks 1 and 2 only; the result equals
+    a build that was never stopped."""
+    path = tmp_path / "cache"
+    stopped = _build_in_subprocess(clip, saved_source, path, """
+        real, n = teacher_cache._chunk_digest, [0]
+        def digest(*args):  # a fresh build calls it once per chunk written, in order
+            n[0] += 1
+            if n[0] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args)
+        teacher_cache._chunk_digest = digest
+    """)
+    assert stopped.returncode == 1, stopped.stderr
+    assert "the test stopped by SIGTERM before training began; run the same command again" \
+        in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr
+    resumed = np.asarray(build(clip, source, path), np.float32)
+    assert "resuming the teacher cache build (1 chunks done)" in capsys.readouterr().out
+    assert calls["chunks"] == [[1, 2]]
+    np.testing.assert_array_equal(resumed, np.asarray(build(clip, source, tmp_path / "whole"),
+                                                      np.float32))
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_size(clip, saved_source, tmp_path):
+    """The file size limit (RLIMIT_FSIZE) refuses the cache's blocks as a full disk would:
+    reserved before any row is written, so the refusal is an error naming the file and the
+    size, not a SIGBUS from a memory-mapped write; nothing is left behind."""
+    path = tmp_path / "cache"
+    full = _build_in_subprocess(clip, saved_source, path, """
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+    """)
+    assert full.returncode == 2, full.stderr
+    err = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in full.stderr, full.stderr
+    assert f"no space left to write the teacher cache {path / teacher_cache.EMBEDDINGS}: it " \
+           "needs about 2.5 KiB" in err[0] and "teacher_cache_dir" in err[0], err
+    assert not (path / teacher_cache.EMBEDDINGS).exists()

@@ -7,28 +7,30 @@ any work and written to the workdir.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
 
 from pand_jax import config as config_lib
+from pand_jax import methods
 from pand_jax.cli import common
-from pand_jax.data.datasets import run_name
-from pand_jax.losses import METHODS, NSD_FORMS
+from pand_jax.data.datasets import DatasetInfo, get_dataset, run_name
+from pand_jax.losses import NSD_FORMS
 from pand_jax.models.student import ARCHS
 
 # Flag -> config key; None values (flag not given) leave the config alone.
 FLAG_KEYS = {
     "dataset": "dataset", "data_dir": "data_dir", "teacher": "teacher", "epochs": "epochs",
     "batch_size": "batch_size", "student": "student", "method": "method",
-    "nsd_form": "loss.nsd_form", "lambda_nsd": "loss.lambda_nsd", "anchors": "anchors",
+    "nsd_form": "loss.pand.nsd_form", "lambda_nsd": "loss.pand.lambda_nsd", "anchors": "anchors",
     "teacher_cache": "teacher_cache", "skip_bad_images": "skip_bad_images",
 }
 NSD_ONLY = ("student", "method", "nsd_form", "lambda_nsd", "anchors", "no_psc", "teacher_cache")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parser() -> common.Parser:
+    p = common.Parser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python train.py --stage psc --dataset aircraft\n"
                "  python train.py --stage nsd --dataset aircraft --student mobilenet_v2\n"
@@ -38,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="cub, aircraft, pets, dogs, cars, flowers, food, digits, or "
                    "folder:PATH for your own images (PATH/train/<class>/*.jpg, PATH/test/...)")
     p.add_argument("--student", choices=ARCHS)
-    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--method", choices=methods.NAMES)
     p.add_argument("--nsd-form", choices=NSD_FORMS)
     p.add_argument("--lambda-nsd", type=float)
     g = p.add_mutually_exclusive_group()
@@ -48,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--teacher-cache", type=int, metavar="V",
                    help="Stage-NSD: precompute the teacher on V augmented views (0: online)")
-    p.add_argument("--workdir", help="run directory (default: runs/DATASET/STAGE[...])")
+    # --out DIR names the output folder of every command; --workdir is its earlier spelling.
+    p.add_argument("--out", "--workdir", dest="workdir", metavar="DIR",
+                   help="the run's folder (default: runs/DATASET/STAGE[...]; --workdir too)")
     p.add_argument("--teacher", help="converted teacher weights (default: weights/teacher)")
     p.add_argument("--data-dir", help="prepared datasets (python -m pand_jax.data.prepare)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
@@ -65,25 +69,28 @@ def parser() -> argparse.ArgumentParser:
 
 @functools.cache
 def schema_facts() -> config_lib.Facts:
-    """What the config schema checks against: this run's mesh, the datasets and the choices."""
+    """What the config schema checks against: this run's mesh, the datasets, the choices and
+    the methods' own rules."""
     import jax
 
     from pand_jax.data.augment import RECIPES
-    from pand_jax.data.datasets import get_dataset
     from pand_jax.devices import DTYPE_NAMES
-    from pand_jax.losses import TXT_REDUCTIONS
+    from pand_jax.methods.vl2lite import TXT_REDUCTION_CHOICES
     from pand_jax.train.teacher_cache import DTYPES
 
     return config_lib.Facts(
         devices=len(jax.devices()), processes=jax.process_count(),
         num_classes=functools.cache(lambda key: get_dataset(key).num_classes),
-        choices=dict(dtype=DTYPE_NAMES, student=ARCHS, method=METHODS,
-                     nsd_form=NSD_FORMS, txt_reduction=("auto", *TXT_REDUCTIONS),
-                     augment=RECIPES, teacher_cache_dtype=tuple(DTYPES)))
+        choices=dict(dtype=DTYPE_NAMES, student=ARCHS, method=methods.NAMES,
+                     nsd_form=NSD_FORMS, txt_reduction=TXT_REDUCTION_CHOICES,
+                     augment=RECIPES, teacher_cache_dtype=tuple(DTYPES)),
+        teacher_needed=lambda name: methods.get(name).teacher is not None,
+        method_rule=methods.rule)
 
 
-def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path]:
-    """The checked config for args.stage and its workdir."""
+def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
+    """The checked config for args.stage, its workdir and its dataset, resolved once (an image
+    folder is scanned here, and the run reads this scan)."""
     stage = args.stage
     if stage == "psc":
         given = [f for f in NSD_ONLY if getattr(args, f) not in (None, False)]
@@ -97,9 +104,18 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path]:
             config_lib.override(cfg, key, value)
     if args.no_psc:
         cfg["no_psc"] = True
-    cfg = config_lib.validate(config_lib.apply_sets(cfg, args.set), schema_facts(), stage)
+    infos = {}
+
+    def dataset(key):
+        if key not in infos:
+            infos[key] = get_dataset(key)
+        return infos[key]
+
+    facts = dataclasses.replace(schema_facts(), num_classes=lambda key: dataset(key).num_classes)
+    cfg = config_lib.validate(config_lib.apply_sets(cfg, args.set), facts, stage)
     runs = pathlib.Path("runs") / run_name(cfg["dataset"])
-    if stage == "nsd" and cfg["method"] == "pand" and not cfg["no_psc"] and not cfg["anchors"]:
+    method = methods.get(cfg["method"]) if stage == "nsd" else None
+    if method and method.wants_learned_anchors(cfg["no_psc"]) and not cfg["anchors"]:
         cfg["anchors"] = str(runs / "psc" / "anchors.npz")
     if args.workdir:
         workdir = pathlib.Path(args.workdir)
@@ -108,14 +124,19 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path]:
     else:
         variant = cfg["method"] + ("-nopsc" if cfg["no_psc"] else "")
         workdir = runs / "nsd" / f"{variant}-{cfg['student']}"
-    return cfg, workdir
+    return cfg, workdir, dataset(cfg["dataset"])
 
 
-def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False) -> dict:
+def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False, info=None) -> dict:
+    """Runs the stage; `info` is its dataset as `resolve` found it (resolved here if None)."""
     from pand_jax.train import nsd, psc, setup
 
-    setup.prepare_workdir(workdir, cfg, allow_change)
-    return (psc if cfg["stage"] == "psc" else nsd).run(cfg, workdir)
+    setup.check_workdir(workdir, cfg, allow_change)
+    info = info or get_dataset(cfg["dataset"])
+    try:
+        return (psc if cfg["stage"] == "psc" else nsd).run(cfg, workdir, info)
+    finally:
+        setup.release_workdir(workdir)
 
 
 def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
@@ -124,14 +145,14 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
     one section (teacher, psc or nsd). All three are checked before the teacher trains."""
     from pand_jax.train import demo
 
-    d = demo.demo_config()
-    by_section = {s: [] for s in d}
+    d = config_lib.demo_config()
+    by_section = {s: [] for s in ("teacher", "psc", "nsd")}
     for item in sets:
         section, sep, rest = item.partition(":")
         if not sep or section not in by_section:
             raise config_lib.ConfigError(
-                f"with --demo, --set takes SECTION:key=value with SECTION one of {list(d)}; "
-                f"got {item!r}")
+                f"with --demo, --set takes SECTION:key=value with SECTION one of "
+                f"{list(by_section)}; got {item!r}")
         by_section[section].append(rest)
     teacher = workdir / "teacher"
     teacher_cfg = config_lib.validate(config_lib.apply_sets(d["teacher"], by_section["teacher"]),
@@ -172,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(pathlib.Path(args.workdir or "runs/demo"), args.teacher_cache, args.set,
                      args.allow_config_change)
         else:
-            cfg, workdir = resolve(args)
+            cfg, workdir, info = resolve(args)
             devices.report_devices(devices.compute_dtype(cfg["dtype"]))
-            summary = run_stage(cfg, workdir, args.allow_config_change)
+            summary = run_stage(cfg, workdir, args.allow_config_change, info)
             print(json.dumps(summary, indent=2))
 
-    return common.run(train)
+    # Before JAX is imported: a SIGTERM at any moment is one line (JAX's preemption service takes
+    # it over in multi-process runs).
+    with common.stop_on_sigterm("train.py"):
+        return common.run(train)

@@ -22,11 +22,6 @@ import numpy as np
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 RECIPES = ("released", "rrc", "eval")
-# Part of every teacher-cache key: bump it when a recipe's output changes, so caches of the old
-# views are rebuilt rather than paired with the new ones. 2: crops no longer filter across
-# their edges. 3: the released recipe's crop is antialiased when it shrinks (hosts above 256 px).
-VERSION = 3
-
 ROTATION_DEG = 60.0
 BLUR_KERNEL, BLUR_SIGMA = 5, (1e-5, 10.0)
 JITTER = {"brightness": 0.3, "contrast": 0.1, "saturation": 0.1, "hue": 0.1}

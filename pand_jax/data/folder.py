@@ -23,6 +23,7 @@ import re
 
 import numpy as np
 
+from pand_jax import files
 from pand_jax.data import images
 from pand_jax.progress import progress_bar
 
@@ -70,16 +71,21 @@ class Tree:
     @functools.cached_property
     def fingerprint(self) -> str:
         """Changes whenever a file is added, removed, renamed, moved to another class or edited."""
-        return fingerprint(self.root, [p for split in self.files.values() for p in split])
+        return self.fingerprint_of([p for split in self.files.values() for p in split])
 
+    @functools.cached_property
+    def _stats(self) -> dict[str, tuple[int, int]]:
+        """path -> (size, mtime_ns) of every file, read once per scan."""
+        return {path: (st.st_size, st.st_mtime_ns) for split in self.files.values()
+                for path, _ in split for st in [os.stat(path)]}
 
-def fingerprint(root: str, files) -> str:
-    h = hashlib.sha256()
-    for path, label in files:
-        st = os.stat(path)
-        rel = os.path.relpath(path, root)
-        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    def fingerprint_of(self, files) -> str:
+        """The fingerprint of some of the tree's (path, label) files."""
+        h = hashlib.sha256()
+        for path, label in files:
+            size, mtime = self._stats[path]
+            h.update(f"{os.path.relpath(path, self.root)}\0{label}\0{size}\0{mtime}\n".encode())
+        return h.hexdigest()[:16]
 
 
 def scan(root: str) -> Tree:
@@ -193,7 +199,7 @@ class FolderSource:
         bad = {p for p, _ in check_images(tree, skip)}
         self.files = [(p, label) for p, label in tree.files[split] if p not in bad]
         # The name keys the pipeline's uint8 cache, so it changes with the file list.
-        self.name = f"{run_name(PREFIX + tree.root)}-{split}-{fingerprint(tree.root, self.files)}"
+        self.name = f"{run_name(PREFIX + tree.root)}-{split}-{tree.fingerprint_of(self.files)}"
 
     def __len__(self) -> int:
         return len(self.files)
@@ -207,13 +213,14 @@ def write_record(tree: Tree, workdir, skipped: list[tuple[str, str]]) -> None:
     """The label of each class folder, and the images left out, in the run's workdir."""
     record = [{"label": i, "folder": f, "name": n}
               for i, (f, n) in enumerate(zip(tree.folders, tree.class_names))]
-    tmp = os.path.join(workdir, f".{CLASSES_FILE}.tmp")  # renamed into place: never half written
-    with open(tmp, "w") as f:
+    with files.atomic_path(os.path.join(workdir, CLASSES_FILE)) as tmp, open(tmp, "w") as f:
         json.dump({"root": tree.root, "classes": record}, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, CLASSES_FILE))
     bad_path = os.path.join(workdir, BAD_IMAGES_FILE)
     if skipped:
         with open(bad_path, "w") as f:
             f.writelines(f"{p}\t{err}\n" for p, err in skipped)
+        # --skip-bad-images trains on fewer images than the folder holds: say so, once per run.
+        print(f"skipped {len(skipped)} unreadable image(s) under {tree.root} "
+              f"(--skip-bad-images); listed in {bad_path}", flush=True)
     elif os.path.exists(bad_path):
         os.remove(bad_path)

@@ -4,19 +4,27 @@ The host only decodes and resizes (augmentation runs on device, `augment.py`). O
 element is one local batch: step -> (indices of that step) -> images, so resuming at any
 step is a slice, and grain's iterator state (`get_state`/`set_state`) is the step counter.
 An optional uint8 cache (a memory-mapped .npy of the whole split) turns later epochs into a
-fancy-indexing copy with no JPEG decoding.
+fancy-indexing copy with no JPEG decoding. Each chunk of CHUNK rows has a CRC-32 (of its images
+and labels) in the key file, written last; a chunk is checked the first time a Loader reads it,
+and one that no longer matches is decoded again from the source and repaired in place, with one
+warning. CRC-32, not BLAKE2: it finds the damage a disk does (flipped bits, zeroed or torn
+blocks) at three times BLAKE2's speed here (bench/RESULTS.md), and nobody forges a cache.
 """
 
 import json
 import os
-import tempfile
+import threading
+import zlib
 
 import grain
 import numpy as np
 from PIL import Image
 
+from pand_jax import files
+
 RESIZE_MODES = ("stretch", "shorter_center_crop")
-CACHE_VERSION = 1  # of the host image cache's layout; a change rebuilds old caches
+CACHE_VERSION = 2  # of the host image cache's layout; a change rebuilds old caches. 2: CRC-32s
+CHUNK = 64  # rows per checksummed chunk of the host image cache
 
 
 def resize_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -61,6 +69,8 @@ class Loader:
     `epoch(e, start_step)` yields dicts {image uint8 [b,S,S,3], label int32 [b], index int32 [b],
     mask bool [b]} with b = `local_batch_size`; the global batch is the concatenation of the
     processes' batches in process order. The returned grain iterator has get_state/set_state.
+    `global_batch_size` is a multiple of the device count, hence of the process count: the
+    config schema checks that before any work (evaluate.py its --batch-size).
     """
 
     def __init__(self, source, *, global_batch_size: int, image_size: int, resize: str = "stretch",
@@ -73,9 +83,6 @@ class Loader:
             import jax
 
             process_index, process_count = jax.process_index(), jax.process_count()
-        if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
-                             f"{process_count} processes")
         if train and len(source) < global_batch_size:
             raise ValueError(f"train split of {len(source)} examples is smaller than one global batch "
                              f"of {global_batch_size}; nothing would be yielded")
@@ -85,6 +92,12 @@ class Loader:
         self.local_batch_size = global_batch_size // process_count
         self.workers, self.threads = workers, threads
         self.cache = None if cache_dir is None else self._open_cache(cache_dir)
+        if self.cache is not None:
+            # grain's threads read batches at once: one lock per chunk, so a chunk is checked
+            # (and repaired) once while the others are read.
+            num_chunks = len(self.cache[2])
+            self._checked = np.zeros(num_chunks, bool)
+            self._locks = [threading.Lock() for _ in range(num_chunks)]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -113,6 +126,8 @@ class Loader:
         valid = indices >= 0
         safe = np.where(valid, indices, 0)
         if self.cache is not None:
+            for c in np.unique(safe[valid] // CHUNK):
+                self._check_chunk(int(c))
             images, labels = self.cache[0][safe], self.cache[1][safe]
             images[~valid] = 0
         else:
@@ -123,12 +138,46 @@ class Loader:
         return {"image": images, "label": np.where(valid, labels, 0).astype(np.int32),
                 "index": indices.astype(np.int32), "mask": valid}
 
+    def _check_chunk(self, c: int) -> None:
+        """Compares chunk `c` with its CRC-32 the first time it is read; a damaged one is decoded
+        again from the source and written over the damage (the cache dir is this process's)."""
+        if self._checked[c]:
+            return
+        with self._locks[c]:
+            if self._checked[c]:
+                return
+            images, labels, crcs, stem = self.cache
+            lo, hi = c * CHUNK, min((c + 1) * CHUNK, len(labels))
+            if _chunk_crc(images, labels, lo, hi) != crcs[c]:
+                print(f"warning: examples {lo}-{hi - 1} of the image cache {stem}.images.npy do "
+                      "not match their checksum (damaged on disk); decoding them again",
+                      flush=True)
+                rows = [self._decode(i) for i in range(lo, hi)]
+                # A writable map of the same file: the read-only one sees the repaired rows.
+                writable = np.load(stem + ".images.npy", mmap_mode="r+")
+                writable[lo:hi] = np.stack([img for img, _ in rows])
+                writable.flush()
+                del writable
+                labels[lo:hi] = [label for _, label in rows]
+                on_disk = np.load(stem + ".labels.npy", mmap_mode="r+")
+                on_disk[lo:hi] = labels[lo:hi]
+                on_disk.flush()
+                del on_disk
+                if _chunk_crc(images, labels, lo, hi) != crcs[c]:
+                    raise RuntimeError(
+                        f"examples {lo}-{hi - 1} of the image cache {stem}.images.npy still do "
+                        "not match their checksum after decoding them again: the source changed "
+                        "since the cache was built, or the disk does not keep what is written; "
+                        f"delete {stem}.json to rebuild the cache")
+            self._checked[c] = True
+
     def _decode(self, i: int) -> tuple[np.ndarray, int]:
         ex = self.source[i]
         return resize_image(np.asarray(ex["image"]), self.image_size, self.resize), ex["label"]
 
-    def _open_cache(self, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
-        """(images memmap [N,S,S,3], labels [N]); built once, published by an atomic rename.
+    def _open_cache(self, cache_dir: str) -> tuple[np.ndarray, np.ndarray, list[int], str]:
+        """(images memmap [N,S,S,3], labels [N], a CRC-32 per chunk, the files' stem); built
+        once, published by an atomic rename.
         A cache written for other settings, truncated or otherwise unreadable is rebuilt with
         a warning, never reused."""
         name = getattr(self.source, "name", None)
@@ -155,8 +204,12 @@ class Loader:
         n, s = len(self.source), self.image_size
         try:
             with open(stem + ".json") as f:
-                if json.load(f) != key:
-                    return None, "it was written for other settings"
+                stored = json.load(f)
+            crcs = stored.pop("crc32", None) if isinstance(stored, dict) else None
+            if stored != key:
+                return None, "it was written for other settings"
+            if not isinstance(crcs, list) or len(crcs) != -(-n // CHUNK):
+                return None, "its checksums are missing"
             images = np.load(stem + ".images.npy", mmap_mode="r")  # truncated: ValueError
             labels = np.load(stem + ".labels.npy")
         except FileNotFoundError:
@@ -166,34 +219,45 @@ class Loader:
         if images.shape != (n, s, s, 3) or images.dtype != np.uint8 or labels.shape != (n,):
             return None, (f"it holds images {images.shape} {images.dtype} and labels "
                           f"{labels.shape}, expected ({n}, {s}, {s}, 3) uint8 and ({n},)")
-        return (images, labels), ""
+        return (images, labels, crcs, stem), ""
 
     def _write_cache(self, stem: str, key: dict) -> None:
         n, s = len(self.source), self.image_size
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(stem), suffix=".npy.tmp")
-        os.close(fd)
-        try:
-            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+        # Every file through a temporary one: a run building the same cache at the same time
+        # (another host on a shared disk) never reads a half-written one.
+        fix = ("free space there, or set host_cache_dir to a disk with room, and run the same "
+               "command again")
+        with files.disk_full_errors(stem + ".images.npy", n * s * s * 3, "the image cache",
+                                    fix), files.atomic_path(stem + ".images.npy") as images_tmp:
+            images = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8,
+                                               shape=(n, s, s, 3))
+            # Its blocks reserved first: writing a memory map on a full disk is a SIGBUS.
+            fd = os.open(images_tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
             labels = np.zeros(n, np.int64)
-            chunk = 64
-            ds = grain.MapDataset.range(0, n, chunk).map(
-                lambda lo: (lo, [self._decode(i) for i in range(lo, min(lo + chunk, n))]))
+            crcs = [0] * -(-n // CHUNK)
+            ds = grain.MapDataset.range(0, n, CHUNK).map(
+                lambda lo: (lo, [self._decode(i) for i in range(lo, min(lo + CHUNK, n))]))
             for lo, rows in ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads)):
                 for k, (img, label) in enumerate(rows):
                     images[lo + k], labels[lo + k] = img, label
+                crcs[lo // CHUNK] = _chunk_crc(images, labels, lo, lo + len(rows))
             images.flush()
             del images
             # labels and images first: the key file appearing is what marks the cache complete.
             if os.path.exists(stem + ".json"):
                 os.remove(stem + ".json")
-            # Through a temporary file like the images: a run building the same cache at the
-            # same time (another host on a shared disk) never reads a half-written one.
-            np.save(tmp + ".labels.npy", labels)
-            os.replace(tmp + ".labels.npy", stem + ".labels.npy")
-            os.replace(tmp, stem + ".images.npy")
-            with open(stem + ".json", "w") as f:
-                json.dump(key, f)
-        finally:
-            for leftover in (tmp, tmp + ".labels.npy"):
-                if os.path.exists(leftover):
-                    os.remove(leftover)
+            with files.disk_full_errors(stem + ".labels.npy", labels.nbytes, "the image cache",
+                                        fix), files.atomic_path(stem + ".labels.npy") as labels_tmp:
+                np.save(labels_tmp, labels)
+        files.write_file(stem + ".json", json.dumps({**key, "crc32": crcs}),
+                         "the image cache's key")
+
+
+def _chunk_crc(images: np.ndarray, labels: np.ndarray, lo: int, hi: int) -> int:
+    """CRC-32 of rows [lo, hi) of the cache, images then labels (zlib releases the GIL)."""
+    return zlib.crc32(np.ascontiguousarray(labels[lo:hi], np.int64),
+                      zlib.crc32(images[lo:hi]))

@@ -8,21 +8,25 @@ whole iterator state and the RNG state.
 
 Faults: a checkpoint that fails to restore is moved to `checkpoints_corrupt/<step>` beside the
 checkpoints (nothing is deleted) and the run resumes from the newest one that restores; a save
-that runs out of disk space removes its partial directory and stops with one line that says
-how much space a checkpoint needs.
+that the disk refuses (full, over quota, past the file-size limit) stops the run at the step of
+that save, before it is started in the background, with one line that says how much space a
+checkpoint needs; a refusal that still comes in the background removes the partial directory
+and is reported the same way at the next save or at the end.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import logging
 import pathlib
 import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from pand_jax import files
 
 # orbax marks a save in progress with this in the directory name (atomic rename when done).
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -41,9 +45,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
         self._saving: tuple[int, int] | None = None  # (step, bytes) of the last save started
-        absl = logging.getLogger("absl")
-        if not any(isinstance(f, _NoDiskFullLogs) for f in absl.filters):
-            absl.addFilter(_NoDiskFullLogs())
+        files.quiet_refusal_logs()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Starts an async save; the training loop continues while it is written. A failure
@@ -59,11 +61,35 @@ class Checkpointer:
                 # evaluation of the epoch if the run dies before its next save.
                 return
             self._saving = (step, sum(x.nbytes for x in jax.tree.leaves(state)))
+            self._reserve(self._saving[1])
             # The JSON is written in the background: a copy, or the loop's next changes to
             # its position dict could land in this checkpoint.
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(copy.deepcopy(meta))),
                 force=True)
+
+    def _reserve(self, size: int) -> None:
+        """Raises the disk's refusal now when a checkpoint of `size` bytes does not fit: in the
+        background it would surface only at the next save, an epoch of training later. Process
+        0 asks (a disk all processes share would be asked for N checkpoints at once) and every
+        process gets its answer, since orbax's save is collective: all start it or none."""
+        refused = None
+        if jax.process_index() == 0:
+            try:
+                files.reserve(self.directory, size)
+            except OSError as e:
+                if files.refusal(e) is None:
+                    raise
+                refused = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            code = multihost_utils.broadcast_one_to_all(
+                np.int32(refused.errno if refused is not None else 0))
+            if refused is None and int(code):
+                refused = OSError(int(code), "refused on process 0")
+        if refused is not None:
+            raise refused
 
     def restore(self, like: Any, step: int) -> tuple[Any, dict[str, Any]]:
         """Restores into arrays with the shapes, dtypes and shardings of `like`."""
@@ -123,49 +149,23 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def _disk_errors(self):
-        """Turns a full disk during an async save into one line; removes the partial save."""
+        """Turns a save the disk refused into one line; removes the partial save."""
         try:
             yield
         except Exception as e:
-            if not _is_disk_full(e):
+            if files.refusal(e) is None:
                 raise
             for tmp in self.directory.glob(f"*{TMP_MARK}*"):
                 shutil.rmtree(tmp, ignore_errors=True)
             step, size = self._saving or (None, 0)
             self.manager.reload()
             last = self.manager.latest_step()
-            raise CheckpointError(
-                f"no space left on the device to save checkpoint {step} in {self.directory} "
-                f"(a checkpoint needs about {_human(size)}); free space there and run the same "
-                f"command again to resume from checkpoint {last}") from None
-
-
-def _human(size: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-
-
-class _NoDiskFullLogs(logging.Filter):
-    """Drops orbax's multi-line log records of a full disk; `Checkpointer` reports it in one
-    line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (_is_disk_full(error) or _is_disk_full(Exception(record.getMessage())))
-
-
-def _is_disk_full(e: BaseException | None) -> bool:
-    """ENOSPC as Python raises it, or as TensorStore reports it (RESOURCE_EXHAUSTED)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        text = str(e)
-        if "RESOURCE_EXHAUSTED" in text or "No space left on device" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+            then = (f"resume from checkpoint {last}" if last is not None else
+                    "start afresh (no checkpoint was complete yet)")
+            raise files.disk_full_error(
+                e, self.directory, size, f"checkpoint {step} in",
+                f"free space there and run the same command again to {then}",
+                needs="a checkpoint") from None
 
 
 @contextlib.contextmanager

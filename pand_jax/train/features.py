@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 from typing import Any, Callable
 
 import jax
 import numpy as np
+
+from pand_jax import files
 
 
 def cache_key(**parts: Any) -> str:
@@ -20,9 +21,11 @@ def cached_arrays(path: pathlib.Path, key: dict[str, Any],
                   compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Loads `path` (.npz) when it was written for the same `key`, else computes and writes it.
 
-    The key is stored inside the file; a stale or partial file is recomputed with a message,
-    never silently reused. Writes go to a per-process temporary file and are renamed into
-    place, so a crash never leaves a file that looks complete.
+    The key is stored inside the file; a stale, partial or damaged file (every .npz member
+    carries a CRC-32 that zipfile checks as the member is read) is recomputed with a message,
+    never silently reused. Writes go through `files.atomic_path`, so a crash never leaves a
+    file that looks complete and processes writing the same file never collide; a disk that
+    refuses the file is one line naming it and its size.
     """
     digest = cache_key(**key)
     if path.is_file():
@@ -36,7 +39,7 @@ def cached_arrays(path: pathlib.Path, key: dict[str, Any],
         if jax.process_index() == 0:
             print(f"warning: recomputing {path}: {reason}", flush=True)
     arrays = compute()
-    tmp = path.with_name(f".{path.name}.{jax.process_index()}.tmp.npz")
-    np.savez(tmp, __key__=np.asarray(digest), **arrays)
-    os.replace(tmp, path)
+    size = sum(np.asarray(a).nbytes for a in arrays.values())
+    with files.disk_full_errors(path, size, "the feature cache"), files.atomic_path(path) as tmp:
+        np.savez(tmp, __key__=np.asarray(digest), **arrays)
     return arrays

@@ -1,12 +1,10 @@
-"""Stage-NSD: distil the frozen CLIP teacher into a ResNet-18 / MobileNet-V2 student.
-
-Methods (`method`): "none" (CE only), "kd" (Hinton), "rkd" (Park et al.), "vl2lite" (the base
-loss with hand-crafted template anchors) and "pand" (the base loss with learned PSC anchors plus
-lambda_NSD * NSD). `no_psc` swaps PAND's learned anchors for template ones (the "+NSD only"
-ablation); `loss.lambda_nsd = 0` gives "+PSC only".
+"""Stage-NSD: distil the frozen CLIP teacher into a ResNet-18 / MobileNet-V2 student with one
+of the methods of `pand_jax.methods` (`method`): its entry says which teacher signal the step
+computes, where the text anchors come from, which heads train beside the student and what the
+objective is. `no_psc` swaps learned anchors for template ones (PAND's "+NSD only" ablation).
 
 Teacher and student see the same augmented view, regenerated on device from
-(seed, example index, epoch); the teacher runs online here.
+(seed, example index, epoch or cached view).
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ import optax
 from flax import nnx
 
 from pand_jax import anchors as anchors_lib
-from pand_jax import devices, losses, prompts
+from pand_jax import devices, methods, prompts
 from pand_jax.data import augment, pipeline
 from pand_jax.models import student as student_lib
 from pand_jax.train import loop, setup, teacher_cache
@@ -51,63 +49,52 @@ def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.Gradient
     return optax.chain(*parts), schedule
 
 
-def text_anchors(cfg, info, clip):
-    """(anchors [C, D], learned?) for the method: PSC's for PAND, templates otherwise."""
-    if cfg["method"] == "none":
+def text_anchors(method: methods.Method, anchors_path: str | None, no_psc: bool, info, clip,
+                 teacher_id: str):
+    """(anchors [C, D], learned?) for the method: an anchors file when given (Stage-PSC's, made
+    with this run's teacher), templates otherwise; a method that wants learned anchors needs the
+    file unless `no_psc`."""
+    if method.anchors is None:
         return None, False
-    if cfg["anchors"]:
-        return anchors_lib.load(cfg["anchors"], info)[0], True
-    if cfg["method"] == "pand" and not cfg["no_psc"]:
-        raise ValueError("PAND needs learned anchors: pass --anchors FILE (written by "
+    if anchors_path:
+        anchors, meta = anchors_lib.load(anchors_path, info)
+        anchors_lib.check_teacher(anchors_path, anchors, meta, teacher_id, clip.config.embed_dim)
+        return anchors, True
+    if method.wants_learned_anchors(no_psc):
+        raise ValueError(f"{method.label} needs learned anchors: pass --anchors FILE (written by "
                          f"python train.py --stage psc --dataset {info.key}), or --no-psc for "
                          "template anchors")
     return prompts.template_anchors(clip, info.class_names, info.prompt_template), False
 
 
-def build_model(cfg, num_classes: int, teacher_dim: int, dtype) -> student_lib.Distillee:
-    rngs = nnx.Rngs(cfg["seed"])
-    weights = cfg["student_weights"]
+def build_model(method: methods.Method, student: str, weights: str | None, seed: int,
+                num_classes: int, teacher_dim: int, dtype) -> student_lib.Distillee:
+    """The student (converted ImageNet backbone from `weights`, or from scratch when None)
+    and the method's heads, in train mode."""
+    rngs = nnx.Rngs(seed)
     if weights:
-        student = student_lib.student_from_pretrained(
-            weights.format(student=cfg["student"]), num_classes, rngs=rngs, dtype=dtype)
+        model = student_lib.student_from_pretrained(
+            weights.format(student=student), num_classes, rngs=rngs, dtype=dtype)
     else:  # from scratch (the offline demo)
-        student = student_lib.Student(cfg["student"], num_classes, dtype=dtype, rngs=rngs)
-    model = student_lib.Distillee(student, teacher_dim, cfg["align_dim"], rngs=rngs)
-    model.train()
-    return model
+        model = student_lib.Student(student, num_classes, dtype=dtype, rngs=rngs)
+    distillee = student_lib.Distillee(model, method.heads(model.num_features, teacher_dim, rngs))
+    distillee.train()
+    return distillee
 
 
-def objective_settings(cfg, learned_anchors: bool, num_epochs: int) -> dict[str, Any]:
-    """The keyword arguments of `losses.OBJECTIVES[cfg["method"]]` from the `loss` config."""
-    lc, method = cfg["loss"], cfg["method"]
-    reduction = lc["txt_reduction"]
-    if reduction == "auto":  # PAND's batch-mean KL with learned prompts, VL2Lite's otherwise
-        reduction = "pand" if learned_anchors else "vl2lite"
-    base = dict(num_epochs=num_epochs, tau=lc["tau"], scale=lc["scale"],
-                cls_offset=lc["cls_offset"], reduction=reduction)
-    return {
-        "none": {},
-        "kd": dict(temperature=lc["kd_temperature"], scale=lc["scale"]),
-        "rkd": dict(distance_weight=lc["rkd_distance_weight"],
-                    angle_weight=lc["rkd_angle_weight"]),
-        "vl2lite": base,
-        "pand": dict(base, lambda_nsd=lc["lambda_nsd"], nsd_form=lc["nsd_form"], k=lc["nsd_k"],
-                     group_size=lc["nsd_group_size"]),
-    }[method]
-
-
-def make_loss(cfg, learned_anchors: bool, num_epochs: int):
+def make_loss(method: methods.Method, loss_cfg: dict[str, Any], learned_anchors: bool,
+              num_epochs: int):
     """loss(model, images_student, labels, t, anchors, epoch) -> (total, terms): the student
-    forward, then the method's objective from `losses.OBJECTIVES`."""
-    objective = functools.partial(losses.OBJECTIVES[cfg["method"]],
-                                  **objective_settings(cfg, learned_anchors, num_epochs))
+    forward, then the method's objective with its settings from the `loss` config."""
+    objective = functools.partial(method.objective,
+                                  **method.settings(loss_cfg, num_epochs, learned_anchors))
 
     def loss(model, images, labels, t, anchors, epoch):
         features = model.student.features(images)
-        return objective(losses.NSDInputs(
-            logits=model.student.classifier(features), features=features, labels=labels,
-            teacher=t, anchors=anchors, align_image=model.align_image,
-            align_text=model.align_text, epoch=epoch))
+        return objective(methods.Inputs(
+            logits=model.student.classifier(features), features=features,
+            labels=labels if method.reads_labels else None, teacher=t, anchors=anchors,
+            heads=model.heads, epoch=epoch))
 
     return loss
 
@@ -125,7 +112,7 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
 
     What the step does follows the batch's structure (static under jit): with
     batch["teacher"] the teacher's embeddings come from the cache; otherwise the teacher runs
-    online when `t_graphdef` is given (no teacher at all for method "none"). With
+    online when `t_graphdef` is given (no teacher at all for a method that reads none). With
     batch["view"] each example uses that augmented view, otherwise a fresh one per epoch.
     """
     seed, recipe, size = cfg["seed"], cfg["augment"], cfg["image_size"]
@@ -160,19 +147,21 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
     return train_step
 
 
-def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
-    info = setup.open_dataset(cfg, workdir)
+def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
+    """Trains (or resumes) the run; `info` is its dataset as the CLI resolved it."""
+    info, skipped = setup.open_dataset(info, cfg)
+    method = methods.get(cfg["method"])
     mesh = devices.make_mesh()
     batch, views = cfg["batch_size"], cfg["teacher_cache"]
-    devices.check_batch_size(batch, mesh)
     dtype = devices.compute_dtype(cfg["dtype"])
-    needs_teacher = cfg["method"] != "none"
+    needs_teacher = method.teacher is not None
     cached = needs_teacher and views > 0 and not cfg["teacher_cache_online"]
 
     clip, teacher_id = setup.load_teacher(cfg["teacher"], dtype) if needs_teacher else (None, None)
-    anchors, learned = text_anchors(cfg, info, clip)
+    anchors, learned = text_anchors(method, cfg["anchors"], cfg["no_psc"], info, clip, teacher_id)
     teacher_dim = clip.config.embed_dim if clip is not None else 1
-    model = build_model(cfg, info.num_classes, teacher_dim, dtype)
+    model = build_model(method, cfg["student"], cfg["student_weights"], cfg["seed"],
+                        info.num_classes, teacher_dim, dtype)
 
     train_split = setup.train_split(info, cfg)
     train_source = setup.load_split(info, train_split, cfg)
@@ -182,22 +171,24 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                                    cache_dir=setup.host_cache_dir(cfg, workdir))
     spe = setup.steps_per_epoch(train_loader.steps_per_epoch, cfg)
     tx, schedule = optimizer(cfg, spe)
-    loss_fn = make_loss(cfg, learned, cfg["epochs"])
+    loss_fn = make_loss(method, cfg["loss"], learned, cfg["epochs"])
     size, recipe, seed = cfg["image_size"], cfg["augment"], cfg["seed"]
+    setup.claim_workdir(workdir, cfg, info, skipped)  # every check has passed
 
     cache = None
     if cached:
-        # The source name follows an image folder's files and which copy is read.
-        key = dict(teacher=teacher_id, dataset=info.key, source=train_source.name,
-                   split=train_split, data_dir=str(cfg["data_dir"]), recipe=recipe,
-                   augment_version=augment.VERSION, host=cfg["host_image_size"], size=size,
-                   seed=seed, views=views, dtype=str(jnp.dtype(dtype)))
         cache = teacher_cache.build(
             clip, train_source, views=views, seed=seed, recipe=recipe,
             host_image_size=cfg["host_image_size"], image_size=size,
-            batch_size=cfg["eval_batch_size"], mesh=mesh, key=key,
+            batch_size=cfg["eval_batch_size"], mesh=mesh,
+            key=dict(teacher=teacher_id, dataset=info.key, split=train_split,
+                     data_dir=str(cfg["data_dir"])),
             path=pathlib.Path(cfg["teacher_cache_dir"] or workdir / "teacher_cache"),
-            dtype=cfg["teacher_cache_dtype"])
+            compute_dtype=dtype, dtype=cfg["teacher_cache_dtype"])
+    # What the method cost in teacher forward passes: the cache's views (however many runs
+    # share it), or one per image of every step online.
+    teacher_forwards = (0 if not needs_teacher else len(train_source) * views if cached
+                        else cfg["epochs"] * spe * batch)
 
     graphdef, state = init_state(model, tx)
     state = devices.replicate(mesh, state)
@@ -251,6 +242,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
                                    "compute_dtype": np.dtype(dtype).name,
                                    "train_split": train_split,
                                    "learned_anchors": learned, "no_psc": cfg["no_psc"],
-                                   "nsd_form": cfg["loss"]["nsd_form"],
-                                   "lambda_nsd": cfg["loss"]["lambda_nsd"],
-                                   "teacher_cache_views": views})
+                                   "loss": {k: cfg["loss"][k] for k in method.sections},
+                                   "teacher_cache_views": views,
+                                   "teacher_mode": "cached" if cached else
+                                   "online" if needs_teacher else None,
+                                   "teacher_forwards": teacher_forwards})

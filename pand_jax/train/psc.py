@@ -19,8 +19,11 @@ from flax import nnx
 
 from pand_jax import anchors as anchors_lib
 from pand_jax import devices, losses, prompts
-from pand_jax.data import augment
+from pand_jax.data import augment, pipeline
 from pand_jax.train import features, loop, setup
+
+# How the teacher sees an image for its features: open_clip's evaluation preprocessing.
+FEATURE_RESIZE = "shorter_center_crop"
 
 
 def optimizer(cfg: dict[str, Any], total_steps: int) -> optax.GradientTransformation:
@@ -70,7 +73,7 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
     size = cfg["feature_image_size"]
 
     def compute():
-        loader = setup.eval_loader(info, split, cfg, size, "shorter_center_crop",
+        loader = setup.eval_loader(info, split, cfg, size, FEATURE_RESIZE,
                                    cfg["feature_batch_size"], mesh)
         encode = devices.jit_apply(clip, lambda m, b: losses.l2_normalize(
             m.encode_image(augment.eval_transform(b["image"], size))), mesh)
@@ -83,25 +86,31 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
     return features.cached_arrays(workdir / f"features_{split}.npz", key, compute)
 
 
-def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
-    info = setup.open_dataset(cfg, workdir)
+def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
+    info, skipped = setup.open_dataset(info, cfg)
     mesh = devices.make_mesh()
-    devices.check_batch_size(cfg["batch_size"], mesh)
-    devices.check_batch_size(cfg["feature_batch_size"], mesh, "feature batch size")
     dtype = devices.compute_dtype(cfg["dtype"])
     clip, teacher_id = setup.load_teacher(cfg["teacher"], dtype)
-
-    select_split = info.val_split or info.test_split
     train_split = setup.train_split(info, cfg)
-    splits = dict.fromkeys([train_split, info.test_split, select_split])
-    data = {s: teacher_image_features(clip, info, s, cfg, mesh, workdir, teacher_id)
-            for s in splits}
-    train = data[train_split]
-    n_train, batch = len(train["labels"]), cfg["batch_size"]
+    n_train, batch = len(setup.load_split(info, train_split, cfg)), cfg["batch_size"]
     steps_per_epoch = setup.steps_per_epoch(n_train // batch, cfg)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch} is larger than the {n_train} training examples "
                          f"of {info.key}; lower it with --batch-size")
+    setup.claim_workdir(workdir, cfg, info, skipped)
+    native = clip.config.vision.image_size
+    if cfg["feature_image_size"] != native and jax.process_index() == 0:
+        # The paper's 256 px is the full-size teacher's own; a smaller teacher keeps it unless
+        # told otherwise, so that a config means the same run whatever teacher it names.
+        print(f"note: the teacher {teacher_id} was trained at {native} px; its features are "
+              f"computed at feature_image_size={cfg['feature_image_size']} px (--set "
+              f"feature_image_size={native} to follow the teacher)", flush=True)
+
+    select_split = info.val_split or info.test_split
+    splits = dict.fromkeys([train_split, info.test_split, select_split])
+    data = {s: teacher_image_features(clip, info, s, cfg, mesh, workdir, teacher_id)
+            for s in splits}
+    train = data[train_split]
 
     parts = prompts.prompt_parts(clip, info.class_names, info.prompt_template, cfg["n_ctx"])
     graphdef, teacher_state = nnx.split(clip)
@@ -125,10 +134,9 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
         return jnp.mean(jnp.argmax(feats @ anchors.T, -1) == labels)
 
     def batches(epoch, start):
-        order = np.random.default_rng([cfg["seed"], epoch]).permutation(n_train)
+        order = pipeline.epoch_order(n_train, batch, train=True, seed=cfg["seed"], epoch=epoch)
         lo, hi = setup.process_slice(batch)
-        for step in range(start, steps_per_epoch):
-            idx = order[step * batch: (step + 1) * batch][lo:hi]
+        for idx in order[start:steps_per_epoch, lo:hi]:
             yield devices.to_global(mesh, {"features": train["features"][idx],
                                             "label": train["labels"][idx]})
 
@@ -144,17 +152,25 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
             anchors_lib.save(workdir / "anchors.npz", anchors, info, teacher_id=teacher_id,
                              n_ctx=cfg["n_ctx"], prompt_template=info.prompt_template,
                              top1=scores["top1"], select=scores["select"],
-                             select_split=select_split)
+                             select_split=select_split,
+                             features={"image_size": cfg["feature_image_size"],
+                                       "resize": FEATURE_RESIZE, "dtype": np.dtype(dtype).name})
 
     task = loop.Task("psc", steps_per_epoch, batch, batches,
                      lambda s, b, e: train_step(s, frozen, b), evaluate, export_best)
     test = data[info.test_split]
     template = prompts.template_anchors(clip, info.class_names, info.prompt_template)
     zero_shot = float(np.mean(np.argmax(test["features"] @ template.T, -1) == test["labels"]))
-    return loop.fit(task, state, epochs=cfg["epochs"], workdir=workdir,
-                    checkpoints_to_keep=cfg["checkpoints_to_keep"],
-                    summary_extra={"dataset": info.key, "method": "coop", "teacher": teacher_id,
-                                   "compute_dtype": np.dtype(dtype).name,
-                                   "anchors": str(workdir / "anchors.npz"),
-                                   "select_split": select_split, "train_split": train_split,
-                                   "zero_shot_top1": zero_shot})
+    summary = loop.fit(task, state, epochs=cfg["epochs"], workdir=workdir,
+                       checkpoints_to_keep=cfg["checkpoints_to_keep"],
+                       summary_extra={"dataset": info.key, "method": "coop",
+                                      "teacher": teacher_id, "compute_dtype": np.dtype(dtype).name,
+                                      "anchors": str(workdir / "anchors.npz"),
+                                      "select_split": select_split, "train_split": train_split,
+                                      "zero_shot_top1": zero_shot})
+    if summary["best_top1"] < zero_shot and jax.process_index() == 0:
+        print(f"warning: the learned prompts ({100 * summary['best_top1']:.2f}%) score below the "
+              f"hand-written template they started beside ({100 * zero_shot:.2f}% zero-shot) on "
+              f"{info.test_split}; train longer or with another optimizer.lr, or use --no-psc",
+              flush=True)
+    return summary

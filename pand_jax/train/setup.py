@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 import pathlib
 from typing import Any
 
@@ -10,33 +12,83 @@ import jax
 from pand_jax import config as config_lib
 from pand_jax import data as data_lib
 from pand_jax.data import folder, pipeline, sources
-from pand_jax.devices import check_batch_size
+
+LOCK_FILE = ".lock"
 
 
-def prepare_workdir(workdir: pathlib.Path, cfg: dict[str, Any], allow_change: bool) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
+class WorkdirError(ValueError):
+    """The workdir cannot be used; the message says why and what to do."""
+
+
+def check_workdir(workdir: pathlib.Path, cfg: dict[str, Any], allow_change: bool) -> None:
+    """Before any work, and writing nothing: the workdir is a folder (or can be made one) this
+    process may write, and holds no run of another config."""
+    existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == workdir else f"lies under the file {existing}"
+        raise WorkdirError(f"--workdir {workdir} {where}; pass a folder (it is created if "
+                           "missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkdirError(f"cannot write into {existing} (read-only file system or no "
+                           "permission); pass a --workdir you can write to")
     config_lib.check_same_run(workdir, cfg, allow_change)
-    if jax.process_index() == 0:
-        config_lib.write_config(workdir, cfg)
 
 
-def open_dataset(cfg: dict[str, Any], workdir: pathlib.Path):
-    """The run's dataset, with the config's prompt template. An image folder is checked
-    first (layout, every image, one full training batch) and its labels and left-out images
-    are recorded in the workdir."""
-    info = data_lib.get_dataset(cfg["dataset"])
+_HELD: dict[pathlib.Path, Any] = {}  # workdir -> its open, locked lock file
+
+
+def claim_workdir(workdir: pathlib.Path, cfg: dict[str, Any], info, skipped) -> None:
+    """Once every check of the run has passed: the workdir is created, locked for this run, and
+    given its config.json (and an image folder's record of labels and left-out images).
+
+    The lock is an flock on WORKDIR/.lock: the OS drops it when the process ends however it
+    ends (kill -9 leaves no stale lock), and a second run on the workdir is refused in one line
+    naming the first one's pid. Process 0 holds it for a multi-process run."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = workdir.absolute()
+    if key not in _HELD:
+        lock = open(workdir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip() or "?"
+            lock.close()
+            raise WorkdirError(f"another run (pid {pid}) is using {workdir}; wait for it to "
+                               "end, or pass another --workdir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        _HELD[key] = lock
+    config_lib.write_config(workdir, cfg)
+    if info.tree is not None:
+        folder.write_record(info.tree, workdir, skipped)
+
+
+def release_workdir(workdir: pathlib.Path) -> None:
+    lock = _HELD.pop(workdir.absolute(), None)
+    if lock is not None:
+        lock.close()
+
+
+def open_dataset(info, cfg: dict[str, Any]):
+    """(the run's dataset with the config's prompt template, the (path, reason) of the images
+    left out). `info` was resolved once by the caller; an image folder is checked here (layout,
+    every image, one full training batch). Nothing is written: `claim_workdir` records it."""
     if cfg["prompt_template"]:
         info = dataclasses.replace(info, prompt_template=cfg["prompt_template"])
-    if folder.is_folder(info.key):
-        tree, skipped = sources.check_folder(info, cfg["data_dir"], cfg["skip_bad_images"],
-                                             train_split(info, cfg), cfg["batch_size"])
-        if jax.process_index() == 0:
-            folder.write_record(tree, workdir, skipped)
-    return info
+    skipped = []
+    if info.tree is not None:
+        skipped = sources.check_folder(info, cfg["data_dir"], cfg["skip_bad_images"],
+                                       train_split(info, cfg), cfg["batch_size"])
+    return info, skipped
 
 
 def load_split(info, split: str, cfg: dict[str, Any]):
-    return data_lib.load_split(info.key, split, cfg["data_dir"], cfg["skip_bad_images"])
+    return data_lib.load_split(info, split, cfg["data_dir"], cfg["skip_bad_images"])
 
 
 def steps_per_epoch(full: int, cfg: dict[str, Any]) -> int:
@@ -70,7 +122,6 @@ def process_slice(global_batch: int) -> tuple[int, int]:
 
 def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, batch: int, mesh,
                 cache_dir: pathlib.Path | None = None):
-    check_batch_size(batch, mesh, "evaluation batch size")
     return pipeline.Loader(load_split(info, split, cfg), global_batch_size=batch, image_size=size,
                            resize=resize, train=False, seed=cfg["seed"], cache_dir=cache_dir)
 
