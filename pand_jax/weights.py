@@ -46,9 +46,10 @@ def save_module(path: str | pathlib.Path, module: nnx.Module, meta: dict[str, An
     pure = nnx.to_pure_dict(nnx.state(module))
     files.quiet_refusal_logs()
     try:
-        with ocp.StandardCheckpointer() as ckptr:  # collective: every process calls this
-            ckptr.save(partial / STATE_DIR, pure, force=True)
-            ckptr.wait_until_finished()
+        # Synchronous (collective: every process calls it): an async checkpointer's thread
+        # could still be reporting a refused write while the interpreter shuts down.
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(partial / STATE_DIR, args=ocp.args.StandardSave(pure), force=True)
         if is_main:
             (partial / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     except Exception as e:

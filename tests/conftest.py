@@ -1,16 +1,53 @@
-"""Runs shared by several test files: `train.py` on `digits` with a tiny random CLIP teacher
-(session fixtures, so each run happens once per test session)."""
+"""Settings of the whole test run, and runs shared by several test files: `train.py` on
+`digits` with a tiny random CLIP teacher (session fixtures, so each run happens once per test
+session).
+
+Compiled programs go to a JAX persistent compilation cache outside the clone, one directory per
+JAX and jaxlib version, that this process and every subprocess it starts (train.py, bench/) read
+and write: the suite compiles the same steps many times over, in many processes. JAX keys each
+entry by the program, its compile options, XLA_FLAGS and the backend, and an entry holds the very
+executable a fresh compilation gives (oneDNN's custom calls are looked up by name when it loads),
+so a test passes or fails the same with it, cold or warm. `JAX_COMPILATION_CACHE_DIR=` (empty)
+switches it off; a directory already set there is used instead. With a size limit JAX locks the
+cache (filelock), which the two-process runs need: without the lock a reader can meet an entry
+being written.
+
+Hypothesis runs derandomized everywhere (the `ci` profile): the same examples on every run and
+machine, so a failure reproduces and a pass is not luck. `--hypothesis-profile explore` searches
+afresh."""
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
 
-import pytest
-from flax import nnx
 
-import pand_jax  # noqa: F401  (its XLA:CPU option must be in XLA_FLAGS before any test runs JAX)
+def _compilation_cache() -> str:
+    versions = "-".join(importlib.metadata.version(d) for d in ("jax", "jaxlib"))
+    base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    return str(base / "pand_jax" / f"jax-tests-{versions}")
+
+
+if importlib.util.find_spec("filelock") is not None:  # before JAX reads its environment
+    for key, value in {"JAX_COMPILATION_CACHE_DIR": _compilation_cache(),
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}.items():
+        os.environ.setdefault(key, value)
+
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import pand_jax  # noqa: E402,F401  (its XLA:CPU option must be in XLA_FLAGS before any test runs JAX)
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None,
+                          print_blob=True)
+settings.register_profile("explore", deadline=None)
+settings.load_profile("ci")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

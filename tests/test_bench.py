@@ -77,19 +77,50 @@ def test_losses_match_pytorch_and_speedups_add_up():
                             abs_tol=0.01)
 
 
+# The CUB-200 run the nsd_step projections are for: its split sizes and the paper's epochs.
+CUB_TRAIN, CUB_TEST, NSD_EPOCHS, PSC_EPOCHS, PSC_BATCH = 5994, 5794, 300, 200, 128
+
+
 def test_nsd_step_summary_matches_its_rates():
-    """The script whose summary line once crashed after every measurement."""
-    text = run_bench("nsd_step.py", "--size", "small", "--device", "cpu", "--steps", "1")
+    """The script whose summary line once crashed after every measurement. Its table prints the
+    summary's rates, and its ratios and projected run times are those rates' (recomputed here
+    from the CUB split sizes and the paper's epochs)."""
+    text = run_bench("nsd_step.py", "--size", "small", "--device", "cpu", "--steps", "1",
+                     "--views", "3")
     summary = json.loads(text.strip().splitlines()[-1])
-    rates = summary["rates"]
+    rates, projected = summary["rates"], summary["projection_s"]
     assert set(rates) >= {"online", "cached", "torch", "student_eval"}
     assert all(v > 0 for v in rates.values())
     printed = {row[0]: row[1] for row in table_rows(text)}
+    for name in ("online", "cached", "torch", "teacher_views", "teacher_features",
+                 "student_eval"):
+        assert math.isclose(number(printed[name]), rates[name], abs_tol=0.05 + 1e-9), name
+    for name in ("psc_step_s", "psc_anchors_s"):
+        assert math.isclose(number(printed[name]), 1e3 * rates[name], abs_tol=0.05 + 1e-9), name
     assert math.isclose(number(printed["cached / torch"]), rates["cached"] / rates["torch"],
                         abs_tol=0.005)
     assert math.isclose(number(printed["cached / online"]), rates["cached"] / rates["online"],
                         abs_tol=0.005)
-    assert summary["projection_s"]["nsd_cached_s"] > 0
+
+    batch = int(text.split("; batch ")[1].split(";")[0])
+    images = NSD_EPOCHS * (CUB_TRAIN // batch) * batch  # whole batches, every epoch
+    evaluations = NSD_EPOCHS * CUB_TEST / rates["student_eval"]
+    cache = 3 * CUB_TRAIN / rates["teacher_views"]
+    features = (CUB_TRAIN + CUB_TEST) / rates["teacher_features"]
+    want = {
+        "nsd_online_s": images / rates["online"] + evaluations,
+        "nsd_cached_s": cache + images / rates["cached"] + evaluations,
+        "nsd_torch_s": images / rates["torch"] + evaluations,
+        "cache_build_s": cache,
+        "psc_s": (features + PSC_EPOCHS * (CUB_TRAIN // PSC_BATCH) * rates["psc_step_s"]
+                  + PSC_EPOCHS * 2 * rates["psc_anchors_s"]),
+        "psc_features_s": features,
+    }
+    assert projected.keys() == want.keys()
+    for name, seconds in want.items():
+        assert math.isclose(projected[name], seconds, rel_tol=1e-9), name
+        assert math.isclose(number(printed[f"projected {name} (CUB, V=3)"]), seconds / 60,
+                            abs_tol=0.05 + 1e-9), name
 
 
 def test_teacher_section_is_appended_with_consistent_ratios(tmp_path):

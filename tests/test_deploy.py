@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
-from conftest import REPO
+from conftest import PSC_ARGS, REPO, run_train
 from pand_jax.cli import evaluate, export, predict
 from pand_jax.data import augment, load_split
 from pand_jax.models.student import ARCHS, Student, save_student
@@ -123,12 +123,46 @@ def test_evaluate_teacher_with_anchors_matches_psc(evaluation, psc_run):
         assert "teacher_accuracy" in next(csv.reader(f))
 
 
+def test_evaluate_teacher_follows_psc_at_another_image_size(nsd_run, teacher, tmp_path):
+    """A PSC run whose feature_image_size (64) is not the teacher's own (32) says so, and
+    evaluate.py's teacher with its anchors sees the images as that run did: its top-1 is the
+    run's (at the teacher's own size it is not: the features differ)."""
+    workdir = tmp_path / "psc64"
+    out = run_train(PSC_ARGS + ["--set", "feature_image_size=64", "--teacher", teacher,
+                                "--workdir", workdir])
+    notes = [line for line in out.stdout.splitlines() if line.startswith("note: the teacher")]
+    assert notes == ["note: the teacher test-teacher was trained at 32 px; its features are "
+                     "computed at feature_image_size=64 px (--set feature_image_size=32 to "
+                     "follow the teacher)"]
+    report = tmp_path / "eval"
+    assert evaluate.main(list(map(str, ["--student", nsd_run, "--dataset", "digits", "--out",
+                                        report, "--teacher", teacher, "--anchors",
+                                        workdir / "anchors.npz"]))) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    n = metrics["num_examples"]
+    psc = json.loads((workdir / "summary.json").read_text())
+    assert round(metrics["teacher"]["top1"] * n) == round(psc["best_top1"] * n)
+
+
 def test_evaluate_figures(evaluation):
-    for name, min_size in (("confusion.png", (1000, 600)), ("mistakes.png", (800, 300))):
+    for name, min_size in (("confusion.png", (700, 600)), ("mistakes.png", (800, 300))):
         with Image.open(evaluation / name) as img:
             assert img.size[0] >= min_size[0] and img.size[1] >= min_size[1], (name, img.size)
             # Not a blank canvas: a drawn figure has many distinct colours.
             assert len(np.unique(np.asarray(img.convert("L")))) > 20
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_small_confusion_matrix_shows_counts_and_fills_its_canvas(n, tmp_path):
+    from pand_jax.deploy import plots
+
+    cm = np.random.default_rng(n).poisson(0.6, (n, n)) + 10 * np.eye(n, dtype=int)
+    fig = plots.confusion_figure(cm, [f"class {c}" for c in range(n)])
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(str(c) for c in cm.flat if c)
+    fig.savefig(tmp_path / "c.png", dpi=110)
+    with Image.open(tmp_path / "c.png") as img:
+        blank = (np.asarray(img.convert("L")) >= 250).mean()
+    assert blank < 0.5, blank  # the matrix, its labels and colour bar; earlier figures: 0.55
 
 
 def test_evaluate_zero_shot_teacher_table(nsd_run, psc_run, teacher, tmp_path, capsys):
@@ -221,10 +255,35 @@ def test_predict_json_exif_and_grey(random_students, tmp_path, capsys):
         assert probs == sorted(probs, reverse=True) and sum(probs) < 1
 
 
-def _check_sidecar(path: pathlib.Path, arch: str, classes: list[str], size: int) -> None:
+def test_predict_reads_a_16_bit_png_as_training_does(random_students, tmp_path):
+    """A 16-bit greyscale PNG is scaled to 8 bits (x / 257) by predict.py as by training's
+    folder reader, not clipped at 255 (which turns it white), and predicted as its 8-bit copy."""
+    from pand_jax.deploy import predict as predict_lib
+    from pand_jax.deploy import student as student_lib
+
+    wide = np.linspace(0, 65535, 24 * 32).round().astype(np.uint16).reshape(24, 32)
+    root = tmp_path / "wide"
+    for split in ("train", "test"):  # the layout a folder dataset needs
+        (root / split / "ramp").mkdir(parents=True)
+        Image.fromarray(wide).save(root / split / "ramp" / "ramp16.png")
+    png16 = root / "train" / "ramp" / "ramp16.png"
+    with Image.open(png16) as f:
+        assert f.mode == "I;16"  # the file really is 16-bit
+    training = load_split(f"folder:{root}", "train", data_dir=str(tmp_path / "none"))[0]["image"]
+    predicted = predict_lib.read_image(png16)
+    np.testing.assert_array_equal(predicted, training)
+    np.testing.assert_array_equal(predicted[..., 0], np.round(wide / 257.0))
+    png8 = tmp_path / "ramp8.png"
+    Image.fromarray(np.round(wide / 257.0).astype(np.uint8)).save(png8)
+    student = student_lib.load(random_students["resnet18"][0])
+    (p16, p8) = predict_lib.predict(student, [png16, png8], top_k=len(RANDOM_CLASSES))
+    assert p16.error is None and p16.top == p8.top
+
+
+def _check_sidecar(path: pathlib.Path, fmt: str, arch: str, classes: list[str], size: int) -> None:
     meta = json.loads(path.read_text())
-    assert (meta["arch"], meta["num_classes"], meta["class_names"], meta["image_size"]) == (
-        arch, len(classes), classes, size)
+    assert (meta["format"], meta["arch"], meta["num_classes"], meta["class_names"],
+            meta["image_size"]) == (fmt, arch, len(classes), classes, size)
     np.testing.assert_array_equal(meta["mean"], augment.CLIP_MEAN)
     np.testing.assert_array_equal(meta["std"], augment.CLIP_STD)
     assert meta["input"]["layout"] == "NCHW" and meta["input"]["dtype"] == "float32"
@@ -239,24 +298,32 @@ def _export_parity(student_dir, model: Student, classes, size, tmp_path, capsys)
     want = flax_logits(model, images)
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
-    code, _, err = cli(export, ["--student", student_dir, "--format", "torchvision",
-                                "--out", tmp_path / "student.pt"], capsys)
-    assert code == 0, err
+    # Both formats into one folder: each keeps its own metadata file.
+    out = tmp_path / "deploy"
+    for fmt in ("torchvision", "onnx"):
+        code, _, err = cli(export, ["--student", student_dir, "--format", fmt, "--out", out],
+                           capsys)
+        assert code == 0, err
     tv = getattr(torchvision.models, model.arch)(num_classes=len(classes))
-    tv.load_state_dict(torch.load(tmp_path / "student.pt"))  # strict
+    tv.load_state_dict(torch.load(out / "student.pt"))  # strict
     with torch.no_grad():
         got = tv.eval()(torch.from_numpy(nchw)).numpy()
     assert relative_error(got, want) <= EXPORT_RTOL
-    _check_sidecar(tmp_path / "student.json", model.arch, classes, size)
-
-    code, _, err = cli(export, ["--student", student_dir, "--format", "onnx",
-                                "--out", tmp_path / "onnx" / "student.onnx"], capsys)
-    assert code == 0, err
-    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "student.onnx"),
+    session = onnxruntime.InferenceSession(str(out / "student.onnx"),
                                            providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"image": nchw})[0]  # batch 3: the batch axis is dynamic
     assert relative_error(got, want) <= EXPORT_RTOL
-    _check_sidecar(tmp_path / "onnx" / "student.json", model.arch, classes, size)
+    _check_sidecar(out / "student.pt.json", "torchvision", model.arch, classes, size)
+    _check_sidecar(out / "student.onnx.json", "onnx", model.arch, classes, size)
+
+
+def test_export_out_is_a_folder_or_a_model_file():
+    from pand_jax.deploy.export import model_path
+
+    assert model_path("deploy", "onnx") == pathlib.Path("deploy/student.onnx")
+    assert model_path("deploy", "torchvision") == pathlib.Path("deploy/student.pt")
+    assert model_path("m/birds.pt", "torchvision") == pathlib.Path("m/birds.pt")  # as before
+    assert model_path("m/birds.onnx", "onnx") == pathlib.Path("m/birds.onnx")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -4,13 +4,13 @@ through `pand_jax.cli.train.main` on digits with the tiny random teacher of conf
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import pathlib
 import shutil
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -86,18 +86,19 @@ BAD_VALUES = [  # (stage args, extra args, key, value as printed)
     (NSD_ARGS, ["--set", "optimizer.grad_clip=0"], "optimizer.grad_clip", "0"),
     (NSD_ARGS, ["--epochs", "0"], "epochs", "0"),
     (NSD_ARGS, ["--set", "epochs=2.5"], "epochs", "2.5"),
-    (NSD_ARGS, ["--lambda-nsd", "-1"], "loss.lambda_nsd", "-1.0"),
-    (NSD_ARGS, ["--set", "loss.nsd_k=10"], "loss.nsd_k", "10"),  # digits has 10 classes
-    (NSD_ARGS, ["--nsd-form", "batch", "--set", "loss.nsd_k=8"], "loss.nsd_k", "8"),
-    (NSD_ARGS, ["--nsd-form", "batch", "--set", "loss.nsd_group_size=3"],
-     "loss.nsd_group_size", "3"),
+    (NSD_ARGS, ["--lambda-nsd", "-1"], "loss.pand.lambda_nsd", "-1.0"),
+    (NSD_ARGS, ["--set", "loss.pand.nsd_k=10"], "loss.pand.nsd_k", "10"),  # digits: 10 classes
+    # the spelling of earlier versions still sets the key
+    (NSD_ARGS, ["--nsd-form", "batch", "--set", "loss.nsd_k=8"], "loss.pand.nsd_k", "8"),
+    (NSD_ARGS, ["--nsd-form", "batch", "--set", "loss.pand.nsd_group_size=3"],
+     "loss.pand.nsd_group_size", "3"),
     (NSD_ARGS, ["--set", "image_size=64"], "image_size", "64"),  # host_image_size is 36
     (NSD_ARGS, ["--set", "eval_batch_size=0"], "eval_batch_size", "0"),
     (NSD_ARGS, ["--set", "method=pandas"], "method", "'pandas'"),
     (NSD_ARGS, ["--set", "augment=flip"], "augment", "'flip'"),
     (NSD_ARGS, ["--set", "no_psc=1"], "no_psc", "1"),
     (NSD_ARGS, ["--set", "teacher_cache=-1"], "teacher_cache", "-1"),
-    (NSD_ARGS, ["--set", "loss.tau=0"], "loss.tau", "0"),
+    (NSD_ARGS, ["--set", "loss.vl2lite.tau=0"], "loss.vl2lite.tau", "0"),
     (NSD_ARGS, ["--set", "no_psc=true"], "anchors", "'a.npz'"),  # --anchors a.npz below
     (PSC_ARGS, ["--set", "optimizer.momentum=1.5"], "optimizer.momentum", "1.5"),
     (PSC_ARGS, ["--set", "optimizer.schedule=linear"], "optimizer.schedule", "'linear'"),
@@ -140,8 +141,7 @@ def test_batch_must_split_evenly_over_every_device():
     from pand_jax.cli.train import schema_facts
 
     real = schema_facts()
-    eight = config.Facts(devices=8, processes=1, num_classes=real.num_classes,
-                          choices=real.choices)
+    eight = dataclasses.replace(real, devices=8, processes=1)
     cfg = config.default_config("nsd")
     for key, value in [("batch_size", 12), ("eval_batch_size", 20)]:
         bad = config.apply_sets(cfg, [f"{key}={value}"])
@@ -201,27 +201,30 @@ def test_no_readable_checkpoint_stops_in_two_lines(teacher, psc2, tmp_path, capf
 
 def test_checkpoint_holds_the_position_at_save_time(tmp_path, monkeypatch):
     """The position JSON is written in the background; the loop changing its dict meanwhile
-    (the next epoch's first step) must not reach the checkpoint. A slow writer makes the
-    overlap certain."""
+    (the next epoch's first step) must not reach the checkpoint. The writer waits until the
+    dict has changed, which makes the overlap certain."""
     import asyncio
+    import threading
 
     import jax.numpy as jnp
     from orbax.checkpoint import JsonCheckpointHandler
 
     from pand_jax.train.checkpoint import Checkpointer
 
-    original = JsonCheckpointHandler._save_fn
+    original, changed = JsonCheckpointHandler._save_fn, threading.Event()
 
-    async def slow_save(self, x, directory):
-        await asyncio.sleep(0.5)
+    async def save_after_the_change(self, x, directory):
+        # a bound on the wait only so that a save made in this thread cannot hang the test
+        await asyncio.to_thread(changed.wait, 60)
         return await original(self, x, directory)
 
-    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", slow_save)
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", save_after_the_change)
     ckpt = Checkpointer(tmp_path / "checkpoints")
     state, pos = {"w": jnp.zeros(3)}, {"epoch": 1, "step": 0, "history": [{"epoch": 1}]}
     ckpt.save(1, state, pos)
     pos["step"] = 1
     pos["history"].append({"epoch": 2})
+    changed.set()
     ckpt.wait()
     assert ckpt.restore(state, 1)[1] == {"epoch": 1, "step": 0, "history": [{"epoch": 1}]}
     ckpt.close()
@@ -345,7 +348,10 @@ def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
         cls = losses.cross_entropy(x.logits, x.labels) * jnp.where(x.epoch >= 1, jnp.nan, 1.0)
         return cls, {"cls": cls}
 
-    monkeypatch.setitem(losses.OBJECTIVES, "none", nan_from_epoch_2)
+    from pand_jax import methods
+
+    monkeypatch.setitem(methods.REGISTRY, "none", dataclasses.replace(
+        methods.REGISTRY["none"], objective=nan_from_epoch_2))
     args = with_value(NSD_ARGS, "--epochs", 3) + ["--set", "method=none", "--workdir", tmp_path]
     args[args.index("max_steps_per_epoch=1")] = "max_steps_per_epoch=2"
     assert cli(args) == 2
@@ -366,7 +372,7 @@ def test_every_loss_term_is_finite_on_degenerate_batches(case):
     import jax
     import jax.numpy as jnp
 
-    from pand_jax import losses
+    from pand_jax import config, methods
 
     rng = np.random.default_rng(0)
     b, c, d, e = (2, 5, 6, 8) if case == "batch2" else (4, 5, 6, 8)
@@ -383,20 +389,22 @@ def test_every_loss_term_is_finite_on_degenerate_batches(case):
     anchors = jnp.asarray(rng.normal(size=(c, e)), jnp.float32)
     w_img = jnp.asarray(rng.normal(size=(e, d)), jnp.float32)
     w_txt = jnp.asarray(rng.normal(size=(e, d)), jnp.float32)
-    settings = {
-        "none": {}, "kd": {}, "rkd": {},
-        "vl2lite": dict(num_epochs=3),
-        "pand_paper": dict(num_epochs=3, nsd_form="paper", k=c - 1, lambda_nsd=1.0),
-        "pand_batch": dict(num_epochs=3, nsd_form="batch", k=b - 1, lambda_nsd=1.0),
-        "pand_groups": dict(num_epochs=3, nsd_form="batch", k=1, group_size=2, lambda_nsd=1.0),
+    overrides = {
+        "none": {}, "kd": {}, "rkd": {}, "vl2lite": {},
+        "pand_paper": dict(nsd_form="paper", k=c - 1, lambda_nsd=1.0),
+        "pand_batch": dict(nsd_form="batch", k=b - 1, lambda_nsd=1.0),
+        "pand_groups": dict(nsd_form="batch", k=1, group_size=2, lambda_nsd=1.0),
     }
-    for name, kwargs in settings.items():
-        objective = losses.OBJECTIVES[name.split("_")[0]]
+    loss_cfg = config.default_config("nsd")["loss"]
+    heads = {"align_image": lambda t: t @ w_img, "align_text": lambda t: t @ w_txt}
+    for name, kwargs in overrides.items():
+        method = methods.get(name.split("_")[0])
+        kwargs = {**method.settings(loss_cfg, 3, True), **kwargs}
 
         def total(z, h):
-            x = losses.NSDInputs(z, h, labels, jnp.asarray(teacher_emb), anchors,
-                                 lambda t: t @ w_img, lambda t: t @ w_txt, jnp.int32(1))
-            loss, terms = objective(x, **kwargs)
+            x = methods.Inputs(z, h, labels, jnp.asarray(teacher_emb), anchors, heads,
+                               jnp.int32(1))
+            loss, terms = method.objective(x, **kwargs)
             return loss, terms
 
         (loss, terms), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
@@ -508,38 +516,38 @@ def test_truncated_teacher_cache_is_rebuilt(teacher, tmp_path, capsys):
         return np.asarray(teacher_cache.build(
             clip, source, views=2, seed=0, recipe="rrc", host_image_size=36, image_size=32,
             batch_size=8, mesh=devices.make_mesh(), path=tmp_path, key={"t": 1},
-            dtype="float32"))
+            compute_dtype=np.float32, dtype="float32"))
 
     first = build()
     with open(tmp_path / teacher_cache.EMBEDDINGS, "r+b") as f:
         f.truncate(200)
     capsys.readouterr()
     np.testing.assert_array_equal(build(), first)
-    assert "warning: stale cache, rebuilding the teacher cache" in capsys.readouterr().out
+    assert "warning: embeddings.npy unreadable (ValueError), rebuilding" in capsys.readouterr().out
 
 
-def test_workdir_json_is_never_seen_half_written(tmp_path):
+def test_workdir_json_is_never_seen_half_written(tmp_path, monkeypatch):
     """Process 0 writes the workdir's config.json while the run's other processes check it (a
-    two-process run once read it empty and stopped). A reader polling while it is rewritten 200
-    times must always find the file absent or whole."""
-    from pand_jax.config import write_config
+    two-process run once read it empty and stopped). A reader that looks while the new config
+    is half written (the write stops in the middle for it) finds the old one whole; after the
+    write it finds the new one."""
+    from pand_jax import config as config_module
 
-    config = {f"key{i}": "value" * 50 for i in range(400)}  # ~100 kB: many writes per file
-    done, seen = threading.Event(), []
+    old, new = ({f"key{i}": f"value {n}" * 50 for i in range(400)} for n in (0, 1))
+    config_module.write_config(tmp_path, old)
+    path, seen = tmp_path / "config.json", []
+    real_write_text = pathlib.Path.write_text
 
-    def rewrite():
-        try:
-            for _ in range(200):
-                write_config(tmp_path, config)
-        finally:
-            done.set()
+    def write_text_in_two_halves(self, data, *args, **kwargs):
+        real_write_text(self, data[:len(data) // 2], *args, **kwargs)
+        seen.append(json.loads(path.read_text()))  # a reader looks in between
+        with open(self, "a") as f:
+            f.write(data[len(data) // 2:])
+        return len(data)
 
-    writer = threading.Thread(target=rewrite)
-    writer.start()
-    path = tmp_path / "config.json"
-    while not done.is_set():
-        if path.is_file():
-            seen.append(json.loads(path.read_text()) == config)
-    writer.join()
-    assert seen and all(seen)
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text_in_two_halves)
+    config_module.write_config(tmp_path, new)
+    monkeypatch.undo()
+    assert seen == [old]
+    assert json.loads(path.read_text()) == new
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left

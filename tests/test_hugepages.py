@@ -101,6 +101,7 @@ def test_every_tool_and_bench_relaunches_first():
             raise Relaunched("jax imported" if "jax" in sys.modules else "before jax")
         os.execve = execve
         for path in {[f"{t}.py" for t in TOOLS] + [f"bench/{b}.py" for b in BENCHES]!r}:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # as `python path` does
             try:
                 runpy.run_path(path, run_name="__main__")
                 print(path, "ran without restarting")
@@ -115,34 +116,50 @@ def test_every_tool_and_bench_relaunches_first():
     assert all(lines[f"bench/{b}.py"] != "ran without restarting" for b in BENCHES), lines
 
 
-def test_the_restart_backs_malloc_with_huge_pages(tmp_path):
-    """A real restart in a child: it runs twice, with the user's tunables and arguments kept
-    and the tunable added, and a 64 MiB malloc then lies in huge pages (AnonHugePages), where
-    this machine's kernel takes THP advice; elsewhere it runs once, unchanged."""
+@pytest.mark.parametrize("mode", ["madvise", "always", "never", ""])
+def test_the_restart_backs_malloc_with_huge_pages(tmp_path, mode):
+    """A real restart in a child that reads THP mode `mode` (injected): under `madvise` (with a
+    glibc that has the tunable) it runs twice, with the user's tunables and arguments kept and
+    the tunable added, otherwise once, unchanged. Its 64 MiB malloc then lies in huge pages
+    (AnonHugePages of that mapping) if this machine's kernel backs it with them: its own mode
+    is `always`, or `madvise` and the restart asked; where the kernel would not (`never`, no
+    THP, or `madvise` without the advice) the mapping holds none."""
     probe = tmp_path / "probe.py"
-    probe.write_text(textwrap.dedent("""
+    probe.write_text(textwrap.dedent(f"""
         import ctypes, os, sys
-        from pand_jax.hugepages import relaunch_with_huge_pages
+        from pand_jax import hugepages
+        hugepages.transparent_huge_pages = lambda: {mode!r}
         print("start", sys.argv[1:], flush=True)
-        relaunch_with_huge_pages()
+        hugepages.relaunch_with_huge_pages()
         libc = ctypes.CDLL(None)
         libc.malloc.restype = ctypes.c_void_p
         size = 64 << 20
-        ctypes.memset(libc.malloc(size), 1, size)
-        rollup = open("/proc/self/smaps_rollup").read().split("AnonHugePages:")[1]
+        address = libc.malloc(size)
+        ctypes.memset(address, 1, size)
+        huge, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                start, end = (int(x, 16) for x in first.split("-"))
+                inside = start <= address < end
+            elif inside and first == "AnonHugePages:":
+                huge = int(line.split()[1])
         print("tunables", os.environ.get("GLIBC_TUNABLES"))
-        print("huge_kib", int(rollup.split()[0]))
+        print("huge_kib", huge)
     """))
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
     out = subprocess.run([sys.executable, str(probe), "a", "--b"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    helps = (hugepages.transparent_huge_pages() == "madvise"
-             and hugepages.glibc_version() >= hugepages.GLIBC_WITH_TUNABLE)
-    starts = ["start ['a', '--b']"] * (2 if helps else 1)
-    assert lines[:-2] == starts
-    tunables = "glibc.malloc.tcache_count=0" + (":glibc.malloc.hugetlb=1" if helps else "")
+    restarts = mode == "madvise" and hugepages.glibc_version() >= hugepages.GLIBC_WITH_TUNABLE
+    assert lines[:-2] == ["start ['a', '--b']"] * (2 if restarts else 1)
+    tunables = "glibc.malloc.tcache_count=0" + (":glibc.malloc.hugetlb=1" if restarts else "")
     assert lines[-2] == f"tunables {tunables}"
-    if helps:
-        assert int(lines[-1].split()[1]) >= 32 << 10
+    huge_kib = int(lines[-1].split()[1])
+    kernel = hugepages.transparent_huge_pages()
+    if kernel == "madvise" and restarts:
+        assert huge_kib >= 32 << 10
+    elif kernel in ("never", "") or (kernel == "madvise" and not restarts):
+        assert huge_kib == 0
+    # (`always` without the advice: huge pages only where the kernel finds them free)

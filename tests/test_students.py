@@ -41,19 +41,20 @@ def _highest_precision():
 
 def random_torchvision(arch: str, seed: int = 0, num_classes: int = 1000):
     """torchvision model with every parameter and every BatchNorm statistic random."""
-    torch.manual_seed(seed)
-    tv = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-    with torch.no_grad():
-        for name, p in tv.named_parameters():
-            if p.ndim == 1:  # BN scale/shift and linear bias start at constants
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
-            else:
-                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return tv.eval()
+    with torch.random.fork_rng():  # seeded here, the global generator untouched
+        torch.manual_seed(seed)
+        tv = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        with torch.no_grad():
+            for name, p in tv.named_parameters():
+                if p.ndim == 1:  # BN scale/shift and linear bias start at constants
+                    p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+                else:
+                    p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+            for m in tv.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_(0.0, 0.2)
+                    m.running_var.uniform_(0.5, 2.0)
+        return tv.eval()
 
 
 def numpy_state_dict(tv) -> dict[str, np.ndarray]:

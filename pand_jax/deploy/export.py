@@ -1,8 +1,9 @@
 """Exporting a trained student for PyTorch (a torchvision state dict) and ONNX.
 
 Both formats take NCHW float32 images normalised with CLIP's mean and std at the student's image
-size and return logits; a JSON file beside the model (FILE with .json in place of its suffix)
-records the architecture, classes and preprocessing.
+size and return logits; a JSON file beside the model (FILE.json, so that student.pt and
+student.onnx in one folder each keep their own) records the architecture, classes and
+preprocessing.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from pand_jax.data import augment
 from pand_jax.deploy import student as student_lib
 
 FORMATS = ("torchvision", "onnx")
+FILE_NAMES = {"torchvision": "student.pt", "onnx": "student.onnx"}  # in an --out folder
+# An --out path ending so names the model file itself (the spelling of earlier versions).
+MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
 ONNX_OPSET = 17
 
 
@@ -43,16 +47,22 @@ def torchvision_model(student: student_lib.TrainedStudent):
     return tv.eval()
 
 
-def export(student: student_lib.TrainedStudent, fmt: str, out: str | pathlib.Path) -> pathlib.Path:
-    """Writes the model to `out` and its metadata beside it; returns the metadata's path."""
+def model_path(out: str | pathlib.Path, fmt: str) -> pathlib.Path:
+    """The model file for `--out`: a folder gets FILE_NAMES[fmt] inside it; a path ending in a
+    model suffix is the file."""
+    out = pathlib.Path(out)
+    return out if out.suffix in MODEL_SUFFIXES else out / FILE_NAMES[fmt]
+
+
+def export(student: student_lib.TrainedStudent, fmt: str,
+           out: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """Writes the model into the folder `out` (or to the file `out`, see `model_path`) and its
+    metadata beside it; returns (model, metadata) paths."""
     import torch
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    out = pathlib.Path(out)
-    if out.suffix == ".json":
-        raise ValueError(f"--out {out}: the metadata goes to FILE.json beside the model; name the "
-                         f"model file differently (for example {out.with_suffix('.pt' if fmt == 'torchvision' else '.onnx')})")
+    out = model_path(out, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tv = torchvision_model(student)
     if fmt == "torchvision":
@@ -67,6 +77,6 @@ def export(student: student_lib.TrainedStudent, fmt: str, out: str | pathlib.Pat
             torch.onnx.export(tv, (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["image"], output_names=["logits"],
                               dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    sidecar = out.with_suffix(".json")
+    sidecar = out.with_name(out.name + ".json")
     sidecar.write_text(json.dumps(metadata(student, fmt), indent=2) + "\n")
-    return sidecar
+    return out, sidecar

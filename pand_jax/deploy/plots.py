@@ -10,14 +10,17 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from scipy.cluster import hierarchy  # noqa: E402
 from scipy.spatial.distance import squareform  # noqa: E402
 
 # Up to this many classes every row and column is labelled; beyond it (CUB's 200) names would
 # overlap, so the figure lists the largest confusions by name beside the matrix instead.
 MAX_TICK_LABELS = 40
-TOP_CONFUSIONS = 25
+MAX_COUNTS = 20  # up to this many classes each non-zero cell shows its count
+TOP_CONFUSIONS = 50  # as many as fill the height beside the matrix
 MISTAKES = 16
 
 
@@ -53,23 +56,42 @@ def _short(name: str, width: int = 28) -> str:
 
 
 def confusion(cm: np.ndarray, class_names, path: pathlib.Path) -> None:
+    confusion_figure(cm, class_names).savefig(path, dpi=110)
+
+
+def confusion_figure(cm: np.ndarray, class_names) -> Figure:
     order = confusion_order(cm)
     rates = row_rates(cm)[np.ix_(order, order)]
     n = len(cm)
     labelled = n <= MAX_TICK_LABELS
-    fig, (ax, side) = plt.subplots(1, 2, figsize=(16, 9.5), width_ratios=(3, 2))
+    # A labelled matrix names every pair itself; only an unlabelled one needs the side list of
+    # the largest confusions. The canvas grows with the classes, so the matrix fills it.
+    if labelled:
+        fig = Figure(figsize=(6.5 + 0.16 * n, 5.5 + 0.16 * n))
+        ax = fig.subplots()
+    else:
+        fig = Figure(figsize=(15, 9.5))
+        ax, side = fig.subplots(1, 2, width_ratios=(3, 1.6))
     # The diagonal (each class's accuracy, in per_class.csv) would set the colour scale and
     # drown the few-percent confusions, so it is greyed out and the errors get the full scale
     # (square root, so that single mistakes still show next to frequent ones).
     errors = np.ma.masked_where(np.eye(n, dtype=bool), rates)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
-    im = ax.imshow(errors, cmap=cmap, norm=PowerNorm(0.5, vmin=0, vmax=max(errors.max(), 1e-9)),
-                   interpolation="nearest")
+    cmap = colormaps["viridis"].with_extremes(bad="0.85")
+    norm = PowerNorm(0.5, vmin=0, vmax=max(errors.max(), 1e-9))
+    im = ax.imshow(errors, cmap=cmap, norm=norm, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02,
                  label="fraction of the true class predicted as the column's class")
+    if n <= MAX_COUNTS:
+        counts = cm[np.ix_(order, order)]
+        for (t, p), c in np.ndenumerate(counts):
+            if c:  # dark text on the grey diagonal and bright colours, light on viridis' dark end
+                dark = t == p or norm(errors[t, p]) > 0.6
+                ax.text(p, t, str(c), ha="center", va="center", fontsize=max(5, 11 - n // 3),
+                        color="black" if dark else "white")
     if labelled:
         names = [_short(class_names[i]) for i in order]
-        ax.set_xticks(range(n), names, rotation=90, fontsize=max(4, 10 - n // 8))
+        slanted = dict(rotation=30, ha="right") if n <= 10 else dict(rotation=90)  # less height
+        ax.set_xticks(range(n), names, fontsize=max(4, 10 - n // 8), **slanted)
         ax.set_yticks(range(n), names, fontsize=max(4, 10 - n // 8))
     else:
         ticks = np.arange(0, n, max(1, n // 10))
@@ -77,19 +99,25 @@ def confusion(cm: np.ndarray, class_names, path: pathlib.Path) -> None:
         ax.set_yticks(ticks)
     ax.set_xlabel("predicted class" + ("" if labelled else " (position in the clustered order)"))
     ax.set_ylabel("true class" + ("" if labelled else " (position in the clustered order)"))
-    ax.set_title(f"confusions, {n} classes, ordered so that confused classes are adjacent "
-                 "(diagonal grey)", fontsize=10)
-    side.axis("off")
+    counted = ", counts in cells" if n <= MAX_COUNTS else ""
+    ax.set_title(f"confusions, {n} classes, ordered so that confused classes are adjacent\n"
+                 f"(diagonal grey{counted})", fontsize=10)
+    if not labelled:
+        _largest_confusions(side, cm, order, class_names)
+    fig.tight_layout()
+    return fig
+
+
+def _largest_confusions(ax, cm: np.ndarray, order: np.ndarray, class_names) -> None:
+    """The most frequent mistakes by name, as text in `ax`, with their rows in the matrix."""
+    ax.axis("off")
     position = np.argsort(order)
     lines = [f"{cm[t, p]:>4}  {100 * row_rates(cm)[t, p]:5.1f}%  "
              f"[{position[t]:>3}] {_short(class_names[t], 22)}  ->  {_short(class_names[p], 22)}"
              for t, p in top_confusions(cm, TOP_CONFUSIONS)]
-    side.text(0, 1, "largest confusions: count, % of true class, [row] true -> predicted\n\n"
-              + ("\n".join(lines) or "(none)"), va="top", ha="left", family="monospace",
-              fontsize=8, transform=side.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.text(0, 1, "largest confusions: count, % of true class, [row] true -> predicted\n\n"
+            + ("\n".join(lines) or "(none)"), va="top", ha="left", family="monospace",
+            fontsize=8, transform=ax.transAxes)
 
 
 def mistakes(logits: np.ndarray, labels: np.ndarray, class_names, source,

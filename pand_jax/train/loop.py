@@ -4,12 +4,20 @@ and a stop at the first step whose loss terms or gradient norm are not finite.
 
 A stage supplies a `Task`: how many steps an epoch has, its batches from any (epoch, step),
 a jitted train step, an evaluation, and what to export when the score improves.
+
+Test-only hook: with PAND_TEST_SIGNAL_AT=NAME:EPOCH:STEP[:PROCESS] in the environment (for
+example SIGTERM:1:0:1), the loop raises signal NAME in itself just before it runs step STEP
+(counted from 0) of epoch EPOCH (counted from 1), in process PROCESS only if one is given, so
+the tests' preemptions and kills land at a known step instead of wherever a timer or a poll of
+the output happened to put them. A SIGKILL waits for the checkpoint being written first (it
+models a kill after that checkpoint landed). Nothing else reads it; runs never set it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
+import os
 import pathlib
 import signal
 import time
@@ -102,7 +110,7 @@ class _StopRequest:
 
 
 def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
-        checkpoints_to_keep: int = 2, summary_extra: dict | None = None) -> dict[str, Any]:
+        checkpoints_to_keep: int, summary_extra: dict | None = None) -> dict[str, Any]:
     """Runs (or resumes) `epochs` epochs; returns the summary also written to summary.json."""
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(workdir / "checkpoints", checkpoints_to_keep)
@@ -114,7 +122,8 @@ def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
         if is_main:
             print(f"[{task.name}] resuming from {workdir} at epoch {pos['epoch']}, "
                   f"step {pos['step']}", flush=True)
-    metrics = MetricsWriter(workdir)
+    metrics = MetricsWriter(workdir, pos["epoch"] * task.steps_per_epoch + pos["step"],
+                            pos["epoch"])
     stop = _StopRequest()
     try:
         state = _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main)
@@ -126,6 +135,7 @@ def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
         "stage": task.name, "epochs": epochs, "best_top1": pos["best_top1"],
         "best_epoch": pos["best_epoch"], "last_top1": pos["last_top1"],
         "images_per_second": pos["train_images"] / max(pos["train_seconds"], 1e-9),
+        "train_seconds": pos["train_seconds"], "wall_seconds": pos.get("wall_seconds"),
         "devices": jax.device_count(), "processes": jax.process_count(),
         "global_batch_size": task.global_batch_size, **(summary_extra or {}),
     }
@@ -134,15 +144,44 @@ def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
     return summary
 
 
+TEST_SIGNAL = "PAND_TEST_SIGNAL_AT"
+
+
+def _test_signal() -> tuple[signal.Signals, int, int] | None:
+    """(signal, epoch from 1, step from 0) of the test-only hook for this process, or None."""
+    spec = os.environ.get(TEST_SIGNAL)
+    if not spec:
+        return None
+    try:
+        name, epoch, step, *process = spec.split(":")
+        signum, epoch, step = signal.Signals[name], int(epoch), int(step)
+        (process,) = [int(p) for p in process] or [jax.process_index()]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{TEST_SIGNAL}={spec!r}: expected NAME:EPOCH:STEP[:PROCESS], for "
+                         "example SIGTERM:1:0") from e
+    if process != jax.process_index():
+        return None
+    return signum, epoch, step
+
+
 def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
     spe = task.steps_per_epoch
+    test_signal = _test_signal()
+    if is_main and pos["epoch"] < epochs:  # XLA compiles at the first step: 30 s of silence
+        print(f"[{task.name}] compiling the training step (first step; ~30 s on a CPU)...",
+              flush=True)
     while pos["epoch"] < epochs:
         epoch, start = pos["epoch"], pos["step"]
         bar = progress_bar(total=spe, initial=start, desc=f"{task.name} epoch {epoch + 1}/{epochs}",
                            unit="step")
         pending = None  # (step, device metrics): read one step late, so the host never waits
         t0, timed_images, stopping = None, 0, False
+        epoch_start = time.perf_counter()
         for step, batch in enumerate(task.batches(epoch, start), start):
+            if test_signal is not None and test_signal[1:] == (epoch + 1, step):
+                if test_signal[0] == signal.SIGKILL:
+                    ckpt.wait()
+                signal.raise_signal(test_signal[0])
             state, out = task.train_step(state, batch, epoch)
             if pending is not None:
                 _log_step(task, metrics, bar, *pending)
@@ -174,6 +213,8 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
                 pass
             else:
                 _end_epoch(task, state, pos, epoch, scores, metrics, is_main)
+        # Wall time of the epochs, compilation and evaluation included, summed over sessions.
+        pos["wall_seconds"] = pos.get("wall_seconds", 0.0) + time.perf_counter() - epoch_start
         ckpt.save(pos["epoch"] * spe + pos["step"], state, pos)
         if (stopping or stop.pending()) and pos["epoch"] < epochs:
             ckpt.wait()

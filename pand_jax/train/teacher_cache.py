@@ -103,7 +103,8 @@ def build(clip, source, *, views: int, seed: int, recipe: str, host_image_size: 
     todo = [c for c in range(num_chunks) if c not in done]
     if todo:
         if jax.process_index() == 0:
-            print(f"{reason}: {len(todo)} of {num_chunks} chunks ({shape[0]} examples x {views} "
+            print(f"{reason}: building the teacher cache, {len(todo)} of {num_chunks} chunks "
+                  f"({shape[0]} examples x {views} "
                   f"views) to compute in {path}", flush=True)
         _compute(clip, source, todo, fresh=not done, views=views, seed=seed, recipe=recipe,
                  host_image_size=host_image_size, image_size=image_size, batch_size=batch_size,
