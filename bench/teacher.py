@@ -1,13 +1,18 @@
 """Throughput of the teacher's image tower: Flax (fp32, bf16) vs open_clip PyTorch (fp32, bf16
-autocast), same device, same run, random weights, at 224 and 256 px.
+autocast), same device, same run, random weights; a ConvNeXt at 224 and 256 px, a ViT at its
+own size (its positional embedding fixes it).
 
     python bench/teacher.py                       # --size small: tiny demo ConvNeXt (CPU smoke run)
     python bench/teacher.py --size full --batch 64 --append bench/RESULTS.md   # on a GPU
+    python bench/teacher.py --arch ViT-B-16 --batch 8     # any supported open_clip CLIP
+    python bench/teacher.py --arch pand_demo_vit          # the tiny ViT of the tests
     python bench/teacher.py --conv native jnp fast   # CPU: XLA's convolution, the jnp forms,
                                                      # pand_jax.models.conv as it runs (oneDNN)
 
-MFU uses the analytic forward FLOPs of the tower (395.9 GFLOP per 256 px image for
-convnext_xxlarge, scaling with (px/256)^2) against the device's dense bf16 peak.
+GFLOP/img is XLA's cost analysis of the compiled Flax forward (fp32 program, per image); custom
+calls count 0 there, so on CPU a ConvNeXt's oneDNN convolutions are missing from it (its
+analytic count: 395.9 GFLOP per 256 px image for convnext_xxlarge). MFU divides that by the
+device's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -27,24 +32,18 @@ from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
 from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.clip import CLIP
-from pand_jax.models.convnext import ConvNeXtConfig
 
 MODELS = {"small": "pand_demo_convnext", "full": "convnext_xxlarge"}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
 
-def vision_flops(cfg: ConvNeXtConfig, px: int, embed_dim: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of one image: convs, MLPs and the projection."""
-    hw = (px // 4) ** 2
-    flops = 2 * 16 * 3 * cfg.dims[0] * hw  # stem 4x4
-    prev = cfg.dims[0]
-    for s, (dim, depth) in enumerate(zip(cfg.dims, cfg.depths)):
-        if s:
-            hw //= 4
-            flops += 2 * 4 * prev * dim * hw  # downsample 2x2 stride 2
-        flops += depth * hw * (2 * 49 * dim + 2 * 8 * dim * dim)  # dwconv 7x7 + Linear 4x, back
-        prev = dim
-    return flops + 2 * prev * embed_dim
+def xla_gflop(model: CLIP, images: np.ndarray) -> float:
+    """GFLOP per image of the compiled image-tower forward, by XLA's cost analysis."""
+    graphdef, state = nnx.split(model.visual)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, images).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # a list in older JAX versions
+    return cost["flops"] / images.shape[0] / 1e9
 
 
 def peak_tflops(kind: str) -> float | None:
@@ -88,6 +87,7 @@ def bench_torch(visual, images: np.ndarray, iters: int, device: str, bf16: bool)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=MODELS, default="small")
+    p.add_argument("--arch", help="open_clip model name (default: --size's ConvNeXt)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--append", help="append the markdown section to this file (one write)")
@@ -96,7 +96,7 @@ def main() -> None:
                         "pand_jax.models.conv as it runs (CPU only differs)")
     args = p.parse_args()
 
-    name = MODELS[args.size]
+    name = args.arch or MODELS[args.size]
     cfg = config_from_open_clip(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -107,9 +107,11 @@ def main() -> None:
     models = {dt: CLIP(cfg, dtype=dt, rngs=nnx.Rngs(0)) for dt in (jnp.float32, jnp.bfloat16)}
 
     rows = []
-    for px in (224, 256):
+    sizes = (cfg.vision.image_size,) if cfg.family == "vit" else (224, 256)
+    gflops = {}
+    for px in sizes:
         images = np.random.default_rng(0).standard_normal((args.batch, px, px, 3), np.float32)
-        gflop = vision_flops(cfg.vision, px, cfg.embed_dim) / 1e9
+        gflop = gflops[px] = xla_gflop(models[jnp.float32], images)
         first_row = len(rows)
         runs = {
             f"Flax {name}{CONV_LABELS[conv]}":
@@ -123,24 +125,26 @@ def main() -> None:
         for label, sec in runs.items():
             ips = args.batch / sec
             mfu = f"{100 * ips * gflop / 1e3 / peak:.1f}%" if peak else "n/a"
-            rows.append(f"| {px} | {label} | {ips:,.1f} | {mfu} |")
+            gf = f"{gflop:.4g}" if label.startswith("Flax") else ""
+            rows.append(f"| {px} | {label} | {ips:,.1f} | {mfu} | {gf} |")
         for prec, torch_name in (("fp32", "PyTorch fp32"), ("bf16", "PyTorch bf16 autocast")):
             for label in [k for k in runs if k.startswith(f"Flax {prec}")]:
-                rows.append(f"| {px} | {label} / {torch_name} | {runs[torch_name] / runs[label]:.2f}x | |")
+                rows.append(f"| {px} | {label} / {torch_name} | {runs[torch_name] / runs[label]:.2f}x | | |")
         print("\n".join(rows[first_row:]), flush=True)
 
     section = "\n".join([
         f"\n## Teacher image tower ({datetime.date.today().isoformat()})\n",
         f"- device: {kind} (JAX {jax.__version__}, torch {torch.__version__} on {device})",
-        f"- command: `python bench/teacher.py --size {args.size} --batch {args.batch} "
-        f"--iters {args.iters} --conv {' '.join(args.conv)}`",
+        f"- command: `python bench/teacher.py --size {args.size}"
+        + (f" --arch {args.arch}" if args.arch else "")
+        + f" --batch {args.batch} --iters {args.iters} --conv {' '.join(args.conv)}`",
         f"- model: {name} image tower, random weights; "
-        f"{vision_flops(cfg.vision, 256, cfg.embed_dim) / 1e9:.4g} GFLOP/img at 256 px; "
-        "MFU " + (f"against {peak:.0f} TFLOP/s dense bf16" if peak else
-                  "n/a (no peak known for this device)"),
+        + ", ".join(f"{g:.4g} GFLOP/img at {px} px" for px, g in gflops.items())
+        + " (XLA cost analysis); MFU " + (f"against {peak:.0f} TFLOP/s dense bf16" if peak else
+                                          "n/a (no peak known for this device)"),
         *(["- note: CPU at small size on a shared machine: this only proves the script; the "
            "figures that count come from `--size full` on a GPU."] if device == "cpu" else []),
-        "", "| px | run | images/s | MFU |", "|---|---|---|---|", *rows, ""])
+        "", "| px | run | images/s | MFU | GFLOP/img |", "|---|---|---|---|---|", *rows, ""])
     print(section)
     if args.append:
         with open(args.append, "a") as f:

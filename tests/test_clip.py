@@ -126,9 +126,9 @@ def test_config_json_round_trip_and_eps():
     assert config_from_open_clip(d) == config_from_open_clip("pand_demo_convnext")
 
 
-def test_non_convnext_model_is_rejected_naming_supported():
-    with pytest.raises(ValueError, match="ViT-B-32 is not supported.*convnext_xxlarge"):
-        config_from_open_clip("ViT-B-32")
+def test_unsupported_model_is_rejected_naming_supported():
+    with pytest.raises(ValueError, match="RN50 is not supported.*convnext_xxlarge"):
+        config_from_open_clip("RN50")
     with pytest.raises(ValueError, match="unknown open_clip model"):
         config_from_open_clip("no-such-model")
 
@@ -220,9 +220,13 @@ def test_cli_missing_file(tmp_path, capsys):
 
 def test_cli_wrong_model(demo_checkpoint, capsys):
     d, _ = demo_checkpoint
-    rc = cli.main(["--checkpoint", str(d / "demo.safetensors"), "--model", "ViT-B-32"])
+    rc = cli.main(["--checkpoint", str(d / "demo.safetensors"), "--model", "RN50"])
     err = _error(capsys)
-    assert rc == 2 and "ViT-B-32 is not supported" in err and "convnext_xxlarge" in err
+    assert rc == 2 and "RN50 is not supported" in err and "convnext_xxlarge" in err
+    # A supported model of another architecture: the first tensor (in model order) that differs.
+    rc = cli.main(["--checkpoint", str(d / "demo.safetensors"), "--model", "ViT-B-32"])
+    assert rc == 2 and ("the checkpoint is not a ViT-B-32: token_embedding.weight is (500, 32) "
+                        "in it but (49408, 512) in ViT-B-32" in _error(capsys))
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -231,8 +235,8 @@ def test_cli_wrong_model(demo_checkpoint, capsys):
     (lambda sd: sd.update(extra_weight=np.zeros(3, np.float32)), "unexpected keys (1): extra_weight"),
     (lambda sd: sd.update({"transformer.resblocks.1.attn.in_proj_weight": np.zeros((96, 33),
                                                                                     np.float32)}),
-     "shape mismatch for transformer.resblocks.1.attn.in_proj_weight: checkpoint (96, 33), "
-     "model expects (96, 32)"),
+     "the checkpoint is not a pand_demo_convnext: transformer.resblocks.1.attn.in_proj_weight "
+     "is (96, 33) in it but (96, 32) in pand_demo_convnext (1 of 94 tensors differ)"),
 ])
 def test_cli_bad_checkpoint(demo_checkpoint, tmp_path, capsys, edit, expected):
     _, sd = demo_checkpoint

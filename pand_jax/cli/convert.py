@@ -1,8 +1,10 @@
 """`convert_weights.py`: turns released PyTorch weights into pand_jax weight directories.
 
     convert_weights.py                                   teacher (model hub) + both students
+    convert_weights.py --model N --pretrained TAG [--out D] [--verify]   any supported open_clip
+                                                         CLIP by its pretrained tag (model hub)
     convert_weights.py --checkpoint F [--model N | --model-config F.json] [--out D] [--verify]
-    convert_weights.py --demo-model [--verify] [--out D]  tiny random ConvNeXt CLIP, offline
+    convert_weights.py --demo-model [NAME] [--verify] [--out D]  tiny random CLIP, offline
     convert_weights.py --student resnet18|mobilenet_v2 [--checkpoint F] [--out D] [--verify]
 
 Errors a user can fix print as one line `error: ...` and exit with status 2; a --verify above
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,7 @@ from pand_jax.models.student import ARCHS
 
 WEIGHTS = pathlib.Path("weights")
 DEMO_MODEL = "pand_demo_convnext"
+DEMO_MODELS = tuple(oc.DEMO_MODELS)
 
 
 class VerifyFailed(Exception):
@@ -43,10 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--model", help=f"open_clip model name (default {clip_lib.TEACHER_MODEL})")
     which.add_argument("--model-config", type=pathlib.Path, help="open_clip model config JSON")
     which.add_argument("--student", choices=ARCHS, help="convert a torchvision student")
-    which.add_argument("--demo-model", action="store_true",
-                       help="a tiny random-weight ConvNeXt CLIP built in PyTorch (offline smoke run)")
+    which.add_argument("--demo-model", nargs="?", const=DEMO_MODEL, choices=DEMO_MODELS,
+                       help="a tiny random-weight CLIP built in PyTorch (offline smoke run; "
+                       f"default {DEMO_MODEL})")
     p.add_argument("--pretrained", help="open_clip pretrained tag to download "
-                   f"(default {clip_lib.TEACHER_PRETRAINED} for {clip_lib.TEACHER_MODEL})")
+                   f"(default {clip_lib.TEACHER_PRETRAINED} for {clip_lib.TEACHER_MODEL}); with "
+                   "--checkpoint, the tag the file holds (recorded and checked, no download)")
     p.add_argument("--out", type=pathlib.Path, help="output directory (default weights/<name>)")
     p.add_argument("--verify", action="store_true",
                    help="compare against the PyTorch model on random inputs; exit 1 above tolerance")
@@ -64,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.student:
                 return convert_student(args.student, args.checkpoint, args.out, args.verify)
             if args.demo_model:
-                return convert_demo(args.out or WEIGHTS / "demo_teacher", args.verify,
-                                    args.tolerance)
+                return convert_demo(args.demo_model, args.out or WEIGHTS / "demo_teacher",
+                                    args.verify, args.tolerance)
             default_run = not (args.checkpoint or args.model or args.model_config)
             status = convert_teacher(args)
             if default_run and status == 0:
@@ -102,18 +108,21 @@ def convert_teacher(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise ConversionError(f"checkpoint file not found: {args.checkpoint}")
     spec, name = _model_spec(args)
-    cfg = oc.config_from_open_clip(spec)  # unsupported models fail before any download
-    meta: dict[str, Any] = {"model": name}
-    if args.checkpoint is not None:
-        checkpoint = args.checkpoint
-    else:
-        tag = args.pretrained or (clip_lib.TEACHER_PRETRAINED if name == clip_lib.TEACHER_MODEL
-                                  else None)
-        if tag is None or not isinstance(spec, str):
-            raise ConversionError(f"no pretrained tag known for {name}: pass --pretrained TAG or "
-                                  "--checkpoint FILE")
-        checkpoint = download_checkpoint(name, tag)
-        meta["pretrained"] = tag
+    # Everything that can refuse (model, tag, activation, mean/std) does before any download.
+    cfg = oc.config_from_open_clip(spec)
+    tag = args.pretrained or (clip_lib.TEACHER_PRETRAINED
+                              if name == clip_lib.TEACHER_MODEL and args.checkpoint is None
+                              else None)
+    if tag is not None and not isinstance(spec, str):
+        raise ConversionError("--pretrained names a tag of a built-in open_clip model; with "
+                              "--model-config pass --checkpoint FILE only")
+    if tag is None and args.checkpoint is None:
+        raise ConversionError(f"no pretrained tag known for {name}: pass --pretrained TAG "
+                              f"({_tags(name)}) or --checkpoint FILE")
+    meta: dict[str, Any] = {"model": name, **({"pretrained": tag} if tag else {}),
+                            "preprocess": oc.preprocess_meta(spec, tag)}
+    clip_lib.check_preprocessing(meta["preprocess"], f"{name}" + (f" / {tag}" if tag else ""))
+    checkpoint = args.checkpoint or download_checkpoint(name, tag)
     meta["checkpoint"] = str(checkpoint)
     out = args.out or WEIGHTS / "teacher"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +136,7 @@ def _save_verified(sd: dict[str, np.ndarray], spec, cfg: clip_lib.CLIPConfig, tm
                    out: pathlib.Path, meta: dict[str, Any], verify: bool, tolerance: float) -> None:
     """Converts `sd` into `tmp` (which becomes `out`) and, with `verify`, checks the saved copy
     against open_clip (raising VerifyFailed, so that it never becomes `out`)."""
-    model = oc.convert_state_dict(sd, cfg)
+    model = oc.convert_state_dict(sd, cfg, label=meta["model"])
     clip_lib.save_clip(tmp, model, **meta)
     if verify:
         _verify(clip_lib.load_clip(tmp), spec, sd, tolerance)
@@ -151,23 +160,30 @@ def _verify(model: clip_lib.CLIP, spec, sd: dict[str, np.ndarray], tolerance: fl
         raise VerifyFailed
 
 
-def convert_demo(out: pathlib.Path, verify: bool, tolerance: float) -> int:
-    """Random-weight tiny open_clip ConvNeXt CLIP: saved as a PyTorch state dict, converted back."""
+def convert_demo(name: str, out: pathlib.Path, verify: bool, tolerance: float) -> int:
+    """Random-weight tiny open_clip CLIP: saved as a PyTorch state dict, converted back."""
     from safetensors.torch import save_file
 
-    torch_model = oc.build_torch_model(DEMO_MODEL)
+    torch_model = oc.build_torch_model(name)
     oc.randomize_torch_model(torch_model, seed=0)
-    name = "open_clip_demo.safetensors"
+    file = "open_clip_demo.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(out) as tmp:
         tmp.mkdir()
         save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()},
-                  str(tmp / name))
-        print(f"wrote a random {DEMO_MODEL} open_clip state dict to {out / name}")
-        _save_verified(read_state_dict(tmp / name), DEMO_MODEL, oc.config_from_open_clip(DEMO_MODEL),
-                       tmp, out, {"model": DEMO_MODEL, "checkpoint": str(out / name)}, verify,
-                       tolerance)
+                  str(tmp / file))
+        print(f"wrote a random {name} open_clip state dict to {out / file}")
+        _save_verified(read_state_dict(tmp / file), name, oc.config_from_open_clip(name), tmp, out,
+                       {"model": name, "checkpoint": str(out / file),
+                        "preprocess": oc.preprocess_meta(name)}, verify, tolerance)
     return 0
+
+
+def _tags(model: str) -> str:
+    """open_clip's pretrained tags of `model`, for a message."""
+    import open_clip
+
+    return "open_clip has: " + (", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none")
 
 
 def download_checkpoint(model: str, tag: str) -> pathlib.Path:
@@ -176,13 +192,15 @@ def download_checkpoint(model: str, tag: str) -> pathlib.Path:
     from huggingface_hub import hf_hub_download
 
     pretrained = open_clip.get_pretrained_cfg(model, tag)
-    hub_id = (pretrained or {}).get("hf_hub", "").strip("/")
+    # "owner/repo/" (open_clip's own file names) or "owner/repo/file.bin" (that file).
+    hub_id, named = posixpath.split((pretrained or {}).get("hf_hub", "").strip())
     if not hub_id:
         raise ConversionError(f"open_clip has no model-hub weights for {model} / {tag}; "
                               "pass --checkpoint FILE")
     print(f"downloading {model} / {tag} from the model hub ({hub_id}) ...")
     errors = []
-    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+    names = [named] if named else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for filename in names:
         try:
             return pathlib.Path(hf_hub_download(hub_id, filename))
         except Exception as e:  # network, auth and missing-file errors all end the same way

@@ -1,6 +1,8 @@
 """Layers shared by the teacher towers and the students, each written once.
 
-- `layer_norm`, `gelu`: the ConvNeXt image tower and the CLIP text tower (open_clip/timm).
+- `layer_norm`, `gelu`: the ConvNeXt image tower and the CLIP towers (open_clip/timm).
+- `quick_gelu`, `ResidualAttentionBlock`: open_clip's transformer block, which the CLIP text
+  tower (causal) and the ViT image tower (bidirectional) share.
 - `BatchNorm`, `conv`, `Sequential`, `global_avg_pool`: the torchvision students.
 """
 from __future__ import annotations
@@ -9,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from pand_jax.models.conv import conv_general_dilated
@@ -23,6 +26,50 @@ def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def gelu(x: jax.Array) -> jax.Array:
     # open_clip/timm use nn.GELU(): the exact erf form. The tanh approximation costs ~2e-4 rel.
     return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    # OpenAI's CLIP activation: its weights (open_clip's -quickgelu configs) were trained with
+    # it, and exact GELU in its place moves their features by ~1e-2.
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class Attention(nnx.Module):
+    """`torch.nn.MultiheadAttention` as open_clip uses it: q;k;v fused in `in_proj`, then
+    `out_proj`."""
+
+    def __init__(self, width: int, heads: int, causal: bool, *, dtype, rngs: nnx.Rngs):
+        self.in_proj = nnx.Linear(width, 3 * width, dtype=dtype, rngs=rngs)
+        self.out_proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+        self.heads = heads
+        self.causal = causal
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
+        q, k, v = (rearrange(t, "b n (heads d) -> b n heads d", heads=self.heads)
+                   for t in (q, k, v))
+        # Softmax runs in float32 inside dot_product_attention whatever the input dtype.
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out_proj(rearrange(y, "b n heads d -> b n (heads d)"))
+
+
+class ResidualAttentionBlock(nnx.Module):
+    """open_clip's pre-LN block `x + attn(ln_1 x)`, `x + mlp(ln_2 x)` with a 4x MLP. The residual
+    stream stays float32; matmuls and attention run in `dtype`."""
+
+    def __init__(self, width: int, heads: int, eps: float, *, causal: bool, quick: bool, dtype,
+                 rngs: nnx.Rngs):
+        self.ln_1 = layer_norm(width, eps, dtype, rngs)
+        self.attn = Attention(width, heads, causal, dtype=dtype, rngs=rngs)
+        self.ln_2 = layer_norm(width, eps, dtype, rngs)
+        self.mlp_c_fc = nnx.Linear(width, 4 * width, dtype=dtype, rngs=rngs)
+        self.mlp_c_proj = nnx.Linear(4 * width, width, dtype=dtype, rngs=rngs)
+        self.quick = quick
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = quick_gelu if self.quick else gelu
+        x = x + self.attn(self.ln_1(x)).astype(jnp.float32)
+        return x + self.mlp_c_proj(act(self.mlp_c_fc(self.ln_2(x)))).astype(jnp.float32)
 
 
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", relu), untruncated.

@@ -1,9 +1,10 @@
-"""open_clip's CLIP text transformer: causal, pre-LN, exact GELU, EOT pooling.
+"""open_clip's CLIP text transformer: causal, pre-LN, exact GELU (QuickGELU for the
+`-quickgelu` models), EOT pooling.
 
 Names follow open_clip (`token_embedding`, `positional_embedding`, `resblocks[i].ln_1`,
 `attn.in_proj` (q;k;v fused, as open_clip stores it), `attn.out_proj`, `mlp_c_fc`, `mlp_c_proj`,
-`ln_final`, `text_projection`). Residual stream and LayerNorm statistics stay float32; matmuls and
-attention run in `dtype`.
+`ln_final`, `text_projection`); the blocks are `layers.ResidualAttentionBlock`. Residual
+stream and LayerNorm statistics stay float32; matmuls and attention run in `dtype`.
 """
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from flax import nnx
 
-from pand_jax.models.layers import gelu, layer_norm
+from pand_jax.models.layers import ResidualAttentionBlock, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,34 +25,7 @@ class TextConfig:
     context_length: int = 77
     vocab_size: int = 49408
     ln_eps: float = 1e-5
-
-
-class Attention(nnx.Module):
-    def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
-        self.in_proj = nnx.Linear(width, 3 * width, dtype=dtype, rngs=rngs)
-        self.out_proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
-        self.heads = heads
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
-        q, k, v = (rearrange(t, "b n (heads d) -> b n heads d", heads=self.heads)
-                   for t in (q, k, v))
-        # Softmax runs in float32 inside dot_product_attention whatever the input dtype.
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(rearrange(y, "b n heads d -> b n (heads d)"))
-
-
-class ResidualAttentionBlock(nnx.Module):
-    def __init__(self, width: int, heads: int, eps: float, *, dtype, rngs: nnx.Rngs):
-        self.ln_1 = layer_norm(width, eps, dtype, rngs)
-        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
-        self.ln_2 = layer_norm(width, eps, dtype, rngs)
-        self.mlp_c_fc = nnx.Linear(width, 4 * width, dtype=dtype, rngs=rngs)
-        self.mlp_c_proj = nnx.Linear(4 * width, width, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln_1(x)).astype(jnp.float32)
-        return x + self.mlp_c_proj(gelu(self.mlp_c_fc(self.ln_2(x)))).astype(jnp.float32)
+    quick_gelu: bool = False
 
 
 class TextTransformer(nnx.Module):
@@ -62,7 +35,8 @@ class TextTransformer(nnx.Module):
         self.positional_embedding = nnx.Param(
             0.01 * jax.random.normal(rngs.params(), (cfg.context_length, w)))
         self.resblocks = nnx.List([
-            ResidualAttentionBlock(w, cfg.heads, cfg.ln_eps, dtype=dtype, rngs=rngs)
+            ResidualAttentionBlock(w, cfg.heads, cfg.ln_eps, causal=True, quick=cfg.quick_gelu,
+                                   dtype=dtype, rngs=rngs)
             for _ in range(cfg.layers)
         ])
         self.ln_final = layer_norm(w, cfg.ln_eps, jnp.float32, rngs)
