@@ -107,7 +107,7 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
     cfg.update(image_size=size.image, augment="released")
     tx, schedule = nsd.optimizer(cfg, CUB_TRAIN // b)
     method = methods.get(cfg["method"])
-    loss_fn = nsd.make_loss(method, cfg["loss"], True, NSD_EPOCHS)
+    loss_fn = nsd.make_loss(method, cfg["loss"], True, NSD_EPOCHS, cfg["dataset"])
     epoch = jnp.int32(0)
     rates = {}
     for name, teacher_state, data in (("online", t_state, batch), ("cached", None, cached_batch)):

@@ -138,6 +138,41 @@ class PANDLoss(_Schema):
         "an integer >= 2 that divides batch_size, or null for the whole batch")
 
 
+class PromptKDWeights(_Schema):
+    model_config = pydantic.ConfigDict(extra="allow")  # any dataset key, and "default"
+    default: float = _key("a number > 0", gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _positive(self):
+        for key, value in (self.model_extra or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"weight_by_dataset.{key} = {value!r}: expected a number > 0")
+        return self
+
+
+class PromptKDLoss(_Schema):
+    weight: PositiveOrNone = _key("a number > 0, or null for weight_by_dataset's")
+    weight_by_dataset: PromptKDWeights
+    temperature: float = _key("a number > 0", gt=0)
+    logit_scale: float = _key("a number > 0", gt=0)
+
+
+class FDBPLLoss(_Schema):
+    logit_scale: float = _key("a number > 0", gt=0)
+    temperature: float = _key("a number > 0", gt=0)
+    forward_weight: float = _key("a number >= 0", ge=0)
+    reverse_weight: float = _key("a number >= 0", ge=0)
+
+
+class DAITLoss(_Schema):
+    alpha: float = _key("a number >= 0", ge=0)
+    beta: float = _key("a number >= 0", ge=0)
+    gamma: float = _key("a number >= 0", ge=0)
+    delta: float = _key("a number >= 0", ge=0)
+    temperature: float = _key("a number > 0", gt=0)
+    logit_scale: float = _key("a number > 0", gt=0)
+
+
 class NSDLoss(_Schema):
     """One section per method (`pand_jax.methods` names the sections each reads)."""
     scale: float = _key("a number > 0", gt=0)
@@ -145,6 +180,9 @@ class NSDLoss(_Schema):
     rkd: RKDLoss
     vl2lite: VL2LiteLoss
     pand: PANDLoss
+    promptkd: PromptKDLoss
+    fdbpl: FDBPLLoss
+    dait: DAITLoss
 
 
 class NSDOptimizer(_Schema):
@@ -163,6 +201,10 @@ class NSDConfig(_Common):
     student_weights: OptionalPath
     method: Choice
     anchors: OptionalPath
+    unlabeled_data: Annotated[str, Field(pattern=r"^folder:.+")] | None = _key(
+        "folder:DIR (images in any layout, no labels), or null")
+    intermediate_teacher: OptionalPath
+    it_student: Choice
     no_psc: bool = _key("true or false")
     # BatchNorm statistics of a single example are degenerate, and RKD needs pairs.
     batch_size: int = _key("an integer >= 2", ge=2)
@@ -178,6 +220,10 @@ class NSDConfig(_Common):
     optimizer: NSDOptimizer
     teacher_cache_online: bool = _key("true or false")
     teacher_cache_dtype: Choice
+    # What the teacher cache stores: embeddings, or FKD's sparse labels (`pand_jax.soft_labels`);
+    # the K of ms and mr (hard keeps 1).
+    soft_labels: Choice
+    soft_labels_k: int = _positive_int()
 
 
 class DemoTeacherConfig(_Schema):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 from jax import lax
+from jax.scipy.special import xlogy
 
 NSD_FORMS = ("paper", "batch")  # nsd_paper (Eq. 6-8) or nsd_batch (released code)
 # The text-KL reduction of `vl2lite`: PAND's batch mean, or VL2Lite's half of it.
@@ -188,6 +189,61 @@ def kd(student_logits, teacher_logits, temperature):
     log_p = jax.nn.log_softmax(z_t / temperature, axis=1)
     log_q = jax.nn.log_softmax(z_s / temperature, axis=1)
     return temperature**2 * jnp.mean(_kl_rows(log_p, log_q))
+
+
+def kd_soft(student_logits, teacher_probs, temperature):
+    """`kd` against a given teacher distribution q (FKD's sparse soft labels reconstructed,
+    `pand_jax.soft_labels`): T^2 * batch-mean KL(q || softmax(z_s / T)); q = 0 entries
+    contribute exactly 0."""
+    z_s, q = _check_logit_pair(student_logits, teacher_probs)
+    log_q_s = jax.nn.log_softmax(z_s / temperature, axis=1)
+    return temperature**2 * jnp.mean(jnp.sum(xlogy(q, q) - q * log_q_s, axis=1))
+
+
+def fdbpl(student_logits, teacher_log_probs, forward_weight, reverse_weight):
+    """FDBPL's positive-prompt loss (released trainers/coop_off.py) with p+ = softmax(z_s):
+
+        mean_b(a w KL(p_T || p+)) + mean_b(b w KL(p+ || p_T)),   w = 1 - H(p_T) / log C
+
+    (a, b = `forward_weight`, `reverse_weight`: 0.5, 0.5 released). w, the teacher's per-crop
+    confidence, is a constant of the batch (no gradient flows into the teacher). Returns
+    (loss, mean w). The reverse KL needs p_T > 0 everywhere (log p_T finite)."""
+    z_s, log_p = _check_logit_pair(student_logits, teacher_log_probs)
+    log_q = jax.nn.log_softmax(z_s, axis=1)
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=1)
+    w = 1.0 - entropy / jnp.log(jnp.asarray(z_s.shape[1], z_s.dtype))
+    loss = (forward_weight * jnp.mean(w * _kl_rows(log_p, log_q))
+            + reverse_weight * jnp.mean(w * _kl_rows(log_q, log_p)))
+    return loss, jnp.mean(w)
+
+
+def resize_map(x, height: int, width: int):
+    """[B, h, w, C] -> [B, height, width, C] bilinear, as PyTorch's
+    F.interpolate(mode="bilinear", align_corners=False) without antialiasing: half-pixel
+    centres, edge samples clamped."""
+    x = fp32(x)
+    if x.shape[1:3] == (height, width):
+        return x
+    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear",
+                            antialias=False)
+
+
+def feature_map_mse(student_map, teacher_map):
+    """DAIT's feature alignment (our reading): mean((L2norm_C(S) - L2norm_C(T))^2) over batch,
+    positions and channels, each position's channel vector L2-normalised. Maps [B, H, W, C]."""
+    s, t = fp32(student_map), fp32(teacher_map)
+    _check_same_shape("student_map", s, "teacher_map", t)
+    return jnp.mean(jnp.square(l2_normalize(s) - l2_normalize(t)))
+
+
+def promptkd(student_logits, teacher_logits, temperature):
+    """PromptKD's distillation term (released code): T^2 * sum_{b,c} p_T log(p_T / p_S) / (B C)
+    with p = softmax(z / T): a KL summed over the batch and divided by every entry B * C, not
+    by B (`kd` divided by C)."""
+    z_s, z_t = _check_logit_pair(student_logits, teacher_logits)
+    log_p = jax.nn.log_softmax(z_t / temperature, axis=1)
+    log_q = jax.nn.log_softmax(z_s / temperature, axis=1)
+    return temperature**2 * jnp.sum(_kl_rows(log_p, log_q)) / z_s.size
 
 
 def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, align_text, labels,

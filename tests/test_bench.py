@@ -156,3 +156,24 @@ def test_data_rates():
     rates = [line for line in text.splitlines() if line.endswith("img/s") or "img/s (" in line]
     assert len(rates) == 4, text[-2000:]
     assert all(number(line.split(": ")[1]) > 0 for line in rates)
+
+
+def test_soft_label_bytes_follow_the_cache_layout_and_ratios_add_up():
+    """Bytes per view are the stored fields' (bf16 embedding: 2 D; ms:K: K int16 indices + K
+    fp16 values; hard: one of each), the projected caches N V bytes/view."""
+    text = run_bench("soft_labels.py", "--examples", "40", "--views", "1", "--batch", "32")
+    rows = [row for row in table_rows(text) if row[0] != "labels"]
+    demo_rows = [row for row in rows if len(row) == 6]  # the demo table, then CUB's of 5
+    cub_rows = [row for row in rows if len(row) == 5]
+    assert [(r[0], r[1]) for r in demo_rows] == [("embedding", "128"), ("ms:5", "20"),
+                                                  ("hard", "4")]
+    embedding = number(demo_rows[0][3])
+    for _, _, _, seconds, _, ratio in demo_rows:
+        assert_ratio(ratio, number(seconds), embedding)
+    sizes = {r[0]: number(r[1]) for r in cub_rows}
+    assert sizes == {"embedding (bfloat16)": 2048, "embedding (float32)": 4096, "ms:10": 40,
+                     "ms:5": 20, "hard": 4}
+    for name, size, v4, v500, ratio in cub_rows:
+        assert math.isclose(number(v4), number(size) * 5994 * 4 / 1e6, abs_tol=0.05)
+        assert math.isclose(number(v500), number(size) * 5994 * 500 / 1e6, abs_tol=0.05)
+        assert math.isclose(number(ratio), number(size) / 2048, abs_tol=5e-5)

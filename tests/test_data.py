@@ -11,7 +11,7 @@ from pand_jax.data import DATASETS, get_dataset, load_split
 from pand_jax.data import builders, classnames
 from pand_jax.data.pipeline import Loader, resize_image
 from pand_jax.data.prepare import prepare
-from pand_jax.data.sources import TfdsSource, prepared_dir
+from pand_jax.data.sources import ConcatSource, prepared_dir
 
 
 # ------------------------------------------------------------------ registry
@@ -307,7 +307,7 @@ def test_missing_manual_dir_explains_layout(tmp_path):
 @pytest.mark.parametrize("name", ["caltech_birds2011", "oxford_iiit_pet", "stanford_dogs"])
 def test_mock_tfds_source_through_pipeline(name):
     with tfds.testing.mock_data(num_examples=10):
-        src = TfdsSource([tfds.data_source(name, split="train")], f"{name}-train")
+        src = ConcatSource([tfds.data_source(name, split="train")], f"{name}-train")
         assert len(src) == 10
         loader = Loader(src, global_batch_size=4, image_size=32, train=True, process_index=0, process_count=1, threads=2)
         batches = list(loader.epoch(0))

@@ -15,7 +15,7 @@ from pand_jax.data.datasets import run_name
 from pand_jax.data.images import read_rgb
 from pand_jax.data.pipeline import Loader
 from pand_jax.data.prepare import prepare
-from pand_jax.data.sources import TfdsSource, check_folder
+from pand_jax.data.sources import ConcatSource, check_folder
 from conftest import NSD_ARGS, PSC_ARGS, run_train
 
 CLASSES = ("blue-jay", "Zebra_finch", "cardinal")  # sorted: Zebra_finch, blue-jay, cardinal
@@ -84,7 +84,6 @@ def test_relative_and_absolute_paths_name_the_same_dataset(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("breakage, message", [
     (lambda r: __import__("shutil").rmtree(r / "test"), r"birds/test is missing"),
-    (lambda r: __import__("shutil").rmtree(r / "train"), r"birds/train is missing"),
     (lambda r: __import__("shutil").rmtree(r / "test" / "cardinal"),
      r"class folders of .*birds/train and .*birds/test differ: only in train: \['cardinal'\]"),
     (lambda r: [p.unlink() for p in (r / "test" / "blue-jay").iterdir()],
@@ -99,6 +98,23 @@ def test_layout_errors_name_the_folder(tmp_path, breakage, message):
     breakage(root)
     with pytest.raises(folder.FolderError, match=message):
         get_dataset(key(root))
+
+
+def test_a_folder_without_train_takes_its_classes_from_test(tmp_path):
+    """A label-free run trains on --unlabeled-data only; anything else is refused before work."""
+    root = make_tree(tmp_path / "birds")
+    __import__("shutil").rmtree(root / "train")
+    info = get_dataset(key(root))
+    assert info.class_names == ("Zebra finch", "blue jay", "cardinal")
+    assert set(info.tree.files) == {"test"}
+    with pytest.raises(folder.FolderError, match=r"birds/train is missing; expected .*birds/train/"
+                                                 r"<class>/<images> \(or, for a method that reads "
+                                                 r"no labels, .*--unlabeled-data folder:DIR\)"):
+        check_folder(info, None, False, "train", 4)
+    assert check_folder(info, None, False, "train", 4, unlabeled=4) == []
+    with pytest.raises(folder.FolderError, match=r"birds/train with the unlabelled images has 3 "
+                                                 r"readable images, fewer than one training batch"):
+        check_folder(info, None, False, "train", 4, unlabeled=3)
 
 
 def test_no_images_at_all(tmp_path):
@@ -216,7 +232,7 @@ def test_every_bad_image_is_named_and_skip_leaves_them_out(tmp_path):
     assert [p for p, _ in skipped] == [str(p) for p in bad]
     train = load_split(info.key, "train", data_dir=str(tmp_path / "none"), skip_bad_images=True)
     assert len(train) == 11 and str(bad[0]) not in [p for p, _ in train.files]
-    folder.write_record(folder.scan(str(root)), tmp_path, skipped)
+    folder.write_skipped(tmp_path, skipped, str(root))
     lines = (tmp_path / folder.BAD_IMAGES_FILE).read_text().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in bad]
 
@@ -224,7 +240,7 @@ def test_every_bad_image_is_named_and_skip_leaves_them_out(tmp_path):
 def test_the_class_record_is_whole_or_the_previous_one(tmp_path, monkeypatch):
     """A run stopped while it writes the workdir's class record leaves the previous record."""
     tree = folder.scan(str(make_tree(tmp_path / "birds")))
-    folder.write_record(tree, tmp_path, [])
+    folder.write_record(tree, tmp_path)
     record = (tmp_path / folder.CLASSES_FILE).read_text()
 
     def dump_half_then_stop(obj, f, **kwargs):
@@ -234,7 +250,7 @@ def test_the_class_record_is_whole_or_the_previous_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(json, "dump", dump_half_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        folder.write_record(tree, tmp_path, [])
+        folder.write_record(tree, tmp_path)
     assert (tmp_path / folder.CLASSES_FILE).read_text() == record
     assert [r["folder"] for r in json.loads(record)["classes"]] == list(tree.folders)
 
@@ -264,7 +280,7 @@ def test_prepared_copy_is_read_in_the_folder_order(tmp_path):
     prepare(key(root), data_dir)
     for split, src in direct.items():
         prepared = load_split(key(root), split, data_dir=data_dir)
-        assert isinstance(prepared, TfdsSource) and len(prepared) == len(src)
+        assert isinstance(prepared, ConcatSource) and len(prepared) == len(src)
         for i in range(len(src)):
             a, b = src[i], prepared[i]
             assert a["label"] == b["label"]
@@ -273,7 +289,7 @@ def test_prepared_copy_is_read_in_the_folder_order(tmp_path):
     # A changed folder no longer matches the prepared copy: it is read directly again.
     (root / "test" / "cardinal" / "img0.png").unlink()
     Image.new("RGB", (16, 12)).save(root / "test" / "cardinal" / "other.png")
-    assert not isinstance(load_split(key(root), "test", data_dir=data_dir), TfdsSource)
+    assert not isinstance(load_split(key(root), "test", data_dir=data_dir), ConcatSource)
 
 
 def test_prepare_command_reports_bad_input_in_one_line(tmp_path, capsys):

@@ -35,11 +35,14 @@ def cli(module, argv, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def make_random_student(arch: str, directory: pathlib.Path) -> tuple[pathlib.Path, Student]:
+def make_random_student(arch: str, directory: pathlib.Path,
+                        head_dim: int | None = None) -> tuple[pathlib.Path, Student]:
     """A random student, saved, whose BatchNorm statistics and affine parameters are random
     too, so a conversion that drops or transposes any of them shows. Drawn with NumPy into an
-    abstract model (a random init in eager JAX takes ~20 s on a busy CPU)."""
-    model = nnx.eval_shape(lambda: Student(arch, len(RANDOM_CLASSES), rngs=nnx.Rngs(0)))
+    abstract model (a random init in eager JAX takes ~20 s on a busy CPU). `head_dim`: an
+    anchor head (PromptKD's) with random projector and class vectors."""
+    model = nnx.eval_shape(lambda: Student(arch, len(RANDOM_CLASSES), head_dim=head_dim,
+                                           rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(2)
 
@@ -62,8 +65,11 @@ def make_random_student(arch: str, directory: pathlib.Path) -> tuple[pathlib.Pat
 
 @pytest.fixture(scope="module")
 def random_students(tmp_path_factory) -> dict[str, tuple[pathlib.Path, Student]]:
-    return {arch: make_random_student(arch, tmp_path_factory.mktemp(f"random-{arch}"))
-            for arch in ARCHS}
+    students = {arch: make_random_student(arch, tmp_path_factory.mktemp(f"random-{arch}"))
+                for arch in ARCHS}
+    students["mobilenet_v2-anchor"] = make_random_student(
+        "mobilenet_v2", tmp_path_factory.mktemp("random-anchor"), head_dim=24)
+    return students
 
 
 def flax_logits(model: Student, images_nhwc: np.ndarray) -> np.ndarray:
@@ -290,13 +296,11 @@ def _check_sidecar(path: pathlib.Path, fmt: str, arch: str, classes: list[str], 
 
 
 def _export_parity(student_dir, model: Student, classes, size, tmp_path, capsys):
+    """Both formats give the Flax logits at batch 1 and 5 (the batch axis is dynamic)."""
     import onnxruntime
     import torch
-    import torchvision
 
-    images = np.random.default_rng(3).standard_normal((3, size, size, 3)).astype(np.float32)
-    want = flax_logits(model, images)
-    nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    from pand_jax.convert.torchvision import torchvision_student
 
     # Both formats into one folder: each keeps its own metadata file.
     out = tmp_path / "deploy"
@@ -304,15 +308,19 @@ def _export_parity(student_dir, model: Student, classes, size, tmp_path, capsys)
         code, _, err = cli(export, ["--student", student_dir, "--format", fmt, "--out", out],
                            capsys)
         assert code == 0, err
-    tv = getattr(torchvision.models, model.arch)(num_classes=len(classes))
+    tv = torchvision_student(model.arch, len(classes), model.head_dim)
     tv.load_state_dict(torch.load(out / "student.pt"))  # strict
-    with torch.no_grad():
-        got = tv.eval()(torch.from_numpy(nchw)).numpy()
-    assert relative_error(got, want) <= EXPORT_RTOL
     session = onnxruntime.InferenceSession(str(out / "student.onnx"),
                                            providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"image": nchw})[0]  # batch 3: the batch axis is dynamic
-    assert relative_error(got, want) <= EXPORT_RTOL
+    for batch in (1, 5):
+        images = np.random.default_rng(3).standard_normal((batch, size, size, 3)).astype(np.float32)
+        want = flax_logits(model, images)
+        nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        with torch.no_grad():
+            got = tv.eval()(torch.from_numpy(nchw)).numpy()
+        assert relative_error(got, want) <= EXPORT_RTOL, ("torchvision", batch)
+        got = session.run(["logits"], {"image": nchw})[0]
+        assert relative_error(got, want) <= EXPORT_RTOL, ("onnx", batch)
     _check_sidecar(out / "student.pt.json", "torchvision", model.arch, classes, size)
     _check_sidecar(out / "student.onnx.json", "onnx", model.arch, classes, size)
 
@@ -326,7 +334,7 @@ def test_export_out_is_a_folder_or_a_model_file():
     assert model_path("m/birds.onnx", "onnx") == pathlib.Path("m/birds.onnx")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "mobilenet_v2-anchor"])
 def test_export_random_students_match_flax(arch, random_students, tmp_path, capsys):
     path, model = random_students[arch]
     _export_parity(path, model, RANDOM_CLASSES, RANDOM_SIZE, tmp_path, capsys)

@@ -390,7 +390,7 @@ def test_every_loss_term_is_finite_on_degenerate_batches(case):
     w_img = jnp.asarray(rng.normal(size=(e, d)), jnp.float32)
     w_txt = jnp.asarray(rng.normal(size=(e, d)), jnp.float32)
     overrides = {
-        "none": {}, "kd": {}, "rkd": {}, "vl2lite": {},
+        "none": {}, "kd": {}, "rkd": {}, "vl2lite": {}, "promptkd": {},
         "pand_paper": dict(nsd_form="paper", k=c - 1, lambda_nsd=1.0),
         "pand_batch": dict(nsd_form="batch", k=b - 1, lambda_nsd=1.0),
         "pand_groups": dict(nsd_form="batch", k=1, group_size=2, lambda_nsd=1.0),
@@ -399,11 +399,11 @@ def test_every_loss_term_is_finite_on_degenerate_batches(case):
     heads = {"align_image": lambda t: t @ w_img, "align_text": lambda t: t @ w_txt}
     for name, kwargs in overrides.items():
         method = methods.get(name.split("_")[0])
-        kwargs = {**method.settings(loss_cfg, 3, True), **kwargs}
+        kwargs = {**method.settings(loss_cfg, 3, True, "digits"), **kwargs}
 
         def total(z, h):
-            x = methods.Inputs(z, h, labels, jnp.asarray(teacher_emb), anchors, heads,
-                               jnp.int32(1))
+            x = methods.Inputs(z, h, labels if method.reads_labels else None,
+                               jnp.asarray(teacher_emb), anchors, heads, jnp.int32(1))
             loss, terms = method.objective(x, **kwargs)
             return loss, terms
 

@@ -6,6 +6,7 @@ the whole demo) is replaced by the session's tiny random CLIP at `runs/demo/teac
 demo leaves its teacher. The guide's own --set flags keep the rest to seconds of training."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -41,7 +42,7 @@ def test_the_guide_runs_as_written(teacher, tmp_path):
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"{block}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-        outputs.append(out.stdout)
+        outputs.append((block, out.stdout))
     # What the guide says each step leaves behind.
     assert (tmp_path / "runs/shapes/psc/anchors.npz").is_file()
     assert (tmp_path / "runs/shapes/nsd/student").is_dir()
@@ -49,5 +50,11 @@ def test_the_guide_runs_as_written(teacher, tmp_path):
         with Image.open(tmp_path / "runs/shapes/eval" / name) as img:
             assert img.size[0] > 500
     assert (tmp_path / "deploy/student.onnx.json").is_file()
-    predictions = outputs[-1].strip().splitlines()
+    predictions = next(o for b, o in outputs if "onnxruntime" in b).strip().splitlines()
     assert len(predictions) == 12 and all(line.startswith("shapes/test/") for line in predictions)
+    # the label-free student: trained on the 24 images without labels, scored on the 12
+    summary = json.loads((tmp_path / "runs/shapes/promptkd/summary.json").read_text())
+    assert summary["method"] == "promptkd"
+    assert summary["train_examples"] == summary["unlabeled_examples"] == 24
+    metrics = json.loads((tmp_path / "runs/shapes/promptkd-eval/metrics.json").read_text())
+    assert metrics["num_examples"] == 12 and metrics["student"] == "runs/shapes/promptkd"

@@ -45,6 +45,12 @@ def ref_softmax(x):
     return e / e.sum()
 
 
+def ref_log_softmax(x, axis=-1):
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
 def ref_js(p_logits, q_logits):
     p, q = ref_softmax(p_logits), ref_softmax(q_logits)
     m = (p + q) / 2
@@ -119,6 +125,33 @@ def torch_kd(zs, zt, tau):
     zs, zt = torch.tensor(zs), torch.tensor(zt)
     return (F.kl_div(F.log_softmax(zs / tau, 1), F.softmax(zt / tau, 1), reduction="batchmean")
             * tau**2).item()
+
+
+def ref_promptkd(zs, zt, tau):
+    """NumPy transcription of PromptKD's released loss (trainers/promptkd.py):
+    F.kl_div(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1), reduction="sum") * T * T
+    / z_s.numel()."""
+    def log_softmax(z):
+        z = z / tau
+        m = z.max(axis=1, keepdims=True)
+        return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+
+    log_p, log_q = log_softmax(np.asarray(zt, np.float64)), log_softmax(np.asarray(zs, np.float64))
+    return float(np.sum(np.exp(log_p) * (log_p - log_q)) * tau * tau / np.size(zs))
+
+
+def ref_fdbpl(zs, log_pt, a, b):
+    """FDBPL's positive loss from the formula, per crop in float64: w = 1 - H(p_T) / log C,
+    mean(a w KL(p_T || p+)) + mean(b w KL(p+ || p_T)), p+ = softmax(z+)."""
+    total = []
+    for z, lp in zip(np.asarray(zs, np.float64), np.asarray(log_pt, np.float64)):
+        log_ps = ref_log_softmax(z)
+        p_t, p_s = np.exp(lp), np.exp(log_ps)
+        w = 1 + np.sum(p_t * lp) / np.log(len(z))
+        fwd = np.sum(p_t * (lp - log_ps))
+        rev = np.sum(p_s * (log_ps - lp))
+        total.append(a * w * fwd + b * w * rev)
+    return float(np.mean(total))
 
 
 def torch_coop_ce(img, txt, y, scale):
@@ -208,6 +241,73 @@ def test_kd_parity(dtype, rtol, tau):
     zs, zt = rng_arrays(7, (9, 13), (9, 13), scale=5.0)
     np.testing.assert_allclose(run_in(dtype, "kd", zs, zt, temperature=tau),
                                torch_kd(zs, zt, tau), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_promptkd_parity(dtype, rtol, tau):
+    """Against the NumPy transcription: 1e-12 in fp64 pins the formula (the sum over B*C
+    entries divided by B*C, not by B); fp32 at the file's 1e-5."""
+    zs, zt = rng_arrays(8, (6, 11), (6, 11), scale=20.0)  # s = 100 makes logits large
+    got = run_in(dtype, "promptkd", zs, zt, temperature=tau)
+    np.testing.assert_allclose(got, ref_promptkd(zs, zt, tau), rtol=rtol)
+    # KD's batch mean is C times PromptKD's entry mean
+    np.testing.assert_allclose(run_in(dtype, "kd", zs, zt, temperature=tau), 11 * got,
+                               rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+def test_kd_soft_is_kd_on_the_teachers_softmax_and_reads_zeros(dtype, rtol):
+    zs, zt = rng_arrays(9, (6, 11), (6, 11), scale=5.0)
+    q = np.exp(zt / 4) / np.exp(zt / 4).sum(1, keepdims=True)
+    np.testing.assert_allclose(run_in(dtype, "kd_soft", zs, q, temperature=4.0),
+                               torch_kd(zs, zt, 4.0), rtol=rtol)
+    hard = np.eye(11)[np.argmax(zt, 1)]  # zeros contribute 0 (xlogy), not NaN
+    want = np.mean(-np.log(np.exp(zs) / np.exp(zs).sum(1, keepdims=True))[hard > 0])
+    np.testing.assert_allclose(run_in(dtype, "kd_soft", zs, hard, temperature=1.0), want,
+                               rtol=max(rtol, 1e-6))
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("a,b", [(0.5, 0.5), (1.0, 0.0), (0.0, 2.0)])
+def test_fdbpl_parity(dtype, rtol, a, b):
+    zs, zt = rng_arrays(10, (7, 9), (7, 9), scale=3.0)
+    zt[0] *= 10  # a confident crop beside unsure ones: w spans (0, 1)
+    log_pt = ref_log_softmax(zt)
+    loss, w = run_in(dtype, "fdbpl", zs, log_pt, forward_weight=a, reverse_weight=b)
+    np.testing.assert_allclose(loss, ref_fdbpl(zs, log_pt, a, b), rtol=rtol)
+    p = np.exp(log_pt)
+    np.testing.assert_allclose(w, np.mean(1 + np.sum(p * log_pt, 1) / np.log(9)), rtol=rtol)
+
+
+def test_fdbpl_is_zero_for_a_student_equal_to_the_teacher_and_weights_confidence():
+    zt = rng_arrays(4, (5, 6), scale=2.0)[0]
+    log_pt = ref_log_softmax(zt)
+    loss, _ = run_in(np.float64, "fdbpl", zt, log_pt, forward_weight=0.5, reverse_weight=0.5)
+    assert abs(loss) < 1e-12
+    uniform = np.full((5, 6), -np.log(6.0))  # w = 0: a uniform teacher teaches nothing
+    loss, w = run_in(np.float64, "fdbpl", zt, uniform, forward_weight=0.5, reverse_weight=0.5)
+    assert abs(w) < 1e-12 and abs(loss) < 1e-12
+
+
+@pytest.mark.parametrize("size, to", [((7, 7), (7, 7)), ((4, 5), (7, 9)), ((9, 8), (4, 3)),
+                                      ((1, 1), (3, 2))])
+def test_resize_map_is_torchs_bilinear_interpolate(size, to):
+    """DAIT's resize of the IT's map against F.interpolate(bilinear, align_corners=False), up,
+    down and from 1x1; fp32, 1e-6 of the map's scale."""
+    x = rng_arrays(12, (2, *size, 3))[0].astype(np.float32)
+    want = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=to, mode="bilinear",
+                         align_corners=False).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(jax.jit(L.resize_map, static_argnums=(1, 2))(x, *to))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+def test_feature_map_mse_parity(dtype, rtol):
+    s, t = rng_arrays(13, (2, 3, 4, 5), (2, 3, 4, 5))
+    norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # per position, over C
+    want = float(np.mean((norm(s) - norm(t)) ** 2))
+    np.testing.assert_allclose(run_in(dtype, "feature_map_mse", s, t), want, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype,rtol", PRECISIONS)
@@ -326,6 +426,11 @@ def loss_cases():
         ("nsd_batch", lambda s, t: L.nsd_batch(s, t, k=3), (zs, zt)),
         ("nsd_batch_groups", lambda s, t: L.nsd_batch(s, t, k=3, group_size=3), (zs, zt)),
         ("kd", lambda s, t: L.kd(s, t, temperature=4.0), (zs, zt)),
+        ("promptkd", lambda s, t: L.promptkd(s, t, temperature=1.0), (zs, zt)),
+        ("fdbpl", lambda s, t: L.fdbpl(s, jax.nn.log_softmax(L.fp32(t), 1), 0.5, 0.5)[0],
+         (zs, zt)),
+        ("feature_map_mse", lambda s, t: L.feature_map_mse(s.reshape(B, 1, 2, -1),
+                                                           t.reshape(B, 1, 2, -1)), (te, img)),
         ("rkd", lambda s: L.rkd(s, te, 25.0, 50.0), (sf,)),
         ("vl2lite", lambda *a: sum(L.vl2lite(*a[:5], y, a[5], 2.0, "pand", 1 / 0.07)),
          (sf, te, ta, ai, at, zs)),
@@ -392,6 +497,15 @@ VALUE_CASES = {
     "nsd_batch_groups": (lambda s, t: L.nsd_batch(s, t, k=3, group_size=3),
                          lambda s, t: ref_nsd_batch(s, t, 3, 3)),
     "kd": (lambda s, t: L.kd(s, t, temperature=4.0), lambda s, t: torch_kd(s, t, 4.0)),
+    "promptkd": (lambda s, t: L.promptkd(s, t, temperature=1.0),
+                 lambda s, t: ref_promptkd(s, t, 1.0)),
+    "fdbpl": (lambda s, t: L.fdbpl(s, jax.nn.log_softmax(L.fp32(t), 1), 0.5, 0.5)[0],
+              lambda s, t: ref_fdbpl(s, ref_log_softmax(t), 0.5, 0.5)),
+    "feature_map_mse": (
+        lambda s, t: L.feature_map_mse(s.reshape(B, 1, 2, -1), t.reshape(B, 1, 2, -1)),
+        lambda s, t: float(np.mean(np.square(
+            [a / np.linalg.norm(a) - b / np.linalg.norm(b)
+             for a, b in zip(s.reshape(-1, s.shape[1] // 2), t.reshape(-1, t.shape[1] // 2))])))),
     "rkd": (lambda s: L.rkd(s, _TE, distance_weight=25.0, angle_weight=50.0),
             lambda s: ref_rkd(s, _TE.astype(np.float64), 25.0, 50.0)),
     "vl2lite": (lambda *a: sum(L.vl2lite(*a[:5], _Y, a[5], temperature=2.0, reduction="pand",

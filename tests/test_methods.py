@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pand_jax import config, methods
-from pand_jax.methods.base import ANCHOR_KINDS, TEACHER_SIGNALS
+from pand_jax.methods.base import ANCHOR_KINDS, INTERMEDIATE, TEACHER_SIGNALS
 
 from conftest import NSD_ARGS, REPO
 
@@ -27,14 +27,16 @@ def _sources(exclude=()):
 
 def test_every_entry_is_complete_and_reads_its_own_config_sections():
     loss = config.default_config("nsd")["loss"]
-    assert methods.NAMES == ("none", "kd", "rkd", "vl2lite", "pand")  # the paper's Table 1 order
+    # the paper's Table 1 order, then the other systems
+    assert methods.NAMES == ("none", "kd", "rkd", "vl2lite", "pand", "promptkd", "fdbpl", "dait",
+                             "dait_it")
     for name, m in methods.REGISTRY.items():
         assert m.name == name and m.label
-        assert m.teacher in (None, *TEACHER_SIGNALS) and m.anchors in (None, *ANCHOR_KINDS)
+        assert m.teacher in (None, *TEACHER_SIGNALS, INTERMEDIATE) and m.anchors in (None, *ANCHOR_KINDS)
         assert set(m.sections) <= set(loss), (name, m.sections)
         # its settings come from its sections (and the shared scale) only
         trimmed = {k: v for k, v in loss.items() if k in m.sections or not isinstance(v, dict)}
-        assert m.settings(trimmed, 10, True) == m.settings(loss, 10, True)
+        assert m.settings(trimmed, 10, True, "digits") == m.settings(loss, 10, True, "digits")
     with pytest.raises(ValueError, match=r"unknown method 'pandas'; expected one of \['none'"):
         methods.get("pandas")
 
@@ -44,8 +46,17 @@ def test_auto_text_reduction_resolves_in_one_place():
     assert loss["vl2lite"]["txt_reduction"] == "auto"
     for name in ("vl2lite", "pand"):
         s = methods.get(name).settings
-        assert s(loss, 5, learned=True)["reduction"] == "pand"
-        assert s(loss, 5, learned=False)["reduction"] == "vl2lite"
+        assert s(loss, 5, True, "digits")["reduction"] == "pand"
+        assert s(loss, 5, False, "digits")["reduction"] == "vl2lite"
+
+
+def test_promptkd_weight_is_the_released_per_dataset_value_unless_set():
+    loss = config.default_config("nsd")["loss"]
+    s = methods.get("promptkd").settings
+    assert [s(loss, 5, True, d)["weight"] for d in ("aircraft", "flowers", "cub", "folder:x")] \
+        == [200.0, 200.0, 1000.0, 1000.0]
+    loss["promptkd"]["weight"] = 3.0
+    assert s(loss, 5, True, "aircraft")["weight"] == 3.0
 
 
 def test_no_method_name_is_branched_on_outside_the_registry():
@@ -168,7 +179,9 @@ def test_old_workdir_configs_read_as_the_new_sections():
     assert migrated["loss"]["pand"] == {"lambda_nsd": 1.0, "nsd_form": "batch", "nsd_k": 3,
                                         "nsd_group_size": 32}
     assert migrated["loss"]["kd"] == {"temperature": 4.0}
-    assert set(migrated["loss"]) == set(new_loss)
+    # every section of that time; PromptKD's, FDBPL's and DAIT's came after (`with_defaults`
+    # adds them on resume)
+    assert set(migrated["loss"]) == set(new_loss) - {"promptkd", "fdbpl", "dait"}
 
 
 def _tree(root: pathlib.Path, per_class: int) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+from pand_jax import methods
 from pand_jax import data as data_lib
 from pand_jax.cli import reproduce
 from pand_jax.cli import train as train_cli
@@ -27,7 +28,9 @@ SHORT = ["--demo", "--seeds", "1", "--epochs", "1", "--psc-epochs", "1", "--lamb
          "--set", "image_size=32", "--set", "host_image_size=36", "--set", "n_ctx=4"]
 # The distinct runs of one student and seed: Tables 1-2 plus the sweep {0, 0.5}, which
 # coincides with +PSC and PAND.
-VARIANTS = {"none", "kd", "rkd", "vl2lite", "pand-lambda0", "pand-nopsc", "pand-lambda0.5"}
+VARIANTS = {"none", "kd", "rkd", "vl2lite", "pand-lambda0", "pand-nopsc", "pand-lambda0.5",
+            "promptkd", "fdbpl", "dait"}
+RUNS = len(VARIANTS) + 2  # and Stage-PSC, and DAIT's intermediate teacher
 
 
 def invoke(argv) -> tuple[int, str, str]:
@@ -81,9 +84,9 @@ def test_a_failed_run_is_reported_and_the_others_complete(demo):
 def test_rerun_resumes_only_the_failed_run(demo):
     rc, stdout, _ = demo["second"]
     assert rc == 0, stdout[-2000:]
-    # Stage-PSC and the 6 finished runs are skipped; only RKD runs.
-    assert "7 of 8 runs already finished" in stdout
-    assert "1 runs done, 7 skipped" in stdout
+    # Stage-PSC, DAIT's intermediate teacher and the finished runs are skipped; only RKD runs.
+    assert f"{RUNS - 1} of {RUNS} runs already finished" in stdout
+    assert f"1 runs done, {RUNS - 1} skipped" in stdout
 
 
 def test_teacher_cache_is_built_once_and_shared(demo):
@@ -119,6 +122,8 @@ def test_results_csv_has_every_planned_run_with_its_summary(demo):
         assert summary["wall_seconds"] > summary["train_seconds"]
         if r["method"] == "none":
             assert (r["teacher_mode"], r["teacher_forwards"]) == ("", "0")
+        elif r["method"] == "dait":  # the frozen intermediate teacher, no CLIP at all
+            assert (r["teacher_mode"], r["teacher_forwards"]) == ("intermediate", "0")
         else:
             n_train = len(data_lib.load_split("digits", "train"))
             assert (r["teacher_mode"], int(r["teacher_forwards"])) == ("cached", 2 * n_train)
@@ -161,7 +166,7 @@ def test_results_md_puts_the_paper_beside_ours():
 def test_second_invocation_skips_everything_and_gives_the_same_results(demo):
     rc, stdout, _ = demo["third"]
     assert rc == 0
-    assert "8 of 8 runs already finished" in stdout and "0 runs done" in stdout
+    assert f"{RUNS} of {RUNS} runs already finished" in stdout and "0 runs done" in stdout
     assert read_csv(demo["out"] / "results.csv") == demo["second_csv"]
     assert (demo["out"] / "results.md").read_text() == demo["second_md"]
 
@@ -208,13 +213,17 @@ def test_list_prints_train_commands_in_dependency_order(demo, capsys):
     assert stages == ["psc"] + ["nsd"] * (len(lines) - 1)
     assert parsed[0][1] == demo["out"] / "psc"
     assert parsed[1][0]["teacher_cache"] == 2 and parsed[1][0]["method"] != "none"
-    names = [workdir.name for _, workdir in parsed[1:]]
+    # then DAIT's intermediate teacher (--stage it), which DAIT's run reads
+    assert parsed[2][0]["method"] == "dait_it" and parsed[2][1] == demo["out"] / "it" / "seed0"
+    dait = next(cfg for cfg, _ in parsed[1:] if cfg["method"] == "dait")
+    assert dait["intermediate_teacher"] == str(demo["out"] / "it" / "seed0")
+    names = [workdir.name for cfg, workdir in parsed[1:] if cfg["method"] != "dait_it"]
     assert sorted(names) == sorted(VARIANTS | {"pand-lambda0.25", "pand-lambda0.75",
                                                "pand-lambda1"})
-    assert "The first 2 (Stage-PSC, and one run per seed" in stderr
+    assert "The first 3 (Stage-PSC, one run per seed that builds" in stderr
     # Every run reads the one cache of its seed.
-    assert {cfg.get("teacher_cache_dir") for cfg, _ in parsed[1:] if cfg["method"] != "none"} \
-        == {str(demo["out"] / "teacher_cache" / "seed0")}
+    assert {cfg.get("teacher_cache_dir") for cfg, _ in parsed[1:]
+            if methods.get(cfg["method"]).reads_clip} == {str(demo["out"] / "teacher_cache" / "seed0")}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -40,7 +40,8 @@ from pand_jax import config as config_lib
 from pand_jax import methods, prompts
 from pand_jax.convert import open_clip as convert_clip
 from pand_jax.convert.state_dict import layout_of, to_flax_layout
-from pand_jax.convert.torchvision import HEAD, torch_key, torchvision_to_nnx
+from pand_jax.convert.torchvision import (HEAD, student_from_state_dict, torch_key,
+                                         torchvision_to_nnx)
 from pand_jax.data import augment
 from pand_jax.train import nsd, psc
 
@@ -103,7 +104,7 @@ class TorchDistillee(torch.nn.Module):
     """torchvision student with a new head + the two align heads (the released TeacherStudent
     without its teacher: the teacher's embeddings are given)."""
 
-    def __init__(self, arch, num_classes, teacher_dim):
+    def __init__(self, arch, num_classes, teacher_dim, anchors=None, scale=None, it_dim=None):
         super().__init__()
         # torchvision and Linear draw their initial weights from torch's global generator: a
         # forked one, seeded here, leaves the global one as it was
@@ -114,27 +115,80 @@ class TorchDistillee(torch.nn.Module):
                 self.student.classifier[0] = torch.nn.Identity()
             self.head = self.student.get_submodule(HEAD[arch])
             d = self.head.in_features
+            if anchors is not None:  # PromptKD: projector, L2 normalisation, s * class vectors
+                self.head = torch.nn.Sequential(
+                    torch.nn.Linear(d, teacher_dim), torch.nn.BatchNorm1d(teacher_dim),
+                    torch.nn.ReLU(), torch.nn.Linear(teacher_dim, teacher_dim),
+                    TorchClassVectors(scale * feature_norm(anchors)))
+                self.student.set_submodule(HEAD[arch], self.head)
             self.align_image = torch.nn.Sequential(
                 torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(), torch.nn.Linear(d, d))
             self.align_text = torch.nn.Sequential(
                 torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(), torch.nn.Linear(d, d))
-        # Random BatchNorm affine and statistics: the identity defaults could hide a mix-up.
-        g = torch.Generator().manual_seed(SEED + 1)
-        with torch.no_grad():
-            for m in self.student.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    n = m.num_features
-                    m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-                    m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                    m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                    m.running_var.copy_(1 + 0.5 * torch.rand(n, generator=g))
+            # DAIT: the IT's alignment head P, and the student's 1x1 conv adapter A
+            self.align = torch.nn.Linear(d, teacher_dim)
+            self.adapter = torch.nn.Conv2d(d, it_dim or teacher_dim, 1)
+        randomize_batchnorm(self.student, SEED + 1)
+        self.last_stage = self.student.get_submodule(LAST_STAGE[arch])
 
     def forward(self, x):
+        """(pooled features h, logits), keeping the last map as `self.feature_map`."""
         captured = {}
-        hook = self.head.register_forward_hook(lambda m, i, o: captured.update(h=i[0]))
+        hooks = [self.head.register_forward_hook(lambda m, i, o: captured.update(h=i[0])),
+                 self.last_stage.register_forward_hook(lambda m, i, o: captured.update(map=o))]
         logits = self.student(x)
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+        self.feature_map = captured["map"]
         return captured["h"], logits
+
+
+# The module whose output is the backbone's last map (before the pool).
+LAST_STAGE = {"resnet18": "layer4", "mobilenet_v2": "features"}
+
+
+def randomize_batchnorm(model, seed):
+    """Random BatchNorm affine and statistics: the identity defaults could hide a mix-up."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                n = m.num_features
+                m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(1 + 0.5 * torch.rand(n, generator=g))
+
+
+def torch_intermediate_teacher(arch, num_classes):
+    """DAIT's frozen IT: a random torchvision net in eval mode, returning (map, logits)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED + 3)
+        it = torchvision.models.__dict__[arch](num_classes=num_classes)
+    randomize_batchnorm(it, SEED + 4)
+    it.eval()
+    stage = it.get_submodule(LAST_STAGE[arch])
+
+    def forward(x):
+        captured = {}
+        hook = stage.register_forward_hook(lambda m, i, o: captured.update(map=o))
+        with torch.no_grad():
+            logits = it(x)
+        hook.remove()
+        return captured["map"], logits
+
+    return it, forward
+
+
+class TorchClassVectors(torch.nn.Module):
+    """PromptKD's logits: s norm(P(f_S)) t^T, the class vectors a frozen buffer."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x):
+        return feature_norm(x) @ self.weight.T
 
 
 def torch_kl_batchmean(log_q, p):
@@ -192,10 +246,54 @@ def torch_rkd(s, t, distance_weight, angle_weight):
             + angle_weight * F.smooth_l1_loss(angles(s), t_a))
 
 
-def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned):
-    """(total, unweighted terms) of the released KDModule.model_step for the method."""
+def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=None):
+    """(total, unweighted terms) of the released KDModule.model_step for the method (for
+    DAIT, which releases none, of our reading of the paper's equations)."""
     lc, method = cfg["loss"], cfg["method"]
     h, z_s = model(images)
+    if method == "dait_it":  # the IT: CE + alpha L1(norm(P(h)), norm(t)) + beta T^2 KL
+        d = lc["dait"]
+        T, s = d["temperature"], d["logit_scale"]
+        cls = F.cross_entropy(z_s, labels)
+        p_hat, t_hat, a_hat = feature_norm(model.align(h)), feature_norm(t), feature_norm(anchors)
+        rep = (p_hat - t_hat).abs().mean()
+        sem = T * T * torch_kl_batchmean(F.log_softmax(s * p_hat @ a_hat.T / T, 1),
+                                         F.softmax(s * t_hat @ a_hat.T / T, 1))
+        total = cls + d["alpha"] * rep + d["beta"] * sem
+        return total, {"cls": cls, "representation": rep, "semantic": sem}
+    if method == "dait":  # CE + gamma MSE(norm(A(S_map)), norm(resize(IT_map))) + delta KD
+        d = lc["dait"]
+        it_map, it_logits = it(images)
+        cls = F.cross_entropy(z_s, labels)
+        adapted = model.adapter(model.feature_map)
+        it_map = F.interpolate(it_map, size=adapted.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        feature = F.mse_loss(F.normalize(adapted, dim=1), F.normalize(it_map, dim=1))
+        total, terms = cls + d["gamma"] * feature, {"cls": cls, "feature": feature}
+        if d["delta"]:
+            T = d["temperature"]
+            terms["kd"] = T * T * torch_kl_batchmean(F.log_softmax(z_s / T, 1),
+                                                     F.softmax(it_logits / T, 1))
+            total = total + d["delta"] * terms["kd"]
+        return total, terms
+    if method == "promptkd":  # trainers/promptkd.py: no labels, KL summed over B*C entries
+        pk = lc["promptkd"]
+        T = pk["temperature"]
+        w = 200.0 if cfg["dataset"] in ("aircraft", "flowers") else 1000.0
+        z_t = pk["logit_scale"] * feature_norm(t) @ feature_norm(anchors).T
+        kd = F.kl_div(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1),
+                      reduction="sum") * T * T / z_s.numel()
+        return w * kd, {"kd": kd}
+    if method == "fdbpl":  # FDBPL's positive path: confidence-weighted KL both ways, no labels
+        f = lc["fdbpl"]
+        log_p_t = F.log_softmax(f["logit_scale"] * feature_norm(t) @ feature_norm(anchors).T
+                                / f["temperature"], 1)
+        log_p_s = F.log_softmax(z_s, 1)
+        w = 1 + (log_p_t.exp() * log_p_t).sum(1) / math.log(z_s.shape[1])
+        fwd = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)
+        rev = (log_p_s.exp() * (log_p_s - log_p_t)).sum(1)
+        loss = (f["forward_weight"] * w * fwd).mean() + (f["reverse_weight"] * w * rev).mean()
+        return loss, {"fdbpl": loss, "confidence": w.mean()}
     cls = F.cross_entropy(z_s, labels)
     if method == "none":
         return cls, {"cls": cls}
@@ -259,8 +357,9 @@ def jax_path_to_torch(arch, path):
     head, *rest = path
     if head == "student":
         return "student." + torch_key(arch, tuple(rest))
-    module, leaf = rest
-    return f"{head}.{ {'fc1': 0, 'fc2': 2}[module]}.{ {'kernel': 'weight', 'bias': 'bias'}[leaf]}"
+    *module, leaf = rest  # VL2Lite's MLPs have fc1 / fc2; DAIT's heads are one layer
+    index = [str({"fc1": 0, "fc2": 2}[m]) for m in module]
+    return ".".join([head, *index, {"kernel": "weight", "bias": "bias"}[leaf]])
 
 
 def flat(tree):
@@ -289,7 +388,8 @@ def with_values(tree, value_of):
         node = pure
         for key in path[:-1]:
             node = node[key]
-        node[path[-1]] = jnp.asarray(value_of(path))
+        # reshaped: a 1x1 Conv2d weight in Flax layout [1, 1, in, out] is a Linear's [in, out]
+        node[path[-1]] = jnp.asarray(value_of(path)).reshape(np.shape(node[path[-1]]))
     nnx.replace_by_pure_dict(tree, pure)
     return tree
 
@@ -364,6 +464,12 @@ NSD_CASES = {
     "kd-resnet18-clip": dict(arch="resnet18", method="kd", learned=False, clip=True),
     "rkd-resnet18": dict(arch="resnet18", method="rkd", learned=False),
     "none-resnet18": dict(arch="resnet18", method="none", learned=False),
+    "promptkd-resnet18": dict(arch="resnet18", method="promptkd", learned=True),
+    "fdbpl-resnet18": dict(arch="resnet18", method="fdbpl", learned=True),
+    "dait_it-resnet18": dict(arch="resnet18", method="dait_it", learned=True),
+    # the frozen IT's map and logits (at 32 px both maps are 1x1: the resize has its own test)
+    "dait-resnet18-kd": dict(arch="resnet18", method="dait", learned=False, it="mobilenet_v2",
+                             sets={"loss.dait.delta": 0.5}),
 }
 # Adam moves a weight by about lr * g / (|g| + eps): with eps 1e-8 nearly every update is
 # +-lr whatever g is, and where |g| is near the fp32 noise between the two frameworks (their
@@ -391,28 +497,49 @@ def test_nsd_steps_match_released_pytorch(case):
             "optimizer.grad_clip": CLIP_NORM if spec.get("clip") else None, **spec.get("sets", {})}
     cfg = nsd_config(**sets)
 
-    # the same weights on both sides, through the project's converter
-    torch_model = TorchDistillee(arch, NUM_CLASSES, TEACHER_DIM).train()
+    anchors_np = np.random.default_rng(SEED + 2).standard_normal((NUM_CLASSES, TEACHER_DIM))
+    anchors_np = (anchors_np / np.linalg.norm(anchors_np, axis=1, keepdims=True)).astype(np.float32)
     jmethod = methods.get(method)
-    model = nsd.build_model(jmethod, arch, None, cfg["seed"], NUM_CLASSES, TEACHER_DIM,
-                            jnp.float32)
+    # PromptKD's student classifies by the anchors (scale s), the others by a linear head
+    scale = jmethod.anchor_head(cfg["loss"]) if jmethod.anchor_head else None
+    classes = None if scale is None else (anchors_np, scale)
+    it_arch = spec.get("it")  # DAIT's intermediate teacher: the same weights on both sides
+    if it_arch:
+        torch_it, it_forward = torch_intermediate_teacher(it_arch, NUM_CLASSES)
+        jax_it = student_from_state_dict(it_arch, torch_it.state_dict())
+        head_dim = jax_it.num_features
+    else:
+        it_forward, head_dim = None, TEACHER_DIM
+    torch_model = TorchDistillee(arch, NUM_CLASSES, TEACHER_DIM,
+                                 None if scale is None else torch.from_numpy(anchors_np),
+                                 scale, it_dim=head_dim).train()
+    model = nsd.build_model(jmethod, arch, None, cfg["seed"], NUM_CLASSES, head_dim,
+                            jnp.float32, classes)
+    if classes is not None:  # the class vectors the project froze into the head
+        assert_rel(f"{case}: class vectors", model.student.classifier.classes[...],
+                   in_flax_layout(torch_model.head[4].weight), 1e-6)
+    # the same weights on both sides, through the project's converter
     sd = {k: v for k, v in torch_model.student.state_dict().items()}
     state = nnx.state(model.student)
     nnx.replace_by_pure_dict(state, torchvision_to_nnx(arch, sd))
     nnx.update(model.student, state)
-    for name in model.head_names:  # VL2Lite's align MLPs, for the methods that train them
-        for fc, i in (("fc1", 0), ("fc2", 2)):
-            layer, src = getattr(getattr(model, name), fc), getattr(torch_model, name)[i]
-            layer.kernel[...] = jnp.asarray(src.weight.detach().numpy().T)
-            layer.bias[...] = jnp.asarray(src.bias.detach().numpy())
+    for name in model.head_names:  # the heads of the methods that train them
+        head, src = getattr(model, name), getattr(torch_model, name)
+        pairs = ([(getattr(head, fc), src[i]) for fc, i in (("fc1", 0), ("fc2", 2))]
+                 if name.startswith("align_") else [(head, src)])  # VL2Lite's MLPs, or one
+        for layer, module in pairs:  # Linear, or DAIT's 1x1 Conv2d as a Linear over channels
+            layer.kernel[...] = jnp.asarray(module.weight.detach().numpy().reshape(
+                layer.kernel.shape[::-1]).T)
+            layer.bias[...] = jnp.asarray(module.bias.detach().numpy())
 
-    anchors_np = np.random.default_rng(SEED + 2).standard_normal((NUM_CLASSES, TEACHER_DIM))
-    anchors_np = (anchors_np / np.linalg.norm(anchors_np, axis=1, keepdims=True)).astype(np.float32)
     tx, schedule = nsd.optimizer(cfg, STEPS_PER_EPOCH)
-    loss_fn = nsd.make_loss(jmethod, cfg["loss"], learned, cfg["epochs"])
+    loss_fn = nsd.make_loss(jmethod, cfg["loss"], learned, cfg["epochs"], cfg["dataset"])
     graphdef, jstate = nsd.init_state(model, tx)
-    train_step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule)
-    frozen = (None, None if method == "none" else jnp.asarray(anchors_np))
+    it_graphdef, it_state = nnx.split(jax_it) if it_arch else (None, None)
+    train_step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule,
+                                     it_graphdef=it_graphdef)
+    frozen = (None, None if jmethod.anchors is None else jnp.asarray(anchors_np))
+    frozen += (it_state,) if it_arch else ()
 
     # torch: AdamW over the parameters that have gradients (the released optimiser skips the
     # rest); weight decay on all of them, as torch.optim.AdamW(model.parameters()) does
@@ -421,7 +548,7 @@ def test_nsd_steps_match_released_pytorch(case):
                             eps=o["eps"], weight_decay=o["weight_decay"])
     sched = torch_schedule(o, opt)
     used = [n for n, _ in torch_model.named_parameters()
-            if method in ("pand", "vl2lite") or n.startswith("student.")]
+            if n.split(".")[0] in ("student", *model.head_names)]
 
     for step, (epoch, batch, views) in enumerate(make_batches(cfg)):
         if step:
@@ -434,7 +561,7 @@ def test_nsd_steps_match_released_pytorch(case):
         total, terms = torch_objective(
             cfg, torch_model, torch.from_numpy(views).permute(0, 3, 1, 2),
             torch.from_numpy(batch["label"]).long(), torch.from_numpy(batch["teacher"]),
-            torch.from_numpy(anchors_np), epoch, learned)
+            torch.from_numpy(anchors_np), epoch, learned, it_forward)
         total.backward()
         grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum()
                                    for p in torch_model.parameters() if p.grad is not None))
@@ -462,10 +589,15 @@ def test_nsd_steps_match_released_pytorch(case):
         names = {path: jax_path_to_torch(arch, path) for path in params}
         paths = [path for path, name in names.items() if name in used]
         assert len(paths) == len(used)
+        # A bias that feeds a train-mode BatchNorm (the anchor head's projector) has a zero
+        # gradient in exact arithmetic: both sides hold rounding noise ~1e-7 of the others'
+        # (the moments compare it against that floor), which Adam divides by its own size, so
+        # its update is noise too and is left out.
+        noise = {f"student.{HEAD[arch]}.0.bias"} if jmethod.anchor_head else set()
         assert_all_rel(f"{where}: update of", {
             names[p]: (params[p] - in_flax_layout(before[names[p]]),
-                       in_flax_layout(torch_params[names[p]] - before[names[p]])) for p in paths},
-            state_rtol)
+                       in_flax_layout(torch_params[names[p]] - before[names[p]]))
+            for p in paths if names[p] not in noise}, state_rtol)
         for moments, key in ((mu, "exp_avg"), (nu, "exp_avg_sq")):
             assert_all_rel(f"{where}: Adam {key} of", {
                 names[p]: (moments[p], in_flax_layout(opt.state[torch_params[names[p]]][key]))

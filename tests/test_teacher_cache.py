@@ -1,5 +1,6 @@
-"""Teacher cache: cached embeddings equal the online teacher on the regenerated view; the cache
-is reused only when its key matches and it is complete."""
+"""Teacher cache: cached embeddings equal the online teacher on the regenerated view, sparse soft
+labels equal those of the cached embeddings; the cache is reused only when its key matches and
+it is complete."""
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from pand_jax.train import demo
 from pand_jax.data import augment, pipeline
 from pand_jax.data.sources import ArraySource
 from pand_jax.models.clip import CLIP
-from pand_jax import devices
+from pand_jax import devices, soft_labels
 from pand_jax.train import teacher_cache
 
 N, VIEWS, SEED, HOST, SIZE, RECIPE = 10, 2, 3, 36, 32, "rrc"
@@ -107,8 +108,17 @@ def test_rebuilt_when_key_changes(clip, source, tmp_path, calls, capsys):
     for n, change in enumerate(changes, 2):
         cache = build(clip, source, tmp_path, **change)
         assert calls["n"] == n, change
-        assert "another teacher, dataset, split, dtype or augmentation" in capsys.readouterr().out
+        assert _stale(capsys.readouterr().out) >= {"teacher" if "key" in change  # its entry
+                                                   else next(iter(change))}
         assert cache.shape[1] == change.get("views", VIEWS)
+
+
+def _stale(out: str) -> set[str]:
+    """The key entries a stale-cache warning names (changed since the last build)."""
+    head = "warning: stale cache (it was made for another teacher, dataset, split, dtype, " \
+           "soft-label or augmentation setting: "
+    assert head in out, out
+    return set(out.split(head)[1].split("), rebuilding")[0].split(", "))
 
 
 def _drop_last_checksum(path):  # a build stopped before its last chunk's checksum
@@ -161,6 +171,107 @@ def test_damaged_rows_are_found_and_only_their_chunk_recomputed(clip, source, tm
     assert "warning: chunks [1] of" in out and "do not match their checksums" in out, out
     assert calls["chunks"] == [[0, 1, 2], [1]]
     np.testing.assert_array_equal(again, expected)
+
+
+# ------------------------------------------------------------------ sparse soft labels
+
+SCALE, TEMPERATURE = 14.0, 2.0
+
+
+@pytest.fixture(scope="module")
+def anchors(clip):
+    """10 class anchors (digits' classes) in the teacher's embedding space."""
+    return np.random.default_rng(1).standard_normal((10, clip.config.embed_dim)).astype(np.float32)
+
+
+def sparse(anchors, kind="ms", k=3, **changes):
+    return soft_labels.SoftLabels(kind, k, anchors, changes.get("scale", SCALE),
+                                  changes.get("temperature", TEMPERATURE))
+
+
+def test_sparse_cache_is_the_top_k_of_the_embedding_caches_probabilities(clip, source, anchors,
+                                                                          tmp_path):
+    """Same teacher, views and settings: the sparse cache holds sparsify(probabilities(t)) of the
+    fp32 embedding cache's t. Indices equal; values to one fp16 step (2^-10 relative: both sides
+    round their own fp32 probabilities, from separately compiled programs); the files are the
+    sparse ones only."""
+    emb = build(clip, source, tmp_path / "emb", dtype="float32")
+    cache = build(clip, source, tmp_path / "ms", soft_labels=sparse(anchors))
+    probs = soft_labels.probabilities(np.asarray(emb, np.float32), anchors, SCALE, TEMPERATURE)
+    want_index, want_value = soft_labels.sparsify(probs, 3)
+    assert float(np.max(probs)) < 0.99  # not one-hot: the values carry information
+    assert sorted(p.name for p in (tmp_path / "ms").iterdir()) == [
+        teacher_cache.CHECKSUMS, teacher_cache.INDICES, teacher_cache.META, teacher_cache.VALUES]
+    stored = cache.arrays
+    assert stored["teacher_index"].dtype == np.int16 and stored["teacher_value"].dtype == np.float16
+    np.testing.assert_array_equal(stored["teacher_index"], want_index)
+    np.testing.assert_allclose(stored["teacher_value"].astype(np.float32),
+                               np.asarray(want_value, np.float32), rtol=2**-10)
+    index, view = np.array([9, 0, 4, 4]), np.array([1, 0, 0, 1])
+    got = cache.lookup(index, view)
+    assert set(got) == {"teacher_index", "teacher_value"}
+    np.testing.assert_array_equal(got["teacher_index"], stored["teacher_index"][index, view])
+    assert got["teacher_value"].shape == (4, 3)
+    # The embedding cache reads per batch the same way, and as the [N, V, D] array it was.
+    np.testing.assert_array_equal(emb.lookup(index, view)["teacher"], np.asarray(emb)[index, view])
+    np.testing.assert_array_equal(emb[index, view], np.asarray(emb)[index, view])
+    with pytest.raises(TypeError, match="sparse soft labels, not embeddings: read it with lookup"):
+        cache[index, view]
+
+
+def test_sparse_cache_is_rebuilt_for_another_kind_k_or_anchors(clip, source, anchors, tmp_path,
+                                                               calls, capsys):
+    """Every soft-label setting keys the cache, and so does switching from embeddings, whose
+    file then goes: the same directory never serves what another setting stored."""
+    build(clip, source, tmp_path)
+    changes = [{}, {"kind": "mr"}, {"k": 5}, {"kind": "hard", "k": 1}, {"scale": SCALE / 2},
+               {"temperature": 1.0}, {"anchors": anchors[::-1]}]
+    for n, change in enumerate(changes, 2):
+        spec = sparse(**{"anchors": anchors, **change})
+        cache = build(clip, source, tmp_path, soft_labels=spec)
+        assert calls["n"] == n, change
+        first = {"dtype"} if not change else set()  # bfloat16 embeddings -> float16 values
+        assert _stale(capsys.readouterr().out) == {"soft_labels", *first}
+        assert cache.arrays["teacher_value"].shape == (N, VIEWS, spec.k)
+    assert not (tmp_path / teacher_cache.EMBEDDINGS).exists()
+    build(clip, source, tmp_path, soft_labels=spec)
+    assert calls["n"] == len(changes) + 1  # reused
+
+
+@pytest.mark.parametrize("file", [teacher_cache.INDICES, teacher_cache.VALUES])
+def test_sparse_cache_damage_and_resume_recompute_only_their_chunks(clip, source, anchors,
+                                                                    tmp_path, calls, capsys, file):
+    """The chunk checksums cover both files: bytes changed in either inside example 5 (chunk 1)
+    recompute chunk 1 alone; a build stopped before its last checksum resumes with chunk 2."""
+    spec = sparse(anchors)
+    expected = build(clip, source, tmp_path, soft_labels=spec).lookup(np.arange(N).repeat(VIEWS),
+                                                                       np.tile(np.arange(VIEWS), N))
+    stored = np.load(tmp_path / file, mmap_mode="r+")
+    stored[5, 1, 0] += 1  # another class, or another value
+    stored.flush()
+    del stored
+    for chunks, message in [([1], "warning: chunks [1] of"), ([2], "resuming")]:
+        again = build(clip, source, tmp_path, soft_labels=spec)
+        assert calls["chunks"][-1] == chunks and message in capsys.readouterr().out
+        got = again.lookup(np.arange(N).repeat(VIEWS), np.tile(np.arange(VIEWS), N))
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+        sums = tmp_path / teacher_cache.CHECKSUMS  # a build stopped before chunk 2's checksum
+        sums.write_text("".join(line for line in sums.read_text().splitlines(keepends=True)
+                                if not line.startswith("2 ")))
+
+
+def test_sparse_cache_refuses_k_of_at_least_c(clip, source, anchors, tmp_path):
+    with pytest.raises(ValueError, match=r"--soft-labels ms:10 needs 1 <= K < C = 10$"):
+        build(clip, source, tmp_path, soft_labels=sparse(anchors, k=10))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("classes, dtype", [(32768, np.int16), (32769, np.int32)])
+def test_indices_are_int16_while_the_classes_fit(classes, dtype):
+    spec = soft_labels.SoftLabels("ms", 10, np.zeros((classes, 1)), SCALE, TEMPERATURE)
+    index, value = teacher_cache._fields("bfloat16", 8, spec)
+    assert index.disk == dtype and value.disk == np.float16
 
 
 def test_views_for_epoch():

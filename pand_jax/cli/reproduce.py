@@ -146,9 +146,10 @@ def print_plan(runs: list[plan_lib.Run], demo: bool) -> None:
     for run in runs:
         print(shlex.join(["python", "train.py", *run.argv]))
     wave = plan_lib.first_wave(runs)
-    note = (f"# {len(runs)} commands. The first {wave} (Stage-PSC, and one run per seed that "
-            f"builds that seed's teacher cache) must finish before the other {len(runs) - wave}, "
-            "which are independent of each other. Then: python reproduce.py ... --collect")
+    note = (f"# {len(runs)} commands. The first {wave} (Stage-PSC, one run per seed that builds "
+            "that seed's teacher cache, and DAIT's intermediate teachers, which read those caches) run in this order and "
+            f"must finish before the other {len(runs) - wave}, which are independent of each other. Then: python "
+            "reproduce.py ... --collect")
     if demo:
         note += "\n# The demo teacher is trained by python reproduce.py --demo when missing."
     print(note, file=sys.stderr)
@@ -176,8 +177,9 @@ def run_all(runs: list[plan_lib.Run]) -> tuple[int, int, list[tuple[str, str]]]:
     ran = 0
     for run, cfg, workdir, info in todo:
         bar.set_postfix_str(run.name)
-        if run.needs_psc and any(name == "psc" for name, _ in failed):
-            failed.append((run.name, "needs the anchors of Stage-PSC, which failed"))
+        missing = [name for name, _ in failed if name in run.requires]
+        if missing:
+            failed.append((run.name, f"needs the output of {missing[0]}, which failed"))
         else:
             try:
                 summary = train_cli.run_stage(cfg, workdir, info=info)

@@ -13,7 +13,7 @@ import json
 import pathlib
 
 from pand_jax import config as config_lib
-from pand_jax import methods
+from pand_jax import methods, soft_labels
 from pand_jax.cli import common
 from pand_jax.data.datasets import DatasetInfo, get_dataset, run_name
 from pand_jax.losses import NSD_FORMS
@@ -25,8 +25,10 @@ FLAG_KEYS = {
     "batch_size": "batch_size", "student": "student", "method": "method",
     "nsd_form": "loss.pand.nsd_form", "lambda_nsd": "loss.pand.lambda_nsd", "anchors": "anchors",
     "teacher_cache": "teacher_cache", "skip_bad_images": "skip_bad_images",
+    "unlabeled_data": "unlabeled_data", "intermediate_teacher": "intermediate_teacher",
 }
-NSD_ONLY = ("student", "method", "nsd_form", "lambda_nsd", "anchors", "no_psc", "teacher_cache")
+NSD_ONLY = ("student", "method", "nsd_form", "lambda_nsd", "anchors", "no_psc", "teacher_cache",
+            "unlabeled_data", "soft_labels", "intermediate_teacher")
 
 
 def parser() -> common.Parser:
@@ -35,8 +37,14 @@ def parser() -> common.Parser:
         epilog="examples:\n  python train.py --stage psc --dataset aircraft\n"
                "  python train.py --stage nsd --dataset aircraft --student mobilenet_v2\n"
                "  python train.py --demo")
-    p.add_argument("--stage", choices=("psc", "nsd"))
+    p.add_argument("--stage", choices=("psc", "nsd", "it"),
+                   help="it: DAIT's intermediate teacher (a Stage-NSD run of its own method, "
+                        "--student default: config it_student, mobilenet_v2)")
     p.add_argument("--demo", action="store_true", help="offline demo: tiny CLIP, digits, PSC+NSD")
+    # configs/demo.json's teacher section is the ConvNeXt one; teacher_variants holds the others.
+    p.add_argument("--demo-teacher", default="convnext",
+                   choices=("convnext", *config_lib.demo_config()["teacher_variants"]),
+                   help="--demo: the tiny teacher's image tower (default %(default)s)")
     p.add_argument("--dataset", help="cub, aircraft, pets, dogs, cars, flowers, food, digits, or "
                    "folder:PATH for your own images (PATH/train/<class>/*.jpg, PATH/test/...)")
     p.add_argument("--student", choices=ARCHS)
@@ -46,6 +54,15 @@ def parser() -> common.Parser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--anchors", help="anchors.npz from Stage-PSC (default: runs/DATASET/psc/)")
     g.add_argument("--no-psc", action="store_true", help="template anchors (ablation +NSD only)")
+    p.add_argument("--soft-labels", metavar="KIND[:K]",
+                   help="Stage-NSD with --teacher-cache: store the teacher's top-K class "
+                        "probabilities instead of its embedding (FKD): embedding (default), "
+                        "ms, mr, hard, ms:K, mr:K (for kd, promptkd, fdbpl)")
+    p.add_argument("--intermediate-teacher", metavar="DIR",
+                   help="--method dait: the intermediate teacher (train.py --stage it's folder)")
+    p.add_argument("--unlabeled-data", metavar="folder:DIR",
+                   help="Stage-NSD: more training images, in any layout, without labels (for a "
+                        "method that reads none: promptkd)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--teacher-cache", type=int, metavar="V",
@@ -83,8 +100,9 @@ def schema_facts() -> config_lib.Facts:
         num_classes=functools.cache(lambda key: get_dataset(key).num_classes),
         choices=dict(dtype=DTYPE_NAMES, student=ARCHS, method=methods.NAMES,
                      nsd_form=NSD_FORMS, txt_reduction=TXT_REDUCTION_CHOICES,
-                     augment=RECIPES, teacher_cache_dtype=tuple(DTYPES)),
-        teacher_needed=lambda name: methods.get(name).teacher is not None,
+                     augment=RECIPES, teacher_cache_dtype=tuple(DTYPES),
+                     soft_labels=soft_labels.KINDS, it_student=ARCHS),
+        teacher_needed=lambda name: methods.get(name).reads_clip,
         method_rule=methods.rule)
 
 
@@ -92,6 +110,11 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
     """The checked config for args.stage, its workdir and its dataset, resolved once (an image
     folder is scanned here, and the run reads this scan)."""
     stage = args.stage
+    if stage == "it":  # a Stage-NSD run of DAIT's first-stage method
+        if args.method:
+            raise config_lib.ConfigError("--method applies to --stage nsd; --stage it trains "
+                                         "DAIT's intermediate teacher")
+        return _resolve_it(args)
     if stage == "psc":
         given = [f for f in NSD_ONLY if getattr(args, f) not in (None, False)]
         if given:
@@ -104,6 +127,11 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
             config_lib.override(cfg, key, value)
     if args.no_psc:
         cfg["no_psc"] = True
+    if args.soft_labels and stage == "nsd":  # KIND[:K] sets two keys (hard's K is 1)
+        kind, k = soft_labels.parse(args.soft_labels, cfg["soft_labels_k"])
+        cfg["soft_labels"] = kind
+        if kind in ("ms", "mr"):
+            cfg["soft_labels_k"] = k
     infos = {}
 
     def dataset(key):
@@ -112,7 +140,10 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
         return infos[key]
 
     facts = dataclasses.replace(schema_facts(), num_classes=lambda key: dataset(key).num_classes)
-    cfg = config_lib.validate(config_lib.apply_sets(cfg, args.set), facts, stage)
+    cfg = config_lib.apply_sets(cfg, args.set)
+    if getattr(args, "intermediate_student", False) and args.student is None:
+        cfg["student"] = cfg["it_student"]
+    cfg = config_lib.validate(cfg, facts, stage)
     runs = pathlib.Path("runs") / run_name(cfg["dataset"])
     method = methods.get(cfg["method"]) if stage == "nsd" else None
     if method and method.wants_learned_anchors(cfg["no_psc"]) and not cfg["anchors"]:
@@ -121,10 +152,20 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
         workdir = pathlib.Path(args.workdir)
     elif stage == "psc":
         workdir = runs / "psc"
+    elif getattr(args, "intermediate_student", False):
+        workdir = runs / "it"
     else:
         variant = cfg["method"] + ("-nopsc" if cfg["no_psc"] else "")
         workdir = runs / "nsd" / f"{variant}-{cfg['student']}"
     return cfg, workdir, dataset(cfg["dataset"])
+
+
+def _resolve_it(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
+    """`--stage it`: Stage-NSD with DAIT's intermediate-teacher method, the student `it_student`
+    unless --student, in runs/DATASET/it unless --out."""
+    args = argparse.Namespace(**{**vars(args), "stage": "nsd", "method": methods.IT_METHOD,
+                                 "intermediate_student": True})
+    return resolve(args)
 
 
 def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False, info=None) -> dict:
@@ -140,9 +181,10 @@ def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False, info
 
 
 def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
-             allow_change: bool) -> dict:
-    """Teacher, then PSC, then NSD, with configs/demo.json; `--set SECTION:key=value` changes
-    one section (teacher, psc or nsd). All three are checked before the teacher trains."""
+             allow_change: bool, family: str = "convnext") -> dict:
+    """Teacher (image tower `family`), then PSC, then NSD, with configs/demo.json;
+    `--set SECTION:key=value` changes one section (teacher, psc or nsd). All three are checked
+    before the teacher trains."""
     from pand_jax.train import demo
 
     d = config_lib.demo_config()
@@ -154,9 +196,10 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
                 f"with --demo, --set takes SECTION:key=value with SECTION one of "
                 f"{list(by_section)}; got {item!r}")
         by_section[section].append(rest)
-    teacher = workdir / "teacher"
-    teacher_cfg = config_lib.validate(config_lib.apply_sets(d["teacher"], by_section["teacher"]),
-                                      schema_facts(), "demo_teacher")
+    teacher = demo.teacher_dir(workdir, family)
+    teacher_cfg = config_lib.validate(
+        config_lib.apply_sets(demo.teacher_section(d, family), by_section["teacher"]),
+        schema_facts(), "demo_teacher")
     cfgs = {}
     for stage in ("psc", "nsd"):
         cfg = config_lib.default_config(stage)
@@ -191,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             devices.report_devices()
             run_demo(pathlib.Path(args.workdir or "runs/demo"), args.teacher_cache, args.set,
-                     args.allow_config_change)
+                     args.allow_config_change, args.demo_teacher)
         else:
             cfg, workdir, info = resolve(args)
             devices.report_devices(devices.compute_dtype(cfg["dtype"]))

@@ -28,7 +28,10 @@ TORCHVISION_WEIGHTS = {
 }
 HEAD = {"resnet18": "fc", "mobilenet_v2": "classifier.1"}
 LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-        "var": "running_var"}
+        "var": "running_var", "classes": "weight"}
+# An AnchorClassifier head as torch's nn.Sequential: its index of each part (2 is the ReLU); the
+# class vectors are the weight of the last, bias-free linear map after the L2 normalisation.
+ANCHOR_HEAD = {"fc1": "0", "bn": "1", "fc2": "3", "classes": "4"}
 IMAGENET_CLASSES = 1000
 # Relative max-abs difference allowed by --verify (fp32, highest matmul precision); a correct
 # port is ~1e-6, a wrong padding or BN detail is >1e-2.
@@ -39,14 +42,46 @@ VERIFY_BATCH = 2
 def torch_key(arch: str, path: tuple) -> str:
     """NNX state path -> torchvision state-dict key."""
     *module, leaf = path
-    module = [HEAD[arch]] if module == ["classifier"] else module[1:]  # drop "backbone"
+    if module[:1] == ["classifier"]:
+        module = [HEAD[arch], *(ANCHOR_HEAD[m] for m in module[1:] + [leaf] if m in ANCHOR_HEAD)]
+    else:
+        module = module[1:]  # drop "backbone"
     return ".".join([*map(str, module), LEAF[leaf]])
 
 
-def _num_classes(arch: str, state_dict: Mapping[str, np.ndarray]) -> int:
-    """Read from the head so fine-tuned torchvision checkpoints convert too."""
+def _head_shape(arch: str, state_dict: Mapping[str, np.ndarray]) -> tuple[int, int | None]:
+    """(num_classes, head_dim: None for a linear head), read from the head so that fine-tuned
+    checkpoints and exported anchor-head students convert too."""
+    anchor = state_dict.get(f"{HEAD[arch]}.{ANCHOR_HEAD['classes']}.weight")
+    if anchor is not None:
+        return int(anchor.shape[0]), int(anchor.shape[1])
     head = state_dict.get(f"{HEAD[arch]}.weight")
-    return int(head.shape[0]) if head is not None and np.ndim(head) == 2 else IMAGENET_CLASSES
+    return (int(head.shape[0]) if head is not None and np.ndim(head) == 2
+            else IMAGENET_CLASSES), None
+
+
+def torchvision_student(arch: str, num_classes: int, head_dim: int | None = None):
+    """`torchvision.models.<arch>(num_classes)`, its head an anchor head when `head_dim` is set:
+    Linear(d, D) - BatchNorm1d - ReLU - Linear(D, D) - L2 normalisation - the class vectors."""
+    import torch
+    import torchvision
+
+    tv = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if head_dim is not None:
+        class Classes(torch.nn.Module):  # the frozen s t_hat: a buffer, never a parameter
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("weight", torch.zeros(num_classes, head_dim))
+
+            def forward(self, x):
+                return torch.nn.functional.linear(torch.nn.functional.normalize(x, dim=1),
+                                                  self.weight)
+
+        d = tv.get_submodule(HEAD[arch]).in_features
+        head = torch.nn.Sequential(torch.nn.Linear(d, head_dim), torch.nn.BatchNorm1d(head_dim),
+                                   torch.nn.ReLU(), torch.nn.Linear(head_dim, head_dim), Classes())
+        tv.set_submodule(HEAD[arch], head)
+    return tv
 
 
 def torchvision_to_nnx(arch: str, state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -55,8 +90,9 @@ def torchvision_to_nnx(arch: str, state_dict: Mapping[str, np.ndarray]) -> dict:
     missing/unexpected keys and shape mismatches."""
     check_arch(arch)
     state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
-    num_classes = _num_classes(arch, state_dict)
-    abstract = nnx.eval_shape(lambda: Student(arch, num_classes, rngs=nnx.Rngs(0)))
+    num_classes, head_dim = _head_shape(arch, state_dict)
+    abstract = nnx.eval_shape(lambda: Student(arch, num_classes, head_dim=head_dim,
+                                              rngs=nnx.Rngs(0)))
     targets = flatten_dict(nnx.to_pure_dict(nnx.state(abstract)))
     keys = {path: torch_key(arch, path) for path in targets}
     check_state_dict(state_dict, {keys[p]: torch_shape(t.shape, layout_of(len(t.shape)))
@@ -87,7 +123,8 @@ def nnx_to_torchvision(student: Student) -> dict[str, np.ndarray]:
 def student_from_state_dict(arch: str, state_dict: Mapping[str, np.ndarray]) -> Student:
     """The converted Student in eval mode (fp32)."""
     pure = torchvision_to_nnx(arch, state_dict)
-    model = Student(arch, _num_classes(arch, state_dict), rngs=nnx.Rngs(0))
+    num_classes, head_dim = _head_shape(arch, state_dict)
+    model = Student(arch, num_classes, head_dim=head_dim, rngs=nnx.Rngs(0))
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
@@ -143,9 +180,8 @@ def convert_student(arch: str, checkpoint: str | pathlib.Path | None = None,
 def torchvision_model(arch: str, state_dict: Mapping[str, Any]):
     """The torchvision reference built from the same weights, in eval mode."""
     import torch
-    import torchvision
 
-    tv = getattr(torchvision.models, arch)(weights=None, num_classes=_num_classes(arch, state_dict))
+    tv = torchvision_student(arch, *_head_shape(arch, state_dict))
     tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}
     missing, unexpected = tv.load_state_dict(tensors, strict=False)
     if [k for k in missing if not k.endswith("num_batches_tracked")] or unexpected:

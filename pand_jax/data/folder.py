@@ -5,6 +5,9 @@
     PATH/val/<class>/...       optional: Stage-PSC then picks its best epoch on it, not on test
     PATH/classes.json          optional: {"<class folder>": "display name", ...}
 
+PATH/train/ may be missing when the student trains without labels (`--unlabeled-data
+folder:DIR`, any layout: `unlabeled_images`); the classes then come from PATH/test/.
+
 Labels are the class folders in sorted order. The display names (folder names with
 underscores and hyphens as spaces, unless classes.json names them) are what the text anchors
 are built from. Every image is decoded once before training (`check_images`), so a bad file
@@ -81,11 +84,15 @@ class Tree:
 
     def fingerprint_of(self, files) -> str:
         """The fingerprint of some of the tree's (path, label) files."""
-        h = hashlib.sha256()
-        for path, label in files:
-            size, mtime = self._stats[path]
-            h.update(f"{os.path.relpath(path, self.root)}\0{label}\0{size}\0{mtime}\n".encode())
-        return h.hexdigest()[:16]
+        return _fingerprint(self.root, ((p, label, *self._stats[p]) for p, label in files))
+
+
+def _fingerprint(root: str, rows) -> str:
+    """A short digest of (path, label, size, mtime_ns) rows, paths relative to `root`."""
+    h = hashlib.sha256()
+    for path, label, size, mtime in rows:
+        h.update(f"{os.path.relpath(path, root)}\0{label}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def scan(root: str) -> Tree:
@@ -93,7 +100,8 @@ def scan(root: str) -> Tree:
     if not os.path.isdir(root):
         raise FolderError(f"{root} is not a folder; --dataset folder:PATH expects "
                           f"PATH/train/<class>/<images> and PATH/test/<class>/<images>")
-    splits = [s for s in SPLITS if s != "val" or os.path.isdir(os.path.join(root, s))]
+    # train/ may be missing (a label-free run; `sources.check_folder` says what else is needed).
+    splits = [s for s in SPLITS if s == "test" or os.path.isdir(os.path.join(root, s))]
     classes = {}
     for split in splits:
         path = os.path.join(root, split)
@@ -104,24 +112,29 @@ def scan(root: str) -> Tree:
         if not classes[split]:
             raise FolderError(f"no images in {path}: expected one sub-folder of images per class, "
                               f"{path}/<class>/*.jpg")
+    first = splits[0]
     for split in splits[1:]:
-        if classes[split] != classes["train"]:
-            only_train = sorted(set(classes["train"]) - set(classes[split]))
-            only_other = sorted(set(classes[split]) - set(classes["train"]))
-            raise FolderError(f"the class folders of {root}/train and {root}/{split} differ: "
-                              f"only in train: {only_train}, only in {split}: {only_other}")
-    folders = tuple(classes["train"])
+        if classes[split] != classes[first]:
+            only_first = sorted(set(classes[first]) - set(classes[split]))
+            only_other = sorted(set(classes[split]) - set(classes[first]))
+            raise FolderError(f"the class folders of {root}/{first} and {root}/{split} differ: "
+                              f"only in {first}: {only_first}, only in {split}: {only_other}")
+    folders = tuple(classes[first])
     files = {split: tuple((p, label) for label, c in enumerate(folders)
                           for p in _class_images(os.path.join(root, split, c)))
              for split in splits}
     return Tree(root, folders, _class_names(root, folders), files)
 
 
+def _images_under(path: str) -> list[str]:
+    # Sub-folders count, in torchvision's order (sorted walk, sorted names).
+    return [os.path.join(d, f) for d, _, names in sorted(os.walk(path, followlinks=True))
+            for f in sorted(names)
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
 def _class_images(path: str) -> list[str]:
-    # Sub-folders of a class folder count, in torchvision's order (sorted walk, sorted names).
-    found = [os.path.join(d, f) for d, _, names in sorted(os.walk(path, followlinks=True))
-             for f in sorted(names)
-             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    found = _images_under(path)
     if not found:
         raise FolderError(f"class folder {path} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                           "add some or remove the folder from every split")
@@ -156,19 +169,24 @@ def _class_names(root: str, folders: tuple[str, ...]) -> tuple[str, ...]:
 _BAD: dict[tuple[str, str], list] = {}  # (root, fingerprint) -> bad files; one check per process
 
 
-def bad_images(tree: Tree) -> list[tuple[str, str]]:
-    """(path, reason) of every file of the tree that does not decode, in file order."""
-    key = (tree.root, tree.fingerprint)
+def _bad_files(root: str, fingerprint: str, paths: list[str]) -> list[tuple[str, str]]:
+    """(path, reason) of every file of `paths` that does not decode, in file order."""
+    key = (root, fingerprint)
     if key not in _BAD:
-        paths = [p for split in tree.files.values() for p, _ in split]
         with (concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool,
-              progress_bar(total=len(paths), unit="image", desc=f"checking {tree.root}") as bar):
+              progress_bar(total=len(paths), unit="image", desc=f"checking {root}") as bar):
             results = []
             for err in pool.map(_read_error, paths):  # PIL decodes without the GIL
                 results.append(err)
                 bar.update(1)
         _BAD[key] = [(p, err) for p, err in zip(paths, results) if err]
     return _BAD[key]
+
+
+def bad_images(tree: Tree) -> list[tuple[str, str]]:
+    """(path, reason) of every file of the tree that does not decode, in file order."""
+    return _bad_files(tree.root, tree.fingerprint,
+                      [p for split in tree.files.values() for p, _ in split])
 
 
 def _read_error(path: str) -> str | None:
@@ -181,10 +199,13 @@ def _read_error(path: str) -> str | None:
 
 def check_images(tree: Tree, skip: bool) -> list[tuple[str, str]]:
     """The bad files to leave out ([] when all decode); raises listing them all unless `skip`."""
-    bad = bad_images(tree)
+    return _refuse_bad(tree.root, bad_images(tree), skip)
+
+
+def _refuse_bad(root: str, bad: list[tuple[str, str]], skip: bool) -> list[tuple[str, str]]:
     if bad and not skip:
         raise BadImagesError(
-            f"{len(bad)} image file(s) under {tree.root} cannot be read; nothing was run. Replace "
+            f"{len(bad)} image file(s) under {root} cannot be read; nothing was run. Replace "
             "or remove them, or pass --skip-bad-images to train without them:\n  "
             + "\n  ".join(f"{p} ({err})" for p, err in bad))
     return bad
@@ -209,18 +230,71 @@ class FolderSource:
         return {"image": np.asarray(images.read_rgb(path)), "label": label, "index": int(i)}
 
 
-def write_record(tree: Tree, workdir, skipped: list[tuple[str, str]]) -> None:
-    """The label of each class folder, and the images left out, in the run's workdir."""
+@dataclasses.dataclass(frozen=True)
+class Unlabeled:
+    """`--unlabeled-data folder:DIR`: every image under DIR, in any layout (sorted walk)."""
+    root: str
+    paths: tuple[str, ...]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return _fingerprint(self.root, ((p, -1, st.st_size, st.st_mtime_ns)
+                                        for p in self.paths for st in [os.stat(p)]))
+
+
+def unlabeled_images(key: str) -> Unlabeled:
+    """The images of `folder:DIR`; one FolderError when DIR is not a folder or holds none."""
+    if not is_folder(key):
+        raise FolderError(f"--unlabeled-data {key!r}: expected folder:DIR, a folder of images "
+                          "in any layout")
+    root = root_of(key)
+    if not os.path.isdir(root):
+        raise FolderError(f"--unlabeled-data: {root} is not a folder")
+    paths = tuple(_images_under(root))
+    if not paths:
+        raise FolderError(f"--unlabeled-data: no images under {root} "
+                          f"({', '.join(IMAGE_EXTENSIONS)}, sub-folders too)")
+    return Unlabeled(root, paths)
+
+
+def check_unlabeled(unlabeled: Unlabeled, skip: bool) -> list[tuple[str, str]]:
+    """As `check_images`, for the unlabelled images."""
+    bad = _bad_files(unlabeled.root, unlabeled.fingerprint, list(unlabeled.paths))
+    return _refuse_bad(unlabeled.root, bad, skip)
+
+
+class UnlabeledSource:
+    """Random-access source of the unlabelled images: {image, label: -1, index}."""
+
+    def __init__(self, unlabeled: Unlabeled, skip: bool = False):
+        bad = {p for p, _ in check_unlabeled(unlabeled, skip)}
+        self.files = [p for p in unlabeled.paths if p not in bad]
+        self.name = f"{run_name(PREFIX + unlabeled.root)}-unlabeled-{unlabeled.fingerprint}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": np.asarray(images.read_rgb(self.files[i])), "label": -1, "index": int(i)}
+
+
+def write_record(tree: Tree, workdir) -> None:
+    """The label of each class folder, in the run's workdir."""
     record = [{"label": i, "folder": f, "name": n}
               for i, (f, n) in enumerate(zip(tree.folders, tree.class_names))]
     with files.atomic_path(os.path.join(workdir, CLASSES_FILE)) as tmp, open(tmp, "w") as f:
         json.dump({"root": tree.root, "classes": record}, f, indent=1)
+
+
+def write_skipped(workdir, skipped: list[tuple[str, str]], where: str) -> None:
+    """The images left out (--skip-bad-images) of the folder(s) `where`, in the run's workdir;
+    said once per run."""
     bad_path = os.path.join(workdir, BAD_IMAGES_FILE)
     if skipped:
         with open(bad_path, "w") as f:
             f.writelines(f"{p}\t{err}\n" for p, err in skipped)
         # --skip-bad-images trains on fewer images than the folder holds: say so, once per run.
-        print(f"skipped {len(skipped)} unreadable image(s) under {tree.root} "
-              f"(--skip-bad-images); listed in {bad_path}", flush=True)
+        print(f"skipped {len(skipped)} unreadable image(s) under {where} (--skip-bad-images); "
+              f"listed in {bad_path}", flush=True)
     elif os.path.exists(bad_path):
         os.remove(bad_path)

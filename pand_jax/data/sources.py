@@ -25,8 +25,9 @@ class ArraySource:
         return {"image": self.images[i], "label": int(self.labels[i]), "index": int(i)}
 
 
-class TfdsSource:
-    """A TFDS data source (or several, concatenated) with the stable `index` added."""
+class ConcatSource:
+    """Sources (TFDS data sources, or a split and unlabelled images) one after the other, with
+    the stable `index` added."""
 
     def __init__(self, parts: list, name: str):
         self.parts, self.name = parts, name  # name keys the pipeline's uint8 cache
@@ -64,21 +65,25 @@ def _prepare_command(key: str, data_dir: str) -> str:
 
 
 def check_folder(info, data_dir: str | None, skip_bad_images: bool, train_split: str,
-                 batch_size: int) -> list[tuple[str, str]]:
+                 batch_size: int, unlabeled: int = 0) -> list[tuple[str, str]]:
     """The (path, reason) of an image folder's images to leave out, after decoding every image
-    (unless it was prepared: preparing checks them) and checking that the training split fills
-    one batch; every problem is raised before anything runs. `info.tree` is the folder's scan."""
+    (unless it was prepared: preparing checks them) and checking that the training split, with
+    `unlabeled` readable unlabelled images, fills one batch; every problem is raised before
+    anything runs. `info.tree` is the folder's scan."""
     tree = info.tree
     prepared = prepared_dir(info, data_dir or DEFAULT_DATA_DIR) is not None
     skipped = [] if prepared else folder.check_images(tree, skip_bad_images)
-    if train_split not in tree.files:
+    if train_split not in tree.files and not unlabeled:
         raise folder.FolderError(
-            f"{tree.root} has no {train_split}/ folder for train_split={train_split!r}")
+            f"{tree.root}/{train_split} is missing; expected {tree.root}/{train_split}/<class>/"
+            "<images> (or, for a method that reads no labels, images without labels from "
+            "--unlabeled-data folder:DIR)")
     left_out = {p for p, _ in skipped}
-    n = sum(p not in left_out for p, _ in tree.files[train_split])
-    if n < batch_size:
+    n = sum(p not in left_out for p, _ in tree.files.get(train_split, ()))
+    if n + unlabeled < batch_size:
+        where = f"{tree.root}/{train_split}" + (" with the unlabelled images" if unlabeled else "")
         raise folder.FolderError(
-            f"{tree.root}/{train_split} has {n} readable images, fewer than one training batch of "
+            f"{where} has {n + unlabeled} readable images, fewer than one training batch of "
             f"{batch_size}; lower --batch-size or add images")
     return skipped
 
@@ -125,8 +130,8 @@ def load_split(dataset, split: str, data_dir: str | None = None, skip_bad_images
         split = info.official_splits.get(split, split)
     name = info.tfds_name if folder.is_folder(key) else key  # a folder key is a path
     if split == "trainval" and "trainval" not in sources and {"train", "val"} <= set(sources):
-        return TfdsSource([sources["train"], sources["val"]], f"{name}-trainval")  # FGVC-Aircraft
-    return TfdsSource([_split_of(sources, split, key)], f"{name}-{split}")
+        return ConcatSource([sources["train"], sources["val"]], f"{name}-trainval")  # FGVC-Aircraft
+    return ConcatSource([_split_of(sources, split, key)], f"{name}-{split}")
 
 
 def _split_of(splits: dict, split: str, key: str):

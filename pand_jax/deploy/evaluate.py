@@ -54,6 +54,7 @@ def teacher_logits(teacher: str, anchors: str | None, info, split: str, settings
     if text is None:
         text = prompts.template_anchors(clip, info.class_names, info.prompt_template)
     size = recorded["image_size"] if recorded else clip.config.vision.image_size
+    clip.check_image_size(size, "the anchors' feature image size")
     resize = recorded["resize"] if recorded else "shorter_center_crop"
     _, loader = split_loader(info, split, size, resize, batch, settings)
     encode = devices.jit_apply(clip, lambda m, b: losses.l2_normalize(

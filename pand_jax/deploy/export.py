@@ -12,7 +12,7 @@ import pathlib
 import warnings
 from typing import Any
 
-from pand_jax.convert.torchvision import nnx_to_torchvision
+from pand_jax.convert.torchvision import nnx_to_torchvision, torchvision_student
 from pand_jax.data import augment
 from pand_jax.deploy import student as student_lib
 
@@ -27,6 +27,10 @@ def metadata(student: student_lib.TrainedStudent, fmt: str) -> dict[str, Any]:
     size = student.image_size
     return {
         "format": fmt, "arch": student.model.arch, "num_classes": student.model.num_classes,
+        "head": ("linear" if student.model.head_dim is None else
+                 f"anchor head: Linear(d, {student.model.head_dim}) - BatchNorm1d - ReLU - "
+                 f"Linear - L2 normalisation - class vectors [{student.model.num_classes}, "
+                 f"{student.model.head_dim}] (pand_jax.convert.torchvision.torchvision_student)"),
         "class_names": student.class_names, "image_size": size,
         "mean": augment.CLIP_MEAN.tolist(), "std": augment.CLIP_STD.tolist(),
         "input": {"layout": "NCHW", "dtype": "float32", "shape": ["batch", 3, size, size],
@@ -40,9 +44,9 @@ def metadata(student: student_lib.TrainedStudent, fmt: str) -> dict[str, Any]:
 def torchvision_model(student: student_lib.TrainedStudent):
     """The student as a torchvision model in eval mode, loaded strictly."""
     import torch
-    import torchvision
 
-    tv = getattr(torchvision.models, student.model.arch)(num_classes=student.model.num_classes)
+    m = student.model
+    tv = torchvision_student(m.arch, m.num_classes, m.head_dim)
     tv.load_state_dict({k: torch.from_numpy(v) for k, v in nnx_to_torchvision(student.model).items()})
     return tv.eval()
 

@@ -13,13 +13,15 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from pand_jax import files
+from pand_jax.experiments import plan as plan_lib
 from pand_jax.experiments import results as results_lib
 from pand_jax.experiments.results import DATASET_NAMES, STUDENT_NAMES, Result
 
-ROW_ORDER = ("no KD", "KD", "RKD", "VL2Lite", "+PSC", "+NSD", "PAND")
+# Table 1's rows (one per method of the registry), then Table 2's ablations.
+ROW_ORDER = tuple(dict.fromkeys([r.label for r in plan_lib.table1() + plan_lib.ABLATIONS]))
 # Methods often tie (short runs, or near chance), and a curve drawn over another hides it: each
 # method has its own marker and dash, and its points sit DODGE epochs to the side of the next's.
-MARKERS = ("o", "s", "D", "^", "v", "P", "X")
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">", "p")
 DASHES = ("-", "--", "-.", ":")
 DODGE = 0.05
 

@@ -9,6 +9,7 @@ are one run.
 Layout under OUT:
     psc/                                      Stage-PSC, once (seed 0): anchors.npz
     teacher_cache/seed{S}/                    the teacher cache every Stage-NSD run of seed S reads
+    it/seed{S}/                               DAIT's intermediate teacher of seed S (--stage it)
     host_cache/                               decoded images, shared by every Stage-NSD run
     nsd/{student}/seed{S}/{variant}/          one Stage-NSD run
 """
@@ -48,7 +49,8 @@ def default_value(key: str) -> Any:
 
 def table1() -> tuple[Row, ...]:
     """One row per registered method, in the registry's (the paper's Table 1) order."""
-    return tuple(Row(m.label, m.name, m.table_sets) for m in methods.REGISTRY.values())
+    return tuple(Row(m.label, m.name, m.table_sets) for m in methods.REGISTRY.values()
+                 if m.in_table)
 
 
 # Table 2, the paper's ablation of PSC and NSD: VL2Lite and PAND rows of Table 1 between them.
@@ -85,8 +87,9 @@ class Run:
     name: str            # for messages: "psc" or "resnet18 seed 0 pand-lambda0.5"
     argv: tuple[str, ...]
     workdir: pathlib.Path
-    needs_psc: bool      # reads the anchors Stage-PSC writes
+    requires: tuple[str, ...]  # the runs whose output it reads (Stage-PSC's anchors, an IT)
     builds_cache: bool   # the first run of its seed that reads the teacher cache: it builds it
+    prerequisite: bool = False  # other runs read its output: it is in the first wave
 
 
 def variant(row: Row) -> str:
@@ -107,7 +110,7 @@ def distinct_runs(lambdas=SWEEP_LAMBDAS) -> list[Row]:
     unique = {}
     for row in rows(lambdas):
         unique.setdefault(variant(row), row)
-    return sorted(unique.values(), key=lambda r: methods.get(r.method).teacher is None)
+    return sorted(unique.values(), key=lambda r: not methods.get(r.method).reads_clip)
 
 
 def set_args(sets: list[str]) -> list[str]:
@@ -125,35 +128,53 @@ def plan(*, dataset: str, students: list[str], seeds: int, out: pathlib.Path,
     psc_dir = out / "psc"
     psc_argv = ["--stage", "psc", *common, "--workdir", str(psc_dir)]
     psc_argv += (["--epochs", str(psc_epochs)] if psc_epochs else []) + set_args(list(psc_sets))
-    runs = [Run("psc", tuple(psc_argv), psc_dir, needs_psc=False, builds_cache=False)]
-    builders, rest = [], []
+    runs = [Run("psc", tuple(psc_argv), psc_dir, requires=(), builds_cache=False,
+                prerequisite=True)]
+    builders, its, rest = [], [], []
+
+    def stage_run(name, method, stage_argv, workdir, seed, first=False, requires=()):
+        """A Stage-NSD (or --stage it) run of `method`: its anchors, teacher cache and seed."""
+        learned = method.wants_learned_anchors("--no-psc" in stage_argv)
+        argv = [*stage_argv, *common]
+        argv += ["--anchors", str(psc_dir / "anchors.npz")] if learned else []
+        if method.reads_clip:
+            argv += ["--teacher-cache", str(teacher_cache),
+                     "--set", f"teacher_cache_dir={out / 'teacher_cache' / f'seed{seed}'}"]
+        argv += (["--epochs", str(epochs)] if epochs else [])
+        argv += ["--set", f"seed={seed}", "--set", f"host_cache_dir={out / 'host_cache'}",
+                 "--workdir", str(workdir)]
+        argv += set_args(list(nsd_sets))
+        return Run(name, tuple(argv), workdir, requires=("psc",) * learned + requires,
+                   builds_cache=first, prerequisite=first)
+
+    wants_it = any(methods.get(r.method).teacher == methods.INTERMEDIATE
+                   for r in distinct_runs(lambdas))
     for seed in range(seeds):
-        cache_dir = out / "teacher_cache" / f"seed{seed}"
+        it_dir = out / "it" / f"seed{seed}"
+        if wants_it:  # one IT per seed (its architecture is configs' it_student), every student's
+            its.append(dataclasses.replace(stage_run(
+                f"it seed {seed}", methods.get(methods.IT_METHOD), ["--stage", "it"], it_dir,
+                seed), prerequisite=True))
         for student in students:
             for row in distinct_runs(lambdas):
                 method, name = methods.get(row.method), variant(row)
-                learned = method.wants_learned_anchors(row.values().get("no_psc", False))
-                workdir = out / "nsd" / student / f"seed{seed}" / name
-                argv = ["--stage", "nsd", *common, "--student", student, *row_argv(row)]
-                argv += ["--anchors", str(psc_dir / "anchors.npz")] if learned else []
-                if method.teacher is not None:
-                    argv += ["--teacher-cache", str(teacher_cache),
-                             "--set", f"teacher_cache_dir={cache_dir}"]
-                argv += (["--epochs", str(epochs)] if epochs else [])
-                argv += ["--set", f"seed={seed}", "--set", f"host_cache_dir={out / 'host_cache'}",
-                         "--workdir", str(workdir)]
-                argv += set_args(list(nsd_sets))
-                first = method.teacher is not None and teacher_cache > 0 and len(builders) == seed
-                run = Run(f"{student} seed {seed} {name}", tuple(argv), workdir,
-                          needs_psc=learned, builds_cache=first)
+                argv = ["--stage", "nsd", "--student", student, *row_argv(row)]
+                requires = ()
+                if method.teacher == methods.INTERMEDIATE:
+                    argv += ["--intermediate-teacher", str(it_dir)]
+                    requires = (f"it seed {seed}",)
+                first = method.reads_clip and teacher_cache > 0 and len(builders) == seed
+                run = stage_run(f"{student} seed {seed} {name}", method, argv,
+                                out / "nsd" / student / f"seed{seed}" / name, seed, first,
+                                requires)
                 (builders if first else rest).append(run)
-    return runs + builders + rest
+    return runs + builders + its + rest
 
 
 def first_wave(runs: list[Run]) -> int:
-    """How many leading runs the others depend on (Stage-PSC and one cache builder per seed);
-    the runs after them are independent of each other."""
-    return 1 + sum(r.builds_cache for r in runs)
+    """How many leading runs the others depend on (Stage-PSC, one cache builder per seed, and
+    DAIT's intermediate teachers); the runs after them are independent of each other."""
+    return sum(r.prerequisite for r in runs)
 
 
 def is_finished(workdir: pathlib.Path, cfg: dict) -> bool:

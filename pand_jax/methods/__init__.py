@@ -3,19 +3,21 @@ equation), the heads it adds to the student, the teacher signal it reads, where 
 from, whether it reads labels, and its config sections. docs/methods.md says how to add one.
 
     method = methods.get("pand")
-    objective = functools.partial(method.objective, **method.settings(cfg["loss"], epochs, learned))
+    objective = functools.partial(method.objective, **method.settings(cfg["loss"], epochs, learned, cfg["dataset"]))
 """
 from __future__ import annotations
 
 from typing import Any
 
-from pand_jax.methods import baselines, pand, vl2lite
-from pand_jax.methods.base import Inputs, Method, Rule
+from pand_jax.methods import baselines, dait, fdbpl, pand, promptkd, vl2lite
+from pand_jax.methods.base import INTERMEDIATE, Inputs, Method, Rule
 
-# In the paper's Table 1 order: reproduce.py's rows follow it.
+# In the paper's Table 1 order, then the other systems: reproduce.py's rows follow it.
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    baselines.NONE, baselines.KD, baselines.RKD, vl2lite.VL2LITE, pand.PAND)}
+    baselines.NONE, baselines.KD, baselines.RKD, vl2lite.VL2LITE, pand.PAND, promptkd.PROMPTKD,
+    fdbpl.FDBPL, dait.DAIT, dait.DAIT_IT)}
 NAMES = tuple(REGISTRY)
+IT_METHOD = dait.DAIT_IT.name  # `train.py --stage it`: DAIT's first stage
 
 
 def get(name: str) -> Method:
@@ -26,7 +28,26 @@ def get(name: str) -> Method:
 
 def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
     """The first rule of the config's method that the config breaks (`config.Facts`)."""
-    return get(cfg["method"]).rule(cfg, num_classes)
+    method = get(cfg["method"])
+    if cfg["unlabeled_data"] and method.reads_labels:
+        label_free = [m.name for m in REGISTRY.values() if not m.reads_labels]
+        return ("unlabeled_data", cfg["unlabeled_data"],
+                f"null with --method {method.name}, which trains on labels (images without "
+                f"labels need a method that reads none: {', '.join(label_free)})")
+    kind = cfg["soft_labels"]
+    if kind != "embedding":
+        if not cfg["teacher_cache"] or cfg["teacher_cache_online"]:
+            return ("soft_labels", kind, "embedding without --teacher-cache V: sparse soft "
+                    "labels are stored in the teacher cache")
+        if method.teacher_distribution is None:
+            readers = [m.name for m in REGISTRY.values() if m.teacher_distribution]
+            return ("soft_labels", kind, f"embedding with --method {method.name}, which reads the "
+                    f"teacher's embedding (sparse labels serve {', '.join(readers)})")
+        k = 1 if kind == "hard" else cfg["soft_labels_k"]
+        if k >= num_classes:
+            return ("soft_labels_k", k, f"< the {num_classes} classes (the classes outside the "
+                    "top-K share the rest of the probability)")
+    return method.rule(cfg, num_classes)
 
 
-__all__ = ["Inputs", "Method", "NAMES", "REGISTRY", "get", "rule"]
+__all__ = ["INTERMEDIATE", "IT_METHOD", "Inputs", "Method", "NAMES", "REGISTRY", "get", "rule"]

@@ -8,9 +8,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 from flax import nnx
 
-# What a method reads of the frozen teacher: its image embedding t, or only its class logits
-# z_t = s t T^T over the anchors (which a future cache of class probabilities can also serve).
+# What a method reads of the frozen CLIP teacher: its image embedding t, or only its class
+# logits z_t = s t T^T over the anchors (which a sparse teacher cache can also serve); or, in
+# place of the CLIP, a trained intermediate teacher's map and logits (DAIT's second stage).
 TEACHER_SIGNALS = ("embedding", "logits")
+INTERMEDIATE = "intermediate"
 # Where a method's text anchors T come from: hand-written prompt templates unless --anchors
 # names a file, or Stage-PSC's learned prompts (template ones only with --no-psc).
 ANCHOR_KINDS = ("template", "learned")
@@ -28,6 +30,12 @@ class Inputs(NamedTuple):
     anchors: jax.Array | None          # T, text anchors [C, D]
     heads: dict[str, Callable]         # the method's trainable heads, by name
     epoch: jax.Array | int             # 0-based epoch e (loss-weight schedules read it)
+    # q [B, C]: the teacher's class distribution looked up in a sparse teacher cache (then
+    # `teacher` is None); None: the method computes it from `teacher` and `anchors`.
+    teacher_probs: jax.Array | None = None
+    feature_map: jax.Array | None = None  # the student's last map [B, h, w, d], unpooled
+    # (map [B, h', w', d'], logits [B, C]) of the frozen intermediate teacher (DAIT)
+    intermediate: tuple[jax.Array, jax.Array] | None = None
 
 
 def no_heads(student_dim: int, teacher_dim: int, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
@@ -45,24 +53,44 @@ class Method:
     name: str                 # --method NAME
     label: str                # its row in reproduce's tables
     objective: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # (Inputs, **settings)
-    # (configs/nsd.json's `loss` dict, epochs of the run, learned anchors?) -> objective kwargs
-    settings: Callable[[dict[str, Any], int, bool], dict[str, Any]]
+    # (configs/nsd.json's `loss` dict, epochs of the run, learned anchors?, dataset key) ->
+    # objective kwargs
+    settings: Callable[[dict[str, Any], int, bool, str], dict[str, Any]]
     sections: tuple[str, ...]  # the `loss` sections it reads (`loss.scale` is shared)
-    teacher: str | None        # one of TEACHER_SIGNALS, or None: no teacher at all
+    teacher: str | None        # one of TEACHER_SIGNALS, INTERMEDIATE, or None: no teacher
     anchors: str | None        # one of ANCHOR_KINDS, or None: no text anchors
     reads_labels: bool
     heads: Callable[[int, int, nnx.Rngs], dict[str, nnx.Module]] = no_heads
+    # None: the student classifies with its own linear head. Otherwise the student classifies
+    # by the anchors (PromptKD): z_s = s L2norm(P(h)) T_hat^T with a trained projector P, and
+    # this gives s from the `loss` config. The frozen s T_hat is part of the exported student.
+    anchor_head: Callable[[dict[str, Any]], float] | None = None
+    # For a method that reads only the teacher's class distribution softmax(s t_hat T_hat^T / T):
+    # (s, T) from the `loss` config. A sparse teacher cache (FKD's soft labels) stores that
+    # distribution, so such a method, and only such a method, can train from one.
+    teacher_distribution: Callable[[dict[str, Any]], tuple[float, float]] | None = None
     # Rules between config keys that only this method has (run by `config.validate`).
     rule: Callable[[dict[str, Any], int], Rule | None] = no_rule
     # The config values its row of reproduce's Table 1 pins, as (dotted key, value); None is
     # configs/nsd.json's value, named so that other rows at that value are the same run.
     table_sets: tuple[tuple[str, Any], ...] = ()
+    in_table: bool = True      # False: a stage of another method (DAIT's intermediate teacher)
 
     def __post_init__(self):
-        if self.teacher not in (None, *TEACHER_SIGNALS):
-            raise ValueError(f"{self.name}: teacher must be None or one of {TEACHER_SIGNALS}")
+        if self.teacher not in (None, *TEACHER_SIGNALS, INTERMEDIATE):
+            raise ValueError(f"{self.name}: teacher must be None, {INTERMEDIATE!r} or one of "
+                             f"{TEACHER_SIGNALS}")
         if self.anchors not in (None, *ANCHOR_KINDS):
             raise ValueError(f"{self.name}: anchors must be None or one of {ANCHOR_KINDS}")
+        if self.teacher_distribution and self.teacher != "logits":
+            raise ValueError(f"{self.name}: a teacher distribution is read from its logits")
+        if self.anchor_head and self.anchors is None:
+            raise ValueError(f"{self.name}: a student that classifies by the anchors needs them")
+
+    @property
+    def reads_clip(self) -> bool:
+        """Whether the run loads and runs (or reads the cache of) the CLIP teacher."""
+        return self.teacher in TEACHER_SIGNALS
 
     def wants_learned_anchors(self, no_psc: bool) -> bool:
         """Whether a run reads Stage-PSC's anchors.npz (--no-psc asks for templates)."""

@@ -27,9 +27,9 @@ def pand_objective(x: Inputs, *, num_epochs, tau, scale, cls_offset, reduction, 
     return total, terms
 
 
-def settings(loss, num_epochs: int, learned: bool) -> dict:
+def settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
     p = loss["pand"]
-    return dict(vl2lite.settings(loss, num_epochs, learned), lambda_nsd=p["lambda_nsd"],
+    return dict(vl2lite.settings(loss, num_epochs, learned, dataset), lambda_nsd=p["lambda_nsd"],
                 nsd_form=p["nsd_form"], k=p["nsd_k"], group_size=p["nsd_group_size"])
 
 

@@ -53,7 +53,7 @@ def vl2lite_objective(x: Inputs, *, num_epochs, tau, scale, cls_offset, reductio
     return total, {"cls": cls, "vis": vis, "txt": txt, "w_cls": w_cls}
 
 
-def settings(loss, num_epochs: int, learned: bool) -> dict:
+def settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
     v = loss["vl2lite"]
     reduction = v["txt_reduction"]
     if reduction == "auto":

@@ -52,7 +52,8 @@ class InvertedResidual(nnx.Module):
 
 
 class MobileNetV2(nnx.Module):
-    """Backbone up to the global average pool; `__call__` returns [B, 1280] fp32 features."""
+    """Backbone up to the global average pool; `__call__` returns [B, 1280] fp32 features,
+    `feature_map` the last [B, H/32, W/32, 1280] map before the pool."""
 
     num_features = LAST_CHANNELS
 
@@ -67,5 +68,8 @@ class MobileNetV2(nnx.Module):
         layers.append(conv_bn_relu6(in_ch, LAST_CHANNELS, 1, dtype=dtype, rngs=rngs))
         self.features = Sequential(layers)
 
+    def feature_map(self, x: jax.Array) -> jax.Array:
+        return self.features(x.astype(self.dtype))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        return global_avg_pool(self.features(x.astype(self.dtype)))
+        return global_avg_pool(self.feature_map(x))

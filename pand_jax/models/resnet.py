@@ -37,7 +37,8 @@ RESNET18_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
 
 
 class ResNet18(nnx.Module):
-    """Backbone up to the global average pool; `__call__` returns [B, 512] fp32 features."""
+    """Backbone up to the global average pool; `__call__` returns [B, 512] fp32 features,
+    `feature_map` the last stage's [B, H/32, W/32, 512] map before the pool."""
 
     num_features = 512
 
@@ -52,10 +53,13 @@ class ResNet18(nnx.Module):
             setattr(self, f"layer{i}", Sequential(blocks))
             in_ch = ch
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def feature_map(self, x: jax.Array) -> jax.Array:
         x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype))))
         # PyTorch's MaxPool2d(3, 2, padding=1): the padding never wins (-inf).
         x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
-        return global_avg_pool(x)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return global_avg_pool(self.feature_map(x))

@@ -1,7 +1,7 @@
 """`python train.py --demo`: the whole PAND pipeline offline in a few minutes on a CPU.
 
-A small ConvNeXt CLIP (real BPE tokenizer and vocabulary, tiny towers) is first taught the
-`digits` dataset with captions that differ from the prompt template, so that it knows
+A small ConvNeXt CLIP (or with `--demo-teacher vit` a small ViT CLIP; real BPE tokenizer and
+vocabulary, tiny towers) is first taught the `digits` dataset with captions that differ from the prompt template, so that it knows
 something but its zero-shot prompt is not perfect; then Stage-PSC learns prompts on it and
 Stage-NSD distils it into a ResNet-18 trained from scratch. Settings: configs/demo.json.
 """
@@ -20,11 +20,22 @@ from pand_jax import config as config_lib
 from pand_jax import losses, prompts
 from pand_jax import data as data_lib
 from pand_jax.data import augment, datasets
-from pand_jax.models.clip import CLIP, CLIPConfig, save_clip
+from pand_jax.models.clip import CLIP, DEFAULT_FAMILY, CLIPConfig, save_clip
 from pand_jax.progress import progress_bar
 
-DEMO_TEACHER_ID = "pand-demo-clip:digits"
 demo_config = config_lib.demo_config
+
+
+def teacher_section(d: dict, family: str) -> dict:
+    """The demo config's teacher section, with `teacher_variants[family]`'s keys replacing its
+    own (the ConvNeXt teacher is the section as it stands)."""
+    return {**d["teacher"], **(d["teacher_variants"][family] if family != DEFAULT_FAMILY else {})}
+
+
+def teacher_dir(workdir: pathlib.Path, family: str) -> pathlib.Path:
+    """Where the demo keeps its trained teacher: one folder per family, so that switching
+    --demo-teacher never reuses the other family's teacher."""
+    return workdir / ("teacher" if family == DEFAULT_FAMILY else f"teacher_{family}")
 
 
 def teacher_config(t: dict) -> CLIPConfig:
@@ -74,7 +85,10 @@ def train_teacher(t: dict, out: pathlib.Path) -> float:
                                        rng.integers(len(captions)))
         bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     clip = nnx.merge(graphdef, params)
-    save_clip(out, clip, teacher_id=DEMO_TEACHER_ID, model="pand_demo", pretrained="digits")
+    # The family is in the id, which keys the feature and teacher caches.
+    family = "" if clip.config.family == DEFAULT_FAMILY else f"-{clip.config.family}"
+    save_clip(out, clip, teacher_id=f"pand-demo-clip{family}:digits", model=f"pand_demo{family}",
+              pretrained="digits")
     test_images, test_labels = _split_arrays(info.test_split)
     anchors = prompts.template_anchors(clip, info.class_names, info.prompt_template)
     img = np.asarray(losses.l2_normalize(clip.encode_image(augment.normalize(test_images))))

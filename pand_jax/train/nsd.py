@@ -20,9 +20,10 @@ import optax
 from flax import nnx
 
 from pand_jax import anchors as anchors_lib
-from pand_jax import devices, methods, prompts
+from pand_jax import devices, methods, prompts, soft_labels
 from pand_jax.data import augment, pipeline
 from pand_jax.models import student as student_lib
+from pand_jax.models.layers import global_avg_pool
 from pand_jax.train import loop, setup, teacher_cache
 
 
@@ -68,35 +69,56 @@ def text_anchors(method: methods.Method, anchors_path: str | None, no_psc: bool,
 
 
 def build_model(method: methods.Method, student: str, weights: str | None, seed: int,
-                num_classes: int, teacher_dim: int, dtype) -> student_lib.Distillee:
+                num_classes: int, teacher_dim: int, dtype, classes=None) -> student_lib.Distillee:
     """The student (converted ImageNet backbone from `weights`, or from scratch when None)
-    and the method's heads, in train mode."""
+    and the method's heads, in train mode. `classes` = (anchors [C, D], scale s) gives the
+    student an anchor head (`method.anchor_head`) classifying by s L2norm(P(h)) T_hat^T."""
     rngs = nnx.Rngs(seed)
+    head_dim = None if classes is None else classes[0].shape[1]
     if weights:
         model = student_lib.student_from_pretrained(
-            weights.format(student=student), num_classes, rngs=rngs, dtype=dtype)
+            weights.format(student=student), num_classes, rngs=rngs, head_dim=head_dim,
+            dtype=dtype)
     else:  # from scratch (the offline demo)
-        model = student_lib.Student(student, num_classes, dtype=dtype, rngs=rngs)
+        model = student_lib.Student(student, num_classes, head_dim=head_dim, dtype=dtype,
+                                    rngs=rngs)
+    if classes is not None:
+        model.classifier.set_classes(*classes)
     distillee = student_lib.Distillee(model, method.heads(model.num_features, teacher_dim, rngs))
     distillee.train()
     return distillee
 
 
 def make_loss(method: methods.Method, loss_cfg: dict[str, Any], learned_anchors: bool,
-              num_epochs: int):
-    """loss(model, images_student, labels, t, anchors, epoch) -> (total, terms): the student
-    forward, then the method's objective with its settings from the `loss` config."""
-    objective = functools.partial(method.objective,
-                                  **method.settings(loss_cfg, num_epochs, learned_anchors))
+              num_epochs: int, dataset: str):
+    """loss(model, images_student, labels, t, anchors, epoch, q, intermediate) -> (total,
+    terms): the student forward, then the method's objective with its settings from the `loss`
+    config. `labels` is None for a method that reads none (the batches then carry none); `q` is
+    the teacher's class distribution from a sparse teacher cache (then `t` is None);
+    `intermediate` DAIT's frozen intermediate teacher's (map, logits)."""
+    objective = functools.partial(
+        method.objective, **method.settings(loss_cfg, num_epochs, learned_anchors, dataset))
 
-    def loss(model, images, labels, t, anchors, epoch):
-        features = model.student.features(images)
+    def loss(model, images, labels, t, anchors, epoch, q=None, intermediate=None):
+        feature_map = model.student.feature_map(images)
+        features = global_avg_pool(feature_map)
         return objective(methods.Inputs(
             logits=model.student.classifier(features), features=features,
             labels=labels if method.reads_labels else None, teacher=t, anchors=anchors,
-            heads=model.heads, epoch=epoch))
+            heads=model.heads, epoch=epoch, teacher_probs=q, feature_map=feature_map,
+            intermediate=intermediate))
 
     return loss
+
+
+def sparse_labels(cfg: dict[str, Any], method: methods.Method, anchors):
+    """What a sparse teacher cache stores (`--soft-labels`): the top-K of the method's teacher
+    distribution softmax(s t_hat T_hat^T / T) over the run's anchors; None for embeddings."""
+    kind = cfg["soft_labels"]
+    if kind == "embedding":
+        return None
+    return soft_labels.SoftLabels(kind, 1 if kind == "hard" else cfg["soft_labels_k"],
+                                  np.asarray(anchors), *method.teacher_distribution(cfg["loss"]))
 
 
 def init_state(model: student_lib.Distillee, tx) -> tuple[Any, dict]:
@@ -106,12 +128,15 @@ def init_state(model: student_lib.Distillee, tx) -> tuple[Any, dict]:
                       "step": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
-    """The jitted Stage-NSD step `(state, (teacher_state, anchors), batch, epoch) ->
-    (state, metrics)`, donating `state`.
+def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None, it_graphdef=None):
+    """The jitted Stage-NSD step `(state, (teacher_state, anchors[, it_state]), batch, epoch)
+    -> (state, metrics)`, donating `state`. With `it_graphdef` the frozen intermediate teacher
+    (DAIT) runs on the student's view too.
 
     What the step does follows the batch's structure (static under jit): with
-    batch["teacher"] the teacher's embeddings come from the cache; otherwise the teacher runs
+    batch["teacher"] the teacher's embeddings come from the cache, with batch["teacher_index"]
+    and ["teacher_value"] its sparse soft labels (`soft_labels.reconstruct` of
+    cfg["soft_labels"]'s kind); otherwise the teacher runs
     online when `t_graphdef` is given (no teacher at all for a method that reads none). With
     batch["view"] each example uses that augmented view, otherwise a fresh one per epoch.
     """
@@ -122,8 +147,18 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
         view = batch.get("view", epoch)
         images = augment.augment(batch["image"], augment.example_keys(seed, batch["index"], view),
                                  recipe, size)
-        t_state, anchors = frozen
-        if "teacher" in batch:
+        t_state, anchors, *it_state = frozen
+        q = intermediate = None
+        if it_graphdef is not None:
+            it = nnx.merge(it_graphdef, it_state[0], copy=True)
+            it_map = it.feature_map(images)
+            intermediate = jax.lax.stop_gradient(
+                (it_map.astype(jnp.float32), it.classifier(global_avg_pool(it_map))))
+        if "teacher_index" in batch:
+            t = None
+            q = soft_labels.reconstruct(batch["teacher_index"], batch["teacher_value"],
+                                        cfg["soft_labels"], anchors.shape[0])
+        elif "teacher" in batch:
             t = batch["teacher"].astype(jnp.float32)
         elif t_graphdef is not None:
             teacher = nnx.merge(t_graphdef, t_state, copy=True)
@@ -133,7 +168,8 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
 
         def objective(params):
             model = nnx.merge(graphdef, params, state["rest"], copy=True)
-            total, parts = loss_fn(model, images, batch["label"], t, anchors, epoch)
+            total, parts = loss_fn(model, images, batch.get("label"), t, anchors, epoch, q,
+                                   intermediate)
             return total, (parts, nnx.split(model, nnx.Param, ...)[2])
 
         (total, (parts, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
@@ -149,31 +185,40 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None):
 
 def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
     """Trains (or resumes) the run; `info` is its dataset as the CLI resolved it."""
-    info, skipped = setup.open_dataset(info, cfg)
+    unlabeled, skipped_unlabeled = setup.open_unlabeled(cfg)
+    n_unlabeled = len(unlabeled.paths) - len(skipped_unlabeled) if unlabeled else 0
+    info, skipped = setup.open_dataset(info, cfg, n_unlabeled)
     method = methods.get(cfg["method"])
     mesh = devices.make_mesh()
     batch, views = cfg["batch_size"], cfg["teacher_cache"]
     dtype = devices.compute_dtype(cfg["dtype"])
-    needs_teacher = method.teacher is not None
+    needs_teacher = method.reads_clip
     cached = needs_teacher and views > 0 and not cfg["teacher_cache_online"]
 
     clip, teacher_id = setup.load_teacher(cfg["teacher"], dtype) if needs_teacher else (None, None)
+    if clip is not None:  # the teacher sees the student's view (a ViT takes its own size only)
+        clip.check_image_size(cfg["image_size"], "image_size")
+    it = (setup.load_intermediate(cfg["intermediate_teacher"], info, dtype)
+          if method.teacher == methods.INTERMEDIATE else None)
     anchors, learned = text_anchors(method, cfg["anchors"], cfg["no_psc"], info, clip, teacher_id)
-    teacher_dim = clip.config.embed_dim if clip is not None else 1
+    teacher_dim = (clip.config.embed_dim if clip is not None else
+                   it.num_features if it is not None else 1)
+    classes = (anchors, method.anchor_head(cfg["loss"])) if method.anchor_head else None
     model = build_model(method, cfg["student"], cfg["student_weights"], cfg["seed"],
-                        info.num_classes, teacher_dim, dtype)
+                        info.num_classes, teacher_dim, dtype, classes)
 
     train_split = setup.train_split(info, cfg)
-    train_source = setup.load_split(info, train_split, cfg)
+    train_source = setup.train_source(info, train_split, cfg, unlabeled)
     train_loader = pipeline.Loader(train_source, global_batch_size=batch,
                                    image_size=cfg["host_image_size"], resize="stretch",
                                    train=True, seed=cfg["seed"],
                                    cache_dir=setup.host_cache_dir(cfg, workdir))
     spe = setup.steps_per_epoch(train_loader.steps_per_epoch, cfg)
     tx, schedule = optimizer(cfg, spe)
-    loss_fn = make_loss(method, cfg["loss"], learned, cfg["epochs"])
+    loss_fn = make_loss(method, cfg["loss"], learned, cfg["epochs"], info.key)
     size, recipe, seed = cfg["image_size"], cfg["augment"], cfg["seed"]
-    setup.claim_workdir(workdir, cfg, info, skipped)  # every check has passed
+    # Every check has passed.
+    setup.claim_workdir(workdir, cfg, info, skipped + skipped_unlabeled, unlabeled)
 
     cache = None
     if cached:
@@ -184,7 +229,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
             key=dict(teacher=teacher_id, dataset=info.key, split=train_split,
                      data_dir=str(cfg["data_dir"])),
             path=pathlib.Path(cfg["teacher_cache_dir"] or workdir / "teacher_cache"),
-            compute_dtype=dtype, dtype=cfg["teacher_cache_dtype"])
+            compute_dtype=dtype, dtype=cfg["teacher_cache_dtype"],
+            soft_labels=sparse_labels(cfg, method, anchors))
     # What the method cost in teacher forward passes: the cache's views (however many runs
     # share it), or one per image of every step online.
     teacher_forwards = (0 if not needs_teacher else len(train_source) * views if cached
@@ -194,18 +240,22 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
     state = devices.replicate(mesh, state)
     online = needs_teacher and not cached
     t_graphdef, t_state = nnx.split(clip) if online else (None, None)
-    frozen = devices.replicate(mesh, (t_state, None if anchors is None else jnp.asarray(anchors)))
-    train_step = make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
+    it_graphdef, it_state = nnx.split(it) if it is not None else (None, None)
+    frozen = (t_state, None if anchors is None else jnp.asarray(anchors))
+    frozen = devices.replicate(mesh, frozen + ((it_state,) if it is not None else ()))
+    train_step = make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef, it_graphdef)
 
     def batches(epoch, start):
         if views:
             epoch_views = teacher_cache.views_for_epoch(seed, epoch, len(train_source), views)
         for b in itertools.islice(train_loader.epoch(epoch, start), spe - start):
-            b = {k: b[k] for k in ("image", "label", "index")}
+            # A method that reads no labels gets batches without them: nothing can read them.
+            b = {k: b[k] for k in ("image", "label", "index")
+                 if k != "label" or method.reads_labels}
             if views:
                 b["view"] = epoch_views[b["index"]]
             if cached:
-                b["teacher"] = np.asarray(cache[b["index"], b["view"]])
+                b.update(cache.lookup(b["index"], b["view"]))
             yield devices.to_global(mesh, b)
 
     eval_size = cfg["image_size"]
@@ -241,9 +291,11 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
                                    "student": cfg["student"], "teacher": teacher_id,
                                    "compute_dtype": np.dtype(dtype).name,
                                    "train_split": train_split,
+                                   "train_examples": len(train_source),
+                                   "unlabeled_examples": n_unlabeled,
                                    "learned_anchors": learned, "no_psc": cfg["no_psc"],
                                    "loss": {k: cfg["loss"][k] for k in method.sections},
                                    "teacher_cache_views": views,
                                    "teacher_mode": "cached" if cached else
-                                   "online" if needs_teacher else None,
+                                   "online" if needs_teacher else method.teacher,
                                    "teacher_forwards": teacher_forwards})

@@ -1,10 +1,12 @@
 """Stage-PSC: CoOp prompt learning on the frozen teacher, giving calibrated text anchors.
 
-Teacher image features are computed once per split (eval transform, 256 center crop,
-L2-normalised) and cached in the workdir; only the 16 context vectors are trained (optax SGD,
-cosine); the text tower runs on prompts cut after the longest EOT. The anchors of the epoch
-with the best selection score (the dataset's val split where it has one, else test, as in the
-released code) are exported to `anchors.npz`, which Stage-NSD reads with `--anchors`.
+Teacher image features are computed once per split (eval transform, center crop of
+`feature_image_size`: 256 for the paper's ConvNeXt, a ViT's own size for a ViT; L2-normalised)
+and cached in the workdir; only the 16 context vectors are trained (optax SGD, cosine), with
+the teacher's own logit scale; the text tower runs on prompts cut after the longest EOT. The
+anchors of the epoch with the best selection score (the dataset's val split where it has one,
+else test, as in the released code) are exported to `anchors.npz`, which Stage-NSD reads with
+`--anchors`.
 """
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
     mesh = devices.make_mesh()
     dtype = devices.compute_dtype(cfg["dtype"])
     clip, teacher_id = setup.load_teacher(cfg["teacher"], dtype)
+    clip.check_image_size(cfg["feature_image_size"], "feature_image_size")
     train_split = setup.train_split(info, cfg)
     n_train, batch = len(setup.load_split(info, train_split, cfg)), cfg["batch_size"]
     steps_per_epoch = setup.steps_per_epoch(n_train // batch, cfg)
@@ -100,8 +103,9 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
     setup.claim_workdir(workdir, cfg, info, skipped)
     native = clip.config.vision.image_size
     if cfg["feature_image_size"] != native and jax.process_index() == 0:
-        # The paper's 256 px is the full-size teacher's own; a smaller teacher keeps it unless
-        # told otherwise, so that a config means the same run whatever teacher it names.
+        # The paper's 256 px is the full-size teacher's own; a smaller ConvNeXt keeps it unless
+        # told otherwise, so that a config means the same run whatever teacher it names (a ViT
+        # takes its own size only: check_image_size above refused any other).
         print(f"note: the teacher {teacher_id} was trained at {native} px; its features are "
               f"computed at feature_image_size={cfg['feature_image_size']} px (--set "
               f"feature_image_size={native} to follow the teacher)", flush=True)

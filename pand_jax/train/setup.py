@@ -37,9 +37,11 @@ def check_workdir(workdir: pathlib.Path, cfg: dict[str, Any], allow_change: bool
 _HELD: dict[pathlib.Path, Any] = {}  # workdir -> its open, locked lock file
 
 
-def claim_workdir(workdir: pathlib.Path, cfg: dict[str, Any], info, skipped) -> None:
+def claim_workdir(workdir: pathlib.Path, cfg: dict[str, Any], info, skipped,
+                  unlabeled: folder.Unlabeled | None = None) -> None:
     """Once every check of the run has passed: the workdir is created, locked for this run, and
-    given its config.json (and an image folder's record of labels and left-out images).
+    given its config.json (and an image folder's record of labels, and the images left out of
+    it and of the unlabelled images).
 
     The lock is an flock on WORKDIR/.lock: the OS drops it when the process ends however it
     ends (kill -9 leaves no stale lock), and a second run on the workdir is refused in one line
@@ -65,7 +67,10 @@ def claim_workdir(workdir: pathlib.Path, cfg: dict[str, Any], info, skipped) -> 
         _HELD[key] = lock
     config_lib.write_config(workdir, cfg)
     if info.tree is not None:
-        folder.write_record(info.tree, workdir, skipped)
+        folder.write_record(info.tree, workdir)
+    roots = [x.root for x in (info.tree, unlabeled) if x is not None]
+    if roots:
+        folder.write_skipped(workdir, skipped, " and ".join(roots))
 
 
 def release_workdir(workdir: pathlib.Path) -> None:
@@ -74,17 +79,40 @@ def release_workdir(workdir: pathlib.Path) -> None:
         lock.close()
 
 
-def open_dataset(info, cfg: dict[str, Any]):
+def open_dataset(info, cfg: dict[str, Any], unlabeled: int = 0):
     """(the run's dataset with the config's prompt template, the (path, reason) of the images
     left out). `info` was resolved once by the caller; an image folder is checked here (layout,
-    every image, one full training batch). Nothing is written: `claim_workdir` records it."""
+    every image, one full training batch with `unlabeled` readable unlabelled images). Nothing
+    is written: `claim_workdir` records it."""
     if cfg["prompt_template"]:
         info = dataclasses.replace(info, prompt_template=cfg["prompt_template"])
     skipped = []
     if info.tree is not None:
         skipped = sources.check_folder(info, cfg["data_dir"], cfg["skip_bad_images"],
-                                       train_split(info, cfg), cfg["batch_size"])
+                                       train_split(info, cfg), cfg["batch_size"], unlabeled)
     return info, skipped
+
+
+def open_unlabeled(cfg: dict[str, Any]):
+    """(`--unlabeled-data`'s images or None, the (path, reason) of those left out), every image
+    decoded once; unreadable ones are refused unless --skip-bad-images."""
+    if not cfg["unlabeled_data"]:
+        return None, []
+    unlabeled = folder.unlabeled_images(cfg["unlabeled_data"])
+    return unlabeled, folder.check_unlabeled(unlabeled, cfg["skip_bad_images"])
+
+
+def train_source(info, split: str, cfg: dict[str, Any], unlabeled: folder.Unlabeled | None):
+    """The training split (absent from a label-free image folder), then the unlabelled images
+    (label -1)."""
+    parts = []
+    if info.tree is None or split in info.tree.files:
+        parts.append(load_split(info, split, cfg))
+    if unlabeled is not None:
+        parts.append(folder.UnlabeledSource(unlabeled, cfg["skip_bad_images"]))
+    if len(parts) == 1:
+        return parts[0]
+    return sources.ConcatSource(parts, "+".join(p.name for p in parts))
 
 
 def load_split(info, split: str, cfg: dict[str, Any]):
@@ -112,6 +140,28 @@ def load_teacher(path: str, dtype):
     teacher_id = meta.get("teacher_id") or ":".join(
         str(meta.get(k)) for k in ("model", "pretrained") if meta.get(k)) or str(path)
     return load_clip(path, dtype=dtype), teacher_id
+
+
+def load_intermediate(path: str, info, dtype):
+    """DAIT's frozen intermediate teacher: the student `train.py --stage it` exported (its
+    workdir or its student/ folder), in eval mode, for `info`'s classes in its label order."""
+    from pand_jax import weights
+    from pand_jax.models import student as student_lib
+
+    hint = f"Train it with: python train.py --stage it --dataset {info.key}"
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no intermediate teacher at {path}. {hint}")
+    exported = weights.existing(path / "student")  # in the IT's workdir
+    model_dir = exported if exported.exists() else path
+    meta = weights.read_meta(model_dir, student_lib.KIND, hint=hint)
+    trained_on = meta.get("dataset")
+    if meta["config"]["num_classes"] != info.num_classes or (
+            meta.get("class_names") and list(meta["class_names"]) != list(info.class_names)):
+        raise ValueError(f"the intermediate teacher at {path} predicts the "
+                         f"{meta['config']['num_classes']} classes of {trained_on!r}, not the "
+                         f"{info.num_classes} of {info.key!r}. {hint}")
+    return student_lib.load_student(model_dir, dtype, hint=hint)
 
 
 def process_slice(global_batch: int) -> tuple[int, int]:

@@ -1,20 +1,26 @@
-"""Stage-NSD teacher cache: the frozen teacher's image embeddings of V augmented views of every
-training example, computed once, so training runs at student speed.
+"""Stage-NSD teacher cache: what the frozen teacher says about V augmented views of every
+training example, computed once, so training runs at student speed. It holds either the
+teacher's image embeddings or, given `soft_labels`, FKD's sparse soft labels: the top-K
+indices and fp16 values of the teacher's class probabilities over the anchors
+(`pand_jax.soft_labels`).
 
 Augmentation is a pure function of (seed, example index, view) (`augment.example_keys`), so
-the trainer can regenerate on device exactly the view whose embedding it reads from here:
+the trainer can regenerate on device exactly the view whose teacher outputs it reads here:
 
-    cache = build(clip, source, views=V, ...)        # [N, V, D], memory-mapped
+    cache = build(clip, source, views=V, ...)        # memory-mapped [N, V, ...] arrays
     view = views_for_epoch(seed, epoch, N, V)[index]  # per example of a batch
-    teacher = cache[index, view]                      # host gather, bf16 -> fp32 on device
+    batch.update(cache.lookup(index, view))           # host gather: {"teacher": [B, D]}, or
+                                                      # {"teacher_index", "teacher_value": [B, K]}
 
 On disk under `path`: `embeddings.npy` ([N, V, D]; bfloat16 is stored as its uint16 bit
-pattern because .npy has no bfloat16, and read back as an `ml_dtypes.bfloat16` view, its
-blocks reserved before any row is written), `meta.json` (the key, its digest, the shape, the
-chunk size) and `checksums.txt` (a BLAKE2 digest per chunk of `batch_size` examples, appended
-after the chunk's rows are written). Every chunk is checked against its digest when the cache
-is opened: a cache made for another key is rebuilt, and the chunks a stopped build did not
-finish, or whose rows were damaged on disk since, are computed again, each with one message.
+pattern because .npy has no bfloat16, and read back as an `ml_dtypes.bfloat16` view), or
+`indices.npy` ([N, V, K], int16 while the classes fit, else int32) and `values.npy` ([N, V, K]
+float16), each with its blocks reserved before any row is written; `meta.json` (the key, its
+digest, the files' shapes and dtypes, the chunk size) and `checksums.txt` (a BLAKE2 digest per
+chunk of `batch_size` examples over the rows of every file, appended after the chunk's rows are
+written). Every chunk is checked against its digest when the cache is opened: a cache made for
+another key is rebuilt, and the chunks a stopped build did not finish, or whose rows were
+damaged on disk since, are computed again, each with one message.
 
 Multi-process runs: every process computes its slice of each global batch, process 0 writes,
 and all processes then read the same file, so `path` must be on a filesystem every process sees.
@@ -27,30 +33,79 @@ import inspect
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pand_jax import files
+from pand_jax import files, soft_labels as soft_labels_lib
 from pand_jax.config import write_json
 from pand_jax.data import augment, pipeline
 from pand_jax.devices import replicate, to_global
 from pand_jax.progress import progress_bar
 from pand_jax.train import features
 
-VERSION = 2  # of the layout and key; 2: the compute and storage dtypes, checksummed chunks
-EMBEDDINGS, META, CHECKSUMS = "embeddings.npy", "meta.json", "checksums.txt"
+VERSION = 3  # of the layout and key; 2: dtypes, checksummed chunks; 3: sparse soft labels
+EMBEDDINGS, INDICES, VALUES = "embeddings.npy", "indices.npy", "values.npy"
+META, CHECKSUMS = "meta.json", "checksums.txt"
 NO_CACHE = "no cache yet"
 # Storage dtype name -> (dtype the device casts to, dtype of the .npy on disk).
 DTYPES = {"bfloat16": (jnp.bfloat16, np.uint16), "float32": (jnp.float32, np.float32)}
 # Any edit to the augmentation code may change the views, so the cache key covers its source
 # (the one record of the augmentation's version: no number to forget to bump).
 AUGMENT_DIGEST = features.cache_key(source=inspect.getsource(augment))
+
+
+class _Field(NamedTuple):
+    """One stored array [N, V, width]: the batch key `Cache.lookup` gives it, its file, the
+    dtype the device writes and the trainer reads, and the one on disk (a same-size view)."""
+    name: str
+    file: str
+    dtype: Any
+    disk: Any
+    width: int
+
+
+def _fields(dtype: str, embed_dim: int, soft: soft_labels_lib.SoftLabels | None) -> tuple:
+    if soft is None:
+        device, disk = DTYPES[dtype]
+        return (_Field("teacher", EMBEDDINGS, device, disk, embed_dim),)
+    index = np.int16 if len(soft.anchors) <= np.iinfo(np.int16).max + 1 else np.int32
+    return (_Field("teacher_index", INDICES, index, index, soft.k),
+            _Field("teacher_value", VALUES, np.float16, np.float16, soft.k))
+
+
+class Cache:
+    """The cache as read back: one memory-mapped [N, V, ...] array per stored field."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def lookup(self, index, view) -> dict[str, np.ndarray]:
+        """The rows of examples `index` [B] at views `view` [B]: {"teacher": [B, D]} (the
+        embedding cache) or {"teacher_index": [B, K], "teacher_value": [B, K] float16}."""
+        return {name: np.asarray(a[index, view]) for name, a in self.arrays.items()}
+
+    # An embedding cache also reads as its [N, V, D] array, as it did before sparse labels.
+    @property
+    def embeddings(self) -> np.ndarray:
+        if "teacher" not in self.arrays:
+            raise TypeError("this teacher cache holds sparse soft labels, not embeddings: read "
+                            "it with lookup()")
+        return self.arrays["teacher"]
+
+    @property
+    def shape(self) -> tuple:
+        return self.embeddings.shape
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.embeddings[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.embeddings, dtype)
 
 
 def views_for_epoch(seed: int, epoch: int, num_examples: int, views: int) -> np.ndarray:
@@ -62,63 +117,81 @@ def views_for_epoch(seed: int, epoch: int, num_examples: int, views: int) -> np.
 
 
 def cache_key(key: dict[str, Any], source, *, views: int, seed: int, recipe: str,
-              host_image_size: int, image_size: int, compute_dtype, dtype: str) -> dict[str, Any]:
-    """Everything the cached embeddings depend on, in one place: the caller's `key` (teacher id,
+              host_image_size: int, image_size: int, compute_dtype, dtype: str,
+              soft_labels: soft_labels_lib.SoftLabels | None = None) -> dict[str, Any]:
+    """Everything the cached outputs depend on, in one place: the caller's `key` (teacher id,
     dataset, split, data_dir), the source's name (it follows an image folder's files and which
-    copy is read) and size, the view settings, the teacher's compute dtype and the storage
-    dtype, the augmentation code and this module's layout version."""
+    copy is read) and size, the view settings, the teacher's compute dtype, the storage dtype
+    (float16 for soft labels), the soft labels' kind, K, scale, temperature and anchors (by
+    digest), the augmentation code and this module's layout version."""
+    sparse = None
+    if soft_labels is not None:
+        anchors = np.ascontiguousarray(soft_labels.anchors, np.float32)
+        sparse = dict(kind=soft_labels.kind, k=soft_labels.k, scale=float(soft_labels.scale),
+                      temperature=float(soft_labels.temperature), anchors_shape=list(anchors.shape),
+                      anchors=hashlib.blake2b(anchors, digest_size=16).hexdigest())
     return dict(key, source=getattr(source, "name", None), num_examples=len(source), views=views,
                 seed=seed, recipe=recipe, host_image_size=host_image_size, image_size=image_size,
-                compute_dtype=jnp.dtype(compute_dtype).name, dtype=dtype, augment=AUGMENT_DIGEST,
-                version=VERSION)
+                compute_dtype=jnp.dtype(compute_dtype).name,
+                dtype=dtype if soft_labels is None else "float16", soft_labels=sparse,
+                augment=AUGMENT_DIGEST, version=VERSION)
 
 
 def build(clip, source, *, views: int, seed: int, recipe: str, host_image_size: int,
           image_size: int, batch_size: int, mesh, path: pathlib.Path, key: dict[str, Any],
-          compute_dtype, dtype: str) -> np.ndarray:
-    """The cache [N, V, D] of `clip.encode_image` (unnormalised) on view v of example i,
+          compute_dtype, dtype: str,
+          soft_labels: soft_labels_lib.SoftLabels | None = None) -> Cache:
+    """The cache of `clip.encode_image` (unnormalised) on view v of example i,
     `augment.augment(host image, example_keys(seed, i, v), recipe, image_size)`, for every
     example of `source` (index = position) and view; built or reused (module docstring).
+    Without `soft_labels` it stores those embeddings [N, V, D]; with them, per view
+    `soft_labels.sparsify(soft_labels.probabilities(embedding, anchors, scale, temperature), K)`,
+    indices and values [N, V, K] (a K outside [1, C) is one ValueError).
 
-    `key` names what the caller knows the embeddings depend on (teacher id, dataset, split,
+    `key` names what the caller knows the outputs depend on (teacher id, dataset, split,
     data_dir); `cache_key` adds the rest. `compute_dtype` is the teacher's (`clip` runs in it),
-    `dtype` the storage dtype, a DTYPES name.
+    `dtype` the embeddings' storage dtype, a DTYPES name.
     """
     if views < 1:
         raise ValueError(f"the teacher cache needs views >= 1, got {views}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {list(DTYPES)}")
+    if soft_labels is not None:
+        soft_labels_lib.check(soft_labels.kind, soft_labels.k, len(soft_labels.anchors))
     path = pathlib.Path(path)
-    shape = (len(source), views, clip.config.embed_dim)
+    fields = _fields(dtype, clip.config.embed_dim, soft_labels)
     full_key = cache_key(key, source, views=views, seed=seed, recipe=recipe,
                          host_image_size=host_image_size, image_size=image_size,
-                         compute_dtype=compute_dtype, dtype=dtype)
+                         compute_dtype=compute_dtype, dtype=dtype, soft_labels=soft_labels)
     digest = features.cache_key(**full_key)
-    meta = dict(key=full_key, digest=digest, shape=list(shape), dtype=dtype, chunk=batch_size)
-    num_chunks = -(-shape[0] // batch_size)
+    meta = dict(key=full_key, digest=digest, chunk=batch_size,
+                files={f.file: [len(source), views, f.width, np.dtype(f.disk).name]
+                       for f in fields})
+    num_chunks = -(-len(source) // batch_size)
 
-    reason, done = _inspect(path, meta, num_chunks)
+    reason, done = _inspect(path, meta, fields, num_chunks)
     # Every process has decided before process 0 starts overwriting anything.
     multihost_utils.sync_global_devices("teacher_cache: checked")
     todo = [c for c in range(num_chunks) if c not in done]
     if todo:
         if jax.process_index() == 0:
             print(f"{reason}: building the teacher cache, {len(todo)} of {num_chunks} chunks "
-                  f"({shape[0]} examples x {views} "
+                  f"({len(source)} examples x {views} "
                   f"views) to compute in {path}", flush=True)
         _compute(clip, source, todo, fresh=not done, views=views, seed=seed, recipe=recipe,
                  host_image_size=host_image_size, image_size=image_size, batch_size=batch_size,
-                 mesh=mesh, path=path, meta=meta)
+                 mesh=mesh, path=path, meta=meta, fields=fields, soft_labels=soft_labels)
         multihost_utils.sync_global_devices("teacher_cache: written")
-        reason, done = _inspect(path, meta, num_chunks)
+        reason, done = _inspect(path, meta, fields, num_chunks)
         if len(done) != num_chunks:
             raise RuntimeError(f"the teacher cache in {path} is not readable after it was built "
                                f"({reason}); with several processes, {path} must be on a "
                                "filesystem that all of them share")
-    return _open(path, dtype)
+    return Cache({f.name: _open(path, f) for f in fields})
 
 
-def _inspect(path: pathlib.Path, meta: dict[str, Any], num_chunks: int) -> tuple[str, set[int]]:
+def _inspect(path: pathlib.Path, meta: dict[str, Any], fields: tuple,
+             num_chunks: int) -> tuple[str, set[int]]:
     """(what the build must do, the chunks on disk whose rows match their checksums).
 
     A chunk is one batch of `meta["chunk"]` examples, in order; its checksum is recorded after
@@ -127,27 +200,33 @@ def _inspect(path: pathlib.Path, meta: dict[str, Any], num_chunks: int) -> tuple
     try:
         old = json.loads((path / META).read_text())
     except FileNotFoundError:
-        return (NO_CACHE if not (path / EMBEDDINGS).exists() else "partial: no meta.json"), set()
+        partial = any((path / f.file).exists() for f in fields)
+        return ("partial: no meta.json" if partial else NO_CACHE), set()
     except (OSError, ValueError) as e:
         return f"warning: unreadable meta.json ({type(e).__name__}), rebuilding", set()
     if old.get("digest") != meta["digest"]:
-        return ("warning: stale cache (it was made for another teacher, dataset, split, dtype or "
-                "augmentation setting), rebuilding"), set()
-    if old.get("chunk") != meta["chunk"] or old.get("shape") != meta["shape"]:
+        old_key = old.get("key") if isinstance(old.get("key"), dict) else {}
+        changed = sorted(k for k in {**old_key, **meta["key"]}
+                         if old_key.get(k) != meta["key"].get(k))
+        return ("warning: stale cache (it was made for another teacher, dataset, split, dtype, "
+                f"soft-label or augmentation setting: {', '.join(changed)}), rebuilding"), set()
+    if old.get("chunk") != meta["chunk"] or old.get("files") != meta["files"]:
         return "warning: the cache was laid out for another batch size, rebuilding", set()
-    try:
-        stored = _open(path, meta["dtype"])
-    except (OSError, ValueError) as e:  # a truncated file fails to map
-        return f"warning: embeddings.npy unreadable ({type(e).__name__}), rebuilding", set()
-    if list(stored.shape) != meta["shape"]:
-        return "warning: embeddings.npy has another shape, rebuilding", set()
+    stored = []
+    for f in fields:
+        try:
+            stored.append(_open(path, f))
+        except (OSError, ValueError) as e:  # a truncated file fails to map
+            return f"warning: {f.file} unreadable ({type(e).__name__}), rebuilding", set()
+        if list(stored[-1].shape) != meta["files"][f.file][:3]:
+            return f"warning: {f.file} has another shape, rebuilding", set()
     recorded = _checksums(path)
     done = {c for c, digest in recorded.items()
             if c < num_chunks and _chunk_digest(stored, c, meta["chunk"]) == digest}
     damaged = sorted(set(recorded) - done)
     if damaged:
-        return (f"warning: chunks {damaged} of {path / EMBEDDINGS} do not match their checksums "
-                "(damaged on disk), recomputing them"), done
+        return (f"warning: chunks {damaged} of {path} ({', '.join(f.file for f in fields)}) do "
+                "not match their checksums (damaged on disk), recomputing them"), done
     return f"resuming the teacher cache build ({len(done)} chunks done)", done
 
 
@@ -166,53 +245,74 @@ def _checksums(path: pathlib.Path) -> dict[int, str]:
     return out
 
 
-def _chunk_digest(stored: np.ndarray, chunk: int, rows: int) -> str:
-    block = np.ascontiguousarray(stored[chunk * rows:(chunk + 1) * rows]).view(np.uint8)
-    return hashlib.blake2b(block, digest_size=16).hexdigest()
+def _chunk_digest(stored: list[np.ndarray], chunk: int, rows: int) -> str:
+    """One digest over the chunk's rows of every stored file, in `_fields` order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in stored:
+        digest.update(np.ascontiguousarray(array[chunk * rows:(chunk + 1) * rows]).view(np.uint8))
+    return digest.hexdigest()
 
 
-def _open(path: pathlib.Path, dtype: str) -> np.ndarray:
-    stored = np.load(path / EMBEDDINGS, mmap_mode="r")
-    return stored.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else stored
+def _open(path: pathlib.Path, field: _Field) -> np.ndarray:
+    return np.load(path / field.file, mmap_mode="r").view(field.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "seed", "recipe", "image_size", "dtype"))
-def _encode(state, images, index, view, *, graphdef, seed, recipe, image_size, dtype):
-    """Teacher embeddings [B, D] of view `view` of a batch, cast to the storage dtype on device.
+@functools.partial(jax.jit, static_argnames=("graphdef", "seed", "recipe", "image_size", "dtype",
+                                             "sparse"))
+def _encode(state, images, index, view, anchors=None, *, graphdef, seed, recipe, image_size,
+            dtype, sparse=None):
+    """What the cache stores of view `view` of a batch, computed and cast on device: the teacher
+    embeddings (B, D) in the storage dtype `dtype`, or, with `sparse` = (K, scale, temperature,
+    index dtype), their soft labels over `anchors` [C, D]: top-K indices and fp16 values.
 
     Module-level so that rebuilds with the same teacher and settings reuse the compiled program;
-    the teacher state is an argument, never a baked-in constant."""
+    the teacher state and anchors are arguments, never baked-in constants."""
     # Padding rows carry index -1; any valid key will do, their rows are dropped.
     keys = augment.example_keys(seed, jnp.maximum(index, 0), view)
     images = augment.augment(images, keys, recipe, image_size)
     teacher = nnx.merge(graphdef, state, copy=True)
-    return teacher.encode_image(images).astype(DTYPES[dtype][0])
+    embeddings = teacher.encode_image(images)
+    if sparse is None:
+        return (embeddings.astype(DTYPES[dtype][0]),)
+    k, scale, temperature, index_dtype = sparse
+    probs = soft_labels_lib.probabilities(embeddings, anchors, scale, temperature)
+    indices, values = soft_labels_lib.sparsify(probs, k)
+    return indices.astype(index_dtype), values
 
 
 def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recipe,
-             host_image_size, image_size, batch_size, mesh, path, meta) -> None:
+             host_image_size, image_size, batch_size, mesh, path, meta, fields,
+             soft_labels) -> None:
     """Runs the teacher over every (example, view) of `chunks` and writes their rows as they
-    arrive, each chunk's checksum after its rows. `fresh`: a new file, else the rows of the
+    arrive, each chunk's checksum after its rows. `fresh`: new files, else the rows of the
     other chunks are kept."""
-    disk_dtype = DTYPES[meta["dtype"]][1]
     is_main = jax.process_index() == 0
     loader = pipeline.Loader(source, global_batch_size=batch_size, image_size=host_image_size,
                              resize="stretch", train=False, seed=seed)
 
     graphdef, state = nnx.split(clip)
     state = replicate(mesh, state)
+    anchors, sparse = None, None
+    if soft_labels is not None:
+        anchors = replicate(mesh, jnp.asarray(soft_labels.anchors, jnp.float32))
+        sparse = (soft_labels.k, float(soft_labels.scale), float(soft_labels.temperature),
+                  np.dtype(fields[0].dtype).name)
     static = dict(graphdef=graphdef, seed=seed, recipe=recipe, image_size=image_size,
-                  dtype=meta["dtype"])
+                  dtype=meta["key"]["dtype"], sparse=sparse)
     out = sums = None
     if is_main:
         path.mkdir(parents=True, exist_ok=True)
         if fresh:
             (path / META).unlink(missing_ok=True)
-            out = _allocate(path / EMBEDDINGS, disk_dtype, tuple(meta["shape"]))
+            # A cache of the other kind in the same directory is stale: free its disk space.
+            for name in {EMBEDDINGS, INDICES, VALUES} - set(meta["files"]):
+                (path / name).unlink(missing_ok=True)
+            out = [_allocate(path / f.file, f.disk, tuple(meta["files"][f.file][:3]))
+                   for f in fields]
             write_json(path / META, dict(meta, complete=False))
             recorded = {}
         else:
-            out = np.load(path / EMBEDDINGS, mmap_mode="r+")
+            out = [np.load(path / f.file, mmap_mode="r+") for f in fields]
             recorded = _checksums(path)
         keep = {c: d for c, d in recorded.items() if c not in chunks}
         sums = open(path / CHECKSUMS, "w")
@@ -220,13 +320,16 @@ def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recip
         sums.flush()
 
     def write(pending):
-        chunk, (emb, index, mask) = pending
+        chunk, (per_view, index, mask) = pending
         # Gathering every host's rows; process_allgather waits for the device work.
-        emb, index, mask = multihost_utils.process_allgather((emb, index, mask), tiled=True)
+        per_view, index, mask = multihost_utils.process_allgather((per_view, index, mask),
+                                                                  tiled=True)
         if out is not None:
-            rows = np.stack([np.asarray(e) for e in emb], axis=1)  # [B, V, D]
-            out[np.asarray(index)[mask]] = rows[np.asarray(mask)].view(disk_dtype)
-            out.flush()
+            rows = np.asarray(index)[mask]
+            for j, (f, stored) in enumerate(zip(fields, out)):
+                block = np.stack([np.asarray(v[j]) for v in per_view], axis=1)  # [B, V, width]
+                stored[rows] = block[np.asarray(mask)].view(f.disk)
+                stored.flush()
             sums.write(f"{chunk} {_chunk_digest(out, chunk, batch_size)}\n")
             sums.flush()
 
@@ -240,17 +343,17 @@ def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recip
             if chunk not in todo:
                 continue
             g = to_global(mesh, batch)
-            embs = tuple(_encode(state, g["image"], g["index"], np.int32(v), **static)
-                         for v in range(views))
+            per_view = tuple(_encode(state, g["image"], g["index"], np.int32(v), anchors,
+                                     **static) for v in range(views))
             if pending is not None:
                 write(pending)
-            pending = (chunk, (embs, g["index"], g["mask"]))
+            pending = (chunk, (per_view, g["index"], g["mask"]))
         if pending is not None:
             write(pending)
     finally:
         if out is not None:
-            out.flush()
-            del out
+            while out:  # flushed, then the map dropped
+                out.pop().flush()
             sums.close()
     if is_main:
         write_json(path / META, dict(meta, complete=True))
