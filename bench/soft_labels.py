@@ -67,8 +67,9 @@ def bytes_per_view(label: str, embed_dim: int, num_classes: int, dtype: str) -> 
 
 def timed_build(clip, source, spec, args, tmp: pathlib.Path) -> float:
     settings = dict(views=args.views, seed=0, recipe="rrc", host_image_size=36, image_size=32,
-                    batch_size=args.batch, mesh=devices.make_mesh(), key={"bench": "soft"},
-                    compute_dtype=np.float32, dtype="bfloat16", soft_labels=spec)
+                    batch_size=args.batch, mesh=devices.make_mesh(), teacher_sharding="replicated",
+                    key={"bench": "soft"}, compute_dtype=np.float32, dtype="bfloat16",
+                    soft_labels=spec)
     times = []
     with contextlib.redirect_stdout(sys.stderr):  # the build's messages stay out of the tables
         teacher_cache.build(clip, source, path=tmp / "cold", **settings)  # compiles

@@ -121,6 +121,32 @@ def replicate(mesh: Mesh, tree):
     return jax.device_put(tree, replicated(mesh))
 
 
+TEACHER_SHARDINGS = ("replicated", "fsdp")  # the values of the config key `teacher_sharding`
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+    """The leaf's largest axis that `n` devices divide carries "data"; without one (biases,
+    scalars, odd sizes) the leaf is replicated."""
+    axes = [i for i, d in enumerate(shape) if d % n == 0]
+    if n == 1 or not axes:
+        return P()
+    axis = max(axes, key=lambda i: shape[i])
+    return P(*[None] * axis, DATA)
+
+
+def place_frozen(mesh: Mesh, tree, sharding: str):
+    """A frozen model's weights on the mesh: "replicated" (every device holds all of them) or
+    "fsdp" (each leaf split over "data" as `fsdp_spec` says: a device holds about 1/n of the
+    weights, and XLA's partitioner gathers each one where a step uses it)."""
+    if sharding == "replicated":
+        return replicate(mesh, tree)
+    if sharding != "fsdp":
+        raise ValueError(f"unknown teacher_sharding {sharding!r}; expected one of "
+                         f"{list(TEACHER_SHARDINGS)}")
+    return jax.tree.map(lambda x: jax.device_put(
+        x, NamedSharding(mesh, fsdp_spec(np.shape(x), mesh.size))), tree)
+
+
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16}
 DTYPE_NAMES = ("auto", *_DTYPES)  # the values of the config key `dtype`
@@ -136,13 +162,14 @@ def compute_dtype(name: str):
         raise ValueError(f"unknown dtype {name!r}; expected one of {DTYPE_NAMES}") from None
 
 
-def jit_apply(module: nnx.Module, fn: Callable[..., Any], mesh: Mesh | None = None
-              ) -> Callable[..., Any]:
+def jit_apply(module: nnx.Module, fn: Callable[..., Any], mesh: Mesh | None = None,
+              sharding: str = "replicated") -> Callable[..., Any]:
     """`fn(module, *args)` as a jitted function of `*args`, with the module's state an argument
-    (replicated over `mesh` when given, so sharded batches run data-parallel)."""
+    (placed on `mesh` when given, as `place_frozen` says, so sharded batches run
+    data-parallel)."""
     graphdef, state = nnx.split(module)
     if mesh is not None:
-        state = replicate(mesh, state)
+        state = place_frozen(mesh, state, sharding)
 
     @jax.jit
     def apply(state, *args):

@@ -515,8 +515,8 @@ def test_truncated_teacher_cache_is_rebuilt(teacher, tmp_path, capsys):
     def build():
         return np.asarray(teacher_cache.build(
             clip, source, views=2, seed=0, recipe="rrc", host_image_size=36, image_size=32,
-            batch_size=8, mesh=devices.make_mesh(), path=tmp_path, key={"t": 1},
-            compute_dtype=np.float32, dtype="float32"))
+            batch_size=8, mesh=devices.make_mesh(), teacher_sharding="replicated",
+            path=tmp_path, key={"t": 1}, compute_dtype=np.float32, dtype="float32"))
 
     first = build()
     with open(tmp_path / teacher_cache.EMBEDDINGS, "r+b") as f:

@@ -65,7 +65,8 @@ def calls(monkeypatch):
 def build(clip, source, path, **overrides):
     # batch 4 over 10 examples: the last batch is padded, which the cache must drop.
     args = dict(views=VIEWS, seed=SEED, recipe=RECIPE, host_image_size=HOST, image_size=SIZE,
-                batch_size=4, mesh=devices.make_mesh(), path=path, key=KEY,
+                batch_size=4, mesh=devices.make_mesh(), teacher_sharding="replicated", path=path,
+                key=KEY,
                 compute_dtype=np.float32, dtype="bfloat16")
     return teacher_cache.build(clip, source, **{**args, **overrides})
 
@@ -318,7 +319,8 @@ def _build_in_subprocess(clip, source_dir, path, prelude: str) -> subprocess.Com
         def build():
             teacher_cache.build(clip, source, views={VIEWS}, seed={SEED}, recipe={RECIPE!r},
                                 host_image_size={HOST}, image_size={SIZE}, batch_size=4,
-                                mesh=devices.make_mesh(), path=pathlib.Path({str(path)!r}),
+                                mesh=devices.make_mesh(), teacher_sharding="replicated",
+                                path=pathlib.Path({str(path)!r}),
                                 key={KEY!r}, compute_dtype=np.float32, dtype="bfloat16")
         with common.stop_on_sigterm("the test"):
             raise SystemExit(common.run(build))

@@ -171,6 +171,27 @@ def test_psc_step_on_8_devices_matches_1(teacher, psc_run, tmp_path):
     assert_updates_close(latest_state(tmp_path)["ctx"], latest_state(psc_run)["ctx"], ctx0, 1e-4)
 
 
+def test_fsdp_teacher_on_8_devices_matches_1_replicated(teacher, psc_run, nsd_steps_run,
+                                                        tmp_path):
+    """`--set teacher_sharding=fsdp` through both stages: the teacher's weights split over the
+    devices give the replicated teacher's features, context and student steps."""
+    import jax
+    from pand_jax import prompts
+
+    fsdp = ["--set", "teacher_sharding=fsdp"]
+    run_train(PSC_ARGS + fsdp + ["--teacher", teacher, "--workdir", tmp_path / "psc"], devices=8)
+    for split in ("train", "test"):
+        with np.load(tmp_path / "psc" / f"features_{split}.npz") as got, \
+                np.load(psc_run / f"features_{split}.npz") as want:
+            np.testing.assert_allclose(got["features"], want["features"], rtol=0, atol=1e-6)
+    ctx0 = prompts.init_context(jax.random.key(0), 4, 64, 0.02)
+    assert_updates_close(latest_state(tmp_path / "psc")["ctx"], latest_state(psc_run)["ctx"],
+                         ctx0, 1e-4)
+    args = NSD_STEPS_ARGS + fsdp + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz"]
+    run_train(args + ["--workdir", tmp_path / "nsd"], devices=8, env=ONEDNN)
+    assert_epoch_matches(tmp_path / "nsd", nsd_steps_run, 1)
+
+
 def test_nsd_step_on_8_devices_matches_1(teacher, psc_run, nsd_steps_run, tmp_path):
     """BatchNorm in training mode over a batch sharded 1 example per device: the statistics
     must be the global batch's (sync BN) for the step to match."""

@@ -183,7 +183,9 @@ def markdown(results: list[Result]) -> str:
                   "cached once: its views shared by every run of a seed), the teacher forward "
                   "passes the method needs (images through the teacher), training images/s "
                   "(compilation excluded) and the wall time of its epochs (compilation and "
-                  "evaluation included; the teacher cache's build is counted in its passes).", ""]
+                  "evaluation included; the teacher cache's build is counted in its passes). DAIT's "
+                  "passes are its intermediate teacher's training's, whose wall time is not "
+                  "added.", ""]
         lines += _cost_table(table1, students, lambda label, s: [
             r for r in rs if label in r.rows and r.student == s]) + [""]
         lines += ["## Table 2: ablation of PSC and NSD", ""]

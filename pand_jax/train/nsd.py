@@ -226,6 +226,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
             clip, train_source, views=views, seed=seed, recipe=recipe,
             host_image_size=cfg["host_image_size"], image_size=size,
             batch_size=cfg["eval_batch_size"], mesh=mesh,
+            teacher_sharding=cfg["teacher_sharding"],
             key=dict(teacher=teacher_id, dataset=info.key, split=train_split,
                      data_dir=str(cfg["data_dir"])),
             path=pathlib.Path(cfg["teacher_cache_dir"] or workdir / "teacher_cache"),
@@ -233,16 +234,19 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
             soft_labels=sparse_labels(cfg, method, anchors))
     # What the method cost in teacher forward passes: the cache's views (however many runs
     # share it), or one per image of every step online.
-    teacher_forwards = (0 if not needs_teacher else len(train_source) * views if cached
-                        else cfg["epochs"] * spe * batch)
+    # DAIT's are its intermediate teacher's: the CLIP teacher ran when that was trained.
+    teacher_forwards = (setup.intermediate_teacher_forwards(cfg["intermediate_teacher"])
+                        if it is not None else 0 if not needs_teacher
+                        else len(train_source) * views if cached else cfg["epochs"] * spe * batch)
 
     graphdef, state = init_state(model, tx)
     state = devices.replicate(mesh, state)
     online = needs_teacher and not cached
     t_graphdef, t_state = nnx.split(clip) if online else (None, None)
     it_graphdef, it_state = nnx.split(it) if it is not None else (None, None)
-    frozen = (t_state, None if anchors is None else jnp.asarray(anchors))
-    frozen = devices.replicate(mesh, frozen + ((it_state,) if it is not None else ()))
+    frozen = (devices.place_frozen(mesh, t_state, cfg["teacher_sharding"]),
+              devices.replicate(mesh, None if anchors is None else jnp.asarray(anchors)))
+    frozen += (devices.replicate(mesh, it_state),) if it is not None else ()
     train_step = make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef, it_graphdef)
 
     def batches(epoch, start):

@@ -78,7 +78,8 @@ def teacher_image_features(clip, info, split, cfg, mesh, workdir, teacher_id) ->
         loader = setup.eval_loader(info, split, cfg, size, FEATURE_RESIZE,
                                    cfg["feature_batch_size"], mesh)
         encode = devices.jit_apply(clip, lambda m, b: losses.l2_normalize(
-            m.encode_image(augment.eval_transform(b["image"], size))), mesh)
+            m.encode_image(augment.eval_transform(b["image"], size))), mesh,
+            cfg["teacher_sharding"])
         feats, labels = devices.run_over_split(encode, loader, mesh, f"teacher features ({split})")
         return {"features": feats.astype(np.float32), "labels": labels.astype(np.int32)}
 
@@ -118,7 +119,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
 
     parts = prompts.prompt_parts(clip, info.class_names, info.prompt_template, cfg["n_ctx"])
     graphdef, teacher_state = nnx.split(clip)
-    frozen = devices.replicate(mesh, (teacher_state, parts))
+    frozen = (devices.place_frozen(mesh, teacher_state, cfg["teacher_sharding"]),
+              devices.replicate(mesh, parts))
     logit_scale = jnp.exp(clip.logit_scale[...])
 
     anchors_of = anchors_fn(graphdef)

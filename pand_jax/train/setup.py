@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import pathlib
 from typing import Any
@@ -162,6 +163,16 @@ def load_intermediate(path: str, info, dtype):
                          f"{meta['config']['num_classes']} classes of {trained_on!r}, not the "
                          f"{info.num_classes} of {info.key!r}. {hint}")
     return student_lib.load_student(model_dir, dtype, hint=hint)
+
+
+def intermediate_teacher_forwards(path: str) -> int | None:
+    """The CLIP teacher passes that training the intermediate teacher took (its workdir's
+    summary.json); None when not known (a student folder without its workdir)."""
+    try:
+        return int(json.loads((pathlib.Path(path) / "summary.json").read_text())
+                   ["teacher_forwards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def process_slice(global_batch: int) -> tuple[int, int]:

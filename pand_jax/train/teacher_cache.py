@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 from pand_jax import files, soft_labels as soft_labels_lib
 from pand_jax.config import write_json
 from pand_jax.data import augment, pipeline
-from pand_jax.devices import replicate, to_global
+from pand_jax.devices import place_frozen, replicate, to_global
 from pand_jax.progress import progress_bar
 from pand_jax.train import features
 
@@ -138,8 +138,8 @@ def cache_key(key: dict[str, Any], source, *, views: int, seed: int, recipe: str
 
 
 def build(clip, source, *, views: int, seed: int, recipe: str, host_image_size: int,
-          image_size: int, batch_size: int, mesh, path: pathlib.Path, key: dict[str, Any],
-          compute_dtype, dtype: str,
+          image_size: int, batch_size: int, mesh, teacher_sharding: str, path: pathlib.Path,
+          key: dict[str, Any], compute_dtype, dtype: str,
           soft_labels: soft_labels_lib.SoftLabels | None = None) -> Cache:
     """The cache of `clip.encode_image` (unnormalised) on view v of example i,
     `augment.augment(host image, example_keys(seed, i, v), recipe, image_size)`, for every
@@ -180,7 +180,8 @@ def build(clip, source, *, views: int, seed: int, recipe: str, host_image_size: 
                   f"views) to compute in {path}", flush=True)
         _compute(clip, source, todo, fresh=not done, views=views, seed=seed, recipe=recipe,
                  host_image_size=host_image_size, image_size=image_size, batch_size=batch_size,
-                 mesh=mesh, path=path, meta=meta, fields=fields, soft_labels=soft_labels)
+                 mesh=mesh, teacher_sharding=teacher_sharding, path=path, meta=meta,
+                 fields=fields, soft_labels=soft_labels)
         multihost_utils.sync_global_devices("teacher_cache: written")
         reason, done = _inspect(path, meta, fields, num_chunks)
         if len(done) != num_chunks:
@@ -281,8 +282,8 @@ def _encode(state, images, index, view, anchors=None, *, graphdef, seed, recipe,
 
 
 def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recipe,
-             host_image_size, image_size, batch_size, mesh, path, meta, fields,
-             soft_labels) -> None:
+             host_image_size, image_size, batch_size, mesh, teacher_sharding, path, meta,
+             fields, soft_labels) -> None:
     """Runs the teacher over every (example, view) of `chunks` and writes their rows as they
     arrive, each chunk's checksum after its rows. `fresh`: new files, else the rows of the
     other chunks are kept."""
@@ -291,7 +292,7 @@ def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recip
                              resize="stretch", train=False, seed=seed)
 
     graphdef, state = nnx.split(clip)
-    state = replicate(mesh, state)
+    state = place_frozen(mesh, state, teacher_sharding)
     anchors, sparse = None, None
     if soft_labels is not None:
         anchors = replicate(mesh, jnp.asarray(soft_labels.anchors, jnp.float32))
