@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from helpers import torch_state_dict
+from helpers import clip_embed, jit_call, max_rel, torch_state_dict
 from pand_jax.cli import convert as cli
 from pand_jax.convert import open_clip as oc
 from pand_jax.models import clip as clip_lib
@@ -38,20 +38,6 @@ def pair(request):
     sd = torch_state_dict(torch_model)
     model = oc.convert_state_dict(sd, config_from_open_clip(request.param))
     return request.param, torch_model, sd, model
-
-
-def _jit(fn, model, *args):
-    """fn(model, *args) compiled: op-by-op dispatch of the model is slow on CPU, in bf16 most."""
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a))(state, *args)
-
-
-def _embed(model, images, tokens):
-    return model.encode_image(images), model.encode_text(tokens)
-
-
-def _rel(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
 def test_demo_configs_cover_both_eps():
@@ -101,7 +87,7 @@ def test_cut_text_equals_full_length(pair):
         return m.encode_text(tokens), m.encode_text_embeds(embeds, eot)
 
     with jax.default_matmul_precision("highest"):
-        full, short = _jit(full_and_cut, model, tokens, eot)
+        full, short = jit_call(full_and_cut, model, tokens, eot)
     np.testing.assert_allclose(short, full, rtol=1e-6, atol=1e-6)
 
 
@@ -111,10 +97,10 @@ def test_bf16_close_to_fp32(pair):
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
     images, tokens = oc.random_inputs(model.config, 3, 64, seed=5)
     with jax.default_matmul_precision("highest"):
-        want = _jit(_embed, model, images, tokens)
-    for lo, hi in zip(_jit(_embed, bf16, images, tokens), want):
+        want = jit_call(clip_embed, model, images, tokens)
+    for lo, hi in zip(jit_call(clip_embed, bf16, images, tokens), want):
         assert lo.dtype == jnp.float32
-        assert 0 < _rel(lo, hi) < 2e-2  # > 0: it did compute in bf16
+        assert 0 < max_rel(lo, hi) < 2e-2  # > 0: it did compute in bf16
 
 
 def test_config_json_round_trip_and_eps():
@@ -156,7 +142,7 @@ def test_save_load_round_trip(pair, tmp_path):
     assert json.loads((tmp_path / "t" / "config.json").read_text())["model"] == name
     bf16 = load_clip(tmp_path / "t", dtype=jnp.bfloat16)
     _, tokens = oc.random_inputs(model.config, 2, 64, seed=7)
-    assert 0 < _rel(bf16.encode_text(tokens), loaded.encode_text(tokens)) < 2e-2
+    assert 0 < max_rel(bf16.encode_text(tokens), loaded.encode_text(tokens)) < 2e-2
 
 
 def test_load_missing_weights_says_how_to_create_them(tmp_path):

@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from conftest import PSC_ARGS, run_train
-from helpers import torch_state_dict
+from helpers import clip_embed, jit_call, max_rel, torch_state_dict
 from pand_jax.cli import convert as cli
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
@@ -48,19 +48,6 @@ def pair(request):
     return (request.param, *_pair(request.param, seed=DEMOS.index(request.param)))
 
 
-def _jit(fn, model, *args):
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a))(state, *args)
-
-
-def _embed(model, images, tokens):
-    return model.encode_image(images), model.encode_text(tokens)
-
-
-def _rel(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
-
-
 def _assert_parity(model, torch_model, batch):
     diffs = oc.verify_clip(model, torch_model, batch=batch, seed=1)
     for key in ("image", "text", "logits"):
@@ -72,10 +59,10 @@ def bf16_distance(name, sd, model, batch):
     bf16 = oc.convert_state_dict(sd, config_from_open_clip(name), dtype=jnp.bfloat16)
     images, tokens = oc.random_inputs(model.config, batch, model.config.vision.image_size, seed=5)
     with jax.default_matmul_precision("highest"):
-        want = _jit(_embed, model, images, tokens)
-    got = _jit(_embed, bf16, images, tokens)
+        want = jit_call(clip_embed, model, images, tokens)
+    got = jit_call(clip_embed, bf16, images, tokens)
     assert all(g.dtype == jnp.float32 for g in got)
-    return tuple(_rel(g, w) for g, w in zip(got, want))
+    return tuple(max_rel(g, w) for g, w in zip(got, want))
 
 
 def test_parity_fp32(pair):
