@@ -90,7 +90,7 @@ class _Common(_Schema):
         "a text with {} where the class name goes, or null for the dataset's own")
     skip_bad_images: bool = _key("true or false")
     teacher: str = _key("a path")
-    teacher_sharding: Literal["replicated", "fsdp"] = _key("one of ['replicated', 'fsdp']")
+    teacher_sharding: Choice
     seed: int = _key("an integer >= 0", ge=0)
     dtype: Choice
     epochs: int = _positive_int()

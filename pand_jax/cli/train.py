@@ -91,7 +91,7 @@ def schema_facts() -> config_lib.Facts:
     import jax
 
     from pand_jax.data.augment import RECIPES
-    from pand_jax.devices import DTYPE_NAMES
+    from pand_jax.devices import DTYPE_NAMES, TEACHER_SHARDINGS
     from pand_jax.methods.vl2lite import TXT_REDUCTION_CHOICES
     from pand_jax.train.teacher_cache import DTYPES
 
@@ -101,7 +101,8 @@ def schema_facts() -> config_lib.Facts:
         choices=dict(dtype=DTYPE_NAMES, student=ARCHS, method=methods.NAMES,
                      nsd_form=NSD_FORMS, txt_reduction=TXT_REDUCTION_CHOICES,
                      augment=RECIPES, teacher_cache_dtype=tuple(DTYPES),
-                     soft_labels=soft_labels.KINDS, it_student=ARCHS),
+                     soft_labels=soft_labels.KINDS, it_student=ARCHS,
+                     teacher_sharding=TEACHER_SHARDINGS),
         teacher_needed=lambda name: methods.get(name).reads_clip,
         method_rule=methods.rule)
 

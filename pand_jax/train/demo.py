@@ -1,9 +1,10 @@
 """`python train.py --demo`: the whole PAND pipeline offline in a few minutes on a CPU.
 
 A small ConvNeXt CLIP (or with `--demo-teacher vit` a small ViT CLIP; real BPE tokenizer and
-vocabulary, tiny towers) is first taught the `digits` dataset with captions that differ from the prompt template, so that it knows
-something but its zero-shot prompt is not perfect; then Stage-PSC learns prompts on it and
-Stage-NSD distils it into a ResNet-18 trained from scratch. Settings: configs/demo.json.
+vocabulary, tiny towers) is first taught the `digits` dataset with captions that differ from
+the prompt template, so that it knows something but its zero-shot prompt is not perfect; then
+Stage-PSC learns prompts on it and Stage-NSD distils it into a ResNet-18 trained from scratch.
+Settings: configs/demo.json.
 """
 from __future__ import annotations
 
