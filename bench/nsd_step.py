@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +85,9 @@ def nsd_config() -> dict:
 
 
 def build(method, cfg, teacher_dim, dtype):
-    return nsd.build_model(method, cfg["student"], cfg["student_weights"], cfg["seed"],
-                           CUB_CLASSES, teacher_dim, dtype)
+    # A CNN student reads only the class count of the dataset.
+    info = types.SimpleNamespace(num_classes=CUB_CLASSES)
+    return nsd.build_model(method, cfg, info, teacher_dim, dtype)
 
 
 def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:

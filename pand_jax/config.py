@@ -50,6 +50,20 @@ def _choice(value: Any, info: pydantic.ValidationInfo) -> Any:
     return value
 
 
+# `student: clip:DIR`: the image tower of the converted ViT CLIP in DIR (models.clip_student).
+CLIP_STUDENT = "clip:"
+
+
+def _student(value: Any, info: pydantic.ValidationInfo) -> Any:
+    if isinstance(value, str) and value.startswith(CLIP_STUDENT) and value != CLIP_STUDENT:
+        return value
+    allowed = info.context["facts"].choices[info.field_name]
+    if value not in allowed:
+        raise ValueError(f"expected one of {list(allowed)}, or {CLIP_STUDENT}DIR (a converted "
+                         "ViT CLIP's image tower)")
+    return value
+
+
 def _dataset(value: str, info: pydantic.ValidationInfo) -> str:
     info.context["facts"].num_classes(value)  # raises for an unknown key or a bad folder
     return value
@@ -70,6 +84,7 @@ def _positive_int(description: str = "an integer >= 1") -> Any:
 
 # Any type in: a value outside the list (even of another type) gets the list in its message.
 Choice = Annotated[Any, pydantic.AfterValidator(_choice)]
+StudentArch = Annotated[Any, pydantic.AfterValidator(_student)]
 OptionalPath = Annotated[str | None, Field(description="a path, or null")]
 PositiveOrNone = Annotated[float, Field(gt=0)] | None
 
@@ -163,6 +178,15 @@ class FDBPLLoss(_Schema):
     temperature: float = _key("a number > 0", gt=0)
     forward_weight: float = _key("a number >= 0", ge=0)
     reverse_weight: float = _key("a number >= 0", ge=0)
+    # A CLIP student's dual prompts: the words its positive and negative text contexts start
+    # from, the prompt around them, and the negative path's weights.
+    positive_init: str = _key("a non-empty text", min_length=1)
+    negative_init: str = _key("a non-empty text", min_length=1)
+    prompt_template: Annotated[str, Field(pattern=r"\{\}")] = _key(
+        "a text with {} where the class name goes")
+    negative_weight: float = _key("a number >= 0", ge=0)
+    cosine_weight: float = _key("a number >= 0", ge=0)
+    cascade_weight: float = _key("a number >= 0", ge=0)
 
 
 class DAITLoss(_Schema):
@@ -187,6 +211,10 @@ class NSDLoss(_Schema):
 
 
 class NSDOptimizer(_Schema):
+    name: Literal["adamw", "sgd"] = _key("one of ['adamw', 'sgd']")
+    momentum: float = _key("a number in [0, 1)", ge=0, lt=1)  # SGD's
+    warmup_epochs: int = _key("an integer >= 0", ge=0)
+    warmup_lr: float = _key("a number > 0", gt=0)
     lr: float = _key("a number > 0", gt=0)
     end_lr: float = _key("a number >= 0", ge=0)
     weight_decay: float = _key("a number >= 0", ge=0)
@@ -198,8 +226,14 @@ class NSDOptimizer(_Schema):
 
 class NSDConfig(_Common):
     stage: Literal["nsd"] = _key("'nsd'")
-    student: Choice
+    student: StudentArch
     student_weights: OptionalPath
+    # A CLIP student's VPT-deep prompts (n tokens at each of the first D layers) and what trains.
+    student_prompt_tokens: int = _positive_int()
+    student_prompt_depth: int = _positive_int()
+    student_train: Choice
+    # CoOp context vectors on a CLIP student's own text tower (0: its template's features).
+    student_text_context: int = _key("an integer >= 0", ge=0)
     method: Choice
     anchors: OptionalPath
     unlabeled_data: Annotated[str, Field(pattern=r"^folder:.+")] | None = _key(
@@ -358,6 +392,20 @@ def demo_config() -> dict[str, Any]:
     """configs/demo.json: the offline demo's teacher, psc and nsd sections, and reproduce.py
     --demo's scale."""
     return json.loads((CONFIG_DIR / "demo.json").read_text())
+
+
+def apply_recipe(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """`config` with configs/recipes/NAME.json's values (dotted key -> value; "_about" says what
+    it is) set, as --set would set them."""
+    path = CONFIG_DIR / "recipes" / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "recipes").glob("*.json"))
+        raise ConfigError(f"unknown recipe {name!r}; expected one of {known}")
+    config = copy.deepcopy(config)
+    for key, value in json.loads(path.read_text()).items():
+        if not key.startswith("_"):
+            override(config, key, value)
+    return config
 
 
 def default_config(stage: str) -> dict[str, Any]:

@@ -210,11 +210,46 @@ def fdbpl(student_logits, teacher_log_probs, forward_weight, reverse_weight):
     (loss, mean w). The reverse KL needs p_T > 0 everywhere (log p_T finite)."""
     z_s, log_p = _check_logit_pair(student_logits, teacher_log_probs)
     log_q = jax.nn.log_softmax(z_s, axis=1)
-    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=1)
-    w = 1.0 - entropy / jnp.log(jnp.asarray(z_s.shape[1], z_s.dtype))
+    w = fdbpl_confidence(log_p)
     loss = (forward_weight * jnp.mean(w * _kl_rows(log_p, log_q))
             + reverse_weight * jnp.mean(w * _kl_rows(log_q, log_p)))
     return loss, jnp.mean(w)
+
+
+def fdbpl_confidence(teacher_log_probs):
+    """w = 1 - H(p_T) / log C [B]: FDBPL's per-crop teacher confidence (the teacher is frozen, so
+    no gradient flows through it in training)."""
+    log_p = fp32(teacher_log_probs)
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=1)
+    return 1.0 - entropy / jnp.log(jnp.asarray(log_p.shape[1], log_p.dtype))
+
+
+def fdbpl_negative(positive_logits, negative_logits, confidence, negative_weight, cosine_weight):
+    """FDBPL's negative-prompt terms (released trainers/coop_off.py), with w the confidence [B]:
+
+        c mean_b((1 - w) (-H(softmax(z-)))) + d mean_b(w cos(z+, z-))
+
+    The first pushes the negative prompts' distribution towards uniform where the teacher is
+    unsure; the second turns z- away from z+ where it is sure (c, d = 1, 0.001 released).
+    Returns (total, the entropy term, the cosine term) before weighting."""
+    z_pos, z_neg = _check_logit_pair(positive_logits, negative_logits)
+    log_q = jax.nn.log_softmax(z_neg, axis=1)
+    neg_entropy = jnp.sum(jnp.exp(log_q) * log_q, axis=1)  # -H
+    cos = jnp.sum(l2_normalize(z_pos) * l2_normalize(z_neg), axis=1)
+    entropy_term, cosine_term = jnp.mean((1 - confidence) * neg_entropy), jnp.mean(confidence * cos)
+    return negative_weight * entropy_term + cosine_weight * cosine_term, entropy_term, cosine_term
+
+
+def fdbpl_cascade(positive_text, negative_text, teacher_classes):
+    """FDBPL's L_casc as released: sum over ordered pairs (i, j), i != j, of the batch's distinct
+    teacher-argmax classes of mean(d_i - d_j), d = t+ - t- (normalised text features [C, D]).
+    The sum is antisymmetric in (i, j), so it is identically zero, and so is its gradient: kept
+    to run the released loss as it is (docs/paper_vs_code.md)."""
+    d = jnp.mean(fp32(positive_text) - fp32(negative_text), axis=1)  # mean(d_i - d_j) = m_i - m_j
+    num_classes = d.shape[0]
+    present = jnp.zeros((num_classes,), jnp.float32).at[teacher_classes].set(1.0)
+    pairs = present[:, None] * present[None, :] * (1.0 - jnp.eye(num_classes))
+    return jnp.sum(pairs * (d[:, None] - d[None, :]))
 
 
 def resize_map(x, height: int, width: int):

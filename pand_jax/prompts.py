@@ -59,6 +59,13 @@ def prompt_parts(clip, class_names: Sequence[str], template: str, n_ctx: int) ->
                        eot_index=jnp.asarray(tokens.argmax(-1)))
 
 
+def word_context(clip, words: str) -> jax.Array:
+    """[n, W] the token embeddings of `words` (n tokens): a context that starts as those words,
+    as CoOp's and FDBPL's ctx_init does."""
+    tokens = tokenize([words], clip.config.text.context_length)[0]
+    return clip.embed_tokens(jnp.asarray(tokens[1:int(tokens.argmax())]))
+
+
 def init_context(key: jax.Array, n_ctx: int, width: int, std: float = 0.02) -> jax.Array:
     return std * jax.random.normal(key, (n_ctx, width), jnp.float32)
 

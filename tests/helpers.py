@@ -24,3 +24,13 @@ def clip_embed(model, images, tokens):
 def max_rel(a, b) -> float:
     """max |a - b| over max |b|."""
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+def classes_info(num_classes: int):
+    """What `nsd.build_model` reads of a dataset for a CNN student: its class count (a CLIP
+    student also reads the class names and prompt template)."""
+    import types
+
+    return types.SimpleNamespace(num_classes=num_classes, key="test",
+                                 class_names=[f"class {i}" for i in range(num_classes)],
+                                 prompt_template="a photo of a {}.")

@@ -16,6 +16,8 @@ from pand_jax import config, devices, methods, prompts
 from pand_jax.models.clip import CLIP, CLIPConfig
 from pand_jax.train import nsd, psc
 
+from helpers import classes_info
+
 CLASSES = [str(i) for i in range(10)]
 BATCH, HOST, SIZE = 16, 36, 32
 
@@ -34,7 +36,8 @@ def steps(clip: CLIP):
     # sums of tiny gradients from showing as full-size differences (as in conftest's NSD_ARGS)
     cfg["optimizer"]["eps"] = 1e-3
     method = methods.get("pand")
-    model = nsd.build_model(method, "resnet18", None, 0, len(CLASSES), clip.config.embed_dim,
+    cfg.update(student="resnet18", student_weights=None)
+    model = nsd.build_model(method, cfg, classes_info(len(CLASSES)), clip.config.embed_dim,
                             jnp.float32)
     tx, schedule = nsd.optimizer(cfg, 10)
     loss_fn = nsd.make_loss(method, cfg["loss"], True, cfg["epochs"], "digits")

@@ -290,6 +290,54 @@ def test_fdbpl_is_zero_for_a_student_equal_to_the_teacher_and_weights_confidence
     assert abs(w) < 1e-12 and abs(loss) < 1e-12
 
 
+def ref_fdbpl_negative(z_pos, z_neg, w, c, d):
+    """The negative-prompt terms from the formula, per crop in float64:
+    c mean((1 - w) sum p- log p-) + d mean(w cos(z+, z-)), p- = softmax(z-)."""
+    ent, cos = [], []
+    for zp, zn, wi in zip(*(np.asarray(a, np.float64) for a in (z_pos, z_neg, w))):
+        log_q = ref_log_softmax(zn)
+        ent.append((1 - wi) * np.sum(np.exp(log_q) * log_q))
+        cos.append(wi * zp @ zn / (np.linalg.norm(zp) * np.linalg.norm(zn)))
+    return c * np.mean(ent) + d * np.mean(cos), np.mean(ent), np.mean(cos)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("c,d", [(1.0, 0.001), (0.0, 1.0), (2.0, 0.0)])
+def test_fdbpl_negative_parity(dtype, rtol, c, d):
+    zp, zn, zt = rng_arrays(11, (6, 8), (6, 8), (6, 8), scale=3.0)
+    zt[1] *= 10
+    log_pt = ref_log_softmax(zt)
+    w = run_in(dtype, "fdbpl_confidence", log_pt)
+    np.testing.assert_allclose(w, 1 + np.sum(np.exp(log_pt) * log_pt, 1) / np.log(8),
+                               rtol=rtol, atol=rtol)
+    got = run_in(dtype, "fdbpl_negative", zp, zn, np.asarray(w), negative_weight=c,
+                 cosine_weight=d)
+    np.testing.assert_allclose(got, ref_fdbpl_negative(zp, zn, w, c, d), rtol=rtol, atol=rtol)
+
+
+def ref_fdbpl_cascade(t_pos, t_neg, teacher_classes):
+    """The released L_casc, its double loop over the distinct teacher-argmax classes."""
+    d = np.asarray(t_pos, np.float64) - np.asarray(t_neg, np.float64)
+    classes = sorted(set(np.asarray(teacher_classes).tolist()))
+    return sum(np.mean(d[i] - d[j]) for i in classes for j in classes if i != j)
+
+
+def test_fdbpl_cascade_is_released_and_identically_zero():
+    """L_casc sums mean(d_i - d_j) over ordered pairs: antisymmetric, so zero whatever the
+    text features, and so is its gradient (the released loss adds 0.1 of it to nothing)."""
+    t_pos, t_neg = rng_arrays(12, (10, 16), (10, 16), scale=2.0)
+    y = np.asarray([3, 3, 7, 0, 9, 7], np.int32)
+    assert abs(ref_fdbpl_cascade(t_pos, t_neg, y)) < 1e-12
+    with jax.enable_x64(True):
+        got = L.fdbpl_cascade(t_pos, t_neg, y)
+        grads = jax.grad(lambda a, b: L.fdbpl_cascade(a, b, y), argnums=(0, 1))(t_pos, t_neg)
+    assert abs(float(got)) < 1e-12
+    assert all(float(np.max(np.abs(g))) < 1e-12 for g in grads)
+    # Its parts are not zero: it is the pairing that cancels, not a vanishing difference.
+    d = np.mean(t_pos - t_neg, axis=1)
+    assert np.max(np.abs(d[:, None] - d[None, :])) > 0.1
+
+
 @pytest.mark.parametrize("size, to", [((7, 7), (7, 7)), ((4, 5), (7, 9)), ((9, 8), (4, 3)),
                                       ((1, 1), (3, 2))])
 def test_resize_map_is_torchs_bilinear_interpolate(size, to):

@@ -45,7 +45,7 @@ from pand_jax.convert.torchvision import (HEAD, student_from_state_dict, torch_k
 from pand_jax.data import augment
 from pand_jax.train import nsd, psc
 
-from helpers import torch_state_dict
+from helpers import classes_info, torch_state_dict
 
 torch.set_num_threads(2)
 
@@ -513,8 +513,8 @@ def test_nsd_steps_match_released_pytorch(case):
     torch_model = TorchDistillee(arch, NUM_CLASSES, TEACHER_DIM,
                                  None if scale is None else torch.from_numpy(anchors_np),
                                  scale, it_dim=head_dim).train()
-    model = nsd.build_model(jmethod, arch, None, cfg["seed"], NUM_CLASSES, head_dim,
-                            jnp.float32, classes)
+    model = nsd.build_model(jmethod, {**cfg, "student": arch, "student_weights": None},
+                            classes_info(NUM_CLASSES), head_dim, jnp.float32, classes)
     if classes is not None:  # the class vectors the project froze into the head
         assert_rel(f"{case}: class vectors", model.student.classifier.classes[...],
                    in_flax_layout(torch_model.head[4].weight), 1e-6)

@@ -74,9 +74,10 @@ def initial_nsd_state(workdir: pathlib.Path) -> dict:
     from pand_jax import methods
     from pand_jax.train import nsd
 
+    from helpers import classes_info
+
     cfg = json.loads((workdir / "config.json").read_text())
-    model = nsd.build_model(methods.get(cfg["method"]), cfg["student"], cfg["student_weights"],
-                            cfg["seed"], 10, 64, jnp.float32)
+    model = nsd.build_model(methods.get(cfg["method"]), cfg, classes_info(10), 64, jnp.float32)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)}
 

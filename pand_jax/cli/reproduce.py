@@ -23,6 +23,7 @@ from pand_jax import devices, files
 from pand_jax.cli import common
 from pand_jax.data import datasets
 from pand_jax.experiments import plan as plan_lib
+from pand_jax.models import clip_student
 from pand_jax.models.student import ARCHS
 
 DEMO = config_lib.demo_config()["reproduce"]  # --demo's scale: minutes on a CPU
@@ -41,7 +42,7 @@ def parser() -> common.Parser:
                                       "food, or folder:PATH (see train.py --help)")
     p.add_argument("--demo", action="store_true",
                    help="everything on digits with the demo teacher (made if missing), on a CPU")
-    p.add_argument("--students", help=f"comma-separated, from {', '.join(ARCHS)} "
+    p.add_argument("--students", help=f"comma-separated, from {', '.join(ARCHS)}, clip:DIR "
                                       f"(default: all; --demo: {','.join(DEMO['students'])})")
     p.add_argument("--seeds", type=int, help=f"seeds 0..N-1 (default 3; --demo: {DEMO['seeds']})")
     p.add_argument("--epochs", type=int, help="Stage-NSD epochs of every run (default: "
@@ -103,10 +104,10 @@ def demo_sets() -> tuple[dict, list[str], list[str]]:
 def make_plan(args) -> tuple[list[plan_lib.Run], pathlib.Path]:
     students = (args.students.split(",") if args.students
                 else list(DEMO["students"] if args.demo else ARCHS))
-    bad = [s for s in students if s not in ARCHS]
+    bad = [s for s in students if s not in ARCHS and not clip_student.is_clip(s)]
     if bad:
         raise config_lib.ConfigError(f"unknown student {bad[0]!r} in --students; expected a "
-                                     f"comma-separated list from {list(ARCHS)}")
+                                     f"comma-separated list from {list(ARCHS)} or clip:DIR")
     seeds = args.seeds if args.seeds is not None else (DEMO["seeds"] if args.demo else 3)
     if seeds < 1:
         raise config_lib.ConfigError(f"--seeds must be at least 1, got {seeds}")

@@ -17,7 +17,8 @@ from pand_jax import methods, soft_labels
 from pand_jax.cli import common
 from pand_jax.data.datasets import DatasetInfo, get_dataset, run_name
 from pand_jax.losses import NSD_FORMS
-from pand_jax.models.student import ARCHS
+from pand_jax.models import clip_student
+from pand_jax.models.student import ARCHS, student_label
 
 # Flag -> config key; None values (flag not given) leave the config alone.
 FLAG_KEYS = {
@@ -28,7 +29,7 @@ FLAG_KEYS = {
     "unlabeled_data": "unlabeled_data", "intermediate_teacher": "intermediate_teacher",
 }
 NSD_ONLY = ("student", "method", "nsd_form", "lambda_nsd", "anchors", "no_psc", "teacher_cache",
-            "unlabeled_data", "soft_labels", "intermediate_teacher")
+            "unlabeled_data", "soft_labels", "intermediate_teacher", "recipe")
 
 
 def parser() -> common.Parser:
@@ -47,8 +48,13 @@ def parser() -> common.Parser:
                    help="--demo: the tiny teacher's image tower (default %(default)s)")
     p.add_argument("--dataset", help="cub, aircraft, pets, dogs, cars, flowers, food, digits, or "
                    "folder:PATH for your own images (PATH/train/<class>/*.jpg, PATH/test/...)")
-    p.add_argument("--student", choices=ARCHS)
+    p.add_argument("--student", metavar="|".join(ARCHS) + "|clip:DIR",
+                   help="the student: a torchvision backbone, or clip:DIR, the image tower of "
+                        "the converted ViT CLIP in DIR with visual prompts (docs/students.md)")
     p.add_argument("--method", choices=methods.NAMES)
+    p.add_argument("--recipe", metavar="NAME",
+                   help="a released recipe of configs/recipes/ (promptkd_clip, fdbpl_clip: "
+                        "the CLIP-student settings), under the other flags and --set")
     p.add_argument("--nsd-form", choices=NSD_FORMS)
     p.add_argument("--lambda-nsd", type=float)
     g = p.add_mutually_exclusive_group()
@@ -102,7 +108,7 @@ def schema_facts() -> config_lib.Facts:
                      nsd_form=NSD_FORMS, txt_reduction=TXT_REDUCTION_CHOICES,
                      augment=RECIPES, teacher_cache_dtype=tuple(DTYPES),
                      soft_labels=soft_labels.KINDS, it_student=ARCHS,
-                     teacher_sharding=TEACHER_SHARDINGS),
+                     teacher_sharding=TEACHER_SHARDINGS, student_train=clip_student.TRAIN),
         teacher_needed=lambda name: methods.get(name).reads_clip,
         method_rule=methods.rule)
 
@@ -122,6 +128,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
             raise config_lib.ConfigError(
                 f"--{given[0].replace('_', '-')} applies to --stage nsd only")
     cfg = config_lib.default_config(stage)
+    if stage == "nsd" and args.recipe:  # before the flags, which override it
+        cfg = config_lib.apply_recipe(cfg, args.recipe)
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None and (stage == "nsd" or flag not in NSD_ONLY):
@@ -157,7 +165,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
         workdir = runs / "it"
     else:
         variant = cfg["method"] + ("-nopsc" if cfg["no_psc"] else "")
-        workdir = runs / "nsd" / f"{variant}-{cfg['student']}"
+        workdir = runs / "nsd" / f"{variant}-{student_label(cfg['student'])}"
     return cfg, workdir, dataset(cfg["dataset"])
 
 

@@ -251,23 +251,24 @@ def _block(torch_prefix: str, path: tuple) -> Iterator[Entry]:
     yield from _layer(f"{torch_prefix}.mlp.c_proj", path + ("mlp_c_proj",), "linear")
 
 
-def _vit_keys(cfg: CLIPConfig) -> Iterator[Entry]:
+def vit_keys(vision: ViTConfig) -> Iterator[Entry]:
+    """The ViT image tower's entries (also a CLIP student's, whose tower is `visual` too)."""
     v = ("visual",)
     yield from _layer("visual.conv1", v + ("conv1",), "conv", bias=False)
     yield "visual.class_embedding", v + ("class_embedding",), "copy"
     yield "visual.positional_embedding", v + ("positional_embedding",), "copy"
     yield from _ln("visual.ln_pre", v + ("ln_pre",))
-    for i in range(cfg.vision.layers):
+    for i in range(vision.layers):
         yield from _block(f"visual.transformer.resblocks.{i}", v + ("resblocks", i))
     yield from _ln("visual.ln_post", v + ("ln_post",))
     yield "visual.proj", v + ("proj",), "copy"
 
 
-def _convnext_keys(cfg: CLIPConfig) -> Iterator[Entry]:
+def _convnext_keys(vision: ConvNeXtConfig) -> Iterator[Entry]:
     v, t = ("visual",), "visual.trunk"
     yield from _layer(f"{t}.stem.0", v + ("stem_conv",), "conv")
     yield from _ln(f"{t}.stem.1", v + ("stem_norm",))
-    for s, depth in enumerate(cfg.vision.depths):
+    for s, depth in enumerate(vision.depths):
         sp = v + ("stages", s)
         if s > 0:
             yield from _ln(f"{t}.stages.{s}.downsample.0", sp + ("downsample_norm",))
@@ -280,12 +281,12 @@ def _convnext_keys(cfg: CLIPConfig) -> Iterator[Entry]:
             yield from _layer(f"{bt}.mlp.fc1", bp + ("mlp_fc1",), "linear")
             yield from _layer(f"{bt}.mlp.fc2", bp + ("mlp_fc2",), "linear")
     yield from _ln(f"{t}.head.norm", v + ("head_norm",))
-    if cfg.vision.proj == "linear":
-        yield from _layer("visual.head.proj", v + ("head_proj",), "linear", cfg.vision.proj_bias)
+    if vision.proj == "linear":
+        yield from _layer("visual.head.proj", v + ("head_proj",), "linear", vision.proj_bias)
     else:
         yield from _layer("visual.head.mlp.fc1", v + ("head_mlp_fc1",), "linear")
         yield from _layer("visual.head.mlp.fc2", v + ("head_mlp_fc2",), "linear",
-                          cfg.vision.proj_bias)
+                          vision.proj_bias)
 
 
 def _text_keys(cfg: CLIPConfig) -> Iterator[Entry]:
@@ -299,8 +300,8 @@ def _text_keys(cfg: CLIPConfig) -> Iterator[Entry]:
 
 
 def key_map(cfg: CLIPConfig) -> list[Entry]:
-    vision = _vit_keys if cfg.family == "vit" else _convnext_keys
-    return [*vision(cfg), *_text_keys(cfg), ("logit_scale", ("logit_scale",), "copy")]
+    vision = vit_keys if cfg.family == "vit" else _convnext_keys
+    return [*vision(cfg.vision), *_text_keys(cfg), ("logit_scale", ("logit_scale",), "copy")]
 
 
 def _get(tree: Mapping, path: tuple) -> Any:

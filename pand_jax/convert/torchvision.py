@@ -60,27 +60,42 @@ def _head_shape(arch: str, state_dict: Mapping[str, np.ndarray]) -> tuple[int, i
             else IMAGENET_CLASSES), None
 
 
-def torchvision_student(arch: str, num_classes: int, head_dim: int | None = None):
-    """`torchvision.models.<arch>(num_classes)`, its head an anchor head when `head_dim` is set:
-    Linear(d, D) - BatchNorm1d - ReLU - Linear(D, D) - L2 normalisation - the class vectors."""
+def cosine_head(dim: int, num_classes: int):
+    """`heads.CosineClassifier` in torch: L2 normalisation, then the frozen s t_hat as the
+    weight of a bias-free linear map (a buffer, never a parameter)."""
     import torch
+
+    class Classes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight", torch.zeros(num_classes, dim))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(torch.nn.functional.normalize(x, dim=1),
+                                              self.weight)
+
+    return Classes()
+
+
+def anchor_head(in_dim: int, head_dim: int, num_classes: int):
+    """`heads.AnchorClassifier` in torch: Linear(d, D) - BatchNorm1d - ReLU - Linear(D, D) -
+    L2 normalisation - the class vectors (indices as ANCHOR_HEAD names them)."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(in_dim, head_dim), torch.nn.BatchNorm1d(head_dim),
+                               torch.nn.ReLU(), torch.nn.Linear(head_dim, head_dim),
+                               cosine_head(head_dim, num_classes))
+
+
+def torchvision_student(arch: str, num_classes: int, head_dim: int | None = None):
+    """`torchvision.models.<arch>(num_classes)`, its head an `anchor_head` when `head_dim` is
+    set."""
     import torchvision
 
     tv = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if head_dim is not None:
-        class Classes(torch.nn.Module):  # the frozen s t_hat: a buffer, never a parameter
-            def __init__(self):
-                super().__init__()
-                self.register_buffer("weight", torch.zeros(num_classes, head_dim))
-
-            def forward(self, x):
-                return torch.nn.functional.linear(torch.nn.functional.normalize(x, dim=1),
-                                                  self.weight)
-
         d = tv.get_submodule(HEAD[arch]).in_features
-        head = torch.nn.Sequential(torch.nn.Linear(d, head_dim), torch.nn.BatchNorm1d(head_dim),
-                                   torch.nn.ReLU(), torch.nn.Linear(head_dim, head_dim), Classes())
-        tv.set_submodule(HEAD[arch], head)
+        tv.set_submodule(HEAD[arch], anchor_head(d, head_dim, num_classes))
     return tv
 
 

@@ -12,9 +12,11 @@ import pathlib
 import warnings
 from typing import Any
 
+from pand_jax.convert import clip_student as clip_torch
 from pand_jax.convert.torchvision import nnx_to_torchvision, torchvision_student
 from pand_jax.data import augment
 from pand_jax.deploy import student as student_lib
+from pand_jax.models import clip_student
 
 FORMATS = ("torchvision", "onnx")
 FILE_NAMES = {"torchvision": "student.pt", "onnx": "student.onnx"}  # in an --out folder
@@ -23,14 +25,26 @@ MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
 ONNX_OPSET = 17
 
 
+def _head(model) -> str:
+    c, d = model.num_classes, model.head_dim
+    if d is not None:
+        return (f"anchor head: Linear(d, {d}) - BatchNorm1d - ReLU - Linear - L2 normalisation - "
+                f"class vectors [{c}, {d}] (pand_jax.convert.torchvision.anchor_head)")
+    if model.arch == clip_student.ARCH:
+        return (f"cosine: L2 normalisation - class text features times the logit scale "
+                f"[{c}, {model.embed_dim}] (pand_jax.convert.torchvision.cosine_head)")
+    return "linear"
+
+
 def metadata(student: student_lib.TrainedStudent, fmt: str) -> dict[str, Any]:
     size = student.image_size
+    m = student.model
     return {
-        "format": fmt, "arch": student.model.arch, "num_classes": student.model.num_classes,
-        "head": ("linear" if student.model.head_dim is None else
-                 f"anchor head: Linear(d, {student.model.head_dim}) - BatchNorm1d - ReLU - "
-                 f"Linear - L2 normalisation - class vectors [{student.model.num_classes}, "
-                 f"{student.model.head_dim}] (pand_jax.convert.torchvision.torchvision_student)"),
+        "format": fmt, "arch": m.arch, "num_classes": m.num_classes, "head": _head(m),
+        **({"model": "pand_jax.convert.clip_student.torch_student: open_clip's ViT image tower "
+                     f"with {m.prompt_tokens} visual prompt tokens at each of its first "
+                     f"{m.prompt_depth} layers", "clip_student": m.config()}
+           if m.arch == clip_student.ARCH else {}),
         "class_names": student.class_names, "image_size": size,
         "mean": augment.CLIP_MEAN.tolist(), "std": augment.CLIP_STD.tolist(),
         "input": {"layout": "NCHW", "dtype": "float32", "shape": ["batch", 3, size, size],
@@ -42,10 +56,13 @@ def metadata(student: student_lib.TrainedStudent, fmt: str) -> dict[str, Any]:
 
 
 def torchvision_model(student: student_lib.TrainedStudent):
-    """The student as a torchvision model in eval mode, loaded strictly."""
+    """The student as a torchvision model in eval mode, loaded strictly (a CLIP student as
+    `convert.clip_student.torch_student`)."""
     import torch
 
     m = student.model
+    if m.arch == clip_student.ARCH:
+        return clip_torch.torch_student(m)
     tv = torchvision_student(m.arch, m.num_classes, m.head_dim)
     tv.load_state_dict({k: torch.from_numpy(v) for k, v in nnx_to_torchvision(student.model).items()})
     return tv.eval()
@@ -78,6 +95,8 @@ def export(student: student_lib.TrainedStudent, fmt: str,
         # these plain conv nets; torch 2.12 warns that it is deprecated.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            # A CLIP student's attention: shape checks traced as constants, which they are.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(tv, (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["image"], output_names=["logits"],
                               dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})

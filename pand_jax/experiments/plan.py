@@ -22,6 +22,7 @@ from typing import Any
 
 from pand_jax import config as config_lib
 from pand_jax import methods
+from pand_jax.models.student import student_label
 
 # The paper's sensitivity study of lambda_NSD (CUB, ResNet-18).
 SWEEP_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -165,8 +166,8 @@ def plan(*, dataset: str, students: list[str], seeds: int, out: pathlib.Path,
                     requires = (f"it seed {seed}",)
                 first = method.reads_clip and teacher_cache > 0 and len(builders) == seed
                 run = stage_run(f"{student} seed {seed} {name}", method, argv,
-                                out / "nsd" / student / f"seed{seed}" / name, seed, first,
-                                requires)
+                                out / "nsd" / student_label(student) / f"seed{seed}" / name,
+                                seed, first, requires)
                 (builders if first else rest).append(run)
     return runs + builders + its + rest
 

@@ -34,6 +34,10 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
         return ("unlabeled_data", cfg["unlabeled_data"],
                 f"null with --method {method.name}, which trains on labels (images without "
                 f"labels need a method that reads none: {', '.join(label_free)})")
+    if cfg["student_text_context"] and (method.anchor_head or method.dual_prompts):
+        return ("student_text_context", cfg["student_text_context"],
+                f"0 with --method {method.name}, which makes the student's classifier itself "
+                "(a projector onto the anchors, or its own dual prompts)")
     kind = cfg["soft_labels"]
     if kind != "embedding":
         if not cfg["teacher_cache"] or cfg["teacher_cache_online"]:

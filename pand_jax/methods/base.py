@@ -36,6 +36,10 @@ class Inputs(NamedTuple):
     feature_map: jax.Array | None = None  # the student's last map [B, h, w, d], unpooled
     # (map [B, h', w', d'], logits [B, C]) of the frozen intermediate teacher (DAIT)
     intermediate: tuple[jax.Array, jax.Array] | None = None
+    # A CLIP student's negative prompts (FDBPL): their logits z- [B, C], and the normalised
+    # class text features of its positive and negative contexts ([C, D] each).
+    negative_logits: jax.Array | None = None
+    text_pair: tuple[jax.Array, jax.Array] | None = None
 
 
 def no_heads(student_dim: int, teacher_dim: int, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
@@ -75,6 +79,14 @@ class Method:
     # configs/nsd.json's value, named so that other rows at that value are the same run.
     table_sets: tuple[tuple[str, Any], ...] = ()
     in_table: bool = True      # False: a stage of another method (DAIT's intermediate teacher)
+    # For a CLIP student: (loss section) -> (positive words, negative words, prompt template)
+    # of dual text contexts (FDBPL's): the student classifies by its own positive context in
+    # place of the anchor head, and the negative one trains beside it. CNN students ignore it.
+    dual_prompts: Callable[[dict[str, Any]], tuple[str, str, str]] | None = None
+
+    def anchor_head_for(self, clip_student: bool):
+        """`anchor_head`, unless a CLIP student classifies by its own dual prompts."""
+        return None if clip_student and self.dual_prompts else self.anchor_head
 
     def __post_init__(self):
         if self.teacher not in (None, *TEACHER_SIGNALS, INTERMEDIATE):

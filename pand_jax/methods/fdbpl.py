@@ -3,8 +3,9 @@ random crop (FKD's sparse soft labels, `--soft-labels`), weighted by the teacher
 
 For the CNN students this is the positive-prompt path of the released loss: the student
 classifies by the anchors (an anchor head, as PromptKD's: z+ = s L2norm(P(h)) T_hat^T) and
-matches p_T both ways. The negative prompts, their entropy and cosine terms and L_casc need a
-second, negative text context, which only the CLIP student has (docs/paper_vs_code.md)."""
+matches p_T both ways. A CLIP student runs the released setting: dual prompts, positive and
+negative text contexts on its own text tower, with the negative prompts' entropy and cosine
+terms and L_casc (docs/paper_vs_code.md)."""
 from __future__ import annotations
 
 import jax
@@ -26,18 +27,32 @@ def teacher_log_probs(x: Inputs, scale, temperature):
                               axis=1)
 
 
-def fdbpl_objective(x: Inputs, *, scale, temperature, forward_weight, reverse_weight):
+def fdbpl_objective(x: Inputs, *, scale, temperature, forward_weight, reverse_weight,
+                    negative_weight, cosine_weight, cascade_weight):
     """L = mean(a w KL(p_T || p+)) + mean(b w KL(p+ || p_T)), w = 1 - H(p_T) / log C, with
-    p+ = softmax(z+) of the anchor head and p_T the teacher's (`losses.fdbpl`). No labels."""
-    loss, w = losses.fdbpl(x.logits, teacher_log_probs(x, scale, temperature), forward_weight,
-                           reverse_weight)
-    return loss, {"fdbpl": loss, "confidence": w}
+    p+ = softmax(z+) and p_T the teacher's (`losses.fdbpl`). No labels. z+ is the anchor head's
+    (CNN students) or a CLIP student's positive prompts'; with its negative prompts too, plus
+    c mean((1 - w)(-H(softmax(z-)))) + d mean(w cos(z+, z-)) + e L_casc (`losses.fdbpl_negative`,
+    `losses.fdbpl_cascade`, which is zero)."""
+    log_p = teacher_log_probs(x, scale, temperature)
+    loss, w = losses.fdbpl(x.logits, log_p, forward_weight, reverse_weight)
+    terms = {"fdbpl": loss, "confidence": w}
+    if x.negative_logits is not None:
+        negative, entropy, cosine = losses.fdbpl_negative(
+            x.logits, x.negative_logits, losses.fdbpl_confidence(log_p), negative_weight,
+            cosine_weight)
+        cascade = losses.fdbpl_cascade(*x.text_pair, jnp.argmax(log_p, axis=1))
+        loss = loss + negative + cascade_weight * cascade
+        terms.update(negative_entropy=entropy, cosine=cosine, cascade=cascade)
+    return loss, terms
 
 
 def settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
     f = loss["fdbpl"]
     return dict(scale=f["logit_scale"], temperature=f["temperature"],
-                forward_weight=f["forward_weight"], reverse_weight=f["reverse_weight"])
+                forward_weight=f["forward_weight"], reverse_weight=f["reverse_weight"],
+                negative_weight=f["negative_weight"], cosine_weight=f["cosine_weight"],
+                cascade_weight=f["cascade_weight"])
 
 
 def rule(cfg, num_classes: int):
@@ -54,4 +69,6 @@ FDBPL = Method(
     anchor_head=lambda loss: loss["fdbpl"]["logit_scale"],
     teacher_distribution=lambda loss: (loss["fdbpl"]["logit_scale"],
                                        loss["fdbpl"]["temperature"]),
+    dual_prompts=lambda loss: (loss["fdbpl"]["positive_init"], loss["fdbpl"]["negative_init"],
+                               loss["fdbpl"]["prompt_template"]),
     rule=rule, table_sets=(("no_psc", False),))

@@ -1,6 +1,6 @@
 """PromptKD (Li et al., CVPR 2024): label-free distillation against the teacher's pre-stored
 class vectors. The student classifies by the anchors through a trained projector (its head is
-`models.student.AnchorClassifier`), and its only loss is the teacher's class distribution."""
+`models.heads.AnchorClassifier`), and its only loss is the teacher's class distribution."""
 from __future__ import annotations
 
 from pand_jax import losses

@@ -2,11 +2,14 @@
 and what Stage-NSD trains around it (its method's heads).
 
     Student(arch, num_classes, head_dim=None, dtype=..., rngs=...)
+      .encode(x) -> (feature_map(x), features(x)) in one pass
       .features(x) -> [B, num_features] fp32 pooled penultimate features (h before L2norm)
       .feature_map(x) -> [B, H/32, W/32, num_features] the map they pool (DAIT reads it)
       __call__(x)  -> [B, num_classes] fp32 logits (z_s)
-      .classifier  a Linear head, or with head_dim=D PromptKD's `AnchorClassifier` on D-wide
-                   class vectors
+      .classifier  a Linear head, or with head_dim=D PromptKD's `heads.AnchorClassifier` on
+                   D-wide class vectors
+    `clip:DIR` students are `models.clip_student.CLIPStudent`s, with the same interface; saving
+    and loading here take both.
     Distillee(student, heads)
       .student, and one attribute per head (`pand_jax.methods`: VL2Lite's align_image, ...)
 
@@ -23,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pand_jax import losses, weights
-from pand_jax.models.layers import BatchNorm
+from pand_jax import weights
+from pand_jax.models import clip_student, heads
+from pand_jax.models.layers import global_avg_pool
 from pand_jax.models.mobilenet_v2 import MobileNetV2
 from pand_jax.models.resnet import ResNet18
 
@@ -33,56 +37,18 @@ ARCHS = tuple(BACKBONES)
 KIND = "student"
 
 
-def _torch_linear_bias_init(fan_in: int):
-    """PyTorch's nn.Linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the released code's new
-    head is a default-initialised nn.Linear."""
-    bound = fan_in ** -0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 def check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown student architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch not in ARCHS and not clip_student.is_clip(arch):
+        raise ValueError(f"unknown student architecture {arch!r}; choose one of "
+                         f"{', '.join(ARCHS)}, or clip:DIR for a converted ViT CLIP")
 
 
-def _torch_linear(in_dim: int, out_dim: int, rngs: nnx.Rngs) -> nnx.Linear:
-    """fp32 nn.Linear with PyTorch's default init (kaiming_uniform a=sqrt(5) =
-    U(+-1/sqrt(fan_in)) for the kernel)."""
-    return nnx.Linear(in_dim, out_dim,
-                      kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                      bias_init=_torch_linear_bias_init(in_dim), rngs=rngs)
-
-
-class ClassVectors(nnx.Variable):
-    """Frozen class vectors of an `AnchorClassifier`: saved and exported with the student, never
-    trained (not an nnx.Param, so the optimiser never sees them)."""
-
-
-class AnchorClassifier(nnx.Module):
-    """PromptKD's classifier on the teacher's class vectors t [C, D]:
-
-        z = s L2norm(P(h)) t_hat^T,   P = Linear(d, D) - BatchNorm - ReLU - Linear(D, D)
-
-    `classes` holds s t_hat^T [D, C] (`set_classes`), so the exported student is one plain
-    classifier: backbone, projector, normalisation and a bias-free linear map."""
-
-    def __init__(self, in_dim: int, dim: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.fc1 = _torch_linear(in_dim, dim, rngs)
-        self.bn = BatchNorm(dim)
-        self.fc2 = _torch_linear(dim, dim, rngs)
-        self.classes = ClassVectors(jnp.zeros((dim, num_classes), jnp.float32))
-
-    def set_classes(self, class_vectors: jax.Array, scale: float) -> None:
-        self.classes[...] = scale * losses.l2_normalize(losses.fp32(class_vectors)).T
-
-    def __call__(self, h: jax.Array) -> jax.Array:
-        p = self.fc2(jax.nn.relu(self.bn(self.fc1(h))))
-        return jnp.matmul(losses.l2_normalize(p), self.classes[...],
-                          precision=jax.lax.Precision.HIGHEST)
+def student_label(student: str) -> str:
+    """A name for `student` in paths and tables: the architecture, or clip-NAME for clip:DIR
+    (NAME the folder's name)."""
+    if clip_student.is_clip(student):
+        return f"{clip_student.ARCH}-{pathlib.Path(clip_student.clip_dir(student)).name}"
+    return student
 
 
 class Student(nnx.Module):
@@ -94,10 +60,26 @@ class Student(nnx.Module):
         self.head_dim = head_dim
         self.backbone = BACKBONES[arch](dtype=dtype, rngs=rngs)
         self.num_features = self.backbone.num_features
-        # fp32 head: it is tiny and the logits feed softmax/KL terms.
-        self.classifier = (_torch_linear(self.num_features, num_classes, rngs) if head_dim is None
-                           else AnchorClassifier(self.num_features, head_dim, num_classes,
-                                                 rngs=rngs))
+        self.classifier = heads.classifier(self.num_features, num_classes, head_dim, rngs=rngs)
+
+    frozen: tuple[str, ...] = ()  # every part trains (`trainable`)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """z_s of the features h."""
+        return self.classifier(h)
+
+    def negative(self, h: jax.Array) -> None:
+        """A CLIP student's negative prompts' outputs; a CNN has none."""
+        return None
+
+    def folded(self) -> Student:
+        """What is saved and exported: the student itself (a CLIP student folds its text)."""
+        return self
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the last map, its average pool: the features h)."""
+        feature_map = self.backbone.feature_map(x)
+        return feature_map, global_avg_pool(feature_map)
 
     def feature_map(self, x: jax.Array) -> jax.Array:
         """The backbone's last map [B, H/32, W/32, num_features] (compute dtype), unpooled."""
@@ -108,6 +90,12 @@ class Student(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.classifier(self.features(x))
+
+
+def trainable(student) -> nnx.filterlib.Filter:
+    """The filter of the parameters the optimiser trains in a Distillee of `student`: all but
+    those under the student's `frozen` submodules (a CLIP student's image tower)."""
+    return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(name)) for name in student.frozen))
 
 
 class Distillee(nnx.Module):
@@ -139,6 +127,8 @@ def load_student(path: str | pathlib.Path, dtype=jnp.float32, hint: str | None =
 
     def build(meta: dict[str, Any]) -> Student:
         cfg = meta["config"]
+        if cfg["arch"] == clip_student.ARCH:
+            return clip_student.build(cfg, dtype)
         return Student(cfg["arch"], cfg["num_classes"], head_dim=cfg.get("head_dim"),
                        dtype=dtype, rngs=nnx.Rngs(0))
 
@@ -160,7 +150,10 @@ def student_from_pretrained(path: str | pathlib.Path, num_classes: int, *, rngs:
 def save_student(path: str | pathlib.Path, model: Student, **meta: Any) -> pathlib.Path:
     """Saves weights + config.json ({"kind": "student", "config": {arch, num_classes[, head_dim]},
     **meta})."""
-    config = {"arch": model.arch, "num_classes": model.num_classes}
-    if model.head_dim is not None:
-        config["head_dim"] = model.head_dim
+    if model.arch == clip_student.ARCH:
+        config = model.config()
+    else:
+        config = {"arch": model.arch, "num_classes": model.num_classes}
+        if model.head_dim is not None:
+            config["head_dim"] = model.head_dim
     return weights.save_module(path, model, {"kind": KIND, "config": config, **meta})

@@ -79,17 +79,43 @@ class VisionTransformer(nnx.Module):
         return jnp.matmul(patches.astype(self.dtype), kernel.astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """images [B, S, S, 3] with S = config.image_size -> [B, embed_dim] float32."""
+    def tokens(self, images: jax.Array, prompts: jax.Array | None = None) -> jax.Array:
+        """images [B, S, S, 3] with S = config.image_size -> the residual stream after the last
+        block, [B, 1 + grid^2 (+ n), width] float32: the class token, the patches, and with
+        `prompts` [D, n, width] their n tokens last.
+
+        `prompts` are VPT-deep visual prompts as PromptSRC and PromptKD insert them: prompts[0]
+        is appended after the positional embedding (so ln_pre normalises it with the rest), and
+        before each block i in 1 .. D-1 the n last tokens (the previous block's outputs at the
+        prompts) are replaced by prompts[i]. From block D on they flow through unreplaced."""
         if images.shape[1] != images.shape[2]:
             raise ValueError(f"the ViT image tower takes square images, got "
                              f"{images.shape[1]} x {images.shape[2]}")
         check_image_size(self.config, images.shape[1])
         x = self.patch_embed(images)
-        cls = jnp.broadcast_to(self.class_embedding[...], (x.shape[0], 1, x.shape[2]))
-        x = self.ln_pre(jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...])
-        for block in self.resblocks:
+        batch = x.shape[0]
+        cls = jnp.broadcast_to(self.class_embedding[...], (batch, 1, x.shape[2]))
+        x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...]
+
+        def prompt(i):
+            return jnp.broadcast_to(prompts[i].astype(jnp.float32), (batch, *prompts.shape[1:]))
+
+        if prompts is not None:
+            x = jnp.concatenate([x, prompt(0)], axis=1)
+        x = self.ln_pre(x)
+        for i, block in enumerate(self.resblocks):
+            if prompts is not None and 0 < i < prompts.shape[0]:
+                x = jnp.concatenate([x[:, :-prompts.shape[1]], prompt(i)], axis=1)
             x = block(x)
-        # LayerNorm is per token, so normalising the class token alone equals open_clip's
-        # ln_post over all tokens followed by taking token 0.
-        return jnp.matmul(self.ln_post(x[:, 0]), self.proj[...])
+        return x
+
+    def head(self, tokens: jax.Array) -> jax.Array:
+        """The embedding [B, embed_dim] of the residual stream `tokens` [B, L, width]. LayerNorm
+        is per token, so normalising the class token alone equals open_clip's ln_post over all
+        tokens followed by taking token 0."""
+        return jnp.matmul(self.ln_post(tokens[:, 0]), self.proj[...])
+
+    def __call__(self, images: jax.Array, prompts: jax.Array | None = None) -> jax.Array:
+        """images [B, S, S, 3] with S = config.image_size -> [B, embed_dim] float32 (`tokens`
+        says what `prompts` does)."""
+        return self.head(self.tokens(images, prompts))

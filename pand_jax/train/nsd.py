@@ -1,7 +1,7 @@
-"""Stage-NSD: distil the frozen CLIP teacher into a ResNet-18 / MobileNet-V2 student with one
-of the methods of `pand_jax.methods` (`method`): its entry says which teacher signal the step
-computes, where the text anchors come from, which heads train beside the student and what the
-objective is. `no_psc` swaps learned anchors for template ones (PAND's "+NSD only" ablation).
+"""Stage-NSD: distil the frozen CLIP teacher into a ResNet-18 / MobileNet-V2 student (or a
+prompted CLIP image tower, `--student clip:DIR`) with one of the methods of `pand_jax.methods`
+(`method`): its entry says which teacher signal the step computes, where the text anchors come
+from, which heads train beside the student and what the objective is. `no_psc` swaps learned anchors for template ones (PAND's "+NSD only" ablation).
 
 Teacher and student see the same augmented view, regenerated on device from
 (seed, example index, epoch or cached view).
@@ -22,8 +22,8 @@ from flax import nnx
 from pand_jax import anchors as anchors_lib
 from pand_jax import devices, methods, prompts, soft_labels
 from pand_jax.data import augment, pipeline
+from pand_jax.models import clip_student
 from pand_jax.models import student as student_lib
-from pand_jax.models.layers import global_avg_pool
 from pand_jax.train import loop, setup, teacher_cache
 
 
@@ -31,11 +31,14 @@ def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.Gradient
     """Paper: AdamW 1e-4, weight decay 1e-4, cosine to 1e-5 over the run. "cosine_periodic" is
     the released code's CosineAnnealingLR(T_max=`t_max_epochs`, eta_min=end_lr) run past T_max:
     down to end_lr over T_max epochs, back up to lr over the next T_max, and so on (no restart).
-    Both change the learning rate every step."""
+    Both change the learning rate every step. `optimizer.name` "sgd" (momentum, weight decay
+    added to the gradient as PyTorch's SGD does) and `warmup_epochs` at a constant `warmup_lr`
+    before the cosine are the CLIP-student recipes' (PromptKD's, FDBPL's; configs/recipes/)."""
     o, epochs = cfg["optimizer"], cfg["epochs"]
     lr, end_lr = o["lr"], o["end_lr"]
+    warmup = min(o["warmup_epochs"], epochs) * steps_per_epoch
     if o["schedule"] == "cosine":
-        schedule = optax.cosine_decay_schedule(lr, max(epochs * steps_per_epoch, 1),
+        schedule = optax.cosine_decay_schedule(lr, max(epochs * steps_per_epoch - warmup, 1),
                                                alpha=end_lr / lr)
     elif o["schedule"] == "cosine_periodic":
         t_max = max(o["t_max_epochs"] * steps_per_epoch, 1)
@@ -45,8 +48,15 @@ def optimizer(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[optax.Gradient
     else:
         raise ValueError(f"optimizer.schedule must be 'cosine' or 'cosine_periodic', "
                          f"got {o['schedule']!r}")
+    if warmup:
+        schedule = optax.join_schedules([optax.constant_schedule(o["warmup_lr"]), schedule],
+                                        [warmup])
     parts = [optax.clip_by_global_norm(o["grad_clip"])] if o["grad_clip"] else []
-    parts.append(optax.adamw(schedule, eps=o["eps"], weight_decay=o["weight_decay"]))
+    if o["name"] == "sgd":
+        parts += [optax.add_decayed_weights(o["weight_decay"]),
+                  optax.sgd(schedule, momentum=o["momentum"] or None)]
+    else:
+        parts.append(optax.adamw(schedule, eps=o["eps"], weight_decay=o["weight_decay"]))
     return optax.chain(*parts), schedule
 
 
@@ -68,20 +78,64 @@ def text_anchors(method: methods.Method, anchors_path: str | None, no_psc: bool,
     return prompts.template_anchors(clip, info.class_names, info.prompt_template), False
 
 
-def build_model(method: methods.Method, student: str, weights: str | None, seed: int,
-                num_classes: int, teacher_dim: int, dtype, classes=None) -> student_lib.Distillee:
-    """The student (converted ImageNet backbone from `weights`, or from scratch when None)
-    and the method's heads, in train mode. `classes` = (anchors [C, D], scale s) gives the
-    student an anchor head (`method.anchor_head`) classifying by s L2norm(P(h)) T_hat^T."""
-    rngs = nnx.Rngs(seed)
-    head_dim = None if classes is None else classes[0].shape[1]
-    if weights:
-        model = student_lib.student_from_pretrained(
-            weights.format(student=student), num_classes, rngs=rngs, head_dim=head_dim,
-            dtype=dtype)
-    else:  # from scratch (the offline demo)
-        model = student_lib.Student(student, num_classes, head_dim=head_dim, dtype=dtype,
-                                    rngs=rngs)
+def _clip_student(cfg: dict[str, Any], info, head_dim: int | None, dual, dtype, rngs):
+    """`clip:DIR`'s prompted image tower. Its classes: DIR's text features of the class
+    prompts; with `student_text_context` = n a CoOp context of n vectors on its text tower;
+    with `dual` = (positive words, negative words, template) (FDBPL) two contexts starting as
+    those words; with `head_dim` an anchor head."""
+    path = clip_student.clip_dir(cfg["student"])
+    clip, _ = setup.load_teacher(path, dtype, hint="Convert a ViT CLIP there with: python "
+                                 "convert_weights.py --model ViT-B-16 --pretrained TAG "
+                                 f"--out {path}")
+    clip_student.check_tower(clip, path, cfg["image_size"])
+
+    def context(template: str, init) -> tuple:
+        p = prompts.prompt_parts(clip, info.class_names, template, init.shape[0])
+        return p.prefix, p.suffix, p.eot_index, init
+
+    features = positive = negative = None
+    n_ctx, width = cfg["student_text_context"], clip.config.text.width
+    if dual:
+        positive, negative = (context(dual[2], prompts.word_context(clip, words))
+                              for words in dual[:2])
+    elif n_ctx:
+        positive = context(info.prompt_template, prompts.init_context(
+            rngs.params(), n_ctx, width, clip_student.PROMPT_INIT_STD))
+    elif head_dim is None:
+        features = prompts.template_anchors(clip, info.class_names, info.prompt_template)
+    return clip_student.from_clip(
+        clip, info.num_classes, features, prompt_tokens=cfg["student_prompt_tokens"],
+        prompt_depth=cfg["student_prompt_depth"], train=cfg["student_train"], head_dim=head_dim,
+        dtype=dtype, rngs=rngs, text_prompts=positive, negative_prompts=negative)
+
+
+def build_student(cfg: dict[str, Any], info, head_dim: int | None, dtype, rngs: nnx.Rngs,
+                  dual=None):
+    """The run's student in train mode: a torchvision backbone (converted ImageNet weights from
+    `student_weights`, or from scratch when null) with a fresh head (an anchor head with
+    `head_dim`), or for clip:DIR that CLIP's prompted image tower (`_clip_student`)."""
+    student = cfg["student"]
+    if clip_student.is_clip(student):
+        return _clip_student(cfg, info, head_dim, dual, dtype, rngs)
+    if cfg["student_weights"]:
+        return student_lib.student_from_pretrained(
+            cfg["student_weights"].format(student=student), info.num_classes, rngs=rngs,
+            head_dim=head_dim, dtype=dtype)
+    model = student_lib.Student(student, info.num_classes, head_dim=head_dim, dtype=dtype,
+                                rngs=rngs)
+    model.train()
+    return model
+
+
+def build_model(method: methods.Method, cfg: dict[str, Any], info, teacher_dim: int, dtype,
+                classes=None) -> student_lib.Distillee:
+    """The student (`build_student`) and the method's heads, in train mode. `classes` =
+    (anchors [C, D], scale s) gives the student an anchor head (`method.anchor_head_for`)
+    classifying by s L2norm(P(h)) T_hat^T."""
+    rngs = nnx.Rngs(cfg["seed"])
+    dual = method.dual_prompts(cfg["loss"]) if method.dual_prompts else None
+    model = build_student(cfg, info, None if classes is None else classes[0].shape[1], dtype,
+                          rngs, dual)
     if classes is not None:
         model.classifier.set_classes(*classes)
     distillee = student_lib.Distillee(model, method.heads(model.num_features, teacher_dim, rngs))
@@ -100,10 +154,12 @@ def make_loss(method: methods.Method, loss_cfg: dict[str, Any], learned_anchors:
         method.objective, **method.settings(loss_cfg, num_epochs, learned_anchors, dataset))
 
     def loss(model, images, labels, t, anchors, epoch, q=None, intermediate=None):
-        feature_map = model.student.feature_map(images)
-        features = global_avg_pool(feature_map)
+        student = model.student
+        feature_map, features = student.encode(images)
+        negative_logits, text_pair = student.negative(features) or (None, None)
         return objective(methods.Inputs(
-            logits=model.student.classifier(features), features=features,
+            logits=student.logits(features), features=features,
+            negative_logits=negative_logits, text_pair=text_pair,
             labels=labels if method.reads_labels else None, teacher=t, anchors=anchors,
             heads=model.heads, epoch=epoch, teacher_probs=q, feature_map=feature_map,
             intermediate=intermediate))
@@ -122,8 +178,9 @@ def sparse_labels(cfg: dict[str, Any], method: methods.Method, anchors):
 
 
 def init_state(model: student_lib.Distillee, tx) -> tuple[Any, dict]:
-    """(graphdef, train state): trainable params, BatchNorm statistics, optimizer, step."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    """(graphdef, train state): trainable params, the rest (BatchNorm statistics, a CLIP
+    student's frozen tower), optimizer, step."""
+    graphdef, params, rest = nnx.split(model, student_lib.trainable(model.student), ...)
     return graphdef, {"params": params, "rest": rest, "opt_state": tx.init(params),
                       "step": jnp.zeros((), jnp.int32)}
 
@@ -151,9 +208,9 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None, it_gr
         q = intermediate = None
         if it_graphdef is not None:
             it = nnx.merge(it_graphdef, it_state[0], copy=True)
-            it_map = it.feature_map(images)
+            it_map, it_features = it.encode(images)
             intermediate = jax.lax.stop_gradient(
-                (it_map.astype(jnp.float32), it.classifier(global_avg_pool(it_map))))
+                (it_map.astype(jnp.float32), it.classifier(it_features)))
         if "teacher_index" in batch:
             t = None
             q = soft_labels.reconstruct(batch["teacher_index"], batch["teacher_value"],
@@ -170,7 +227,8 @@ def make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef=None, it_gr
             model = nnx.merge(graphdef, params, state["rest"], copy=True)
             total, parts = loss_fn(model, images, batch.get("label"), t, anchors, epoch, q,
                                    intermediate)
-            return total, (parts, nnx.split(model, nnx.Param, ...)[2])
+            return total, (parts, nnx.split(model, student_lib.trainable(model.student),
+                                            ...)[2])
 
         (total, (parts, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -203,9 +261,9 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
     anchors, learned = text_anchors(method, cfg["anchors"], cfg["no_psc"], info, clip, teacher_id)
     teacher_dim = (clip.config.embed_dim if clip is not None else
                    it.num_features if it is not None else 1)
-    classes = (anchors, method.anchor_head(cfg["loss"])) if method.anchor_head else None
-    model = build_model(method, cfg["student"], cfg["student_weights"], cfg["seed"],
-                        info.num_classes, teacher_dim, dtype, classes)
+    anchor_head = method.anchor_head_for(clip_student.is_clip(cfg["student"]))
+    classes = (anchors, anchor_head(cfg["loss"])) if anchor_head else None
+    model = build_model(method, cfg, info, teacher_dim, dtype, classes)
 
     train_split = setup.train_split(info, cfg)
     train_source = setup.train_source(info, train_split, cfg, unlabeled)
@@ -240,6 +298,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
                         else len(train_source) * views if cached else cfg["epochs"] * spe * batch)
 
     graphdef, state = init_state(model, tx)
+    trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
     state = devices.replicate(mesh, state)
     online = needs_teacher and not cached
     t_graphdef, t_state = nnx.split(clip) if online else (None, None)
@@ -282,7 +341,7 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
         # Every process takes part: orbax saves are collective (the primary writes).
         best = nnx.merge(graphdef, *jax.device_get((state["params"], state["rest"])))
         best.student.eval()
-        student_lib.save_student(workdir / "student", best.student, dataset=info.key,
+        student_lib.save_student(workdir / "student", best.student.folded(), dataset=info.key,
                                  class_names=list(info.class_names), top1=scores["top1"],
                                  method=cfg["method"], image_size=cfg["image_size"])
 
@@ -302,4 +361,5 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
                                    "teacher_cache_views": views,
                                    "teacher_mode": "cached" if cached else
                                    "online" if needs_teacher else method.teacher,
-                                   "teacher_forwards": teacher_forwards})
+                                   "teacher_forwards": teacher_forwards,
+                                   "trainable_parameters": trainable})

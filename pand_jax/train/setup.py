@@ -131,13 +131,14 @@ def train_split(info, cfg: dict[str, Any]) -> str:
     return cfg["train_split"] or info.train_split
 
 
-def load_teacher(path: str, dtype):
-    """The converted CLIP teacher and an id for cache keys and anchors."""
+def load_teacher(path: str, dtype, hint: str | None = None):
+    """The converted CLIP teacher (or a CLIP student's CLIP, `hint` saying how to make it) and
+    an id for cache keys and anchors."""
     from pand_jax import weights
     from pand_jax.models.clip import load_clip
 
-    meta = weights.read_meta(path, "clip", hint="Convert it with: python convert_weights.py "
-                             f"--out {path}  (or pass --teacher DIR)")
+    meta = weights.read_meta(path, "clip", hint=hint or "Convert it with: python "
+                             f"convert_weights.py --out {path}  (or pass --teacher DIR)")
     teacher_id = meta.get("teacher_id") or ":".join(
         str(meta.get(k)) for k in ("model", "pretrained") if meta.get(k)) or str(path)
     return load_clip(path, dtype=dtype), teacher_id
