@@ -1,10 +1,16 @@
 """Host image cache checksums: CRC-32 against BLAKE2b on ~100 MB, and what checking every chunk
-once costs against reading the cache for an epoch.
+once costs against reading the cache for an epoch, and against an epoch that computes on what it
+reads.
 
     python bench/cache_checksums.py [--images 640] [--size 224] [--batch 64] [--threads 8]
+                                    [--model-size 64]
 
 A synthetic split (random uint8 images, already at the cache's size) is cached in a temporary
-folder; epochs are read as training reads them (grain threads, shuffled global batches).
+folder; epochs are read as training reads them (grain threads, shuffled global batches). The
+computing epoch runs a jitted ResNet-18 forward (eval mode, 100 classes) on each batch's
+centre --model-size crop: less work per image than a training step, so the share it gives the
+checks is an upper bound on what they cost a training epoch on this machine. The checks run in
+grain's read threads, so they overlap with that computation.
 """
 
 import argparse
@@ -36,12 +42,50 @@ def read_epoch(loader: Loader, epoch: int) -> float:
     return time.perf_counter() - t
 
 
+def computing_epoch(make_loader, size: int, checked: bool) -> float:
+    """Wall seconds of one epoch of a fresh Loader (its chunks marked checked, or not) whose
+    batches a jitted ResNet-18 forward consumes."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pand_jax.models.student import Student
+
+    model = Student("resnet18", 100, rngs=nnx.Rngs(0))
+    model.eval()
+
+    @nnx.jit
+    def forward(model, images):
+        lo = (images.shape[1] - size) // 2
+        crop = images[:, lo:lo + size, lo:lo + size].astype(jnp.float32) / 255.0
+        return model(crop).sum()
+
+    def epoch(loader):
+        t, out = time.perf_counter(), None
+        for batch in loader.epoch(0):
+            out = forward(model, batch["image"])
+        jax.block_until_ready(out)
+        return time.perf_counter() - t
+
+    warm = make_loader()
+    warm._checked[:] = True
+    epoch(warm)  # compiles
+    times = []
+    for _ in range(3):
+        loader = make_loader()
+        if checked:
+            loader._checked[:] = True
+        times.append(epoch(loader))
+    return min(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=640)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--model-size", type=int, default=64)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (args.images, args.size, args.size, 3), np.uint8)
@@ -75,6 +119,9 @@ def main() -> None:
                 fresh._check_chunk(c)
             return time.perf_counter() - t
         check = min(check_all() for _ in range(3))
+        make = lambda: Loader(source, cache_dir=tmp, **common)  # noqa: E731
+        computed = computing_epoch(make, args.model_size, checked=True)
+        computed_first = computing_epoch(make, args.model_size, checked=False)
     print(f"epoch read from the cache ({args.images // args.batch} batches of {args.batch}, "
           f"{args.threads} threads): {1e3 * read:.1f} ms")
     print(f"checking every chunk once: {1e3 * check:.1f} ms = {100 * check / read:.0f} % of an "
@@ -82,6 +129,9 @@ def main() -> None:
     for epochs in (10, 100, 300):
         print(f"  spread over a run of {epochs} epochs: +{100 * check / (epochs * read):.1f} % "
               "per epoch")
+    print(f"epoch with a ResNet-18 forward at {args.model_size} px on each batch: "
+          f"{1e3 * computed:.0f} ms (chunks checked), {1e3 * computed_first:.0f} ms (checking "
+          f"every chunk): +{100 * (computed_first / computed - 1):.1f} %")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Sets up .venv (see setup.sh) and runs the CPU test suite.
+# Sets up .venv (see setup.sh) and runs the CPU test suite in two pytest-xdist workers, each
+# test file on one of them (a file's fixtures are made once); extra arguments go to pytest, and
+# a later `-n N` overrides the two (`-n 0`: one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadscope "$@"

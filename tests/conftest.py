@@ -1,6 +1,6 @@
 """Settings of the whole test run, and runs shared by several test files: `train.py` on
-`digits` with a tiny random CLIP teacher (session fixtures, so each run happens once per test
-session).
+`digits` with a tiny random CLIP teacher (session fixtures, made once per test run and shared
+by pytest-xdist's workers: `made_once`).
 
 Compiled programs go to a JAX persistent compilation cache outside the clone, one directory per
 JAX and jaxlib version, that this process and every subprocess it starts (train.py, bench/) read
@@ -9,8 +9,8 @@ entry by the program, its compile options, XLA_FLAGS and the backend, and an ent
 executable a fresh compilation gives (oneDNN's custom calls are looked up by name when it loads),
 so a test passes or fails the same with it, cold or warm. `JAX_COMPILATION_CACHE_DIR=` (empty)
 switches it off; a directory already set there is used instead. With a size limit JAX locks the
-cache (filelock), which the two-process runs need: without the lock a reader can meet an entry
-being written.
+cache (filelock), which the two-process runs and xdist's workers need: without the lock a reader
+can meet an entry being written.
 
 Hypothesis runs derandomized everywhere (the `ci` profile): the same examples on every run and
 machine, so a failure reproduces and a pass is not luck. `--hypothesis-profile explore` searches
@@ -18,9 +18,9 @@ afresh."""
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -31,13 +31,13 @@ def _compilation_cache() -> str:
     return str(base / "pand_jax" / f"jax-tests-{versions}")
 
 
-if importlib.util.find_spec("filelock") is not None:  # before JAX reads its environment
-    for key, value in {"JAX_COMPILATION_CACHE_DIR": _compilation_cache(),
-                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}.items():
-        os.environ.setdefault(key, value)
+for key, value in {"JAX_COMPILATION_CACHE_DIR": _compilation_cache(),  # before JAX reads them
+                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                   "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}.items():
+    os.environ.setdefault(key, value)
 
+import filelock  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from hypothesis import settings  # noqa: E402
@@ -83,28 +83,44 @@ def run_train(args, *, devices=1, check=True, background=False, env=None):
     return out
 
 
-@pytest.fixture(scope="session")
-def teacher(tmp_path_factory) -> pathlib.Path:
-    """A random tiny CLIP with the real tokenizer's vocabulary (configs/demo.json)."""
-    from pand_jax.train import demo
-    from pand_jax.models.clip import CLIP, save_clip
-
-    path = tmp_path_factory.mktemp("teacher")
-    clip = CLIP(demo.teacher_config(demo.demo_config()["teacher"]), rngs=nnx.Rngs(0))
-    save_clip(path, clip, teacher_id="test-teacher")
+def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+    """The folder `name` that `make(path)` fills once per test run. Under pytest-xdist
+    (scripts/test.sh runs two workers) the workers share it, in the base temp they have in
+    common: the first to take its lock makes it, the others wait and then read it. A folder
+    left half-made by a failed `make` is made again."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path, done = base / name, base / f"{name}.done"
+    with filelock.FileLock(base / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            make(path)
+            done.touch()
     return path
 
 
 @pytest.fixture(scope="session")
+def teacher(tmp_path_factory) -> pathlib.Path:
+    """A random tiny CLIP with the real tokenizer's vocabulary (configs/demo.json)."""
+    def make(path):
+        from pand_jax.train import demo
+        from pand_jax.models.clip import CLIP, save_clip
+
+        clip = CLIP(demo.teacher_config(demo.demo_config()["teacher"]), rngs=nnx.Rngs(0))
+        save_clip(path, clip, teacher_id="test-teacher")
+    return made_once(tmp_path_factory, "teacher", make)
+
+
+@pytest.fixture(scope="session")
 def psc_run(teacher, tmp_path_factory) -> pathlib.Path:
-    workdir = tmp_path_factory.mktemp("psc1")
-    run_train(PSC_ARGS + ["--teacher", teacher, "--workdir", workdir])
-    return workdir
+    return made_once(tmp_path_factory, "psc1", lambda workdir: run_train(
+        PSC_ARGS + ["--teacher", teacher, "--workdir", workdir]))
 
 
 @pytest.fixture(scope="session")
 def nsd_run(teacher, psc_run, tmp_path_factory) -> pathlib.Path:
-    workdir = tmp_path_factory.mktemp("nsd1")
-    run_train(NSD_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
-                          "--workdir", workdir])
-    return workdir
+    return made_once(tmp_path_factory, "nsd1", lambda workdir: run_train(
+        NSD_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
+                    "--workdir", workdir]))

@@ -279,7 +279,7 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=N
     if method == "promptkd":  # trainers/promptkd.py: no labels, KL summed over B*C entries
         pk = lc["promptkd"]
         T = pk["temperature"]
-        w = 200.0 if cfg["dataset"] in ("aircraft", "flowers") else 1000.0
+        w = pk["weight"] or (200.0 if cfg["dataset"] in ("aircraft", "flowers") else 1000.0)
         z_t = pk["logit_scale"] * feature_norm(t) @ feature_norm(anchors).T
         kd = F.kl_div(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1),
                       reduction="sum") * T * T / z_s.numel()
@@ -464,7 +464,12 @@ NSD_CASES = {
     "kd-resnet18-clip": dict(arch="resnet18", method="kd", learned=False, clip=True),
     "rkd-resnet18": dict(arch="resnet18", method="rkd", learned=False),
     "none-resnet18": dict(arch="resnet18", method="none", learned=False),
-    "promptkd-resnet18": dict(arch="resnet18", method="promptkd", learned=True),
+    # w = 2 instead of the released 1000: Adam's first update is lr g / (|g| + eps), and 1000 x
+    # the gradient (and its rounding noise) puts most weights in the sign regime that ADAM_EPS
+    # keeps this comparison out of (1.35e-2 on layer1.0.conv2 on one build machine's kernels).
+    # w multiplies the loss, which is compared at LOSS_RTOL; the released w has its own test.
+    "promptkd-resnet18": dict(arch="resnet18", method="promptkd", learned=True,
+                              sets={"loss.promptkd.weight": 2.0}),
     "fdbpl-resnet18": dict(arch="resnet18", method="fdbpl", learned=True),
     "dait_it-resnet18": dict(arch="resnet18", method="dait_it", learned=True),
     # the frozen IT's map and logits (at 32 px both maps are 1x1: the resize has its own test)
@@ -610,6 +615,90 @@ def test_nsd_steps_match_released_pytorch(case):
                    (buffers[name] - buffers_before[name]).numpy())
             for name, value in ((jax_path_to_torch(arch, p), v) for p, v in stats.items())},
             state_rtol)
+
+
+# ------------------------------------------------------------------ degenerate batches
+
+class FixedOutputs:
+    """A stand-in student for `torch_objective`: given features h and logits z (leaf tensors),
+    and linear align heads."""
+
+    def __init__(self, h, z, w_img, w_txt):
+        self.h, self.z = h, z
+        self.align_image, self.align_text = (lambda t: t @ w_img), (lambda a: a @ w_txt)
+
+    def __call__(self, images):
+        return self.h, self.z
+
+
+def degenerate_batch(case):
+    """(logits, features, teacher embeddings, labels, anchors, w_img, w_txt): the smallest batch
+    the schema allows, or a batch of 4 with duplicate samples, identical logits, or everything
+    collapsed to one point."""
+    rng = np.random.default_rng(0)
+    b, c, d, e = (2, 5, 6, 8) if case == "batch2" else (4, 5, 6, 8)
+    z, h, t = (rng.normal(size=s) for s in ((b, c), (b, d), (b, e)))
+    if case == "duplicates":
+        z[1], h[1], t[1] = z[0], h[0], t[0]
+    if case == "identical_logits":
+        z[:] = 3.0
+    if case == "collapsed":
+        h[:], t[:], z[:] = h[0], t[0], 0.0
+    labels = np.arange(b) % c
+    return z, h, t, labels, *(rng.normal(size=s) for s in ((c, e), (e, d), (e, d)))
+
+
+DEGENERATE_METHODS = {  # name: config overrides (k and groups as large or small as allowed)
+    "none": {}, "kd": {}, "rkd": {}, "vl2lite": {}, "promptkd": {}, "fdbpl": {},
+    "pand_paper": {"loss.pand.nsd_form": "paper", "loss.pand.nsd_k": "c-1"},
+    "pand_batch": {"loss.pand.nsd_form": "batch", "loss.pand.nsd_k": "b-1"},
+    "pand_groups": {"loss.pand.nsd_form": "batch", "loss.pand.nsd_k": 1,
+                    "loss.pand.nsd_group_size": 2},
+}
+
+
+@pytest.mark.parametrize("case", ["batch2", "duplicates", "identical_logits", "collapsed"])
+def test_every_objective_matches_pytorch_on_degenerate_batches(case):
+    """Degenerate batches and neighbourhoods (NSD's in-batch form with k = group - 1, RKD on a
+    collapsed batch, ties): every objective's terms and its gradients with respect to the
+    logits and features equal the released PyTorch objective's in float64 (1e-4 of their
+    size; fp32 against fp64), and are finite."""
+    z, h, t, labels, anchors, w_img, w_txt = degenerate_batch(case)
+    b, c = z.shape
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    for name, overrides in DEGENERATE_METHODS.items():
+        size = {"c-1": c - 1, "b-1": b - 1}
+        cfg = nsd_config(method=name.split("_")[0], dataset="digits",
+                         **{"loss.pand.lambda_nsd": 1.0},
+                         **{k: size.get(v, v) for k, v in overrides.items()})
+        method = methods.get(cfg["method"])
+        kwargs = method.settings(cfg["loss"], EPOCHS, True, cfg["dataset"])
+        heads = {"align_image": lambda a: a @ f32(w_img), "align_text": lambda a: a @ f32(w_txt)}
+
+        def total(zj, hj):
+            x = methods.Inputs(zj, hj, jnp.asarray(labels, jnp.int32) if method.reads_labels
+                               else None, f32(t), f32(anchors), heads, jnp.int32(1))
+            return method.objective(x, **kwargs)
+
+        (loss, terms), grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(
+            f32(z), f32(h))
+        zt, ht = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (z, h))
+        model = FixedOutputs(ht, zt, *(torch.tensor(w, dtype=torch.float64)
+                                       for w in (w_img, w_txt)))
+        want, want_terms = torch_objective(cfg, model, None, torch.tensor(labels),
+                                           torch.tensor(t), torch.tensor(anchors), 1, True)
+        want.backward()
+        where = f"{case}, {name}"
+        assert set(want_terms) <= set(terms), (where, sorted(terms))
+        for k, v in {"loss": (loss, want), **{k: (terms[k], want_terms[k])
+                                               for k in want_terms}}.items():
+            got, ref = float(v[0]), float(v[1].detach())
+            assert np.isfinite(got) and abs(got - ref) <= 1e-4 * max(abs(ref), 1e-2), \
+                (where, k, got, ref)
+        for got, ref, what in ((grads[0], zt, "dL/dz"), (grads[1], ht, "dL/dh")):
+            ref = np.zeros(ref.shape) if ref.grad is None else ref.grad.numpy()  # not read
+            assert np.all(np.isfinite(np.asarray(got))), (where, what)
+            assert_rel(f"{where}: {what}", got, ref, 1e-4, floor=1e-6)
 
 
 # ------------------------------------------------------------------ Stage-PSC
