@@ -13,8 +13,8 @@ training and 50 test images each, 48 px), a domain the digits teacher never saw;
 on it first.
 
 For each seed: a MobileNet-V2 intermediate teacher per (alpha, beta), each then distilled into a
-ResNet-18 at the default gamma = 1, delta = 0; and, from the default IT (1, 1), a ResNet-18 per
-(gamma, delta). Prints one markdown table per dataset: mean and min/max of best top-1 over seeds.
+ResNet-18 at the first (gamma, delta) pair, (1, 0); and, from the first IT, (1, 1), a ResNet-18
+per (gamma, delta). Prints one markdown table per dataset: mean and min/max of best top-1 over seeds.
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ sys.path.insert(0, str(REPO))
 
 from pand_jax.cli.train import main as train  # noqa: E402
 
-# The demo's Stage-NSD settings (configs/demo.json's nsd section) as command-line flags.
-DEMO_NSD = ["--stage", "nsd", "--batch-size", "64", "--set", "eval_batch_size=64",
+# The demo's Stage-NSD settings (configs/demo.json's nsd section) as command-line flags, for
+# both stages (--stage it and nsd).
+DEMO_NSD = ["--batch-size", "64", "--set", "eval_batch_size=64",
             "--set", "host_image_size=36", "--set", "image_size=32", "--set", "augment=rrc",
             "--set", "dtype=float32", "--set", "optimizer.lr=0.002",
             "--set", "optimizer.end_lr=0.0001", "--set", "student_weights=null"]
@@ -100,13 +101,14 @@ def sweep(root: pathlib.Path, dataset: str, anchors: pathlib.Path, teacher: path
         its = {}
         for a, b in alpha_beta:
             it = root / f"seed{seed}" / f"it_a{a:g}_b{b:g}"
-            s = run(["--stage", "it", *seeded[2:], "--set", f"loss.dait.alpha={a}",
+            s = run(["--stage", "it", *seeded, "--set", f"loss.dait.alpha={a}",
                      "--set", f"loss.dait.beta={b}"], it)
             record(f"IT alpha={a:g} beta={b:g}: the IT (MobileNet-V2)", s)
             its[a, b] = it
         for (a, b), it in its.items():
             for g, d in gamma_delta if (a, b) == alpha_beta[0] else gamma_delta[:1]:
-                s = run([*seeded, "--method", "dait", "--intermediate-teacher", str(it),
+                s = run(["--stage", "nsd", *seeded, "--method", "dait",
+                         "--intermediate-teacher", str(it),
                          "--set", f"loss.dait.gamma={g}", "--set", f"loss.dait.delta={d}"],
                         root / f"seed{seed}" / f"nsd_a{a:g}_b{b:g}_g{g:g}_d{d:g}")
                 record(f"IT alpha={a:g} beta={b:g}, student gamma={g:g} delta={d:g}", s)

@@ -666,8 +666,8 @@ def test_every_objective_matches_pytorch_on_degenerate_batches(case):
     z, h, t, labels, anchors, w_img, w_txt = degenerate_batch(case)
     b, c = z.shape
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    size = {"c-1": c - 1, "b-1": b - 1}
     for name, overrides in DEGENERATE_METHODS.items():
-        size = {"c-1": c - 1, "b-1": b - 1}
         cfg = nsd_config(method=name.split("_")[0], dataset="digits",
                          **{"loss.pand.lambda_nsd": 1.0},
                          **{k: size.get(v, v) for k, v in overrides.items()})
