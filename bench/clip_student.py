@@ -21,14 +21,15 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pand_jax.cli.reproduce import demo_sets  # noqa: E402
 from pand_jax.cli.train import main as train  # noqa: E402
 from pand_jax.train import demo  # noqa: E402
 
-# The demo's Stage-NSD settings (configs/demo.json's nsd section) as command-line flags.
-DEMO_NSD = ["--stage", "nsd", "--dataset", "digits", "--batch-size", "64",
-            "--set", "eval_batch_size=64", "--set", "host_image_size=36", "--set", "image_size=32",
-            "--set", "augment=rrc", "--set", "dtype=float32", "--set", "optimizer.lr=0.002",
-            "--set", "optimizer.end_lr=0.0001", "--set", "student_prompt_depth=2"]
+# The demo's Stage-NSD settings (configs/demo.json's nsd section) as command-line flags, with
+# the student's prompts two layers deep.
+DEMO_NSD = ["--stage", "nsd", "--dataset", "digits",
+            *(flag for item in demo_sets()[2] for flag in ("--set", item)),
+            "--set", "student_prompt_depth=2"]
 
 
 def runs(root: pathlib.Path) -> dict[str, list[str]]:

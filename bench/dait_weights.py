@@ -30,14 +30,12 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pand_jax.cli.reproduce import demo_sets  # noqa: E402
 from pand_jax.cli.train import main as train  # noqa: E402
 
 # The demo's Stage-NSD settings (configs/demo.json's nsd section) as command-line flags, for
 # both stages (--stage it and nsd).
-DEMO_NSD = ["--batch-size", "64", "--set", "eval_batch_size=64",
-            "--set", "host_image_size=36", "--set", "image_size=32", "--set", "augment=rrc",
-            "--set", "dtype=float32", "--set", "optimizer.lr=0.002",
-            "--set", "optimizer.end_lr=0.0001", "--set", "student_weights=null"]
+DEMO_NSD = [flag for item in demo_sets()[2] for flag in ("--set", item)]
 ALPHA_BETA = [(1.0, 1.0), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (10.0, 10.0)]
 GAMMA_DELTA = [(1.0, 0.0), (0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (10.0, 0.0)]
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "hollow_square", "cross", "bar")

@@ -12,6 +12,13 @@ switches it off; a directory already set there is used instead. With a size limi
 cache (filelock), which the two-process runs and xdist's workers need: without the lock a reader
 can meet an entry being written.
 
+The suite's programs are compiled with LLVM's optimisation level 1 instead of XLA's default 2
+(`TEST_XLA_FLAGS`, passed on to every subprocess by `cpu_env`): compilation is most of a cold run,
+and at level 1 it is a quarter shorter while the tiny models run almost as fast; level 0 is
+shorter still but makes the demo's training test a third slower (bench/RESULTS.md, "Test
+suite"). XLA's graph passes, which decide fusion and the order of sums, run as before. A level
+already set in XLA_FLAGS is kept.
+
 Hypothesis runs derandomized everywhere (the `ci` profile): the same examples on every run and
 machine, so a failure reproduces and a pass is not luck. `--hypothesis-profile explore` searches
 afresh."""
@@ -31,6 +38,9 @@ def _compilation_cache() -> str:
     return str(base / "pand_jax" / f"jax-tests-{versions}")
 
 
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 for key, value in {"JAX_COMPILATION_CACHE_DIR": _compilation_cache(),  # before JAX reads them
                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -65,13 +75,19 @@ NSD_ARGS = ["--stage", "nsd", "--dataset", "digits", "--epochs", "1", "--batch-s
             "--set", "optimizer.eps=1e-3"]
 
 
+def cpu_env(devices: int = 1, xla_flags: str = "", **extra) -> dict:
+    """The environment of a subprocess on `devices` fake CPU devices: this run's XLA_FLAGS
+    (`TEST_XLA_FLAGS`), the device count and `xla_flags` after them, and `extra`."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} " \
+            f"--xla_force_host_platform_device_count={devices} {xla_flags}"
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip(), **extra}
+
+
 def run_train(args, *, devices=1, check=True, background=False, env=None):
     """Runs train.py on `devices` fake CPU devices (with `env` added to the environment, its
     XLA_FLAGS after the device count); `background` returns the Popen."""
     env = dict(env or {})
-    xla_flags = f"--xla_force_host_platform_device_count={devices} {env.pop('XLA_FLAGS', '')}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": xla_flags.strip(), **env}
+    env = cpu_env(devices, env.pop("XLA_FLAGS", ""), PYTHONUNBUFFERED="1", **env)
     cmd = [sys.executable, str(REPO / "train.py"), *map(str, args)]
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

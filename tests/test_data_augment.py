@@ -10,6 +10,13 @@ from torchvision.transforms import functional as TF
 
 from pand_jax.data import augment as A
 
+# The functions under test compiled whole, as `augment` runs them in training. Called eagerly,
+# each of their hundreds of small ops compiles on its own: that was most of these tests' time
+# with a cold compilation cache.
+sample_params = jax.jit(A.sample_params, static_argnums=(1, 2, 3))
+apply_params = jax.jit(A.apply_params, static_argnums=(2, 3))
+crop_resize = jax.jit(A._crop_resize, static_argnums=2)
+
 
 def _images(b=4, s=40, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, 255, (b, s, s, 3), dtype=np.uint8))
@@ -46,7 +53,7 @@ def test_same_key_bit_identical_other_view_differs(recipe):
 
 def test_released_parameter_ranges():
     keys = A.example_keys(0, jnp.arange(2000), 0)
-    p = jax.tree.map(np.asarray, A.sample_params(keys, "released", 256, 224))
+    p = jax.tree.map(np.asarray, sample_params(keys, "released", 256, 224))
     assert ((p["crop"] >= 0) & (p["crop"] <= 32)).all()
     assert p["side"].min() == 192 and p["side"].max() == 224
     assert ((p["offset"] >= 0) & (p["offset"] + p["side"][:, None] <= 224)).all()
@@ -64,7 +71,7 @@ def test_released_parameter_ranges():
 
 def test_rrc_parameter_ranges():
     keys = A.example_keys(1, jnp.arange(2000), 0)
-    p = jax.tree.map(np.asarray, A.sample_params(keys, "rrc", 64, 32))
+    p = jax.tree.map(np.asarray, sample_params(keys, "rrc", 64, 32))
     y, x, h, w = p["region"].T
     assert (y >= 0).all() and (x >= 0).all() and (y + h <= 64).all() and (x + w <= 64).all()
     frac, ratio = h * w / 64**2, w / h
@@ -138,12 +145,12 @@ def test_crop_then_square_crop_matches_two_step_reference():
     """The fused crop (RandomCrop then square crop resized back) equals doing both steps."""
     imgs = _images(1, 64)
     keys = A.example_keys(5, jnp.arange(1), 0)
-    p = A.sample_params(keys, "released", 64, 56)
+    p = sample_params(keys, "released", 64, 56)
     x = np.asarray(imgs[0], np.float32) / 255.0
     (y0, x0), side, (y2, x2) = np.asarray(p["crop"][0]), int(p["side"][0]), np.asarray(p["offset"][0])
     first = x[y0:y0 + 56, x0:x0 + 56]
     ref = TF.resize(_torch(first[y2:y2 + side, x2:x2 + side]), [56, 56], antialias=True).numpy().transpose(1, 2, 0)
-    ours = np.asarray(A._crop_resize(jnp.asarray(x), p["region"][0], 56))
+    ours = np.asarray(crop_resize(jnp.asarray(x), p["region"][0], 56))
     assert np.abs(ours - ref).max() < 1e-4
 
 
@@ -152,7 +159,7 @@ def test_released_crop_matrices_match_torchvision_resized_crop():
     matrices, against torchvision's resized_crop (plain bilinear: the crops only enlarge).
     Tolerance: both sides round pixel coordinates near 224 to fp32 (~1.5e-5 each)."""
     imgs = np.asarray(_images(4, 256, seed=6))
-    p = A.sample_params(A.example_keys(6, jnp.arange(4), 0), "released", 256, 224)
+    p = sample_params(A.example_keys(6, jnp.arange(4), 0), "released", 256, 224)
     region = np.asarray(p["region"])
     assert (region == region.round()).all() and (region[:, 2] < 224).any()
     crop = jax.jit(jax.vmap(lambda im, r: A._crop_resize(im / 255.0, r, 224)))
@@ -168,8 +175,8 @@ def test_released_recipe_matches_torchvision_chain():
     the same crop, rotation, flip, blur and colour ops in turn: the stages composed, as
     training runs them. Tolerance 5e-5 (of a [0, 1] pixel): fp32 rounding through the chain."""
     imgs = np.asarray(_images(8, 64, seed=7))
-    p = A.sample_params(A.example_keys(7, jnp.arange(8), 0), "released", 64, 56)
-    ours = np.asarray(A.apply_params(jnp.asarray(imgs), p, "released", 56)) * A.CLIP_STD + A.CLIP_MEAN
+    p = sample_params(A.example_keys(7, jnp.arange(8), 0), "released", 64, 56)
+    ours = np.asarray(apply_params(jnp.asarray(imgs), p, "released", 56)) * A.CLIP_STD + A.CLIP_MEAN
     p = jax.tree.map(np.asarray, p)
     assert 0 < p["flip"].sum() < 8 and len({tuple(o) for o in p["jitter_order"]}) >= 4
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
@@ -214,8 +221,8 @@ def test_rrc_with_offset_matches_torchvision_resized_crop():
     """Sampled crops (most off the origin) and flips through `apply_params`, against
     torchvision's resized_crop (bilinear, antialiased) and hflip on the same region."""
     imgs = _images(8, 48, seed=3)
-    p = A.sample_params(A.example_keys(2, jnp.arange(8), 0), "rrc", 48, 32)
-    ours = np.asarray(A.apply_params(imgs, p, "rrc", 32)) * A.CLIP_STD + A.CLIP_MEAN
+    p = sample_params(A.example_keys(2, jnp.arange(8), 0), "rrc", 48, 32)
+    ours = np.asarray(apply_params(imgs, p, "rrc", 32)) * A.CLIP_STD + A.CLIP_MEAN
     region, flip = np.asarray(p["region"]).astype(int), np.asarray(p["flip"])
     assert (region[:, :2] > 0).any(axis=1).sum() >= 6 and 0 < flip.sum() < 8
     for img, (top, left, h, w), f, got in zip(np.asarray(imgs), region, flip, ours):
@@ -231,7 +238,7 @@ def test_rrc_fallback_is_torchvision_central_crop(monkeypatch):
     from torchvision.transforms import RandomResizedCrop
 
     monkeypatch.setattr(A, "RRC_SCALE", (1.5, 2.0))
-    p = A.sample_params(A.example_keys(0, jnp.arange(16), 0), "rrc", 40, 32)
+    p = sample_params(A.example_keys(0, jnp.arange(16), 0), "rrc", 40, 32)
     with torch.random.fork_rng(devices=[]):  # get_params draws from the global generator
         torch.manual_seed(0)
         ref = RandomResizedCrop.get_params(torch.zeros(3, 40, 40), [1.5, 2.0], [3 / 4, 4 / 3])
@@ -244,7 +251,7 @@ def test_colour_jitter_order_and_factors_match_torchvision():
     0..3 = brightness, contrast, saturation, hue), give our jittered image."""
     x = _float_image(24, seed=4)
     keys = A.example_keys(3, jnp.arange(6), 0)
-    p = jax.tree.map(np.asarray, A.sample_params(keys, "released", 32, 24))
+    p = jax.tree.map(np.asarray, sample_params(keys, "released", 32, 24))
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     names = ["brightness", "contrast", "saturation", "hue"]
     orders = {tuple(o) for o in p["jitter_order"]}

@@ -4,7 +4,6 @@ lower for CUDA and TPU with nothing of the CPU's custom calls in them."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,15 +12,14 @@ from jax.sharding import PartitionSpec as P
 
 from pand_jax import devices
 
-from conftest import REPO
+from conftest import REPO, cpu_env
 
 SCRIPT = REPO / "tests" / "sharding_script.py"
 
 
 @pytest.fixture(scope="module")
 def reports() -> dict[str, dict]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = cpu_env(8, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True,
                           text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]

@@ -5,7 +5,6 @@ CPU only, no network: torchvision models get random weights and random BatchNorm
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ from pand_jax.convert.torchvision import (  # noqa: E402
 from pand_jax.models.student import (  # noqa: E402
     ARCHS, Student, load_student, save_student, student_from_pretrained)
 from pand_jax.weights import WeightsError  # noqa: E402
+from conftest import cpu_env  # noqa: E402
 
 SIZE = 64  # smallest input that keeps every stage's feature map above 1x1 (2x2 at the end)
 BATCH = 3
@@ -176,7 +176,7 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
 
 def test_students_sync_batchnorm_on_8_device_mesh():
     """Batch sharded over 8 CPU devices: BN statistics (and gradients) are global-batch ones."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     proc = subprocess.run([sys.executable, "-c", SYNC_BN_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
