@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Converts the CLIP teacher and the students to pand_jax weights. See --help."""
+
 from pand_jax.cli import run
 
 if __name__ == "__main__":

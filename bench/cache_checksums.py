@@ -57,7 +57,7 @@ def computing_epoch(make_loader, size: int, checked: bool) -> float:
     @nnx.jit
     def forward(model, images):
         lo = (images.shape[1] - size) // 2
-        crop = images[:, lo:lo + size, lo:lo + size].astype(jnp.float32) / 255.0
+        crop = images[:, lo : lo + size, lo : lo + size].astype(jnp.float32) / 255.0
         return model(crop).sum()
 
     def epoch(loader):
@@ -90,21 +90,28 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (args.images, args.size, args.size, 3), np.uint8)
     source = ArraySource(images, np.arange(args.images) % 100, name="bench")
-    common = dict(global_batch_size=args.batch, image_size=args.size, train=True,
-                  process_index=0, process_count=1, threads=args.threads)
+    common = dict(
+        global_batch_size=args.batch,
+        image_size=args.size,
+        train=True,
+        process_index=0,
+        process_count=1,
+        threads=args.threads,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         Loader(source, cache_dir=tmp, **common)  # builds the cache
         cached = Loader(source, cache_dir=tmp, **common).cache[0]
         data = memoryview(np.ascontiguousarray(cached).reshape(-1))
         chunk = CHUNK * args.size * args.size * 3
-        chunks = [data[lo:lo + chunk] for lo in range(0, len(data), chunk)]
+        chunks = [data[lo : lo + chunk] for lo in range(0, len(data), chunk)]
         crc = best_of(lambda: [zlib.crc32(c) for c in chunks])
         blake = best_of(lambda: [hashlib.blake2b(c, digest_size=16).digest() for c in chunks])
         mb = len(data) / 1e6
-        print(f"cpu cores: {os.cpu_count()}  cache: {mb:.0f} MB ({args.images} x {args.size}^2)"
-              f"  chunks of {CHUNK} rows")
-        print(f"crc32 (zlib {zlib.ZLIB_RUNTIME_VERSION}): {1e3 * crc:.0f} ms, "
-              f"{mb / crc:,.0f} MB/s")
+        print(
+            f"cpu cores: {os.cpu_count()}  cache: {mb:.0f} MB ({args.images} x {args.size}^2)"
+            f"  chunks of {CHUNK} rows"
+        )
+        print(f"crc32 (zlib {zlib.ZLIB_RUNTIME_VERSION}): {1e3 * crc:.0f} ms, {mb / crc:,.0f} MB/s")
         print(f"blake2b-128: {1e3 * blake:.0f} ms, {mb / blake:,.0f} MB/s")
 
         loader = Loader(source, cache_dir=tmp, **common)
@@ -118,20 +125,30 @@ def main() -> None:
             for c in range(len(fresh._checked)):
                 fresh._check_chunk(c)
             return time.perf_counter() - t
+
         check = min(check_all() for _ in range(3))
         make = lambda: Loader(source, cache_dir=tmp, **common)  # noqa: E731
         computed = computing_epoch(make, args.model_size, checked=True)
         computed_first = computing_epoch(make, args.model_size, checked=False)
-    print(f"epoch read from the cache ({args.images // args.batch} batches of {args.batch}, "
-          f"{args.threads} threads): {1e3 * read:.1f} ms")
-    print(f"checking every chunk once: {1e3 * check:.1f} ms = {100 * check / read:.0f} % of an "
-          "epoch's read")
+    print(
+        f"epoch read from the cache ({args.images // args.batch} batches of {args.batch}, "
+        f"{args.threads} threads): {1e3 * read:.1f} ms"
+    )
+    print(
+        f"checking every chunk once: {1e3 * check:.1f} ms = {100 * check / read:.0f} % of an "
+        "epoch's read"
+    )
     for epochs in (10, 100, 300):
-        print(f"  spread over a run of {epochs} epochs: +{100 * check / (epochs * read):.1f} % "
-              "per epoch")
-    print(f"epoch with a ResNet-18 forward at {args.model_size} px on each batch: "
-          f"{1e3 * computed:.0f} ms (chunks checked), {1e3 * computed_first:.0f} ms (checking "
-          f"every chunk): +{100 * (computed_first / computed - 1):.1f} %")
+        print(
+            f"  spread over a run of {epochs} epochs: +{100 * check / (epochs * read):.1f} % "
+            "per epoch"
+        )
+    print(
+        f"epoch with a ResNet-18 forward at {args.model_size} px on each batch: "
+        f"{1e3 * computed:.0f} ms (chunks checked), {1e3 * computed_first:.0f} ms (checking "
+        f"every chunk): +{100 * (computed_first / computed - 1):.1f} %"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ student's CLIP (configs/demo.json, teacher_variants.vit), then runs Stage-NSD at
 settings with `--student clip:...` (prompt depth 2: the tower has 2 layers) for several methods,
 and prints one table row per run: best top-1, trainable parameters, wall seconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,24 +28,41 @@ from pand_jax.train import demo  # noqa: E402
 
 # The demo's Stage-NSD settings (configs/demo.json's nsd section) as command-line flags, with
 # the student's prompts two layers deep.
-DEMO_NSD = ["--stage", "nsd", "--dataset", "digits",
-            *(flag for item in demo_sets()[2] for flag in ("--set", item)),
-            "--set", "student_prompt_depth=2"]
+DEMO_NSD = [
+    "--stage",
+    "nsd",
+    "--dataset",
+    "digits",
+    *(flag for item in demo_sets()[2] for flag in ("--set", item)),
+    "--set",
+    "student_prompt_depth=2",
+]
 
 
 def runs(root: pathlib.Path) -> dict[str, list[str]]:
     d = root / "demo"
-    teacher, anchors = ["--teacher", str(d / "teacher")], ["--anchors", str(d / "psc" / "anchors.npz")]
+    teacher, anchors = (
+        ["--teacher", str(d / "teacher")],
+        ["--anchors", str(d / "psc" / "anchors.npz")],
+    )
     return {
         "none (CE), prompts": ["--method", "none"],
         "none (CE), whole tower": ["--method", "none", "--set", "student_train=all"],
         "KD, prompts": ["--method", "kd", *teacher],
         "PAND, prompts": ["--method", "pand", *teacher, *anchors],
         "PromptKD (no labels), prompts": ["--method", "promptkd", *teacher, *anchors],
-        "FDBPL (no labels), prompts and dual text contexts": ["--method", "fdbpl", *teacher,
-                                                              *anchors],
-        "none (CE), prompts and a text context": ["--method", "none",
-                                                  "--set", "student_text_context=4"],
+        "FDBPL (no labels), prompts and dual text contexts": [
+            "--method",
+            "fdbpl",
+            *teacher,
+            *anchors,
+        ],
+        "none (CE), prompts and a text context": [
+            "--method",
+            "none",
+            "--set",
+            "student_text_context=4",
+        ],
     }
 
 
@@ -63,12 +81,24 @@ def main() -> None:
     for name, flags in runs(root).items():
         workdir = root / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         start = time.perf_counter()
-        assert train(DEMO_NSD + ["--epochs", str(args.epochs), "--student", f"clip:{vit_dir}",
-                                 "--workdir", str(workdir), *flags]) == 0
+        assert (
+            train(
+                DEMO_NSD
+                + [
+                    "--epochs",
+                    str(args.epochs),
+                    "--student",
+                    f"clip:{vit_dir}",
+                    "--workdir",
+                    str(workdir),
+                    *flags,
+                ]
+            )
+            == 0
+        )
         wall = time.perf_counter() - start
         summary = json.loads((workdir / "summary.json").read_text())
-        rows.append((name, 100 * summary["best_top1"], summary["trainable_parameters"],
-                     wall))
+        rows.append((name, 100 * summary["best_top1"], summary["trainable_parameters"], wall))
     print("| run | best top-1 % | trainable parameters | wall s |\n|---|---|---|---|")
     for name, top1, n, wall in rows:
         print(f"| {name} | {top1:.1f} | {n:,} | {wall:.0f} |")

@@ -3,16 +3,20 @@
 `pand_jax.models.conv` reads its switches (PAND_NATIVE_CONV, PAND_ONEDNN) when a function is
 traced, so a measurement sets them around a fresh trace (jit caches traces: functions traced
 before are not affected)."""
+
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from pand_jax.models import conv, onednn
 
-CPU_PATHS = {"native": "XLA's convolution and pooling", "jnp": "the jnp forms (no oneDNN)",
-             "fast": "pand_jax.models.conv as it runs"}
+CPU_PATHS = {
+    "native": "XLA's convolution and pooling",
+    "jnp": "the jnp forms (no oneDNN)",
+    "fast": "pand_jax.models.conv as it runs",
+}
 _SWITCHES = {"native": {conv.XLA_SWITCH: "1"}, "jnp": {onednn.SWITCH: "0"}, "fast": {}}
 
 

@@ -14,6 +14,7 @@ read these rows for the ratio between columns, and `bench/student.py` for the st
     python bench/cpu_ops.py --rule            # XLA's kernel vs the matmul form, dense convs:
                                               # the measurements behind _dense_takes_matmul
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-
 from conv_paths import CPU_PATHS, traced_with
-from pand_jax.models import conv
+
 from pand_jax.hugepages import relaunch_with_huge_pages
+from pand_jax.models import conv
 
 BATCH = 16
 # name: (input size, in channels, out channels, kernel, stride, depthwise); padding k // 2
@@ -118,23 +119,29 @@ def conv_row(size, cin, cout, k, stride, depthwise) -> list[float]:
 
     def make_op():
         return lambda x, w: conv.conv_general_dilated(
-            x, w, (stride, stride), [(k // 2, k // 2)] * 2, dimension_numbers=NHWC,
-            feature_group_count=groups)
+            x,
+            w,
+            (stride, stride),
+            [(k // 2, k // 2)] * 2,
+            dimension_numbers=NHWC,
+            feature_group_count=groups,
+        )
 
     module = torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
-    return flax_columns(make_op, x, w) + list(torch_ms(module,
-                                                        torch.randn(BATCH, cin, size, size)))
+    return flax_columns(make_op, x, w) + list(torch_ms(module, torch.randn(BATCH, cin, size, size)))
 
 
 def pool_row(size, channels) -> list[float]:
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((BATCH, size, size, channels),
-                                                             np.float32))
+    x = jnp.asarray(
+        np.random.default_rng(0).standard_normal((BATCH, size, size, channels), np.float32)
+    )
 
     def make_op():
         return lambda x: conv.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
-    return flax_columns(make_op, x) + list(torch_ms(torch.nn.MaxPool2d(3, 2, 1),
-                                            torch.randn(BATCH, channels, size, size)))
+    return flax_columns(make_op, x) + list(
+        torch_ms(torch.nn.MaxPool2d(3, 2, 1), torch.randn(BATCH, channels, size, size))
+    )
 
 
 def rule_row(size, cin, cout, k, stride, pad, batch) -> list[float]:
@@ -143,10 +150,23 @@ def rule_row(size, cin, cout, k, stride, pad, batch) -> list[float]:
     x = jnp.asarray(rng.standard_normal((batch, size, size, cin), np.float32))
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32) * 0.1)
     pads = ((pad, pad), (pad, pad))
-    xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads,  # noqa: E731
-                                                    dimension_numbers=NHWC)
-    matmul = lambda x, w: conv._cpu_conv(x, w, (stride, stride), pads, None, None, 1,  # noqa: E731
-                                             use_onednn=False)
+    xla = lambda x, w: jax.lax.conv_general_dilated(
+        x,
+        w,
+        (stride, stride),
+        pads,  # noqa: E731
+        dimension_numbers=NHWC,
+    )
+    matmul = lambda x, w: conv._cpu_conv(
+        x,
+        w,
+        (stride, stride),
+        pads,
+        None,
+        None,
+        1,  # noqa: E731
+        use_onednn=False,
+    )
     return [*flax_ms(xla, x, w), *flax_ms(matmul, x, w)]
 
 
@@ -158,24 +178,34 @@ def print_rule_table(only) -> None:
             continue
         xf, xb, mf, mb = rule_row(size, cin, cout, k, stride, pad, batch)
         out = (size + 2 * pad - k) // stride + 1
-        pick = "matmul" if conv._dense_takes_matmul((k, k), (stride, stride), out * out,
-                                                    cin) else "XLA"
-        print(f"| {name} (batch {batch}) | {xf:.1f} | {mf:.1f} | {xb:.1f} | {mb:.1f} | {pick} |",
-              flush=True)
+        pick = (
+            "matmul"
+            if conv._dense_takes_matmul((k, k), (stride, stride), out * out, cin)
+            else "XLA"
+        )
+        print(
+            f"| {name} (batch {batch}) | {xf:.1f} | {mf:.1f} | {xb:.1f} | {mb:.1f} | {pick} |",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", default=[], help="words a row's name must contain")
-    parser.add_argument("--rule", action="store_true",
-                        help="XLA's kernel vs the matmul form for dense convs, no torch")
+    parser.add_argument(
+        "--rule",
+        action="store_true",
+        help="XLA's kernel vs the matmul form for dense convs, no torch",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     print(f"CPU, {os.cpu_count()} cores, batch {BATCH}, fp32, ms (10 timed runs after 2)")
     if args.rule:
         return print_rule_table(args.only)
-    print("| op | XLA fwd | jnp fwd | ours fwd | torch fwd | XLA fwd+bwd | jnp fwd+bwd | "
-          "ours fwd+bwd | torch fwd+bwd |")
+    print(
+        "| op | XLA fwd | jnp fwd | ours fwd | torch fwd | XLA fwd+bwd | jnp fwd+bwd | "
+        "ours fwd+bwd | torch fwd+bwd |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     rows = [(name, conv_row, shape) for name, shape in CONVS.items()]
     rows += [(name, pool_row, shape) for name, shape in POOLS.items()]
@@ -183,8 +213,11 @@ def main() -> None:
         if args.only and not any(word in name for word in args.only):
             continue
         xf, xb, jf, jb, of, ob, tf, tb = row(*shape)
-        print(f"| {name} | {xf:.1f} | {jf:.1f} | {of:.1f} | {tf:.1f} | {xb:.1f} | {jb:.1f} | "
-              f"{ob:.1f} | {tb:.1f} |", flush=True)
+        print(
+            f"| {name} | {xf:.1f} | {jf:.1f} | {of:.1f} | {tf:.1f} | {xb:.1f} | {jb:.1f} | "
+            f"{ob:.1f} | {tb:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

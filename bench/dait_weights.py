@@ -16,6 +16,7 @@ For each seed: a MobileNet-V2 intermediate teacher per (alpha, beta), each then 
 ResNet-18 at the first (gamma, delta) pair, (1, 0); and, from the first IT, (1, 1), a ResNet-18
 per (gamma, delta). Prints one markdown table per dataset: mean and min/max of best top-1 over seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,17 +62,23 @@ def draw_shapes(root: pathlib.Path, train_n: int = 150, test_n: int = 50) -> Non
                 x, y, r = rng.randrange(16, 32), rng.randrange(16, 32), rng.randrange(9, 15)
                 fill = tuple(rng.randrange(256) for _ in range(3))
                 box, d = (x - r, y - r, x + r, y + r), ImageDraw.Draw(img)
-                {"circle": lambda: d.ellipse(box, fill=fill),
-                 "square": lambda: d.rectangle(box, fill=fill),
-                 "triangle": lambda: d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)],
-                                               fill=fill),
-                 "diamond": lambda: d.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)],
-                                              fill=fill),
-                 "ring": lambda: d.ellipse(box, outline=fill, width=4),
-                 "hollow_square": lambda: d.rectangle(box, outline=fill, width=4),
-                 "cross": lambda: (d.rectangle((x - r, y - 3, x + r, y + 3), fill=fill),
-                                   d.rectangle((x - 3, y - r, x + 3, y + r), fill=fill)),
-                 "bar": lambda: d.rectangle((x - r, y - 3, x + r, y + 3), fill=fill)}[shape]()
+                {
+                    "circle": lambda: d.ellipse(box, fill=fill),
+                    "square": lambda: d.rectangle(box, fill=fill),
+                    "triangle": lambda: d.polygon(
+                        [(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill
+                    ),
+                    "diamond": lambda: d.polygon(
+                        [(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill
+                    ),
+                    "ring": lambda: d.ellipse(box, outline=fill, width=4),
+                    "hollow_square": lambda: d.rectangle(box, outline=fill, width=4),
+                    "cross": lambda: (
+                        d.rectangle((x - r, y - 3, x + r, y + 3), fill=fill),
+                        d.rectangle((x - 3, y - r, x + 3, y + r), fill=fill),
+                    ),
+                    "bar": lambda: d.rectangle((x - r, y - 3, x + r, y + 3), fill=fill),
+                }[shape]()
                 img.save(folder / f"{i}.png")
 
 
@@ -80,15 +87,33 @@ def run(args: list[str], workdir: pathlib.Path) -> dict:
         start = time.perf_counter()
         assert train([*args, "--workdir", str(workdir)]) == 0, args
         (workdir / "wall_s").write_text(f"{time.perf_counter() - start:.1f}")
-    return {**json.loads((workdir / "summary.json").read_text()),
-            "wall_s": float((workdir / "wall_s").read_text())}
+    return {
+        **json.loads((workdir / "summary.json").read_text()),
+        "wall_s": float((workdir / "wall_s").read_text()),
+    }
 
 
-def sweep(root: pathlib.Path, dataset: str, anchors: pathlib.Path, teacher: pathlib.Path,
-          seeds: list[int], epochs: int, alpha_beta: list, gamma_delta: list
-          ) -> dict[str, list[float]]:
-    base = [*DEMO_NSD, "--dataset", dataset, "--epochs", str(epochs), "--teacher", str(teacher),
-            "--anchors", str(anchors)]
+def sweep(
+    root: pathlib.Path,
+    dataset: str,
+    anchors: pathlib.Path,
+    teacher: pathlib.Path,
+    seeds: list[int],
+    epochs: int,
+    alpha_beta: list,
+    gamma_delta: list,
+) -> dict[str, list[float]]:
+    base = [
+        *DEMO_NSD,
+        "--dataset",
+        dataset,
+        "--epochs",
+        str(epochs),
+        "--teacher",
+        str(teacher),
+        "--anchors",
+        str(anchors),
+    ]
     top1: dict[str, list[float]] = {}
 
     def record(row: str, summary: dict) -> None:
@@ -99,16 +124,38 @@ def sweep(root: pathlib.Path, dataset: str, anchors: pathlib.Path, teacher: path
         its = {}
         for a, b in alpha_beta:
             it = root / f"seed{seed}" / f"it_a{a:g}_b{b:g}"
-            s = run(["--stage", "it", *seeded, "--set", f"loss.dait.alpha={a}",
-                     "--set", f"loss.dait.beta={b}"], it)
+            s = run(
+                [
+                    "--stage",
+                    "it",
+                    *seeded,
+                    "--set",
+                    f"loss.dait.alpha={a}",
+                    "--set",
+                    f"loss.dait.beta={b}",
+                ],
+                it,
+            )
             record(f"IT alpha={a:g} beta={b:g}: the IT (MobileNet-V2)", s)
             its[a, b] = it
         for (a, b), it in its.items():
             for g, d in gamma_delta if (a, b) == alpha_beta[0] else gamma_delta[:1]:
-                s = run(["--stage", "nsd", *seeded, "--method", "dait",
-                         "--intermediate-teacher", str(it),
-                         "--set", f"loss.dait.gamma={g}", "--set", f"loss.dait.delta={d}"],
-                        root / f"seed{seed}" / f"nsd_a{a:g}_b{b:g}_g{g:g}_d{d:g}")
+                s = run(
+                    [
+                        "--stage",
+                        "nsd",
+                        *seeded,
+                        "--method",
+                        "dait",
+                        "--intermediate-teacher",
+                        str(it),
+                        "--set",
+                        f"loss.dait.gamma={g}",
+                        "--set",
+                        f"loss.dait.delta={d}",
+                    ],
+                    root / f"seed{seed}" / f"nsd_a{a:g}_b{b:g}_g{g:g}_d{d:g}",
+                )
                 record(f"IT alpha={a:g} beta={b:g}, student gamma={g:g} delta={d:g}", s)
     return top1
 
@@ -119,10 +166,18 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--datasets", default="digits,shapes")
-    p.add_argument("--alpha-beta", type=pairs, default=ALPHA_BETA,
-                   help="stage-1 weights, e.g. '1,1;0,0' (the first is the default IT)")
-    p.add_argument("--gamma-delta", type=pairs, default=GAMMA_DELTA,
-                   help="stage-2 weights, e.g. '1,0;1,1' (the first is used from every IT)")
+    p.add_argument(
+        "--alpha-beta",
+        type=pairs,
+        default=ALPHA_BETA,
+        help="stage-1 weights, e.g. '1,1;0,0' (the first is the default IT)",
+    )
+    p.add_argument(
+        "--gamma-delta",
+        type=pairs,
+        default=GAMMA_DELTA,
+        help="stage-2 weights, e.g. '1,0;1,1' (the first is used from every IT)",
+    )
     args = p.parse_args()
     root, seeds = args.workdir, [int(s) for s in args.seeds.split(",")]
     demo = root / "demo"
@@ -136,14 +191,45 @@ def main() -> None:
             draw_shapes(root / "shapes_data")
             dataset, anchors = f"folder:{root / 'shapes_data'}", root / "shapes_psc" / "anchors.npz"
             if not anchors.is_file():
-                assert train(["--stage", "psc", "--dataset", dataset, "--teacher", str(teacher),
-                              "--epochs", "10", "--batch-size", "64",
-                              "--set", "feature_image_size=32", "--set", "feature_batch_size=64",
-                              "--set", "dtype=float32", "--workdir", str(anchors.parent)]) == 0
-        top1 = sweep(root / f"{name}-{args.epochs}epochs", dataset, anchors, teacher, seeds,
-                     args.epochs, args.alpha_beta, args.gamma_delta)
-        print(f"\n{name}: best top-1 % over seeds {args.seeds}\n\n| run | mean | min | max |\n"
-              "|---|---|---|---|")
+                assert (
+                    train(
+                        [
+                            "--stage",
+                            "psc",
+                            "--dataset",
+                            dataset,
+                            "--teacher",
+                            str(teacher),
+                            "--epochs",
+                            "10",
+                            "--batch-size",
+                            "64",
+                            "--set",
+                            "feature_image_size=32",
+                            "--set",
+                            "feature_batch_size=64",
+                            "--set",
+                            "dtype=float32",
+                            "--workdir",
+                            str(anchors.parent),
+                        ]
+                    )
+                    == 0
+                )
+        top1 = sweep(
+            root / f"{name}-{args.epochs}epochs",
+            dataset,
+            anchors,
+            teacher,
+            seeds,
+            args.epochs,
+            args.alpha_beta,
+            args.gamma_delta,
+        )
+        print(
+            f"\n{name}: best top-1 % over seeds {args.seeds}\n\n| run | mean | min | max |\n"
+            "|---|---|---|---|"
+        )
         for row, v in top1.items():
             print(f"| {row} | {np.mean(v):.2f} | {min(v):.2f} | {max(v):.2f} |")
 

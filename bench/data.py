@@ -53,7 +53,9 @@ def host_rate(loader: Loader, epochs: int = 1) -> float:
 
 
 def device_rate(batch: int, steps: int = 5) -> tuple[float, str]:
-    imgs = jnp.asarray(np.random.default_rng(0).integers(0, 255, (batch, 256, 256, 3), dtype=np.uint8))
+    imgs = jnp.asarray(
+        np.random.default_rng(0).integers(0, 255, (batch, 256, 256, 3), dtype=np.uint8)
+    )
     keys = augment.example_keys(0, jnp.arange(batch), 0)
     augment.augment(imgs, keys, "released", 224).block_until_ready()
     t = time.perf_counter()
@@ -76,7 +78,9 @@ def main() -> None:
     if not args.device_only:
         report_host(args)
     aug, device = device_rate(args.device_batch, args.device_steps)
-    print(f"device augment released 256->224 on {device}: {aug:,.0f} img/s (batch {args.device_batch})")
+    print(
+        f"device augment released 256->224 on {device}: {aug:,.0f} img/s (batch {args.device_batch})"
+    )
 
 
 def report_host(args) -> None:
@@ -84,8 +88,14 @@ def report_host(args) -> None:
         make_raw(f"{tmp}/raw", args.images)
         prepare("aircraft", f"{tmp}/data", f"{tmp}/raw")
         src = load_split("aircraft", "train", data_dir=f"{tmp}/data")
-        common = dict(global_batch_size=args.batch, image_size=256, train=True, process_index=0,
-                      process_count=1, threads=args.threads)
+        common = dict(
+            global_batch_size=args.batch,
+            image_size=256,
+            train=True,
+            process_index=0,
+            process_count=1,
+            threads=args.threads,
+        )
         decode = host_rate(Loader(src, **common))
         t = time.perf_counter()
         cached_loader = Loader(src, cache_dir=f"{tmp}/cache", **common)

@@ -16,12 +16,13 @@ online step here costs little more than the lookup; the full teacher's forward i
 per 224 px view against ResNet-18's ~5.5 GFLOP for a training step's forward and backward, and
 the RESULTS section projects from the measured figures.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -42,9 +43,24 @@ def run(name: str, extra: list[str], args, teacher: pathlib.Path) -> dict:
     workdir = args.out / name
     shutil.rmtree(workdir, ignore_errors=True)
     _, _, nsd_sets = demo_sets()
-    argv = [sys.executable, str(ROOT / "train.py"), "--stage", "nsd", "--method", "fdbpl",
-            "--dataset", "digits", "--teacher", str(teacher), "--no-psc", "--workdir",
-            str(workdir), "--epochs", str(args.epochs), *extra]
+    argv = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--stage",
+        "nsd",
+        "--method",
+        "fdbpl",
+        "--dataset",
+        "digits",
+        "--teacher",
+        str(teacher),
+        "--no-psc",
+        "--workdir",
+        str(workdir),
+        "--epochs",
+        str(args.epochs),
+        *extra,
+    ]
     for item in nsd_sets:
         argv += ["--set", item]
     t = time.perf_counter()
@@ -54,11 +70,16 @@ def run(name: str, extra: list[str], args, teacher: pathlib.Path) -> dict:
     if status:
         raise SystemExit(f"{name}: train.py failed ({status}): {' '.join(argv)}")
     summary = json.loads((workdir / "summary.json").read_text())
-    return {"name": name, "wall": wall, "images_per_second": summary["images_per_second"],
-            "train_seconds": summary["train_seconds"], "top1": summary["best_top1"],
-            "teacher_forwards": summary["teacher_forwards"],
-            "cache_bytes": folder_bytes(workdir / "teacher_cache"),
-            "peak_mib": usage.ru_maxrss / 1024}  # Linux: KiB
+    return {
+        "name": name,
+        "wall": wall,
+        "images_per_second": summary["images_per_second"],
+        "train_seconds": summary["train_seconds"],
+        "top1": summary["best_top1"],
+        "teacher_forwards": summary["teacher_forwards"],
+        "cache_bytes": folder_bytes(workdir / "teacher_cache"),
+        "peak_mib": usage.ru_maxrss / 1024,
+    }  # Linux: KiB
 
 
 def main() -> None:
@@ -73,17 +94,24 @@ def main() -> None:
     rows = [run("online", ["--teacher-cache", "0"], args, teacher)]
     for v in args.views:
         rows.append(run(f"embedding V={v}", ["--teacher-cache", str(v)], args, teacher))
-        rows.append(run(f"ms:5 V={v}", ["--teacher-cache", str(v), "--soft-labels", "ms:5"],
-                        args, teacher))
-    print(f"\ndigits, demo teacher, ResNet-18 from scratch, {args.epochs} epochs, "
-          "configs/demo.json's Stage-NSD settings\n")
-    print("| teacher | teacher forwards | cache on disk | step images/s | train s | "
-          "run wall s (build included) | peak RSS | best top-1 |")
+        rows.append(
+            run(f"ms:5 V={v}", ["--teacher-cache", str(v), "--soft-labels", "ms:5"], args, teacher)
+        )
+    print(
+        f"\ndigits, demo teacher, ResNet-18 from scratch, {args.epochs} epochs, "
+        "configs/demo.json's Stage-NSD settings\n"
+    )
+    print(
+        "| teacher | teacher forwards | cache on disk | step images/s | train s | "
+        "run wall s (build included) | peak RSS | best top-1 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['teacher_forwards']:,} | {r['cache_bytes'] / 1e6:.1f} MB | "
-              f"{r['images_per_second']:.0f} | {r['train_seconds']:.1f} | {r['wall']:.1f} | "
-              f"{r['peak_mib']:.0f} MiB | {100 * r['top1']:.1f} |")
+        print(
+            f"| {r['name']} | {r['teacher_forwards']:,} | {r['cache_bytes'] / 1e6:.1f} MB | "
+            f"{r['images_per_second']:.0f} | {r['train_seconds']:.1f} | {r['wall']:.1f} | "
+            f"{r['peak_mib']:.0f} MiB | {100 * r['top1']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

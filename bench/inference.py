@@ -7,6 +7,7 @@ largest relative logit difference of each export against Flax.
 
     python bench/inference.py --batch 32 --size 224 --iters 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def bench(arch: str, batch: int, size: int, iters: int) -> dict[str, float]:
     model = Student(arch, NUM_CLASSES, rngs=nnx.Rngs(0))
     model.eval()
     trained = student_lib.TrainedStudent(
-        model, {"class_names": [str(c) for c in range(NUM_CLASSES)]},
-        dict(student_lib.default_settings(), image_size=size))
+        model,
+        {"class_names": [str(c) for c in range(NUM_CLASSES)]},
+        dict(student_lib.default_settings(), image_size=size),
+    )
     x = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
     x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
@@ -77,8 +80,9 @@ def bench(arch: str, batch: int, size: int, iters: int) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--iters", type=int, default=10)
@@ -86,17 +90,24 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), batch {args.batch}, {args.size} px, "
-          f"{args.iters} iterations after {WARMUP} warm-up")
-    print("| student | Flax img/s | torchvision img/s | onnxruntime img/s "
-          "| torchvision rel. err | onnxruntime rel. err |")
+    print(
+        f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+        f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), batch {args.batch}, {args.size} px, "
+        f"{args.iters} iterations after {WARMUP} warm-up"
+    )
+    print(
+        "| student | Flax img/s | torchvision img/s | onnxruntime img/s "
+        "| torchvision rel. err | onnxruntime rel. err |"
+    )
     print("|---|---|---|---|---|---|")
     for arch in args.arch or ARCHS:
         r = bench(arch, args.batch, args.size, args.iters)
-        print(f"| {arch} | {r['flax']:.1f} | {r['torchvision']:.1f} | {r['onnxruntime']:.1f} "
-              f"| {r['torchvision_rel_err']:.1e} | {r['onnxruntime_rel_err']:.1e} |", flush=True)
+        print(
+            f"| {arch} | {r['flax']:.1f} | {r['torchvision']:.1f} | {r['onnxruntime']:.1f} "
+            f"| {r['torchvision_rel_err']:.1e} | {r['onnxruntime_rel_err']:.1e} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

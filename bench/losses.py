@@ -110,16 +110,22 @@ def main():
     args = parser.parse_args()
 
     platform = "gpu" if args.device.startswith("cuda") else "cpu"
-    print(f"jax {jax.__version__} on {jax.devices(platform)[0]}, "
-          f"torch {torch.__version__} on {args.device}, k={K}, fp32, median of {args.reps}")
-    print("| loss | B | C | JAX jit fwd+bwd (ms) | PyTorch fwd+bwd (ms) | speed-up "
-          "| rel. loss diff |")
+    print(
+        f"jax {jax.__version__} on {jax.devices(platform)[0]}, "
+        f"torch {torch.__version__} on {args.device}, k={K}, fp32, median of {args.reps}"
+    )
+    print(
+        "| loss | B | C | JAX jit fwd+bwd (ms) | PyTorch fwd+bwd (ms) | speed-up | rel. loss diff |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in ("nsd_batch", "nsd_paper"):
         for b, c in SHAPES:
             jax_ms, torch_ms, jv, tv = bench_one(name, b, c, args.device, args.reps)
-            print(f"| {name} | {b} | {c} | {jax_ms:.3f} | {torch_ms:.3f} | "
-                  f"{torch_ms / jax_ms:.2f}x | {abs(jv - tv) / abs(tv):.1e} |", flush=True)
+            print(
+                f"| {name} | {b} | {c} | {jax_ms:.3f} | {torch_ms:.3f} | "
+                f"{torch_ms / jax_ms:.2f}x | {abs(jv - tv) / abs(tv):.1e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

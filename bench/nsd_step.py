@@ -16,6 +16,7 @@ and a Stage-PSC step (text tower fwd/bwd on the 200 CUB prompts). Weights are ra
 does not depend on them. `full` = convnext_xxlarge + resnet18 at 224, batch 128; `small` =
 a tiny ConvNeXt CLIP + resnet18 at 64 px, batch 16.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,22 +47,25 @@ XXL_GFLOPS_256 = 395.9
 
 # The small teacher: the demo ConvNeXt image tower and a small text tower that still takes
 # the real BPE vocabulary and 77 tokens (the CUB prompts need both).
-SMALL_TEACHER = dict(DEMO_MODELS["pand_demo_convnext"],
-                     text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32,
-                               "heads": 4, "layers": 2})
+SMALL_TEACHER = dict(
+    DEMO_MODELS["pand_demo_convnext"],
+    text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Size:
     teacher: str | dict
-    host: int      # host uint8 size
-    image: int     # training view size
-    feature: int   # PSC feature-extraction size
+    host: int  # host uint8 size
+    image: int  # training view size
+    feature: int  # PSC feature-extraction size
     batch: int
 
 
-SIZES = {"small": Size(SMALL_TEACHER, 72, 64, 64, 16),
-         "full": Size("convnext_xxlarge", 256, 224, 256, 128)}
+SIZES = {
+    "small": Size(SMALL_TEACHER, 72, 64, 64, 16),
+    "full": Size("convnext_xxlarge", 256, 224, 256, 128),
+}
 
 
 def timed(fn, steps: int, warmup: int = 2) -> float:
@@ -77,6 +81,7 @@ def timed(fn, steps: int, warmup: int = 2) -> float:
 
 
 # ---------------------------------------------------------------- ours (JAX)
+
 
 def nsd_config() -> dict:
     cfg = config_lib.default_config("nsd")
@@ -95,15 +100,24 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
     clip = CLIP(config_from_open_clip(size.teacher), dtype=dtype, rngs=nnx.Rngs(0))
     dim, b = clip.config.embed_dim, size.batch
     rng = np.random.default_rng(0)
-    host = {"image": rng.integers(0, 256, (b, size.host, size.host, 3), dtype=np.uint8),
-            "label": rng.integers(0, CUB_CLASSES, b).astype(np.int32),
-            "index": np.arange(b, dtype=np.int32), "view": np.zeros(b, np.int32),
-            "mask": np.ones(b, bool)}
+    host = {
+        "image": rng.integers(0, 256, (b, size.host, size.host, 3), dtype=np.uint8),
+        "label": rng.integers(0, CUB_CLASSES, b).astype(np.int32),
+        "index": np.arange(b, dtype=np.int32),
+        "view": np.zeros(b, np.int32),
+        "mask": np.ones(b, bool),
+    }
     batch = devices.to_global(mesh, host)
-    cached_batch = dict(batch, teacher=devices.to_global(
-        mesh, {"t": rng.standard_normal((b, dim)).astype(jnp.bfloat16)})["t"])
-    anchors = devices.replicate(mesh, np.asarray(losses.l2_normalize(
-        rng.standard_normal((CUB_CLASSES, dim)).astype(np.float32))))
+    cached_batch = dict(
+        batch,
+        teacher=devices.to_global(mesh, {"t": rng.standard_normal((b, dim)).astype(jnp.bfloat16)})[
+            "t"
+        ],
+    )
+    anchors = devices.replicate(
+        mesh,
+        np.asarray(losses.l2_normalize(rng.standard_normal((CUB_CLASSES, dim)).astype(np.float32))),
+    )
     t_graphdef, t_state = nnx.split(clip)
     t_state = devices.replicate(mesh, t_state)
     cfg.update(image_size=size.image, augment="released")
@@ -123,19 +137,25 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
 
         rates[name] = b / timed(run, steps)
 
-    static = dict(graphdef=t_graphdef, seed=0, recipe="released", image_size=size.image,
-                  dtype="bfloat16")
-    rates["teacher_views"] = b / timed(lambda: teacher_cache._encode(
-        t_state, batch["image"], batch["index"], np.int32(0), **static), steps)
-    feat_images = devices.to_global(mesh, {"i": rng.integers(
-        0, 256, (b, size.feature, size.feature, 3), dtype=np.uint8)})["i"]
+    static = dict(
+        graphdef=t_graphdef, seed=0, recipe="released", image_size=size.image, dtype="bfloat16"
+    )
+    rates["teacher_views"] = b / timed(
+        lambda: teacher_cache._encode(
+            t_state, batch["image"], batch["index"], np.int32(0), **static
+        ),
+        steps,
+    )
+    feat_images = devices.to_global(
+        mesh, {"i": rng.integers(0, 256, (b, size.feature, size.feature, 3), dtype=np.uint8)}
+    )["i"]
     encode = devices.jit_apply(clip, lambda m, x: m.encode_image(augment.normalize(x)), mesh)
     rates["teacher_features"] = b / timed(lambda: encode(feat_images), steps)
 
     student = build(method, cfg, dim, dtype).student
     student.eval()
     predict = devices.jit_apply(student, lambda m, x: jnp.argmax(m(augment.normalize(x)), -1), mesh)
-    eval_images = devices.to_global(mesh, {"i": host["image"][:, :size.image, :size.image]})["i"]
+    eval_images = devices.to_global(mesh, {"i": host["image"][:, : size.image, : size.image]})["i"]
     rates["student_eval"] = b / timed(lambda: predict(eval_images), steps)
     rates.update(bench_psc(clip, mesh, steps))
     return rates
@@ -154,10 +174,15 @@ def bench_psc(clip, mesh, steps: int) -> dict[str, float]:
     state = devices.replicate(mesh, {"ctx": ctx, "opt_state": tx.init(ctx)})
     rng = np.random.default_rng(0)
     dim = clip.config.embed_dim
-    batch = devices.to_global(mesh, {
-        "features": np.asarray(losses.l2_normalize(
-            rng.standard_normal((PSC_BATCH, dim)).astype(np.float32))),
-        "label": rng.integers(0, CUB_CLASSES, PSC_BATCH).astype(np.int32)})
+    batch = devices.to_global(
+        mesh,
+        {
+            "features": np.asarray(
+                losses.l2_normalize(rng.standard_normal((PSC_BATCH, dim)).astype(np.float32))
+            ),
+            "label": rng.integers(0, CUB_CLASSES, PSC_BATCH).astype(np.int32),
+        },
+    )
 
     step = psc.make_train_step(graphdef, tx, jnp.exp(clip.logit_scale[...]))
     box = [state]
@@ -167,11 +192,14 @@ def bench_psc(clip, mesh, steps: int) -> dict[str, float]:
         return metrics["loss"]
 
     evaluate = jax.jit(psc.anchors_fn(graphdef))
-    return {"psc_step_s": timed(run, steps),
-            "psc_anchors_s": timed(lambda: evaluate(box[0]["ctx"], frozen), steps)}
+    return {
+        "psc_step_s": timed(run, steps),
+        "psc_anchors_s": timed(lambda: evaluate(box[0]["ctx"], frozen), steps),
+    }
 
 
 # ---------------------------------------------------------------- PyTorch reference
+
 
 def bench_torch(size: Size, device: str, dtype: str, steps: int) -> float:
     """images/s of the released-code-style step, on a batch already augmented."""
@@ -189,8 +217,9 @@ def bench_torch(size: Size, device: str, dtype: str, steps: int) -> float:
     head = torch.nn.Linear(512, CUB_CLASSES)
 
     def mlp():
-        return torch.nn.Sequential(torch.nn.Linear(dim, 512), torch.nn.ReLU(),
-                                   torch.nn.Linear(512, 512))
+        return torch.nn.Sequential(
+            torch.nn.Linear(dim, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512)
+        )
 
     align_img, align_txt = mlp(), mlp()
     trainable = torch.nn.ModuleList([student, head, align_img, align_txt]).to(dev).train()
@@ -217,7 +246,7 @@ def bench_torch(size: Size, device: str, dtype: str, steps: int) -> float:
         vis = (h - a).abs().mean()
         log_p = F.log_softmax(scale * t @ anchors.T / tau, -1)
         log_q = F.log_softmax(scale * h @ a_txt.T / tau, -1)
-        txt = tau ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        txt = tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         z_t = scale * t @ anchors.T  # NSD of the paper: margins to the k nearest wrong classes
         nbr = z_t.masked_fill(F.one_hot(labels, CUB_CLASSES).bool(), -torch.inf).topk(k).indices
 
@@ -247,6 +276,7 @@ def bench_torch(size: Size, device: str, dtype: str, steps: int) -> float:
 
 # ---------------------------------------------------------------- projections
 
+
 def project(r: dict[str, float], batch: int, views: int) -> dict[str, float]:
     """Projected seconds of the CUB runs from the measured rates (one device)."""
     nsd_steps = NSD_EPOCHS * (CUB_TRAIN // batch)
@@ -254,14 +284,18 @@ def project(r: dict[str, float], batch: int, views: int) -> dict[str, float]:
     psc_steps = PSC_EPOCHS * (CUB_TRAIN // PSC_BATCH)  # psc.run drops the remainder: 46/epoch
     return {
         "nsd_online_s": nsd_steps * batch / r["online"] + eval_s,
-        "nsd_cached_s": (views * CUB_TRAIN / r["teacher_views"]
-                         + nsd_steps * batch / r["cached"] + eval_s),
+        "nsd_cached_s": (
+            views * CUB_TRAIN / r["teacher_views"] + nsd_steps * batch / r["cached"] + eval_s
+        ),
         "nsd_torch_s": nsd_steps * batch / r["torch"] + eval_s if "torch" in r else float("nan"),
         "cache_build_s": views * CUB_TRAIN / r["teacher_views"],
         # features once (train + test), then steps, then 2 anchor evaluations per epoch
         # (CUB selects on test, so the splits are train and test).
-        "psc_s": ((CUB_TRAIN + CUB_TEST) / r["teacher_features"] + psc_steps * r["psc_step_s"]
-                  + PSC_EPOCHS * 2 * r["psc_anchors_s"]),
+        "psc_s": (
+            (CUB_TRAIN + CUB_TEST) / r["teacher_features"]
+            + psc_steps * r["psc_step_s"]
+            + PSC_EPOCHS * 2 * r["psc_anchors_s"]
+        ),
         "psc_features_s": (CUB_TRAIN + CUB_TEST) / r["teacher_features"],
     }
 
@@ -287,8 +321,10 @@ def main() -> None:
         rates["torch"] = bench_torch(size, args.device, args.dtype, args.steps)
     proj = project(rates, size.batch, args.views)
 
-    print(f"device: {backend_devices[0].device_kind} x{len(backend_devices)}; size {args.size}; dtype {args.dtype}; "
-          f"batch {size.batch}; image {size.image}")
+    print(
+        f"device: {backend_devices[0].device_kind} x{len(backend_devices)}; size {args.size}; dtype {args.dtype}; "
+        f"batch {size.batch}; image {size.image}"
+    )
     print("| measurement | value |\n|---|---|")
     for name in ("online", "cached", "torch", "teacher_views", "teacher_features", "student_eval"):
         if name in rates:

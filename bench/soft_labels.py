@@ -11,6 +11,7 @@ split at the demo's 36 px host / 32 px view, "rrc" views, 10 random class anchor
 projection gives every K. Each build runs in fresh folders, once to compile, then `--repeats`
 times timed (the compiled program reused); the fastest counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,15 +62,26 @@ def spec_of(label: str, anchors: np.ndarray, scale: float) -> soft_labels.SoftLa
 def bytes_per_view(label: str, embed_dim: int, num_classes: int, dtype: str) -> int:
     """What one (example, view) costs on disk: the cache's own field layout."""
     spec = spec_of(label, np.zeros((num_classes, 1), np.float32), 1.0)
-    return sum(np.dtype(f.disk).itemsize * f.width
-               for f in teacher_cache._fields(dtype, embed_dim, spec))
+    return sum(
+        np.dtype(f.disk).itemsize * f.width for f in teacher_cache._fields(dtype, embed_dim, spec)
+    )
 
 
 def timed_build(clip, source, spec, args, tmp: pathlib.Path) -> float:
-    settings = dict(views=args.views, seed=0, recipe="rrc", host_image_size=36, image_size=32,
-                    batch_size=args.batch, mesh=devices.make_mesh(), teacher_sharding="replicated",
-                    key={"bench": "soft"}, compute_dtype=np.float32, dtype="bfloat16",
-                    soft_labels=spec)
+    settings = dict(
+        views=args.views,
+        seed=0,
+        recipe="rrc",
+        host_image_size=36,
+        image_size=32,
+        batch_size=args.batch,
+        mesh=devices.make_mesh(),
+        teacher_sharding="replicated",
+        key={"bench": "soft"},
+        compute_dtype=np.float32,
+        dtype="bfloat16",
+        soft_labels=spec,
+    )
     times = []
     with contextlib.redirect_stdout(sys.stderr):  # the build's messages stay out of the tables
         teacher_cache.build(clip, source, path=tmp / "cold", **settings)  # compiles
@@ -96,31 +108,46 @@ def main() -> None:
     anchors = np.random.default_rng(1).standard_normal((c, d)).astype(np.float32)
     scale = config_lib.default_config("nsd")["loss"]["scale"]  # s = 1/0.07 of z_t = s t T^T
 
-    print(f"cpu cores: {os.cpu_count()}  jax {jax.__version__}  demo teacher D = {d}, C = {c}; "
-          f"{n} examples x {args.views} views = {n * args.views} views per build")
+    print(
+        f"cpu cores: {os.cpu_count()}  jax {jax.__version__}  demo teacher D = {d}, C = {c}; "
+        f"{n} examples x {args.views} views = {n * args.views} views per build"
+    )
     print("\n| labels | bytes/view | demo cache | build s | views/s | build / embedding |")
     print("|---|---|---|---|---|---|")
     base = None
     for label in args.labels:
         with tempfile.TemporaryDirectory() as tmp:
-            seconds = timed_build(clip, source, spec_of(label, anchors, scale), args,
-                                  pathlib.Path(tmp))
+            seconds = timed_build(
+                clip, source, spec_of(label, anchors, scale), args, pathlib.Path(tmp)
+            )
         size = bytes_per_view(label, d, c, "bfloat16")
         base = seconds if label == "embedding" else base
         ratio = f"{seconds / base:.2f}x" if base else "n/a"
-        print(f"| {label} | {size} | {size * n * args.views / 1e3:.1f} kB | {seconds:.3f} | "
-              f"{n * args.views / seconds:.0f} | {ratio} |")
+        print(
+            f"| {label} | {size} | {size * n * args.views / 1e3:.1f} kB | {seconds:.3f} | "
+            f"{n * args.views / seconds:.0f} | {ratio} |"
+        )
 
-    print(f"\nCUB with the full teacher (N = {CUB_N:,}, D = {CUB_D}, C = {CUB_C}): cache = "
-          "N x V x bytes/view; every build runs N x V teacher forwards at 224 px "
-          f"({TEACHER_GFLOP_224:.1f} GFLOP each), the sparse head adds 2 D C = "
-          f"{2 * CUB_D * CUB_C / 1e6:.2f} MFLOP per view.\n")
-    print("| labels | bytes/view | " + " | ".join(f"cache, V = {v}" for v in PROJECTED_VIEWS)
-          + " | / embedding (bf16) |")
+    print(
+        f"\nCUB with the full teacher (N = {CUB_N:,}, D = {CUB_D}, C = {CUB_C}): cache = "
+        "N x V x bytes/view; every build runs N x V teacher forwards at 224 px "
+        f"({TEACHER_GFLOP_224:.1f} GFLOP each), the sparse head adds 2 D C = "
+        f"{2 * CUB_D * CUB_C / 1e6:.2f} MFLOP per view.\n"
+    )
+    print(
+        "| labels | bytes/view | "
+        + " | ".join(f"cache, V = {v}" for v in PROJECTED_VIEWS)
+        + " | / embedding (bf16) |"
+    )
     print("|---|---|" + "---|" * len(PROJECTED_VIEWS) + "---|")
     embedding = bytes_per_view("embedding", CUB_D, CUB_C, "bfloat16")
-    for label, dtype in [("embedding", "bfloat16"), ("embedding", "float32"), ("ms:10", None),
-                         ("ms:5", None), ("hard", None)]:
+    for label, dtype in [
+        ("embedding", "bfloat16"),
+        ("embedding", "float32"),
+        ("ms:10", None),
+        ("ms:5", None),
+        ("hard", None),
+    ]:
         size = bytes_per_view(label, CUB_D, CUB_C, dtype or "bfloat16")
         name = f"{label} ({dtype})" if dtype else label
         cells = " | ".join(f"{size * CUB_N * v / 1e6:,.1f} MB" for v in PROJECTED_VIEWS)

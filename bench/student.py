@@ -14,6 +14,7 @@ CPU where they build) in the same run.
     python bench/student.py --device cpu --batch 16 --steps 3 --size 64 224 --precision fp32 \
         --conv native jnp fast
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conv_paths import CPU_PATHS, traced_with
 from flax import nnx
 
-from conv_paths import CPU_PATHS, traced_with
 from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.student import ARCHS, Student
 
@@ -49,8 +50,9 @@ def images_per_s(run, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def flax_images_per_s(arch: str, dtype, platform: str, batch: int, size: int, steps: int,
-                      mode: str) -> float:
+def flax_images_per_s(
+    arch: str, dtype, platform: str, batch: int, size: int, steps: int, mode: str
+) -> float:
     device = jax.devices(platform)[0]
     with jax.default_device(device):
         model = Student(arch, NUM_CLASSES, dtype=dtype, rngs=nnx.Rngs(0))
@@ -89,8 +91,9 @@ def flax_images_per_s(arch: str, dtype, platform: str, batch: int, size: int, st
         return images_per_s(run, batch, steps)
 
 
-def torch_images_per_s(arch: str, bf16: bool, platform: str, batch: int, size: int, steps: int,
-                       mode: str) -> float:
+def torch_images_per_s(
+    arch: str, bf16: bool, platform: str, batch: int, size: int, steps: int, mode: str
+) -> float:
     import torch
     import torchvision
 
@@ -98,7 +101,9 @@ def torch_images_per_s(arch: str, bf16: bool, platform: str, batch: int, size: i
     model = getattr(torchvision.models, arch)(weights=None, num_classes=NUM_CLASSES)
     model = model.to(device, memory_format=torch.channels_last).train(mode == "train")
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
     def step():
@@ -132,38 +137,69 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, nargs="+", default=[224])
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
-    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    parser.add_argument(
+        "--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16")
+    )
     parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--conv", nargs="+", default=["fast"], choices=CPU_PATHS,
-                        help="Flax convolution: XLA's own, pand_jax.models.conv's jnp forms "
-                             "(without oneDNN), pand_jax.models.conv as it runs (CPU only "
-                             "differs)")
+    parser.add_argument(
+        "--conv",
+        nargs="+",
+        default=["fast"],
+        choices=CPU_PATHS,
+        help="Flax convolution: XLA's own, pand_jax.models.conv's jnp forms "
+        "(without oneDNN), pand_jax.models.conv as it runs (CPU only "
+        "differs)",
+    )
     args = parser.parse_args()
 
     import torch
+
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count())
-    print(f"device {args.device}: {jax.devices(args.device)[0].device_kind}, batch {args.batch}, "
-          f"{args.steps} timed steps after {WARMUP_STEPS} warm-up, torch threads "
-          f"{torch.get_num_threads()}, cores {os.cpu_count()}")
+    print(
+        f"device {args.device}: {jax.devices(args.device)[0].device_kind}, batch {args.batch}, "
+        f"{args.steps} timed steps after {WARMUP_STEPS} warm-up, torch threads "
+        f"{torch.get_num_threads()}, cores {os.cpu_count()}"
+    )
     flax_cols = [f"flax {c} img/s" for c in args.conv]
     ratio_cols = [f"{c}/torch" for c in args.conv]
-    print("| arch | px | precision | mode | " + " | ".join(flax_cols) + " | torch img/s | "
-          + " | ".join(ratio_cols) + " |")
+    print(
+        "| arch | px | precision | mode | "
+        + " | ".join(flax_cols)
+        + " | torch img/s | "
+        + " | ".join(ratio_cols)
+        + " |"
+    )
     print("|---" * (5 + 2 * len(args.conv)) + "|")
     for arch in args.arch:
         for size in args.size:
             for precision in args.precision:
                 bf16 = precision == "bf16"
                 for mode in args.mode:
-                    flax = [flax_with_conv(c, arch, jnp.bfloat16 if bf16 else jnp.float32,
-                                           args.device, args.batch, size, args.steps, mode)
-                            for c in args.conv]
-                    torch_ips = torch_images_per_s(arch, bf16, args.device, args.batch, size,
-                                                   args.steps, mode)
-                    print(f"| {arch} | {size} | {precision} | {mode} | "
-                          + " | ".join(f"{f:.1f}" for f in flax) + f" | {torch_ips:.1f} | "
-                          + " | ".join(f"{f / torch_ips:.2f}" for f in flax) + " |", flush=True)
+                    flax = [
+                        flax_with_conv(
+                            c,
+                            arch,
+                            jnp.bfloat16 if bf16 else jnp.float32,
+                            args.device,
+                            args.batch,
+                            size,
+                            args.steps,
+                            mode,
+                        )
+                        for c in args.conv
+                    ]
+                    torch_ips = torch_images_per_s(
+                        arch, bf16, args.device, args.batch, size, args.steps, mode
+                    )
+                    print(
+                        f"| {arch} | {size} | {precision} | {mode} | "
+                        + " | ".join(f"{f:.1f}" for f in flax)
+                        + f" | {torch_ips:.1f} | "
+                        + " | ".join(f"{f / torch_ips:.2f}" for f in flax)
+                        + " |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

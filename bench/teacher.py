@@ -14,6 +14,7 @@ calls count 0 there, so on CPU a ConvNeXt's oneDNN convolutions are missing from
 analytic count: 395.9 GFLOP per 256 px image for convnext_xxlarge). MFU divides that by the
 device's dense bf16 peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from conv_paths import CPU_PATHS, traced_with
 from flax import nnx
 
-from conv_paths import CPU_PATHS, traced_with
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
 from pand_jax.hugepages import relaunch_with_huge_pages
@@ -91,9 +92,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--append", help="append the markdown section to this file (one write)")
-    p.add_argument("--conv", nargs="+", default=["fast"], choices=CPU_PATHS,
-                   help="Flax convolution: XLA's own, pand_jax.models.conv's jnp forms, "
-                        "pand_jax.models.conv as it runs (CPU only differs)")
+    p.add_argument(
+        "--conv",
+        nargs="+",
+        default=["fast"],
+        choices=CPU_PATHS,
+        help="Flax convolution: XLA's own, pand_jax.models.conv's jnp forms, "
+        "pand_jax.models.conv as it runs (CPU only differs)",
+    )
     args = p.parse_args()
 
     name = args.arch or MODELS[args.size]
@@ -114,9 +120,9 @@ def main() -> None:
         gflop = gflops[px] = xla_gflop(models[jnp.float32], images)
         first_row = len(rows)
         runs = {
-            f"Flax {name}{CONV_LABELS[conv]}":
-                bench_flax(models[dt], images, args.iters, conv)
-            for conv in args.conv for name, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16))
+            f"Flax {name}{CONV_LABELS[conv]}": bench_flax(models[dt], images, args.iters, conv)
+            for conv in args.conv
+            for name, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16))
         }
         runs |= {
             "PyTorch fp32": bench_torch(torch_visual, images, args.iters, device, bf16=False),
@@ -129,22 +135,41 @@ def main() -> None:
             rows.append(f"| {px} | {label} | {ips:,.1f} | {mfu} | {gf} |")
         for prec, torch_name in (("fp32", "PyTorch fp32"), ("bf16", "PyTorch bf16 autocast")):
             for label in [k for k in runs if k.startswith(f"Flax {prec}")]:
-                rows.append(f"| {px} | {label} / {torch_name} | {runs[torch_name] / runs[label]:.2f}x | | |")
+                rows.append(
+                    f"| {px} | {label} / {torch_name} | {runs[torch_name] / runs[label]:.2f}x | | |"
+                )
         print("\n".join(rows[first_row:]), flush=True)
 
-    section = "\n".join([
-        f"\n## Teacher image tower ({datetime.date.today().isoformat()})\n",
-        f"- device: {kind} (JAX {jax.__version__}, torch {torch.__version__} on {device})",
-        f"- command: `python bench/teacher.py --size {args.size}"
-        + (f" --arch {args.arch}" if args.arch else "")
-        + f" --batch {args.batch} --iters {args.iters} --conv {' '.join(args.conv)}`",
-        f"- model: {name} image tower, random weights; "
-        + ", ".join(f"{g:.4g} GFLOP/img at {px} px" for px, g in gflops.items())
-        + " (XLA cost analysis); MFU " + (f"against {peak:.0f} TFLOP/s dense bf16" if peak else
-                                          "n/a (no peak known for this device)"),
-        *(["- note: CPU at small size on a shared machine: this only proves the script; the "
-           "figures that count come from `--size full` on a GPU."] if device == "cpu" else []),
-        "", "| px | run | images/s | MFU | GFLOP/img |", "|---|---|---|---|---|", *rows, ""])
+    section = "\n".join(
+        [
+            f"\n## Teacher image tower ({datetime.date.today().isoformat()})\n",
+            f"- device: {kind} (JAX {jax.__version__}, torch {torch.__version__} on {device})",
+            f"- command: `python bench/teacher.py --size {args.size}"
+            + (f" --arch {args.arch}" if args.arch else "")
+            + f" --batch {args.batch} --iters {args.iters} --conv {' '.join(args.conv)}`",
+            f"- model: {name} image tower, random weights; "
+            + ", ".join(f"{g:.4g} GFLOP/img at {px} px" for px, g in gflops.items())
+            + " (XLA cost analysis); MFU "
+            + (
+                f"against {peak:.0f} TFLOP/s dense bf16"
+                if peak
+                else "n/a (no peak known for this device)"
+            ),
+            *(
+                [
+                    "- note: CPU at small size on a shared machine: this only proves the script; the "
+                    "figures that count come from `--size full` on a GPU."
+                ]
+                if device == "cpu"
+                else []
+            ),
+            "",
+            "| px | run | images/s | MFU | GFLOP/img |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     print(section)
     if args.append:
         with open(args.append, "a") as f:

@@ -2,6 +2,7 @@
 
 Importing the package sets one XLA:CPU compiler option (below) before JAX starts a backend.
 """
+
 import importlib.metadata
 import os
 import sys
@@ -29,14 +30,21 @@ def _jaxlib_minor() -> tuple[int, int]:
 
 def _cpu_backend_started() -> bool:
     bridge = sys.modules.get("jax._src.xla_bridge")  # only if JAX is imported already
-    return (bridge is not None and getattr(bridge, "backends_are_initialized", lambda: False)()
-            and sys.modules["jax"].default_backend() == "cpu")
+    return (
+        bridge is not None
+        and getattr(bridge, "backends_are_initialized", lambda: False)()
+        and sys.modules["jax"].default_backend() == "cpu"
+    )
 
 
 if YNN_OPTION not in os.environ.get("XLA_FLAGS", "") and _jaxlib_minor() <= YNN_KNOWN_UP_TO:
     os.environ["XLA_FLAGS"] = " ".join(
-        filter(None, [os.environ.get("XLA_FLAGS"), f"{YNN_OPTION}=-individual_convolution"]))
+        filter(None, [os.environ.get("XLA_FLAGS"), f"{YNN_OPTION}=-individual_convolution"])
+    )
     if _cpu_backend_started():
-        warnings.warn("JAX ran before pand_jax was imported, so XLA:CPU keeps its slower "
-                      "convolution kernel; import pand_jax first for CPU speed (results agree "
-                      "to float rounding either way)", stacklevel=2)
+        warnings.warn(
+            "JAX ran before pand_jax was imported, so XLA:CPU keeps its slower "
+            "convolution kernel; import pand_jax first for CPU speed (results agree "
+            "to float rounding either way)",
+            stacklevel=2,
+        )

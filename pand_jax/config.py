@@ -6,13 +6,15 @@ Plain nested dicts keep the on-disk form (config.json in every run) and the in-m
 same, and make "which run was this" a JSON diff. The schema (pydantic) only checks and
 normalises them: types, ranges, allowed choices and the rules that tie keys together.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
 import pathlib
-from typing import Annotated, Any, Callable, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import Field
@@ -32,6 +34,7 @@ class Facts:
     and process counts of the mesh, a dataset's number of classes, and the allowed values of
     the choice keys, whose lists live where they are used (`methods.NAMES`, ...), and what
     the Stage-NSD method needs (`pand_jax.methods`)."""
+
     devices: int
     processes: int
     # dataset key -> its number of classes; a ValueError saying what is valid for a bad key
@@ -59,8 +62,10 @@ def _student(value: Any, info: pydantic.ValidationInfo) -> Any:
         return value
     allowed = info.context["facts"].choices[info.field_name]
     if value not in allowed:
-        raise ValueError(f"expected one of {list(allowed)}, or {CLIP_STUDENT}DIR (a converted "
-                         "ViT CLIP's image tower)")
+        raise ValueError(
+            f"expected one of {list(allowed)}, or {CLIP_STUDENT}DIR (a converted "
+            "ViT CLIP's image tower)"
+        )
     return value
 
 
@@ -97,12 +102,15 @@ class _Schema(pydantic.BaseModel):
 
 class _Common(_Schema):
     """Keys both stages share."""
+
     dataset: Annotated[str, pydantic.AfterValidator(_dataset)] = _key(
-        "a dataset key, or folder:PATH")
+        "a dataset key, or folder:PATH"
+    )
     data_dir: OptionalPath
     train_split: str | None = _key("a split name, or null for the dataset's own")
     prompt_template: Annotated[str, Field(pattern=r"\{\}")] | None = _key(
-        "a text with {} where the class name goes, or null for the dataset's own")
+        "a text with {} where the class name goes, or null for the dataset's own"
+    )
     skip_bad_images: bool = _key("true or false")
     teacher: str = _key("a path")
     teacher_sharding: Choice
@@ -151,7 +159,8 @@ class PANDLoss(_Schema):
     nsd_form: Choice
     nsd_k: int = _positive_int()
     nsd_group_size: Annotated[int, Field(ge=2)] | None = _key(
-        "an integer >= 2 that divides batch_size, or null for the whole batch")
+        "an integer >= 2 that divides batch_size, or null for the whole batch"
+    )
 
 
 class PromptKDWeights(_Schema):
@@ -183,7 +192,8 @@ class FDBPLLoss(_Schema):
     positive_init: str = _key("a non-empty text", min_length=1)
     negative_init: str = _key("a non-empty text", min_length=1)
     prompt_template: Annotated[str, Field(pattern=r"\{\}")] = _key(
-        "a text with {} where the class name goes")
+        "a text with {} where the class name goes"
+    )
     negative_weight: float = _key("a number >= 0", ge=0)
     cosine_weight: float = _key("a number >= 0", ge=0)
     cascade_weight: float = _key("a number >= 0", ge=0)
@@ -200,6 +210,7 @@ class DAITLoss(_Schema):
 
 class NSDLoss(_Schema):
     """One section per method (`pand_jax.methods` names the sections each reads)."""
+
     scale: float = _key("a number > 0", gt=0)
     kd: KDLoss
     rkd: RKDLoss
@@ -237,7 +248,8 @@ class NSDConfig(_Common):
     method: Choice
     anchors: OptionalPath
     unlabeled_data: Annotated[str, Field(pattern=r"^folder:.+")] | None = _key(
-        "folder:DIR (images in any layout, no labels), or null")
+        "folder:DIR (images in any layout, no labels), or null"
+    )
     intermediate_teacher: OptionalPath
     it_student: Choice
     no_psc: bool = _key("true or false")
@@ -263,6 +275,7 @@ class NSDConfig(_Common):
 
 class DemoTeacherConfig(_Schema):
     """configs/demo.json's teacher section (the tiny CLIP the demo trains first)."""
+
     model: dict[str, Any] = _key("a CLIP architecture (embed_dim, vision, text)")
     seed: int = _key("an integer >= 0", ge=0)
     steps: int = _positive_int()
@@ -288,8 +301,9 @@ def validate(config: dict[str, Any], facts: Facts, schema: str) -> dict[str, Any
         if err["type"] == "value_error":  # our validators say what is allowed themselves
             raise ConfigError(f"config {key} = {err['input']!r}: {err['ctx']['error']}") from None
         if err["type"] == "finite_number":
-            raise ConfigError(f"config {key} = {err['input']!r}: expected a finite number, "
-                              f"{expected}") from None
+            raise ConfigError(
+                f"config {key} = {err['input']!r}: expected a finite number, {expected}"
+            ) from None
         if err["type"] == "missing":
             raise ConfigError(f"config {key} is missing: expected {expected}") from None
         if err["type"] == "extra_forbidden":  # a key the schema lacks (configs/*.json has it)
@@ -312,8 +326,9 @@ def _describe(model: type[pydantic.BaseModel], loc: tuple) -> tuple[str, str]:
             break
         names.append(part)
         expected = field.description or expected
-        if not (isinstance(field.annotation, type)
-                and issubclass(field.annotation, pydantic.BaseModel)):
+        if not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, pydantic.BaseModel)
+        ):
             break
         model = field.annotation
     return ".".join(names), expected
@@ -325,8 +340,11 @@ def _broken_rule(c: pydantic.BaseModel, facts: Facts) -> tuple[str, Any, str] | 
         return None
     mesh = f"a multiple of the {facts.devices} devices (the batch is split evenly over them)"
     batches = [("batch_size", c.batch_size)]
-    batches += [("feature_batch_size", c.feature_batch_size)] if c.stage == "psc" else [
-        ("eval_batch_size", c.eval_batch_size)]
+    batches += (
+        [("feature_batch_size", c.feature_batch_size)]
+        if c.stage == "psc"
+        else [("eval_batch_size", c.eval_batch_size)]
+    )
     for key, batch in batches:
         if batch % facts.devices:
             return key, batch, mesh
@@ -336,8 +354,11 @@ def _broken_rule(c: pydantic.BaseModel, facts: Facts) -> tuple[str, Any, str] | 
         return None
 
     if c.image_size > c.host_image_size:
-        return ("image_size", c.image_size,
-                f"<= host_image_size ({c.host_image_size}), the size images are stored at")
+        return (
+            "image_size",
+            c.image_size,
+            f"<= host_image_size ({c.host_image_size}), the size images are stored at",
+        )
     if facts.teacher_needed(c.method) and c.image_size < 32:  # it sees the student's view
         return "image_size", c.image_size, TEACHER_MIN_SIZE
     if c.optimizer.end_lr > c.optimizer.lr:
@@ -354,8 +375,9 @@ RENAMED = {
     "loss.rkd_distance_weight": "loss.rkd.distance_weight",
     "loss.rkd_angle_weight": "loss.rkd.angle_weight",
     **{f"loss.{k}": f"loss.vl2lite.{k}" for k in ("tau", "cls_offset", "txt_reduction")},
-    **{f"loss.{k}": f"loss.pand.{k}"
-       for k in ("lambda_nsd", "nsd_form", "nsd_k", "nsd_group_size")},
+    **{
+        f"loss.{k}": f"loss.pand.{k}" for k in ("lambda_nsd", "nsd_form", "nsd_k", "nsd_group_size")
+    },
 }
 # Keys dropped since: `align_dim` could only equal the student's feature width.
 REMOVED = ("align_dim",)
@@ -430,8 +452,10 @@ def override(config: dict[str, Any], key: str, value: Any) -> None:
     node = config
     for i, part in enumerate(parents):
         if not isinstance(node.get(part), dict):
-            raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r} in {key!r}; "
-                              f"valid keys: {sorted(node)}")
+            raise ConfigError(
+                f"unknown config key {'.'.join(parents[: i + 1])!r} in {key!r}; "
+                f"valid keys: {sorted(node)}"
+            )
         node = node[part]
     if leaf not in node:
         raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")

@@ -9,6 +9,7 @@ never baked into a program as constants), merged back with `copy=True`, which av
 "mutate from a different trace level" error. `run_over_split` runs such a function over a
 whole evaluation split (training's evaluation, PSC's features, evaluate.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,16 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pand_jax.progress import progress_bar
 
@@ -33,8 +36,9 @@ GPU_INSTALL = "bash scripts/setup.sh --gpu"
 NVIDIA_PROC = pathlib.Path("/proc/driver/nvidia/gpus")
 
 
-def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+def maybe_initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """Joins a multi-process run when asked to, or when a cluster environment says so.
 
     Explicit arguments serve localhost runs and tests; under SLURM, Open MPI or a multi-worker
@@ -48,18 +52,22 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
 
 def _launched_as_several_processes() -> bool:
     env = os.environ
-    return bool(env.get("JAX_COORDINATOR_ADDRESS")
-                or int(env.get("SLURM_NTASKS", "1")) > 1
-                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    return bool(
+        env.get("JAX_COORDINATOR_ADDRESS")
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    )
 
 
 def device_line(dtype=None) -> str:
     """'devices: 8 x NVIDIA H100 80GB HBM3 (gpu), 1 process[, compute bfloat16]'."""
     kinds = Counter(d.device_kind for d in jax.devices())
     n = jax.process_count()
-    line = (f"devices: {', '.join(f'{c} x {kind}' for kind, c in kinds.items())} "
-            f"({jax.default_backend()}), {n} process{'es' if n > 1 else ''}")
+    line = (
+        f"devices: {', '.join(f'{c} x {kind}' for kind, c in kinds.items())} "
+        f"({jax.default_backend()}), {n} process{'es' if n > 1 else ''}"
+    )
     return line if dtype is None else f"{line}, compute {np.dtype(dtype).name}"
 
 
@@ -70,8 +78,12 @@ def report_devices(dtype=None, file=None) -> None:
     if jax.process_index() == 0:
         print(device_line(dtype), file=file or sys.stdout, flush=True)
     if jax.default_backend() == "cpu" and nvidia_gpu_visible():
-        print(f"warning: an NVIDIA GPU is visible but JAX runs on the CPU; install JAX's CUDA "
-              f"plugin with `{GPU_INSTALL}`", file=sys.stderr, flush=True)
+        print(
+            f"warning: an NVIDIA GPU is visible but JAX runs on the CPU; install JAX's CUDA "
+            f"plugin with `{GPU_INSTALL}`",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def nvidia_gpu_visible() -> bool:
@@ -112,8 +124,10 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch size") ->
 def to_global(mesh: Mesh, local_batch: dict) -> dict:
     """This process's slice of a batch (NumPy) -> global arrays sharded on "data"."""
     sharding = batch_sharded(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
 
 
 def replicate(mesh: Mesh, tree):
@@ -141,14 +155,20 @@ def place_frozen(mesh: Mesh, tree, sharding: str):
     if sharding == "replicated":
         return replicate(mesh, tree)
     if sharding != "fsdp":
-        raise ValueError(f"unknown teacher_sharding {sharding!r}; expected one of "
-                         f"{list(TEACHER_SHARDINGS)}")
-    return jax.tree.map(lambda x: jax.device_put(
-        x, NamedSharding(mesh, fsdp_spec(np.shape(x), mesh.size))), tree)
+        raise ValueError(
+            f"unknown teacher_sharding {sharding!r}; expected one of {list(TEACHER_SHARDINGS)}"
+        )
+    return jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(np.shape(x), mesh.size))), tree
+    )
 
 
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
-           "bf16": jnp.bfloat16}
+_DTYPES = {
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+}
 DTYPE_NAMES = ("auto", *_DTYPES)  # the values of the config key `dtype`
 
 
@@ -162,8 +182,12 @@ def compute_dtype(name: str):
         raise ValueError(f"unknown dtype {name!r}; expected one of {DTYPE_NAMES}") from None
 
 
-def jit_apply(module: nnx.Module, fn: Callable[..., Any], mesh: Mesh | None = None,
-              sharding: str = "replicated") -> Callable[..., Any]:
+def jit_apply(
+    module: nnx.Module,
+    fn: Callable[..., Any],
+    mesh: Mesh | None = None,
+    sharding: str = "replicated",
+) -> Callable[..., Any]:
     """`fn(module, *args)` as a jitted function of `*args`, with the module's state an argument
     (placed on `mesh` when given, as `place_frozen` says, so sharded batches run
     data-parallel)."""
@@ -178,17 +202,21 @@ def jit_apply(module: nnx.Module, fn: Callable[..., Any], mesh: Mesh | None = No
     return lambda *args: apply(state, *args)
 
 
-def run_over_split(fn: Callable[[dict], Any], loader, mesh, desc: str) -> tuple[np.ndarray, np.ndarray]:
+def run_over_split(
+    fn: Callable[[dict], Any], loader, mesh, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Applies jitted `fn(global_batch) -> [B, ...]` to every example of an eval `loader`
     (in order, last batch padded) and returns (outputs [N, ...], labels [N]) on every process."""
     outs, labels = [], []
-    for batch in progress_bar(iterable=loader.epoch(0), total=loader.steps_per_epoch, desc=desc,
-                              unit="batch"):
+    for batch in progress_bar(
+        iterable=loader.epoch(0), total=loader.steps_per_epoch, desc=desc, unit="batch"
+    ):
         gbatch = to_global(mesh, batch)
         out = fn(gbatch)
         # Gathering a global batch onto every host keeps the order of the split.
         out, label, mask = multihost_utils.process_allgather(
-            (out, gbatch["label"], gbatch["mask"]), tiled=True)
+            (out, gbatch["label"], gbatch["mask"]), tiled=True
+        )
         outs.append(np.asarray(out)[mask])
         labels.append(np.asarray(label)[mask])
     return np.concatenate(outs), np.concatenate(labels)

@@ -1,5 +1,6 @@
 """Writing a file or folder whole or not at all, the one way the package publishes one, and a
 disk that refuses a write (full, over quota, past the file-size limit) reported in one line."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,13 +12,15 @@ import re
 import shutil
 import tempfile
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 # The errnos of a write the disk refused; to the user they all mean "make room".
 REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # How TensorStore (orbax's writer) reports them in the text of its exceptions.
-_REFUSED_TEXT = re.compile(r"os_error_code='(\d+)'|OS error (\d+)|(No space left on device|"
-                           r"Disk quota exceeded|File too large)")
+_REFUSED_TEXT = re.compile(
+    r"os_error_code='(\d+)'|OS error (\d+)|(No space left on device|"
+    r"Disk quota exceeded|File too large)"
+)
 FREE_SPACE = "free space there, or use a disk with room, and run the same command again"
 
 
@@ -64,8 +67,9 @@ def _remove(path: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def disk_full_errors(path: str | os.PathLike, size: int, what: str, fix: str = FREE_SPACE,
-                     needs: str = "it") -> Iterator[None]:
+def disk_full_errors(
+    path: str | os.PathLike, size: int, what: str, fix: str = FREE_SPACE, needs: str = "it"
+) -> Iterator[None]:
     """A write the disk refuses inside the block becomes one DiskFullError line: "no space left
     to write {what} {path}: {needs} needs about {size} ({reason}); {fix}". Writers clean up
     their own partial files (`atomic_path` does) before it gets here."""
@@ -79,11 +83,19 @@ def disk_full_errors(path: str | os.PathLike, size: int, what: str, fix: str = F
         raise disk_full_error(e, path, size, what, fix, needs) from e
 
 
-def disk_full_error(e: BaseException, path: str | os.PathLike, size: int, what: str,
-                    fix: str = FREE_SPACE, needs: str = "it") -> DiskFullError:
+def disk_full_error(
+    e: BaseException,
+    path: str | os.PathLike,
+    size: int,
+    what: str,
+    fix: str = FREE_SPACE,
+    needs: str = "it",
+) -> DiskFullError:
     """The one line of `disk_full_errors`, for a refusal `e` caught elsewhere."""
-    return DiskFullError(f"no space left to write {what} {path}: {needs} needs about "
-                         f"{human(size)} and the disk refused ({refusal(e)}); {fix}")
+    return DiskFullError(
+        f"no space left to write {what} {path}: {needs} needs about "
+        f"{human(size)} and the disk refused ({refusal(e)}); {fix}"
+    )
 
 
 def refusal(e: BaseException | None) -> str | None:

@@ -15,6 +15,7 @@ id, arguments and streams, before JAX is imported). A `glibc.malloc.hugetlb` val
 GLIBC_TUNABLES is kept (`=0` turns this off). Code that imports pand_jax as a library can start
 Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` itself.
 """
+
 import os
 import sys
 
@@ -31,7 +32,7 @@ def transparent_huge_pages(path: str = THP_ENABLED) -> str:
     except OSError:
         return ""
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else ""
+    return text[start + 1 : end] if 0 <= start < end else ""
 
 
 def glibc_version() -> tuple[int, ...]:
@@ -46,8 +47,11 @@ def glibc_version() -> tuple[int, ...]:
 def relaunch_with_huge_pages() -> None:
     """Restart this command with the tunable set where it helps; returns where it does not."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (TUNABLE in tunables or glibc_version() < GLIBC_WITH_TUNABLE
-            or transparent_huge_pages() != "madvise"):
+    if (
+        TUNABLE in tunables
+        or glibc_version() < GLIBC_WITH_TUNABLE
+        or transparent_huge_pages() != "madvise"
+    ):
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, f"{TUNABLE}=1"])))
     sys.stdout.flush()

@@ -165,8 +165,9 @@ def nsd_batch(student_logits, teacher_logits, k, group_size=None):
         raise ValueError(f"batch size {batch} is not divisible by group_size {group}")
     k = min(k, group - 1)
 
-    z_s, z_t = (rearrange(z, "(groups member) c -> groups member c", member=group)
-                for z in (z_s, z_t))
+    z_s, z_t = (
+        rearrange(z, "(groups member) c -> groups member c", member=group) for z in (z_s, z_t)
+    )
     neighbours = _batch_neighbours(z_t, k)[..., None]  # [G, g, k, 1]
 
     def deltas(z):  # [G, g, k, C]; the gather keeps the neighbour's gradient
@@ -211,8 +212,9 @@ def fdbpl(student_logits, teacher_log_probs, forward_weight, reverse_weight):
     z_s, log_p = _check_logit_pair(student_logits, teacher_log_probs)
     log_q = jax.nn.log_softmax(z_s, axis=1)
     w = fdbpl_confidence(log_p)
-    loss = (forward_weight * jnp.mean(w * _kl_rows(log_p, log_q))
-            + reverse_weight * jnp.mean(w * _kl_rows(log_q, log_p)))
+    loss = forward_weight * jnp.mean(w * _kl_rows(log_p, log_q)) + reverse_weight * jnp.mean(
+        w * _kl_rows(log_q, log_p)
+    )
     return loss, jnp.mean(w)
 
 
@@ -259,8 +261,7 @@ def resize_map(x, height: int, width: int):
     x = fp32(x)
     if x.shape[1:3] == (height, width):
         return x
-    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear",
-                            antialias=False)
+    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear", antialias=False)
 
 
 def feature_map_mse(student_map, teacher_map):
@@ -281,8 +282,18 @@ def promptkd(student_logits, teacher_logits, temperature):
     return temperature**2 * jnp.sum(_kl_rows(log_p, log_q)) / z_s.size
 
 
-def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, align_text, labels,
-            student_logits, temperature, reduction, scale):
+def vl2lite(
+    student_features,
+    teacher_image_emb,
+    text_anchors,
+    align_image,
+    align_text,
+    labels,
+    student_logits,
+    temperature,
+    reduction,
+    scale,
+):
     """The VL2Lite base losses (cls, vis, txt), returned separately and unweighted.
 
     cls = CE(z_s, y); vis = mean |h - a| with h, a the L2-normalised student features and
@@ -296,19 +307,28 @@ def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, alig
     h, a = fp32(student_features), fp32(align_image)
     t, anchors, a_txt = fp32(teacher_image_emb), fp32(text_anchors), fp32(align_text)
     z_s = fp32(student_logits)
-    for name, x in [("student_features", h), ("teacher_image_emb", t), ("text_anchors", anchors),
-                    ("align_image", a), ("align_text", a_txt), ("student_logits", z_s)]:
+    for name, x in [
+        ("student_features", h),
+        ("teacher_image_emb", t),
+        ("text_anchors", anchors),
+        ("align_image", a),
+        ("align_text", a_txt),
+        ("student_logits", z_s),
+    ]:
         _check_ndim(name, x, 2)
     batch, num_classes = z_s.shape
-    expected = {"student_features": ((batch, a_txt.shape[1]), h),
-                "align_image": ((batch, a_txt.shape[1]), a),
-                "teacher_image_emb": ((batch, anchors.shape[1]), t),
-                "text_anchors": ((num_classes, anchors.shape[1]), anchors),
-                "align_text": ((num_classes, a_txt.shape[1]), a_txt)}
+    expected = {
+        "student_features": ((batch, a_txt.shape[1]), h),
+        "align_image": ((batch, a_txt.shape[1]), a),
+        "teacher_image_emb": ((batch, anchors.shape[1]), t),
+        "text_anchors": ((num_classes, anchors.shape[1]), anchors),
+        "align_text": ((num_classes, a_txt.shape[1]), a_txt),
+    }
     for name, (shape, x) in expected.items():
         if x.shape != shape:
-            raise ValueError(f"{name} must have shape {shape} (B={batch}, C={num_classes}), "
-                             f"got {x.shape}")
+            raise ValueError(
+                f"{name} must have shape {shape} (B={batch}, C={num_classes}), got {x.shape}"
+            )
 
     cls = cross_entropy(z_s, labels)
     h = l2_normalize(h)
@@ -318,8 +338,10 @@ def vl2lite(student_features, teacher_image_emb, text_anchors, align_image, alig
         logits = scale * jnp.matmul(image, text.T, precision=_HIGHEST) / temperature
         return jax.nn.log_softmax(logits, axis=1)
 
-    kl = _kl_rows(text_log_probs(l2_normalize(t), l2_normalize(anchors)),
-                  text_log_probs(h, l2_normalize(a_txt)))
+    kl = _kl_rows(
+        text_log_probs(l2_normalize(t), l2_normalize(anchors)),
+        text_log_probs(h, l2_normalize(a_txt)),
+    )
     # 'mean' over B*C then * C/2 equals sum/(2B): half the batch mean.
     factor = 1.0 if reduction == "pand" else 0.5
     txt = temperature**2 * factor * jnp.mean(kl)
@@ -377,8 +399,10 @@ def rkd(student_features, teacher_features, distance_weight, angle_weight):
     _check_ndim("student_features", s, 2)
     _check_ndim("teacher_features", t, 2)
     if s.shape[0] != t.shape[0] or s.shape[0] < 2:
-        raise ValueError(f"student_features {s.shape} and teacher_features {t.shape} need the "
-                         "same batch size, at least 2")
+        raise ValueError(
+            f"student_features {s.shape} and teacher_features {t.shape} need the "
+            "same batch size, at least 2"
+        )
     distance = _smooth_l1(_normalised_distances(s), _normalised_distances(t))
     angle = _smooth_l1(_triplet_angles(s), _triplet_angles(t))
     return distance_weight * distance + angle_weight * angle
@@ -393,16 +417,18 @@ def coop_ce(image_features, text_features, labels, logit_scale):
     _check_ndim("image_features", img, 2)
     _check_ndim("text_features", txt, 2)
     if img.shape[1] != txt.shape[1]:
-        raise ValueError(f"image_features {img.shape} and text_features {txt.shape} must share "
-                         "the feature width")
+        raise ValueError(
+            f"image_features {img.shape} and text_features {txt.shape} must share the feature width"
+        )
     logits = logit_scale * jnp.matmul(l2_normalize(img), l2_normalize(txt).T, precision=_HIGHEST)
     return cross_entropy(logits, labels)
 
 
 def teacher_logits(teacher, anchors, scale):
     """z_t = s * L2norm(t) @ L2norm(T)^T: the teacher's class logits over the text anchors."""
-    return scale * jnp.matmul(l2_normalize(fp32(teacher)), l2_normalize(fp32(anchors)).T,
-                              precision=_HIGHEST)
+    return scale * jnp.matmul(
+        l2_normalize(fp32(teacher)), l2_normalize(fp32(anchors)).T, precision=_HIGHEST
+    )
 
 
 def nsd(z_s, z_t, labels, form, k, group_size):

@@ -5,9 +5,11 @@ turns each class prompt into a text anchor.
 The text tower is causal, so the EOT feature depends only on the tokens up to EOT: every prompt
 is cut just after the longest prompt's EOT, which gives identical features for less work.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +22,9 @@ PLACEHOLDER = "X"
 
 class PromptParts(NamedTuple):
     """Frozen pieces of the class prompts around the learned context."""
-    prefix: jax.Array     # [C, 1, W]  SOS embedding
-    suffix: jax.Array     # [C, L - 1 - n_ctx, W]  class text, EOS, padding up to the cut
+
+    prefix: jax.Array  # [C, 1, W]  SOS embedding
+    suffix: jax.Array  # [C, L - 1 - n_ctx, W]  class text, EOS, padding up to the cut
     eot_index: jax.Array  # [C]
 
 
@@ -48,22 +51,28 @@ def context_prompts(class_names: Sequence[str], template: str, n_ctx: int) -> li
 
 
 def prompt_parts(clip, class_names: Sequence[str], template: str, n_ctx: int) -> PromptParts:
-    tokens = cut_after_eot(tokenize(context_prompts(class_names, template, n_ctx),
-                                    clip.config.text.context_length))
+    tokens = cut_after_eot(
+        tokenize(context_prompts(class_names, template, n_ctx), clip.config.text.context_length)
+    )
     if tokens.shape[1] >= clip.config.text.context_length and n_ctx:
         longest = max(class_names, key=len)
-        raise ValueError(f"the prompt for {longest!r} with {n_ctx} context tokens does not fit in "
-                         f"{clip.config.text.context_length} tokens; lower n_ctx")
+        raise ValueError(
+            f"the prompt for {longest!r} with {n_ctx} context tokens does not fit in "
+            f"{clip.config.text.context_length} tokens; lower n_ctx"
+        )
     embeds = clip.embed_tokens(jnp.asarray(tokens))
-    return PromptParts(prefix=embeds[:, :1], suffix=embeds[:, 1 + n_ctx:],
-                       eot_index=jnp.asarray(tokens.argmax(-1)))
+    return PromptParts(
+        prefix=embeds[:, :1],
+        suffix=embeds[:, 1 + n_ctx :],
+        eot_index=jnp.asarray(tokens.argmax(-1)),
+    )
 
 
 def word_context(clip, words: str) -> jax.Array:
     """[n, W] the token embeddings of `words` (n tokens): a context that starts as those words,
     as CoOp's and FDBPL's ctx_init does."""
     tokens = tokenize([words], clip.config.text.context_length)[0]
-    return clip.embed_tokens(jnp.asarray(tokens[1:int(tokens.argmax())]))
+    return clip.embed_tokens(jnp.asarray(tokens[1 : int(tokens.argmax())]))
 
 
 def init_context(key: jax.Array, n_ctx: int, width: int, std: float = 0.02) -> jax.Array:
@@ -81,7 +90,8 @@ def prompt_features(clip, ctx: jax.Array, parts: PromptParts) -> jax.Array:
 def template_anchors(clip, class_names: Sequence[str], template: str) -> np.ndarray:
     """Hand-crafted text anchors (VL2Lite and the "+NSD only" ablation): L2-normalised
     features of `template.format(name)` from the frozen text tower, [C, D]."""
-    tokens = cut_after_eot(tokenize(class_prompts(class_names, template),
-                                    clip.config.text.context_length))
+    tokens = cut_after_eot(
+        tokenize(class_prompts(class_names, template), clip.config.text.context_length)
+    )
     encode = devices.jit_apply(clip, lambda m, t: losses.l2_normalize(m.encode_text(t)))
     return np.asarray(encode(jnp.asarray(tokens)))

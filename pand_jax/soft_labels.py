@@ -8,6 +8,7 @@ full distribution q over the C classes when the student trains:
 
 "embedding" is no sparsification: the cache holds the teacher's embeddings instead.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -25,6 +26,7 @@ SPARSE_KINDS = KINDS[1:]
 class SoftLabels(NamedTuple):
     """What a sparse teacher cache stores per view: `sparsify(probabilities(t, anchors, scale,
     temperature), k)` of the teacher's embedding t, read back through `reconstruct(..., kind)`."""
+
     kind: str  # one of SPARSE_KINDS
     k: int
     anchors: np.ndarray  # [C, D] class (text) anchors
@@ -38,8 +40,10 @@ def parse(spec: str, default_k: int) -> tuple[str, int | None]:
     C is known."""
     kind, colon, k = spec.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"--soft-labels {spec!r}: unknown kind {kind!r}; expected one of "
-                         f"{list(KINDS)}, ms and mr optionally with :K")
+        raise ValueError(
+            f"--soft-labels {spec!r}: unknown kind {kind!r}; expected one of "
+            f"{list(KINDS)}, ms and mr optionally with :K"
+        )
     if kind in ("embedding", "hard"):
         if colon:
             raise ValueError(f"--soft-labels {spec!r}: {kind} takes no :K")

@@ -7,13 +7,15 @@ models all write the same layout:
     DIR/config.json     {"kind": ..., "config": {...}, ...}   (JSON, human-readable)
     DIR/state/          orbax checkpoint of the module's pure state dict
 """
+
 from __future__ import annotations
 
 import json
 import os
 import pathlib
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -58,7 +60,8 @@ def save_module(path: str | pathlib.Path, module: nnx.Module, meta: dict[str, An
         if is_main:  # the previous copy at `path` is untouched
             shutil.rmtree(partial, ignore_errors=True)
         raise files.disk_full_error(
-            e, path, sum(x.nbytes for x in jax.tree.leaves(pure)), "the weights") from e
+            e, path, sum(x.nbytes for x in jax.tree.leaves(pure)), "the weights"
+        ) from e
     if is_main:
         # A folder cannot be renamed over another: the old copy steps aside, then is removed.
         if path.exists():
@@ -92,7 +95,8 @@ def read_meta(path: str | pathlib.Path, kind: str | None = None, hint: str = "")
     cfg = path / CONFIG_FILE
     if not cfg.is_file():
         raise WeightsError(
-            f"no converted weights at {path} (missing {CONFIG_FILE})." + (f" {hint}" if hint else "")
+            f"no converted weights at {path} (missing {CONFIG_FILE})."
+            + (f" {hint}" if hint else "")
         )
     try:
         meta = json.loads(cfg.read_text())
@@ -118,16 +122,16 @@ def load_module(
     meta = read_meta(path, kind, hint)
     abstract = nnx.eval_shape(lambda: build(meta))
     graphdef, abstract_state = nnx.split(abstract)
-    target = jax.tree.map(
-        lambda x: np.zeros((), x.dtype), nnx.to_pure_dict(abstract_state)
-    )
+    target = jax.tree.map(lambda x: np.zeros((), x.dtype), nnx.to_pure_dict(abstract_state))
     # Plain NumPy on every process: converted weights are replicated host data, so no device
     # layout from the saving process (nor any collective) is involved in reading them.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            pure = ckptr.restore(path / STATE_DIR, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args))
+            pure = ckptr.restore(
+                path / STATE_DIR,
+                args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
+            )
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
         raise WeightsError(
             f"could not read the weights in {path / STATE_DIR}: {type(e).__name__}: {e}. "
@@ -144,5 +148,9 @@ def _check_shapes(pure, expected, path, hint: str) -> None:
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree.leaves_with_path(expected)}
     bad = [f"{k}: stored {got.get(k)}, model {want[k]}" for k in want if got.get(k) != want[k]]
     if bad:
-        raise WeightsError(f"the weights in {path} do not fit the model in their config.json: "
-                           + "; ".join(bad[:5]) + ". Convert again." + (f" {hint}" if hint else ""))
+        raise WeightsError(
+            f"the weights in {path} do not fit the model in their config.json: "
+            + "; ".join(bad[:5])
+            + ". Convert again."
+            + (f" {hint}" if hint else "")
+        )

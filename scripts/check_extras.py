@@ -9,6 +9,7 @@ cuda12, cuda13, tpu), asks pip which distributions `pip install -c requirements/
 variant does not resolve or resolves to a JAX other than the pinned one. It needs the network,
 so it runs by hand and not in the test suite.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ from packaging.requirements import Requirement
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXTRAS = ("", "cuda12", "cuda13", "tpu")
-SHOWN = ("jax", "jaxlib", "flax", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu",
-         "nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "torch")
+SHOWN = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "jax-cuda12-plugin",
+    "jax-cuda13-plugin",
+    "libtpu",
+    "nvidia-cudnn-cu12",
+    "nvidia-cudnn-cu13",
+    "torch",
+)
 
 
 def pinned_jax() -> str:
@@ -40,14 +50,27 @@ def resolve(extra: str) -> dict[str, str]:
     """{distribution name: version} that pip would install, or raises with pip's last line."""
     with tempfile.TemporaryDirectory() as tmp:
         report = pathlib.Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
-               "--report", str(report), "-c", str(ROOT / "requirements" / "ci.txt"),
-               f"{ROOT}[torch,deploy,test{',' + extra if extra else ''}]"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--dry-run",
+            "--ignore-installed",
+            "--report",
+            str(report),
+            "-c",
+            str(ROOT / "requirements" / "ci.txt"),
+            f"{ROOT}[torch,deploy,test{',' + extra if extra else ''}]",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(done.stderr.strip().splitlines()[-1])
-        return {i["metadata"]["name"].lower(): i["metadata"]["version"]
-                for i in json.loads(report.read_text())["install"]}
+        return {
+            i["metadata"]["name"].lower(): i["metadata"]["version"]
+            for i in json.loads(report.read_text())["install"]
+        }
 
 
 def main() -> int:
@@ -62,7 +85,9 @@ def main() -> int:
             failed += 1
             continue
         print(f"{label}: " + ", ".join(f"{k} {got[k]}" for k in SHOWN if k in got), flush=True)
-        plugin = got.get(f"jax-{extra}-plugin", got["jax"]) if extra.startswith("cuda") else got["jax"]
+        plugin = (
+            got.get(f"jax-{extra}-plugin", got["jax"]) if extra.startswith("cuda") else got["jax"]
+        )
         if not got["jax"] == got.get("jaxlib") == plugin == want:
             print(f"{label}: FAILED: not the pinned jax {want} with its jaxlib and plugin")
             failed += 1

@@ -22,6 +22,7 @@ already set in XLA_FLAGS is kept.
 Hypothesis runs derandomized everywhere (the `ci` profile): the same examples on every run and
 machine, so a failure reproduces and a pass is not luck. `--hypothesis-profile explore` searches
 afresh."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -41,10 +42,12 @@ def _compilation_cache() -> str:
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
-for key, value in {"JAX_COMPILATION_CACHE_DIR": _compilation_cache(),  # before JAX reads them
-                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-                   "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}.items():
+for key, value in {
+    "JAX_COMPILATION_CACHE_DIR": _compilation_cache(),  # before JAX reads them
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+}.items():
     os.environ.setdefault(key, value)
 
 import filelock  # noqa: E402
@@ -54,32 +57,71 @@ from hypothesis import settings  # noqa: E402
 
 import pand_jax  # noqa: E402,F401  (its XLA:CPU option must be in XLA_FLAGS before any test runs JAX)
 
-settings.register_profile("ci", derandomize=True, database=None, deadline=None,
-                          print_blob=True)
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None)
 settings.load_profile("ci")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # One optimizer step per epoch on 8 examples keeps every run to seconds after compilation.
-PSC_ARGS = ["--stage", "psc", "--dataset", "digits", "--epochs", "1", "--batch-size", "16",
-            "--set", "max_steps_per_epoch=1", "--set", "feature_image_size=32",
-            "--set", "feature_batch_size=64", "--set", "dtype=float32", "--set", "n_ctx=4"]
-NSD_ARGS = ["--stage", "nsd", "--dataset", "digits", "--epochs", "1", "--batch-size", "8",
-            "--set", "max_steps_per_epoch=1", "--set", "student_weights=null",
-            "--set", "host_image_size=36", "--set", "image_size=32", "--set", "augment=rrc",
-            "--set", "eval_batch_size=64", "--set", "dtype=float32",
-            # AdamW's first step is lr * g / (|g| + eps): with PyTorch's eps 1e-8 a gradient of
-            # 1e-9 moves a weight by +-lr, so reduction-order noise between device counts would
-            # show as full-size differences. A larger eps keeps the update linear in g.
-            "--set", "optimizer.eps=1e-3"]
+PSC_ARGS = [
+    "--stage",
+    "psc",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--set",
+    "max_steps_per_epoch=1",
+    "--set",
+    "feature_image_size=32",
+    "--set",
+    "feature_batch_size=64",
+    "--set",
+    "dtype=float32",
+    "--set",
+    "n_ctx=4",
+]
+NSD_ARGS = [
+    "--stage",
+    "nsd",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--set",
+    "max_steps_per_epoch=1",
+    "--set",
+    "student_weights=null",
+    "--set",
+    "host_image_size=36",
+    "--set",
+    "image_size=32",
+    "--set",
+    "augment=rrc",
+    "--set",
+    "eval_batch_size=64",
+    "--set",
+    "dtype=float32",
+    # AdamW's first step is lr * g / (|g| + eps): with PyTorch's eps 1e-8 a gradient of
+    # 1e-9 moves a weight by +-lr, so reduction-order noise between device counts would
+    # show as full-size differences. A larger eps keeps the update linear in g.
+    "--set",
+    "optimizer.eps=1e-3",
+]
 
 
 def cpu_env(devices: int = 1, xla_flags: str = "", **extra) -> dict:
     """The environment of a subprocess on `devices` fake CPU devices: this run's XLA_FLAGS
     (`TEST_XLA_FLAGS`), the device count and `xla_flags` after them, and `extra`."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} " \
-            f"--xla_force_host_platform_device_count={devices} {xla_flags}"
+    flags = (
+        f"{os.environ.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={devices} {xla_flags}"
+    )
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip(), **extra}
 
 
@@ -90,12 +132,15 @@ def run_train(args, *, devices=1, check=True, background=False, env=None):
     env = cpu_env(devices, env.pop("XLA_FLAGS", ""), PYTHONUNBUFFERED="1", **env)
     cmd = [sys.executable, str(REPO / "train.py"), *map(str, args)]
     if background:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check and out.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(map(str, args))} failed:\n"
-                             f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+        raise AssertionError(
+            f"train.py {' '.join(map(str, args))} failed:\n"
+            f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+        )
     return out
 
 
@@ -120,23 +165,33 @@ def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory) -> pathlib.Path:
     """A random tiny CLIP with the real tokenizer's vocabulary (configs/demo.json)."""
+
     def make(path):
-        from pand_jax.train import demo
         from pand_jax.models.clip import CLIP, save_clip
+        from pand_jax.train import demo
 
         clip = CLIP(demo.teacher_config(demo.demo_config()["teacher"]), rngs=nnx.Rngs(0))
         save_clip(path, clip, teacher_id="test-teacher")
+
     return made_once(tmp_path_factory, "teacher", make)
 
 
 @pytest.fixture(scope="session")
 def psc_run(teacher, tmp_path_factory) -> pathlib.Path:
-    return made_once(tmp_path_factory, "psc1", lambda workdir: run_train(
-        PSC_ARGS + ["--teacher", teacher, "--workdir", workdir]))
+    return made_once(
+        tmp_path_factory,
+        "psc1",
+        lambda workdir: run_train(PSC_ARGS + ["--teacher", teacher, "--workdir", workdir]),
+    )
 
 
 @pytest.fixture(scope="session")
 def nsd_run(teacher, psc_run, tmp_path_factory) -> pathlib.Path:
-    return made_once(tmp_path_factory, "nsd1", lambda workdir: run_train(
-        NSD_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
-                    "--workdir", workdir]))
+    return made_once(
+        tmp_path_factory,
+        "nsd1",
+        lambda workdir: run_train(
+            NSD_ARGS
+            + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz", "--workdir", workdir]
+        ),
+    )

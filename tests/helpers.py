@@ -1,4 +1,5 @@
 """Helpers several test files share that the package itself never needs."""
+
 from __future__ import annotations
 
 import jax
@@ -31,6 +32,9 @@ def classes_info(num_classes: int):
     student also reads the class names and prompt template)."""
     import types
 
-    return types.SimpleNamespace(num_classes=num_classes, key="test",
-                                 class_names=[f"class {i}" for i in range(num_classes)],
-                                 prompt_template="a photo of a {}.")
+    return types.SimpleNamespace(
+        num_classes=num_classes,
+        key="test",
+        class_names=[f"class {i}" for i in range(num_classes)],
+        prompt_template="a photo of a {}.",
+    )

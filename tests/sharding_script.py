@@ -2,6 +2,7 @@
 jax starts): the Stage-PSC and Stage-NSD steps of a small ConvNeXt and a small ViT CLIP with
 the teacher replicated and sharded (FSDP), run on the CPU mesh and lowered for CUDA and TPU.
 Prints one JSON object per family on stdout."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from helpers import classes_info
 
 from pand_jax import config, devices, methods, prompts
 from pand_jax.models.clip import CLIP, CLIPConfig
 from pand_jax.train import nsd, psc
-
-from helpers import classes_info
 
 CLASSES = [str(i) for i in range(10)]
 BATCH, HOST, SIZE = 16, 36, 32
@@ -37,8 +37,9 @@ def steps(clip: CLIP):
     cfg["optimizer"]["eps"] = 1e-3
     method = methods.get("pand")
     cfg.update(student="resnet18", student_weights=None)
-    model = nsd.build_model(method, cfg, classes_info(len(CLASSES)), clip.config.embed_dim,
-                            jnp.float32)
+    model = nsd.build_model(
+        method, cfg, classes_info(len(CLASSES)), clip.config.embed_dim, jnp.float32
+    )
     tx, schedule = nsd.optimizer(cfg, 10)
     loss_fn = nsd.make_loss(method, cfg["loss"], True, cfg["epochs"], "digits")
     graphdef, state = nsd.init_state(model, tx)
@@ -46,9 +47,11 @@ def steps(clip: CLIP):
     rng = np.random.default_rng(0)
     anchors = rng.standard_normal((len(CLASSES), clip.config.embed_dim)).astype(np.float32)
     anchors /= np.linalg.norm(anchors, axis=1, keepdims=True)
-    batch = {"image": rng.integers(0, 256, (BATCH, HOST, HOST, 3), dtype=np.uint8),
-             "label": rng.integers(0, len(CLASSES), BATCH).astype(np.int32),
-             "index": np.arange(BATCH, dtype=np.int32)}
+    batch = {
+        "image": rng.integers(0, 256, (BATCH, HOST, HOST, 3), dtype=np.uint8),
+        "label": rng.integers(0, len(CLASSES), BATCH).astype(np.int32),
+        "index": np.arange(BATCH, dtype=np.int32),
+    }
     nsd_step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
 
     pcfg = config.default_config("psc")
@@ -60,14 +63,20 @@ def steps(clip: CLIP):
     psc_batch = {"features": features, "label": batch["label"]}
     # host copies: each placement makes fresh device buffers (the NSD step donates its state)
     state, t_state = jax.device_get((state, t_state))
-    return (nsd_step, (state, t_state, anchors, batch), psc_step,
-            ({"ctx": ctx, "opt_state": ptx.init(ctx)}, t_state, parts, psc_batch))
+    return (
+        nsd_step,
+        (state, t_state, anchors, batch),
+        psc_step,
+        ({"ctx": ctx, "opt_state": ptx.init(ctx)}, t_state, parts, psc_batch),
+    )
 
 
 def place(mesh, sharding, train_state, t_state, rest, batch):
-    return (devices.replicate(mesh, train_state),
-            (devices.place_frozen(mesh, t_state, sharding), devices.replicate(mesh, rest)),
-            devices.to_global(mesh, batch))
+    return (
+        devices.replicate(mesh, train_state),
+        (devices.place_frozen(mesh, t_state, sharding), devices.replicate(mesh, rest)),
+        devices.to_global(mesh, batch),
+    )
 
 
 def per_device_bytes(tree) -> int:
@@ -88,32 +97,43 @@ def family_report(family: str) -> dict:
         t = frozen[0]
         out[f"nsd_teacher_bytes_per_device_{sharding}"] = per_device_bytes(t["visual"])
         out[f"psc_teacher_bytes_per_device_{sharding}"] = per_device_bytes(
-            [v for k, v in t["text"].items() if k != "token_embedding"])
+            [v for k, v in t["text"].items() if k != "token_embedding"]
+        )
         # XLA's memory analysis of each compiled step, per device
-        for stage, fn, args in (("nsd", nsd_step, (state, frozen, batch, epoch)),
-                                ("psc", psc_step, (pstate, pfrozen, pbatch))):
+        for stage, fn, args in (
+            ("nsd", nsd_step, (state, frozen, batch, epoch)),
+            ("psc", psc_step, (pstate, pfrozen, pbatch)),
+        ):
             memory = fn.trace(*args).lower().compile().memory_analysis()
             out[f"{stage}_argument_bytes_{sharding}"] = int(memory.argument_size_in_bytes)
             out[f"{stage}_temp_bytes_{sharding}"] = int(memory.temp_size_in_bytes)
         new_state, metrics = nsd_step(state, frozen, batch, epoch)
         new_ctx, pmetrics = psc_step(pstate, pfrozen, pbatch)
-        results[sharding] = (jax.device_get(new_state["params"]), float(metrics["loss"]),
-                             np.asarray(new_ctx["ctx"]), float(pmetrics["loss"]))
+        results[sharding] = (
+            jax.device_get(new_state["params"]),
+            float(metrics["loss"]),
+            np.asarray(new_ctx["ctx"]),
+            float(pmetrics["loss"]),
+        )
         for platform in ("cuda", "tpu"):
-            for stage, fn, args in (("nsd", nsd_step, (state, frozen, batch, epoch)),
-                                    ("psc", psc_step, (pstate, pfrozen, pbatch))):
+            for stage, fn, args in (
+                ("nsd", nsd_step, (state, frozen, batch, epoch)),
+                ("psc", psc_step, (pstate, pfrozen, pbatch)),
+            ):
                 if stage == "nsd":  # donated: a fresh copy for each lowering
                     args = (devices.replicate(mesh, nsd_args[0]),) + args[1:]
                 text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
                 key = f"{stage}_{platform}_{sharding}"
                 out[f"{key}_cpu_custom_calls"] = sorted(
-                    {c for c in ("PandConv", "onednn", "__onednn") if c.lower() in text.lower()})
+                    {c for c in ("PandConv", "onednn", "__onednn") if c.lower() in text.lower()}
+                )
                 assert '@mesh = <["data"=8]>' in text, key  # the program spans the mesh
                 out[f"{key}_data_sharded_values"] = text.count('{"data"}')
     rep, fsdp = results["replicated"], results["fsdp"]
     leaves = zip(jax.tree.leaves(rep[0]), jax.tree.leaves(fsdp[0]))
-    out["nsd_params_max_abs_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                                         for a, b in leaves)
+    out["nsd_params_max_abs_diff"] = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in leaves
+    )
     out["nsd_loss"] = [rep[1], fsdp[1]]
     out["psc_ctx_max_abs_diff"] = float(np.max(np.abs(rep[2] - fsdp[2])))
     out["psc_loss"] = [rep[3], fsdp[3]]

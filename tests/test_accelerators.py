@@ -3,6 +3,7 @@ warning with JAX's platform faked, the per-platform compute dtype, the pyproject
 the CI pins, scripts/setup.sh's choice of extra (--dry-run, with a fake nvidia-smi), and the
 SLURM / TPU examples. Whether the extras resolve on the package index needs the network:
 scripts/check_extras.py does that by hand."""
+
 from __future__ import annotations
 
 import pathlib
@@ -48,13 +49,22 @@ def fake_nvidia(monkeypatch, tmp_path, listing: str | None, proc_gpus: int = 0):
     monkeypatch.setattr(devices, "NVIDIA_PROC", proc)
 
 
-@pytest.mark.parametrize("platform, kinds, processes, want", [
-    ("gpu", [H100] * 8, 1, f"devices: 8 x {H100} (gpu), 1 process, compute bfloat16"),
-    ("tpu", ["TPU v5 lite"] * 16, 4, "devices: 16 x TPU v5 lite (tpu), 4 processes, compute bfloat16"),
-    ("cpu", ["cpu"], 1, "devices: 1 x cpu (cpu), 1 process, compute float32"),
-])
-def test_start_line_names_devices_processes_and_auto_dtype(monkeypatch, capsys, platform, kinds,
-                                                           processes, want):
+@pytest.mark.parametrize(
+    "platform, kinds, processes, want",
+    [
+        ("gpu", [H100] * 8, 1, f"devices: 8 x {H100} (gpu), 1 process, compute bfloat16"),
+        (
+            "tpu",
+            ["TPU v5 lite"] * 16,
+            4,
+            "devices: 16 x TPU v5 lite (tpu), 4 processes, compute bfloat16",
+        ),
+        ("cpu", ["cpu"], 1, "devices: 1 x cpu (cpu), 1 process, compute float32"),
+    ],
+)
+def test_start_line_names_devices_processes_and_auto_dtype(
+    monkeypatch, capsys, platform, kinds, processes, want
+):
     fake_jax(monkeypatch, platform, kinds, processes)
     monkeypatch.setattr(devices, "nvidia_gpu_visible", lambda: False)
     devices.report_devices(devices.compute_dtype("auto"))
@@ -67,14 +77,18 @@ def test_explicit_dtype_overrides_the_platform_default(monkeypatch):
     assert devices.device_line(devices.compute_dtype("fp32")).endswith(", compute float32")
 
 
-@pytest.mark.parametrize("listing, proc_gpus, warned", [
-    (f"GPU 0: {H100} (UUID: GPU-1234)", 0, True),
-    ("No devices were found", 0, False),
-    (None, 1, True),   # driver loaded, nvidia-smi not on PATH
-    (None, 0, False),
-])
-def test_idle_nvidia_gpu_warns_once_with_the_install_command(monkeypatch, tmp_path, capsys,
-                                                             listing, proc_gpus, warned):
+@pytest.mark.parametrize(
+    "listing, proc_gpus, warned",
+    [
+        (f"GPU 0: {H100} (UUID: GPU-1234)", 0, True),
+        ("No devices were found", 0, False),
+        (None, 1, True),  # driver loaded, nvidia-smi not on PATH
+        (None, 0, False),
+    ],
+)
+def test_idle_nvidia_gpu_warns_once_with_the_install_command(
+    monkeypatch, tmp_path, capsys, listing, proc_gpus, warned
+):
     fake_jax(monkeypatch, "cpu", ["cpu"])
     fake_nvidia(monkeypatch, tmp_path, listing, proc_gpus)
     devices.report_devices()
@@ -95,6 +109,7 @@ def test_no_warning_when_jax_uses_the_gpu(monkeypatch, tmp_path, capsys):
 
 # ------------------------------------------------------------------ pyproject and CI pins
 
+
 def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
@@ -106,7 +121,7 @@ def ci_pins(python: str) -> dict[str, str]:
         if line.strip() and not line.startswith("#"):
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate({"python_version": python}):
-                spec, = req.specifier
+                (spec,) = req.specifier
                 assert spec.operator == "==", line
                 pins[norm(req.name)] = spec.version
     return pins
@@ -119,10 +134,11 @@ def norm(name: str) -> str:
 def test_accelerator_extras_are_jaxs_own_with_the_supported_range():
     """The plugin (or libtpu) then always matches the installed JAX exactly."""
     project = pyproject()
-    jax_range = next(Requirement(r).specifier for r in project["dependencies"]
-                     if Requirement(r).name == "jax")
+    jax_range = next(
+        Requirement(r).specifier for r in project["dependencies"] if Requirement(r).name == "jax"
+    )
     for extra in ("cuda12", "cuda13", "tpu"):
-        req, = map(Requirement, project["optional-dependencies"][extra])
+        (req,) = map(Requirement, project["optional-dependencies"][extra])
         assert req.name == "jax" and req.extras == {extra} and req.specifier == jax_range
 
 
@@ -148,21 +164,30 @@ def setup_dry_run(tmp_path, *args, nvidia: str | None = None, driver: str = "580
         (bin_dir / tool).symlink_to(shutil.which(tool))
     if nvidia is not None:
         smi = bin_dir / "nvidia-smi"
-        smi.write_text('#!/bin/sh\ncase "$1" in -L) echo "GPU 0: ' + nvidia + '";;\n'
-                       f'  --query-gpu=driver_version) echo {driver};; esac\n')
+        smi.write_text(
+            '#!/bin/sh\ncase "$1" in -L) echo "GPU 0: ' + nvidia + '";;\n'
+            f"  --query-gpu=driver_version) echo {driver};; esac\n"
+        )
         smi.chmod(0o755)
-    return subprocess.run([shutil.which("bash"), str(REPO / "scripts" / "setup.sh"), "--dry-run",
-                           *args], env={"PATH": str(bin_dir)}, capture_output=True, text=True)
+    return subprocess.run(
+        [shutil.which("bash"), str(REPO / "scripts" / "setup.sh"), "--dry-run", *args],
+        env={"PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+    )
 
 
-@pytest.mark.parametrize("args, nvidia, driver, extras", [
-    ((), None, "", "torch,deploy,test"),
-    ((), H100, "580.95.05", "torch,deploy,test,cuda13"),
-    ((), "Tesla V100-SXM2-32GB", "550.54.14", "torch,deploy,test,cuda12"),
-    (("--gpu",), None, "", "torch,deploy,test,cuda13"),
-    (("--tpu",), None, "", "torch,deploy,test,tpu"),
-    (("--cpu",), H100, "580.95.05", "torch,deploy,test"),
-])
+@pytest.mark.parametrize(
+    "args, nvidia, driver, extras",
+    [
+        ((), None, "", "torch,deploy,test"),
+        ((), H100, "580.95.05", "torch,deploy,test,cuda13"),
+        ((), "Tesla V100-SXM2-32GB", "550.54.14", "torch,deploy,test,cuda12"),
+        (("--gpu",), None, "", "torch,deploy,test,cuda13"),
+        (("--tpu",), None, "", "torch,deploy,test,tpu"),
+        (("--cpu",), H100, "580.95.05", "torch,deploy,test"),
+    ],
+)
 def test_setup_picks_the_accelerator_extra(tmp_path, args, nvidia, driver, extras):
     done = setup_dry_run(tmp_path, *args, nvidia=nvidia, driver=driver)
     assert done.returncode == 0, done.stderr
@@ -177,6 +202,7 @@ def test_setup_rejects_an_unknown_option(tmp_path):
 
 # ------------------------------------------------------------------ SLURM and TPU examples
 
+
 def train_commands(text: str) -> list[list[str]]:
     """The arguments of every `train.py` command in shell text (continuations joined, the
     commands inside `--command="..."` included)."""
@@ -190,8 +216,8 @@ def train_commands(text: str) -> list[list[str]]:
                 words += shlex.split(w.removeprefix("--command="))
         for i, w in enumerate(words):
             if w == "train.py":
-                rest = words[i + 1:]
-                found.append(rest[:rest.index("&&")] if "&&" in rest else rest)
+                rest = words[i + 1 :]
+                found.append(rest[: rest.index("&&")] if "&&" in rest else rest)
     return found
 
 

@@ -1,6 +1,7 @@
 """The bench/ scripts at their smallest settings: each runs to the end and its summary agrees
 with its own figures (ratios are the quotients of the printed rates, exports match the Flax
 model). Timings themselves are never asserted; they are for bench/RESULTS.md."""
+
 from __future__ import annotations
 
 import json
@@ -10,24 +11,32 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 def run_bench(script: str, *args: str) -> str:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, (f"bench/{script} failed:\n{out.stdout[-3000:]}\n"
-                                 f"{out.stderr[-3000:]}")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, (
+        f"bench/{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
     return out.stdout
 
 
 def table_rows(text: str) -> list[list[str]]:
     """The cells of every markdown table row (header rows included, separator rows not)."""
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in text.splitlines()
-            if line.startswith("|") and not line.startswith("|---")]
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
 
 
 def number(cell: str) -> float:
@@ -36,18 +45,43 @@ def number(cell: str) -> float:
 
 def assert_ratio(printed: str, top: float, bottom: float) -> None:
     """`printed` is top / bottom rounded to 2 decimals, from figures rounded to 1 decimal."""
-    slack = 0.005 + (0.05 / bottom + 0.05 * top / bottom ** 2)
+    slack = 0.005 + (0.05 / bottom + 0.05 * top / bottom**2)
     assert math.isclose(number(printed), top / bottom, abs_tol=slack), (printed, top, bottom)
 
 
 def test_student_rows_and_ratios():
-    text = run_bench("student.py", "--device", "cpu", "--batch", "2", "--steps", "1", "--size",
-                     "32", "--arch", "resnet18", "--precision", "fp32", "--mode", "train", "eval")
+    text = run_bench(
+        "student.py",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--size",
+        "32",
+        "--arch",
+        "resnet18",
+        "--precision",
+        "fp32",
+        "--mode",
+        "train",
+        "eval",
+    )
     header, *rows = table_rows(text)
-    assert header == ["arch", "px", "precision", "mode", "flax fast img/s", "torch img/s",
-                      "fast/torch"]
-    assert [row[:4] for row in rows] == [["resnet18", "32", "fp32", "train"],
-                                         ["resnet18", "32", "fp32", "eval"]]
+    assert header == [
+        "arch",
+        "px",
+        "precision",
+        "mode",
+        "flax fast img/s",
+        "torch img/s",
+        "fast/torch",
+    ]
+    assert [row[:4] for row in rows] == [
+        ["resnet18", "32", "fp32", "train"],
+        ["resnet18", "32", "fp32", "eval"],
+    ]
     for *_, flax, torch, ratio in rows:
         assert_ratio(ratio, number(flax), number(torch))
 
@@ -73,8 +107,9 @@ def test_losses_match_pytorch_and_speedups_add_up():
         assert number(cells["rel. loss diff"]) < 1e-5
         jax_ms = number(cells["JAX jit fwd+bwd (ms)"])
         torch_ms = number(cells["PyTorch fwd+bwd (ms)"])
-        assert math.isclose(number(cells["speed-up"]), torch_ms / jax_ms, rel_tol=0.01,
-                            abs_tol=0.01)
+        assert math.isclose(
+            number(cells["speed-up"]), torch_ms / jax_ms, rel_tol=0.01, abs_tol=0.01
+        )
 
 
 # The CUB-200 run the nsd_step projections are for: its split sizes and the paper's epochs.
@@ -85,22 +120,24 @@ def test_nsd_step_summary_matches_its_rates():
     """The script whose summary line once crashed after every measurement. Its table prints the
     summary's rates, and its ratios and projected run times are those rates' (recomputed here
     from the CUB split sizes and the paper's epochs)."""
-    text = run_bench("nsd_step.py", "--size", "small", "--device", "cpu", "--steps", "1",
-                     "--views", "3")
+    text = run_bench(
+        "nsd_step.py", "--size", "small", "--device", "cpu", "--steps", "1", "--views", "3"
+    )
     summary = json.loads(text.strip().splitlines()[-1])
     rates, projected = summary["rates"], summary["projection_s"]
     assert set(rates) >= {"online", "cached", "torch", "student_eval"}
     assert all(v > 0 for v in rates.values())
     printed = {row[0]: row[1] for row in table_rows(text)}
-    for name in ("online", "cached", "torch", "teacher_views", "teacher_features",
-                 "student_eval"):
+    for name in ("online", "cached", "torch", "teacher_views", "teacher_features", "student_eval"):
         assert math.isclose(number(printed[name]), rates[name], abs_tol=0.05 + 1e-9), name
     for name in ("psc_step_s", "psc_anchors_s"):
         assert math.isclose(number(printed[name]), 1e3 * rates[name], abs_tol=0.05 + 1e-9), name
-    assert math.isclose(number(printed["cached / torch"]), rates["cached"] / rates["torch"],
-                        abs_tol=0.005)
-    assert math.isclose(number(printed["cached / online"]), rates["cached"] / rates["online"],
-                        abs_tol=0.005)
+    assert math.isclose(
+        number(printed["cached / torch"]), rates["cached"] / rates["torch"], abs_tol=0.005
+    )
+    assert math.isclose(
+        number(printed["cached / online"]), rates["cached"] / rates["online"], abs_tol=0.005
+    )
 
     batch = int(text.split("; batch ")[1].split(";")[0])
     images = NSD_EPOCHS * (CUB_TRAIN // batch) * batch  # whole batches, every epoch
@@ -112,35 +149,44 @@ def test_nsd_step_summary_matches_its_rates():
         "nsd_cached_s": cache + images / rates["cached"] + evaluations,
         "nsd_torch_s": images / rates["torch"] + evaluations,
         "cache_build_s": cache,
-        "psc_s": (features + PSC_EPOCHS * (CUB_TRAIN // PSC_BATCH) * rates["psc_step_s"]
-                  + PSC_EPOCHS * 2 * rates["psc_anchors_s"]),
+        "psc_s": (
+            features
+            + PSC_EPOCHS * (CUB_TRAIN // PSC_BATCH) * rates["psc_step_s"]
+            + PSC_EPOCHS * 2 * rates["psc_anchors_s"]
+        ),
         "psc_features_s": features,
     }
     assert projected.keys() == want.keys()
     for name, seconds in want.items():
         assert math.isclose(projected[name], seconds, rel_tol=1e-9), name
-        assert math.isclose(number(printed[f"projected {name} (CUB, V=3)"]), seconds / 60,
-                            abs_tol=0.05 + 1e-9), name
+        assert math.isclose(
+            number(printed[f"projected {name} (CUB, V=3)"]), seconds / 60, abs_tol=0.05 + 1e-9
+        ), name
 
 
 def test_teacher_section_is_appended_with_consistent_ratios(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# earlier results\n")
-    run_bench("teacher.py", "--size", "small", "--batch", "1", "--iters", "1",
-              "--append", str(results))
+    run_bench(
+        "teacher.py", "--size", "small", "--batch", "1", "--iters", "1", "--append", str(results)
+    )
     text = results.read_text()
     assert text.startswith("# earlier results\n") and "## Teacher image tower" in text
     rows = {(row[0], row[1]): row[2] for row in table_rows(text) if row[0] != "px"}
     for px in ("224", "256"):
         for flax, torch in (("Flax fp32", "PyTorch fp32"), ("Flax bf16", "PyTorch bf16 autocast")):
-            assert_ratio(rows[(px, f"{flax} / {torch}")], number(rows[(px, flax)]),
-                         number(rows[(px, torch)]))
+            assert_ratio(
+                rows[(px, f"{flax} / {torch}")], number(rows[(px, flax)]), number(rows[(px, torch)])
+            )
 
 
-@pytest.mark.parametrize("args, row", [
-    (("--only", "512-512 @7"), "resnet18 3x3 512-512 @7"),
-    (("--rule", "--only", "512-512 @2"), "3x3 512-512 @2 (batch 16)"),
-])
+@pytest.mark.parametrize(
+    "args, row",
+    [
+        (("--only", "512-512 @7"), "resnet18 3x3 512-512 @7"),
+        (("--rule", "--only", "512-512 @2"), "3x3 512-512 @2 (batch 16)"),
+    ],
+)
 def test_cpu_ops_rows(args, row):
     header, *rows = table_rows(run_bench("cpu_ops.py", *args))
     assert [r[0] for r in rows] == [row]
@@ -151,8 +197,9 @@ def test_cpu_ops_rows(args, row):
 
 
 def test_data_rates():
-    text = run_bench("data.py", "--images", "16", "--batch", "8", "--device-batch", "4",
-                     "--device-steps", "1")
+    text = run_bench(
+        "data.py", "--images", "16", "--batch", "8", "--device-batch", "4", "--device-steps", "1"
+    )
     rates = [line for line in text.splitlines() if line.endswith("img/s") or "img/s (" in line]
     assert len(rates) == 4, text[-2000:]
     assert all(number(line.split(": ")[1]) > 0 for line in rates)
@@ -165,14 +212,22 @@ def test_soft_label_bytes_follow_the_cache_layout_and_ratios_add_up():
     rows = [row for row in table_rows(text) if row[0] != "labels"]
     demo_rows = [row for row in rows if len(row) == 6]  # the demo table, then CUB's of 5
     cub_rows = [row for row in rows if len(row) == 5]
-    assert [(r[0], r[1]) for r in demo_rows] == [("embedding", "128"), ("ms:5", "20"),
-                                                  ("hard", "4")]
+    assert [(r[0], r[1]) for r in demo_rows] == [
+        ("embedding", "128"),
+        ("ms:5", "20"),
+        ("hard", "4"),
+    ]
     embedding = number(demo_rows[0][3])
     for _, _, _, seconds, _, ratio in demo_rows:
         assert_ratio(ratio, number(seconds), embedding)
     sizes = {r[0]: number(r[1]) for r in cub_rows}
-    assert sizes == {"embedding (bfloat16)": 2048, "embedding (float32)": 4096, "ms:10": 40,
-                     "ms:5": 20, "hard": 4}
+    assert sizes == {
+        "embedding (bfloat16)": 2048,
+        "embedding (float32)": 4096,
+        "ms:10": 40,
+        "ms:5": 20,
+        "hard": 4,
+    }
     for name, size, v4, v500, ratio in cub_rows:
         assert math.isclose(number(v4), number(size) * 5994 * 4 / 1e6, abs_tol=0.05)
         assert math.isclose(number(v500), number(size) * 5994 * 500 / 1e6, abs_tol=0.05)

@@ -4,6 +4,7 @@ Parity tolerances: fp32 with JAX matmul precision "highest", relative to the ref
 magnitude, 1e-5 (a correct port lands near 1e-7 on these configs; tanh-GELU or a wrong LayerNorm
 eps would show up at 1e-4..1e-2). bf16 compute: 2e-2 of the fp32 result.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import clip_embed, jit_call, max_rel, torch_state_dict
 from safetensors.numpy import save_file
 
-from helpers import clip_embed, jit_call, max_rel, torch_state_dict
 from pand_jax.cli import convert as cli
 from pand_jax.convert import open_clip as oc
-from pand_jax.models import clip as clip_lib
 from pand_jax.convert.open_clip import config_from_open_clip
+from pand_jax.models import clip as clip_lib
 from pand_jax.models.clip import CLIP, CLIPConfig, load_clip, save_clip
 from pand_jax.weights import WeightsError
 
@@ -53,8 +54,10 @@ def test_seeded_torch_model_ignores_the_global_generator():
     torch.randn(1000)
     second = torch_state_dict(oc.build_torch_model(DEMOS[0], seed=3))
     assert all(np.array_equal(first[k], second[k]) for k in first)
-    assert not np.array_equal(first["text_projection"],
-                              torch_state_dict(oc.build_torch_model(DEMOS[0]))["text_projection"])
+    assert not np.array_equal(
+        first["text_projection"],
+        torch_state_dict(oc.build_torch_model(DEMOS[0]))["text_projection"],
+    )
 
 
 @pytest.mark.parametrize("image_size", [None, 32])  # native 64 px, and a smaller multiple of 32
@@ -174,8 +177,17 @@ def _error(capsys) -> str:
 
 def test_cli_converts_from_model_config_and_verifies(demo_checkpoint, tmp_path, capsys):
     d, _ = demo_checkpoint
-    rc = cli.main(["--checkpoint", str(d / "demo.safetensors"), "--model-config",
-                   str(d / "demo.json"), "--out", str(tmp_path / "w"), "--verify"])
+    rc = cli.main(
+        [
+            "--checkpoint",
+            str(d / "demo.safetensors"),
+            "--model-config",
+            str(d / "demo.json"),
+            "--out",
+            str(tmp_path / "w"),
+            "--verify",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "158,753 parameters" in out and "verify passed" in out
@@ -184,8 +196,19 @@ def test_cli_converts_from_model_config_and_verifies(demo_checkpoint, tmp_path, 
 
 def test_cli_verify_fails_above_tolerance(demo_checkpoint, tmp_path, capsys):
     d, _ = demo_checkpoint
-    rc = cli.main(["--checkpoint", str(d / "demo.safetensors"), "--model", "pand_demo_convnext",
-                   "--out", str(tmp_path / "w"), "--verify", "--tolerance", "1e-12"])
+    rc = cli.main(
+        [
+            "--checkpoint",
+            str(d / "demo.safetensors"),
+            "--model",
+            "pand_demo_convnext",
+            "--out",
+            str(tmp_path / "w"),
+            "--verify",
+            "--tolerance",
+            "1e-12",
+        ]
+    )
     assert rc == 1 and "verify FAILED" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # weights that failed --verify are not written
 
@@ -200,8 +223,9 @@ def test_cli_missing_file(tmp_path, capsys):
     rc = cli.main(["--checkpoint", str(tmp_path / "nope.bin"), "--out", str(tmp_path / "w")])
     assert rc == 2 and "checkpoint file not found" in _error(capsys)
     (tmp_path / "empty.bin").touch()
-    rc = cli.main(["--checkpoint", str(tmp_path / "empty.bin"), "--model-config",
-                   str(tmp_path / "nope.json")])
+    rc = cli.main(
+        ["--checkpoint", str(tmp_path / "empty.bin"), "--model-config", str(tmp_path / "nope.json")]
+    )
     assert rc == 2 and "model config file not found" in _error(capsys)
 
 
@@ -212,26 +236,47 @@ def test_cli_wrong_model(demo_checkpoint, capsys):
     assert rc == 2 and "RN50 is not supported" in err and "convnext_xxlarge" in err
     # A supported model of another architecture: the first tensor (in model order) that differs.
     rc = cli.main(["--checkpoint", str(d / "demo.safetensors"), "--model", "ViT-B-32"])
-    assert rc == 2 and ("the checkpoint is not a ViT-B-32: token_embedding.weight is (500, 32) "
-                        "in it but (49408, 512) in ViT-B-32" in _error(capsys))
+    assert rc == 2 and (
+        "the checkpoint is not a ViT-B-32: token_embedding.weight is (500, 32) "
+        "in it but (49408, 512) in ViT-B-32" in _error(capsys)
+    )
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda sd: sd.pop("visual.trunk.stages.1.blocks.0.gamma"),
-     "missing keys (1): visual.trunk.stages.1.blocks.0.gamma"),
-    (lambda sd: sd.update(extra_weight=np.zeros(3, np.float32)), "unexpected keys (1): extra_weight"),
-    (lambda sd: sd.update({"transformer.resblocks.1.attn.in_proj_weight": np.zeros((96, 33),
-                                                                                    np.float32)}),
-     "the checkpoint is not a pand_demo_convnext: transformer.resblocks.1.attn.in_proj_weight "
-     "is (96, 33) in it but (96, 32) in pand_demo_convnext (1 of 94 tensors differ)"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            lambda sd: sd.pop("visual.trunk.stages.1.blocks.0.gamma"),
+            "missing keys (1): visual.trunk.stages.1.blocks.0.gamma",
+        ),
+        (
+            lambda sd: sd.update(extra_weight=np.zeros(3, np.float32)),
+            "unexpected keys (1): extra_weight",
+        ),
+        (
+            lambda sd: sd.update(
+                {"transformer.resblocks.1.attn.in_proj_weight": np.zeros((96, 33), np.float32)}
+            ),
+            "the checkpoint is not a pand_demo_convnext: transformer.resblocks.1.attn.in_proj_weight "
+            "is (96, 33) in it but (96, 32) in pand_demo_convnext (1 of 94 tensors differ)",
+        ),
+    ],
+)
 def test_cli_bad_checkpoint(demo_checkpoint, tmp_path, capsys, edit, expected):
     _, sd = demo_checkpoint
     sd = dict(sd)
     edit(sd)
     save_file(sd, str(tmp_path / "bad.safetensors"))
-    rc = cli.main(["--checkpoint", str(tmp_path / "bad.safetensors"), "--model",
-                   "pand_demo_convnext", "--out", str(tmp_path / "w")])
+    rc = cli.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "bad.safetensors"),
+            "--model",
+            "pand_demo_convnext",
+            "--out",
+            str(tmp_path / "w"),
+        ]
+    )
     assert rc == 2 and expected in _error(capsys)
     assert not (tmp_path / "w").exists()
 
@@ -271,24 +316,48 @@ def test_cli_default_run_converts_teacher_and_both_students(monkeypatch, student
     monkeypatch.setattr(cli, "convert_teacher", lambda args: teacher.append(args) or 0)
     assert cli.main([]) == 0
     assert len(teacher) == 1 and teacher[0].out is None
-    assert student_calls == [("resnet18", None, cli.WEIGHTS / "resnet18", False),
-                             ("mobilenet_v2", None, cli.WEIGHTS / "mobilenet_v2", False)]
+    assert student_calls == [
+        ("resnet18", None, cli.WEIGHTS / "resnet18", False),
+        ("mobilenet_v2", None, cli.WEIGHTS / "mobilenet_v2", False),
+    ]
 
 
 def test_cli_student_dispatch(student_calls, tmp_path):
     ckpt = tmp_path / "mnv2.pth"
-    assert cli.main(["--student", "mobilenet_v2", "--checkpoint", str(ckpt), "--out",
-                     str(tmp_path / "s"), "--verify"]) == 0
+    assert (
+        cli.main(
+            [
+                "--student",
+                "mobilenet_v2",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "s"),
+                "--verify",
+            ]
+        )
+        == 0
+    )
     assert student_calls == [("mobilenet_v2", ckpt, tmp_path / "s", True)]
 
 
 def test_cli_script_prints_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "convert_weights.py", "--checkpoint",
-                           str(tmp_path / "missing.safetensors")], capture_output=True, text=True,
-                          cwd=__file__.rsplit("/tests/", 1)[0], timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "convert_weights.py",
+            "--checkpoint",
+            str(tmp_path / "missing.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=__file__.rsplit("/tests/", 1)[0],
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: checkpoint file not found: {tmp_path / 'missing.safetensors'}"]
+        f"error: checkpoint file not found: {tmp_path / 'missing.safetensors'}"
+    ]
 
 
 @pytest.mark.slow

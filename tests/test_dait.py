@@ -1,12 +1,12 @@
 """DAIT end to end: `--stage it` trains the intermediate teacher (an exported student of its
 own), `--method dait` distils it, and a missing or mismatched IT is one line."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-
 from conftest import NSD_ARGS
 
 
@@ -20,8 +20,22 @@ def cli(argv):
 def it_run(teacher, psc_run, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("it")
     args = [a for a in NSD_ARGS if a not in ("--stage", "nsd")]
-    assert cli(["--stage", "it", *args, "--teacher", teacher, "--anchors",
-                psc_run / "anchors.npz", "--out", workdir]) == 0
+    assert (
+        cli(
+            [
+                "--stage",
+                "it",
+                *args,
+                "--teacher",
+                teacher,
+                "--anchors",
+                psc_run / "anchors.npz",
+                "--out",
+                workdir,
+            ]
+        )
+        == 0
+    )
     return workdir
 
 
@@ -41,16 +55,27 @@ def test_the_intermediate_teacher_is_a_student_of_its_own(it_run):
 def test_dait_distils_the_frozen_intermediate_teacher(it_run, tmp_path):
     from test_train import _flat, latest_state
 
-    args = NSD_ARGS + ["--method", "dait", "--intermediate-teacher", it_run, "--set",
-                       "loss.dait.delta=1.0", "--out", tmp_path / "dait"]
+    args = NSD_ARGS + [
+        "--method",
+        "dait",
+        "--intermediate-teacher",
+        it_run,
+        "--set",
+        "loss.dait.delta=1.0",
+        "--out",
+        tmp_path / "dait",
+    ]
     assert cli(args) == 0
     summary = json.loads((tmp_path / "dait/summary.json").read_text())
     # its teacher passes are those the intermediate teacher's training took
     it_forwards = json.loads((it_run / "summary.json").read_text())["teacher_forwards"]
     assert it_forwards > 0
     assert (summary["teacher_mode"], summary["teacher_forwards"]) == ("intermediate", it_forwards)
-    step = next(json.loads(line) for line in (tmp_path / "dait/metrics.jsonl").open()
-                if json.loads(line)["kind"] == "step")
+    step = next(
+        json.loads(line)
+        for line in (tmp_path / "dait/metrics.jsonl").open()
+        if json.loads(line)["kind"] == "step"
+    )
     assert {"cls", "feature", "kd"} <= set(step) and np.isfinite(step["feature"])
     # the adapter trained beside the student: ResNet-18's 512 channels to MobileNet-V2's 1280
     params = _flat(latest_state(tmp_path / "dait")["params"])
@@ -60,22 +85,30 @@ def test_dait_distils_the_frozen_intermediate_teacher(it_run, tmp_path):
 def test_bad_intermediate_teachers_are_one_line(it_run, tmp_path, capsys):
     base = NSD_ARGS + ["--method", "dait", "--out", tmp_path / "run"]
     assert cli(base) == 2
-    assert ("config intermediate_teacher = None: expected the intermediate teacher's folder "
-            "(made by python train.py --stage it --dataset digits)") in capsys.readouterr().err
+    assert (
+        "config intermediate_teacher = None: expected the intermediate teacher's folder "
+        "(made by python train.py --stage it --dataset digits)"
+    ) in capsys.readouterr().err
     assert cli(base + ["--intermediate-teacher", tmp_path / "nope"]) == 2
     err = capsys.readouterr().err
-    assert (f"no intermediate teacher at {tmp_path / 'nope'}. Train it with: python train.py "
-            "--stage it --dataset digits") in err
+    assert (
+        f"no intermediate teacher at {tmp_path / 'nope'}. Train it with: python train.py "
+        "--stage it --dataset digits"
+    ) in err
     birds = tmp_path / "birds"
     for split in ("train", "test"):
         for c in ("a", "b"):
             (birds / split / c).mkdir(parents=True)
             from PIL import Image
+
             for k in range(4):
                 Image.new("RGB", (8, 8), (k, 9, 9)).save(birds / split / c / f"{k}.png")
     args = [f"folder:{birds}" if a == "digits" else a for a in base]
     assert cli(args + ["--intermediate-teacher", it_run]) == 2
     err = capsys.readouterr().err
-    assert f"the intermediate teacher at {it_run} predicts the 10 classes of 'digits', not the 2" \
-        in err and "Traceback" not in err
+    assert (
+        f"the intermediate teacher at {it_run} predicts the 10 classes of 'digits', not the 2"
+        in err
+        and "Traceback" not in err
+    )
     assert not (tmp_path / "run").exists()

@@ -7,18 +7,25 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from pand_jax.data import DATASETS, get_dataset, load_split
-from pand_jax.data import builders, classnames
+from pand_jax.data import DATASETS, builders, classnames, get_dataset, load_split
 from pand_jax.data.pipeline import Loader, resize_image
 from pand_jax.data.prepare import prepare
 from pand_jax.data.sources import ConcatSource, prepared_dir
 
-
 # ------------------------------------------------------------------ registry
 
+
 def test_registry_counts_and_names():
-    expected = {"cub": 200, "aircraft": 100, "pets": 37, "dogs": 120, "cars": 196, "flowers": 102,
-                "food": 101, "digits": 10}
+    expected = {
+        "cub": 200,
+        "aircraft": 100,
+        "pets": 37,
+        "dogs": 120,
+        "cars": 196,
+        "flowers": 102,
+        "food": 101,
+        "digits": 10,
+    }
     assert {k: d.num_classes for k, d in DATASETS.items()} == expected
     for d in DATASETS.values():
         assert len(set(d.class_names)) == d.num_classes and "{}" in d.prompt_template
@@ -35,11 +42,14 @@ def test_registry_counts_and_names():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ValueError, match="cub, aircraft, pets, dogs, cars, flowers, food, digits, or folder:PATH"):
+    with pytest.raises(
+        ValueError, match="cub, aircraft, pets, dogs, cars, flowers, food, digits, or folder:PATH"
+    ):
         get_dataset("imagenet")
 
 
 # ------------------------------------------------------------------ digits
+
 
 def test_digits_split():
     train, test = load_split("digits", "train"), load_split("digits", "test")
@@ -53,11 +63,15 @@ def test_digits_split():
 
 
 def test_unprepared_dataset_names_prepare_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"python -m pand_jax.data.prepare --dataset cub --data-dir {tmp_path}"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"python -m pand_jax.data.prepare --dataset cub --data-dir {tmp_path}",
+    ):
         load_split("cub", "train", data_dir=str(tmp_path))
 
 
 # ------------------------------------------------------------------ raw archive trees
+
 
 def _jpeg(path, shape=(24, 32, 3), seed=0, mode="RGB", fmt="JPEG"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -81,11 +95,17 @@ def _cub_tree(root):
         images.append(f"{image_id} {rel}\n")
         labels.append(f"{image_id} {label + 1}\n")
         split.append(f"{image_id} {is_train}\n")
-    for name, lines in (("images", images), ("image_class_labels", labels), ("train_test_split", split)):
+    for name, lines in (
+        ("images", images),
+        ("image_class_labels", labels),
+        ("train_test_split", split),
+    ):
         with open(f"{root}/{name}.txt", "w") as f:
             f.writelines(lines)
-    return {split: {f"img_{i}.jpg": label for i, label, t in rows if t == (split == "train")}
-            for split in ("train", "test")}
+    return {
+        split: {f"img_{i}.jpg": label for i, label, t in rows if t == (split == "train")}
+        for split in ("train", "test")
+    }
 
 
 def _aircraft_tree(root):
@@ -94,7 +114,11 @@ def _aircraft_tree(root):
     variants = list(classnames.AIRCRAFT)
     with open(f"{root}/variants.txt", "w") as f:
         f.write("\n".join(variants) + "\n")
-    layout = {"train": [0, 72, 99], "val": [72], "test": [37, 99]}  # 72 = "F-16A/B": slash in a name
+    layout = {
+        "train": [0, 72, 99],
+        "val": [72],
+        "test": [37, 99],
+    }  # 72 = "F-16A/B": slash in a name
     n, out = 0, {}
     for split, labels in layout.items():
         out[split] = {}
@@ -118,7 +142,12 @@ def _pets_tree(root):
             name = f"{classnames.PETS[label]}_{n}"
             out[split][f"{name}.jpg"] = label
             # Oxford-IIIT Pet has PNGs and RGBA files named .jpg; they must come out RGB.
-            _jpeg(f"{root}/images/{name}.jpg", seed=n, mode="RGBA" if n == 2 else "RGB", fmt="PNG" if n == 2 else "JPEG")
+            _jpeg(
+                f"{root}/images/{name}.jpg",
+                seed=n,
+                mode="RGBA" if n == 2 else "RGB",
+                fmt="PNG" if n == 2 else "JPEG",
+            )
             lines.append(f"{name} {label + 1} 1 1\n")
         os.makedirs(f"{root}/annotations", exist_ok=True)
         with open(f"{root}/annotations/{listing}.txt", "w") as f:
@@ -148,17 +177,38 @@ def _dogs_tree(root):
 def _cars_tree(root):
     from scipy.io import savemat
 
-    layout = {"train": {"00001.jpg": 0, "00002.jpg": 195, "00003.jpg": 117}, "test": {"00001.jpg": 195, "00002.jpg": 3}}
+    layout = {
+        "train": {"00001.jpg": 0, "00002.jpg": 195, "00003.jpg": 117},
+        "test": {"00001.jpg": 195, "00002.jpg": 3},
+    }
     os.makedirs(f"{root}/devkit")
-    savemat(f"{root}/devkit/cars_meta.mat", {"class_names": np.array(classnames.CARS, dtype=object)[None]})
-    fields = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
+    savemat(
+        f"{root}/devkit/cars_meta.mat",
+        {"class_names": np.array(classnames.CARS, dtype=object)[None]},
+    )
+    fields = [
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("fname", "O"),
+    ]
     for n, (split, files) in enumerate(layout.items()):
         annos = np.zeros((1, len(files)), dtype=fields)
         for j, (fname, label) in enumerate(files.items()):
             # CMYK in the test split: Stanford Cars has a few.
-            _jpeg(f"{root}/cars_{split}/{fname}", seed=10 * n + j, mode="CMYK" if split == "test" and j == 0 else "RGB")
+            _jpeg(
+                f"{root}/cars_{split}/{fname}",
+                seed=10 * n + j,
+                mode="CMYK" if split == "test" and j == 0 else "RGB",
+            )
             annos[0, j] = (1, 2, 20, 15, label + 1, fname)
-        path = f"{root}/devkit/cars_train_annos.mat" if split == "train" else f"{root}/cars_test_annos_withlabels.mat"
+        path = (
+            f"{root}/devkit/cars_train_annos.mat"
+            if split == "train"
+            else f"{root}/cars_test_annos_withlabels.mat"
+        )
         savemat(path, {"annotations": annos})
     return layout
 
@@ -183,7 +233,10 @@ def _flowers_tree(root):
 
 def _food_tree(root):
     root = f"{root}/food-101"
-    layout = {"train": [("apple_pie", "101"), ("waffles", "7"), ("sushi", "55")], "test": [("waffles", "3"), ("apple_pie", "1")]}
+    layout = {
+        "train": [("apple_pie", "101"), ("waffles", "7"), ("sushi", "55")],
+        "test": [("waffles", "3"), ("apple_pie", "1")],
+    }
     os.makedirs(f"{root}/meta")
     with open(f"{root}/meta/classes.txt", "w") as f:
         f.write("\n".join(classnames.FOOD) + "\n")
@@ -197,8 +250,15 @@ def _food_tree(root):
     return out
 
 
-TREES = {"cub": _cub_tree, "aircraft": _aircraft_tree, "pets": _pets_tree, "dogs": _dogs_tree,
-         "cars": _cars_tree, "flowers": _flowers_tree, "food": _food_tree}
+TREES = {
+    "cub": _cub_tree,
+    "aircraft": _aircraft_tree,
+    "pets": _pets_tree,
+    "dogs": _dogs_tree,
+    "cars": _cars_tree,
+    "flowers": _flowers_tree,
+    "food": _food_tree,
+}
 
 
 @pytest.mark.parametrize("key", list(TREES))
@@ -215,7 +275,10 @@ def test_builder_reads_raw_layout(tmp_path, key):
         assert sorted(names) == sorted(labels)
         assert [ex["label"] for ex in got] == [labels[n] for n in names]  # each example's own label
         assert [ex["index"] for ex in got] == list(range(len(src)))
-        assert all(ex["image"].ndim == 3 and ex["image"].shape[-1] == 3 and ex["image"].dtype == np.uint8 for ex in got)
+        assert all(
+            ex["image"].ndim == 3 and ex["image"].shape[-1] == 3 and ex["image"].dtype == np.uint8
+            for ex in got
+        )
     with pytest.raises(ValueError, match="splits: "):
         load_split(key, "nope", data_dir=data_dir)
     if key == "aircraft":
@@ -268,9 +331,14 @@ def _rename_food(raw):
         f.write(text.replace("tiramisu", "tiramisu_cake"))
 
 
-@pytest.mark.parametrize("key, edit, message", [
-    ("cars", _rename_car, "Type Z"), ("flowers", _drop_flower_label, "imagelabels.mat labels"),
-    ("food", _rename_food, "tiramisu_cake")])
+@pytest.mark.parametrize(
+    "key, edit, message",
+    [
+        ("cars", _rename_car, "Type Z"),
+        ("flowers", _drop_flower_label, "imagelabels.mat labels"),
+        ("food", _rename_food, "tiramisu_cake"),
+    ],
+)
 def test_new_builders_check_their_class_lists(tmp_path, key, edit, message):
     raw = str(tmp_path / "raw")
     TREES[key](raw)
@@ -288,11 +356,14 @@ def test_official_split_names_are_mapped(tmp_path):
     def body(ns):
         ns["name"] = "food101"
         ns["split_files"] = lambda self, root: {
-            {"test": "validation"}.get(k, k): v for k, v in builders.PandFood.split_files(self, root).items()}
+            {"test": "validation"}.get(k, k): v
+            for k, v in builders.PandFood.split_files(self, root).items()
+        }
 
     official = types.new_class("Food101", (builders.PandFood,), {"skip_registration": True}, body)
     official(data_dir=str(tmp_path / "data"), file_format="array_record").download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "raw")))
+        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "raw"))
+    )
     test = load_split("food", "test", data_dir=str(tmp_path / "data"))
     assert sorted(test[i]["label"] for i in range(len(test))) == sorted(layout["test"].values())
 
@@ -304,12 +375,21 @@ def test_missing_manual_dir_explains_layout(tmp_path):
 
 # ------------------------------------------------------------------ TFDS official builders (mocked)
 
+
 @pytest.mark.parametrize("name", ["caltech_birds2011", "oxford_iiit_pet", "stanford_dogs"])
 def test_mock_tfds_source_through_pipeline(name):
     with tfds.testing.mock_data(num_examples=10):
         src = ConcatSource([tfds.data_source(name, split="train")], f"{name}-train")
         assert len(src) == 10
-        loader = Loader(src, global_batch_size=4, image_size=32, train=True, process_index=0, process_count=1, threads=2)
+        loader = Loader(
+            src,
+            global_batch_size=4,
+            image_size=32,
+            train=True,
+            process_index=0,
+            process_count=1,
+            threads=2,
+        )
         batches = list(loader.epoch(0))
     assert len(batches) == loader.steps_per_epoch == 2
     b = batches[0]
@@ -319,8 +399,17 @@ def test_mock_tfds_source_through_pipeline(name):
 
 # ------------------------------------------------------------------ pipeline
 
+
 def _digits_loader(**kw):
-    args = dict(global_batch_size=64, image_size=32, train=True, seed=3, process_index=0, process_count=1, threads=2)
+    args = dict(
+        global_batch_size=64,
+        image_size=32,
+        train=True,
+        seed=3,
+        process_index=0,
+        process_count=1,
+        threads=2,
+    )
     args.update(kw)
     return Loader(load_split("digits", args.pop("split", "train")), **args)
 
@@ -330,7 +419,10 @@ def test_train_batches_shapes_and_determinism():
     a, b = list(loader.epoch(0)), list(loader.epoch(0))
     assert len(a) == loader.steps_per_epoch == 1347 // 64
     assert a[0]["image"].shape == (64, 32, 32, 3) and a[0]["label"].shape == (64,)
-    assert all(np.array_equal(x["index"], y["index"]) and np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert all(
+        np.array_equal(x["index"], y["index"]) and np.array_equal(x["image"], y["image"])
+        for x, y in zip(a, b)
+    )
     c = next(loader.epoch(1))
     assert not np.array_equal(a[0]["index"], c["index"])
     src = loader.source
@@ -370,7 +462,9 @@ def test_resume_from_step_and_from_iterator_state():
     fresh = loader.epoch(4)
     fresh.set_state(state)
     nxt = next(fresh)
-    assert np.array_equal(nxt["index"], full[3]["index"]) and np.array_equal(nxt["image"], full[3]["image"])
+    assert np.array_equal(nxt["index"], full[3]["index"]) and np.array_equal(
+        nxt["image"], full[3]["image"]
+    )
 
 
 def test_cache_gives_identical_batches_and_is_reused(tmp_path):
@@ -381,7 +475,9 @@ def test_cache_gives_identical_batches_and_is_reused(tmp_path):
     for x, y in zip(plain.epoch(1), cached.epoch(1)):
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
     _digits_loader(image_size=24, cache_dir=str(tmp_path))
-    assert path.stat().st_mtime_ns == mtime and not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+    assert path.stat().st_mtime_ns == mtime and not [
+        p for p in tmp_path.iterdir() if "tmp" in p.name
+    ]
 
 
 def test_loader_bad_arguments():
@@ -393,6 +489,7 @@ def test_loader_bad_arguments():
 
 # ------------------------------------------------------------------ host resize vs torchvision
 
+
 def test_host_resize_matches_torchvision():
     from torchvision import transforms as T
 
@@ -400,9 +497,14 @@ def test_host_resize_matches_torchvision():
     pil = Image.fromarray(img)
     stretch = np.asarray(T.Resize((64, 64))(pil))
     assert np.array_equal(resize_image(img, 64, "stretch"), stretch)
-    clip_eval = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64)])
+    clip_eval = T.Compose(
+        [T.Resize(64, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64)]
+    )
     for arr in (img, img.transpose(1, 0, 2)):
-        assert np.array_equal(resize_image(arr, 64, "shorter_center_crop"), np.asarray(clip_eval(Image.fromarray(arr))))
+        assert np.array_equal(
+            resize_image(arr, 64, "shorter_center_crop"),
+            np.asarray(clip_eval(Image.fromarray(arr))),
+        )
 
 
 def test_damaged_cache_chunk_is_decoded_again_and_repaired_in_place(tmp_path, capsys):
@@ -419,7 +521,7 @@ def test_damaged_cache_chunk_is_decoded_again_and_repaired_in_place(tmp_path, ca
     offset = len(whole) - 1347 * row + 3 * pipeline.CHUNK * row + 5 * row  # inside chunk 3
     with open(path, "r+b") as f:
         f.seek(offset)
-        f.write(bytes(255 - b for b in whole[offset:offset + 100]))
+        f.write(bytes(255 - b for b in whole[offset : offset + 100]))
     capsys.readouterr()
     decoded = []
     loader = _digits_loader(image_size=24, cache_dir=str(tmp_path))
@@ -429,7 +531,8 @@ def test_damaged_cache_chunk_is_decoded_again_and_repaired_in_place(tmp_path, ca
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
     assert capsys.readouterr().out.splitlines() == [
         f"warning: examples 192-255 of the image cache {path} do not match their checksum "
-        "(damaged on disk); decoding them again"]
+        "(damaged on disk); decoding them again"
+    ]
     assert sorted(decoded) == list(range(192, 256))
     assert path.read_bytes() == whole
     list(_digits_loader(image_size=24, cache_dir=str(tmp_path)).epoch(0))

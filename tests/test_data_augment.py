@@ -84,7 +84,15 @@ def test_eval_is_normalise_only_at_native_size_and_matches_pil_resize():
     keys = A.example_keys(0, jnp.arange(2), 0)
     assert np.allclose(A.augment(imgs, keys, "eval", 64), A.normalize(imgs), atol=1e-6)
     out = np.asarray(A.augment(imgs, keys, "eval", 48)) * A.CLIP_STD + A.CLIP_MEAN
-    pil = np.stack([np.asarray(Image.fromarray(np.asarray(i)).resize((48, 48), Image.BILINEAR)) for i in imgs]) / 255.0
+    pil = (
+        np.stack(
+            [
+                np.asarray(Image.fromarray(np.asarray(i)).resize((48, 48), Image.BILINEAR))
+                for i in imgs
+            ]
+        )
+        / 255.0
+    )
     # PIL rounds to uint8 (fixed-point weights): at most one grey level apart, mostly less.
     assert np.abs(out - pil).max() <= 1 / 255 + 1e-6 and np.abs(out - pil).mean() < 0.5 / 255
 
@@ -93,10 +101,13 @@ def test_unknown_recipe_and_bad_shape():
     with pytest.raises(ValueError, match="recipe 'autoaugment'"):
         A.augment(_images(), A.example_keys(0, jnp.arange(4), 0), "autoaugment", 32)
     with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
-        A.augment(jnp.zeros((2, 8, 9, 3), jnp.uint8), A.example_keys(0, jnp.arange(2), 0), "eval", 8)
+        A.augment(
+            jnp.zeros((2, 8, 9, 3), jnp.uint8), A.example_keys(0, jnp.arange(2), 0), "eval", 8
+        )
 
 
 # ------------------------------------------------------------------ pieces vs torchvision (float tensors)
+
 
 def _float_image(s=33, seed=1):
     return np.random.default_rng(seed).random((s, s, 3), dtype=np.float32)
@@ -110,10 +121,18 @@ def test_rotation_matches_torchvision():
     x = _float_image()
     for angle in (37.0, -60.0):
         ours = np.asarray(A._rotate_flip(jnp.asarray(x), angle, False))
-        ref = TF.rotate(_torch(x), angle, interpolation=TF.InterpolationMode.BILINEAR).numpy().transpose(1, 2, 0)
+        ref = (
+            TF.rotate(_torch(x), angle, interpolation=TF.InterpolationMode.BILINEAR)
+            .numpy()
+            .transpose(1, 2, 0)
+        )
         assert np.abs(ours - ref).max() < 1e-4
     flipped = np.asarray(A._rotate_flip(jnp.asarray(x), 20.0, True))
-    ref = TF.hflip(TF.rotate(_torch(x), 20.0, interpolation=TF.InterpolationMode.BILINEAR)).numpy().transpose(1, 2, 0)
+    ref = (
+        TF.hflip(TF.rotate(_torch(x), 20.0, interpolation=TF.InterpolationMode.BILINEAR))
+        .numpy()
+        .transpose(1, 2, 0)
+    )
     assert np.abs(flipped - ref).max() < 1e-4
 
 
@@ -138,7 +157,9 @@ def test_colour_ops_match_torchvision():
         (lambda y: A._adjust_hue(y, -0.07), TF.adjust_hue(t, -0.07)),
     ]
     for ours, ref in pairs:
-        assert np.abs(np.asarray(ours(jnp.asarray(x))) - ref.numpy().transpose(1, 2, 0)).max() < 1e-5
+        assert (
+            np.abs(np.asarray(ours(jnp.asarray(x))) - ref.numpy().transpose(1, 2, 0)).max() < 1e-5
+        )
 
 
 def test_crop_then_square_crop_matches_two_step_reference():
@@ -147,9 +168,17 @@ def test_crop_then_square_crop_matches_two_step_reference():
     keys = A.example_keys(5, jnp.arange(1), 0)
     p = sample_params(keys, "released", 64, 56)
     x = np.asarray(imgs[0], np.float32) / 255.0
-    (y0, x0), side, (y2, x2) = np.asarray(p["crop"][0]), int(p["side"][0]), np.asarray(p["offset"][0])
-    first = x[y0:y0 + 56, x0:x0 + 56]
-    ref = TF.resize(_torch(first[y2:y2 + side, x2:x2 + side]), [56, 56], antialias=True).numpy().transpose(1, 2, 0)
+    (y0, x0), side, (y2, x2) = (
+        np.asarray(p["crop"][0]),
+        int(p["side"][0]),
+        np.asarray(p["offset"][0]),
+    )
+    first = x[y0 : y0 + 56, x0 : x0 + 56]
+    ref = (
+        TF.resize(_torch(first[y2 : y2 + side, x2 : x2 + side]), [56, 56], antialias=True)
+        .numpy()
+        .transpose(1, 2, 0)
+    )
     ours = np.asarray(crop_resize(jnp.asarray(x), p["region"][0], 56))
     assert np.abs(ours - ref).max() < 1e-4
 
@@ -165,8 +194,16 @@ def test_released_crop_matrices_match_torchvision_resized_crop():
     crop = jax.jit(jax.vmap(lambda im, r: A._crop_resize(im / 255.0, r, 224)))
     ours = np.asarray(crop(jnp.asarray(imgs, jnp.float32), p["region"]))
     for img, (top, left, h, w), got in zip(imgs, region.astype(int), ours):
-        ref = TF.resized_crop(_torch(img.astype(np.float32) / 255), top, left, h, w, [224, 224],
-                              interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        ref = TF.resized_crop(
+            _torch(img.astype(np.float32) / 255),
+            top,
+            left,
+            h,
+            w,
+            [224, 224],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            antialias=False,
+        )
         assert np.abs(got - ref.numpy().transpose(1, 2, 0)).max() < 1e-4
 
 
@@ -183,8 +220,16 @@ def test_released_recipe_matches_torchvision_chain():
     names = ["brightness", "contrast", "saturation", "hue"]
     for i, (img, got) in enumerate(zip(imgs, ours)):
         top, left, h, w = p["region"][i].astype(int)
-        t = TF.resized_crop(_torch(img.astype(np.float32) / 255), top, left, h, w, [56, 56],
-                            interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        t = TF.resized_crop(
+            _torch(img.astype(np.float32) / 255),
+            top,
+            left,
+            h,
+            w,
+            [56, 56],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            antialias=False,
+        )
         t = TF.rotate(t, float(p["angle"][i]), interpolation=TF.InterpolationMode.BILINEAR)
         t = TF.hflip(t) if p["flip"][i] else t
         t = TF.gaussian_blur(t, [5, 5], [float(p["sigma"][i])] * 2)
@@ -204,10 +249,12 @@ def test_colour_jitter_applies_each_examples_order_like_torchvision():
     p = {k: jnp.full((n,), v, jnp.float32) for k, v in factors.items()}
     p["jitter_order"] = jnp.asarray(orders)
     ours = np.asarray(jax.jit(jax.vmap(A._color_jitter))(jnp.asarray(x), p))
-    tv_ops = [lambda t: TF.adjust_brightness(t, factors["brightness"]),
-              lambda t: TF.adjust_contrast(t, factors["contrast"]),
-              lambda t: TF.adjust_saturation(t, factors["saturation"]),
-              lambda t: TF.adjust_hue(t, factors["hue"])]
+    tv_ops = [
+        lambda t: TF.adjust_brightness(t, factors["brightness"]),
+        lambda t: TF.adjust_contrast(t, factors["contrast"]),
+        lambda t: TF.adjust_saturation(t, factors["saturation"]),
+        lambda t: TF.adjust_hue(t, factors["hue"]),
+    ]
     for image, order, got in zip(x, orders, ours):
         t = _torch(image)
         for op in order:
@@ -216,6 +263,7 @@ def test_colour_jitter_applies_each_examples_order_like_torchvision():
 
 
 # ------------------------------------------------------------------ whole ops vs torchvision, sampled params
+
 
 def test_rrc_with_offset_matches_torchvision_resized_crop():
     """Sampled crops (most off the origin) and flips through `apply_params`, against
@@ -226,8 +274,16 @@ def test_rrc_with_offset_matches_torchvision_resized_crop():
     region, flip = np.asarray(p["region"]).astype(int), np.asarray(p["flip"])
     assert (region[:, :2] > 0).any(axis=1).sum() >= 6 and 0 < flip.sum() < 8
     for img, (top, left, h, w), f, got in zip(np.asarray(imgs), region, flip, ours):
-        ref = TF.resized_crop(_torch(img.astype(np.float32) / 255), top, left, h, w, [32, 32],
-                              interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        ref = TF.resized_crop(
+            _torch(img.astype(np.float32) / 255),
+            top,
+            left,
+            h,
+            w,
+            [32, 32],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            antialias=True,
+        )
         ref = TF.hflip(ref) if f else ref
         assert np.abs(got - ref.numpy().transpose(1, 2, 0)).max() < 1e-5
 

@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import NSD_ARGS, PSC_ARGS, run_train
 from PIL import Image
 
 from pand_jax import anchors as anchors_lib
@@ -16,7 +17,6 @@ from pand_jax.data.images import read_rgb
 from pand_jax.data.pipeline import Loader
 from pand_jax.data.prepare import prepare
 from pand_jax.data.sources import ConcatSource, check_folder
-from conftest import NSD_ARGS, PSC_ARGS, run_train
 
 CLASSES = ("blue-jay", "Zebra_finch", "cardinal")  # sorted: Zebra_finch, blue-jay, cardinal
 
@@ -45,12 +45,17 @@ def key(root) -> str:
 
 # ------------------------------------------------------------------ layout and labels
 
+
 def test_labels_names_and_every_example(tmp_path):
     root = make_tree(tmp_path / "birds", {"train": 3, "val": 1, "test": 2})
     (root / "classes.json").write_text(json.dumps({"cardinal": "Northern Cardinal"}))
     info = get_dataset(key(root))
     assert info.class_names == ("Zebra finch", "blue jay", "Northern Cardinal")
-    assert info.num_classes == 3 and info.val_split == "val" and info.prompt_template == "a photo of a {}."
+    assert (
+        info.num_classes == 3
+        and info.val_split == "val"
+        and info.prompt_template == "a photo of a {}."
+    )
     for split, n in (("train", 3), ("val", 1), ("test", 2)):
         src = load_split(info.key, split, data_dir=str(tmp_path / "none"))
         assert len(src) == 3 * n
@@ -71,8 +76,11 @@ def test_sub_folders_other_files_and_letter_case(tmp_path):
     (cardinal / ".hidden.png").write_bytes(b"")
     src = load_split(key(root), "train", data_dir=str(tmp_path / "none"))
     assert [(os.path.relpath(p, root), label) for p, label in src.files] == [
-        ("train/Zebra_finch/img0.png", 0), ("train/blue-jay/img0.png", 1),
-        ("train/cardinal/img0.png", 2), ("train/cardinal/2024/A.JPEG", 2)]
+        ("train/Zebra_finch/img0.png", 0),
+        ("train/blue-jay/img0.png", 1),
+        ("train/cardinal/img0.png", 2),
+        ("train/cardinal/2024/A.JPEG", 2),
+    ]
 
 
 def test_relative_and_absolute_paths_name_the_same_dataset(tmp_path, monkeypatch):
@@ -82,17 +90,28 @@ def test_relative_and_absolute_paths_name_the_same_dataset(tmp_path, monkeypatch
     assert folder.run_name("folder:./my birds/") == "folder-my_birds"
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda r: __import__("shutil").rmtree(r / "test"), r"birds/test is missing"),
-    (lambda r: __import__("shutil").rmtree(r / "test" / "cardinal"),
-     r"class folders of .*birds/train and .*birds/test differ: only in train: \['cardinal'\]"),
-    (lambda r: [p.unlink() for p in (r / "test" / "blue-jay").iterdir()],
-     r"class folder .*birds/test/blue-jay has no images"),
-    (lambda r: (r / "classes.json").write_text('{"robin": "Robin"}'),
-     r"classes.json names folders that are not classes: \['robin'\]"),
-    (lambda r: (r / "classes.json").write_text('{"cardinal": "blue jay"}'),
-     r"class names \['blue jay'\] .* more than one class folder"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: __import__("shutil").rmtree(r / "test"), r"birds/test is missing"),
+        (
+            lambda r: __import__("shutil").rmtree(r / "test" / "cardinal"),
+            r"class folders of .*birds/train and .*birds/test differ: only in train: \['cardinal'\]",
+        ),
+        (
+            lambda r: [p.unlink() for p in (r / "test" / "blue-jay").iterdir()],
+            r"class folder .*birds/test/blue-jay has no images",
+        ),
+        (
+            lambda r: (r / "classes.json").write_text('{"robin": "Robin"}'),
+            r"classes.json names folders that are not classes: \['robin'\]",
+        ),
+        (
+            lambda r: (r / "classes.json").write_text('{"cardinal": "blue jay"}'),
+            r"class names \['blue jay'\] .* more than one class folder",
+        ),
+    ],
+)
 def test_layout_errors_name_the_folder(tmp_path, breakage, message):
     root = make_tree(tmp_path / "birds")
     breakage(root)
@@ -107,13 +126,19 @@ def test_a_folder_without_train_takes_its_classes_from_test(tmp_path):
     info = get_dataset(key(root))
     assert info.class_names == ("Zebra finch", "blue jay", "cardinal")
     assert set(info.tree.files) == {"test"}
-    with pytest.raises(folder.FolderError, match=r"birds/train is missing; expected .*birds/train/"
-                                                 r"<class>/<images> \(or, for a method that reads "
-                                                 r"no labels, .*--unlabeled-data folder:DIR\)"):
+    with pytest.raises(
+        folder.FolderError,
+        match=r"birds/train is missing; expected .*birds/train/"
+        r"<class>/<images> \(or, for a method that reads "
+        r"no labels, .*--unlabeled-data folder:DIR\)",
+    ):
         check_folder(info, None, False, "train", 4)
     assert check_folder(info, None, False, "train", 4, unlabeled=4) == []
-    with pytest.raises(folder.FolderError, match=r"birds/train with the unlabelled images has 3 "
-                                                 r"readable images, fewer than one training batch"):
+    with pytest.raises(
+        folder.FolderError,
+        match=r"birds/train with the unlabelled images has 3 "
+        r"readable images, fewer than one training batch",
+    ):
         check_folder(info, None, False, "train", 4, unlabeled=3)
 
 
@@ -121,7 +146,9 @@ def test_no_images_at_all(tmp_path):
     for split in ("train", "test"):
         os.makedirs(tmp_path / "empty" / split)
     Image.new("RGB", (4, 4)).save(tmp_path / "empty" / "train" / "loose.png")  # no class folder
-    with pytest.raises(folder.FolderError, match=r"no images in .*empty/train: expected one sub-folder"):
+    with pytest.raises(
+        folder.FolderError, match=r"no images in .*empty/train: expected one sub-folder"
+    ):
         get_dataset(key(tmp_path / "empty"))
     with pytest.raises(folder.FolderError, match=r"/nope is not a folder"):
         get_dataset(key(tmp_path / "nope"))
@@ -130,12 +157,16 @@ def test_no_images_at_all(tmp_path):
 def test_fewer_images_than_one_batch(tmp_path):
     info = get_dataset(key(make_tree(tmp_path / "birds")))  # 12 training images
     assert check_folder(info, None, False, "train", 12) == []  # all 12 read, none left out
-    with pytest.raises(folder.FolderError, match=r"birds/train has 12 readable images, fewer than "
-                                                 r"one training batch of 16; lower --batch-size"):
+    with pytest.raises(
+        folder.FolderError,
+        match=r"birds/train has 12 readable images, fewer than "
+        r"one training batch of 16; lower --batch-size",
+    ):
         check_folder(info, None, False, "train", 16)
 
 
 # ------------------------------------------------------------------ reading: modes, EXIF
+
 
 def _modes(rng):
     """(mode, array or image, file extension, expected RGB from NumPy)."""
@@ -208,6 +239,7 @@ def test_builders_store_rotated_jpegs_upright(tmp_path):
 
 # ------------------------------------------------------------------ bad images
 
+
 def _break(root: pathlib.Path) -> list[pathlib.Path]:
     good = (root / "train" / "cardinal" / "img0.png").read_bytes()
     truncated = root / "train" / "cardinal" / "img1.png"
@@ -245,7 +277,7 @@ def test_the_class_record_is_whole_or_the_previous_one(tmp_path, monkeypatch):
 
     def dump_half_then_stop(obj, f, **kwargs):
         text = json.dumps(obj, **kwargs)
-        f.write(text[:len(text) // 2])
+        f.write(text[: len(text) // 2])
         raise KeyboardInterrupt
 
     monkeypatch.setattr(json, "dump", dump_half_then_stop)
@@ -257,11 +289,20 @@ def test_the_class_record_is_whole_or_the_previous_one(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ caches and the prepared copy
 
+
 def test_host_cache_is_keyed_by_the_file_list(tmp_path):
     root = make_tree(tmp_path / "birds")
     src = load_split(key(root), "train", data_dir=str(tmp_path / "none"))
-    loader = Loader(src, global_batch_size=4, image_size=8, train=False, process_index=0,
-                    process_count=1, threads=2, cache_dir=str(tmp_path / "cache"))
+    loader = Loader(
+        src,
+        global_batch_size=4,
+        image_size=8,
+        train=False,
+        process_index=0,
+        process_count=1,
+        threads=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     batch = next(loader.epoch(0))
     assert batch["label"].tolist() == [0, 0, 0, 0]
     np.testing.assert_array_equal(batch["image"][:, 0, 0], [_color(0, k) for k in range(4)])
@@ -302,13 +343,16 @@ def test_prepare_command_reports_bad_input_in_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------ anchors, CLI, both stages
 
+
 def test_anchors_of_another_folder_are_refused(tmp_path):
     a = get_dataset(key(make_tree(tmp_path / "a")))
     b = get_dataset(key(make_tree(tmp_path / "b", classes=("cardinal", "robin", "Zebra_finch"))))
     anchors = np.eye(3, 4, dtype=np.float32)
     anchors_lib.save(tmp_path / "anchors.npz", anchors, a)
     np.testing.assert_array_equal(anchors_lib.load(tmp_path / "anchors.npz", a)[0], anchors)
-    with pytest.raises(anchors_lib.AnchorsError, match="class 1 is 'blue jay' in the anchors but 'cardinal'"):
+    with pytest.raises(
+        anchors_lib.AnchorsError, match="class 1 is 'blue jay' in the anchors but 'cardinal'"
+    ):
         anchors_lib.load(tmp_path / "anchors.npz", b)
 
 
@@ -317,7 +361,9 @@ def test_default_workdir_is_file_system_safe(tmp_path):
 
     # resolve checks the folder; PAND's K = 3 neighbours need 4 classes
     make_tree(tmp_path / "My Birds:2", classes=CLASSES + ("dove",))
-    args = cli.parser().parse_args(["--stage", "nsd", "--dataset", f"folder:{tmp_path}/My Birds:2/"])
+    args = cli.parser().parse_args(
+        ["--stage", "nsd", "--dataset", f"folder:{tmp_path}/My Birds:2/"]
+    )
     cfg, workdir, _ = cli.resolve(args)
     runs = pathlib.Path("runs") / run_name(f"folder:{tmp_path}/My Birds:2")
     assert runs.name.startswith("folder-My_Birds_2-")
@@ -338,11 +384,15 @@ def test_too_few_classes_for_k_names_the_flag_that_fits(tmp_path):
 
     root = make_tree(tmp_path / "birds")  # 3 classes: K = 3 other classes cannot exist
     args = cli.parser().parse_args(["--stage", "nsd", "--dataset", key(root)])
-    with pytest.raises(ConfigError, match=r"loss\.pand\.nsd_k = 3: .* pass --set "
-                                          r"loss\.pand\.nsd_k=2, or --lambda-nsd 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loss\.pand\.nsd_k = 3: .* pass --set "
+        r"loss\.pand\.nsd_k=2, or --lambda-nsd 0",
+    ):
         cli.resolve(args)
-    args = cli.parser().parse_args(["--stage", "nsd", "--dataset", key(root),
-                                    "--set", "loss.pand.nsd_k=2"])
+    args = cli.parser().parse_args(
+        ["--stage", "nsd", "--dataset", key(root), "--set", "loss.pand.nsd_k=2"]
+    )
     assert cli.resolve(args)[0]["loss"]["pand"]["nsd_k"] == 2
 
 
@@ -363,28 +413,66 @@ def test_bad_images_stop_train_py_before_anything_runs(tmp_path):
 
 def test_psc_then_nsd_on_a_folder(teacher, tmp_path):
     # Four classes: the NSD loss takes k = 3 neighbours among the other classes.
-    root = make_tree(tmp_path / "birds", {"train": 5, "val": 2, "test": 2}, size=(20, 24),
-                     classes=CLASSES + ("robin",))
+    root = make_tree(
+        tmp_path / "birds",
+        {"train": 5, "val": 2, "test": 2},
+        size=(20, 24),
+        classes=CLASSES + ("robin",),
+    )
     bad = _break(root)
     template = "a photo of a {}, a type of bird."
     psc, nsd = tmp_path / "psc", tmp_path / "nsd"
-    out = run_train(_stage_args(PSC_ARGS, root) + ["--teacher", teacher, "--workdir", psc,
-                                                    "--skip-bad-images",
-                                                    "--set", f"prompt_template={template}"])
-    assert (f"skipped {len(bad)} unreadable image(s) under {root} (--skip-bad-images); "
-            f"listed in {psc / folder.BAD_IMAGES_FILE}") in out.stdout
+    out = run_train(
+        _stage_args(PSC_ARGS, root)
+        + [
+            "--teacher",
+            teacher,
+            "--workdir",
+            psc,
+            "--skip-bad-images",
+            "--set",
+            f"prompt_template={template}",
+        ]
+    )
+    assert (
+        f"skipped {len(bad)} unreadable image(s) under {root} (--skip-bad-images); "
+        f"listed in {psc / folder.BAD_IMAGES_FILE}"
+    ) in out.stdout
     with np.load(psc / "anchors.npz") as f:
-        assert [str(n) for n in f["class_names"]] == ["Zebra finch", "blue jay", "cardinal", "robin"]
+        assert [str(n) for n in f["class_names"]] == [
+            "Zebra finch",
+            "blue jay",
+            "cardinal",
+            "robin",
+        ]
         meta = json.loads(str(f["meta"]))
     assert meta["prompt_template"] == template and meta["select_split"] == "val"
     assert meta["dataset"] == key(root)
     record = json.loads((psc / folder.CLASSES_FILE).read_text())
-    assert [c["folder"] for c in record["classes"]] == ["Zebra_finch", "blue-jay", "cardinal", "robin"]
-    assert [line.split("\t")[0] for line in (psc / folder.BAD_IMAGES_FILE).read_text().splitlines()] \
-        == [str(p) for p in bad]
-    run_train(_stage_args(NSD_ARGS, root) + ["--teacher", teacher, "--workdir", nsd,
-                                              "--anchors", psc / "anchors.npz", "--skip-bad-images",
-                                              "--teacher-cache", "1"], devices=2)
+    assert [c["folder"] for c in record["classes"]] == [
+        "Zebra_finch",
+        "blue-jay",
+        "cardinal",
+        "robin",
+    ]
+    assert [
+        line.split("\t")[0] for line in (psc / folder.BAD_IMAGES_FILE).read_text().splitlines()
+    ] == [str(p) for p in bad]
+    run_train(
+        _stage_args(NSD_ARGS, root)
+        + [
+            "--teacher",
+            teacher,
+            "--workdir",
+            nsd,
+            "--anchors",
+            psc / "anchors.npz",
+            "--skip-bad-images",
+            "--teacher-cache",
+            "1",
+        ],
+        devices=2,
+    )
     summary = json.loads((nsd / "summary.json").read_text())
     assert summary["dataset"] == key(root) and summary["learned_anchors"] is True
     student = json.loads((nsd / "student" / "config.json").read_text())

@@ -1,5 +1,6 @@
 """evaluate.py, predict.py and export.py on the trainer's digits student (conftest's `nsd_run`)
 and on random students of both architectures."""
+
 from __future__ import annotations
 
 import csv
@@ -11,12 +12,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import PSC_ARGS, REPO, run_train
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
-from conftest import PSC_ARGS, REPO, run_train
 from pand_jax.cli import evaluate, export, predict
 from pand_jax.data import augment, load_split
 from pand_jax.models.student import ARCHS, Student, save_student
@@ -35,14 +36,16 @@ def cli(module, argv, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def make_random_student(arch: str, directory: pathlib.Path,
-                        head_dim: int | None = None) -> tuple[pathlib.Path, Student]:
+def make_random_student(
+    arch: str, directory: pathlib.Path, head_dim: int | None = None
+) -> tuple[pathlib.Path, Student]:
     """A random student, saved, whose BatchNorm statistics and affine parameters are random
     too, so a conversion that drops or transposes any of them shows. Drawn with NumPy into an
     abstract model (a random init in eager JAX takes ~20 s on a busy CPU). `head_dim`: an
     anchor head (PromptKD's) with random projector and class vectors."""
-    model = nnx.eval_shape(lambda: Student(arch, len(RANDOM_CLASSES), head_dim=head_dim,
-                                           rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: Student(arch, len(RANDOM_CLASSES), head_dim=head_dim, rngs=nnx.Rngs(0))
+    )
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(2)
 
@@ -54,8 +57,9 @@ def make_random_student(arch: str, directory: pathlib.Path,
         return rng.standard_normal(w.shape) * 0.2 + (path[-1] == "scale")
 
     pure = flatten_dict(nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, unflatten_dict(
-        {p: draw(p, w).astype(np.float32) for p, w in pure.items()}))
+    nnx.replace_by_pure_dict(
+        state, unflatten_dict({p: draw(p, w).astype(np.float32) for p, w in pure.items()})
+    )
     model = nnx.merge(graphdef, state)
     model.eval()
     path = directory / "student"
@@ -65,10 +69,12 @@ def make_random_student(arch: str, directory: pathlib.Path,
 
 @pytest.fixture(scope="module")
 def random_students(tmp_path_factory) -> dict[str, tuple[pathlib.Path, Student]]:
-    students = {arch: make_random_student(arch, tmp_path_factory.mktemp(f"random-{arch}"))
-                for arch in ARCHS}
+    students = {
+        arch: make_random_student(arch, tmp_path_factory.mktemp(f"random-{arch}")) for arch in ARCHS
+    }
     students["mobilenet_v2-anchor"] = make_random_student(
-        "mobilenet_v2", tmp_path_factory.mktemp("random-anchor"), head_dim=24)
+        "mobilenet_v2", tmp_path_factory.mktemp("random-anchor"), head_dim=24
+    )
     return students
 
 
@@ -85,9 +91,25 @@ def relative_error(got, want) -> float:
 def evaluation(nsd_run, psc_run, teacher, tmp_path_factory):
     """evaluate.py on the trained student's workdir, with the teacher and PSC's anchors."""
     out = tmp_path_factory.mktemp("eval")
-    code = evaluate.main(list(map(str, ["--student", nsd_run, "--dataset", "digits", "--out", out,
-                                        "--teacher", teacher, "--anchors",
-                                        psc_run / "anchors.npz"])))
+    code = evaluate.main(
+        list(
+            map(
+                str,
+                [
+                    "--student",
+                    nsd_run,
+                    "--dataset",
+                    "digits",
+                    "--out",
+                    out,
+                    "--teacher",
+                    teacher,
+                    "--anchors",
+                    psc_run / "anchors.npz",
+                ],
+            )
+        )
+    )
     assert code == 0
     return out
 
@@ -96,7 +118,9 @@ def test_evaluate_top1_is_the_trainings_best_top1(evaluation, nsd_run):
     metrics = json.loads((evaluation / "metrics.json").read_text())
     summary = json.loads((nsd_run / "summary.json").read_text())
     assert metrics["top1"] == summary["best_top1"]
-    assert metrics["split"] == "test" and metrics["num_examples"] == len(load_split("digits", "test"))
+    assert metrics["split"] == "test" and metrics["num_examples"] == len(
+        load_split("digits", "test")
+    )
 
 
 def test_evaluate_metrics_match_sklearn(evaluation):
@@ -108,13 +132,17 @@ def test_evaluate_metrics_match_sklearn(evaluation):
     classes = np.arange(10)
     assert metrics["top1"] == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1e-12)
     assert metrics["top5"] == pytest.approx(
-        top_k_accuracy_score(labels, logits, k=5, labels=classes), abs=1e-12)
+        top_k_accuracy_score(labels, logits, k=5, labels=classes), abs=1e-12
+    )
     assert metrics["mean_per_class"] == pytest.approx(
-        balanced_accuracy_score(labels, logits.argmax(1)), abs=1e-12)
+        balanced_accuracy_score(labels, logits.argmax(1)), abs=1e-12
+    )
     with open(evaluation / "per_class.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["class"] for r in rows] == [str(d) for d in range(10)]
-    np.testing.assert_array_equal([int(r["support"]) for r in rows], np.bincount(labels, minlength=10))
+    np.testing.assert_array_equal(
+        [int(r["support"]) for r in rows], np.bincount(labels, minlength=10)
+    )
     want = [np.mean(logits[labels == c].argmax(1) == c) for c in classes]
     np.testing.assert_allclose([float(r["accuracy"]) for r in rows], want, atol=1e-6)
 
@@ -134,16 +162,38 @@ def test_evaluate_teacher_follows_psc_at_another_image_size(nsd_run, teacher, tm
     evaluate.py's teacher with its anchors sees the images as that run did: its top-1 is the
     run's (at the teacher's own size it is not: the features differ)."""
     workdir = tmp_path / "psc64"
-    out = run_train(PSC_ARGS + ["--set", "feature_image_size=64", "--teacher", teacher,
-                                "--workdir", workdir])
+    out = run_train(
+        PSC_ARGS + ["--set", "feature_image_size=64", "--teacher", teacher, "--workdir", workdir]
+    )
     notes = [line for line in out.stdout.splitlines() if line.startswith("note: the teacher")]
-    assert notes == ["note: the teacher test-teacher was trained at 32 px; its features are "
-                     "computed at feature_image_size=64 px (--set feature_image_size=32 to "
-                     "follow the teacher)"]
+    assert notes == [
+        "note: the teacher test-teacher was trained at 32 px; its features are "
+        "computed at feature_image_size=64 px (--set feature_image_size=32 to "
+        "follow the teacher)"
+    ]
     report = tmp_path / "eval"
-    assert evaluate.main(list(map(str, ["--student", nsd_run, "--dataset", "digits", "--out",
-                                        report, "--teacher", teacher, "--anchors",
-                                        workdir / "anchors.npz"]))) == 0
+    assert (
+        evaluate.main(
+            list(
+                map(
+                    str,
+                    [
+                        "--student",
+                        nsd_run,
+                        "--dataset",
+                        "digits",
+                        "--out",
+                        report,
+                        "--teacher",
+                        teacher,
+                        "--anchors",
+                        workdir / "anchors.npz",
+                    ],
+                )
+            )
+        )
+        == 0
+    )
     metrics = json.loads((report / "metrics.json").read_text())
     n = metrics["num_examples"]
     psc = json.loads((workdir / "summary.json").read_text())
@@ -172,8 +222,11 @@ def test_small_confusion_matrix_shows_counts_and_fills_its_canvas(n, tmp_path):
 
 
 def test_evaluate_zero_shot_teacher_table(nsd_run, psc_run, teacher, tmp_path, capsys):
-    code, out, _ = cli(evaluate, ["--student", nsd_run / "student", "--out", tmp_path,
-                                  "--teacher", teacher], capsys)
+    code, out, _ = cli(
+        evaluate,
+        ["--student", nsd_run / "student", "--out", tmp_path, "--teacher", teacher],
+        capsys,
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     n = metrics["num_examples"]
@@ -184,11 +237,17 @@ def test_evaluate_zero_shot_teacher_table(nsd_run, psc_run, teacher, tmp_path, c
     assert metrics["anchors"] == "template"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--student", "{tmp}/nowhere", "--dataset", "digits"], "python train.py --stage nsd"),
-    (["--student", "{random}", "--dataset", "nope"], "unknown dataset 'nope'"),
-    (["--student", "{random}", "--dataset", "digits"], "predicts 7 classes but dataset 'digits' has 10"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--student", "{tmp}/nowhere", "--dataset", "digits"], "python train.py --stage nsd"),
+        (["--student", "{random}", "--dataset", "nope"], "unknown dataset 'nope'"),
+        (
+            ["--student", "{random}", "--dataset", "digits"],
+            "predicts 7 classes but dataset 'digits' has 10",
+        ),
+    ],
+)
 def test_evaluate_bad_input_is_one_line(argv, message, random_students, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, random=random_students["mobilenet_v2"][0]) for a in argv]
     code, _, err = cli(evaluate, argv + ["--out", tmp_path / "out"], capsys)
@@ -197,10 +256,21 @@ def test_evaluate_bad_input_is_one_line(argv, message, random_students, tmp_path
 
 
 def test_export_bad_format_is_one_line(random_students, tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "export.py"), "--student",
-                          random_students["resnet18"][0],
-                          "--format", "keras", "--out", tmp_path / "m.keras"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "export.py"),
+            "--student",
+            random_students["resnet18"][0],
+            "--format",
+            "keras",
+            "--out",
+            tmp_path / "m.keras",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
     assert "invalid choice: 'keras'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
@@ -220,8 +290,9 @@ def test_predict_lines_match_the_evaluation(evaluation, nsd_run, tmp_path, capsy
     paths = _digit_files(tmp_path / "digits", 3)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    code, out, err = cli(predict, ["--student", nsd_run, "--top-k", "3", paths[0], bad,
-                                   tmp_path / "digits"], capsys)
+    code, out, err = cli(
+        predict, ["--student", nsd_run, "--top-k", "3", paths[0], bad, tmp_path / "digits"], capsys
+    )
     assert code == 1
     assert str(bad) in err and "could not be read" in err
     lines = out.splitlines()
@@ -234,8 +305,9 @@ def test_predict_lines_match_the_evaluation(evaluation, nsd_run, tmp_path, capsy
         entries = line.split("\t")[1].split(", ")
         want = np.argsort(-p, kind="stable")[:3]
         assert [e.split(" (")[0] for e in entries] == [str(c) for c in want]
-        np.testing.assert_allclose([float(e.split("(")[1].rstrip(")")) for e in entries],
-                                   p[want], atol=2e-3)
+        np.testing.assert_allclose(
+            [float(e.split("(")[1].rstrip(")")) for e in entries], p[want], atol=2e-3
+        )
 
 
 def test_predict_json_exif_and_grey(random_students, tmp_path, capsys):
@@ -250,8 +322,9 @@ def test_predict_json_exif_and_grey(random_students, tmp_path, capsys):
     Image.new("RGB", (40, 20), (200, 30, 30)).save(rotated, exif=exif)
     assert read_image(rotated).shape == (40, 20, 3)
     assert read_image(grey).shape == (20, 30, 3)
-    code, out, _ = cli(predict, ["--student", random_students["resnet18"][0], "--json", tmp_path],
-                       capsys)
+    code, out, _ = cli(
+        predict, ["--student", random_students["resnet18"][0], "--json", tmp_path], capsys
+    )
     assert code == 0
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in records] == [str(grey), str(rotated)]
@@ -288,8 +361,13 @@ def test_predict_reads_a_16_bit_png_as_training_does(random_students, tmp_path):
 
 def _check_sidecar(path: pathlib.Path, fmt: str, arch: str, classes: list[str], size: int) -> None:
     meta = json.loads(path.read_text())
-    assert (meta["format"], meta["arch"], meta["num_classes"], meta["class_names"],
-            meta["image_size"]) == (fmt, arch, len(classes), classes, size)
+    assert (
+        meta["format"],
+        meta["arch"],
+        meta["num_classes"],
+        meta["class_names"],
+        meta["image_size"],
+    ) == (fmt, arch, len(classes), classes, size)
     np.testing.assert_array_equal(meta["mean"], augment.CLIP_MEAN)
     np.testing.assert_array_equal(meta["std"], augment.CLIP_STD)
     assert meta["input"]["layout"] == "NCHW" and meta["input"]["dtype"] == "float32"
@@ -305,13 +383,15 @@ def _export_parity(student_dir, model: Student, classes, size, tmp_path, capsys)
     # Both formats into one folder: each keeps its own metadata file.
     out = tmp_path / "deploy"
     for fmt in ("torchvision", "onnx"):
-        code, _, err = cli(export, ["--student", student_dir, "--format", fmt, "--out", out],
-                           capsys)
+        code, _, err = cli(
+            export, ["--student", student_dir, "--format", fmt, "--out", out], capsys
+        )
         assert code == 0, err
     tv = torchvision_student(model.arch, len(classes), model.head_dim)
     tv.load_state_dict(torch.load(out / "student.pt"))  # strict
-    session = onnxruntime.InferenceSession(str(out / "student.onnx"),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(out / "student.onnx"), providers=["CPUExecutionProvider"]
+    )
     for batch in (1, 5):
         images = np.random.default_rng(3).standard_normal((batch, size, size, 3)).astype(np.float32)
         want = flax_logits(model, images)

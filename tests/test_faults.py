@@ -2,6 +2,7 @@
 during a save, a non-finite loss, and stale or damaged caches. Everything runs in process
 through `pand_jax.cli.train.main` on digits with the tiny random teacher of conftest.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,6 @@ import signal
 
 import numpy as np
 import pytest
-
 from conftest import NSD_ARGS, PSC_ARGS
 from test_train import latest_state
 
@@ -90,8 +90,12 @@ BAD_VALUES = [  # (stage args, extra args, key, value as printed)
     (NSD_ARGS, ["--set", "loss.pand.nsd_k=10"], "loss.pand.nsd_k", "10"),  # digits: 10 classes
     # the spelling of earlier versions still sets the key
     (NSD_ARGS, ["--nsd-form", "batch", "--set", "loss.nsd_k=8"], "loss.pand.nsd_k", "8"),
-    (NSD_ARGS, ["--nsd-form", "batch", "--set", "loss.pand.nsd_group_size=3"],
-     "loss.pand.nsd_group_size", "3"),
+    (
+        NSD_ARGS,
+        ["--nsd-form", "batch", "--set", "loss.pand.nsd_group_size=3"],
+        "loss.pand.nsd_group_size",
+        "3",
+    ),
     (NSD_ARGS, ["--set", "image_size=64"], "image_size", "64"),  # host_image_size is 36
     (NSD_ARGS, ["--set", "eval_batch_size=0"], "eval_batch_size", "0"),
     (NSD_ARGS, ["--set", "method=pandas"], "method", "'pandas'"),
@@ -113,8 +117,9 @@ BAD_VALUES = [  # (stage args, extra args, key, value as printed)
 ]
 
 
-@pytest.mark.parametrize("stage, extra, key, value", BAD_VALUES,
-                         ids=[f"{a[1]}-{k}={v}" for a, _, k, v in BAD_VALUES])
+@pytest.mark.parametrize(
+    "stage, extra, key, value", BAD_VALUES, ids=[f"{a[1]}-{k}={v}" for a, _, k, v in BAD_VALUES]
+)
 def test_bad_value_is_one_line_naming_key_and_value(stage, extra, key, value, tmp_path, capsys):
     argv = stage + extra + ["--teacher", tmp_path / "no-teacher", "--workdir", tmp_path / "w"]
     if stage is NSD_ARGS:
@@ -128,8 +133,11 @@ def test_bad_value_is_one_line_naming_key_and_value(stage, extra, key, value, tm
 
 
 def test_demo_sections_are_checked_before_the_teacher_trains(tmp_path, capsys):
-    for item, key in [("nsd:batch_size=0", "batch_size"), ("teacher:steps=0", "steps"),
-                      ("psc:optimizer.lr=abc", "optimizer.lr")]:
+    for item, key in [
+        ("nsd:batch_size=0", "batch_size"),
+        ("teacher:steps=0", "steps"),
+        ("psc:optimizer.lr=abc", "optimizer.lr"),
+    ]:
         code = cli(["--demo", "--workdir", tmp_path, "--set", item])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith(f"error: config {key} = "), err
@@ -145,8 +153,10 @@ def test_batch_must_split_evenly_over_every_device():
     cfg = config.default_config("nsd")
     for key, value in [("batch_size", 12), ("eval_batch_size", 20)]:
         bad = config.apply_sets(cfg, [f"{key}={value}"])
-        with pytest.raises(config.ConfigError, match=f"config {key} = {value}: expected a "
-                           "multiple of the 8 devices"):
+        with pytest.raises(
+            config.ConfigError,
+            match=f"config {key} = {value}: expected a multiple of the 8 devices",
+        ):
             config.validate(bad, eight, "nsd")
     assert config.validate(cfg, eight, "nsd")["batch_size"] == 128
 
@@ -166,6 +176,7 @@ def test_valid_config_is_normalised_and_a_workdir_config_is_unchanged(psc2):
 
 # ------------------------------------------------------------------------ checkpoints
 
+
 def corrupt(checkpoint):
     """Overwrites the array data of a checkpoint (what a torn write or bit rot leaves)."""
     files = [f for f in checkpoint.rglob("*") if f.is_file() and "d" in f.parent.name]
@@ -174,8 +185,9 @@ def corrupt(checkpoint):
         f.write_bytes(b"garbage" * 3)
 
 
-def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(teacher, psc2,
-                                                                      tmp_path, capfd):
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(
+    teacher, psc2, tmp_path, capfd
+):
     workdir = copy_run(psc2, tmp_path / "run")
     corrupt(workdir / "checkpoints" / "2")
     assert cli(PSC2 + ["--teacher", teacher, "--workdir", workdir]) == 0
@@ -239,8 +251,10 @@ def full_disk_on_save(monkeypatch, n):
 
     class Failed:
         def result(self, timeout=None):
-            raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/d/abc": '
-                             "[OS error 28: No space left on device] " + "spec " * 100)
+            raise ValueError(
+                'RESOURCE_EXHAUSTED: Error writing local file "/x/d/abc": '
+                "[OS error 28: No space left on device] " + "spec " * 100
+            )
 
     async def async_save(self, *args, **kwargs):
         futures = await original(self, *args, **kwargs)
@@ -250,8 +264,9 @@ def full_disk_on_save(monkeypatch, n):
     monkeypatch.setattr(StandardCheckpointHandler, "async_save", async_save)
 
 
-def test_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(teacher, psc2, tmp_path, capfd,
-                                                                  monkeypatch):
+def test_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(
+    teacher, psc2, tmp_path, capfd, monkeypatch
+):
     workdir = fresh_run(psc2, tmp_path / "run")
     full_disk_on_save(monkeypatch, 2)
     assert cli(PSC2 + ["--teacher", teacher, "--workdir", workdir]) == 2
@@ -268,8 +283,7 @@ def test_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(teacher, psc2, 
     assert_same_state(latest_state(workdir), latest_state(psc2))
 
 
-def test_sigterm_during_a_save_resumes_to_the_same_state(teacher, psc2, tmp_path,
-                                                         monkeypatch):
+def test_sigterm_during_a_save_resumes_to_the_same_state(teacher, psc2, tmp_path, monkeypatch):
     """SIGTERM arrives while the first epoch's checkpoint is being written: the run saves
     where it stopped, exits, and the rerun ends where an undisturbed run ends."""
     from pand_jax.train import checkpoint
@@ -290,12 +304,15 @@ def test_sigterm_during_a_save_resumes_to_the_same_state(teacher, psc2, tmp_path
     assert cli(PSC2 + ["--teacher", teacher, "--workdir", workdir]) == 0
     assert_same_state(latest_state(workdir), latest_state(psc2))
     summary, reference = (json.loads((w / "summary.json").read_text()) for w in (workdir, psc2))
-    assert (summary["best_top1"], summary["last_top1"]) == (reference["best_top1"],
-                                                            reference["last_top1"])
+    assert (summary["best_top1"], summary["last_top1"]) == (
+        reference["best_top1"],
+        reference["last_top1"],
+    )
 
 
-def test_sigterm_during_an_evaluation_stops_it_and_the_rerun_evaluates(teacher, psc2, tmp_path,
-                                                                       monkeypatch):
+def test_sigterm_during_an_evaluation_stops_it_and_the_rerun_evaluates(
+    teacher, psc2, tmp_path, monkeypatch
+):
     """SIGTERM arrives as epoch 1's evaluation starts: the run abandons the evaluation (it can
     outlast a preemption's grace period on a CPU), saves the epoch's trained state, and the
     rerun evaluates that epoch (keeping the epoch's checkpoint, whose arrays it restored) and
@@ -326,8 +343,10 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_rerun_evaluates(teacher, 
     assert steps(workdir) == [1, 2]
     assert_same_state(latest_state(workdir), latest_state(psc2))
     summary, reference = (json.loads((w / "summary.json").read_text()) for w in (workdir, psc2))
-    assert (summary["best_top1"], summary["last_top1"]) == (reference["best_top1"],
-                                                            reference["last_top1"])
+    assert (summary["best_top1"], summary["last_top1"]) == (
+        reference["best_top1"],
+        reference["last_top1"],
+    )
     lines = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
     epochs = [line["epoch"] for line in lines if line["kind"] == "epoch"]
     assert epochs == [1, 2]
@@ -335,8 +354,10 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_rerun_evaluates(teacher, 
 
 # ------------------------------------------------------------------------ non-finite loss
 
+
 def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
-        tmp_path, capsys, monkeypatch):
+    tmp_path, capsys, monkeypatch
+):
     """The objective turns NaN from epoch 2 on (global step 2 of 2 steps per epoch): the run
     stops naming step 2 and the non-finite terms; the only checkpoint is epoch 1's (step 2),
     none is written from the bad state."""
@@ -350,8 +371,11 @@ def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
 
     from pand_jax import methods
 
-    monkeypatch.setitem(methods.REGISTRY, "none", dataclasses.replace(
-        methods.REGISTRY["none"], objective=nan_from_epoch_2))
+    monkeypatch.setitem(
+        methods.REGISTRY,
+        "none",
+        dataclasses.replace(methods.REGISTRY["none"], objective=nan_from_epoch_2),
+    )
     args = with_value(NSD_ARGS, "--epochs", 3) + ["--set", "method=none", "--workdir", tmp_path]
     args[args.index("max_steps_per_epoch=1")] = "max_steps_per_epoch=2"
     assert cli(args) == 2
@@ -366,12 +390,14 @@ def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
 
 # ------------------------------------------------------------------------ caches
 
+
 def digits_loader(cache_dir, size=12):
     from pand_jax.data import load_split, pipeline
 
     source = load_split("digits", "test")
-    return pipeline.Loader(source, global_batch_size=64, image_size=size, train=False,
-                           cache_dir=cache_dir)
+    return pipeline.Loader(
+        source, global_batch_size=64, image_size=size, train=False, cache_dir=cache_dir
+    )
 
 
 def first_batch(loader):
@@ -398,13 +424,12 @@ def test_damaged_or_foreign_host_image_cache_is_rebuilt(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().out
 
 
-def test_rebuilding_an_image_cache_never_shows_a_reader_half_written_labels(tmp_path,
-                                                                            monkeypatch):
+def test_rebuilding_an_image_cache_never_shows_a_reader_half_written_labels(tmp_path, monkeypatch):
     """Two runs (hosts on a shared disk) may build the same cache at once: while the second
     writes its labels, a reader that found the first one complete still reads whole labels."""
     loader = digits_loader(tmp_path)
     labels_path = next(tmp_path.glob("*.labels.npy"))
-    stem = str(labels_path)[:-len(".labels.npy")]
+    stem = str(labels_path)[: -len(".labels.npy")]
     key = json.loads(pathlib.Path(stem + ".json").read_text())
     expected = np.load(labels_path)
     read_meanwhile = []
@@ -415,13 +440,13 @@ def test_rebuilding_an_image_cache_never_shows_a_reader_half_written_labels(tmp_
         real_save(buffer, array)
         data = buffer.getvalue()
         with open(path, "wb") as f:
-            f.write(data[:len(data) // 2])
+            f.write(data[: len(data) // 2])
             f.flush()
             try:
                 read_meanwhile.append(np.load(labels_path))
             except ValueError as e:  # what a half-written .npy gives
                 read_meanwhile.append(e)
-            f.write(data[len(data) // 2:])
+            f.write(data[len(data) // 2 :])
 
     monkeypatch.setattr(np, "save", save_in_two_halves)
     loader._write_cache(stem, key)
@@ -429,8 +454,11 @@ def test_rebuilding_an_image_cache_never_shows_a_reader_half_written_labels(tmp_
     assert isinstance(seen, np.ndarray), seen
     np.testing.assert_array_equal(seen, expected)
     np.testing.assert_array_equal(np.load(labels_path), expected)
-    assert sorted(p.name[len(pathlib.Path(stem).name):] for p in tmp_path.iterdir()) == [
-        ".images.npy", ".json", ".labels.npy"]  # no temporary file left
+    assert sorted(p.name[len(pathlib.Path(stem).name) :] for p in tmp_path.iterdir()) == [
+        ".images.npy",
+        ".json",
+        ".labels.npy",
+    ]  # no temporary file left
 
 
 def test_psc_feature_cache_is_keyed_by_the_compute_dtype(teacher, tmp_path, capsys):
@@ -440,8 +468,10 @@ def test_psc_feature_cache_is_keyed_by_the_compute_dtype(teacher, tmp_path, caps
     from pand_jax.train import psc, setup
 
     info, mesh = get_dataset("digits"), devices.make_mesh()
-    cfg = config.apply_sets(config.default_config("psc"), [
-        "dataset=digits", "feature_image_size=32", "feature_batch_size=64"])
+    cfg = config.apply_sets(
+        config.default_config("psc"),
+        ["dataset=digits", "feature_image_size=32", "feature_batch_size=64"],
+    )
     clip, teacher_id = setup.load_teacher(str(teacher), np.float32)
     printed = []
     for dtype in ("float32", "bfloat16"):
@@ -457,15 +487,30 @@ def test_truncated_teacher_cache_is_rebuilt(teacher, tmp_path, capsys):
     from pand_jax.train import setup, teacher_cache
 
     rng = np.random.default_rng(0)
-    source = ArraySource(rng.integers(0, 255, (8, 36, 36, 3), np.uint8),
-                         np.arange(8) % 10, name="tiny")
+    source = ArraySource(
+        rng.integers(0, 255, (8, 36, 36, 3), np.uint8), np.arange(8) % 10, name="tiny"
+    )
     clip, _ = setup.load_teacher(str(teacher), np.float32)
 
     def build():
-        return np.asarray(teacher_cache.build(
-            clip, source, views=2, seed=0, recipe="rrc", host_image_size=36, image_size=32,
-            batch_size=8, mesh=devices.make_mesh(), teacher_sharding="replicated",
-            path=tmp_path, key={"t": 1}, compute_dtype=np.float32, dtype="float32"))
+        return np.asarray(
+            teacher_cache.build(
+                clip,
+                source,
+                views=2,
+                seed=0,
+                recipe="rrc",
+                host_image_size=36,
+                image_size=32,
+                batch_size=8,
+                mesh=devices.make_mesh(),
+                teacher_sharding="replicated",
+                path=tmp_path,
+                key={"t": 1},
+                compute_dtype=np.float32,
+                dtype="float32",
+            )
+        )
 
     first = build()
     with open(tmp_path / teacher_cache.EMBEDDINGS, "r+b") as f:
@@ -488,10 +533,10 @@ def test_workdir_json_is_never_seen_half_written(tmp_path, monkeypatch):
     real_write_text = pathlib.Path.write_text
 
     def write_text_in_two_halves(self, data, *args, **kwargs):
-        real_write_text(self, data[:len(data) // 2], *args, **kwargs)
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)
         seen.append(json.loads(path.read_text()))  # a reader looks in between
         with open(self, "a") as f:
-            f.write(data[len(data) // 2:])
+            f.write(data[len(data) // 2 :])
         return len(data)
 
     monkeypatch.setattr(pathlib.Path, "write_text", write_text_in_two_halves)

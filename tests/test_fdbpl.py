@@ -2,13 +2,13 @@
 cache) and FDBPL: the lookup step gives the online step's loss where the labels keep the whole
 distribution, the methods that read the embedding refuse a sparse cache, and bad input is one
 line."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-
 from conftest import NSD_ARGS
 
 
@@ -19,22 +19,35 @@ def cli(argv):
 
 
 def first_steps(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").open()
-            if json.loads(line)["kind"] == "step"]
+    return [
+        json.loads(line)
+        for line in (workdir / "metrics.jsonl").open()
+        if json.loads(line)["kind"] == "step"
+    ]
 
 
 # KL(p_T || p_s) weighs each stored value by itself: fp16's 2^-11 relative rounding shows as
 # about that. FDBPL's reverse KL weighs log q by the student's p+, so it also sees the values
 # below fp16's normal range (6e-5, where the relative rounding grows): measured 2.3e-3.
-@pytest.mark.parametrize("method, term, rtol", [("kd", "kd", 2e-3), ("promptkd", "kd", 2e-3),
-                                                ("fdbpl", "fdbpl", 1e-2)])
+@pytest.mark.parametrize(
+    "method, term, rtol", [("kd", "kd", 2e-3), ("promptkd", "kd", 2e-3), ("fdbpl", "fdbpl", 1e-2)]
+)
 def test_ms_labels_of_all_but_one_class_give_the_embedding_caches_loss(
-        method, term, rtol, teacher, psc_run, tmp_path):
+    method, term, rtol, teacher, psc_run, tmp_path
+):
     """MS with K = C - 1 keeps p_T whole: the one class left out gets 1 - sum of the others,
     its own probability. So the lookup step's loss is the embedding step's, to the fp16
     rounding of the stored values."""
-    args = NSD_ARGS + ["--method", method, "--teacher", teacher, "--anchors",
-                       psc_run / "anchors.npz", "--teacher-cache", "2"]
+    args = NSD_ARGS + [
+        "--method",
+        method,
+        "--teacher",
+        teacher,
+        "--anchors",
+        psc_run / "anchors.npz",
+        "--teacher-cache",
+        "2",
+    ]
     assert cli(args + ["--workdir", tmp_path / "emb", "--set", "teacher_cache_dtype=float32"]) == 0
     assert cli(args + ["--workdir", tmp_path / "ms", "--soft-labels", "ms:9"]) == 0
     emb, ms = first_steps(tmp_path / "emb"), first_steps(tmp_path / "ms")
@@ -45,21 +58,42 @@ def test_ms_labels_of_all_but_one_class_give_the_embedding_caches_loss(
     assert meta["key"]["soft_labels"]["kind"] == "ms" and meta["key"]["soft_labels"]["k"] == 9
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--soft-labels", "ms", "--method", "kd"],
-     "config soft_labels = 'ms': expected embedding without --teacher-cache V"),
-    (["--soft-labels", "ms", "--teacher-cache", "2", "--method", "vl2lite"],
-     "config soft_labels = 'ms': expected embedding with --method vl2lite, which reads the "
-     "teacher's embedding (sparse labels serve kd, promptkd, fdbpl)"),
-    (["--soft-labels", "mr:10", "--teacher-cache", "2", "--method", "kd"],
-     "config soft_labels_k = 10: expected < the 10 classes"),
-    (["--soft-labels", "mr:3", "--teacher-cache", "2", "--method", "fdbpl"],
-     "config soft_labels = 'mr': expected embedding or ms with --method fdbpl"),
-    (["--soft-labels", "top:3", "--teacher-cache", "2"], "--soft-labels 'top:3': unknown kind"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--soft-labels", "ms", "--method", "kd"],
+            "config soft_labels = 'ms': expected embedding without --teacher-cache V",
+        ),
+        (
+            ["--soft-labels", "ms", "--teacher-cache", "2", "--method", "vl2lite"],
+            "config soft_labels = 'ms': expected embedding with --method vl2lite, which reads the "
+            "teacher's embedding (sparse labels serve kd, promptkd, fdbpl)",
+        ),
+        (
+            ["--soft-labels", "mr:10", "--teacher-cache", "2", "--method", "kd"],
+            "config soft_labels_k = 10: expected < the 10 classes",
+        ),
+        (
+            ["--soft-labels", "mr:3", "--teacher-cache", "2", "--method", "fdbpl"],
+            "config soft_labels = 'mr': expected embedding or ms with --method fdbpl",
+        ),
+        (["--soft-labels", "top:3", "--teacher-cache", "2"], "--soft-labels 'top:3': unknown kind"),
+    ],
+)
 def test_bad_soft_labels_are_one_line(extra, message, teacher, psc_run, tmp_path, capsys):
-    args = NSD_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
-                       "--workdir", tmp_path / "run"] + extra
+    args = (
+        NSD_ARGS
+        + [
+            "--teacher",
+            teacher,
+            "--anchors",
+            psc_run / "anchors.npz",
+            "--workdir",
+            tmp_path / "run",
+        ]
+        + extra
+    )
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err

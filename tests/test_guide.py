@@ -4,19 +4,18 @@ holds the repository's entry scripts and its Python at `.venv`, so the guide can
 One command is stood in for: `train.py --demo` (minutes: it trains the demo teacher, then
 the whole demo) is replaced by the session's tiny random CLIP at `runs/demo/teacher`, where the
 demo leaves its teacher. The guide's own --set flags keep the rest to seconds of training."""
+
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import shutil
 import subprocess
 import sys
 
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 GUIDE = REPO / "docs" / "guide.md"
 DEMO_TEACHER = ".venv/bin/python train.py --demo"
@@ -39,8 +38,14 @@ def test_the_guide_runs_as_written(teacher, tmp_path):
     for block in blocks:
         if block.strip() == DEMO_TEACHER:
             continue
-        out = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, f"{block}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
         outputs.append((block, out.stdout))
     # What the guide says each step leaves behind.

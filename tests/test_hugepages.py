@@ -1,5 +1,6 @@
 """pand_jax.hugepages: the command-line tools restart once with glibc.malloc.hugetlb=1 where
 the kernel takes transparent huge pages on advice, keeping the user's arguments and tunables."""
+
 import os
 import subprocess
 import sys
@@ -31,16 +32,19 @@ def execve(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("thp, glibc, tunables, relaunches", [
-    ("madvise", (2, 36), None, True),
-    ("madvise", (2, 35), "glibc.malloc.tcache_count=0", True),
-    ("madvise", (2, 36), "glibc.malloc.hugetlb=0", False),   # the user's value stands
-    ("madvise", (2, 34), None, False),                       # glibc without the tunable
-    ("madvise", (), None, False),                            # not glibc (musl, macOS)
-    ("always", (2, 36), None, False),                        # huge pages without advice
-    ("never", (2, 36), None, False),
-    ("", (2, 36), None, False),                              # no THP in this kernel
-])
+@pytest.mark.parametrize(
+    "thp, glibc, tunables, relaunches",
+    [
+        ("madvise", (2, 36), None, True),
+        ("madvise", (2, 35), "glibc.malloc.tcache_count=0", True),
+        ("madvise", (2, 36), "glibc.malloc.hugetlb=0", False),  # the user's value stands
+        ("madvise", (2, 34), None, False),  # glibc without the tunable
+        ("madvise", (), None, False),  # not glibc (musl, macOS)
+        ("always", (2, 36), None, False),  # huge pages without advice
+        ("never", (2, 36), None, False),
+        ("", (2, 36), None, False),  # no THP in this kernel
+    ],
+)
 def test_relaunch_only_where_it_helps(monkeypatch, execve, thp, glibc, tunables, relaunches):
     monkeypatch.setattr(hugepages, "transparent_huge_pages", lambda: thp)
     monkeypatch.setattr(hugepages, "glibc_version", lambda: glibc)
@@ -57,10 +61,13 @@ def test_relaunch_only_where_it_helps(monkeypatch, execve, thp, glibc, tunables,
         hugepages.relaunch_with_huge_pages()
     [(path, argv, env)] = execve
     assert path == sys.executable and argv == [sys.executable, "-u", "train.py", "--demo"]
-    expected = "glibc.malloc.hugetlb=1" if tunables is None else tunables + ":glibc.malloc.hugetlb=1"
+    expected = (
+        "glibc.malloc.hugetlb=1" if tunables is None else tunables + ":glibc.malloc.hugetlb=1"
+    )
     assert env["GLIBC_TUNABLES"] == expected
     assert {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"} == {
-        k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"
+    }
 
 
 def test_a_failed_restart_runs_on(monkeypatch):
@@ -75,10 +82,15 @@ def test_a_failed_restart_runs_on(monkeypatch):
     assert hugepages.relaunch_with_huge_pages() is None
 
 
-@pytest.mark.parametrize("text, mode", [("always [madvise] never\n", "madvise"),
-                                        ("[always] madvise never\n", "always"),
-                                        ("always madvise [never]\n", "never"),
-                                        ("garbage\n", "")])
+@pytest.mark.parametrize(
+    "text, mode",
+    [
+        ("always [madvise] never\n", "madvise"),
+        ("[always] madvise never\n", "always"),
+        ("always madvise [never]\n", "never"),
+        ("garbage\n", ""),
+    ],
+)
 def test_transparent_huge_pages_reads_the_selected_mode(tmp_path, text, mode):
     path = tmp_path / "enabled"
     path.write_text(text)
@@ -108,8 +120,9 @@ def test_every_tool_and_bench_relaunches_first():
             except Relaunched as e:
                 print(path, e)
     """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert {f"{t}.py": lines[f"{t}.py"] for t in TOOLS} == {f"{t}.py": "before jax" for t in TOOLS}
@@ -125,7 +138,8 @@ def test_the_restart_backs_malloc_with_huge_pages(tmp_path, mode):
     is `always`, or `madvise` and the restart asked; where the kernel would not (`never`, no
     THP, or `madvise` without the advice) the mapping holds none."""
     probe = tmp_path / "probe.py"
-    probe.write_text(textwrap.dedent(f"""
+    probe.write_text(
+        textwrap.dedent(f"""
         import ctypes, os, sys
         from pand_jax import hugepages
         hugepages.transparent_huge_pages = lambda: {mode!r}
@@ -146,10 +160,16 @@ def test_the_restart_backs_malloc_with_huge_pages(tmp_path, mode):
                 huge = int(line.split()[1])
         print("tunables", os.environ.get("GLIBC_TUNABLES"))
         print("huge_kib", huge)
-    """))
+    """)
+    )
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
-    out = subprocess.run([sys.executable, str(probe), "a", "--b"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(probe), "a", "--b"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     restarts = mode == "madvise" and hugepages.glibc_version() >= hugepages.GLIBC_WITH_TUNABLE

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from pand_jax import losses as L
@@ -76,8 +77,11 @@ def ref_nsd_batch(zs, zt, k, group_size=None):
     for start in range(0, b, g):
         members = range(start, start + g)
         for i in members:
-            cos = {j: zt[i] @ zt[j] / np.linalg.norm(zt[i]) / np.linalg.norm(zt[j])
-                   for j in members if j != i}
+            cos = {
+                j: zt[i] @ zt[j] / np.linalg.norm(zt[i]) / np.linalg.norm(zt[j])
+                for j in members
+                if j != i
+            }
             for j in sorted(cos, key=lambda j: -cos[j])[:k]:
                 total += ref_js(zt[i] - zt[j], zs[i] - zs[j])
     return total / (b * k)
@@ -123,14 +127,16 @@ def torch_rkd(s, t, wd, wa):
 
 def torch_kd(zs, zt, tau):
     zs, zt = torch.tensor(zs), torch.tensor(zt)
-    return (F.kl_div(F.log_softmax(zs / tau, 1), F.softmax(zt / tau, 1), reduction="batchmean")
-            * tau**2).item()
+    return (
+        F.kl_div(F.log_softmax(zs / tau, 1), F.softmax(zt / tau, 1), reduction="batchmean") * tau**2
+    ).item()
 
 
 def ref_promptkd(zs, zt, tau):
     """NumPy transcription of PromptKD's released loss (trainers/promptkd.py):
     F.kl_div(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1), reduction="sum") * T * T
     / z_s.numel()."""
+
     def log_softmax(z):
         z = z / tau
         m = z.max(axis=1, keepdims=True)
@@ -183,8 +189,9 @@ def test_nsd_paper_parity(dtype, rtol, b, c, k):
 
 
 @pytest.mark.parametrize("dtype,rtol", PRECISIONS)
-@pytest.mark.parametrize("b,c,k,group", [(8, 10, 3, None), (16, 7, 3, 4), (12, 20, 2, 3),
-                                         (8, 5, 5, 2), (6, 9, 1, None)])
+@pytest.mark.parametrize(
+    "b,c,k,group", [(8, 10, 3, None), (16, 7, 3, 4), (12, 20, 2, 3), (8, 5, 5, 2), (6, 9, 1, None)]
+)
 def test_nsd_batch_parity(dtype, rtol, b, c, k, group):
     zs, zt = rng_arrays(b + c + k, (b, c), (b, c), scale=3.0)
     got = run_in(dtype, "nsd_batch", zs, zt, k=k, group_size=group)
@@ -207,8 +214,20 @@ def test_js_parity(dtype, rtol):
 def test_vl2lite_parity(dtype, rtol, reduction, b, c, d, dt):
     sf, te, ta, ai, at, zs = rng_arrays(b + c, (b, d), (b, dt), (c, dt), (b, d), (c, d), (b, c))
     y = np.random.default_rng(1).integers(0, c, b, dtype=np.int32)
-    got = run_in(dtype, "vl2lite", sf, te, ta, ai, at, y, zs, temperature=2.0,
-                 reduction=reduction, scale=1 / 0.07)
+    got = run_in(
+        dtype,
+        "vl2lite",
+        sf,
+        te,
+        ta,
+        ai,
+        at,
+        y,
+        zs,
+        temperature=2.0,
+        reduction=reduction,
+        scale=1 / 0.07,
+    )
     with warnings.catch_warnings():  # torch warns that 'mean' is not 'batchmean': intended
         warnings.simplefilter("ignore", UserWarning)
         want = torch_vl2lite(sf, te, ta, ai, at, y, zs, 2.0, reduction)
@@ -239,8 +258,9 @@ def test_rkd_parity(dtype, rtol, b, ds, dt):
 @pytest.mark.parametrize("tau", [1.0, 4.0])
 def test_kd_parity(dtype, rtol, tau):
     zs, zt = rng_arrays(7, (9, 13), (9, 13), scale=5.0)
-    np.testing.assert_allclose(run_in(dtype, "kd", zs, zt, temperature=tau),
-                               torch_kd(zs, zt, tau), rtol=rtol)
+    np.testing.assert_allclose(
+        run_in(dtype, "kd", zs, zt, temperature=tau), torch_kd(zs, zt, tau), rtol=rtol
+    )
 
 
 @pytest.mark.parametrize("dtype,rtol", PRECISIONS)
@@ -252,20 +272,21 @@ def test_promptkd_parity(dtype, rtol, tau):
     got = run_in(dtype, "promptkd", zs, zt, temperature=tau)
     np.testing.assert_allclose(got, ref_promptkd(zs, zt, tau), rtol=rtol)
     # KD's batch mean is C times PromptKD's entry mean
-    np.testing.assert_allclose(run_in(dtype, "kd", zs, zt, temperature=tau), 11 * got,
-                               rtol=rtol)
+    np.testing.assert_allclose(run_in(dtype, "kd", zs, zt, temperature=tau), 11 * got, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype,rtol", PRECISIONS)
 def test_kd_soft_is_kd_on_the_teachers_softmax_and_reads_zeros(dtype, rtol):
     zs, zt = rng_arrays(9, (6, 11), (6, 11), scale=5.0)
     q = np.exp(zt / 4) / np.exp(zt / 4).sum(1, keepdims=True)
-    np.testing.assert_allclose(run_in(dtype, "kd_soft", zs, q, temperature=4.0),
-                               torch_kd(zs, zt, 4.0), rtol=rtol)
+    np.testing.assert_allclose(
+        run_in(dtype, "kd_soft", zs, q, temperature=4.0), torch_kd(zs, zt, 4.0), rtol=rtol
+    )
     hard = np.eye(11)[np.argmax(zt, 1)]  # zeros contribute 0 (xlogy), not NaN
     want = np.mean(-np.log(np.exp(zs) / np.exp(zs).sum(1, keepdims=True))[hard > 0])
-    np.testing.assert_allclose(run_in(dtype, "kd_soft", zs, hard, temperature=1.0), want,
-                               rtol=max(rtol, 1e-6))
+    np.testing.assert_allclose(
+        run_in(dtype, "kd_soft", zs, hard, temperature=1.0), want, rtol=max(rtol, 1e-6)
+    )
 
 
 @pytest.mark.parametrize("dtype,rtol", PRECISIONS)
@@ -308,10 +329,10 @@ def test_fdbpl_negative_parity(dtype, rtol, c, d):
     zt[1] *= 10
     log_pt = ref_log_softmax(zt)
     w = run_in(dtype, "fdbpl_confidence", log_pt)
-    np.testing.assert_allclose(w, 1 + np.sum(np.exp(log_pt) * log_pt, 1) / np.log(8),
-                               rtol=rtol, atol=rtol)
-    got = run_in(dtype, "fdbpl_negative", zp, zn, np.asarray(w), negative_weight=c,
-                 cosine_weight=d)
+    np.testing.assert_allclose(
+        w, 1 + np.sum(np.exp(log_pt) * log_pt, 1) / np.log(8), rtol=rtol, atol=rtol
+    )
+    got = run_in(dtype, "fdbpl_negative", zp, zn, np.asarray(w), negative_weight=c, cosine_weight=d)
     np.testing.assert_allclose(got, ref_fdbpl_negative(zp, zn, w, c, d), rtol=rtol, atol=rtol)
 
 
@@ -338,14 +359,20 @@ def test_fdbpl_cascade_is_released_and_identically_zero():
     assert np.max(np.abs(d[:, None] - d[None, :])) > 0.1
 
 
-@pytest.mark.parametrize("size, to", [((7, 7), (7, 7)), ((4, 5), (7, 9)), ((9, 8), (4, 3)),
-                                      ((1, 1), (3, 2))])
+@pytest.mark.parametrize(
+    "size, to", [((7, 7), (7, 7)), ((4, 5), (7, 9)), ((9, 8), (4, 3)), ((1, 1), (3, 2))]
+)
 def test_resize_map_is_torchs_bilinear_interpolate(size, to):
     """DAIT's resize of the IT's map against F.interpolate(bilinear, align_corners=False), up,
     down and from 1x1; fp32, 1e-6 of the map's scale."""
     x = rng_arrays(12, (2, *size, 3))[0].astype(np.float32)
-    want = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=to, mode="bilinear",
-                         align_corners=False).permute(0, 2, 3, 1).numpy()
+    want = (
+        F.interpolate(
+            torch.from_numpy(x).permute(0, 3, 1, 2), size=to, mode="bilinear", align_corners=False
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     got = np.asarray(jax.jit(L.resize_map, static_argnums=(1, 2))(x, *to))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
@@ -362,18 +389,21 @@ def test_feature_map_mse_parity(dtype, rtol):
 def test_coop_ce_parity(dtype, rtol):
     img, txt = rng_arrays(5, (8, 16), (6, 16))
     y = np.random.default_rng(2).integers(0, 6, 8, dtype=np.int32)
-    np.testing.assert_allclose(run_in(dtype, "coop_ce", img, txt, y, 100.0),
-                               torch_coop_ce(img, txt, y, 100.0), rtol=rtol)
+    np.testing.assert_allclose(
+        run_in(dtype, "coop_ce", img, txt, y, 100.0), torch_coop_ce(img, txt, y, 100.0), rtol=rtol
+    )
 
 
 def test_loss_weights_schedule():
     for e, offset in itertools.product([0, 5, 80, 1000], [0.0, 0.01]):
         w_cls, w_vis, w_txt = L.loss_weights(e, 100, cls_offset=offset)
         want = min(max(offset + e / 800, 0.0), 1.0)
-        np.testing.assert_allclose([w_cls, w_vis, w_txt], [want, (1 - want) / 2, (1 - want) / 2],
-                                   rtol=1e-6)
-    np.testing.assert_allclose(L.loss_weights(0, 300, cls_offset=0.01), [0.01, 0.495, 0.495],
-                               rtol=1e-6)
+        np.testing.assert_allclose(
+            [w_cls, w_vis, w_txt], [want, (1 - want) / 2, (1 - want) / 2], rtol=1e-6
+        )
+    np.testing.assert_allclose(
+        L.loss_weights(0, 300, cls_offset=0.01), [0.01, 0.495, 0.495], rtol=1e-6
+    )
     traced = jax.jit(lambda e: L.loss_weights(e, 100, 0.0))(jnp.asarray(80))
     np.testing.assert_allclose(traced, L.loss_weights(80, 100, 0.0), rtol=1e-6)
     with pytest.raises(ValueError, match="num_epochs"):
@@ -382,8 +412,11 @@ def test_loss_weights_schedule():
 
 # ---------------------------------------------------------------- properties
 
-logit_pairs = st.tuples(st.integers(0, 2**16), st.sampled_from([(4, 5), (8, 10), (6, 3)]),
-                        st.sampled_from([0.1, 1.0, 30.0]))
+logit_pairs = st.tuples(
+    st.integers(0, 2**16),
+    st.sampled_from([(4, 5), (8, 10), (6, 3)]),
+    st.sampled_from([0.1, 1.0, 30.0]),
+)
 
 
 @HYP
@@ -422,15 +455,16 @@ def test_nsd_batch_permutation_invariant(case, k):
     zs, zt = rng_arrays(seed, (b, c), (b, c), scale=scale)
     perm = np.random.default_rng(seed + 1).permutation(b)
     nsd_batch = jitted("nsd_batch", "k")
-    np.testing.assert_allclose(nsd_batch(zs[perm], zt[perm], k=k), nsd_batch(zs, zt, k=k),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        nsd_batch(zs[perm], zt[perm], k=k), nsd_batch(zs, zt, k=k), rtol=1e-5, atol=1e-7
+    )
     np.testing.assert_allclose(nsd_batch(zt, zt, k=k), 0.0, atol=1e-6)
 
 
 def test_nsd_batch_group_equals_mean_of_groups():
     zs, zt = rng_arrays(4, (12, 6), (12, 6))
     nsd_batch = jitted("nsd_batch", "k", "group_size")
-    groups = [float(nsd_batch(zs[i:i + 4], zt[i:i + 4], k=3)) for i in range(0, 12, 4)]
+    groups = [float(nsd_batch(zs[i : i + 4], zt[i : i + 4], k=3)) for i in range(0, 12, 4)]
     np.testing.assert_allclose(nsd_batch(zs, zt, k=3, group_size=4), np.mean(groups), rtol=1e-6)
 
 
@@ -444,8 +478,12 @@ def test_nsd_batch_duplicated_rows_pair_with_their_twin_not_themselves():
     nsd_batch = jitted("nsd_batch", "k")
     want = ref_nsd_batch(zs, zt, k=1)
     np.testing.assert_allclose(nsd_batch(zs, zt, k=1), want, rtol=1e-5)
-    twins = (ref_js(zt[0] - zt[1], zs[0] - zs[1]) + ref_js(zt[1] - zt[0], zs[1] - zs[0])
-             + ref_js(zt[3] - zt[4], zs[3] - zs[4]) + ref_js(zt[4] - zt[3], zs[4] - zs[3]))
+    twins = (
+        ref_js(zt[0] - zt[1], zs[0] - zs[1])
+        + ref_js(zt[1] - zt[0], zs[1] - zs[0])
+        + ref_js(zt[3] - zt[4], zs[3] - zs[4])
+        + ref_js(zt[4] - zt[3], zs[4] - zs[3])
+    )
     assert twins > 0.05 * want * 6  # the twins' terms are a visible share of the loss
 
 
@@ -465,8 +503,12 @@ def loss_cases():
     """(name, fn of differentiable float args, args) for every loss."""
     # fp32 constants: a float64 NumPy constant closed over by a function first traced under
     # x64 makes JAX warn about truncation when it is traced again without x64
-    zs, zt, sf, te, ta, ai, at, img, txt = (a.astype(np.float32) for a in rng_arrays(
-        11, (B, C), (B, C), (B, D), (B, 8), (C, 8), (B, D), (C, D), (B, 8), (C, 8), scale=2.0))
+    zs, zt, sf, te, ta, ai, at, img, txt = (
+        a.astype(np.float32)
+        for a in rng_arrays(
+            11, (B, C), (B, C), (B, D), (B, 8), (C, 8), (B, D), (C, D), (B, 8), (C, 8), scale=2.0
+        )
+    )
     y = (np.arange(B) % C).astype(np.int32)
     return [
         ("js", lambda p, q: jnp.sum(L.js_divergence(p, q)), (zs, zt)),
@@ -475,15 +517,23 @@ def loss_cases():
         ("nsd_batch_groups", lambda s, t: L.nsd_batch(s, t, k=3, group_size=3), (zs, zt)),
         ("kd", lambda s, t: L.kd(s, t, temperature=4.0), (zs, zt)),
         ("promptkd", lambda s, t: L.promptkd(s, t, temperature=1.0), (zs, zt)),
-        ("fdbpl", lambda s, t: L.fdbpl(s, jax.nn.log_softmax(L.fp32(t), 1), 0.5, 0.5)[0],
-         (zs, zt)),
-        ("feature_map_mse", lambda s, t: L.feature_map_mse(s.reshape(B, 1, 2, -1),
-                                                           t.reshape(B, 1, 2, -1)), (te, img)),
+        ("fdbpl", lambda s, t: L.fdbpl(s, jax.nn.log_softmax(L.fp32(t), 1), 0.5, 0.5)[0], (zs, zt)),
+        (
+            "feature_map_mse",
+            lambda s, t: L.feature_map_mse(s.reshape(B, 1, 2, -1), t.reshape(B, 1, 2, -1)),
+            (te, img),
+        ),
         ("rkd", lambda s: L.rkd(s, te, 25.0, 50.0), (sf,)),
-        ("vl2lite", lambda *a: sum(L.vl2lite(*a[:5], y, a[5], 2.0, "pand", 1 / 0.07)),
-         (sf, te, ta, ai, at, zs)),
-        ("vl2lite_vl2", lambda *a: sum(L.vl2lite(*a[:5], y, a[5], 2.0, "vl2lite", 1 / 0.07)),
-         (sf, te, ta, ai, at, zs)),
+        (
+            "vl2lite",
+            lambda *a: sum(L.vl2lite(*a[:5], y, a[5], 2.0, "pand", 1 / 0.07)),
+            (sf, te, ta, ai, at, zs),
+        ),
+        (
+            "vl2lite_vl2",
+            lambda *a: sum(L.vl2lite(*a[:5], y, a[5], 2.0, "vl2lite", 1 / 0.07)),
+            (sf, te, ta, ai, at, zs),
+        ),
         ("coop_ce", lambda i, t: L.coop_ce(i, t, y, 100.0), (img, txt)),
     ]
 
@@ -495,8 +545,14 @@ CASES = {name: (fn, args) for name, fn, args in loss_cases()}
 def test_check_grads(name):
     fn, args = CASES[name]
     with jax.enable_x64(True):
-        check_grads(jax.jit(fn), tuple(jnp.asarray(a, jnp.float64) for a in args), order=1,
-                    modes=("rev",), atol=1e-6, rtol=1e-6)
+        check_grads(
+            jax.jit(fn),
+            tuple(jnp.asarray(a, jnp.float64) for a in args),
+            order=1,
+            modes=("rev",),
+            atol=1e-6,
+            rtol=1e-6,
+        )
 
 
 def finite_value_and_grads(fn, args):
@@ -512,6 +568,7 @@ def ref_rkd(s, t, distance_weight, angle_weight):
     """RKD in float64 NumPy with the conventions for a batch without scale: distances of a
     fully collapsed batch stay 0 (nothing to normalise by) and the direction of a zero
     difference is the zero vector (Park's code divides by 0 there)."""
+
     def distances(e):
         d = np.linalg.norm(e[:, None] - e[None], axis=-1)
         mean = d.sum() / (len(e) * (len(e) - 1))
@@ -527,8 +584,9 @@ def ref_rkd(s, t, distance_weight, angle_weight):
         d = np.abs(x - y)
         return np.mean(np.where(d < 1.0, 0.5 * d * d, d - 0.5))
 
-    return (distance_weight * smooth_l1(distances(s), distances(t))
-            + angle_weight * smooth_l1(angles(s), angles(t)))
+    return distance_weight * smooth_l1(distances(s), distances(t)) + angle_weight * smooth_l1(
+        angles(s), angles(t)
+    )
 
 
 # Each loss of CASES with its parameters spelled out, and its float64 reference from the
@@ -537,33 +595,60 @@ def ref_rkd(s, t, distance_weight, angle_weight):
 _Y = (np.arange(B) % C).astype(np.int32)
 _TE = rng_arrays(11, (B, C), (B, C), (B, D), (B, 8), scale=2.0)[3].astype(np.float32)
 VALUE_CASES = {
-    "js": (lambda p, q: jnp.sum(L.js_divergence(p, q)),
-           lambda p, q: sum(ref_js(a, b) for a, b in zip(p, q))),
-    "nsd_paper": (lambda s, t: L.nsd_paper(s, t, _Y, k=3),
-                  lambda s, t: ref_nsd_paper(s, t, _Y, 3)),
+    "js": (
+        lambda p, q: jnp.sum(L.js_divergence(p, q)),
+        lambda p, q: sum(ref_js(a, b) for a, b in zip(p, q)),
+    ),
+    "nsd_paper": (lambda s, t: L.nsd_paper(s, t, _Y, k=3), lambda s, t: ref_nsd_paper(s, t, _Y, 3)),
     "nsd_batch": (lambda s, t: L.nsd_batch(s, t, k=3), lambda s, t: ref_nsd_batch(s, t, 3)),
-    "nsd_batch_groups": (lambda s, t: L.nsd_batch(s, t, k=3, group_size=3),
-                         lambda s, t: ref_nsd_batch(s, t, 3, 3)),
+    "nsd_batch_groups": (
+        lambda s, t: L.nsd_batch(s, t, k=3, group_size=3),
+        lambda s, t: ref_nsd_batch(s, t, 3, 3),
+    ),
     "kd": (lambda s, t: L.kd(s, t, temperature=4.0), lambda s, t: torch_kd(s, t, 4.0)),
-    "promptkd": (lambda s, t: L.promptkd(s, t, temperature=1.0),
-                 lambda s, t: ref_promptkd(s, t, 1.0)),
-    "fdbpl": (lambda s, t: L.fdbpl(s, jax.nn.log_softmax(L.fp32(t), 1), 0.5, 0.5)[0],
-              lambda s, t: ref_fdbpl(s, ref_log_softmax(t), 0.5, 0.5)),
+    "promptkd": (
+        lambda s, t: L.promptkd(s, t, temperature=1.0),
+        lambda s, t: ref_promptkd(s, t, 1.0),
+    ),
+    "fdbpl": (
+        lambda s, t: L.fdbpl(s, jax.nn.log_softmax(L.fp32(t), 1), 0.5, 0.5)[0],
+        lambda s, t: ref_fdbpl(s, ref_log_softmax(t), 0.5, 0.5),
+    ),
     "feature_map_mse": (
         lambda s, t: L.feature_map_mse(s.reshape(B, 1, 2, -1), t.reshape(B, 1, 2, -1)),
-        lambda s, t: float(np.mean(np.square(
-            [a / np.linalg.norm(a) - b / np.linalg.norm(b)
-             for a, b in zip(s.reshape(-1, s.shape[1] // 2), t.reshape(-1, t.shape[1] // 2))])))),
-    "rkd": (lambda s: L.rkd(s, _TE, distance_weight=25.0, angle_weight=50.0),
-            lambda s: ref_rkd(s, _TE.astype(np.float64), 25.0, 50.0)),
-    "vl2lite": (lambda *a: sum(L.vl2lite(*a[:5], _Y, a[5], temperature=2.0, reduction="pand",
-                                         scale=1 / 0.07)),
-                lambda *a: sum(torch_vl2lite(*a[:5], _Y, a[5], 2.0, "pand"))),
-    "vl2lite_vl2": (lambda *a: sum(L.vl2lite(*a[:5], _Y, a[5], temperature=2.0,
-                                             reduction="vl2lite", scale=1 / 0.07)),
-                    lambda *a: sum(torch_vl2lite(*a[:5], _Y, a[5], 2.0, "vl2lite"))),
-    "coop_ce": (lambda i, t: L.coop_ce(i, t, _Y, 100.0),
-                lambda i, t: torch_coop_ce(i, t, _Y, 100.0)),
+        lambda s, t: float(
+            np.mean(
+                np.square(
+                    [
+                        a / np.linalg.norm(a) - b / np.linalg.norm(b)
+                        for a, b in zip(
+                            s.reshape(-1, s.shape[1] // 2), t.reshape(-1, t.shape[1] // 2)
+                        )
+                    ]
+                )
+            )
+        ),
+    ),
+    "rkd": (
+        lambda s: L.rkd(s, _TE, distance_weight=25.0, angle_weight=50.0),
+        lambda s: ref_rkd(s, _TE.astype(np.float64), 25.0, 50.0),
+    ),
+    "vl2lite": (
+        lambda *a: sum(
+            L.vl2lite(*a[:5], _Y, a[5], temperature=2.0, reduction="pand", scale=1 / 0.07)
+        ),
+        lambda *a: sum(torch_vl2lite(*a[:5], _Y, a[5], 2.0, "pand")),
+    ),
+    "vl2lite_vl2": (
+        lambda *a: sum(
+            L.vl2lite(*a[:5], _Y, a[5], temperature=2.0, reduction="vl2lite", scale=1 / 0.07)
+        ),
+        lambda *a: sum(torch_vl2lite(*a[:5], _Y, a[5], 2.0, "vl2lite")),
+    ),
+    "coop_ce": (
+        lambda i, t: L.coop_ce(i, t, _Y, 100.0),
+        lambda i, t: torch_coop_ce(i, t, _Y, 100.0),
+    ),
 }
 
 
@@ -610,11 +695,13 @@ def test_rkd_collapsed_student_is_finite():
     teacher = rng_arrays(3, (B, 8))[0].astype(np.float32)
     student = np.ones((B, D), np.float32)
     value = finite_value_and_grads(
-        lambda s: L.rkd(s, teacher, distance_weight=25.0, angle_weight=50.0),
-        [jnp.asarray(student)])
-    np.testing.assert_allclose(float(value), ref_rkd(student.astype(np.float64),
-                                                     teacher.astype(np.float64), 25.0, 50.0),
-                               rtol=1e-6)
+        lambda s: L.rkd(s, teacher, distance_weight=25.0, angle_weight=50.0), [jnp.asarray(student)]
+    )
+    np.testing.assert_allclose(
+        float(value),
+        ref_rkd(student.astype(np.float64), teacher.astype(np.float64), 25.0, 50.0),
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -623,8 +710,7 @@ def test_bf16_inputs_compute_in_fp32(name):
     low = [jnp.asarray(a, jnp.bfloat16) for a in args]
     value = finite_value_and_grads(fn, low)
     # the same bf16-rounded values in fp32 give the same fp32 answer
-    np.testing.assert_allclose(value, jax.jit(fn)(*[x.astype(jnp.float32) for x in low]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(value, jax.jit(fn)(*[x.astype(jnp.float32) for x in low]), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- bad input
@@ -640,23 +726,31 @@ def raises_eager_and_traced(match, fn, *args):
 def test_bad_inputs_raise():
     zs, zt = rng_arrays(0, (8, 5), (8, 5))
     y = np.zeros(8, np.int32)
-    raises_eager_and_traced("k must be < the number of classes",
-                            lambda s, t: L.nsd_paper(s, t, y, k=5), zs, zt)
+    raises_eager_and_traced(
+        "k must be < the number of classes", lambda s, t: L.nsd_paper(s, t, y, k=5), zs, zt
+    )
     raises_eager_and_traced("same shape", lambda s, t: L.nsd_paper(s, t[:, :4], y, 3), zs, zt)
     raises_eager_and_traced("same shape", lambda s, t: L.nsd_batch(s, t[:4], 3), zs, zt)
     raises_eager_and_traced("same shape", lambda s, t: L.kd(s, t[:, 1:], 4.0), zs, zt)
-    raises_eager_and_traced("not divisible by group_size 3",
-                            lambda s, t: L.nsd_batch(s, t, 3, group_size=3), zs, zt)
-    raises_eager_and_traced("group_size must be an int >= 2",
-                            lambda s, t: L.nsd_batch(s, t, 3, group_size=1), zs, zt)
+    raises_eager_and_traced(
+        "not divisible by group_size 3", lambda s, t: L.nsd_batch(s, t, 3, group_size=3), zs, zt
+    )
+    raises_eager_and_traced(
+        "group_size must be an int >= 2", lambda s, t: L.nsd_batch(s, t, 3, group_size=1), zs, zt
+    )
     raises_eager_and_traced("k must be an int >= 1", lambda s, t: L.nsd_batch(s, t, k=0), zs, zt)
     raises_eager_and_traced("2-D", lambda s, t: L.nsd_batch(s[0], t[0], 3), zs, zt)
-    raises_eager_and_traced("labels must have shape",
-                            lambda s, t: L.nsd_paper(s, t, y[:3], 3), zs, zt)
-    raises_eager_and_traced("reduction",
-                            lambda s: L.vl2lite(s, s, s, s, s, y, s, 2.0, "x", 1.0), zs)
-    raises_eager_and_traced("text_anchors must have shape",
-                            lambda s: L.vl2lite(s, s, s[:3], s, s, y, s, 2.0, "pand", 1.0), zs)
+    raises_eager_and_traced(
+        "labels must have shape", lambda s, t: L.nsd_paper(s, t, y[:3], 3), zs, zt
+    )
+    raises_eager_and_traced(
+        "reduction", lambda s: L.vl2lite(s, s, s, s, s, y, s, 2.0, "x", 1.0), zs
+    )
+    raises_eager_and_traced(
+        "text_anchors must have shape",
+        lambda s: L.vl2lite(s, s, s[:3], s, s, y, s, 2.0, "pand", 1.0),
+        zs,
+    )
     raises_eager_and_traced("feature width", lambda s: L.coop_ce(s, s[:, :3], y, 1.0), zs)
     raises_eager_and_traced("same batch size", lambda s: L.rkd(s, s[:4], 25.0, 50.0), zs)
 
@@ -666,8 +760,11 @@ def test_out_of_range_labels(bad):
     zs, zt = rng_arrays(0, (8, 5), (8, 5))
     y = np.zeros(8, np.int32)
     y[3] = bad
-    calls = [lambda y: L.nsd_paper(zs, zt, y, 3), lambda y: L.coop_ce(zs, zt[:5], y, 10.0),
-             lambda y: L.vl2lite(zs, zs, zs[:5], zs, zs[:5], y, zs, 2.0, "pand", 1.0)[0]]
+    calls = [
+        lambda y: L.nsd_paper(zs, zt, y, 3),
+        lambda y: L.coop_ce(zs, zt[:5], y, 10.0),
+        lambda y: L.vl2lite(zs, zs, zs[:5], zs, zs[:5], y, zs, 2.0, "pand", 1.0)[0],
+    ]
     for call in calls:
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
             call(y)

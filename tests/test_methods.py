@@ -1,5 +1,6 @@
 """The method registry (`pand_jax.methods`): one entry per Stage-NSD method, each paper value
 defined once (configs/), and a dataset resolved once per run."""
+
 from __future__ import annotations
 
 import ast
@@ -7,14 +8,12 @@ import json
 import os
 import pathlib
 
-import numpy as np
 import pytest
+from conftest import NSD_ARGS, REPO
 from PIL import Image
 
 from pand_jax import config, methods
 from pand_jax.methods.base import ANCHOR_KINDS, INTERMEDIATE, TEACHER_SIGNALS
-
-from conftest import NSD_ARGS, REPO
 
 PACKAGE = REPO / "pand_jax"
 
@@ -28,11 +27,23 @@ def _sources(exclude=()):
 def test_every_entry_is_complete_and_reads_its_own_config_sections():
     loss = config.default_config("nsd")["loss"]
     # the paper's Table 1 order, then the other systems
-    assert methods.NAMES == ("none", "kd", "rkd", "vl2lite", "pand", "promptkd", "fdbpl", "dait",
-                             "dait_it")
+    assert methods.NAMES == (
+        "none",
+        "kd",
+        "rkd",
+        "vl2lite",
+        "pand",
+        "promptkd",
+        "fdbpl",
+        "dait",
+        "dait_it",
+    )
     for name, m in methods.REGISTRY.items():
         assert m.name == name and m.label
-        assert m.teacher in (None, *TEACHER_SIGNALS, INTERMEDIATE) and m.anchors in (None, *ANCHOR_KINDS)
+        assert m.teacher in (None, *TEACHER_SIGNALS, INTERMEDIATE) and m.anchors in (
+            None,
+            *ANCHOR_KINDS,
+        )
         assert set(m.sections) <= set(loss), (name, m.sections)
         # its settings come from its sections (and the shared scale) only
         trimmed = {k: v for k, v in loss.items() if k in m.sections or not isinstance(v, dict)}
@@ -53,8 +64,12 @@ def test_auto_text_reduction_resolves_in_one_place():
 def test_promptkd_weight_is_the_released_per_dataset_value_unless_set():
     loss = config.default_config("nsd")["loss"]
     s = methods.get("promptkd").settings
-    assert [s(loss, 5, True, d)["weight"] for d in ("aircraft", "flowers", "cub", "folder:x")] \
-        == [200.0, 200.0, 1000.0, 1000.0]
+    assert [s(loss, 5, True, d)["weight"] for d in ("aircraft", "flowers", "cub", "folder:x")] == [
+        200.0,
+        200.0,
+        1000.0,
+        1000.0,
+    ]
     loss["promptkd"]["weight"] = 3.0
     assert s(loss, 5, True, "aircraft")["weight"] == 3.0
 
@@ -68,8 +83,12 @@ def test_no_method_name_is_branched_on_outside_the_registry():
             if not isinstance(node, ast.Compare):
                 continue
             sides = [node.left, *node.comparators]
-            names = {n.value for side in sides for n in ast.walk(side)
-                     if isinstance(n, ast.Constant) and n.value in methods.NAMES}
+            names = {
+                n.value
+                for side in sides
+                for n in ast.walk(side)
+                if isinstance(n, ast.Constant) and n.value in methods.NAMES
+            }
             about_method = any("method" in ast.unparse(side) for side in sides)
             if names and about_method:
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
@@ -81,8 +100,12 @@ def _paper_values() -> dict[float, str]:
     values = {}
     for stage in ("psc", "nsd"):
         for key, v in config.flatten(config.default_config(stage)):
-            if key.startswith(("loss.", "optimizer.")) and isinstance(v, (int, float)) \
-                    and not isinstance(v, bool) and v not in (0, 1):
+            if (
+                key.startswith(("loss.", "optimizer."))
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and v not in (0, 1)
+            ):
                 values[_key(v)] = f"{stage}.{key}"
     return values
 
@@ -95,8 +118,11 @@ def _key(v) -> float:
 def _config_names() -> set[str]:
     """The leaf names of configs/psc.json and nsd.json, and the names the loss functions give
     some of them (k for nsd_k, ...)."""
-    names = {key.rsplit(".", 1)[-1] for stage in ("psc", "nsd")
-             for key, _ in config.flatten(config.default_config(stage))}
+    names = {
+        key.rsplit(".", 1)[-1]
+        for stage in ("psc", "nsd")
+        for key, _ in config.flatten(config.default_config(stage))
+    }
     return names | {"k", "group_size", "form", "reduction", "distance_weight", "angle_weight"}
 
 
@@ -106,7 +132,7 @@ def _defaults(tree):
         if isinstance(node, (ast.FunctionDef, ast.Lambda)):
             a = node.args
             positional = a.posonlyargs + a.args
-            pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+            pairs = list(zip(positional[len(positional) - len(a.defaults) :], a.defaults))
             pairs += [(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
             for arg, d in pairs:
                 if not (isinstance(d, ast.Constant) and d.value is None):
@@ -116,8 +142,11 @@ def _defaults(tree):
 def _fractions(tree):
     """(line, value) of every non-integral number in a keyword default or a module constant."""
     nodes = [d for _, _, d in _defaults(tree)]
-    nodes += [n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
-              and n.value is not None]
+    nodes += [
+        n.value
+        for n in tree.body
+        if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None
+    ]
     for node in nodes:
         for n in ast.walk(node):
             value = None
@@ -159,25 +188,42 @@ def test_each_paper_value_is_defined_in_configs_only():
 
 
 def test_the_scan_finds_a_default_defined_twice():
-    tree = ast.parse("def kd(s, t, temperature=4.0, k=3):\n    pass\nSCALE = 1.0 / 0.07\n"
-                     "def f(x, n=2, group_size=None):\n    pass\n")
+    tree = ast.parse(
+        "def kd(s, t, temperature=4.0, k=3):\n    pass\nSCALE = 1.0 / 0.07\n"
+        "def f(x, n=2, group_size=None):\n    pass\n"
+    )
     assert list(_violations([("x.py", tree)])) == [
-        "x.py:1: default for 'temperature'", "x.py:1: default for 'k'",
-        "x.py:3: 14.2857 (nsd.loss.scale)"]
+        "x.py:1: default for 'temperature'",
+        "x.py:1: default for 'k'",
+        "x.py:3: 14.2857 (nsd.loss.scale)",
+    ]
 
 
 def test_old_workdir_configs_read_as_the_new_sections():
     old = json.loads(json.dumps(config.default_config("nsd")))
     new_loss = old.pop("loss")
     old["align_dim"] = None
-    old["loss"] = {"scale": new_loss["scale"], "tau": 2.0, "cls_offset": 0.0,
-                   "txt_reduction": "auto", "nsd_form": "batch", "lambda_nsd": 1.0, "nsd_k": 3,
-                   "nsd_group_size": 32, "kd_temperature": 4.0, "rkd_distance_weight": 25.0,
-                   "rkd_angle_weight": 50.0}
+    old["loss"] = {
+        "scale": new_loss["scale"],
+        "tau": 2.0,
+        "cls_offset": 0.0,
+        "txt_reduction": "auto",
+        "nsd_form": "batch",
+        "lambda_nsd": 1.0,
+        "nsd_k": 3,
+        "nsd_group_size": 32,
+        "kd_temperature": 4.0,
+        "rkd_distance_weight": 25.0,
+        "rkd_angle_weight": 50.0,
+    }
     migrated = config.migrate(old)
     assert "align_dim" not in migrated
-    assert migrated["loss"]["pand"] == {"lambda_nsd": 1.0, "nsd_form": "batch", "nsd_k": 3,
-                                        "nsd_group_size": 32}
+    assert migrated["loss"]["pand"] == {
+        "lambda_nsd": 1.0,
+        "nsd_form": "batch",
+        "nsd_k": 3,
+        "nsd_group_size": 32,
+    }
     assert migrated["loss"]["kd"] == {"temperature": 4.0}
     # every section of that time; PromptKD's, FDBPL's and DAIT's came after (`with_defaults`
     # adds them on resume)
@@ -191,7 +237,8 @@ def _tree(root: pathlib.Path, per_class: int) -> int:
             (root / split / c).mkdir(parents=True)
             for k in range(per_class):
                 Image.new("RGB", (16, 16), tuple(x + k for x in colour)).save(
-                    root / split / c / f"{k}.png")
+                    root / split / c / f"{k}.png"
+                )
                 n += 1
     return n
 

@@ -1,6 +1,7 @@
 """PromptKD end to end: the training labels are never read (a run with garbage labels is
 bit-identical), a student trains from a folder of unlabelled images with a labelled test split
 only, it deploys as a plain classifier, and bad input is one line."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,11 @@ import pathlib
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import NSD_ARGS
-from pand_jax.data import sources
+from PIL import Image
 from test_train import checkpoint_steps, latest_state
+
+from pand_jax.data import sources
 
 
 def cli(argv):
@@ -40,12 +41,23 @@ def _run(method, teacher, anchors, workdir, garbage, monkeypatch):
     from pand_jax.train import setup
 
     real = setup.load_split
-    monkeypatch.setattr(setup, "load_split", lambda info, split, cfg: (
-        GarbageLabels(real(info, split, cfg), info.num_classes)
-        if garbage and split == info.train_split else real(info, split, cfg)))
+    monkeypatch.setattr(
+        setup,
+        "load_split",
+        lambda info, split, cfg: (
+            GarbageLabels(real(info, split, cfg), info.num_classes)
+            if garbage and split == info.train_split
+            else real(info, split, cfg)
+        ),
+    )
     args = [a.replace("max_steps_per_epoch=1", "max_steps_per_epoch=2") for a in NSD_ARGS]
-    assert cli(args + ["--method", method, "--teacher", teacher, "--anchors", anchors,
-                       "--workdir", workdir]) == 0
+    assert (
+        cli(
+            args
+            + ["--method", method, "--teacher", teacher, "--anchors", anchors, "--workdir", workdir]
+        )
+        == 0
+    )
     monkeypatch.setattr(setup, "load_split", real)
     return latest_state(workdir)
 
@@ -61,8 +73,11 @@ def test_training_labels_are_never_read(teacher, psc_run, tmp_path, monkeypatch)
     """The student is bit-identical when the training labels are garbage; KD, which reads them,
     is not (so the garbage reaches the trainer)."""
     anchors = psc_run / "anchors.npz"
-    runs = {(m, g): _run(m, teacher, anchors, tmp_path / f"{m}-{g}", g, monkeypatch)
-            for m in ("promptkd", "kd") for g in (False, True)}
+    runs = {
+        (m, g): _run(m, teacher, anchors, tmp_path / f"{m}-{g}", g, monkeypatch)
+        for m in ("promptkd", "kd")
+        for g in (False, True)
+    }
     assert _same_arrays(runs["promptkd", False]["params"], runs["promptkd", True]["params"])
     assert _same_arrays(runs["promptkd", False]["rest"], runs["promptkd", True]["rest"])
     assert not _same_arrays(runs["kd", False]["params"], runs["kd", True]["params"])
@@ -91,12 +106,22 @@ def label_free(tmp_path):
 def _label_free_args(dataset, unlabeled, teacher, workdir):
     args = [a for a in NSD_ARGS]
     args[args.index("digits")] = f"folder:{dataset}"
-    return args + ["--method", "promptkd", "--no-psc", "--unlabeled-data", f"folder:{unlabeled}",
-                   "--teacher", teacher, "--workdir", workdir]
+    return args + [
+        "--method",
+        "promptkd",
+        "--no-psc",
+        "--unlabeled-data",
+        f"folder:{unlabeled}",
+        "--teacher",
+        teacher,
+        "--workdir",
+        workdir,
+    ]
 
 
 def test_a_student_from_unlabelled_images_deploys_as_a_plain_classifier(
-        teacher, label_free, tmp_path, capsys):
+    teacher, label_free, tmp_path, capsys
+):
     from test_deploy import _export_parity
 
     from pand_jax.deploy import student as student_lib
@@ -132,17 +157,31 @@ def test_the_training_set_is_the_split_then_the_unlabelled_images(label_free):
     assert both[n]["label"] == -1 and both[n]["index"] == n and both[0]["label"] >= 0
 
 
-@pytest.mark.parametrize("change, extra, message", [
-    (None, ["--method", "pand"], "config unlabeled_data = 'folder:UNLABELED': expected null with "
-                                 "--method pand, which trains on labels (images without labels "
-                                 "need a method that reads none: promptkd, fdbpl)"),
-    (lambda u: [p.unlink() for p in u.rglob("*.PNG")], [],
-     "--unlabeled-data: no images under UNLABELED"),
-    (lambda u: (u / "a" / "u1.PNG").write_bytes(b"not a png"), [],
-     "1 image file(s) under UNLABELED cannot be read; nothing was run"),
-])
-def test_bad_label_free_input_is_one_line(teacher, label_free, tmp_path, capsys, change, extra,
-                                          message):
+@pytest.mark.parametrize(
+    "change, extra, message",
+    [
+        (
+            None,
+            ["--method", "pand"],
+            "config unlabeled_data = 'folder:UNLABELED': expected null with "
+            "--method pand, which trains on labels (images without labels "
+            "need a method that reads none: promptkd, fdbpl)",
+        ),
+        (
+            lambda u: [p.unlink() for p in u.rglob("*.PNG")],
+            [],
+            "--unlabeled-data: no images under UNLABELED",
+        ),
+        (
+            lambda u: (u / "a" / "u1.PNG").write_bytes(b"not a png"),
+            [],
+            "1 image file(s) under UNLABELED cannot be read; nothing was run",
+        ),
+    ],
+)
+def test_bad_label_free_input_is_one_line(
+    teacher, label_free, tmp_path, capsys, change, extra, message
+):
     dataset, unlabeled = label_free
     if change:
         change(unlabeled)
@@ -152,18 +191,19 @@ def test_bad_label_free_input_is_one_line(teacher, label_free, tmp_path, capsys,
     assert not (tmp_path / "run").exists()
 
 
-def test_promptkd_without_anchors_and_without_a_train_split(teacher, label_free, tmp_path,
-                                                             capsys):
+def test_promptkd_without_anchors_and_without_a_train_split(teacher, label_free, tmp_path, capsys):
     dataset, unlabeled = label_free
     args = _label_free_args(dataset, unlabeled, teacher, tmp_path / "run")
     args.remove("--no-psc")
     assert cli(args) == 2
-    assert ("anchors file not found: runs/folder-shapes-" in capsys.readouterr().err)
+    assert "anchors file not found: runs/folder-shapes-" in capsys.readouterr().err
     args = _label_free_args(dataset, unlabeled, teacher, tmp_path / "run")
     i = args.index("--unlabeled-data")
-    del args[i:i + 2]
+    del args[i : i + 2]
     assert cli(args) == 2
     err = capsys.readouterr().err
-    assert (f"{dataset}/train is missing; expected {dataset}/train/<class>/<images> (or, for a "
-            "method that reads no labels, images without labels from --unlabeled-data "
-            "folder:DIR)") in err
+    assert (
+        f"{dataset}/train is missing; expected {dataset}/train/<class>/<images> (or, for a "
+        "method that reads no labels, images without labels from --unlabeled-data "
+        "folder:DIR)"
+    ) in err

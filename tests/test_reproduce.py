@@ -4,6 +4,7 @@ to one student, one seed, one epoch of two steps and two lambda_NSD values.
 One module fixture invokes it three times, in process: first with the RKD run made to fail,
 then again (it resumes: only RKD runs), then once more (everything is finished).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,19 +18,49 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from pand_jax import methods
 from pand_jax import data as data_lib
+from pand_jax import methods
 from pand_jax.cli import reproduce
 from pand_jax.cli import train as train_cli
 from pand_jax.experiments import results as results_lib
 
-SHORT = ["--demo", "--seeds", "1", "--epochs", "1", "--psc-epochs", "1", "--lambdas", "0,0.5",
-         "--teacher-cache", "2", "--set", "max_steps_per_epoch=2", "--set", "batch_size=16",
-         "--set", "image_size=32", "--set", "host_image_size=36", "--set", "n_ctx=4"]
+SHORT = [
+    "--demo",
+    "--seeds",
+    "1",
+    "--epochs",
+    "1",
+    "--psc-epochs",
+    "1",
+    "--lambdas",
+    "0,0.5",
+    "--teacher-cache",
+    "2",
+    "--set",
+    "max_steps_per_epoch=2",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "image_size=32",
+    "--set",
+    "host_image_size=36",
+    "--set",
+    "n_ctx=4",
+]
 # The distinct runs of one student and seed: Tables 1-2 plus the sweep {0, 0.5}, which
 # coincides with +PSC and PAND.
-VARIANTS = {"none", "kd", "rkd", "vl2lite", "pand-lambda0", "pand-nopsc", "pand-lambda0.5",
-            "promptkd", "fdbpl", "dait"}
+VARIANTS = {
+    "none",
+    "kd",
+    "rkd",
+    "vl2lite",
+    "pand-lambda0",
+    "pand-nopsc",
+    "pand-lambda0.5",
+    "promptkd",
+    "fdbpl",
+    "dait",
+}
 RUNS = len(VARIANTS) + 2  # and Stage-PSC, and DAIT's intermediate teacher
 
 
@@ -70,8 +101,16 @@ def demo(teacher, tmp_path_factory):
     second = invoke(argv)
     second_csv, second_md = read_csv(out / "results.csv"), (out / "results.md").read_text()
     third = invoke(argv)
-    return dict(out=out, argv=argv, first=first, first_csv=first_csv, second=second,
-                second_csv=second_csv, second_md=second_md, third=third)
+    return dict(
+        out=out,
+        argv=argv,
+        first=first,
+        first_csv=first_csv,
+        second=second,
+        second_csv=second_csv,
+        second_md=second_md,
+        third=third,
+    )
 
 
 def test_a_failed_run_is_reported_and_the_others_complete(demo):
@@ -105,8 +144,11 @@ def test_results_csv_has_every_planned_run_with_its_summary(demo):
         workdir = pathlib.Path(r["workdir"])
         summary = json.loads((workdir / "summary.json").read_text())
         assert workdir.parent == out / "nsd" / "resnet18" / "seed0"
-        assert (r["dataset"], r["student"], r["method"]) == ("digits", "resnet18",
-                                                            summary["method"])
+        assert (r["dataset"], r["student"], r["method"]) == (
+            "digits",
+            "resnet18",
+            summary["method"],
+        )
         assert float(r["best_top1"]) == pytest.approx(summary["best_top1"], abs=1e-12)
         assert float(r["last_top1"]) == pytest.approx(summary["last_top1"], abs=1e-12)
         assert (int(r["seed"]), int(r["epochs"]), int(r["best_epoch"])) == (0, 1, 1)
@@ -130,11 +172,18 @@ def test_results_csv_has_every_planned_run_with_its_summary(demo):
 
 def test_results_md_gives_each_cell_from_the_runs(demo):
     md = demo["second_md"]
-    by_dir = {pathlib.Path(r["workdir"]).name: 100 * float(r["best_top1"])
-              for r in demo["second_csv"]}
-    for label, name in [("no KD", "none"), ("KD", "kd"), ("RKD", "rkd"), ("VL2Lite", "vl2lite"),
-                        ("+PSC", "pand-lambda0"), ("+NSD", "pand-nopsc"),
-                        ("PAND", "pand-lambda0.5")]:
+    by_dir = {
+        pathlib.Path(r["workdir"]).name: 100 * float(r["best_top1"]) for r in demo["second_csv"]
+    }
+    for label, name in [
+        ("no KD", "none"),
+        ("KD", "kd"),
+        ("RKD", "rkd"),
+        ("VL2Lite", "vl2lite"),
+        ("+PSC", "pand-lambda0"),
+        ("+NSD", "pand-nopsc"),
+        ("PAND", "pand-lambda0.5"),
+    ]:
         # digits has no paper numbers: paper and difference stay "-".
         assert f"| {label} | {by_dir[name]:.2f} | 1 | - | - |" in md
     assert f"| 0.5 | {by_dir['pand-lambda0.5']:.2f} | 1 | - | - |" in md
@@ -142,21 +191,41 @@ def test_results_md_gives_each_cell_from_the_runs(demo):
 
 def test_results_md_puts_the_paper_beside_ours():
     """CUB / ResNet-18 has paper numbers: mean, sample std, n and the difference."""
+
     def result(method, lam, no_psc, seed, top1):
         loss = {"pand": {"lambda_nsd": lam, "nsd_form": "paper"}} if lam is not None else {}
         return results_lib.Result(
-            "cub", "resnet18", method, no_psc, lam, "paper", seed, 300, top1, top1, 300, 1.0,
-            train_seconds=8.0, wall_seconds=10.0, teacher_mode="cached", teacher_forwards=100,
-            workdir=pathlib.Path("x"), config={"no_psc": no_psc, "loss": loss})
+            "cub",
+            "resnet18",
+            method,
+            no_psc,
+            lam,
+            "paper",
+            seed,
+            300,
+            top1,
+            top1,
+            300,
+            1.0,
+            train_seconds=8.0,
+            wall_seconds=10.0,
+            teacher_mode="cached",
+            teacher_forwards=100,
+            workdir=pathlib.Path("x"),
+            config={"no_psc": no_psc, "loss": loss},
+        )
 
-    rs = [result("pand", 0.5, False, 0, 0.75), result("pand", 0.5, False, 1, 0.77),
-          result("vl2lite", None, False, 0, 0.70)]
+    rs = [
+        result("pand", 0.5, False, 0, 0.75),
+        result("pand", 0.5, False, 1, 0.77),
+        result("vl2lite", None, False, 0, 0.70),
+    ]
     md = results_lib.markdown(rs)
-    assert "| PAND | 76.00 ± 1.41 | 2 | 76.09 | -0.09 |" in md   # std over seeds, ddof 1
+    assert "| PAND | 76.00 ± 1.41 | 2 | 76.09 | -0.09 |" in md  # std over seeds, ddof 1
     assert "| VL2Lite | 70.00 | 1 | 72.67 | -2.67 |" in md
-    assert "| +NSD | - | 0 | 75.91 | - |" in md                 # known paper cell, no run
+    assert "| +NSD | - | 0 | 75.91 | - |" in md  # known paper cell, no run
     assert "| KD | - | 0 | - | - |" in md
-    assert "| 0.5 | 76.00 ± 1.41 | 2 | 76.41 | -0.41 |" in md   # the lambda sweep's own number
+    assert "| 0.5 | 76.00 ± 1.41 | 2 | 76.41 | -0.41 |" in md  # the lambda sweep's own number
     # what each method cost: mean over its runs; a method without runs has no figures
     assert "| PAND | cached | 100 | 1.0 | 10.0 |" in md
     assert "| KD | - | - | - | - |" in md
@@ -199,7 +268,7 @@ def test_list_prints_train_commands_in_dependency_order(demo, capsys):
     then the run that builds the teacher cache; rows that coincide appear once."""
     argv = [a for a in demo["argv"]]
     i = argv.index("--lambdas")
-    del argv[i:i + 2]
+    del argv[i : i + 2]
     rc, stdout, stderr = invoke(argv + ["--list"])
     assert rc == 0
     lines = stdout.strip().splitlines()
@@ -217,21 +286,28 @@ def test_list_prints_train_commands_in_dependency_order(demo, capsys):
     dait = next(cfg for cfg, _ in parsed[1:] if cfg["method"] == "dait")
     assert dait["intermediate_teacher"] == str(demo["out"] / "it" / "seed0")
     names = [workdir.name for cfg, workdir in parsed[1:] if cfg["method"] != "dait_it"]
-    assert sorted(names) == sorted(VARIANTS | {"pand-lambda0.25", "pand-lambda0.75",
-                                               "pand-lambda1"})
+    assert sorted(names) == sorted(
+        VARIANTS | {"pand-lambda0.25", "pand-lambda0.75", "pand-lambda1"}
+    )
     assert "The first 3 (Stage-PSC, one run per seed that builds" in stderr
     # Every run reads the one cache of its seed.
-    assert {cfg.get("teacher_cache_dir") for cfg, _ in parsed[1:]
-            if methods.get(cfg["method"]).reads_clip} == {str(demo["out"] / "teacher_cache" / "seed0")}
+    assert {
+        cfg.get("teacher_cache_dir")
+        for cfg, _ in parsed[1:]
+        if methods.get(cfg["method"]).reads_clip
+    } == {str(demo["out"] / "teacher_cache" / "seed0")}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dataset", "cub", "--students", "resnet50"], "unknown student 'resnet50'"),
-    (["--dataset", "cub", "--set", "loss.lambda_nsd=1"], "--lambdas"),
-    (["--dataset", "cub", "--set", "nope=1"], "unknown config key 'nope'"),
-    (["--dataset", "mnist"], "unknown dataset"),
-    (["--seeds", "1"], "give --dataset NAME"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "cub", "--students", "resnet50"], "unknown student 'resnet50'"),
+        (["--dataset", "cub", "--set", "loss.lambda_nsd=1"], "--lambdas"),
+        (["--dataset", "cub", "--set", "nope=1"], "unknown config key 'nope'"),
+        (["--dataset", "mnist"], "unknown dataset"),
+        (["--seeds", "1"], "give --dataset NAME"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message):
     rc, stdout, stderr = invoke(args + ["--list"])
     assert rc == 2

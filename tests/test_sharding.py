@@ -1,6 +1,7 @@
 """The teacher sharded over the data axis (`teacher_sharding: fsdp`): the same steps as the
 replicated teacher on 8 fake CPU devices, less memory per device, and PSC and NSD steps that
 lower for CUDA and TPU with nothing of the CPU's custom calls in them."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, cpu_env
 from jax.sharding import PartitionSpec as P
 
 from pand_jax import devices
-
-from conftest import REPO, cpu_env
 
 SCRIPT = REPO / "tests" / "sharding_script.py"
 
@@ -20,8 +20,14 @@ SCRIPT = REPO / "tests" / "sharding_script.py"
 @pytest.fixture(scope="module")
 def reports() -> dict[str, dict]:
     env = cpu_env(8, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True,
-                          text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return {r["family"]: r for r in map(json.loads, proc.stdout.splitlines())}
 
@@ -69,8 +75,8 @@ def test_steps_lower_for_accelerators_without_cpu_custom_calls(reports, family, 
 def test_fsdp_spec_takes_the_largest_axis_the_devices_divide():
     assert devices.fsdp_spec((640, 3, 3, 1024), 8) == P(None, None, None, "data")
     assert devices.fsdp_spec((1024, 640), 8) == P("data")
-    assert devices.fsdp_spec((7, 3), 8) == P()     # none: replicated
-    assert devices.fsdp_spec((), 8) == P()         # a scalar
+    assert devices.fsdp_spec((7, 3), 8) == P()  # none: replicated
+    assert devices.fsdp_spec((), 8) == P()  # a scalar
     assert devices.fsdp_spec((1024, 640), 1) == P()
     with pytest.raises(ValueError, match="unknown teacher_sharding 'zero3'"):
         devices.place_frozen(devices.make_mesh(), {}, "zero3")

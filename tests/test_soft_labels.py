@@ -2,12 +2,14 @@
 `Recover_soft_label` (szq0214/FKD, utils_FKD.py) and its label quantisation (FKD_SLG's
 generate_soft_label.py), plus properties of MS, MR and hard that a wrong scatter, a mixed-up
 index or a lost remainder breaks."""
+
 from __future__ import annotations
 
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pand_jax import soft_labels
 
@@ -22,6 +24,7 @@ def _probs(rng, shape, sharpness):
 
 
 # ------------------------------------------------------------- FKD, transcribed to NumPy
+
 
 def fkd_quantize(p, k):
     """FKD's label_quantization: torch.argsort(p, descending=True)[:K] and p there. A stable
@@ -54,6 +57,7 @@ def fkd_recover(index, value, kind, n_classes):
 
 
 # ------------------------------------------------------------------------------ sparsify
+
 
 @pytest.mark.parametrize("c", [12, 200, 1000])
 @pytest.mark.parametrize("k", [1, 5, 10])
@@ -104,8 +108,12 @@ def test_a_remainder_below_zero_from_fp16_rounding_is_clipped():
 
 # ------------------------------------------------------------------------------ properties
 
-cases = st.tuples(st.integers(0, 2**16), st.sampled_from([2, 7, 200]),
-                  st.sampled_from([1, 5, 10, -1]), st.sampled_from([0.1, 3.0, 30.0]))
+cases = st.tuples(
+    st.integers(0, 2**16),
+    st.sampled_from([2, 7, 200]),
+    st.sampled_from([1, 5, 10, -1]),
+    st.sampled_from([0.1, 3.0, 30.0]),
+)
 
 
 def _in_top(indices, c):
@@ -137,8 +145,11 @@ def test_ms_and_mr_are_distributions_that_keep_the_top_k(case):
     np.testing.assert_allclose(mr.sum(-1), 1.0, atol=1e-5)
     top_ms = np.take_along_axis(ms, np.asarray(indices), -1)
     np.testing.assert_array_equal(top_ms, np.asarray(values, np.float32))
-    np.testing.assert_allclose(np.take_along_axis(mr, np.asarray(indices), -1),
-                               top_ms / top_ms.sum(-1, keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.take_along_axis(mr, np.asarray(indices), -1),
+        top_ms / top_ms.sum(-1, keepdims=True),
+        rtol=1e-5,
+    )
     rest = np.where(_in_top(indices, c), np.nan, ms)
     rest_max, rest_min = np.nanmax(rest, -1), np.nanmin(rest, -1)
     np.testing.assert_array_equal(rest_max, rest_min)  # one value off the top-K
@@ -160,11 +171,15 @@ def test_ms_with_k_one_below_c_recovers_p(c):
     p = _probs(np.random.default_rng(c), (8, c), 3.0).astype(np.float32)
     indices, _ = soft_labels.sparsify(p, c - 1)
     values = np.take_along_axis(p, np.asarray(indices), -1)  # fp32: no storage rounding
-    np.testing.assert_allclose(soft_labels.reconstruct(indices, values, "ms", c), p,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        soft_labels.reconstruct(indices, values, "ms", c), p, rtol=1e-6, atol=1e-6
+    )
     top = _in_top(indices, c)
-    np.testing.assert_allclose(soft_labels.reconstruct(indices, values, "mr", c),
-                               np.where(top, p, 0) / (p * top).sum(-1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(
+        soft_labels.reconstruct(indices, values, "mr", c),
+        np.where(top, p, 0) / (p * top).sum(-1, keepdims=True),
+        rtol=1e-6,
+    )
 
 
 def test_reconstruct_is_the_same_under_jit_and_over_views():
@@ -175,10 +190,12 @@ def test_reconstruct_is_the_same_under_jit_and_over_views():
         k = 1 if kind == "hard" else 5
         eager = soft_labels.reconstruct(indices[..., :k], values[..., :k], kind, 50)
         jitted = jax.jit(soft_labels.reconstruct, static_argnums=(2, 3))(
-            indices[..., :k], values[..., :k], kind, 50)
+            indices[..., :k], values[..., :k], kind, 50
+        )
         np.testing.assert_array_equal(eager, jitted)
-        flat = soft_labels.reconstruct(indices[..., :k].reshape(12, k),
-                                       values[..., :k].reshape(12, k), kind, 50)
+        flat = soft_labels.reconstruct(
+            indices[..., :k].reshape(12, k), values[..., :k].reshape(12, k), kind, 50
+        )
         np.testing.assert_array_equal(np.asarray(eager).reshape(12, 50), flat)
 
 
@@ -186,7 +203,8 @@ def test_probabilities_are_the_softmax_of_scaled_cosines():
     rng = np.random.default_rng(2)
     t, anchors = rng.standard_normal((6, 8)), rng.standard_normal((5, 8))
     cos = (t / np.linalg.norm(t, axis=1, keepdims=True)) @ (
-        anchors / np.linalg.norm(anchors, axis=1, keepdims=True)).T
+        anchors / np.linalg.norm(anchors, axis=1, keepdims=True)
+    ).T
     z = 14.0 * cos / 2.0
     want = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     got = soft_labels.probabilities(t.astype(np.float32), anchors.astype(np.float32), 14.0, 2.0)
@@ -195,20 +213,33 @@ def test_probabilities_are_the_softmax_of_scaled_cosines():
 
 # ---------------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("spec, want", [("embedding", ("embedding", None)), ("hard", ("hard", 1)),
-                                        ("ms", ("ms", 7)), ("mr", ("mr", 7)),
-                                        ("ms:10", ("ms", 10)), ("mr:5", ("mr", 5))])
+
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("embedding", ("embedding", None)),
+        ("hard", ("hard", 1)),
+        ("ms", ("ms", 7)),
+        ("mr", ("mr", 7)),
+        ("ms:10", ("ms", 10)),
+        ("mr:5", ("mr", 5)),
+    ],
+)
 def test_parse(spec, want):
     assert soft_labels.parse(spec, 7) == want
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("soft", r"--soft-labels 'soft': unknown kind 'soft'; expected one of \['embedding', 'ms'"),
-    ("ms:x", r"--soft-labels 'ms:x': K must be an integer >= 1"),
-    ("mr:0", r"--soft-labels 'mr:0': K must be an integer >= 1"),
-    ("ms:-3", r"K must be an integer >= 1"),
-    ("hard:3", r"--soft-labels 'hard:3': hard takes no :K"),
-    ("embedding:2", r"embedding takes no :K")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("soft", r"--soft-labels 'soft': unknown kind 'soft'; expected one of \['embedding', 'ms'"),
+        ("ms:x", r"--soft-labels 'ms:x': K must be an integer >= 1"),
+        ("mr:0", r"--soft-labels 'mr:0': K must be an integer >= 1"),
+        ("ms:-3", r"K must be an integer >= 1"),
+        ("hard:3", r"--soft-labels 'hard:3': hard takes no :K"),
+        ("embedding:2", r"embedding takes no :K"),
+    ],
+)
 def test_parse_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         soft_labels.parse(spec, 10)
@@ -224,8 +255,11 @@ def test_k_outside_one_to_c_and_unknown_kinds_are_one_line():
     indices = np.zeros((2, 10), np.int32)
     with pytest.raises(ValueError, match=r"--soft-labels mr:10 needs 1 <= K < C = 10$"):
         soft_labels.reconstruct(indices, p, "mr", 10)
-    with pytest.raises(ValueError, match=r"unknown soft-label kind 'embedding'; expected one of "
-                                         r"\['ms', 'mr', 'hard'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown soft-label kind 'embedding'; expected one of "
+        r"\['ms', 'mr', 'hard'\]",
+    ):
         soft_labels.reconstruct(indices[:, :3], p[:, :3], "embedding", 10)
     with pytest.raises(ValueError, match="hard keeps K = 1, got K = 3"):
         soft_labels.check("hard", 3, 10)

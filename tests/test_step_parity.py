@@ -20,6 +20,7 @@ The released configuration differs from the project's defaults; the flags that s
     --set optimizer.schedule=cosine_periodic   (CosineAnnealingLR, T_max 100 epochs, no restart)
 The cases below run both.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,17 +36,20 @@ import torch.nn.functional as F
 import torchvision
 from flax import nnx
 from flax.traverse_util import flatten_dict
+from helpers import classes_info, torch_state_dict
 
 from pand_jax import config as config_lib
 from pand_jax import methods, prompts
 from pand_jax.convert import open_clip as convert_clip
 from pand_jax.convert.state_dict import layout_of, to_flax_layout
-from pand_jax.convert.torchvision import (HEAD, student_from_state_dict, torch_key,
-                                         torchvision_to_nnx)
+from pand_jax.convert.torchvision import (
+    HEAD,
+    student_from_state_dict,
+    torch_key,
+    torchvision_to_nnx,
+)
 from pand_jax.data import augment
 from pand_jax.train import nsd, psc
-
-from helpers import classes_info, torch_state_dict
 
 torch.set_num_threads(2)
 
@@ -55,6 +59,7 @@ def highest_matmul_precision():
     """fp32 parity at matmul precision "highest" for this module's tests only."""
     with jax.default_matmul_precision("highest"):
         yield
+
 
 LOSS_RTOL = 1e-5
 # Gradients (Adam moments) and updates agree to ~2e-5 of their size on most steps. The losses
@@ -95,6 +100,7 @@ def assert_all_rel(what, pairs, rtol):
 
 # ------------------------------------------------------------------ the released NSD step
 
+
 def feature_norm(x):
     """The released code's L2 normalisation (with its 1e-10)."""
     return x / (x.norm(dim=-1, keepdim=True) + 1e-10)
@@ -117,14 +123,19 @@ class TorchDistillee(torch.nn.Module):
             d = self.head.in_features
             if anchors is not None:  # PromptKD: projector, L2 normalisation, s * class vectors
                 self.head = torch.nn.Sequential(
-                    torch.nn.Linear(d, teacher_dim), torch.nn.BatchNorm1d(teacher_dim),
-                    torch.nn.ReLU(), torch.nn.Linear(teacher_dim, teacher_dim),
-                    TorchClassVectors(scale * feature_norm(anchors)))
+                    torch.nn.Linear(d, teacher_dim),
+                    torch.nn.BatchNorm1d(teacher_dim),
+                    torch.nn.ReLU(),
+                    torch.nn.Linear(teacher_dim, teacher_dim),
+                    TorchClassVectors(scale * feature_norm(anchors)),
+                )
                 self.student.set_submodule(HEAD[arch], self.head)
             self.align_image = torch.nn.Sequential(
-                torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(), torch.nn.Linear(d, d))
+                torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(), torch.nn.Linear(d, d)
+            )
             self.align_text = torch.nn.Sequential(
-                torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(), torch.nn.Linear(d, d))
+                torch.nn.Linear(teacher_dim, d), torch.nn.ReLU(), torch.nn.Linear(d, d)
+            )
             # DAIT: the IT's alignment head P, and the student's 1x1 conv adapter A
             self.align = torch.nn.Linear(d, teacher_dim)
             self.adapter = torch.nn.Conv2d(d, it_dim or teacher_dim, 1)
@@ -134,8 +145,10 @@ class TorchDistillee(torch.nn.Module):
     def forward(self, x):
         """(pooled features h, logits), keeping the last map as `self.feature_map`."""
         captured = {}
-        hooks = [self.head.register_forward_hook(lambda m, i, o: captured.update(h=i[0])),
-                 self.last_stage.register_forward_hook(lambda m, i, o: captured.update(map=o))]
+        hooks = [
+            self.head.register_forward_hook(lambda m, i, o: captured.update(h=i[0])),
+            self.last_stage.register_forward_hook(lambda m, i, o: captured.update(map=o)),
+        ]
         logits = self.student(x)
         for hook in hooks:
             hook.remove()
@@ -208,7 +221,7 @@ def torch_nlrd(z_s, z_t, k):
     b = z_t.shape[0]
     k = min(k, b - 1)
     _, idx = torch.sort(feature_norm(z_t) @ feature_norm(z_t).T, descending=True)
-    idx = idx[:, 1:k + 1]
+    idx = idx[:, 1 : k + 1]
     return torch_js(z_t[:, None] - z_t[idx], z_s[:, None] - z_s[idx]) / (b * k)
 
 
@@ -216,8 +229,10 @@ def torch_nsd_paper(z_s, z_t, y, k):
     """Paper Eq. 6-8: the k highest-scoring non-target teacher classes, margin softmaxes, JS."""
     masked = z_t.scatter(1, y[:, None], -math.inf)
     nbr = masked.topk(k, dim=1).indices
+
     def rho(z):
         return -(z.gather(1, y[:, None]) - z.gather(1, nbr))
+
     p, q = F.softmax(rho(z_t), 1), F.softmax(rho(z_s), 1)
     m = (p + q) / 2
     js = 0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)
@@ -226,6 +241,7 @@ def torch_nsd_paper(z_s, z_t, y, k):
 
 def torch_rkd(s, t, distance_weight, angle_weight):
     """Park et al. 2019 (their reference implementation's semantics)."""
+
     def pdist(e):
         sq = (e[:, None] - e[None]).pow(2).sum(-1)
         d = sq.clamp(min=1e-12).sqrt().clone()
@@ -242,8 +258,9 @@ def torch_rkd(s, t, distance_weight, angle_weight):
         t_a = angles(t)
     s_d = pdist(s)
     s_d = s_d / s_d[s_d > 0].mean()
-    return (distance_weight * F.smooth_l1_loss(s_d, t_d)
-            + angle_weight * F.smooth_l1_loss(angles(s), t_a))
+    return distance_weight * F.smooth_l1_loss(s_d, t_d) + angle_weight * F.smooth_l1_loss(
+        angles(s), t_a
+    )
 
 
 def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=None):
@@ -257,8 +274,13 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=N
         cls = F.cross_entropy(z_s, labels)
         p_hat, t_hat, a_hat = feature_norm(model.align(h)), feature_norm(t), feature_norm(anchors)
         rep = (p_hat - t_hat).abs().mean()
-        sem = T * T * torch_kl_batchmean(F.log_softmax(s * p_hat @ a_hat.T / T, 1),
-                                         F.softmax(s * t_hat @ a_hat.T / T, 1))
+        sem = (
+            T
+            * T
+            * torch_kl_batchmean(
+                F.log_softmax(s * p_hat @ a_hat.T / T, 1), F.softmax(s * t_hat @ a_hat.T / T, 1)
+            )
+        )
         total = cls + d["alpha"] * rep + d["beta"] * sem
         return total, {"cls": cls, "representation": rep, "semantic": sem}
     if method == "dait":  # CE + gamma MSE(norm(A(S_map)), norm(resize(IT_map))) + delta KD
@@ -266,14 +288,16 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=N
         it_map, it_logits = it(images)
         cls = F.cross_entropy(z_s, labels)
         adapted = model.adapter(model.feature_map)
-        it_map = F.interpolate(it_map, size=adapted.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        it_map = F.interpolate(
+            it_map, size=adapted.shape[-2:], mode="bilinear", align_corners=False
+        )
         feature = F.mse_loss(F.normalize(adapted, dim=1), F.normalize(it_map, dim=1))
         total, terms = cls + d["gamma"] * feature, {"cls": cls, "feature": feature}
         if d["delta"]:
             T = d["temperature"]
-            terms["kd"] = T * T * torch_kl_batchmean(F.log_softmax(z_s / T, 1),
-                                                     F.softmax(it_logits / T, 1))
+            terms["kd"] = (
+                T * T * torch_kl_batchmean(F.log_softmax(z_s / T, 1), F.softmax(it_logits / T, 1))
+            )
             total = total + d["delta"] * terms["kd"]
         return total, terms
     if method == "promptkd":  # trainers/promptkd.py: no labels, KL summed over B*C entries
@@ -281,13 +305,18 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=N
         T = pk["temperature"]
         w = pk["weight"] or (200.0 if cfg["dataset"] in ("aircraft", "flowers") else 1000.0)
         z_t = pk["logit_scale"] * feature_norm(t) @ feature_norm(anchors).T
-        kd = F.kl_div(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1),
-                      reduction="sum") * T * T / z_s.numel()
+        kd = (
+            F.kl_div(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1), reduction="sum")
+            * T
+            * T
+            / z_s.numel()
+        )
         return w * kd, {"kd": kd}
     if method == "fdbpl":  # FDBPL's positive path: confidence-weighted KL both ways, no labels
         f = lc["fdbpl"]
-        log_p_t = F.log_softmax(f["logit_scale"] * feature_norm(t) @ feature_norm(anchors).T
-                                / f["temperature"], 1)
+        log_p_t = F.log_softmax(
+            f["logit_scale"] * feature_norm(t) @ feature_norm(anchors).T / f["temperature"], 1
+        )
         log_p_s = F.log_softmax(z_s, 1)
         w = 1 + (log_p_t.exp() * log_p_t).sum(1) / math.log(z_s.shape[1])
         fwd = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)
@@ -327,8 +356,9 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=N
             nsd_loss = torch_nsd_paper(z_s, z_t, labels, p["nsd_k"])
         else:  # per-GPU batches under DDP: gradients averaged = the mean of the groups' losses
             g = p["nsd_group_size"] or len(labels)
-            nsd_loss = torch.stack([torch_nlrd(zs, zt, p["nsd_k"]) for zs, zt in
-                                    zip(z_s.split(g), z_t.split(g))]).mean()
+            nsd_loss = torch.stack(
+                [torch_nlrd(zs, zt, p["nsd_k"]) for zs, zt in zip(z_s.split(g), z_t.split(g))]
+            ).mean()
         terms["nsd"] = nsd_loss
         total = total + p["lambda_nsd"] * nsd_loss
     return total, terms
@@ -343,10 +373,19 @@ def torch_schedule(o, opt):
 
 # ------------------------------------------------------------------ the two sides
 
+
 def nsd_config(**overrides):
     cfg = config_lib.default_config("nsd")
-    cfg.update(student_weights=None, epochs=EPOCHS, batch_size=BATCH, augment="rrc",
-               image_size=IMAGE_SIZE, host_image_size=HOST_SIZE, seed=SEED, dtype="float32")
+    cfg.update(
+        student_weights=None,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        augment="rrc",
+        image_size=IMAGE_SIZE,
+        host_image_size=HOST_SIZE,
+        seed=SEED,
+        dtype="float32",
+    )
     for key, value in overrides.items():
         config_lib.override(cfg, key, value)
     return cfg
@@ -413,14 +452,18 @@ def load_torch_state(jstate, torch_model, opt, arch):
     new_rest = with_values(jstate["rest"], torch_value(lambda n: buffers[n]))
 
     def moment(key):
-        return torch_value(lambda n: opt.state[params[n]][key] if params[n] in opt.state
-                           else torch.zeros_like(params[n]))
+        return torch_value(
+            lambda n: (
+                opt.state[params[n]][key] if params[n] in opt.state else torch.zeros_like(params[n])
+            )
+        )
 
     def swap(s):
         if not _is_adam(s):
             return s
-        return s._replace(mu=with_values(s.mu, moment("exp_avg")),
-                          nu=with_values(s.nu, moment("exp_avg_sq")))
+        return s._replace(
+            mu=with_values(s.mu, moment("exp_avg")), nu=with_values(s.nu, moment("exp_avg_sq"))
+        )
 
     opt_state = jax.tree.map(swap, jstate["opt_state"], is_leaf=_is_adam)
     return {**jstate, "params": new_params, "rest": new_rest, "opt_state": opt_state}
@@ -433,12 +476,18 @@ def make_batches(cfg):
     out = []
     for step in range(EPOCHS * STEPS_PER_EPOCH):
         epoch = step // STEPS_PER_EPOCH
-        batch = {"image": rng.integers(0, 256, (BATCH, HOST_SIZE, HOST_SIZE, 3), np.uint8),
-                 "label": rng.permutation(NUM_CLASSES)[:BATCH].astype(np.int32),
-                 "index": np.arange(BATCH, dtype=np.int32) + BATCH * (step % STEPS_PER_EPOCH),
-                 "teacher": rng.standard_normal((BATCH, TEACHER_DIM)).astype(np.float32)}
-        views = augment.augment(batch["image"], augment.example_keys(SEED, batch["index"], epoch),
-                                cfg["augment"], IMAGE_SIZE)
+        batch = {
+            "image": rng.integers(0, 256, (BATCH, HOST_SIZE, HOST_SIZE, 3), np.uint8),
+            "label": rng.permutation(NUM_CLASSES)[:BATCH].astype(np.int32),
+            "index": np.arange(BATCH, dtype=np.int32) + BATCH * (step % STEPS_PER_EPOCH),
+            "teacher": rng.standard_normal((BATCH, TEACHER_DIM)).astype(np.float32),
+        }
+        views = augment.augment(
+            batch["image"],
+            augment.example_keys(SEED, batch["index"], epoch),
+            cfg["augment"],
+            IMAGE_SIZE,
+        )
         out.append((epoch, batch, np.asarray(views)))
     return out
 
@@ -449,17 +498,32 @@ NSD_CASES = {
     # the released configuration: NLRD over per-GPU groups, lambda 1, clipping, the
     # non-restarting cosine with T_max = 1 epoch here (down over epoch 0, back up over epoch 1)
     "pand-batch-groups-mobilenet_v2-released": dict(
-        arch="mobilenet_v2", learned=True, clip=True,
-        sets={"loss.pand.nsd_form": "batch", "loss.pand.nsd_group_size": 4,
-              "loss.pand.lambda_nsd": 1.0,
-              "optimizer.schedule": "cosine_periodic", "optimizer.t_max_epochs": 1}),
+        arch="mobilenet_v2",
+        learned=True,
+        clip=True,
+        sets={
+            "loss.pand.nsd_form": "batch",
+            "loss.pand.nsd_group_size": 4,
+            "loss.pand.lambda_nsd": 1.0,
+            "optimizer.schedule": "cosine_periodic",
+            "optimizer.t_max_epochs": 1,
+        },
+    ),
     "pand-batch-resnet18-clip": dict(
-        arch="resnet18", learned=True, clip=True,
-        sets={"loss.pand.nsd_form": "batch", "loss.pand.lambda_nsd": 1.0}),
+        arch="resnet18",
+        learned=True,
+        clip=True,
+        sets={"loss.pand.nsd_form": "batch", "loss.pand.lambda_nsd": 1.0},
+    ),
     "pand-lambda0-resnet18-periodic": dict(
-        arch="resnet18", learned=True,
-        sets={"loss.pand.lambda_nsd": 0.0, "optimizer.schedule": "cosine_periodic",
-              "optimizer.t_max_epochs": 1}),
+        arch="resnet18",
+        learned=True,
+        sets={
+            "loss.pand.lambda_nsd": 0.0,
+            "optimizer.schedule": "cosine_periodic",
+            "optimizer.t_max_epochs": 1,
+        },
+    ),
     "vl2lite-resnet18": dict(arch="resnet18", method="vl2lite", learned=False),
     "kd-resnet18-clip": dict(arch="resnet18", method="kd", learned=False, clip=True),
     "rkd-resnet18": dict(arch="resnet18", method="rkd", learned=False),
@@ -468,13 +532,19 @@ NSD_CASES = {
     # the gradient (and its rounding noise) puts most weights in the sign regime that ADAM_EPS
     # keeps this comparison out of (1.35e-2 on layer1.0.conv2 on one build machine's kernels).
     # w multiplies the loss, which is compared at LOSS_RTOL; the released w has its own test.
-    "promptkd-resnet18": dict(arch="resnet18", method="promptkd", learned=True,
-                              sets={"loss.promptkd.weight": 2.0}),
+    "promptkd-resnet18": dict(
+        arch="resnet18", method="promptkd", learned=True, sets={"loss.promptkd.weight": 2.0}
+    ),
     "fdbpl-resnet18": dict(arch="resnet18", method="fdbpl", learned=True),
     "dait_it-resnet18": dict(arch="resnet18", method="dait_it", learned=True),
     # the frozen IT's map and logits (at 32 px both maps are 1x1: the resize has its own test)
-    "dait-resnet18-kd": dict(arch="resnet18", method="dait", learned=False, it="mobilenet_v2",
-                             sets={"loss.dait.delta": 0.5}),
+    "dait-resnet18-kd": dict(
+        arch="resnet18",
+        method="dait",
+        learned=False,
+        it="mobilenet_v2",
+        sets={"loss.dait.delta": 0.5},
+    ),
 }
 # Adam moves a weight by about lr * g / (|g| + eps): with eps 1e-8 nearly every update is
 # +-lr whatever g is, and where |g| is near the fp32 noise between the two frameworks (their
@@ -497,9 +567,16 @@ def test_nsd_steps_match_released_pytorch(case):
     spec = NSD_CASES[case]
     arch, method, learned = spec["arch"], spec.get("method", "pand"), spec["learned"]
     state_rtol = STATE_RTOL[arch]
-    sets = {"student": arch, "method": method, "optimizer.lr": LR, "optimizer.end_lr": LR / 10,
-            "optimizer.eps": ADAM_EPS, "optimizer.weight_decay": WEIGHT_DECAY,
-            "optimizer.grad_clip": CLIP_NORM if spec.get("clip") else None, **spec.get("sets", {})}
+    sets = {
+        "student": arch,
+        "method": method,
+        "optimizer.lr": LR,
+        "optimizer.end_lr": LR / 10,
+        "optimizer.eps": ADAM_EPS,
+        "optimizer.weight_decay": WEIGHT_DECAY,
+        "optimizer.grad_clip": CLIP_NORM if spec.get("clip") else None,
+        **spec.get("sets", {}),
+    }
     cfg = nsd_config(**sets)
 
     anchors_np = np.random.default_rng(SEED + 2).standard_normal((NUM_CLASSES, TEACHER_DIM))
@@ -515,14 +592,29 @@ def test_nsd_steps_match_released_pytorch(case):
         head_dim = jax_it.num_features
     else:
         it_forward, head_dim = None, TEACHER_DIM
-    torch_model = TorchDistillee(arch, NUM_CLASSES, TEACHER_DIM,
-                                 None if scale is None else torch.from_numpy(anchors_np),
-                                 scale, it_dim=head_dim).train()
-    model = nsd.build_model(jmethod, {**cfg, "student": arch, "student_weights": None},
-                            classes_info(NUM_CLASSES), head_dim, jnp.float32, classes)
+    torch_model = TorchDistillee(
+        arch,
+        NUM_CLASSES,
+        TEACHER_DIM,
+        None if scale is None else torch.from_numpy(anchors_np),
+        scale,
+        it_dim=head_dim,
+    ).train()
+    model = nsd.build_model(
+        jmethod,
+        {**cfg, "student": arch, "student_weights": None},
+        classes_info(NUM_CLASSES),
+        head_dim,
+        jnp.float32,
+        classes,
+    )
     if classes is not None:  # the class vectors the project froze into the head
-        assert_rel(f"{case}: class vectors", model.student.classifier.classes[...],
-                   in_flax_layout(torch_model.head[4].weight), 1e-6)
+        assert_rel(
+            f"{case}: class vectors",
+            model.student.classifier.classes[...],
+            in_flax_layout(torch_model.head[4].weight),
+            1e-6,
+        )
     # the same weights on both sides, through the project's converter
     sd = {k: v for k, v in torch_model.student.state_dict().items()}
     state = nnx.state(model.student)
@@ -530,30 +622,41 @@ def test_nsd_steps_match_released_pytorch(case):
     nnx.update(model.student, state)
     for name in model.head_names:  # the heads of the methods that train them
         head, src = getattr(model, name), getattr(torch_model, name)
-        pairs = ([(getattr(head, fc), src[i]) for fc, i in (("fc1", 0), ("fc2", 2))]
-                 if name.startswith("align_") else [(head, src)])  # VL2Lite's MLPs, or one
+        pairs = (
+            [(getattr(head, fc), src[i]) for fc, i in (("fc1", 0), ("fc2", 2))]
+            if name.startswith("align_")
+            else [(head, src)]
+        )  # VL2Lite's MLPs, or one
         for layer, module in pairs:  # Linear, or DAIT's 1x1 Conv2d as a Linear over channels
-            layer.kernel[...] = jnp.asarray(module.weight.detach().numpy().reshape(
-                layer.kernel.shape[::-1]).T)
+            layer.kernel[...] = jnp.asarray(
+                module.weight.detach().numpy().reshape(layer.kernel.shape[::-1]).T
+            )
             layer.bias[...] = jnp.asarray(module.bias.detach().numpy())
 
     tx, schedule = nsd.optimizer(cfg, STEPS_PER_EPOCH)
     loss_fn = nsd.make_loss(jmethod, cfg["loss"], learned, cfg["epochs"], cfg["dataset"])
     graphdef, jstate = nsd.init_state(model, tx)
     it_graphdef, it_state = nnx.split(jax_it) if it_arch else (None, None)
-    train_step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule,
-                                     it_graphdef=it_graphdef)
+    train_step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule, it_graphdef=it_graphdef)
     frozen = (None, None if jmethod.anchors is None else jnp.asarray(anchors_np))
     frozen += (it_state,) if it_arch else ()
 
     # torch: AdamW over the parameters that have gradients (the released optimiser skips the
     # rest); weight decay on all of them, as torch.optim.AdamW(model.parameters()) does
     o = cfg["optimizer"]
-    opt = torch.optim.AdamW(torch_model.parameters(), lr=o["lr"], betas=(0.9, 0.999),
-                            eps=o["eps"], weight_decay=o["weight_decay"])
+    opt = torch.optim.AdamW(
+        torch_model.parameters(),
+        lr=o["lr"],
+        betas=(0.9, 0.999),
+        eps=o["eps"],
+        weight_decay=o["weight_decay"],
+    )
     sched = torch_schedule(o, opt)
-    used = [n for n, _ in torch_model.named_parameters()
-            if n.split(".")[0] in ("student", *model.head_names)]
+    used = [
+        n
+        for n, _ in torch_model.named_parameters()
+        if n.split(".")[0] in ("student", *model.head_names)
+    ]
 
     for step, (epoch, batch, views) in enumerate(make_batches(cfg)):
         if step:
@@ -564,12 +667,22 @@ def test_nsd_steps_match_released_pytorch(case):
         opt.zero_grad()
         lr = opt.param_groups[0]["lr"]
         total, terms = torch_objective(
-            cfg, torch_model, torch.from_numpy(views).permute(0, 3, 1, 2),
-            torch.from_numpy(batch["label"]).long(), torch.from_numpy(batch["teacher"]),
-            torch.from_numpy(anchors_np), epoch, learned, it_forward)
+            cfg,
+            torch_model,
+            torch.from_numpy(views).permute(0, 3, 1, 2),
+            torch.from_numpy(batch["label"]).long(),
+            torch.from_numpy(batch["teacher"]),
+            torch.from_numpy(anchors_np),
+            epoch,
+            learned,
+            it_forward,
+        )
         total.backward()
-        grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum()
-                                   for p in torch_model.parameters() if p.grad is not None))
+        grad_norm = torch.sqrt(
+            sum(
+                (p.grad.double() ** 2).sum() for p in torch_model.parameters() if p.grad is not None
+            )
+        )
         if o["grad_clip"]:
             norm = torch.nn.utils.clip_grad_norm_(torch_model.parameters(), o["grad_clip"])
             assert norm > o["grad_clip"], "the clipping threshold must bind to be tested"
@@ -581,8 +694,10 @@ def test_nsd_steps_match_released_pytorch(case):
 
         where = f"{case}, step {step}"
         assert_rel(f"{where}: loss", metrics["loss"], total.item(), LOSS_RTOL)
-        assert set(metrics) == set(terms) | {"loss", "lr", "grad_norm"}, (sorted(metrics),
-                                                                          sorted(terms))
+        assert set(metrics) == set(terms) | {"loss", "lr", "grad_norm"}, (
+            sorted(metrics),
+            sorted(terms),
+        )
         for name, value in terms.items():
             assert_rel(f"{where}: {name}", metrics[name], value.item(), LOSS_RTOL)
         assert_rel(f"{where}: lr", metrics["lr"], lr, 1e-6)
@@ -599,25 +714,45 @@ def test_nsd_steps_match_released_pytorch(case):
         # (the moments compare it against that floor), which Adam divides by its own size, so
         # its update is noise too and is left out.
         noise = {f"student.{HEAD[arch]}.0.bias"} if jmethod.anchor_head else set()
-        assert_all_rel(f"{where}: update of", {
-            names[p]: (params[p] - in_flax_layout(before[names[p]]),
-                       in_flax_layout(torch_params[names[p]] - before[names[p]]))
-            for p in paths if names[p] not in noise}, state_rtol)
+        assert_all_rel(
+            f"{where}: update of",
+            {
+                names[p]: (
+                    params[p] - in_flax_layout(before[names[p]]),
+                    in_flax_layout(torch_params[names[p]] - before[names[p]]),
+                )
+                for p in paths
+                if names[p] not in noise
+            },
+            state_rtol,
+        )
         for moments, key in ((mu, "exp_avg"), (nu, "exp_avg_sq")):
-            assert_all_rel(f"{where}: Adam {key} of", {
-                names[p]: (moments[p], in_flax_layout(opt.state[torch_params[names[p]]][key]))
-                for p in paths}, state_rtol)
+            assert_all_rel(
+                f"{where}: Adam {key} of",
+                {
+                    names[p]: (moments[p], in_flax_layout(opt.state[torch_params[names[p]]][key]))
+                    for p in paths
+                },
+                state_rtol,
+            )
         buffers = dict(torch_model.named_buffers())
         stats = {p: v for p, v in flat(jstate["rest"]).items() if p[-1] in ("mean", "var")}
         assert len(stats) == sum(n.endswith(("running_mean", "running_var")) for n in buffers)
-        assert_all_rel(f"{where}: change of", {
-            name: (value - buffers_before[name].numpy(),
-                   (buffers[name] - buffers_before[name]).numpy())
-            for name, value in ((jax_path_to_torch(arch, p), v) for p, v in stats.items())},
-            state_rtol)
+        assert_all_rel(
+            f"{where}: change of",
+            {
+                name: (
+                    value - buffers_before[name].numpy(),
+                    (buffers[name] - buffers_before[name]).numpy(),
+                )
+                for name, value in ((jax_path_to_torch(arch, p), v) for p, v in stats.items())
+            },
+            state_rtol,
+        )
 
 
 # ------------------------------------------------------------------ degenerate batches
+
 
 class FixedOutputs:
     """A stand-in student for `torch_objective`: given features h and logits z (leaf tensors),
@@ -649,11 +784,19 @@ def degenerate_batch(case):
 
 
 DEGENERATE_METHODS = {  # name: config overrides (k and groups as large or small as allowed)
-    "none": {}, "kd": {}, "rkd": {}, "vl2lite": {}, "promptkd": {}, "fdbpl": {},
+    "none": {},
+    "kd": {},
+    "rkd": {},
+    "vl2lite": {},
+    "promptkd": {},
+    "fdbpl": {},
     "pand_paper": {"loss.pand.nsd_form": "paper", "loss.pand.nsd_k": "c-1"},
     "pand_batch": {"loss.pand.nsd_form": "batch", "loss.pand.nsd_k": "b-1"},
-    "pand_groups": {"loss.pand.nsd_form": "batch", "loss.pand.nsd_k": 1,
-                    "loss.pand.nsd_group_size": 2},
+    "pand_groups": {
+        "loss.pand.nsd_form": "batch",
+        "loss.pand.nsd_k": 1,
+        "loss.pand.nsd_group_size": 2,
+    },
 }
 
 
@@ -668,33 +811,52 @@ def test_every_objective_matches_pytorch_on_degenerate_batches(case):
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     size = {"c-1": c - 1, "b-1": b - 1}
     for name, overrides in DEGENERATE_METHODS.items():
-        cfg = nsd_config(method=name.split("_")[0], dataset="digits",
-                         **{"loss.pand.lambda_nsd": 1.0},
-                         **{k: size.get(v, v) for k, v in overrides.items()})
+        cfg = nsd_config(
+            method=name.split("_")[0],
+            dataset="digits",
+            **{"loss.pand.lambda_nsd": 1.0},
+            **{k: size.get(v, v) for k, v in overrides.items()},
+        )
         method = methods.get(cfg["method"])
         kwargs = method.settings(cfg["loss"], EPOCHS, True, cfg["dataset"])
         heads = {"align_image": lambda a: a @ f32(w_img), "align_text": lambda a: a @ f32(w_txt)}
 
         def total(zj, hj):
-            x = methods.Inputs(zj, hj, jnp.asarray(labels, jnp.int32) if method.reads_labels
-                               else None, f32(t), f32(anchors), heads, jnp.int32(1))
+            x = methods.Inputs(
+                zj,
+                hj,
+                jnp.asarray(labels, jnp.int32) if method.reads_labels else None,
+                f32(t),
+                f32(anchors),
+                heads,
+                jnp.int32(1),
+            )
             return method.objective(x, **kwargs)
 
         (loss, terms), grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(
-            f32(z), f32(h))
+            f32(z), f32(h)
+        )
         zt, ht = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (z, h))
-        model = FixedOutputs(ht, zt, *(torch.tensor(w, dtype=torch.float64)
-                                       for w in (w_img, w_txt)))
-        want, want_terms = torch_objective(cfg, model, None, torch.tensor(labels),
-                                           torch.tensor(t), torch.tensor(anchors), 1, True)
+        model = FixedOutputs(
+            ht, zt, *(torch.tensor(w, dtype=torch.float64) for w in (w_img, w_txt))
+        )
+        want, want_terms = torch_objective(
+            cfg, model, None, torch.tensor(labels), torch.tensor(t), torch.tensor(anchors), 1, True
+        )
         want.backward()
         where = f"{case}, {name}"
         assert set(want_terms) <= set(terms), (where, sorted(terms))
-        for k, v in {"loss": (loss, want), **{k: (terms[k], want_terms[k])
-                                               for k in want_terms}}.items():
+        for k, v in {
+            "loss": (loss, want),
+            **{k: (terms[k], want_terms[k]) for k in want_terms},
+        }.items():
             got, ref = float(v[0]), float(v[1].detach())
-            assert np.isfinite(got) and abs(got - ref) <= 1e-4 * max(abs(ref), 1e-2), \
-                (where, k, got, ref)
+            assert np.isfinite(got) and abs(got - ref) <= 1e-4 * max(abs(ref), 1e-2), (
+                where,
+                k,
+                got,
+                ref,
+            )
         for got, ref, what in ((grads[0], zt, "dL/dz"), (grads[1], ht, "dL/dh")):
             ref = np.zeros(ref.shape) if ref.grad is None else ref.grad.numpy()  # not read
             assert np.all(np.isfinite(np.asarray(got))), (where, what)
@@ -706,8 +868,13 @@ def test_every_objective_matches_pytorch_on_degenerate_batches(case):
 PSC_MODEL = copy.deepcopy(convert_clip.DEMO_MODELS["pand_demo_convnext"])
 # the real tokenizer's vocabulary, so real prompts can be embedded
 PSC_MODEL["text_cfg"].update(vocab_size=49408, context_length=24)
-CLASS_NAMES = ("Black footed Albatross", "Laysan Albatross", "Sooty Albatross", "Crested Auklet",
-               "Least Auklet")
+CLASS_NAMES = (
+    "Black footed Albatross",
+    "Laysan Albatross",
+    "Sooty Albatross",
+    "Crested Auklet",
+    "Least Auklet",
+)
 TEMPLATE = "a photo of {}, a type of bird"
 N_CTX, PSC_BATCH, PSC_STEPS = 4, 8, 4
 PSC_RTOL = 1e-4  # the text tower is smooth (GELU, no kinks): the full 1e-4 holds
@@ -716,7 +883,7 @@ PSC_RTOL = 1e-4  # the text tower is smooth (GELU, no kinks): the full 1e-4 hold
 def torch_prompt_features(clip, ctx, tokens, n_ctx):
     """open_clip's encode_text with the placeholder embeddings replaced by `ctx` (CoOp)."""
     emb = clip.token_embedding(tokens)
-    x = torch.cat([emb[:, :1], ctx.expand(len(tokens), -1, -1), emb[:, 1 + n_ctx:]], dim=1)
+    x = torch.cat([emb[:, :1], ctx.expand(len(tokens), -1, -1), emb[:, 1 + n_ctx :]], dim=1)
     x = clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask)
     x = clip.ln_final(x)
     return x[torch.arange(len(tokens)), tokens.argmax(-1)] @ clip.text_projection
@@ -726,8 +893,9 @@ def torch_prompt_features(clip, ctx, tokens, n_ctx):
 def psc_teacher():
     torch_clip = convert_clip.build_torch_model(PSC_MODEL, seed=SEED)
     convert_clip.randomize_torch_model(torch_clip, SEED)
-    clip = convert_clip.convert_state_dict(torch_state_dict(torch_clip),
-                                           convert_clip.config_from_open_clip(PSC_MODEL))
+    clip = convert_clip.convert_state_dict(
+        torch_state_dict(torch_clip), convert_clip.config_from_open_clip(PSC_MODEL)
+    )
     return torch_clip.requires_grad_(False), clip
 
 
@@ -740,17 +908,21 @@ def test_psc_steps_match_pytorch(psc_teacher, grad_clip):
     o = cfg["optimizer"]
 
     parts = prompts.prompt_parts(clip, CLASS_NAMES, TEMPLATE, N_CTX)
-    ctx = prompts.init_context(jax.random.key(SEED), N_CTX, clip.config.text.width,
-                               cfg["ctx_init_std"])
+    ctx = prompts.init_context(
+        jax.random.key(SEED), N_CTX, clip.config.text.width, cfg["ctx_init_std"]
+    )
     tx = psc.optimizer(cfg, PSC_STEPS)
     graphdef, teacher_state = nnx.split(clip)
     logit_scale = jnp.exp(clip.logit_scale[...])
     train_step = psc.make_train_step(graphdef, tx, logit_scale)
     state, frozen = {"ctx": ctx, "opt_state": tx.init(ctx)}, (teacher_state, parts)
 
-    tokens = torch.from_numpy(prompts.tokenize(
-        [" ".join(["X"] * N_CTX) + " " + TEMPLATE.format(c) for c in CLASS_NAMES],
-        PSC_MODEL["text_cfg"]["context_length"])).long()
+    tokens = torch.from_numpy(
+        prompts.tokenize(
+            [" ".join(["X"] * N_CTX) + " " + TEMPLATE.format(c) for c in CLASS_NAMES],
+            PSC_MODEL["text_cfg"]["context_length"],
+        )
+    ).long()
     t_ctx = torch.nn.Parameter(torch.from_numpy(np.asarray(ctx)).clone())
     opt = torch.optim.SGD([t_ctx], lr=o["lr"], momentum=o["momentum"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=PSC_STEPS, eta_min=0.0)
@@ -764,8 +936,9 @@ def test_psc_steps_match_pytorch(psc_teacher, grad_clip):
 
         opt.zero_grad()
         text = F.normalize(torch_prompt_features(torch_clip, t_ctx, tokens, N_CTX), dim=-1)
-        loss = F.cross_entropy(scale * torch.from_numpy(feats) @ text.T,
-                               torch.from_numpy(labels).long())
+        loss = F.cross_entropy(
+            scale * torch.from_numpy(feats) @ text.T, torch.from_numpy(labels).long()
+        )
         loss.backward()
         if grad_clip:
             norm = torch.nn.utils.clip_grad_norm_([t_ctx], grad_clip)
@@ -775,13 +948,20 @@ def test_psc_steps_match_pytorch(psc_teacher, grad_clip):
 
         state, metrics = train_step(state, frozen, {"features": feats, "label": labels})
         assert_rel(f"step {step}: loss", metrics["loss"], loss.item(), LOSS_RTOL)
-        assert_rel(f"step {step}: ctx update", np.asarray(state["ctx"]) - np.asarray(ctx),
-                   (t_ctx - torch.from_numpy(np.asarray(ctx))).detach().numpy(), PSC_RTOL)
+        assert_rel(
+            f"step {step}: ctx update",
+            np.asarray(state["ctx"]) - np.asarray(ctx),
+            (t_ctx - torch.from_numpy(np.asarray(ctx))).detach().numpy(),
+            PSC_RTOL,
+        )
         is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
-        (trace,) = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=is_trace)
-                    if is_trace(s)]
-        assert_rel(f"step {step}: momentum", trace.trace,
-                   opt.state[t_ctx]["momentum_buffer"].numpy(), PSC_RTOL)
+        (trace,) = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=is_trace) if is_trace(s)]
+        assert_rel(
+            f"step {step}: momentum",
+            trace.trace,
+            opt.state[t_ctx]["momentum_buffer"].numpy(),
+            PSC_RTOL,
+        )
 
 
 def test_context_of_real_word_embeddings_reproduces_the_tokenized_prompt(psc_teacher):
@@ -789,13 +969,17 @@ def test_context_of_real_word_embeddings_reproduces_the_tokenized_prompt(psc_tea
     equal open_clip's encode_text of the whole sentence tokenized normally."""
     torch_clip, clip = psc_teacher
     words = "a blurry bird photo"  # four single-token words: n_ctx = 4
-    ctx_tokens = prompts.tokenize([words], PSC_MODEL["text_cfg"]["context_length"])[0, 1:1 + N_CTX]
+    ctx_tokens = prompts.tokenize([words], PSC_MODEL["text_cfg"]["context_length"])[
+        0, 1 : 1 + N_CTX
+    ]
     assert (ctx_tokens < 49406).all()  # no SOT/EOT among them: the words fill the context
     ctx = clip.embed_tokens(jnp.asarray(ctx_tokens)[None])[0]
     parts = prompts.prompt_parts(clip, CLASS_NAMES, TEMPLATE, N_CTX)
     got = np.asarray(psc.anchors_fn(nnx.graphdef(clip))(ctx, (nnx.state(clip), parts)))
-    full = prompts.tokenize([f"{words} {TEMPLATE.format(c)}" for c in CLASS_NAMES],
-                            PSC_MODEL["text_cfg"]["context_length"])
+    full = prompts.tokenize(
+        [f"{words} {TEMPLATE.format(c)}" for c in CLASS_NAMES],
+        PSC_MODEL["text_cfg"]["context_length"],
+    )
     with torch.no_grad():
         want = F.normalize(torch_clip.encode_text(torch.from_numpy(full).long()), dim=-1).numpy()
     assert_rel("spliced prompt features", got, want, LOSS_RTOL)

@@ -2,6 +2,7 @@
 
 CPU only, no network: torchvision models get random weights and random BatchNorm statistics.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,14 +20,26 @@ from flax.traverse_util import flatten_dict
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-from pand_jax.convert.state_dict import ConversionError  # noqa: E402
-from pand_jax.convert.state_dict import relative_diff  # noqa: E402
-from pand_jax.convert.torchvision import (  # noqa: E402
-    convert_student, student_from_state_dict, torchvision_outputs, torchvision_to_nnx)
-from pand_jax.models.student import (  # noqa: E402
-    ARCHS, Student, load_student, save_student, student_from_pretrained)
-from pand_jax.weights import WeightsError  # noqa: E402
 from conftest import cpu_env  # noqa: E402
+
+from pand_jax.convert.state_dict import (
+    ConversionError,  # noqa: E402
+    relative_diff,  # noqa: E402
+)
+from pand_jax.convert.torchvision import (  # noqa: E402
+    convert_student,
+    student_from_state_dict,
+    torchvision_outputs,
+    torchvision_to_nnx,
+)
+from pand_jax.models.student import (  # noqa: E402
+    ARCHS,
+    Student,
+    load_student,
+    save_student,
+    student_from_pretrained,
+)
+from pand_jax.weights import WeightsError  # noqa: E402
 
 SIZE = 64  # smallest input that keeps every stage's feature map above 1x1 (2x2 at the end)
 BATCH = 3
@@ -177,8 +190,9 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
 def test_students_sync_batchnorm_on_8_device_mesh():
     """Batch sharded over 8 CPU devices: BN statistics (and gradients) are global-batch ones."""
     env = cpu_env(8)
-    proc = subprocess.run([sys.executable, "-c", SYNC_BN_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SYNC_BN_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
 
 
@@ -199,8 +213,11 @@ def test_students_convert_round_trip(arch, tmp_path, capsys):
 
     student = student_from_pretrained(out, 7, rngs=nnx.Rngs(3))
     assert student.classifier.kernel.shape == (model.num_features, 7)
-    assert not student.backbone.features[0][1].use_running_average if arch == "mobilenet_v2" \
+    assert (
+        not student.backbone.features[0][1].use_running_average
+        if arch == "mobilenet_v2"
         else not student.backbone.bn1.use_running_average
+    )
     student.eval()
     assert_close(forward(student, x)[1], forward(model, x)[1], what="pretrained backbone")
 
@@ -271,11 +288,13 @@ def test_students_bf16_close_to_fp32(arch):
         model.train()
         forward(model, x)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(bf16, nnx.Param, nnx.BatchStat))} == {
-        np.dtype(np.float32)}
+        np.dtype(np.float32)
+    }
     assert all(np.isfinite(v).all() for v in jax.tree.leaves(nnx.state(bf16, nnx.BatchStat)))
     # The first BatchNorm's statistics (before any amplification): fp32 sums of bf16 activations.
-    stem32, stem16 = (flatten_dict(nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))
-                      for m in (fp32, bf16))
+    stem32, stem16 = (
+        flatten_dict(nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))) for m in (fp32, bf16)
+    )
     stem_bn = {"resnet18": ("backbone", "bn1"), "mobilenet_v2": ("backbone", "features", 0, 1)}
     stem = [p for p in stem32 if p[:-1] == stem_bn[arch]]
     assert len(stem) == 2

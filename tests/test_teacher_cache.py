@@ -1,7 +1,7 @@
 """Teacher cache: cached embeddings equal the online teacher on the regenerated view, sparse soft
 labels equal those of the cached embeddings; the cache is reused only when its key matches and
 it is complete."""
-import json
+
 import os
 import subprocess
 import sys
@@ -14,12 +14,11 @@ import pytest
 from flax import nnx
 
 from pand_jax import data as data_lib
-from pand_jax.train import demo
+from pand_jax import devices, soft_labels
 from pand_jax.data import augment, pipeline
 from pand_jax.data.sources import ArraySource
 from pand_jax.models.clip import CLIP
-from pand_jax import devices, soft_labels
-from pand_jax.train import teacher_cache
+from pand_jax.train import demo, teacher_cache
 
 N, VIEWS, SEED, HOST, SIZE, RECIPE = 10, 2, 3, 36, 32, "rrc"
 KEY = {"teacher": "random-demo-clip", "dataset": "digits", "split": "train", "data_dir": None}
@@ -64,10 +63,20 @@ def calls(monkeypatch):
 
 def build(clip, source, path, **overrides):
     # batch 4 over 10 examples: the last batch is padded, which the cache must drop.
-    args = dict(views=VIEWS, seed=SEED, recipe=RECIPE, host_image_size=HOST, image_size=SIZE,
-                batch_size=4, mesh=devices.make_mesh(), teacher_sharding="replicated", path=path,
-                key=KEY,
-                compute_dtype=np.float32, dtype="bfloat16")
+    args = dict(
+        views=VIEWS,
+        seed=SEED,
+        recipe=RECIPE,
+        host_image_size=HOST,
+        image_size=SIZE,
+        batch_size=4,
+        mesh=devices.make_mesh(),
+        teacher_sharding="replicated",
+        path=path,
+        key=KEY,
+        compute_dtype=np.float32,
+        dtype="bfloat16",
+    )
     return teacher_cache.build(clip, source, **{**args, **overrides})
 
 
@@ -75,9 +84,12 @@ def build(clip, source, path, **overrides):
 def online(clip, source):
     """The teacher on the views the trainer regenerates: [N, V, D] fp32."""
     host = np.stack([pipeline.resize_image(source[i]["image"], HOST, "stretch") for i in range(N)])
-    encode = devices.jit_apply(clip, lambda m, keys: m.encode_image(augment.augment(host, keys, RECIPE, SIZE)))
-    return np.stack([np.asarray(encode(augment.example_keys(SEED, np.arange(N), v)))
-                     for v in range(VIEWS)], 1)
+    encode = devices.jit_apply(
+        clip, lambda m, keys: m.encode_image(augment.augment(host, keys, RECIPE, SIZE))
+    )
+    return np.stack(
+        [np.asarray(encode(augment.example_keys(SEED, np.arange(N), v))) for v in range(VIEWS)], 1
+    )
 
 
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("bfloat16", 1e-2)])
@@ -103,21 +115,31 @@ def test_rebuilt_when_key_changes(clip, source, tmp_path, calls, capsys):
     build(clip, source, tmp_path)
     # The teacher's compute dtype and the storage dtype both key it: a bf16 teacher's cache in
     # a shared teacher_cache_dir is never read by an fp32 run, nor the other way round.
-    changes = [{"key": dict(KEY, teacher="another-teacher")}, {"seed": SEED + 1},
-               {"recipe": "released"}, {"views": VIEWS + 1}, {"compute_dtype": jnp.bfloat16},
-               {"dtype": "float32"}]
+    changes = [
+        {"key": dict(KEY, teacher="another-teacher")},
+        {"seed": SEED + 1},
+        {"recipe": "released"},
+        {"views": VIEWS + 1},
+        {"compute_dtype": jnp.bfloat16},
+        {"dtype": "float32"},
+    ]
     for n, change in enumerate(changes, 2):
         cache = build(clip, source, tmp_path, **change)
         assert calls["n"] == n, change
-        assert _stale(capsys.readouterr().out) >= {"teacher" if "key" in change  # its entry
-                                                   else next(iter(change))}
+        assert _stale(capsys.readouterr().out) >= {
+            "teacher"
+            if "key" in change  # its entry
+            else next(iter(change))
+        }
         assert cache.shape[1] == change.get("views", VIEWS)
 
 
 def _stale(out: str) -> set[str]:
     """The key entries a stale-cache warning names (changed since the last build)."""
-    head = "warning: stale cache (it was made for another teacher, dataset, split, dtype, " \
-           "soft-label or augmentation setting: "
+    head = (
+        "warning: stale cache (it was made for another teacher, dataset, split, dtype, "
+        "soft-label or augmentation setting: "
+    )
     assert head in out, out
     return set(out.split(head)[1].split("), rebuilding")[0].split(", "))
 
@@ -140,9 +162,11 @@ def test_rebuilt_when_partial(clip, source, tmp_path, calls, capsys):
     """10 examples in batches of 4: chunks 0, 1, 2. A stopped build recomputes what it had not
     finished; a file cut short or without its meta.json is rebuilt whole."""
     expected = np.asarray(build(clip, source, tmp_path), np.float32)
-    for damage, chunks, message in [(_drop_last_checksum, [2], "resuming"),
-                                    (_truncate, [0, 1, 2], "unreadable"),
-                                    (_drop_meta, [0, 1, 2], "partial: no meta.json")]:
+    for damage, chunks, message in [
+        (_drop_last_checksum, [2], "resuming"),
+        (_truncate, [0, 1, 2], "unreadable"),
+        (_drop_meta, [0, 1, 2], "partial: no meta.json"),
+    ]:
         damage(tmp_path)
         again = np.asarray(build(clip, source, tmp_path), np.float32)
         assert calls["chunks"][-1] == chunks, damage.__name__
@@ -151,8 +175,9 @@ def test_rebuilt_when_partial(clip, source, tmp_path, calls, capsys):
 
 
 @pytest.mark.parametrize("junk", ["zeros", "random"])
-def test_damaged_rows_are_found_and_only_their_chunk_recomputed(clip, source, tmp_path, calls,
-                                                                 capsys, junk):
+def test_damaged_rows_are_found_and_only_their_chunk_recomputed(
+    clip, source, tmp_path, calls, capsys, junk
+):
     """Bytes overwritten inside embeddings.npy (zeros, or random bits with NaN among them) are
     caught by the chunk checksums: one warning, only that chunk computed again, and the cache
     equals the undisturbed one."""
@@ -162,10 +187,13 @@ def test_damaged_rows_are_found_and_only_their_chunk_recomputed(clip, source, tm
     row_bytes = VIEWS * clip.config.embed_dim * 2  # bf16
     start = len(raw) - 10 * row_bytes + 5 * row_bytes + 7  # inside example 5: chunk 1
     rng = np.random.default_rng(0)
-    junk_bytes = (bytes(40) if junk == "zeros" else
-                  np.full(20, np.nan, np.float32).view(np.uint8)[:20].tobytes()
-                  + rng.integers(0, 256, 20, np.uint8).tobytes())
-    raw[start:start + 40] = junk_bytes
+    junk_bytes = (
+        bytes(40)
+        if junk == "zeros"
+        else np.full(20, np.nan, np.float32).view(np.uint8)[:20].tobytes()
+        + rng.integers(0, 256, 20, np.uint8).tobytes()
+    )
+    raw[start : start + 40] = junk_bytes
     f.write_bytes(bytes(raw))
     again = np.asarray(build(clip, source, tmp_path), np.float32)
     out = capsys.readouterr().out
@@ -186,12 +214,14 @@ def anchors(clip):
 
 
 def sparse(anchors, kind="ms", k=3, **changes):
-    return soft_labels.SoftLabels(kind, k, anchors, changes.get("scale", SCALE),
-                                  changes.get("temperature", TEMPERATURE))
+    return soft_labels.SoftLabels(
+        kind, k, anchors, changes.get("scale", SCALE), changes.get("temperature", TEMPERATURE)
+    )
 
 
-def test_sparse_cache_is_the_top_k_of_the_embedding_caches_probabilities(clip, source, anchors,
-                                                                          tmp_path):
+def test_sparse_cache_is_the_top_k_of_the_embedding_caches_probabilities(
+    clip, source, anchors, tmp_path
+):
     """Same teacher, views and settings: the sparse cache holds sparsify(probabilities(t)) of the
     fp32 embedding cache's t. Indices equal; values to one fp16 step (2^-10 relative: both sides
     round their own fp32 probabilities, from separately compiled programs); the files are the
@@ -202,12 +232,17 @@ def test_sparse_cache_is_the_top_k_of_the_embedding_caches_probabilities(clip, s
     want_index, want_value = soft_labels.sparsify(probs, 3)
     assert float(np.max(probs)) < 0.99  # not one-hot: the values carry information
     assert sorted(p.name for p in (tmp_path / "ms").iterdir()) == [
-        teacher_cache.CHECKSUMS, teacher_cache.INDICES, teacher_cache.META, teacher_cache.VALUES]
+        teacher_cache.CHECKSUMS,
+        teacher_cache.INDICES,
+        teacher_cache.META,
+        teacher_cache.VALUES,
+    ]
     stored = cache.arrays
     assert stored["teacher_index"].dtype == np.int16 and stored["teacher_value"].dtype == np.float16
     np.testing.assert_array_equal(stored["teacher_index"], want_index)
-    np.testing.assert_allclose(stored["teacher_value"].astype(np.float32),
-                               np.asarray(want_value, np.float32), rtol=2**-10)
+    np.testing.assert_allclose(
+        stored["teacher_value"].astype(np.float32), np.asarray(want_value, np.float32), rtol=2**-10
+    )
     index, view = np.array([9, 0, 4, 4]), np.array([1, 0, 0, 1])
     got = cache.lookup(index, view)
     assert set(got) == {"teacher_index", "teacher_value"}
@@ -220,13 +255,21 @@ def test_sparse_cache_is_the_top_k_of_the_embedding_caches_probabilities(clip, s
         cache[index, view]
 
 
-def test_sparse_cache_is_rebuilt_for_another_kind_k_or_anchors(clip, source, anchors, tmp_path,
-                                                               calls, capsys):
+def test_sparse_cache_is_rebuilt_for_another_kind_k_or_anchors(
+    clip, source, anchors, tmp_path, calls, capsys
+):
     """Every soft-label setting keys the cache, and so does switching from embeddings, whose
     file then goes: the same directory never serves what another setting stored."""
     build(clip, source, tmp_path)
-    changes = [{}, {"kind": "mr"}, {"k": 5}, {"kind": "hard", "k": 1}, {"scale": SCALE / 2},
-               {"temperature": 1.0}, {"anchors": anchors[::-1]}]
+    changes = [
+        {},
+        {"kind": "mr"},
+        {"k": 5},
+        {"kind": "hard", "k": 1},
+        {"scale": SCALE / 2},
+        {"temperature": 1.0},
+        {"anchors": anchors[::-1]},
+    ]
     for n, change in enumerate(changes, 2):
         spec = sparse(**{"anchors": anchors, **change})
         cache = build(clip, source, tmp_path, soft_labels=spec)
@@ -240,13 +283,15 @@ def test_sparse_cache_is_rebuilt_for_another_kind_k_or_anchors(clip, source, anc
 
 
 @pytest.mark.parametrize("file", [teacher_cache.INDICES, teacher_cache.VALUES])
-def test_sparse_cache_damage_and_resume_recompute_only_their_chunks(clip, source, anchors,
-                                                                    tmp_path, calls, capsys, file):
+def test_sparse_cache_damage_and_resume_recompute_only_their_chunks(
+    clip, source, anchors, tmp_path, calls, capsys, file
+):
     """The chunk checksums cover both files: bytes changed in either inside example 5 (chunk 1)
     recompute chunk 1 alone; a build stopped before its last checksum resumes with chunk 2."""
     spec = sparse(anchors)
-    expected = build(clip, source, tmp_path, soft_labels=spec).lookup(np.arange(N).repeat(VIEWS),
-                                                                       np.tile(np.arange(VIEWS), N))
+    expected = build(clip, source, tmp_path, soft_labels=spec).lookup(
+        np.arange(N).repeat(VIEWS), np.tile(np.arange(VIEWS), N)
+    )
     stored = np.load(tmp_path / file, mmap_mode="r+")
     stored[5, 1, 0] += 1  # another class, or another value
     stored.flush()
@@ -258,8 +303,13 @@ def test_sparse_cache_damage_and_resume_recompute_only_their_chunks(clip, source
         for name in expected:
             np.testing.assert_array_equal(got[name], expected[name])
         sums = tmp_path / teacher_cache.CHECKSUMS  # a build stopped before chunk 2's checksum
-        sums.write_text("".join(line for line in sums.read_text().splitlines(keepends=True)
-                                if not line.startswith("2 ")))
+        sums.write_text(
+            "".join(
+                line
+                for line in sums.read_text().splitlines(keepends=True)
+                if not line.startswith("2 ")
+            )
+        )
 
 
 def test_sparse_cache_refuses_k_of_at_least_c(clip, source, anchors, tmp_path):
@@ -305,7 +355,8 @@ def _build_in_subprocess(clip, source_dir, path, prelude: str) -> subprocess.Com
     teacher = path.parent / "teacher"
     if not teacher.exists():
         save_clip(teacher, clip, teacher_id="random-demo-clip")
-    code = textwrap.dedent(f"""
+    code = (
+        textwrap.dedent(f"""
         import numpy as np, pathlib, signal, os, resource
         from pand_jax import devices
         from pand_jax.cli import common
@@ -315,7 +366,9 @@ def _build_in_subprocess(clip, source_dir, path, prelude: str) -> subprocess.Com
         d = np.load({str(source_dir)!r})
         source = ArraySource(d["images"], d["labels"], name="digits-train-head")
         clip = load_clip({str(teacher)!r})
-    """) + textwrap.dedent(prelude) + textwrap.dedent(f"""
+    """)
+        + textwrap.dedent(prelude)
+        + textwrap.dedent(f"""
         def build():
             teacher_cache.build(clip, source, views={VIEWS}, seed={SEED}, recipe={RECIPE!r},
                                 host_image_size={HOST}, image_size={SIZE}, batch_size=4,
@@ -325,8 +378,14 @@ def _build_in_subprocess(clip, source_dir, path, prelude: str) -> subprocess.Com
         with common.stop_on_sigterm("the test"):
             raise SystemExit(common.run(build))
     """)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=600,
+    )
 
 
 @pytest.fixture
@@ -336,13 +395,18 @@ def saved_source(source, tmp_path):
     return path
 
 
-def test_a_build_stopped_by_sigterm_resumes_where_it_stopped(clip, source, saved_source,
-                                                            tmp_path, calls, capsys):
+def test_a_build_stopped_by_sigterm_resumes_where_it_stopped(
+    clip, source, saved_source, tmp_path, calls, capsys
+):
     """SIGTERM after chunk 1's rows are written, before its checksum: the process says so in
     one line, keeps chunk 0, and the next build computes chunks 1 and 2 only; the result equals
     a build that was never stopped."""
     path = tmp_path / "cache"
-    stopped = _build_in_subprocess(clip, saved_source, path, """
+    stopped = _build_in_subprocess(
+        clip,
+        saved_source,
+        path,
+        """
         real, n = teacher_cache._chunk_digest, [0]
         def digest(*args):  # a fresh build calls it once per chunk written, in order
             n[0] += 1
@@ -350,15 +414,20 @@ def test_a_build_stopped_by_sigterm_resumes_where_it_stopped(clip, source, saved
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*args)
         teacher_cache._chunk_digest = digest
-    """)
+    """,
+    )
     assert stopped.returncode == 1, stopped.stderr
-    assert "the test stopped by SIGTERM before training began; run the same command again" \
-        in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr
+    assert (
+        "the test stopped by SIGTERM before training began; run the same command again"
+        in stopped.stderr
+        and "Traceback" not in stopped.stderr
+    ), stopped.stderr
     resumed = np.asarray(build(clip, source, path), np.float32)
     assert "resuming the teacher cache build (1 chunks done)" in capsys.readouterr().out
     assert calls["chunks"] == [[1, 2]]
-    np.testing.assert_array_equal(resumed, np.asarray(build(clip, source, tmp_path / "whole"),
-                                                      np.float32))
+    np.testing.assert_array_equal(
+        resumed, np.asarray(build(clip, source, tmp_path / "whole"), np.float32)
+    )
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_size(clip, saved_source, tmp_path):
@@ -366,13 +435,22 @@ def test_a_full_disk_is_one_line_naming_the_file_and_size(clip, saved_source, tm
     reserved before any row is written, so the refusal is an error naming the file and the
     size, not a SIGBUS from a memory-mapped write; nothing is left behind."""
     path = tmp_path / "cache"
-    full = _build_in_subprocess(clip, saved_source, path, """
+    full = _build_in_subprocess(
+        clip,
+        saved_source,
+        path,
+        """
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
-    """)
+    """,
+    )
     assert full.returncode == 2, full.stderr
     err = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in full.stderr, full.stderr
-    assert f"no space left to write the teacher cache {path / teacher_cache.EMBEDDINGS}: it " \
-           "needs about 2.5 KiB" in err[0] and "teacher_cache_dir" in err[0], err
+    assert (
+        f"no space left to write the teacher cache {path / teacher_cache.EMBEDDINGS}: it "
+        "needs about 2.5 KiB"
+        in err[0]
+        and "teacher_cache_dir" in err[0]
+    ), err
     assert not (path / teacher_cache.EMBEDDINGS).exists()

@@ -3,6 +3,7 @@
 Runs that need another device count or several processes go through subprocesses (the device
 count is fixed when JAX starts). Parameters are compared through the checkpoints they write.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import socket
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import NSD_ARGS, PSC_ARGS, run_train
+
 from pand_jax.train.loop import TEST_SIGNAL as TEST_SIGNAL_AT
 
 
@@ -29,7 +30,7 @@ def latest_state(workdir: pathlib.Path, step: int | None = None) -> dict:
 
     steps = checkpoint_steps(workdir)
     assert step is None or step in steps, f"no checkpoint of step {step} in {workdir}: {steps}"
-    path = (workdir / "checkpoints" / str(steps[-1] if step is None else step) / "state")
+    path = workdir / "checkpoints" / str(steps[-1] if step is None else step) / "state"
     path = path.absolute()
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.metadata(path).item_metadata.tree
@@ -46,8 +47,10 @@ def _flat(tree) -> dict[str, np.ndarray]:
         keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
         return "/".join(keys[:-1] if keys and keys[-1] == "value" else keys)
 
-    return {name(path): np.asarray(v, np.float64)
-            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        name(path): np.asarray(v, np.float64)
+        for path, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def assert_updates_close(got, want, before, rtol):
@@ -70,11 +73,10 @@ def initial_nsd_state(workdir: pathlib.Path) -> dict:
     from the run's config: the seed fixes it."""
     import jax.numpy as jnp
     from flax import nnx
+    from helpers import classes_info
 
     from pand_jax import methods
     from pand_jax.train import nsd
-
-    from helpers import classes_info
 
     cfg = json.loads((workdir / "config.json").read_text())
     model = nsd.build_model(methods.get(cfg["method"]), cfg, classes_info(10), 64, jnp.float32)
@@ -89,8 +91,9 @@ def assert_trees_close(a, b, rtol, atol):
     leaves_b, tree_b = jax.tree.flatten(b)
     assert tree_a == tree_b
     for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   rtol=rtol, atol=atol)
+        np.testing.assert_allclose(
+            np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+        )
 
 
 # Device-count and process-count runs: 2 epochs of 2 steps, with a learning rate that moves
@@ -99,8 +102,15 @@ def assert_trees_close(a, b, rtol, atol):
 # The views are the deterministic "eval" ones (the rrc crop's resize rounds by how the batch is
 # split).
 ONEDNN = {"PAND_ONEDNN": "all"}
-NSD_STEPS_ARGS = [*NSD_ARGS, "--set", "optimizer.lr=1e-3", "--set", "optimizer.end_lr=1e-4",
-                  "--set", "augment=eval"]
+NSD_STEPS_ARGS = [
+    *NSD_ARGS,
+    "--set",
+    "optimizer.lr=1e-3",
+    "--set",
+    "optimizer.end_lr=1e-4",
+    "--set",
+    "augment=eval",
+]
 NSD_STEPS_ARGS[NSD_STEPS_ARGS.index("--epochs") + 1] = "2"
 NSD_STEPS_ARGS[NSD_STEPS_ARGS.index("max_steps_per_epoch=1")] = "max_steps_per_epoch=2"
 
@@ -108,8 +118,11 @@ NSD_STEPS_ARGS[NSD_STEPS_ARGS.index("max_steps_per_epoch=1")] = "max_steps_per_e
 @pytest.fixture(scope="session")
 def nsd_steps_run(teacher, psc_run, tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("nsd_steps")
-    run_train(NSD_STEPS_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
-                                "--workdir", workdir], env=ONEDNN)
+    run_train(
+        NSD_STEPS_ARGS
+        + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz", "--workdir", workdir],
+        env=ONEDNN,
+    )
     return workdir
 
 
@@ -163,6 +176,7 @@ def test_psc_writes_anchors_summary_and_metrics(psc_run):
 
 def test_psc_step_on_8_devices_matches_1(teacher, psc_run, tmp_path):
     import jax
+
     from pand_jax import prompts
 
     out = run_train(PSC_ARGS + ["--teacher", teacher, "--workdir", tmp_path], devices=8)
@@ -172,22 +186,25 @@ def test_psc_step_on_8_devices_matches_1(teacher, psc_run, tmp_path):
     assert_updates_close(latest_state(tmp_path)["ctx"], latest_state(psc_run)["ctx"], ctx0, 1e-4)
 
 
-def test_fsdp_teacher_on_8_devices_matches_1_replicated(teacher, psc_run, nsd_steps_run,
-                                                        tmp_path):
+def test_fsdp_teacher_on_8_devices_matches_1_replicated(teacher, psc_run, nsd_steps_run, tmp_path):
     """`--set teacher_sharding=fsdp` through both stages: the teacher's weights split over the
     devices give the replicated teacher's features, context and student steps."""
     import jax
+
     from pand_jax import prompts
 
     fsdp = ["--set", "teacher_sharding=fsdp"]
     run_train(PSC_ARGS + fsdp + ["--teacher", teacher, "--workdir", tmp_path / "psc"], devices=8)
     for split in ("train", "test"):
-        with np.load(tmp_path / "psc" / f"features_{split}.npz") as got, \
-                np.load(psc_run / f"features_{split}.npz") as want:
+        with (
+            np.load(tmp_path / "psc" / f"features_{split}.npz") as got,
+            np.load(psc_run / f"features_{split}.npz") as want,
+        ):
             np.testing.assert_allclose(got["features"], want["features"], rtol=0, atol=1e-6)
     ctx0 = prompts.init_context(jax.random.key(0), 4, 64, 0.02)
-    assert_updates_close(latest_state(tmp_path / "psc")["ctx"], latest_state(psc_run)["ctx"],
-                         ctx0, 1e-4)
+    assert_updates_close(
+        latest_state(tmp_path / "psc")["ctx"], latest_state(psc_run)["ctx"], ctx0, 1e-4
+    )
     args = NSD_STEPS_ARGS + fsdp + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz"]
     run_train(args + ["--workdir", tmp_path / "nsd"], devices=8, env=ONEDNN)
     assert_epoch_matches(tmp_path / "nsd", nsd_steps_run, 1)
@@ -218,9 +235,18 @@ def _free_port() -> int:
 def _two_processes(teacher, psc_run, workdir, signal_at=None):
     """The NSD_STEPS run as two processes of one job, started in the background (with the
     loop's test signal `signal_at`, see `TEST_SIGNAL_AT`)."""
-    args = NSD_STEPS_ARGS + ["--teacher", teacher, "--anchors", psc_run / "anchors.npz",
-                             "--workdir", workdir, "--coordinator", f"localhost:{_free_port()}",
-                             "--num-processes", "2"]
+    args = NSD_STEPS_ARGS + [
+        "--teacher",
+        teacher,
+        "--anchors",
+        psc_run / "anchors.npz",
+        "--workdir",
+        workdir,
+        "--coordinator",
+        f"localhost:{_free_port()}",
+        "--num-processes",
+        "2",
+    ]
     env = {**ONEDNN, **({TEST_SIGNAL_AT: signal_at} if signal_at else {})}
     return [run_train(args + ["--process-id", i], background=True, env=env) for i in (0, 1)]
 
@@ -241,8 +267,9 @@ def test_two_processes_match_one_in_epoch_2(teacher, psc_run, nsd_steps_run, tmp
     assert_epoch_matches(tmp_path, nsd_steps_run, 2)
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(teacher, psc_run,
-                                                                nsd_steps_run, tmp_path):
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
+    teacher, psc_run, nsd_steps_run, tmp_path
+):
     """A preempted host: only process 1 gets SIGTERM (raised by its loop as the first step
     starts, see `TEST_SIGNAL_AT`). Both processes stop after the same step with one checkpoint
     (before, the other ran on into a collective and both hung), and the resumed pair's first
@@ -297,8 +324,9 @@ def test_killed_run_resumes_to_the_same_params(teacher, vl2lite_run, tmp_path):
     assert_trees_close(latest_state(tmp_path), latest_state(vl2lite_run), 1e-6, 1e-7)
     history = json.loads((tmp_path / "summary.json").read_text())
     assert history["epochs"] == 3
-    assert history["last_top1"] == json.loads(
-        (vl2lite_run / "summary.json").read_text())["last_top1"]
+    assert (
+        history["last_top1"] == json.loads((vl2lite_run / "summary.json").read_text())["last_top1"]
+    )
 
 
 def test_sigterm_inside_an_epoch_resumes_to_the_same_params(teacher, vl2lite_run, tmp_path):
@@ -308,8 +336,9 @@ def test_sigterm_inside_an_epoch_resumes_to_the_same_params(teacher, vl2lite_run
     args = VL2LITE_ARGS + ["--teacher", teacher, "--workdir", tmp_path]
     stopped = run_train(args, check=False, env={TEST_SIGNAL_AT: "SIGTERM:1:0"})
     assert stopped.returncode == 1, stopped.stdout[-3000:] + stopped.stderr[-3000:]
-    assert ("[nsd] stopped at epoch 1, step 1; checkpoint saved. Run the same command again to "
-            "resume.") in stopped.stderr, stopped.stderr[-3000:]
+    assert (
+        "[nsd] stopped at epoch 1, step 1; checkpoint saved. Run the same command again to resume."
+    ) in stopped.stderr, stopped.stderr[-3000:]
     assert checkpoint_steps(tmp_path) == [1]
     assert not (tmp_path / "summary.json").exists()
 
@@ -323,15 +352,23 @@ def test_sigterm_inside_an_epoch_resumes_to_the_same_params(teacher, vl2lite_run
 def test_cached_teacher_gives_the_online_trajectory(teacher, tmp_path):
     """With V views, caching the teacher changes where its embeddings come from, not what
     they are: two epochs with the fp32 cache follow the online run on the same views."""
-    args = NSD_ARGS + ["--teacher", teacher, "--no-psc", "--teacher-cache", "2",
-                       "--set", "teacher_cache_dtype=float32"]
+    args = NSD_ARGS + [
+        "--teacher",
+        teacher,
+        "--no-psc",
+        "--teacher-cache",
+        "2",
+        "--set",
+        "teacher_cache_dtype=float32",
+    ]
     args[args.index("--epochs") + 1] = "2"
     run_train(args + ["--workdir", tmp_path / "cached"])
     run_train(args + ["--workdir", tmp_path / "online", "--set", "teacher_cache_online=true"])
     assert (tmp_path / "cached" / "teacher_cache").is_dir()
     assert not (tmp_path / "online" / "teacher_cache").exists()
-    assert_trees_close(latest_state(tmp_path / "cached"), latest_state(tmp_path / "online"),
-                       1e-5, 1e-6)
+    assert_trees_close(
+        latest_state(tmp_path / "cached"), latest_state(tmp_path / "online"), 1e-5, 1e-6
+    )
     summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
     assert summary["teacher_cache_views"] == 2
 
@@ -339,9 +376,21 @@ def test_cached_teacher_gives_the_online_trajectory(teacher, tmp_path):
 def test_demo_learns_well_above_chance(tmp_path):
     """The README's main job, shortened, with the teacher cache: the demo teacher, PSC and
     NSD all learn digits."""
-    out = run_train(["--demo", "--workdir", tmp_path, "--teacher-cache", "2",
-                     "--set", "teacher:steps=150", "--set", "psc:epochs=2",
-                     "--set", "nsd:epochs=3"])
+    out = run_train(
+        [
+            "--demo",
+            "--workdir",
+            tmp_path,
+            "--teacher-cache",
+            "2",
+            "--set",
+            "teacher:steps=150",
+            "--set",
+            "psc:epochs=2",
+            "--set",
+            "nsd:epochs=3",
+        ]
+    )
     psc = json.loads((tmp_path / "psc" / "summary.json").read_text())
     nsd = json.loads((tmp_path / "nsd" / "summary.json").read_text())
     assert psc["best_top1"] > 0.6, out.stdout[-2000:]
@@ -352,6 +401,7 @@ def test_demo_learns_well_above_chance(tmp_path):
 
 
 # ----------------------------------------------------------------- bad input (in process)
+
 
 def cli(argv, capsys):
     from pand_jax.cli.train import main
@@ -367,8 +417,11 @@ def test_anchors_with_wrong_class_count(teacher, tmp_path, capsys):
     info = get_dataset("digits")
     fake = type("Info", (), {"key": "other", "class_names": info.class_names[:5]})
     anchors.save(tmp_path / "a.npz", np.eye(5, 64, dtype=np.float32), fake)
-    code, err = cli(NSD_ARGS + ["--teacher", teacher, "--anchors", tmp_path / "a.npz",
-                                "--workdir", tmp_path / "w"], capsys)
+    code, err = cli(
+        NSD_ARGS
+        + ["--teacher", teacher, "--anchors", tmp_path / "a.npz", "--workdir", tmp_path / "w"],
+        capsys,
+    )
     assert code == 2 and "anchors for 5 classes" in err and "digits has 10" in err
 
 
@@ -378,26 +431,45 @@ def test_anchors_with_wrong_class_names(teacher, tmp_path, capsys):
     names = tuple(f"class {i}" for i in range(10))
     fake = type("Info", (), {"key": "digits", "class_names": names})
     anchors.save(tmp_path / "a.npz", np.eye(10, 64, dtype=np.float32), fake)
-    code, err = cli(NSD_ARGS + ["--teacher", teacher, "--anchors", tmp_path / "a.npz",
-                                "--workdir", tmp_path / "w"], capsys)
+    code, err = cli(
+        NSD_ARGS
+        + ["--teacher", teacher, "--anchors", tmp_path / "a.npz", "--workdir", tmp_path / "w"],
+        capsys,
+    )
     assert code == 2 and "'class 0' in the anchors but '0' in the dataset" in err
 
 
 def test_missing_teacher_names_the_convert_command(tmp_path, capsys):
-    code, err = cli(PSC_ARGS + ["--teacher", tmp_path / "nothing", "--workdir", tmp_path / "w"],
-                    capsys)
+    code, err = cli(
+        PSC_ARGS + ["--teacher", tmp_path / "nothing", "--workdir", tmp_path / "w"], capsys
+    )
     assert code == 2 and "python convert_weights.py" in err
 
 
 def test_missing_data_names_the_prepare_command(teacher, tmp_path, capsys):
-    code, err = cli(["--stage", "psc", "--dataset", "cub", "--teacher", teacher,
-                     "--data-dir", tmp_path, "--workdir", tmp_path / "w"], capsys)
+    code, err = cli(
+        [
+            "--stage",
+            "psc",
+            "--dataset",
+            "cub",
+            "--teacher",
+            teacher,
+            "--data-dir",
+            tmp_path,
+            "--workdir",
+            tmp_path / "w",
+        ],
+        capsys,
+    )
     assert code == 2 and "python -m pand_jax.data.prepare --dataset cub" in err
 
 
 def test_unknown_dataset_lists_the_valid_ones(teacher, tmp_path, capsys):
-    code, err = cli(["--stage", "psc", "--dataset", "mnist", "--teacher", teacher,
-                     "--workdir", tmp_path / "w"], capsys)
+    code, err = cli(
+        ["--stage", "psc", "--dataset", "mnist", "--teacher", teacher, "--workdir", tmp_path / "w"],
+        capsys,
+    )
     assert code == 2 and "'mnist'" in err and "aircraft" in err and "cub" in err
 
 
@@ -432,14 +504,20 @@ def test_unknown_config_key(capsys):
 
 
 def test_pand_without_anchors_names_psc(teacher, tmp_path, capsys):
-    code, err = cli(NSD_ARGS + ["--teacher", teacher, "--anchors", tmp_path / "none.npz",
-                                "--workdir", tmp_path / "w"], capsys)
+    code, err = cli(
+        NSD_ARGS
+        + ["--teacher", teacher, "--anchors", tmp_path / "none.npz", "--workdir", tmp_path / "w"],
+        capsys,
+    )
     assert code == 2 and "python train.py --stage psc --dataset digits" in err
 
 
 def test_batch_not_divisible_by_devices(teacher, tmp_path):
-    out = run_train(PSC_ARGS + ["--batch-size", "12", "--teacher", teacher,
-                                "--workdir", tmp_path], devices=8, check=False)
+    out = run_train(
+        PSC_ARGS + ["--batch-size", "12", "--teacher", teacher, "--workdir", tmp_path],
+        devices=8,
+        check=False,
+    )
     assert out.returncode == 2
     assert "config batch_size = 12: expected a multiple of the 8 devices" in out.stderr
 
@@ -457,25 +535,35 @@ def test_corrupt_checkpoint_is_reported(teacher, psc_run, tmp_path, capsys):
 
 
 def test_unknown_train_split_lists_the_splits(teacher, tmp_path, capsys):
-    code, err = cli(PSC_ARGS + ["--teacher", teacher, "--workdir", tmp_path / "w",
-                                "--set", "train_split=trainval"], capsys)
+    code, err = cli(
+        PSC_ARGS
+        + ["--teacher", teacher, "--workdir", tmp_path / "w", "--set", "train_split=trainval"],
+        capsys,
+    )
     assert code == 2 and "'trainval'" in err and "train" in err and "test" in err
 
 
-@pytest.mark.parametrize("env, several", [
-    ({}, False),
-    ({"SLURM_NTASKS": "1"}, False),  # a single-task SLURM job must not wait for a cluster
-    ({"SLURM_NTASKS": "4"}, True),
-    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
-    ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
-    ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
-])
+@pytest.mark.parametrize(
+    "env, several",
+    [
+        ({}, False),
+        ({"SLURM_NTASKS": "1"}, False),  # a single-task SLURM job must not wait for a cluster
+        ({"SLURM_NTASKS": "4"}, True),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
+        ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ],
+)
 def test_multi_process_launch_detection(monkeypatch, env, several):
     from pand_jax import devices
 
-    for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                "JAX_COORDINATOR_ADDRESS"):
+    for key in (
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "JAX_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

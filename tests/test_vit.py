@@ -8,6 +8,7 @@ bf16 compute (parameters fp32, residual stream and LayerNorm statistics fp32): w
 fp32 result, relative as above (measured: pand_demo_vit 1.7e-3 image / 6.3e-3 text features;
 ViT-B-16 at 224 px, batch 4: 3.6e-3 image / 3.0e-3 text features; docs/teachers.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PSC_ARGS, run_train
 from flax import nnx
+from helpers import clip_embed, jit_call, max_rel, torch_state_dict
 from safetensors.numpy import save_file
 
-from conftest import PSC_ARGS, run_train
-from helpers import clip_embed, jit_call, max_rel, torch_state_dict
 from pand_jax.cli import convert as cli
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
@@ -76,8 +77,11 @@ def test_the_activation_is_the_configured_one(pair):
     name, torch_model, sd, _ = pair
     cfg = config_from_open_clip(name)
     flip = not cfg.text.quick_gelu
-    other = CLIPConfig(cfg.embed_dim, ViTConfig(**{**vars(cfg.vision), "quick_gelu": flip}),
-                       type(cfg.text)(**{**vars(cfg.text), "quick_gelu": flip}))
+    other = CLIPConfig(
+        cfg.embed_dim,
+        ViTConfig(**{**vars(cfg.vision), "quick_gelu": flip}),
+        type(cfg.text)(**{**vars(cfg.text), "quick_gelu": flip}),
+    )
     diffs = oc.verify_clip(oc.convert_state_dict(sd, other), torch_model, batch=2, seed=1)
     assert diffs["image"]["rel"] > 1e-3 and diffs["text"]["rel"] > 1e-3, diffs
 
@@ -90,8 +94,9 @@ def test_bf16_close_to_fp32():
 
 
 def test_configs_from_open_clip():
-    b16, quick, h14 = (config_from_open_clip(n) for n in ("ViT-B-16", "ViT-B-16-quickgelu",
-                                                            "ViT-H-14"))
+    b16, quick, h14 = (
+        config_from_open_clip(n) for n in ("ViT-B-16", "ViT-B-16-quickgelu", "ViT-H-14")
+    )
     assert b16.vision == ViTConfig(width=768, layers=12, heads=12, patch_size=16, image_size=224)
     assert b16.family == "vit" and not b16.text.quick_gelu
     assert quick.vision.quick_gelu and quick.text.quick_gelu
@@ -170,8 +175,9 @@ def test_image_size_the_tower_cannot_take(pair):
 
 
 def test_convnext_size_check():
-    model = nnx.eval_shape(lambda: CLIP(config_from_open_clip("pand_demo_convnext"),
-                                        rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: CLIP(config_from_open_clip("pand_demo_convnext"), rngs=nnx.Rngs(0))
+    )
     model.check_image_size(48)  # a ConvNeXt takes any size from 32 px
     with pytest.raises(ValueError, match="feature_image_size 16 px is too small.*at least 32"):
         model.check_image_size(16, "feature_image_size")
@@ -179,14 +185,16 @@ def test_convnext_size_check():
 
 def test_checkpoint_of_another_vit_names_first_mismatch():
     """A ViT-B-32 checkpoint given as ViT-B-16: zero-stride arrays, so nothing is allocated."""
-    shapes = oc.expected_shapes(nnx.eval_shape(
-        lambda: CLIP(config_from_open_clip("ViT-B-32"), rngs=nnx.Rngs(0))))
+    shapes = oc.expected_shapes(
+        nnx.eval_shape(lambda: CLIP(config_from_open_clip("ViT-B-32"), rngs=nnx.Rngs(0)))
+    )
     sd = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
     with pytest.raises(ConversionError) as e:
         oc.convert_state_dict(sd, config_from_open_clip("ViT-B-16"), label="ViT-B-16")
     assert str(e.value).startswith(
         "the checkpoint is not a ViT-B-16: visual.conv1.weight is (768, 3, 32, 32) in it but "
-        "(768, 3, 16, 16) in ViT-B-16 (2 of ")
+        "(768, 3, 16, 16) in ViT-B-16 (2 of "
+    )
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +215,17 @@ def _error(capsys) -> str:
 
 def test_cli_converts_safetensors_offline_and_verifies(vit_checkpoint, tmp_path, capsys):
     path, _ = vit_checkpoint
-    rc = cli.main(["--checkpoint", str(path), "--model", "pand_demo_vit", "--out",
-                   str(tmp_path / "w"), "--verify"])
+    rc = cli.main(
+        [
+            "--checkpoint",
+            str(path),
+            "--model",
+            "pand_demo_vit",
+            "--out",
+            str(tmp_path / "w"),
+            "--verify",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "verify passed" in out, out
     model = load_clip(tmp_path / "w")
@@ -219,20 +236,33 @@ def test_cli_converts_safetensors_offline_and_verifies(vit_checkpoint, tmp_path,
 
 
 def test_cli_demo_vit(tmp_path, capsys):
-    assert cli.main(["--demo-model", "pand_demo_vit_quickgelu", "--verify", "--out",
-                     str(tmp_path / "d")]) == 0
+    assert (
+        cli.main(
+            ["--demo-model", "pand_demo_vit_quickgelu", "--verify", "--out", str(tmp_path / "d")]
+        )
+        == 0
+    )
     assert "verify passed" in capsys.readouterr().out
     assert load_clip(tmp_path / "d").config.vision.quick_gelu
 
 
 def test_cli_checkpoint_of_another_architecture(vit_checkpoint, tmp_path, capsys):
     path, _ = vit_checkpoint
-    rc = cli.main(["--checkpoint", str(path), "--model", "pand_demo_vit_quickgelu",
-                   "--out", str(tmp_path / "w")])
+    rc = cli.main(
+        [
+            "--checkpoint",
+            str(path),
+            "--model",
+            "pand_demo_vit_quickgelu",
+            "--out",
+            str(tmp_path / "w"),
+        ]
+    )
     err = _error(capsys)
-    assert rc == 2 and ("the checkpoint is not a pand_demo_vit_quickgelu: visual.conv1.weight "
-                        "is (48, 3, 8, 8) in it but (40, 3, 16, 16) in pand_demo_vit_quickgelu"
-                        in err), err
+    assert rc == 2 and (
+        "the checkpoint is not a pand_demo_vit_quickgelu: visual.conv1.weight "
+        "is (48, 3, 8, 8) in it but (40, 3, 16, 16) in pand_demo_vit_quickgelu" in err
+    ), err
     assert not (tmp_path / "w").exists()
 
 
@@ -241,8 +271,16 @@ def test_cli_missing_tensor(vit_checkpoint, tmp_path, capsys):
     sd = dict(sd)
     sd.pop("visual.transformer.resblocks.1.attn.in_proj_bias")
     save_file(sd, str(tmp_path / "bad.safetensors"))
-    rc = cli.main(["--checkpoint", str(tmp_path / "bad.safetensors"), "--model", "pand_demo_vit",
-                   "--out", str(tmp_path / "w")])
+    rc = cli.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "bad.safetensors"),
+            "--model",
+            "pand_demo_vit",
+            "--out",
+            str(tmp_path / "w"),
+        ]
+    )
     assert rc == 2
     assert "missing keys (1): visual.transformer.resblocks.1.attn.in_proj_bias" in _error(capsys)
 
@@ -264,25 +302,40 @@ def no_download(monkeypatch):
 
 def test_cli_download_by_tag(no_download, tmp_path, capsys):
     """The real download path, up to the network: the tag's hub repo, safetensors first."""
-    rc = cli.main(["--model", "ViT-B-16", "--pretrained", "laion2b_s34b_b88k", "--out",
-                   str(tmp_path / "w")])
+    rc = cli.main(
+        ["--model", "ViT-B-16", "--pretrained", "laion2b_s34b_b88k", "--out", str(tmp_path / "w")]
+    )
     err = _error(capsys)
     assert rc == 2 and "could not download laion/CLIP-ViT-B-16-laion2B-s34B-b88K" in err
     assert "--checkpoint FILE --model ViT-B-16" in err
-    assert no_download == [("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", n) for n in
-                           ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
+    assert no_download == [
+        ("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", n)
+        for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    ]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--model", "ViT-B-32", "--pretrained", "openai"],
-     "ViT-B-32 / openai was trained with QuickGELU: convert it as --model ViT-B-32-quickgelu"),
-    (["--model", "ViT-L-14", "--pretrained", "laion2b_s32b_b82k"],
-     "ViT-L-14 / laion2b_s32b_b82k was trained on images normalised with mean (0.5, 0.5, 0.5)"),
-    (["--model", "ViT-B-16", "--pretrained", "nope"],
-     "open_clip has no pretrained tag 'nope' for ViT-B-16; its tags: openai, laion400m_e31"),
-    (["--model", "ViT-B-16"], "no pretrained tag known for ViT-B-16: pass --pretrained TAG "
-     "(open_clip has: openai, laion400m_e31"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--model", "ViT-B-32", "--pretrained", "openai"],
+            "ViT-B-32 / openai was trained with QuickGELU: convert it as --model ViT-B-32-quickgelu",
+        ),
+        (
+            ["--model", "ViT-L-14", "--pretrained", "laion2b_s32b_b82k"],
+            "ViT-L-14 / laion2b_s32b_b82k was trained on images normalised with mean (0.5, 0.5, 0.5)",
+        ),
+        (
+            ["--model", "ViT-B-16", "--pretrained", "nope"],
+            "open_clip has no pretrained tag 'nope' for ViT-B-16; its tags: openai, laion400m_e31",
+        ),
+        (
+            ["--model", "ViT-B-16"],
+            "no pretrained tag known for ViT-B-16: pass --pretrained TAG "
+            "(open_clip has: openai, laion400m_e31",
+        ),
+    ],
+)
 def test_cli_refuses_before_any_download(no_download, argv, expected, capsys):
     assert cli.main(argv) == 2
     assert expected in _error(capsys)
@@ -292,8 +345,11 @@ def test_cli_refuses_before_any_download(no_download, argv, expected, capsys):
 def test_teacher_with_other_mean_std_is_refused(tmp_path):
     model = CLIP(config_from_open_clip("pand_demo_vit"), rngs=nnx.Rngs(0))
     save_clip(tmp_path / "t", model, model="x", preprocess={"mean": [0.5] * 3, "std": [0.5] * 3})
-    with pytest.raises(ValueError, match=r"mean \(0\.5, 0\.5, 0\.5\); pand_jax normalises with "
-                                         r"OpenAI's mean \(0\.481454"):
+    with pytest.raises(
+        ValueError,
+        match=r"mean \(0\.5, 0\.5, 0\.5\); pand_jax normalises with "
+        r"OpenAI's mean \(0\.481454",
+    ):
         load_clip(tmp_path / "t")
 
 
@@ -327,10 +383,25 @@ def test_psc_refuses_an_image_size_the_teacher_cannot_take(vit_teacher, tmp_path
 def test_vit_demo_psc_and_nsd(tmp_path):
     """`train.py --demo --demo-teacher vit` at tiny settings: teacher, PSC and NSD all run
     with a ViT teacher (its own image size and logit scale)."""
-    out = run_train(["--demo", "--demo-teacher", "vit", "--workdir", tmp_path,
-                     "--set", "teacher:steps=40", "--set", "psc:epochs=1",
-                     "--set", "psc:max_steps_per_epoch=2", "--set", "nsd:epochs=1",
-                     "--set", "nsd:max_steps_per_epoch=2"])
+    out = run_train(
+        [
+            "--demo",
+            "--demo-teacher",
+            "vit",
+            "--workdir",
+            tmp_path,
+            "--set",
+            "teacher:steps=40",
+            "--set",
+            "psc:epochs=1",
+            "--set",
+            "psc:max_steps_per_epoch=2",
+            "--set",
+            "nsd:epochs=1",
+            "--set",
+            "nsd:max_steps_per_epoch=2",
+        ]
+    )
     meta = json.loads((tmp_path / "teacher_vit" / "config.json").read_text())
     assert meta["config"]["vision"]["family"] == "vit", out.stdout[-2000:]
     psc = json.loads((tmp_path / "psc" / "summary.json").read_text())

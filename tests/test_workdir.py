@@ -1,5 +1,6 @@
 """A workdir is used by one run at a time, is written only once every check has passed, and
 keeps its best student and its metrics whole through kills (real processes and signals)."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import NSD_ARGS, REPO
 
 
@@ -22,27 +22,37 @@ def cli(argv):
 
 
 def _python(code: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        **kw,
+    )
 
 
 def test_a_second_run_is_refused_naming_the_first_and_kill_9_leaves_no_stale_lock(tmp_path):
     from pand_jax.train import setup
 
     workdir = tmp_path / "run"
-    holder = _python(f"""
+    holder = _python(
+        f"""
         import pathlib, sys, types
         from pand_jax.train import setup
         setup.claim_workdir(pathlib.Path({str(workdir)!r}), {{"stage": "nsd"}},
                             types.SimpleNamespace(tree=None), [])
         print("claimed", flush=True)
         sys.stdin.read()  # holds the lock until killed
-    """, stdin=subprocess.PIPE)
+    """,
+        stdin=subprocess.PIPE,
+    )
     try:
         assert holder.stdout.readline().strip() == "claimed", holder.stderr.read()
-        with pytest.raises(setup.WorkdirError,
-                           match=rf"another run \(pid {holder.pid}\) is using {workdir}"):
+        with pytest.raises(
+            setup.WorkdirError, match=rf"another run \(pid {holder.pid}\) is using {workdir}"
+        ):
             setup.claim_workdir(workdir, {"stage": "nsd"}, _NoTree, [])
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -73,6 +83,7 @@ def test_a_refused_run_writes_nothing(teacher, tmp_path, capsys, case):
         message = "anchors file not found"
     else:
         from PIL import Image
+
         for split in ("train", "test"):
             for c in ("a", "b"):
                 (tmp_path / "f" / split / c).mkdir(parents=True)
@@ -104,23 +115,37 @@ def test_bad_numbers_are_one_line(capsys):
     assert "config optimizer.lr = nan: expected a finite number" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("width, teacher_id, message", [
-    (8, "test-teacher", "holds 8-d anchors (teacher 'test-teacher') but the teacher "
-                        "'test-teacher' embeds into 64 dimensions"),
-    (64, "another-teacher", "was made with the teacher 'another-teacher', not this run's "
-                            "'test-teacher'"),
-])
+@pytest.mark.parametrize(
+    "width, teacher_id, message",
+    [
+        (
+            8,
+            "test-teacher",
+            "holds 8-d anchors (teacher 'test-teacher') but the teacher "
+            "'test-teacher' embeds into 64 dimensions",
+        ),
+        (
+            64,
+            "another-teacher",
+            "was made with the teacher 'another-teacher', not this run's 'test-teacher'",
+        ),
+    ],
+)
 def test_anchors_of_another_teacher_are_refused_before_compiling(
-        teacher, tmp_path, capsys, width, teacher_id, message):
+    teacher, tmp_path, capsys, width, teacher_id, message
+):
     from pand_jax import anchors, data
 
     info = data.get_dataset("digits")
     rng = np.random.default_rng(0).standard_normal((10, width))
     path = tmp_path / "anchors.npz"
-    anchors.save(path, rng / np.linalg.norm(rng, axis=1, keepdims=True), info,
-                 teacher_id=teacher_id)
-    assert cli(NSD_ARGS + ["--teacher", teacher, "--anchors", path,
-                           "--workdir", tmp_path / "run"]) == 2
+    anchors.save(
+        path, rng / np.linalg.norm(rng, axis=1, keepdims=True), info, teacher_id=teacher_id
+    )
+    assert (
+        cli(NSD_ARGS + ["--teacher", teacher, "--anchors", path, "--workdir", tmp_path / "run"])
+        == 2
+    )
     assert message in _error_line(capsys)
     assert not (tmp_path / "run").exists()
 
@@ -154,6 +179,7 @@ def test_kill_9_during_the_student_export_keeps_the_previous_best(tmp_path):
     assert kept.meta["top1"] == 0.5
 
     from flax import nnx
+
     from pand_jax.models import student as s
 
     again = s.Student("resnet18", 3, rngs=nnx.Rngs(3))
@@ -175,7 +201,13 @@ def test_a_resumed_run_logs_each_step_and_epoch_once(tmp_path):
     writer.close()
     got = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in got] == [
-        ("step", 0), ("step", 1), ("step", 2), ("epoch", 3), ("step", 3), ("step", 4)]
+        ("step", 0),
+        ("step", 1),
+        ("step", 2),
+        ("epoch", 3),
+        ("step", 3),
+        ("step", 4),
+    ]
     assert got[-1]["loss"] == 2.0
 
 

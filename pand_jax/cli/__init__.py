@@ -1,4 +1,5 @@
 """The command-line tools; the top-level scripts (train.py, ...) start them through `run`."""
+
 import importlib
 import sys
 

@@ -1,4 +1,5 @@
 """What every command-line entry point shares: one-line errors and exit code 2 for bad input."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,9 +37,11 @@ def stop_on_sigterm(what: str, enabled: bool = True):
     143; the training loop installs its own handler (a checkpoint, then the same kind of line)
     while it runs. Work done before the loop keeps what it finished (the teacher cache its
     chunks). The previous handler is back when the block ends."""
+
     def stop(signum, frame):
-        raise SystemExit(f"{what} stopped by SIGTERM before training began; run the same "
-                         "command again to resume")
+        raise SystemExit(
+            f"{what} stopped by SIGTERM before training began; run the same command again to resume"
+        )
 
     previous = signal.signal(signal.SIGTERM, stop) if enabled else None
     try:

@@ -12,6 +12,7 @@ tolerance prints the differences and exits with status 1. --out is written only 
 conversion (and its --verify) succeeded: the weights are saved beside it, checked, and renamed
 into place, so a failure leaves --out as it was.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,23 +42,41 @@ class VerifyFailed(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = common.Parser(prog="convert_weights.py", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", type=pathlib.Path,
-                   help="local PyTorch state dict (.safetensors, .bin, .pt); no download")
+    p.add_argument(
+        "--checkpoint",
+        type=pathlib.Path,
+        help="local PyTorch state dict (.safetensors, .bin, .pt); no download",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help=f"open_clip model name (default {clip_lib.TEACHER_MODEL})")
     which.add_argument("--model-config", type=pathlib.Path, help="open_clip model config JSON")
     which.add_argument("--student", choices=ARCHS, help="convert a torchvision student")
-    which.add_argument("--demo-model", nargs="?", const=DEMO_MODEL, choices=DEMO_MODELS,
-                       help="a tiny random-weight CLIP built in PyTorch (offline smoke run; "
-                       f"default {DEMO_MODEL})")
-    p.add_argument("--pretrained", help="open_clip pretrained tag to download "
-                   f"(default {clip_lib.TEACHER_PRETRAINED} for {clip_lib.TEACHER_MODEL}); with "
-                   "--checkpoint, the tag the file holds (recorded and checked, no download)")
+    which.add_argument(
+        "--demo-model",
+        nargs="?",
+        const=DEMO_MODEL,
+        choices=DEMO_MODELS,
+        help="a tiny random-weight CLIP built in PyTorch (offline smoke run; "
+        f"default {DEMO_MODEL})",
+    )
+    p.add_argument(
+        "--pretrained",
+        help="open_clip pretrained tag to download "
+        f"(default {clip_lib.TEACHER_PRETRAINED} for {clip_lib.TEACHER_MODEL}); with "
+        "--checkpoint, the tag the file holds (recorded and checked, no download)",
+    )
     p.add_argument("--out", type=pathlib.Path, help="output directory (default weights/<name>)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare against the PyTorch model on random inputs; exit 1 above tolerance")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest relative difference --verify accepts (default 1e-4)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare against the PyTorch model on random inputs; exit 1 above tolerance",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest relative difference --verify accepts (default 1e-4)",
+    )
     return p.parse_args(argv)
 
 
@@ -70,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.student:
                 return convert_student(args.student, args.checkpoint, args.out, args.verify)
             if args.demo_model:
-                return convert_demo(args.demo_model, args.out or WEIGHTS / "demo_teacher",
-                                    args.verify, args.tolerance)
+                return convert_demo(
+                    args.demo_model,
+                    args.out or WEIGHTS / "demo_teacher",
+                    args.verify,
+                    args.tolerance,
+                )
             default_run = not (args.checkpoint or args.model or args.model_config)
             status = convert_teacher(args)
             if default_run and status == 0:
@@ -84,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     return common.run(convert)
 
 
-def convert_student(arch: str, checkpoint: pathlib.Path | None, out: pathlib.Path | None,
-                    verify: bool) -> int:
+def convert_student(
+    arch: str, checkpoint: pathlib.Path | None, out: pathlib.Path | None, verify: bool
+) -> int:
     from pand_jax.convert.torchvision import convert_student as convert  # torch side, lazily
 
     result = convert(arch, checkpoint=checkpoint, out=out or WEIGHTS / arch, verify=verify)
@@ -110,38 +134,55 @@ def convert_teacher(args: argparse.Namespace) -> int:
     spec, name = _model_spec(args)
     # Everything that can refuse (model, tag, activation, mean/std) does before any download.
     cfg = oc.config_from_open_clip(spec)
-    tag = args.pretrained or (clip_lib.TEACHER_PRETRAINED
-                              if name == clip_lib.TEACHER_MODEL and args.checkpoint is None
-                              else None)
+    tag = args.pretrained or (
+        clip_lib.TEACHER_PRETRAINED
+        if name == clip_lib.TEACHER_MODEL and args.checkpoint is None
+        else None
+    )
     if tag is not None and not isinstance(spec, str):
-        raise ConversionError("--pretrained names a tag of a built-in open_clip model; with "
-                              "--model-config pass --checkpoint FILE only")
+        raise ConversionError(
+            "--pretrained names a tag of a built-in open_clip model; with "
+            "--model-config pass --checkpoint FILE only"
+        )
     if tag is None and args.checkpoint is None:
-        raise ConversionError(f"no pretrained tag known for {name}: pass --pretrained TAG "
-                              f"({_tags(name)}) or --checkpoint FILE")
-    meta: dict[str, Any] = {"model": name, **({"pretrained": tag} if tag else {}),
-                            "preprocess": oc.preprocess_meta(spec, tag)}
+        raise ConversionError(
+            f"no pretrained tag known for {name}: pass --pretrained TAG "
+            f"({_tags(name)}) or --checkpoint FILE"
+        )
+    meta: dict[str, Any] = {
+        "model": name,
+        **({"pretrained": tag} if tag else {}),
+        "preprocess": oc.preprocess_meta(spec, tag),
+    }
     clip_lib.check_preprocessing(meta["preprocess"], f"{name}" + (f" / {tag}" if tag else ""))
     checkpoint = args.checkpoint or download_checkpoint(name, tag)
     meta["checkpoint"] = str(checkpoint)
     out = args.out or WEIGHTS / "teacher"
     out.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(out) as tmp:
-        _save_verified(read_state_dict(checkpoint), spec, cfg, tmp, out, meta, args.verify,
-                       args.tolerance)
+        _save_verified(
+            read_state_dict(checkpoint), spec, cfg, tmp, out, meta, args.verify, args.tolerance
+        )
     return 0
 
 
-def _save_verified(sd: dict[str, np.ndarray], spec, cfg: clip_lib.CLIPConfig, tmp: pathlib.Path,
-                   out: pathlib.Path, meta: dict[str, Any], verify: bool, tolerance: float) -> None:
+def _save_verified(
+    sd: dict[str, np.ndarray],
+    spec,
+    cfg: clip_lib.CLIPConfig,
+    tmp: pathlib.Path,
+    out: pathlib.Path,
+    meta: dict[str, Any],
+    verify: bool,
+    tolerance: float,
+) -> None:
     """Converts `sd` into `tmp` (which becomes `out`) and, with `verify`, checks the saved copy
     against open_clip (raising VerifyFailed, so that it never becomes `out`)."""
     model = oc.convert_state_dict(sd, cfg, label=meta["model"])
     clip_lib.save_clip(tmp, model, **meta)
     if verify:
         _verify(clip_lib.load_clip(tmp), spec, sd, tolerance)
-    print(f"saved {meta['model']} ({clip_lib.param_count(model):,} parameters) to "
-          f"{out.absolute()}")
+    print(f"saved {meta['model']} ({clip_lib.param_count(model):,} parameters) to {out.absolute()}")
 
 
 def _verify(model: clip_lib.CLIP, spec, sd: dict[str, np.ndarray], tolerance: float) -> None:
@@ -170,12 +211,18 @@ def convert_demo(name: str, out: pathlib.Path, verify: bool, tolerance: float) -
     out.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(out) as tmp:
         tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()},
-                  str(tmp / file))
+        save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, str(tmp / file))
         print(f"wrote a random {name} open_clip state dict to {out / file}")
-        _save_verified(read_state_dict(tmp / file), name, oc.config_from_open_clip(name), tmp, out,
-                       {"model": name, "checkpoint": str(out / file),
-                        "preprocess": oc.preprocess_meta(name)}, verify, tolerance)
+        _save_verified(
+            read_state_dict(tmp / file),
+            name,
+            oc.config_from_open_clip(name),
+            tmp,
+            out,
+            {"model": name, "checkpoint": str(out / file), "preprocess": oc.preprocess_meta(name)},
+            verify,
+            tolerance,
+        )
     return 0
 
 
@@ -195,8 +242,9 @@ def download_checkpoint(model: str, tag: str) -> pathlib.Path:
     # "owner/repo/" (open_clip's own file names) or "owner/repo/file.bin" (that file).
     hub_id, named = posixpath.split((pretrained or {}).get("hf_hub", "").strip())
     if not hub_id:
-        raise ConversionError(f"open_clip has no model-hub weights for {model} / {tag}; "
-                              "pass --checkpoint FILE")
+        raise ConversionError(
+            f"open_clip has no model-hub weights for {model} / {tag}; pass --checkpoint FILE"
+        )
     print(f"downloading {model} / {tag} from the model hub ({hub_id}) ...")
     errors = []
     names = [named] if named else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
@@ -207,4 +255,5 @@ def download_checkpoint(model: str, tag: str) -> pathlib.Path:
             errors.append(f"{filename}: {type(e).__name__}: {e}")
     raise ConversionError(
         f"could not download {hub_id} ({errors[-1]}). Download open_clip_model.safetensors from "
-        f"https://huggingface.co/{hub_id} elsewhere and pass --checkpoint FILE --model {model}")
+        f"https://huggingface.co/{hub_id} elsewhere and pass --checkpoint FILE --model {model}"
+    )

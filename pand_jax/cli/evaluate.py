@@ -7,6 +7,7 @@ transform, batch size and compute dtype of Stage-NSD's evaluation (from the work
 when there is one, else 224 px), so its top-1 is the best_top1 that training reported.
 Writes OUTDIR/metrics.json, per_class.csv, predictions.npz, confusion.png and mistakes.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,21 +18,30 @@ from pand_jax.cli import common
 
 
 def parser() -> common.Parser:
-    p = common.Parser(prog="evaluate.py", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                      epilog="examples:\n  python evaluate.py --student runs/cub/nsd/pand-resnet18\n"
-                             "  python evaluate.py --student runs/cub/nsd/pand-resnet18 "
-                             "--teacher weights/teacher --anchors runs/cub/psc/anchors.npz")
+    p = common.Parser(
+        prog="evaluate.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python evaluate.py --student runs/cub/nsd/pand-resnet18\n"
+        "  python evaluate.py --student runs/cub/nsd/pand-resnet18 "
+        "--teacher weights/teacher --anchors runs/cub/psc/anchors.npz",
+    )
     p.add_argument("--student", required=True, help="student/ directory or its Stage-NSD workdir")
     p.add_argument("--dataset", help="dataset key (default: the one the student was trained on)")
     p.add_argument("--split", help="split to evaluate (default: the dataset's test split)")
     p.add_argument("--out", help="output folder (default: DIR/eval-SPLIT)")
     p.add_argument("--data-dir", help="prepared datasets (default: the training run's)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default: the training run's "
-                   "eval_batch_size, else 128)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="global batch size (default: the training run's eval_batch_size, else 128)",
+    )
     p.add_argument("--teacher", help="converted CLIP teacher to evaluate on the same split")
-    p.add_argument("--anchors", help="with --teacher: Stage-PSC's anchors.npz (learned prompts); "
-                   "without it the teacher is zero-shot with the dataset's prompt template")
+    p.add_argument(
+        "--anchors",
+        help="with --teacher: Stage-PSC's anchors.npz (learned prompts); "
+        "without it the teacher is zero-shot with the dataset's prompt template",
+    )
     return p
 
 
@@ -46,9 +56,16 @@ def main(argv: list[str] | None = None) -> int:
 
         devices.report_devices()
         out = pathlib.Path(args.out or pathlib.Path(args.student) / f"eval-{args.split or 'test'}")
-        scores = evaluate_lib.evaluate(args.student, args.dataset, args.split, out,
-                                       data_dir=args.data_dir, batch_size=args.batch_size,
-                                       teacher=args.teacher, anchors=args.anchors)
+        scores = evaluate_lib.evaluate(
+            args.student,
+            args.dataset,
+            args.split,
+            out,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            teacher=args.teacher,
+            anchors=args.anchors,
+        )
         print(evaluate_lib.table(scores))
         print(f"report in {out}: " + json.dumps(sorted(p.name for p in out.iterdir())))
 

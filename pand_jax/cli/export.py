@@ -10,6 +10,7 @@ Both take NCHW float32 images normalised with CLIP's mean/std and return logits;
 name plus .json (student.onnx.json) records arch, num_classes, class_names, image_size, mean,
 std and layout, so both formats can share a folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,17 @@ from pand_jax.deploy.export import FORMATS
 
 
 def parser() -> common.Parser:
-    p = common.Parser(prog="export.py", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.Parser(
+        prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--student", required=True, help="student/ directory or its Stage-NSD workdir")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", metavar="OUTDIR", help="output folder (default: DIR/export); a name "
-                   "ending in .pt, .pth or .onnx is the model file itself")
+    p.add_argument(
+        "--out",
+        metavar="OUTDIR",
+        help="output folder (default: DIR/export); a name "
+        "ending in .pt, .pth or .onnx is the model file itself",
+    )
     return p
 
 

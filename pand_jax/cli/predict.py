@@ -5,6 +5,7 @@ unreadable file is reported on stderr and the others are still predicted (exit c
 Output: one line per image, `PATH<TAB>CLASS (P), CLASS (P), ...`, or with --json one JSON object
 per line: {"path": ..., "top": [{"class": ..., "probability": ...}, ...]}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,9 @@ from pand_jax.cli import common
 
 
 def parser() -> common.Parser:
-    p = common.Parser(prog="predict.py", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.Parser(
+        prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--student", required=True, help="student/ directory or its Stage-NSD workdir")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
@@ -45,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
                 print(f"error: cannot read {p.path}: {p.error}", file=sys.stderr)
             elif args.json:
-                print(json.dumps({"path": p.path, "top": [{"class": c, "probability": q}
-                                                          for c, q in p.top]}))
+                print(
+                    json.dumps(
+                        {"path": p.path, "top": [{"class": c, "probability": q} for c, q in p.top]}
+                    )
+                )
             else:
                 print(p.path + "\t" + ", ".join(f"{c} ({q:.3f})" for c, q in p.top))
         if failed:

@@ -8,6 +8,7 @@ running the same command again resumes everything. OUT gets results.csv, results
 figures/. `--list` prints the plan as plain `train.py` commands for a cluster's scheduler;
 `--collect` only gathers the runs that exist.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,40 +30,73 @@ from pand_jax.models.student import ARCHS
 DEMO = config_lib.demo_config()["reproduce"]  # --demo's scale: minutes on a CPU
 
 
-
 def parser() -> common.Parser:
     p = common.Parser(
-        prog="reproduce.py", description=__doc__,
+        prog="reproduce.py",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python reproduce.py --dataset cub --data-dir data\n"
-               "  python reproduce.py --dataset cub --list > plan.txt   # run it your way, then\n"
-               "  python reproduce.py --dataset cub --collect\n"
-               "  python reproduce.py --demo   # offline, digits and the demo teacher")
-    p.add_argument("--dataset", help="cub, aircraft, pets, dogs (the paper's), cars, flowers, "
-                                      "food, or folder:PATH (see train.py --help)")
-    p.add_argument("--demo", action="store_true",
-                   help="everything on digits with the demo teacher (made if missing), on a CPU")
-    p.add_argument("--students", help=f"comma-separated, from {', '.join(ARCHS)}, clip:DIR "
-                                      f"(default: all; --demo: {','.join(DEMO['students'])})")
+        "  python reproduce.py --dataset cub --list > plan.txt   # run it your way, then\n"
+        "  python reproduce.py --dataset cub --collect\n"
+        "  python reproduce.py --demo   # offline, digits and the demo teacher",
+    )
+    p.add_argument(
+        "--dataset",
+        help="cub, aircraft, pets, dogs (the paper's), cars, flowers, "
+        "food, or folder:PATH (see train.py --help)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="everything on digits with the demo teacher (made if missing), on a CPU",
+    )
+    p.add_argument(
+        "--students",
+        help=f"comma-separated, from {', '.join(ARCHS)}, clip:DIR "
+        f"(default: all; --demo: {','.join(DEMO['students'])})",
+    )
     p.add_argument("--seeds", type=int, help=f"seeds 0..N-1 (default 3; --demo: {DEMO['seeds']})")
-    p.add_argument("--epochs", type=int, help="Stage-NSD epochs of every run (default: "
-                   f"configs/nsd.json, the paper's 300; --demo: {DEMO['epochs']})")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="Stage-NSD epochs of every run (default: "
+        f"configs/nsd.json, the paper's 300; --demo: {DEMO['epochs']})",
+    )
     p.add_argument("--psc-epochs", type=int, help="Stage-PSC epochs (default: configs/psc.json)")
-    p.add_argument("--lambdas", default=",".join(f"{x:g}" for x in plan_lib.SWEEP_LAMBDAS),
-                   help="the lambda_NSD sweep for PAND (default: the paper's %(default)s)")
-    p.add_argument("--teacher-cache", type=int, default=8, metavar="V",
-                   help="views per training image in the teacher cache every Stage-NSD run of "
-                        "a seed shares (0: teacher online in every run; default %(default)s)")
+    p.add_argument(
+        "--lambdas",
+        default=",".join(f"{x:g}" for x in plan_lib.SWEEP_LAMBDAS),
+        help="the lambda_NSD sweep for PAND (default: the paper's %(default)s)",
+    )
+    p.add_argument(
+        "--teacher-cache",
+        type=int,
+        default=8,
+        metavar="V",
+        help="views per training image in the teacher cache every Stage-NSD run of "
+        "a seed shares (0: teacher online in every run; default %(default)s)",
+    )
     p.add_argument("--teacher", help="converted teacher weights (default: weights/teacher)")
     p.add_argument("--data-dir", help="prepared datasets (python -m pand_jax.data.prepare)")
     p.add_argument("--out", help="output folder (default: runs/reproduce/DATASET)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value in every run whose stage has KEY")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value in every run whose stage has KEY",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--list", action="store_true",
-                      help="print the plan as train.py commands, in dependency order, and exit")
-    mode.add_argument("--collect", action="store_true",
-                      help="only gather the finished runs into results.csv, results.md, figures/")
+    mode.add_argument(
+        "--list",
+        action="store_true",
+        help="print the plan as train.py commands, in dependency order, and exit",
+    )
+    mode.add_argument(
+        "--collect",
+        action="store_true",
+        help="only gather the finished runs into results.csv, results.md, figures/",
+    )
     return p
 
 
@@ -78,7 +112,8 @@ def split_sets(sets: list[str]) -> tuple[list[str], list[str]]:
             raise config_lib.ConfigError(
                 f"--set {key}=... is set by the plan itself; use reproduce.py's own options "
                 "(--dataset, --students, --seeds, --epochs, --psc-epochs, --lambdas, "
-                "--teacher, --teacher-cache)")
+                "--teacher, --teacher-cache)"
+            )
         errors = []
         for stage, items in by_stage.items():
             try:
@@ -96,26 +131,36 @@ def demo_sets() -> tuple[dict, list[str], list[str]]:
     d = config_lib.demo_config()
 
     def items(section):
-        return [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-                for k, v in config_lib.flatten(d[section]) if k not in plan_lib.PLANNED_KEYS]
+        return [
+            f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+            for k, v in config_lib.flatten(d[section])
+            if k not in plan_lib.PLANNED_KEYS
+        ]
+
     return d, items("psc"), items("nsd")
 
 
 def make_plan(args) -> tuple[list[plan_lib.Run], pathlib.Path]:
-    students = (args.students.split(",") if args.students
-                else list(DEMO["students"] if args.demo else ARCHS))
+    students = (
+        args.students.split(",")
+        if args.students
+        else list(DEMO["students"] if args.demo else ARCHS)
+    )
     bad = [s for s in students if s not in ARCHS and not clip_student.is_clip(s)]
     if bad:
-        raise config_lib.ConfigError(f"unknown student {bad[0]!r} in --students; expected a "
-                                     f"comma-separated list from {list(ARCHS)} or clip:DIR")
+        raise config_lib.ConfigError(
+            f"unknown student {bad[0]!r} in --students; expected a "
+            f"comma-separated list from {list(ARCHS)} or clip:DIR"
+        )
     seeds = args.seeds if args.seeds is not None else (DEMO["seeds"] if args.demo else 3)
     if seeds < 1:
         raise config_lib.ConfigError(f"--seeds must be at least 1, got {seeds}")
     try:
         lambdas = [float(x) for x in args.lambdas.split(",")]
     except ValueError:
-        raise config_lib.ConfigError(f"--lambdas expects comma-separated numbers, got "
-                                     f"{args.lambdas!r}") from None
+        raise config_lib.ConfigError(
+            f"--lambdas expects comma-separated numbers, got {args.lambdas!r}"
+        ) from None
     if args.teacher_cache < 0:
         raise config_lib.ConfigError(f"--teacher-cache must be >= 0, got {args.teacher_cache}")
     psc_sets, nsd_sets = split_sets(args.set)
@@ -130,16 +175,31 @@ def make_plan(args) -> tuple[list[plan_lib.Run], pathlib.Path]:
         dataset = args.dataset
         datasets.get_dataset(dataset)  # an unknown name fails here, listing the known ones
     else:
-        raise config_lib.ConfigError("give --dataset NAME (cub, aircraft, pets, dogs, ...), "
-                                     "or --demo")
-    out = pathlib.Path(args.out or pathlib.Path("runs") / "reproduce" /
-                       ("demo" if args.demo else datasets.run_name(dataset)))
+        raise config_lib.ConfigError(
+            "give --dataset NAME (cub, aircraft, pets, dogs, ...), or --demo"
+        )
+    out = pathlib.Path(
+        args.out
+        or pathlib.Path("runs")
+        / "reproduce"
+        / ("demo" if args.demo else datasets.run_name(dataset))
+    )
     if args.demo:
         teacher = teacher or str(out / "teacher")
-    runs = plan_lib.plan(dataset=dataset, students=students, seeds=seeds, out=out,
-                         teacher_cache=args.teacher_cache, epochs=epochs, psc_epochs=psc_epochs,
-                         lambdas=lambdas, psc_sets=tuple(psc_sets), nsd_sets=tuple(nsd_sets),
-                         teacher=teacher, data_dir=args.data_dir)
+    runs = plan_lib.plan(
+        dataset=dataset,
+        students=students,
+        seeds=seeds,
+        out=out,
+        teacher_cache=args.teacher_cache,
+        epochs=epochs,
+        psc_epochs=psc_epochs,
+        lambdas=lambdas,
+        psc_sets=tuple(psc_sets),
+        nsd_sets=tuple(nsd_sets),
+        teacher=teacher,
+        data_dir=args.data_dir,
+    )
     return runs, out
 
 
@@ -147,10 +207,12 @@ def print_plan(runs: list[plan_lib.Run], demo: bool) -> None:
     for run in runs:
         print(shlex.join(["python", "train.py", *run.argv]))
     wave = plan_lib.first_wave(runs)
-    note = (f"# {len(runs)} commands. The first {wave} (Stage-PSC, one run per seed that builds "
-            "that seed's teacher cache, and DAIT's intermediate teachers, which read those caches) run in this order and "
-            f"must finish before the other {len(runs) - wave}, which are independent of each other. Then: python "
-            "reproduce.py ... --collect")
+    note = (
+        f"# {len(runs)} commands. The first {wave} (Stage-PSC, one run per seed that builds "
+        "that seed's teacher cache, and DAIT's intermediate teachers, which read those caches) run in this order and "
+        f"must finish before the other {len(runs) - wave}, which are independent of each other. Then: python "
+        "reproduce.py ... --collect"
+    )
     if demo:
         note += "\n# The demo teacher is trained by python reproduce.py --demo when missing."
     print(note, file=sys.stderr)
@@ -185,8 +247,10 @@ def run_all(runs: list[plan_lib.Run]) -> tuple[int, int, list[tuple[str, str]]]:
             try:
                 summary = train_cli.run_stage(cfg, workdir, info=info)
                 ran += 1
-                bar.write(f"[reproduce] {run.name}: best top-1 "
-                          f"{100 * summary['best_top1']:.2f}% ({workdir})")
+                bar.write(
+                    f"[reproduce] {run.name}: best top-1 "
+                    f"{100 * summary['best_top1']:.2f}% ({workdir})"
+                )
             except Exception as e:  # one failed run must not stop the others
                 if os.environ.get("PAND_DEBUG"):
                     traceback.print_exc()
@@ -208,14 +272,18 @@ def gather(out: pathlib.Path) -> bool:
     table = results.markdown(found)
     # Each file whole or not at all, and a disk that refuses one is one line naming it (the
     # CSV holds the markdown's rows and columns: its size is about the table's).
-    with files.disk_full_errors(out / "results.csv", len(table), "the results table"), \
-            files.atomic_path(out / "results.csv") as tmp:
+    with (
+        files.disk_full_errors(out / "results.csv", len(table), "the results table"),
+        files.atomic_path(out / "results.csv") as tmp,
+    ):
         results.write_csv(found, tmp)
     files.write_file(out / "results.md", table + "\n", "the results table")
     made = figures.make_figures(found, out)
     print(table)
-    print(f"[reproduce] {len(found)} runs -> {out / 'results.csv'}, {out / 'results.md'}, "
-          + ", ".join(str(p) for p in made))
+    print(
+        f"[reproduce] {len(found)} runs -> {out / 'results.csv'}, {out / 'results.md'}, "
+        + ", ".join(str(p) for p in made)
+    )
     return True
 
 
@@ -241,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.demo:
                 ensure_demo_teacher(pathlib.Path(args.teacher or out / "teacher"))
             ran, skipped, failed = run_all(runs)
-            print(f"[reproduce] {ran} runs done, {skipped} skipped (finished before), "
-                  f"{len(failed)} failed", flush=True)
+            print(
+                f"[reproduce] {ran} runs done, {skipped} skipped (finished before), "
+                f"{len(failed)} failed",
+                flush=True,
+            )
             for name, error in failed:
                 print(f"[reproduce] failed: {name}: {error}", file=sys.stderr)
         return 0 if gather(out) and not failed else 1

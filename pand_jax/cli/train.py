@@ -4,6 +4,7 @@ Values come from configs/{psc,nsd}.json (the paper's defaults), then the flags b
 `--set dotted.key=value`. The resolved config is checked (`pand_jax.config.validate`) before
 any work and written to the workdir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,68 +23,136 @@ from pand_jax.models.student import ARCHS, student_label
 
 # Flag -> config key; None values (flag not given) leave the config alone.
 FLAG_KEYS = {
-    "dataset": "dataset", "data_dir": "data_dir", "teacher": "teacher", "epochs": "epochs",
-    "batch_size": "batch_size", "student": "student", "method": "method",
-    "nsd_form": "loss.pand.nsd_form", "lambda_nsd": "loss.pand.lambda_nsd", "anchors": "anchors",
-    "teacher_cache": "teacher_cache", "skip_bad_images": "skip_bad_images",
-    "unlabeled_data": "unlabeled_data", "intermediate_teacher": "intermediate_teacher",
+    "dataset": "dataset",
+    "data_dir": "data_dir",
+    "teacher": "teacher",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "student": "student",
+    "method": "method",
+    "nsd_form": "loss.pand.nsd_form",
+    "lambda_nsd": "loss.pand.lambda_nsd",
+    "anchors": "anchors",
+    "teacher_cache": "teacher_cache",
+    "skip_bad_images": "skip_bad_images",
+    "unlabeled_data": "unlabeled_data",
+    "intermediate_teacher": "intermediate_teacher",
 }
-NSD_ONLY = ("student", "method", "nsd_form", "lambda_nsd", "anchors", "no_psc", "teacher_cache",
-            "unlabeled_data", "soft_labels", "intermediate_teacher", "recipe")
+NSD_ONLY = (
+    "student",
+    "method",
+    "nsd_form",
+    "lambda_nsd",
+    "anchors",
+    "no_psc",
+    "teacher_cache",
+    "unlabeled_data",
+    "soft_labels",
+    "intermediate_teacher",
+    "recipe",
+)
 
 
 def parser() -> common.Parser:
     p = common.Parser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="train.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python train.py --stage psc --dataset aircraft\n"
-               "  python train.py --stage nsd --dataset aircraft --student mobilenet_v2\n"
-               "  python train.py --demo")
-    p.add_argument("--stage", choices=("psc", "nsd", "it"),
-                   help="it: DAIT's intermediate teacher (a Stage-NSD run of its own method, "
-                        "--student default: config it_student, mobilenet_v2)")
+        "  python train.py --stage nsd --dataset aircraft --student mobilenet_v2\n"
+        "  python train.py --demo",
+    )
+    p.add_argument(
+        "--stage",
+        choices=("psc", "nsd", "it"),
+        help="it: DAIT's intermediate teacher (a Stage-NSD run of its own method, "
+        "--student default: config it_student, mobilenet_v2)",
+    )
     p.add_argument("--demo", action="store_true", help="offline demo: tiny CLIP, digits, PSC+NSD")
     # configs/demo.json's teacher section is the ConvNeXt one; teacher_variants holds the others.
-    p.add_argument("--demo-teacher", default="convnext",
-                   choices=("convnext", *config_lib.demo_config()["teacher_variants"]),
-                   help="--demo: the tiny teacher's image tower (default %(default)s)")
-    p.add_argument("--dataset", help="cub, aircraft, pets, dogs, cars, flowers, food, digits, or "
-                   "folder:PATH for your own images (PATH/train/<class>/*.jpg, PATH/test/...)")
-    p.add_argument("--student", metavar="|".join(ARCHS) + "|clip:DIR",
-                   help="the student: a torchvision backbone, or clip:DIR, the image tower of "
-                        "the converted ViT CLIP in DIR with visual prompts (docs/students.md)")
+    p.add_argument(
+        "--demo-teacher",
+        default="convnext",
+        choices=("convnext", *config_lib.demo_config()["teacher_variants"]),
+        help="--demo: the tiny teacher's image tower (default %(default)s)",
+    )
+    p.add_argument(
+        "--dataset",
+        help="cub, aircraft, pets, dogs, cars, flowers, food, digits, or "
+        "folder:PATH for your own images (PATH/train/<class>/*.jpg, PATH/test/...)",
+    )
+    p.add_argument(
+        "--student",
+        metavar="|".join(ARCHS) + "|clip:DIR",
+        help="the student: a torchvision backbone, or clip:DIR, the image tower of "
+        "the converted ViT CLIP in DIR with visual prompts (docs/students.md)",
+    )
     p.add_argument("--method", choices=methods.NAMES)
-    p.add_argument("--recipe", metavar="NAME",
-                   help="a released recipe of configs/recipes/ (promptkd_clip, fdbpl_clip: "
-                        "the CLIP-student settings), under the other flags and --set")
+    p.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help="a released recipe of configs/recipes/ (promptkd_clip, fdbpl_clip: "
+        "the CLIP-student settings), under the other flags and --set",
+    )
     p.add_argument("--nsd-form", choices=NSD_FORMS)
     p.add_argument("--lambda-nsd", type=float)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--anchors", help="anchors.npz from Stage-PSC (default: runs/DATASET/psc/)")
     g.add_argument("--no-psc", action="store_true", help="template anchors (ablation +NSD only)")
-    p.add_argument("--soft-labels", metavar="KIND[:K]",
-                   help="Stage-NSD with --teacher-cache: store the teacher's top-K class "
-                        "probabilities instead of its embedding (FKD): embedding (default), "
-                        "ms, mr, hard, ms:K, mr:K (for kd, promptkd, fdbpl)")
-    p.add_argument("--intermediate-teacher", metavar="DIR",
-                   help="--method dait: the intermediate teacher (train.py --stage it's folder)")
-    p.add_argument("--unlabeled-data", metavar="folder:DIR",
-                   help="Stage-NSD: more training images, in any layout, without labels (for a "
-                        "method that reads none: promptkd)")
+    p.add_argument(
+        "--soft-labels",
+        metavar="KIND[:K]",
+        help="Stage-NSD with --teacher-cache: store the teacher's top-K class "
+        "probabilities instead of its embedding (FKD): embedding (default), "
+        "ms, mr, hard, ms:K, mr:K (for kd, promptkd, fdbpl)",
+    )
+    p.add_argument(
+        "--intermediate-teacher",
+        metavar="DIR",
+        help="--method dait: the intermediate teacher (train.py --stage it's folder)",
+    )
+    p.add_argument(
+        "--unlabeled-data",
+        metavar="folder:DIR",
+        help="Stage-NSD: more training images, in any layout, without labels (for a "
+        "method that reads none: promptkd)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--teacher-cache", type=int, metavar="V",
-                   help="Stage-NSD: precompute the teacher on V augmented views (0: online)")
+    p.add_argument(
+        "--teacher-cache",
+        type=int,
+        metavar="V",
+        help="Stage-NSD: precompute the teacher on V augmented views (0: online)",
+    )
     # --out DIR names the output folder of every command; --workdir is its earlier spelling.
-    p.add_argument("--out", "--workdir", dest="workdir", metavar="DIR",
-                   help="the run's folder (default: runs/DATASET/STAGE[...]; --workdir too)")
+    p.add_argument(
+        "--out",
+        "--workdir",
+        dest="workdir",
+        metavar="DIR",
+        help="the run's folder (default: runs/DATASET/STAGE[...]; --workdir too)",
+    )
     p.add_argument("--teacher", help="converted teacher weights (default: weights/teacher)")
     p.add_argument("--data-dir", help="prepared datasets (python -m pand_jax.data.prepare)")
-    p.add_argument("--skip-bad-images", action="store_true", default=None,
-                   help="folder datasets: leave out unreadable images (listed in the workdir)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set optimizer.grad_clip=1.0")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="resume a workdir even though its recorded config differs")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="folder datasets: leave out unreadable images (listed in the workdir)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config value, e.g. --set optimizer.grad_clip=1.0",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a workdir even though its recorded config differs",
+    )
     p.add_argument("--coordinator", help="multi-process: coordinator host:port (process 0)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
@@ -102,15 +171,25 @@ def schema_facts() -> config_lib.Facts:
     from pand_jax.train.teacher_cache import DTYPES
 
     return config_lib.Facts(
-        devices=len(jax.devices()), processes=jax.process_count(),
+        devices=len(jax.devices()),
+        processes=jax.process_count(),
         num_classes=functools.cache(lambda key: get_dataset(key).num_classes),
-        choices=dict(dtype=DTYPE_NAMES, student=ARCHS, method=methods.NAMES,
-                     nsd_form=NSD_FORMS, txt_reduction=TXT_REDUCTION_CHOICES,
-                     augment=RECIPES, teacher_cache_dtype=tuple(DTYPES),
-                     soft_labels=soft_labels.KINDS, it_student=ARCHS,
-                     teacher_sharding=TEACHER_SHARDINGS, student_train=clip_student.TRAIN),
+        choices=dict(
+            dtype=DTYPE_NAMES,
+            student=ARCHS,
+            method=methods.NAMES,
+            nsd_form=NSD_FORMS,
+            txt_reduction=TXT_REDUCTION_CHOICES,
+            augment=RECIPES,
+            teacher_cache_dtype=tuple(DTYPES),
+            soft_labels=soft_labels.KINDS,
+            it_student=ARCHS,
+            teacher_sharding=TEACHER_SHARDINGS,
+            student_train=clip_student.TRAIN,
+        ),
         teacher_needed=lambda name: methods.get(name).reads_clip,
-        method_rule=methods.rule)
+        method_rule=methods.rule,
+    )
 
 
 def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
@@ -119,14 +198,16 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
     stage = args.stage
     if stage == "it":  # a Stage-NSD run of DAIT's first-stage method
         if args.method:
-            raise config_lib.ConfigError("--method applies to --stage nsd; --stage it trains "
-                                         "DAIT's intermediate teacher")
+            raise config_lib.ConfigError(
+                "--method applies to --stage nsd; --stage it trains DAIT's intermediate teacher"
+            )
         return _resolve_it(args)
     if stage == "psc":
         given = [f for f in NSD_ONLY if getattr(args, f) not in (None, False)]
         if given:
             raise config_lib.ConfigError(
-                f"--{given[0].replace('_', '-')} applies to --stage nsd only")
+                f"--{given[0].replace('_', '-')} applies to --stage nsd only"
+            )
     cfg = config_lib.default_config(stage)
     if stage == "nsd" and args.recipe:  # before the flags, which override it
         cfg = config_lib.apply_recipe(cfg, args.recipe)
@@ -172,8 +253,9 @@ def resolve(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
 def _resolve_it(args: argparse.Namespace) -> tuple[dict, pathlib.Path, DatasetInfo]:
     """`--stage it`: Stage-NSD with DAIT's intermediate-teacher method, the student `it_student`
     unless --student, in runs/DATASET/it unless --out."""
-    args = argparse.Namespace(**{**vars(args), "stage": "nsd", "method": methods.IT_METHOD,
-                                 "intermediate_student": True})
+    args = argparse.Namespace(
+        **{**vars(args), "stage": "nsd", "method": methods.IT_METHOD, "intermediate_student": True}
+    )
     return resolve(args)
 
 
@@ -189,8 +271,13 @@ def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False, info
         setup.release_workdir(workdir)
 
 
-def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
-             allow_change: bool, family: str = "convnext") -> dict:
+def run_demo(
+    workdir: pathlib.Path,
+    teacher_cache: int | None,
+    sets: list[str],
+    allow_change: bool,
+    family: str = "convnext",
+) -> dict:
     """Teacher (image tower `family`), then PSC, then NSD, with configs/demo.json;
     `--set SECTION:key=value` changes one section (teacher, psc or nsd). All three are checked
     before the teacher trains."""
@@ -203,12 +290,15 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
         if not sep or section not in by_section:
             raise config_lib.ConfigError(
                 f"with --demo, --set takes SECTION:key=value with SECTION one of "
-                f"{list(by_section)}; got {item!r}")
+                f"{list(by_section)}; got {item!r}"
+            )
         by_section[section].append(rest)
     teacher = demo.teacher_dir(workdir, family)
     teacher_cfg = config_lib.validate(
         config_lib.apply_sets(demo.teacher_section(d, family), by_section["teacher"]),
-        schema_facts(), "demo_teacher")
+        schema_facts(),
+        "demo_teacher",
+    )
     cfgs = {}
     for stage in ("psc", "nsd"):
         cfg = config_lib.default_config(stage)
@@ -219,15 +309,18 @@ def run_demo(workdir: pathlib.Path, teacher_cache: int | None, sets: list[str],
             cfg["anchors"] = str(workdir / "psc" / "anchors.npz")
             if teacher_cache is not None:
                 cfg["teacher_cache"] = teacher_cache
-        cfgs[stage] = config_lib.validate(config_lib.apply_sets(cfg, by_section[stage]),
-                                          schema_facts(), stage)
+        cfgs[stage] = config_lib.validate(
+            config_lib.apply_sets(cfg, by_section[stage]), schema_facts(), stage
+        )
     if not (teacher / "config.json").is_file():
         acc = demo.train_teacher(teacher_cfg, teacher)
         print(f"[demo] teacher trained; zero-shot top1 of the prompt template: {100 * acc:.1f}%")
     out = {stage: run_stage(cfg, workdir / stage, allow_change) for stage, cfg in cfgs.items()}
-    print(f"[demo] PSC top1 {100 * out['psc']['best_top1']:.1f}%, "
-          f"NSD student top1 {100 * out['nsd']['best_top1']:.1f}% (chance 10%); "
-          f"summaries in {workdir}/psc and {workdir}/nsd")
+    print(
+        f"[demo] PSC top1 {100 * out['psc']['best_top1']:.1f}%, "
+        f"NSD student top1 {100 * out['nsd']['best_top1']:.1f}% (chance 10%); "
+        f"summaries in {workdir}/psc and {workdir}/nsd"
+    )
     return out
 
 
@@ -242,8 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         devices.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.demo:
             devices.report_devices()
-            run_demo(pathlib.Path(args.workdir or "runs/demo"), args.teacher_cache, args.set,
-                     args.allow_config_change, args.demo_teacher)
+            run_demo(
+                pathlib.Path(args.workdir or "runs/demo"),
+                args.teacher_cache,
+                args.set,
+                args.allow_config_change,
+                args.demo_teacher,
+            )
         else:
             cfg, workdir, info = resolve(args)
             devices.report_devices(devices.compute_dtype(cfg["dtype"]))

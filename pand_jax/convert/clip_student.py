@@ -2,6 +2,7 @@
 VPT-deep prompts inserted as the student inserts them, and its head with the class vectors
 folded in (`torch_student`, `state_dict`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,9 +23,14 @@ def _open_clip_tower(student: CLIPStudent):
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
     v = student.vision
-    cfg = CLIPVisionCfg(width=v.width, layers=v.layers, head_width=v.width // v.heads,
-                        patch_size=v.patch_size, image_size=v.image_size,
-                        norm_kwargs=None if v.ln_eps == OPEN_CLIP_LN_EPS else {"eps": v.ln_eps})
+    cfg = CLIPVisionCfg(
+        width=v.width,
+        layers=v.layers,
+        head_width=v.width // v.heads,
+        patch_size=v.patch_size,
+        image_size=v.image_size,
+        norm_kwargs=None if v.ln_eps == OPEN_CLIP_LN_EPS else {"eps": v.ln_eps},
+    )
     return _build_vision_tower(student.embed_dim, cfg, quick_gelu=v.quick_gelu)
 
 
@@ -38,11 +44,14 @@ def torch_student(student: CLIPStudent):
             super().__init__()
             self.visual = _open_clip_tower(student)
             self.depth, self.tokens = student.prompt_depth, student.prompt_tokens  # static
-            self.prompts = torch.nn.Parameter(torch.zeros(
-                student.prompt_depth, student.prompt_tokens, student.vision.width))
-            self.head = (cosine_head(student.embed_dim, student.num_classes)
-                         if student.head_dim is None else
-                         anchor_head(student.embed_dim, student.head_dim, student.num_classes))
+            self.prompts = torch.nn.Parameter(
+                torch.zeros(student.prompt_depth, student.prompt_tokens, student.vision.width)
+            )
+            self.head = (
+                cosine_head(student.embed_dim, student.num_classes)
+                if student.head_dim is None
+                else anchor_head(student.embed_dim, student.head_dim, student.num_classes)
+            )
 
         def forward(self, images):
             v, n = self.visual, self.tokens
@@ -71,8 +80,10 @@ def _head_key(path: tuple, anchor: bool) -> str:
 def state_dict(student: CLIPStudent) -> dict[str, Any]:
     """The student's weights as float32 NumPy arrays under `torch_student`'s keys."""
     pure = flatten_dict(nnx.to_pure_dict(nnx.state(student)))
-    out = {key: to_torch_layout(np.asarray(pure[path]), kind)
-           for key, path, kind in vit_keys(student.vision)}
+    out = {
+        key: to_torch_layout(np.asarray(pure[path]), kind)
+        for key, path, kind in vit_keys(student.vision)
+    }
     out["prompts"] = np.asarray(pure[("prompts",)])
     anchor = student.head_dim is not None
     for path, w in pure.items():
@@ -81,5 +92,7 @@ def state_dict(student: CLIPStudent) -> dict[str, Any]:
     if anchor:
         out["head.1.num_batches_tracked"] = np.zeros((), np.int64)
     # np.array copies: writable, C-contiguous arrays that torch.from_numpy takes as they are.
-    return {k: np.array(v, np.int64 if k.endswith("num_batches_tracked") else np.float32)
-            for k, v in out.items()}
+    return {
+        k: np.array(v, np.int64 if k.endswith("num_batches_tracked") else np.float32)
+        for k, v in out.items()
+    }

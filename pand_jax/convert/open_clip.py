@@ -9,17 +9,25 @@ The expected PyTorch shapes are derived from the NNX model's own shapes through 
 so a checkpoint of another architecture (its first tensor of another shape, in model order) and
 any missing or unexpected key are named before anything is copied.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pand_jax.convert.state_dict import (ConversionError, check_state_dict, nchw, relative_diff,
-                                         to_flax_layout, torch_shape)
+from pand_jax.convert.state_dict import (
+    ConversionError,
+    check_state_dict,
+    nchw,
+    relative_diff,
+    to_flax_layout,
+    torch_shape,
+)
 from pand_jax.data import augment
 from pand_jax.models import clip as clip_lib
 from pand_jax.models.clip import CLIP, CLIPConfig
@@ -39,31 +47,53 @@ _CONVNEXT_VARIANTS = {**TIMM_CONVNEXT, **DEMO_CONVNEXT}
 DEMO_MODELS = {
     "pand_demo_convnext": {
         "embed_dim": 32,
-        "vision_cfg": {"timm_model_name": "pand_demo_convnext", "timm_model_pretrained": False,
-                       "timm_pool": "", "timm_proj": "linear", "timm_drop": 0.0,
-                       "timm_drop_path": 0.1, "image_size": 64},
+        "vision_cfg": {
+            "timm_model_name": "pand_demo_convnext",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "timm_drop": 0.0,
+            "timm_drop_path": 0.1,
+            "image_size": 64,
+        },
         "text_cfg": {"context_length": 16, "vocab_size": 500, "width": 32, "heads": 4, "layers": 2},
     },
     "pand_demo_convnext_eps5": {
         "embed_dim": 24,
-        "vision_cfg": {"timm_model_name": "pand_demo_convnext_eps5", "timm_model_pretrained": False,
-                       "timm_pool": "", "timm_proj": "linear", "timm_drop": 0.0,
-                       "timm_drop_path": 0.1, "image_size": 64},
+        "vision_cfg": {
+            "timm_model_name": "pand_demo_convnext_eps5",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "timm_drop": 0.0,
+            "timm_drop_path": 0.1,
+            "image_size": 64,
+        },
         "text_cfg": {"context_length": 12, "vocab_size": 300, "width": 48, "heads": 3, "layers": 2},
     },
     # Tiny ViTs (32 px, 8 px patches: a 4 x 4 grid), one per activation, widths and head counts
     # unlike each other's so that no swapped dimension goes unnoticed.
     "pand_demo_vit": {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "head_width": 16,
-                       "layers": 2},
+        "vision_cfg": {
+            "image_size": 32,
+            "patch_size": 8,
+            "width": 48,
+            "head_width": 16,
+            "layers": 2,
+        },
         "text_cfg": {"context_length": 16, "vocab_size": 500, "width": 32, "heads": 4, "layers": 2},
     },
     "pand_demo_vit_quickgelu": {
         "embed_dim": 24,
         "quick_gelu": True,
-        "vision_cfg": {"image_size": 48, "patch_size": 16, "width": 40, "head_width": 20,
-                       "layers": 3},
+        "vision_cfg": {
+            "image_size": 48,
+            "patch_size": 16,
+            "width": 40,
+            "head_width": 20,
+            "layers": 3,
+        },
         "text_cfg": {"context_length": 12, "vocab_size": 300, "width": 48, "heads": 3, "layers": 2},
     },
 }
@@ -81,8 +111,9 @@ def supported_models() -> list[str]:
         import open_clip
     except ImportError:
         return [clip_lib.TEACHER_MODEL] + names
-    names += [n for n in open_clip.list_models()
-              if not _problems(open_clip.get_model_config(n) or {})]
+    names += [
+        n for n in open_clip.list_models() if not _problems(open_clip.get_model_config(n) or {})
+    ]
     return sorted(names)
 
 
@@ -94,29 +125,55 @@ def open_clip_model_config(name: str) -> dict[str, Any]:
 
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ValueError(f"unknown open_clip model {name!r}; supported CLIP models: "
-                         + ", ".join(supported_models()))
+        raise ValueError(
+            f"unknown open_clip model {name!r}; supported CLIP models: "
+            + ", ".join(supported_models())
+        )
     return cfg
 
 
 # open_clip options this port implements only at their default value (anything else changes the
 # computation). patch_dropout and output_tokens change nothing at evaluation.
-_VIT_DEFAULTS = (("ls_init_value", None), ("attentional_pool", False), ("no_ln_pre", False),
-                 ("pos_embed_type", "learnable"), ("final_ln_after_pool", False),
-                 ("pool_type", "tok"), ("mlp_ratio", 4.0), ("act_kwargs", None),
-                 ("norm_kwargs", None), ("qk_norm", False), ("scaled_cosine_attn", False),
-                 ("scale_heads", False), ("scale_attn_inner", False), ("scale_attn", False),
-                 ("scale_fc", False))
-_TEXT_DEFAULTS = (("hf_model_name", None), ("no_causal_mask", False), ("embed_cls", False),
-                  ("proj_bias", False), ("pool_type", "argmax"), ("ls_init_value", None),
-                  ("proj_type", "linear"), ("mlp_ratio", 4.0), ("act_kwargs", None),
-                  ("norm_kwargs", None), ("final_ln_after_pool", False), ("qk_norm", False),
-                  ("scaled_cosine_attn", False), ("scale_heads", False),
-                  ("scale_attn_inner", False), ("scale_attn", False), ("scale_fc", False))
+_VIT_DEFAULTS = (
+    ("ls_init_value", None),
+    ("attentional_pool", False),
+    ("no_ln_pre", False),
+    ("pos_embed_type", "learnable"),
+    ("final_ln_after_pool", False),
+    ("pool_type", "tok"),
+    ("mlp_ratio", 4.0),
+    ("act_kwargs", None),
+    ("norm_kwargs", None),
+    ("qk_norm", False),
+    ("scaled_cosine_attn", False),
+    ("scale_heads", False),
+    ("scale_attn_inner", False),
+    ("scale_attn", False),
+    ("scale_fc", False),
+)
+_TEXT_DEFAULTS = (
+    ("hf_model_name", None),
+    ("no_causal_mask", False),
+    ("embed_cls", False),
+    ("proj_bias", False),
+    ("pool_type", "argmax"),
+    ("ls_init_value", None),
+    ("proj_type", "linear"),
+    ("mlp_ratio", 4.0),
+    ("act_kwargs", None),
+    ("norm_kwargs", None),
+    ("final_ln_after_pool", False),
+    ("qk_norm", False),
+    ("scaled_cosine_attn", False),
+    ("scale_heads", False),
+    ("scale_attn_inner", False),
+    ("scale_attn", False),
+    ("scale_fc", False),
+)
 
 
 def _family(vision: dict[str, Any]) -> str | None:
-    """"convnext", "vit", or None for image towers this port lacks (ResNets, other timm ones)."""
+    """ "convnext", "vit", or None for image towers this port lacks (ResNets, other timm ones)."""
     if "timm_model_name" in vision and vision["timm_model_name"]:
         return "convnext" if vision["timm_model_name"] in _CONVNEXT_VARIANTS else None
     return "vit" if isinstance(vision.get("layers", 12), int) else None
@@ -130,9 +187,15 @@ def _problems(d: dict[str, Any]) -> list[str]:
     """What in an open_clip model config this port cannot compute (empty: supported)."""
     vision, text = d.get("vision_cfg", {}), d.get("text_cfg", {})
     family = _family(vision)
-    problems = [] if family else [
-        f"image tower {vision['timm_model_name']!r} is not a timm ConvNeXt with linear MLPs"
-        if vision.get("timm_model_name") else "image tower is neither a ViT nor a timm ConvNeXt"]
+    problems = (
+        []
+        if family
+        else [
+            f"image tower {vision['timm_model_name']!r} is not a timm ConvNeXt with linear MLPs"
+            if vision.get("timm_model_name")
+            else "image tower is neither a ViT nor a timm ConvNeXt"
+        ]
+    )
     if family == "convnext":
         if vision.get("timm_pool", "avg") not in ("", "avg"):
             problems.append(f"timm_pool {vision['timm_pool']!r}")
@@ -142,8 +205,10 @@ def _problems(d: dict[str, Any]) -> list[str]:
         problems += _changed(vision, _VIT_DEFAULTS, "vision_cfg")
         size, patch = _square(vision.get("image_size", 224)), _square(vision.get("patch_size", 16))
         if None in (size, patch) or size % patch:
-            problems.append(f"vision_cfg image_size {vision.get('image_size')!r} is not a square "
-                            f"multiple of patch_size {vision.get('patch_size')!r}")
+            problems.append(
+                f"vision_cfg image_size {vision.get('image_size')!r} is not a square "
+                f"multiple of patch_size {vision.get('patch_size')!r}"
+            )
         if vision.get("width", 768) % vision.get("head_width", 64):
             problems.append("vision_cfg width is not a multiple of head_width")
     problems += _changed(text, _TEXT_DEFAULTS, "text_cfg")
@@ -169,32 +234,48 @@ def config_from_open_clip(name_or_dict: str | dict[str, Any]) -> CLIPConfig:
     label = name_or_dict if isinstance(name_or_dict, str) else "the given model config"
     problems = _problems(d)
     if problems:
-        raise ValueError(f"{label} is not supported ({'; '.join(problems)}): only open_clip CLIP "
-                         "models with a ViT or timm ConvNeXt image tower and the standard text "
-                         "tower are. Supported: " + ", ".join(supported_models()))
+        raise ValueError(
+            f"{label} is not supported ({'; '.join(problems)}): only open_clip CLIP "
+            "models with a ViT or timm ConvNeXt image tower and the standard text "
+            "tower are. Supported: " + ", ".join(supported_models())
+        )
     vision, text = d.get("vision_cfg", {}), d.get("text_cfg", {})
     # open_clip applies quick_gelu to both towers, except timm ones (ConvNeXt), which ignore it.
     quick = bool(d.get("quick_gelu", False))
     size = _square(vision.get("image_size", 224))
     if _family(vision) == "vit":
         width = vision.get("width", 768)
-        tower = ViTConfig(width=width, layers=vision.get("layers", 12),
-                          heads=width // vision.get("head_width", 64),
-                          patch_size=_square(vision.get("patch_size", 16)), image_size=size,
-                          quick_gelu=quick)
+        tower = ViTConfig(
+            width=width,
+            layers=vision.get("layers", 12),
+            heads=width // vision.get("head_width", 64),
+            patch_size=_square(vision.get("patch_size", 16)),
+            image_size=size,
+            quick_gelu=quick,
+        )
     else:
         timm_name = vision["timm_model_name"]
         depths, dims, eps = _CONVNEXT_VARIANTS[timm_name]
-        tower = ConvNeXtConfig(depths, dims, size, eps, timm_name,
-                               vision.get("timm_proj", "linear"),
-                               vision.get("timm_proj_bias", False))
+        tower = ConvNeXtConfig(
+            depths,
+            dims,
+            size,
+            eps,
+            timm_name,
+            vision.get("timm_proj", "linear"),
+            vision.get("timm_proj_bias", False),
+        )
     return CLIPConfig(
         embed_dim=d["embed_dim"],
         vision=tower,
-        text=TextConfig(width=text.get("width", 512), heads=text.get("heads", 8),
-                        layers=text.get("layers", 12),
-                        context_length=text.get("context_length", 77),
-                        vocab_size=text.get("vocab_size", 49408), quick_gelu=quick),
+        text=TextConfig(
+            width=text.get("width", 512),
+            heads=text.get("heads", 8),
+            layers=text.get("layers", 12),
+            context_length=text.get("context_length", 77),
+            vocab_size=text.get("vocab_size", 49408),
+            quick_gelu=quick,
+        ),
     )
 
 
@@ -204,8 +285,12 @@ def preprocess_meta(name_or_dict: str | dict[str, Any], tag: str | None = None) 
     ConversionError when the tag's weights were trained with another activation than the model
     config (open_clip only warns; the features would be off by ~1e-2)."""
     d = open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str) else name_or_dict
-    pre = {"mean": augment.CLIP_MEAN.tolist(), "std": augment.CLIP_STD.tolist(),
-           "interpolation": "bicubic", "resize_mode": "shortest"}  # open_clip's defaults
+    pre = {
+        "mean": augment.CLIP_MEAN.tolist(),
+        "std": augment.CLIP_STD.tolist(),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }  # open_clip's defaults
     pre.update({k: v for k, v in d.get("preprocess_cfg", {}).items() if k in pre})
     if tag is None:
         return pre
@@ -214,17 +299,20 @@ def preprocess_meta(name_or_dict: str | dict[str, Any], tag: str | None = None) 
     tag_cfg = open_clip.get_pretrained_cfg(name_or_dict, tag)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(name_or_dict)
-        raise ConversionError(f"open_clip has no pretrained tag {tag!r} for {name_or_dict}; "
-                              f"its tags: {', '.join(tags) or 'none'}")
+        raise ConversionError(
+            f"open_clip has no pretrained tag {tag!r} for {name_or_dict}; "
+            f"its tags: {', '.join(tags) or 'none'}"
+        )
     trained_quick, quick = bool(tag_cfg.get("quick_gelu")), bool(d.get("quick_gelu"))
     if trained_quick != quick and _family(d.get("vision_cfg", {})) == "vit":
         base = name_or_dict.removesuffix("-quickgelu")
         fix = f"{base}-quickgelu" if trained_quick else base
-        raise ConversionError(f"{name_or_dict} / {tag} was trained with "
-                              f"{'QuickGELU' if trained_quick else 'exact GELU'}: convert it as "
-                              f"--model {fix}")
-    pre.update({k: list(v) if isinstance(v, tuple) else v for k, v in tag_cfg.items()
-                if k in pre})
+        raise ConversionError(
+            f"{name_or_dict} / {tag} was trained with "
+            f"{'QuickGELU' if trained_quick else 'exact GELU'}: convert it as "
+            f"--model {fix}"
+        )
+    pre.update({k: list(v) if isinstance(v, tuple) else v for k, v in tag_cfg.items() if k in pre})
     return pre
 
 
@@ -285,8 +373,7 @@ def _convnext_keys(vision: ConvNeXtConfig) -> Iterator[Entry]:
         yield from _layer("visual.head.proj", v + ("head_proj",), "linear", vision.proj_bias)
     else:
         yield from _layer("visual.head.mlp.fc1", v + ("head_mlp_fc1",), "linear")
-        yield from _layer("visual.head.mlp.fc2", v + ("head_mlp_fc2",), "linear",
-                          vision.proj_bias)
+        yield from _layer("visual.head.mlp.fc2", v + ("head_mlp_fc2",), "linear", vision.proj_bias)
 
 
 def _text_keys(cfg: CLIPConfig) -> Iterator[Entry]:
@@ -313,12 +400,14 @@ def _get(tree: Mapping, path: tuple) -> Any:
 def expected_shapes(model: CLIP) -> dict[str, tuple[int, ...]]:
     """PyTorch key -> shape of the open_clip state dict that fits `model` (abstract or not)."""
     pure = nnx.to_pure_dict(nnx.state(model))
-    return {k: torch_shape(tuple(_get(pure, p).shape), kind)
-            for k, p, kind in key_map(model.config)}
+    return {
+        k: torch_shape(tuple(_get(pure, p).shape), kind) for k, p, kind in key_map(model.config)
+    }
 
 
-def check_architecture(sd: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
-                       label: str) -> None:
+def check_architecture(
+    sd: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], label: str
+) -> None:
     """Raises a one-line ConversionError naming the first tensor (in the model's order) whose
     shape differs from what `label` expects: the sign of a checkpoint of another architecture."""
     bad = [k for k, want in expected.items() if k in sd and tuple(np.shape(sd[k])) != want]
@@ -327,11 +416,16 @@ def check_architecture(sd: Mapping[str, np.ndarray], expected: Mapping[str, tupl
         raise ConversionError(
             f"the checkpoint is not a {label}: {k} is {tuple(np.shape(sd[k]))} in it but "
             f"{expected[k]} in {label} ({len(bad)} of {len(expected)} tensors differ); pass the "
-            "--model (or --model-config) the checkpoint was trained with")
+            "--model (or --model-config) the checkpoint was trained with"
+        )
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, dtype=jnp.float32,
-                       label: str = "model of this configuration") -> CLIP:
+def convert_state_dict(
+    sd: Mapping[str, np.ndarray],
+    cfg: CLIPConfig,
+    dtype=jnp.float32,
+    label: str = "model of this configuration",
+) -> CLIP:
     """A CLIP holding the open_clip weights in `sd` (checked key by key and shape by shape;
     `label` names the model in the errors)."""
     abstract = nnx.eval_shape(lambda: CLIP(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -376,8 +470,9 @@ def register_demo_models() -> None:
         register_model(entry)
 
 
-def build_torch_model(name_or_dict: str | dict[str, Any], device: str = "cpu",
-                      seed: int | None = None):
+def build_torch_model(
+    name_or_dict: str | dict[str, Any], device: str = "cpu", seed: int | None = None
+):
     """The open_clip CLIP (PyTorch, eval mode) for a model name or config; device "meta" allocates
     nothing. `seed` fixes the default initialisation's random weights (otherwise torch's global
     generator draws them, whose state depends on everything that ran before in the process)."""
@@ -385,8 +480,7 @@ def build_torch_model(name_or_dict: str | dict[str, Any], device: str = "cpu",
     from open_clip.model import CLIP as TorchCLIP
 
     register_demo_models()
-    cfg = (open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str)
-           else name_or_dict)
+    cfg = open_clip_model_config(name_or_dict) if isinstance(name_or_dict, str) else name_or_dict
     with torch.random.fork_rng(devices=[]), torch.device(device):
         if seed is not None:
             torch.manual_seed(seed)
@@ -421,8 +515,9 @@ def random_inputs(cfg: CLIPConfig, batch: int, image_size: int, seed: int):
     return images, tokens
 
 
-def verify_clip(model: CLIP, torch_model, *, batch: int = 4, image_size: int | None = None,
-                seed: int = 0) -> dict[str, dict[str, float]]:
+def verify_clip(
+    model: CLIP, torch_model, *, batch: int = 4, image_size: int | None = None, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """Runs the NNX model and the open_clip model on the same random images and tokens in float32
     (JAX matmul precision "highest") and returns {"image"|"text"|"logits": {"abs", "rel"}}."""
     import torch
@@ -432,14 +527,17 @@ def verify_clip(model: CLIP, torch_model, *, batch: int = 4, image_size: int | N
     graphdef, state = nnx.split(model)
     with jax.default_matmul_precision("highest"):
         img, txt, logits = jax.jit(lambda s, x, t: _features(nnx.merge(graphdef, s), x, t))(
-            state, images, tokens)
+            state, images, tokens
+        )
     torch_model = torch_model.float().eval()
     with torch.no_grad():
         ti = torch_model.encode_image(nchw(images))
         tt = torch_model.encode_text(torch.from_numpy(tokens))
         tl = torch_model.logit_scale.exp() * _normalize(ti) @ _normalize(tt).T
-    return {name: dict(zip(("abs", "rel"), relative_diff(np.asarray(a), b.numpy())))
-            for name, a, b in (("image", img, ti), ("text", txt, tt), ("logits", logits, tl))}
+    return {
+        name: dict(zip(("abs", "rel"), relative_diff(np.asarray(a), b.numpy())))
+        for name, a, b in (("image", img, ti), ("text", txt, tt), ("logits", logits, tl))
+    }
 
 
 def _features(model: CLIP, images, tokens):

@@ -3,10 +3,11 @@ dicts as NumPy, checking them against what a converter expects, the PyTorch <-> 
 layouts, and the relative error the --verify checks report. Safetensors files need
 no torch; .bin/.pt files are read with `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import pathlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from einops import rearrange
@@ -86,7 +87,8 @@ def check_state_dict(
             problems.append(f"shape mismatch for {k}: checkpoint {got}, model expects {want}")
     if problems:
         raise ConversionError(
-            "the checkpoint does not match the model configuration: " + "; ".join(problems)
+            "the checkpoint does not match the model configuration: "
+            + "; ".join(problems)
             + ". Check that --model/--model-config (or --student) names the architecture the "
             "checkpoint was trained with."
         )

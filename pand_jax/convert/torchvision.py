@@ -6,10 +6,12 @@ drop the `backbone` prefix, map the head (`classifier` -> `fc` / `classifier.1`)
 leaves (kernel/scale -> weight, mean/var -> running_mean/var) and transpose layouts
 (conv OIHW -> HWIO, linear [out, in] -> [in, out]).
 """
+
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,9 +19,17 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from pand_jax import files
-from pand_jax.convert.state_dict import (ConversionError, check_state_dict, layout_of, nchw,
-                                         read_state_dict, relative_diff, to_flax_layout,
-                                         to_torch_layout, torch_shape)
+from pand_jax.convert.state_dict import (
+    ConversionError,
+    check_state_dict,
+    layout_of,
+    nchw,
+    read_state_dict,
+    relative_diff,
+    to_flax_layout,
+    to_torch_layout,
+    torch_shape,
+)
 from pand_jax.models.student import Student, check_arch, save_student
 
 TORCHVISION_WEIGHTS = {
@@ -27,8 +37,14 @@ TORCHVISION_WEIGHTS = {
     "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1",
 }
 HEAD = {"resnet18": "fc", "mobilenet_v2": "classifier.1"}
-LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-        "var": "running_var", "classes": "weight"}
+LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+    "classes": "weight",
+}
 # An AnchorClassifier head as torch's nn.Sequential: its index of each part (2 is the ReLU); the
 # class vectors are the weight of the last, bias-free linear map after the L2 normalisation.
 ANCHOR_HEAD = {"fc1": "0", "bn": "1", "fc2": "3", "classes": "4"}
@@ -38,6 +54,7 @@ IMAGENET_CLASSES = 1000
 VERIFY_TOLERANCE = 1e-4
 VERIFY_IMAGE_SIZE = 224
 VERIFY_BATCH = 2
+
 
 def torch_key(arch: str, path: tuple) -> str:
     """NNX state path -> torchvision state-dict key."""
@@ -56,8 +73,9 @@ def _head_shape(arch: str, state_dict: Mapping[str, np.ndarray]) -> tuple[int, i
     if anchor is not None:
         return int(anchor.shape[0]), int(anchor.shape[1])
     head = state_dict.get(f"{HEAD[arch]}.weight")
-    return (int(head.shape[0]) if head is not None and np.ndim(head) == 2
-            else IMAGENET_CLASSES), None
+    return (
+        int(head.shape[0]) if head is not None and np.ndim(head) == 2 else IMAGENET_CLASSES
+    ), None
 
 
 def cosine_head(dim: int, num_classes: int):
@@ -71,8 +89,7 @@ def cosine_head(dim: int, num_classes: int):
             self.register_buffer("weight", torch.zeros(num_classes, dim))
 
         def forward(self, x):
-            return torch.nn.functional.linear(torch.nn.functional.normalize(x, dim=1),
-                                              self.weight)
+            return torch.nn.functional.linear(torch.nn.functional.normalize(x, dim=1), self.weight)
 
     return Classes()
 
@@ -82,9 +99,13 @@ def anchor_head(in_dim: int, head_dim: int, num_classes: int):
     L2 normalisation - the class vectors (indices as ANCHOR_HEAD names them)."""
     import torch
 
-    return torch.nn.Sequential(torch.nn.Linear(in_dim, head_dim), torch.nn.BatchNorm1d(head_dim),
-                               torch.nn.ReLU(), torch.nn.Linear(head_dim, head_dim),
-                               cosine_head(head_dim, num_classes))
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_dim, head_dim),
+        torch.nn.BatchNorm1d(head_dim),
+        torch.nn.ReLU(),
+        torch.nn.Linear(head_dim, head_dim),
+        cosine_head(head_dim, num_classes),
+    )
 
 
 def torchvision_student(arch: str, num_classes: int, head_dim: int | None = None):
@@ -106,13 +127,17 @@ def torchvision_to_nnx(arch: str, state_dict: Mapping[str, np.ndarray]) -> dict:
     check_arch(arch)
     state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
     num_classes, head_dim = _head_shape(arch, state_dict)
-    abstract = nnx.eval_shape(lambda: Student(arch, num_classes, head_dim=head_dim,
-                                              rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: Student(arch, num_classes, head_dim=head_dim, rngs=nnx.Rngs(0))
+    )
     targets = flatten_dict(nnx.to_pure_dict(nnx.state(abstract)))
     keys = {path: torch_key(arch, path) for path in targets}
-    check_state_dict(state_dict, {keys[p]: torch_shape(t.shape, layout_of(len(t.shape)))
-                                 for p, t in targets.items()},
-                     ignore=("num_batches_tracked",))
+    check_state_dict(
+        state_dict,
+        {keys[p]: torch_shape(t.shape, layout_of(len(t.shape))) for p, t in targets.items()},
+        ignore=("num_batches_tracked",),
+    )
+
     def convert(w: np.ndarray) -> np.ndarray:
         return to_flax_layout(w, layout_of(w.ndim)).astype(np.float32)
 
@@ -129,9 +154,12 @@ def nnx_to_torchvision(student: Student) -> dict[str, np.ndarray]:
     for path, w in flatten_dict(nnx.to_pure_dict(nnx.state(student))).items():
         # np.array copies: writable, C-contiguous arrays that torch.from_numpy takes as they are.
         state_dict[torch_key(student.arch, path)] = np.array(
-            to_torch_layout(np.asarray(w), layout_of(np.ndim(w))), np.float32)
+            to_torch_layout(np.asarray(w), layout_of(np.ndim(w))), np.float32
+        )
     for key in [k for k in state_dict if k.endswith(".running_mean")]:
-        state_dict[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
+        state_dict[key.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros(
+            (), np.int64
+        )
     return state_dict
 
 
@@ -168,8 +196,12 @@ def _download(arch: str) -> tuple[dict[str, np.ndarray], str]:
     return read_state_dict(path), url
 
 
-def convert_student(arch: str, checkpoint: str | pathlib.Path | None = None,
-                    out: str | pathlib.Path | None = None, verify: bool = False) -> pathlib.Path:
+def convert_student(
+    arch: str,
+    checkpoint: str | pathlib.Path | None = None,
+    out: str | pathlib.Path | None = None,
+    verify: bool = False,
+) -> pathlib.Path:
     """Converts torchvision weights for `arch` and saves them under `out` (default weights/ARCH).
 
     Without `checkpoint` the IMAGENET1K_V1 weights are downloaded; with it nothing touches the
@@ -200,8 +232,9 @@ def torchvision_model(arch: str, state_dict: Mapping[str, Any]):
     tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}
     missing, unexpected = tv.load_state_dict(tensors, strict=False)
     if [k for k in missing if not k.endswith("num_batches_tracked")] or unexpected:
-        raise ConversionError(f"torchvision {arch} rejects the checkpoint: missing {missing}, "
-                              f"unexpected {unexpected}")
+        raise ConversionError(
+            f"torchvision {arch} rejects the checkpoint: missing {missing}, unexpected {unexpected}"
+        )
     return tv.eval()
 
 
@@ -224,7 +257,9 @@ def verify_student(arch: str, model: Student, state_dict: Mapping[str, np.ndarra
     """Runs the Flax and torchvision models on the same random images, prints the differences of
     logits and features and raises ConversionError above VERIFY_TOLERANCE."""
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((VERIFY_BATCH, VERIFY_IMAGE_SIZE, VERIFY_IMAGE_SIZE, 3), np.float32)
+    images = rng.standard_normal(
+        (VERIFY_BATCH, VERIFY_IMAGE_SIZE, VERIFY_IMAGE_SIZE, 3), np.float32
+    )
     want_logits, want_features = torchvision_outputs(torchvision_model(arch, state_dict), images)
     with jax.default_matmul_precision("highest"):
         features = nnx.jit(lambda m, x: m.features(x))(model, images)
@@ -239,4 +274,3 @@ def verify_student(arch: str, model: Student, state_dict: Mapping[str, np.ndarra
             f"{arch}: Flax and torchvision disagree (relative {worst:.3e} > {VERIFY_TOLERANCE:g}); "
             "the conversion is wrong, do not use these weights."
         )
-

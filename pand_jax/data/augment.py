@@ -45,6 +45,7 @@ def example_keys(seed, index, view) -> jax.Array:
 
 # ---------------------------------------------------------------- parameters
 
+
 def _released_params(key, in_size: int, out_size: int) -> dict:
     k = jax.random.split(key, 11)
     crop = round(in_size * 224 / 256)  # RandomCrop(224) after Resize(256), scaled to the host size
@@ -54,7 +55,9 @@ def _released_params(key, in_size: int, out_size: int) -> dict:
     scale = crop / out_size  # source pixels per pixel of the first crop's output grid
     return {
         "region": jnp.stack([y0 + y2 * scale, x0 + x2 * scale, side * scale, side * scale]),
-        "crop": jnp.stack([y0, x0]), "side": side, "offset": jnp.stack([y2, x2]),
+        "crop": jnp.stack([y0, x0]),
+        "side": side,
+        "offset": jnp.stack([y2, x2]),
         "angle": jax.random.uniform(k[3], (), minval=-ROTATION_DEG, maxval=ROTATION_DEG),
         "sigma": jax.random.uniform(k[4], (), minval=BLUR_SIGMA[0], maxval=BLUR_SIGMA[1]),
         "brightness": _jitter(k[5], JITTER["brightness"]),
@@ -75,7 +78,9 @@ def _rrc_params(key, in_size: int, out_size: int) -> dict:
     k = jax.random.split(key, 5)
     area = in_size * in_size
     target = area * jax.random.uniform(k[0], (RRC_TRIES,), minval=RRC_SCALE[0], maxval=RRC_SCALE[1])
-    log_r = jax.random.uniform(k[1], (RRC_TRIES,), minval=math.log(RRC_RATIO[0]), maxval=math.log(RRC_RATIO[1]))
+    log_r = jax.random.uniform(
+        k[1], (RRC_TRIES,), minval=math.log(RRC_RATIO[0]), maxval=math.log(RRC_RATIO[1])
+    )
     ratio = jnp.exp(log_r)
     w = jnp.round(jnp.sqrt(target * ratio))
     h = jnp.round(jnp.sqrt(target / ratio))
@@ -103,6 +108,7 @@ def sample_params(keys: jax.Array, recipe: str, in_size: int, out_size: int) -> 
 
 
 # ---------------------------------------------------------------- geometry
+
 
 def _resize_weights(start, length, in_size: int, out_size: int):
     """[out_size, in_size] weights resizing source pixels [start, start + length) to out_size:
@@ -151,7 +157,9 @@ def _sample_bilinear(image, y, x):
             yy, xx = y0 + dy, x0 + dx
             wgt = (1 - jnp.abs(y - yy)) * (1 - jnp.abs(x - xx))
             inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-            px = image[jnp.clip(yy, 0, h - 1).astype(jnp.int32), jnp.clip(xx, 0, w - 1).astype(jnp.int32)]
+            px = image[
+                jnp.clip(yy, 0, h - 1).astype(jnp.int32), jnp.clip(xx, 0, w - 1).astype(jnp.int32)
+            ]
             out = out + jnp.where(inside, wgt, 0.0)[..., None] * px
     return out
 
@@ -161,7 +169,9 @@ def _rotate_flip(image, angle_deg, flip):
     followed by an optional horizontal flip, as one inverse mapping of output pixels."""
     n = image.shape[0]
     c = (n - 1) / 2.0
-    i, j = jnp.meshgrid(jnp.arange(n, dtype=jnp.float32), jnp.arange(n, dtype=jnp.float32), indexing="ij")
+    i, j = jnp.meshgrid(
+        jnp.arange(n, dtype=jnp.float32), jnp.arange(n, dtype=jnp.float32), indexing="ij"
+    )
     j = jnp.where(flip, n - 1 - j, j)
     dy, dx = i - c, j - c
     t = jnp.deg2rad(angle_deg)
@@ -171,6 +181,7 @@ def _rotate_flip(image, angle_deg, flip):
 
 
 # ---------------------------------------------------------------- photometric
+
 
 def _gaussian_blur(image, sigma):
     """torchvision gaussian_blur: separable 5-tap kernel on linspace(-2, 2), reflect padding."""
@@ -251,10 +262,15 @@ def _color_jitter(image, p):
 
 # ---------------------------------------------------------------- recipes
 
+
 def _apply_one(image, p, recipe: str, out_size: int):
     x = jnp.asarray(image, jnp.float32) / 255.0
     if recipe == "eval":
-        return x if x.shape[0] == out_size else jnp.clip(_crop_resize(x, p["region"], out_size), 0.0, 1.0)
+        return (
+            x
+            if x.shape[0] == out_size
+            else jnp.clip(_crop_resize(x, p["region"], out_size), 0.0, 1.0)
+        )
     if recipe == "rrc":
         x = jnp.clip(_crop_resize(x, p["region"], out_size), 0.0, 1.0)
         return jnp.where(p["flip"], x[:, ::-1], x)

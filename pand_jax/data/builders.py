@@ -47,7 +47,9 @@ def rgb_jpeg_bytes(path: str) -> bytes:
 
 def _archive_file(path: str) -> str:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"expected the archive file {path}; is --manual-dir the right folder?")
+        raise FileNotFoundError(
+            f"expected the archive file {path}; is --manual-dir the right folder?"
+        )
     return path
 
 
@@ -61,7 +63,8 @@ def _check_names(found: list[str], expected: tuple[str, ...], what: str) -> None
         diff = [(i, f, e) for i, (f, e) in enumerate(zip(found, expected)) if f != e][:5]
         raise ValueError(
             f"{what}: {len(found)} classes in the archive, expected {len(expected)} in the "
-            f"order of pand_jax/data/classnames.py; first differences (index, found, expected): {diff}")
+            f"order of pand_jax/data/classnames.py; first differences (index, found, expected): {diff}"
+        )
 
 
 class _RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -83,18 +86,22 @@ class _RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(names=list(self.RAW_NAMES)),
-                "file_name": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(names=list(self.RAW_NAMES)),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
             supervised_keys=("image", "label"),
             disable_shuffling=self.KEEP_ORDER,
         )
 
     def _split_generators(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
-        return {split: self._generate_examples(files) for split, files in self.split_files(root).items()}
+        return {
+            split: self._generate_examples(files) for split, files in self.split_files(root).items()
+        }
 
     def split_files(self, root: str) -> dict[str, list[tuple[str, int]]]:
         """{split: [(image path, label)]} read from the archive layout under `root`."""
@@ -117,7 +124,8 @@ class _RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if bad:
             raise CorruptImagesError(
                 f"{len(bad)} image file(s) could not be decoded; nothing was written. Replace or "
-                "remove them and run prepare again:\n  " + "\n  ".join(bad))
+                "remove them and run prepare again:\n  " + "\n  ".join(bad)
+            )
 
 
 class PandCub(_RawBuilder):
@@ -129,7 +137,9 @@ class PandCub(_RawBuilder):
 
     def split_files(self, root):
         root = _find_root(root, "classes.txt", ["CUB_200_2011"], self.LAYOUT)
-        names = [line.split(" ", 1)[1].split(".", 1)[1] for line in _read_lines(f"{root}/classes.txt")]
+        names = [
+            line.split(" ", 1)[1].split(".", 1)[1] for line in _read_lines(f"{root}/classes.txt")
+        ]
         _check_names(names, self.RAW_NAMES, "CUB classes.txt")
         paths = dict(line.split(" ", 1) for line in _read_lines(f"{root}/images.txt"))
         labels = dict(line.split() for line in _read_lines(f"{root}/image_class_labels.txt"))
@@ -160,7 +170,9 @@ class PandAircraft(_RawBuilder):
         out = {}
         for split in ("train", "val", "test"):
             # Lines are "<image id> <variant>"; variants contain spaces and slashes.
-            rows = [line.split(" ", 1) for line in _read_lines(f"{root}/images_variant_{split}.txt")]
+            rows = [
+                line.split(" ", 1) for line in _read_lines(f"{root}/images_variant_{split}.txt")
+            ]
             out[split] = [(f"{root}/images/{image_id}.jpg", label_of[v]) for image_id, v in rows]
         return out
 
@@ -170,13 +182,19 @@ class PandPets(_RawBuilder):
 
     RAW_NAMES = classnames.PETS
     LAYOUT = "images/*.jpg + annotations/{trainval.txt, test.txt}"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Extract images.tar.gz and annotations.tar.gz side by side: {LAYOUT}."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Extract images.tar.gz and annotations.tar.gz side by side: {LAYOUT}."
+    )
 
     def split_files(self, root):
         root = _find_root(root, "annotations/trainval.txt", ["oxford-iiit-pet"], self.LAYOUT)
         out = {}
         for split, listing in (("train", "trainval.txt"), ("test", "test.txt")):
-            rows = [line.split() for line in _read_lines(f"{root}/annotations/{listing}") if not line.startswith("#")]
+            rows = [
+                line.split()
+                for line in _read_lines(f"{root}/annotations/{listing}")
+                if not line.startswith("#")
+            ]
             out[split] = [(f"{root}/images/{r[0]}.jpg", int(r[1]) - 1) for r in rows]
         return out
 
@@ -205,20 +223,34 @@ class PandCars(_RawBuilder):
     """Stanford Cars from `cars_train/`, `cars_test/` and the devkit's .mat files."""
 
     RAW_NAMES = classnames.CARS
-    LAYOUT = ("{cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
-              "cars_test_annos_withlabels.mat}")
+    LAYOUT = (
+        "{cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
+        "cars_test_annos_withlabels.mat}"
+    )
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Extract cars_train.tgz, cars_test.tgz and car_devkit.tgz side by side and put "
-        f"cars_test_annos_withlabels.mat next to them (or in devkit/): {LAYOUT}.")
+        f"cars_test_annos_withlabels.mat next to them (or in devkit/): {LAYOUT}."
+    )
 
     def split_files(self, root):
         root = _find_root(root, "devkit/cars_meta.mat", ["stanford_cars", "cars"], self.LAYOUT)
         meta = _loadmat(f"{root}/devkit/cars_meta.mat")
-        _check_names([str(n) for n in np.atleast_1d(meta["class_names"])], self.RAW_NAMES,
-                     "Stanford Cars devkit/cars_meta.mat")
-        test_annos = next((p for p in (f"{root}/cars_test_annos_withlabels.mat",
-                                       f"{root}/devkit/cars_test_annos_withlabels.mat")
-                           if os.path.exists(p)), f"{root}/cars_test_annos_withlabels.mat")
+        _check_names(
+            [str(n) for n in np.atleast_1d(meta["class_names"])],
+            self.RAW_NAMES,
+            "Stanford Cars devkit/cars_meta.mat",
+        )
+        test_annos = next(
+            (
+                p
+                for p in (
+                    f"{root}/cars_test_annos_withlabels.mat",
+                    f"{root}/devkit/cars_test_annos_withlabels.mat",
+                )
+                if os.path.exists(p)
+            ),
+            f"{root}/cars_test_annos_withlabels.mat",
+        )
         out = {}
         train_annos = f"{root}/devkit/cars_train_annos.mat"
         for split, annos in (("train", train_annos), ("test", test_annos)):
@@ -237,18 +269,26 @@ class PandFlowers(_RawBuilder):
     RAW_NAMES = classnames.FLOWERS
     LAYOUT = "{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        f"Extract 102flowers.tgz and put imagelabels.mat and setid.mat next to jpg/: {LAYOUT}.")
+        f"Extract 102flowers.tgz and put imagelabels.mat and setid.mat next to jpg/: {LAYOUT}."
+    )
 
     def split_files(self, root):
         root = _find_root(root, "setid.mat", ["flowers-102", "oxford_flowers102"], self.LAYOUT)
         labels = np.atleast_1d(_loadmat(f"{root}/imagelabels.mat")["labels"]).astype(int)
         # The archive has no class names, only labels 1..102; check there are that many.
-        _check_names(sorted(set(labels.tolist())), tuple(range(1, len(self.RAW_NAMES) + 1)),
-                     "Oxford Flowers-102 imagelabels.mat labels")
+        _check_names(
+            sorted(set(labels.tolist())),
+            tuple(range(1, len(self.RAW_NAMES) + 1)),
+            "Oxford Flowers-102 imagelabels.mat labels",
+        )
         setid = _loadmat(f"{root}/setid.mat")
-        return {split: [(f"{root}/jpg/image_{i:05d}.jpg", int(labels[i - 1]) - 1)
-                        for i in np.atleast_1d(setid[key]).astype(int)]
-                for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))}
+        return {
+            split: [
+                (f"{root}/jpg/image_{i:05d}.jpg", int(labels[i - 1]) - 1)
+                for i in np.atleast_1d(setid[key]).astype(int)
+            ]
+            for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))
+        }
 
 
 class PandFood(_RawBuilder):
@@ -264,9 +304,13 @@ class PandFood(_RawBuilder):
         _check_names(found, self.RAW_NAMES, "Food-101 meta/classes.txt")
         label_of = {name: i for i, name in enumerate(found)}
         # Lines are "<class>/<image id>".
-        return {split: [(f"{root}/images/{rel}.jpg", label_of[rel.split("/")[0]])
-                        for rel in _read_lines(f"{root}/meta/{split}.txt")]
-                for split in ("train", "test")}
+        return {
+            split: [
+                (f"{root}/images/{rel}.jpg", label_of[rel.split("/")[0]])
+                for rel in _read_lines(f"{root}/meta/{split}.txt")
+            ]
+            for split in ("train", "test")
+        }
 
     def example_name(self, path):
         return "/".join(path.split("/")[-2:])  # <class>/<image id>.jpg
@@ -304,8 +348,17 @@ def _find_root(root: str, marker: str, subdirs: list[str], layout: str) -> str:
     for cand in [root] + [f"{root}/{d}" for d in subdirs]:
         if os.path.exists(f"{cand}/{marker}"):
             return cand
-    raise FileNotFoundError(f"no {marker} under {root} (also tried {subdirs}); expected the layout {layout}")
+    raise FileNotFoundError(
+        f"no {marker} under {root} (also tried {subdirs}); expected the layout {layout}"
+    )
 
 
-BUILDERS = {"cub": PandCub, "aircraft": PandAircraft, "pets": PandPets, "dogs": PandDogs,
-            "cars": PandCars, "flowers": PandFlowers, "food": PandFood}
+BUILDERS = {
+    "cub": PandCub,
+    "aircraft": PandAircraft,
+    "pets": PandPets,
+    "dogs": PandDogs,
+    "cars": PandCars,
+    "flowers": PandFlowers,
+    "food": PandFood,
+}

@@ -52,7 +52,7 @@ def is_folder(key: str) -> bool:
 
 
 def root_of(key: str) -> str:
-    return os.path.abspath(os.path.expanduser(key[len(PREFIX):]))
+    return os.path.abspath(os.path.expanduser(key[len(PREFIX) :]))
 
 
 def run_name(key: str) -> str:
@@ -79,8 +79,12 @@ class Tree:
     @functools.cached_property
     def _stats(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file, read once per scan."""
-        return {path: (st.st_size, st.st_mtime_ns) for split in self.files.values()
-                for path, _ in split for st in [os.stat(path)]}
+        return {
+            path: (st.st_size, st.st_mtime_ns)
+            for split in self.files.values()
+            for path, _ in split
+            for st in [os.stat(path)]
+        }
 
     def fingerprint_of(self, files) -> str:
         """The fingerprint of some of the tree's (path, label) files."""
@@ -98,8 +102,10 @@ def _fingerprint(root: str, rows) -> str:
 def scan(root: str) -> Tree:
     """The tree's classes and files; a layout problem is one FolderError naming the folder."""
     if not os.path.isdir(root):
-        raise FolderError(f"{root} is not a folder; --dataset folder:PATH expects "
-                          f"PATH/train/<class>/<images> and PATH/test/<class>/<images>")
+        raise FolderError(
+            f"{root} is not a folder; --dataset folder:PATH expects "
+            f"PATH/train/<class>/<images> and PATH/test/<class>/<images>"
+        )
     # train/ may be missing (a label-free run; `sources.check_folder` says what else is needed).
     splits = [s for s in SPLITS if s == "test" or os.path.isdir(os.path.join(root, s))]
     classes = {}
@@ -107,37 +113,52 @@ def scan(root: str) -> Tree:
         path = os.path.join(root, split)
         if not os.path.isdir(path):
             raise FolderError(f"{path} is missing; expected {path}/<class>/<images>")
-        classes[split] = sorted(e.name for e in os.scandir(path)
-                                if e.is_dir() and not e.name.startswith("."))
+        classes[split] = sorted(
+            e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")
+        )
         if not classes[split]:
-            raise FolderError(f"no images in {path}: expected one sub-folder of images per class, "
-                              f"{path}/<class>/*.jpg")
+            raise FolderError(
+                f"no images in {path}: expected one sub-folder of images per class, "
+                f"{path}/<class>/*.jpg"
+            )
     first = splits[0]
     for split in splits[1:]:
         if classes[split] != classes[first]:
             only_first = sorted(set(classes[first]) - set(classes[split]))
             only_other = sorted(set(classes[split]) - set(classes[first]))
-            raise FolderError(f"the class folders of {root}/{first} and {root}/{split} differ: "
-                              f"only in {first}: {only_first}, only in {split}: {only_other}")
+            raise FolderError(
+                f"the class folders of {root}/{first} and {root}/{split} differ: "
+                f"only in {first}: {only_first}, only in {split}: {only_other}"
+            )
     folders = tuple(classes[first])
-    files = {split: tuple((p, label) for label, c in enumerate(folders)
-                          for p in _class_images(os.path.join(root, split, c)))
-             for split in splits}
+    files = {
+        split: tuple(
+            (p, label)
+            for label, c in enumerate(folders)
+            for p in _class_images(os.path.join(root, split, c))
+        )
+        for split in splits
+    }
     return Tree(root, folders, _class_names(root, folders), files)
 
 
 def _images_under(path: str) -> list[str]:
     # Sub-folders count, in torchvision's order (sorted walk, sorted names).
-    return [os.path.join(d, f) for d, _, names in sorted(os.walk(path, followlinks=True))
-            for f in sorted(names)
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return [
+        os.path.join(d, f)
+        for d, _, names in sorted(os.walk(path, followlinks=True))
+        for f in sorted(names)
+        if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+    ]
 
 
 def _class_images(path: str) -> list[str]:
     found = _images_under(path)
     if not found:
-        raise FolderError(f"class folder {path} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                          "add some or remove the folder from every split")
+        raise FolderError(
+            f"class folder {path} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            "add some or remove the folder from every split"
+        )
     return found
 
 
@@ -150,19 +171,25 @@ def _class_names(root: str, folders: tuple[str, ...]) -> tuple[str, ...]:
                 given = json.load(f)
         except (OSError, ValueError) as e:
             raise FolderError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(given, dict) or not all(isinstance(v, str) and v.strip()
-                                                  for v in given.values()):
-            raise FolderError(f'{path} must map class folders to names: '
-                              f'{{"{folders[0]}": "a name", ...}}')
+        if not isinstance(given, dict) or not all(
+            isinstance(v, str) and v.strip() for v in given.values()
+        ):
+            raise FolderError(
+                f'{path} must map class folders to names: {{"{folders[0]}": "a name", ...}}'
+            )
         unknown = sorted(set(given) - set(folders))
         if unknown:
-            raise FolderError(f"{path} names folders that are not classes: {unknown}; "
-                              f"the class folders are {list(folders)}")
+            raise FolderError(
+                f"{path} names folders that are not classes: {unknown}; "
+                f"the class folders are {list(folders)}"
+            )
     names = tuple(given.get(f, display_name(f)) for f in folders)
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise FolderError(f"class names {dup} of {root} are used by more than one class folder; "
-                          f"rename the folders or give distinct names in {path}")
+        raise FolderError(
+            f"class names {dup} of {root} are used by more than one class folder; "
+            f"rename the folders or give distinct names in {path}"
+        )
     return names
 
 
@@ -173,8 +200,10 @@ def _bad_files(root: str, fingerprint: str, paths: list[str]) -> list[tuple[str,
     """(path, reason) of every file of `paths` that does not decode, in file order."""
     key = (root, fingerprint)
     if key not in _BAD:
-        with (concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool,
-              progress_bar(total=len(paths), unit="image", desc=f"checking {root}") as bar):
+        with (
+            concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool,
+            progress_bar(total=len(paths), unit="image", desc=f"checking {root}") as bar,
+        ):
             results = []
             for err in pool.map(_read_error, paths):  # PIL decodes without the GIL
                 results.append(err)
@@ -185,8 +214,9 @@ def _bad_files(root: str, fingerprint: str, paths: list[str]) -> list[tuple[str,
 
 def bad_images(tree: Tree) -> list[tuple[str, str]]:
     """(path, reason) of every file of the tree that does not decode, in file order."""
-    return _bad_files(tree.root, tree.fingerprint,
-                      [p for split in tree.files.values() for p, _ in split])
+    return _bad_files(
+        tree.root, tree.fingerprint, [p for split in tree.files.values() for p, _ in split]
+    )
 
 
 def _read_error(path: str) -> str | None:
@@ -207,7 +237,8 @@ def _refuse_bad(root: str, bad: list[tuple[str, str]], skip: bool) -> list[tuple
         raise BadImagesError(
             f"{len(bad)} image file(s) under {root} cannot be read; nothing was run. Replace "
             "or remove them, or pass --skip-bad-images to train without them:\n  "
-            + "\n  ".join(f"{p} ({err})" for p, err in bad))
+            + "\n  ".join(f"{p} ({err})" for p, err in bad)
+        )
     return bad
 
 
@@ -233,27 +264,33 @@ class FolderSource:
 @dataclasses.dataclass(frozen=True)
 class Unlabeled:
     """`--unlabeled-data folder:DIR`: every image under DIR, in any layout (sorted walk)."""
+
     root: str
     paths: tuple[str, ...]
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        return _fingerprint(self.root, ((p, -1, st.st_size, st.st_mtime_ns)
-                                        for p in self.paths for st in [os.stat(p)]))
+        return _fingerprint(
+            self.root,
+            ((p, -1, st.st_size, st.st_mtime_ns) for p in self.paths for st in [os.stat(p)]),
+        )
 
 
 def unlabeled_images(key: str) -> Unlabeled:
     """The images of `folder:DIR`; one FolderError when DIR is not a folder or holds none."""
     if not is_folder(key):
-        raise FolderError(f"--unlabeled-data {key!r}: expected folder:DIR, a folder of images "
-                          "in any layout")
+        raise FolderError(
+            f"--unlabeled-data {key!r}: expected folder:DIR, a folder of images in any layout"
+        )
     root = root_of(key)
     if not os.path.isdir(root):
         raise FolderError(f"--unlabeled-data: {root} is not a folder")
     paths = tuple(_images_under(root))
     if not paths:
-        raise FolderError(f"--unlabeled-data: no images under {root} "
-                          f"({', '.join(IMAGE_EXTENSIONS)}, sub-folders too)")
+        raise FolderError(
+            f"--unlabeled-data: no images under {root} "
+            f"({', '.join(IMAGE_EXTENSIONS)}, sub-folders too)"
+        )
     return Unlabeled(root, paths)
 
 
@@ -280,8 +317,10 @@ class UnlabeledSource:
 
 def write_record(tree: Tree, workdir) -> None:
     """The label of each class folder, in the run's workdir."""
-    record = [{"label": i, "folder": f, "name": n}
-              for i, (f, n) in enumerate(zip(tree.folders, tree.class_names))]
+    record = [
+        {"label": i, "folder": f, "name": n}
+        for i, (f, n) in enumerate(zip(tree.folders, tree.class_names))
+    ]
     with files.atomic_path(os.path.join(workdir, CLASSES_FILE)) as tmp, open(tmp, "w") as f:
         json.dump({"root": tree.root, "classes": record}, f, indent=1)
 
@@ -294,7 +333,10 @@ def write_skipped(workdir, skipped: list[tuple[str, str]], where: str) -> None:
         with open(bad_path, "w") as f:
             f.writelines(f"{p}\t{err}\n" for p, err in skipped)
         # --skip-bad-images trains on fewer images than the folder holds: say so, once per run.
-        print(f"skipped {len(skipped)} unreadable image(s) under {where} (--skip-bad-images); "
-              f"listed in {bad_path}", flush=True)
+        print(
+            f"skipped {len(skipped)} unreadable image(s) under {where} (--skip-bad-images); "
+            f"listed in {bad_path}",
+            flush=True,
+        )
     elif os.path.exists(bad_path):
         os.remove(bad_path)

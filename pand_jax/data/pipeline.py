@@ -44,10 +44,12 @@ def resize_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     img = img.resize((new_w, new_h), Image.BICUBIC)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return np.asarray(img)[top:top + size, left:left + size]
+    return np.asarray(img)[top : top + size, left : left + size]
 
 
-def epoch_order(n: int, global_batch_size: int, *, train: bool, seed: int, epoch: int) -> np.ndarray:
+def epoch_order(
+    n: int, global_batch_size: int, *, train: bool, seed: int, epoch: int
+) -> np.ndarray:
     """Example indices of every global batch of an epoch: int64 [steps, global_batch_size].
 
     train: a permutation seeded by (seed, epoch), remainder dropped. eval: in order, the
@@ -56,7 +58,7 @@ def epoch_order(n: int, global_batch_size: int, *, train: bool, seed: int, epoch
     if train:
         perm = np.random.default_rng([seed, epoch]).permutation(n)
         steps = n // global_batch_size
-        return perm[:steps * global_batch_size].reshape(steps, global_batch_size)
+        return perm[: steps * global_batch_size].reshape(steps, global_batch_size)
     steps = -(-n // global_batch_size)
     order = np.full(steps * global_batch_size, -1, np.int64)
     order[:n] = np.arange(n)
@@ -73,10 +75,21 @@ class Loader:
     config schema checks that before any work (evaluate.py its --batch-size).
     """
 
-    def __init__(self, source, *, global_batch_size: int, image_size: int, resize: str = "stretch",
-                 train: bool, seed: int = 0, process_index: int | None = None,
-                 process_count: int | None = None, cache_dir: str | None = None, workers: int = 0,
-                 threads: int = 8):
+    def __init__(
+        self,
+        source,
+        *,
+        global_batch_size: int,
+        image_size: int,
+        resize: str = "stretch",
+        train: bool,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        cache_dir: str | None = None,
+        workers: int = 0,
+        threads: int = 8,
+    ):
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
         if process_index is None or process_count is None:
@@ -84,8 +97,10 @@ class Loader:
 
             process_index, process_count = jax.process_index(), jax.process_count()
         if train and len(source) < global_batch_size:
-            raise ValueError(f"train split of {len(source)} examples is smaller than one global batch "
-                             f"of {global_batch_size}; nothing would be yielded")
+            raise ValueError(
+                f"train split of {len(source)} examples is smaller than one global batch "
+                f"of {global_batch_size}; nothing would be yielded"
+            )
         self.source, self.train, self.seed = source, train, seed
         self.global_batch_size, self.image_size, self.resize = global_batch_size, image_size, resize
         self.process_index, self.process_count = process_index, process_count
@@ -106,10 +121,11 @@ class Loader:
 
     def local_order(self, epoch: int) -> np.ndarray:
         """This process's slice of every global batch of the epoch: [steps, local_batch_size]."""
-        order = epoch_order(len(self.source), self.global_batch_size, train=self.train,
-                            seed=self.seed, epoch=epoch)
+        order = epoch_order(
+            len(self.source), self.global_batch_size, train=self.train, seed=self.seed, epoch=epoch
+        )
         lo = self.process_index * self.local_batch_size
-        return order[:, lo:lo + self.local_batch_size]
+        return order[:, lo : lo + self.local_batch_size]
 
     def epoch(self, epoch: int, start_step: int = 0) -> grain.DatasetIterator:
         if not 0 <= start_step <= self.steps_per_epoch:
@@ -135,8 +151,12 @@ class Loader:
             labels = np.zeros(len(indices), np.int64)
             for j in np.flatnonzero(valid):  # decode + resize; PIL releases the GIL
                 images[j], labels[j] = self._decode(int(indices[j]))
-        return {"image": images, "label": np.where(valid, labels, 0).astype(np.int32),
-                "index": indices.astype(np.int32), "mask": valid}
+        return {
+            "image": images,
+            "label": np.where(valid, labels, 0).astype(np.int32),
+            "index": indices.astype(np.int32),
+            "mask": valid,
+        }
 
     def _check_chunk(self, c: int) -> None:
         """Compares chunk `c` with its CRC-32 the first time it is read; a damaged one is decoded
@@ -149,9 +169,11 @@ class Loader:
             images, labels, crcs, stem = self.cache
             lo, hi = c * CHUNK, min((c + 1) * CHUNK, len(labels))
             if _chunk_crc(images, labels, lo, hi) != crcs[c]:
-                print(f"warning: examples {lo}-{hi - 1} of the image cache {stem}.images.npy do "
-                      "not match their checksum (damaged on disk); decoding them again",
-                      flush=True)
+                print(
+                    f"warning: examples {lo}-{hi - 1} of the image cache {stem}.images.npy do "
+                    "not match their checksum (damaged on disk); decoding them again",
+                    flush=True,
+                )
                 rows = [self._decode(i) for i in range(lo, hi)]
                 # A writable map of the same file: the read-only one sees the repaired rows.
                 writable = np.load(stem + ".images.npy", mmap_mode="r+")
@@ -168,7 +190,8 @@ class Loader:
                         f"examples {lo}-{hi - 1} of the image cache {stem}.images.npy still do "
                         "not match their checksum after decoding them again: the source changed "
                         "since the cache was built, or the disk does not keep what is written; "
-                        f"delete {stem}.json to rebuild the cache")
+                        f"delete {stem}.json to rebuild the cache"
+                    )
             self._checked[c] = True
 
     def _decode(self, i: int) -> tuple[np.ndarray, int]:
@@ -184,19 +207,27 @@ class Loader:
         if name is None:
             raise ValueError("cache_dir needs a source with a `name` (load_split sets it)")
         stem = os.path.join(cache_dir, f"{name}-{self.resize}{self.image_size}-n{len(self.source)}")
-        key = {"name": name, "resize": self.resize, "image_size": self.image_size,
-               "num_examples": len(self.source), "version": CACHE_VERSION}
+        key = {
+            "name": name,
+            "resize": self.resize,
+            "image_size": self.image_size,
+            "num_examples": len(self.source),
+            "version": CACHE_VERSION,
+        }
         cache, reason = self._read_cache(stem, key)
         if cache is None:
             if os.path.exists(stem + ".images.npy"):
-                print(f"warning: rebuilding the image cache {stem}.images.npy: {reason}",
-                      flush=True)
+                print(
+                    f"warning: rebuilding the image cache {stem}.images.npy: {reason}", flush=True
+                )
             os.makedirs(cache_dir, exist_ok=True)
             self._write_cache(stem, key)
             cache, reason = self._read_cache(stem, key)
             if cache is None:
-                raise RuntimeError(f"the image cache {stem}.images.npy is unreadable right after "
-                                   f"it was written: {reason}")
+                raise RuntimeError(
+                    f"the image cache {stem}.images.npy is unreadable right after "
+                    f"it was written: {reason}"
+                )
         return cache
 
     def _read_cache(self, stem: str, key: dict) -> tuple[tuple | None, str]:
@@ -217,20 +248,27 @@ class Loader:
         except (OSError, ValueError) as e:
             return None, f"it is damaged ({type(e).__name__}: {e})"
         if images.shape != (n, s, s, 3) or images.dtype != np.uint8 or labels.shape != (n,):
-            return None, (f"it holds images {images.shape} {images.dtype} and labels "
-                          f"{labels.shape}, expected ({n}, {s}, {s}, 3) uint8 and ({n},)")
+            return None, (
+                f"it holds images {images.shape} {images.dtype} and labels "
+                f"{labels.shape}, expected ({n}, {s}, {s}, 3) uint8 and ({n},)"
+            )
         return (images, labels, crcs, stem), ""
 
     def _write_cache(self, stem: str, key: dict) -> None:
         n, s = len(self.source), self.image_size
         # Every file through a temporary one: a run building the same cache at the same time
         # (another host on a shared disk) never reads a half-written one.
-        fix = ("free space there, or set host_cache_dir to a disk with room, and run the same "
-               "command again")
-        with files.disk_full_errors(stem + ".images.npy", n * s * s * 3, "the image cache",
-                                    fix), files.atomic_path(stem + ".images.npy") as images_tmp:
-            images = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8,
-                                               shape=(n, s, s, 3))
+        fix = (
+            "free space there, or set host_cache_dir to a disk with room, and run the same "
+            "command again"
+        )
+        with (
+            files.disk_full_errors(stem + ".images.npy", n * s * s * 3, "the image cache", fix),
+            files.atomic_path(stem + ".images.npy") as images_tmp,
+        ):
+            images = np.lib.format.open_memmap(
+                images_tmp, mode="w+", dtype=np.uint8, shape=(n, s, s, 3)
+            )
             # Its blocks reserved first: writing a memory map on a full disk is a SIGBUS.
             fd = os.open(images_tmp, os.O_RDWR)
             try:
@@ -240,7 +278,8 @@ class Loader:
             labels = np.zeros(n, np.int64)
             crcs = [0] * -(-n // CHUNK)
             ds = grain.MapDataset.range(0, n, CHUNK).map(
-                lambda lo: (lo, [self._decode(i) for i in range(lo, min(lo + CHUNK, n))]))
+                lambda lo: (lo, [self._decode(i) for i in range(lo, min(lo + CHUNK, n))])
+            )
             for lo, rows in ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads)):
                 for k, (img, label) in enumerate(rows):
                     images[lo + k], labels[lo + k] = img, label
@@ -250,14 +289,16 @@ class Loader:
             # labels and images first: the key file appearing is what marks the cache complete.
             if os.path.exists(stem + ".json"):
                 os.remove(stem + ".json")
-            with files.disk_full_errors(stem + ".labels.npy", labels.nbytes, "the image cache",
-                                        fix), files.atomic_path(stem + ".labels.npy") as labels_tmp:
+            with (
+                files.disk_full_errors(stem + ".labels.npy", labels.nbytes, "the image cache", fix),
+                files.atomic_path(stem + ".labels.npy") as labels_tmp,
+            ):
                 np.save(labels_tmp, labels)
-        files.write_file(stem + ".json", json.dumps({**key, "crc32": crcs}),
-                         "the image cache's key")
+        files.write_file(
+            stem + ".json", json.dumps({**key, "crc32": crcs}), "the image cache's key"
+        )
 
 
 def _chunk_crc(images: np.ndarray, labels: np.ndarray, lo: int, hi: int) -> int:
     """CRC-32 of rows [lo, hi) of the cache, images then labels (zlib releases the GIL)."""
-    return zlib.crc32(np.ascontiguousarray(labels[lo:hi], np.int64),
-                      zlib.crc32(images[lo:hi]))
+    return zlib.crc32(np.ascontiguousarray(labels[lo:hi], np.int64), zlib.crc32(images[lo:hi]))

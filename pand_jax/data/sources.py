@@ -52,20 +52,31 @@ def _digits(size: int = 32) -> dict[str, ArraySource]:
 
     d = load_digits()
     grey = (d.images * (255.0 / 16.0)).round().astype(np.uint8)  # values are 0..16
-    big = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR)) for g in grey])
+    big = np.stack(
+        [np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR)) for g in grey]
+    )
     rgb = np.repeat(big[..., None], 3, axis=-1)
     idx_train, idx_test = train_test_split(
-        np.arange(len(grey)), test_size=0.25, stratify=d.target, random_state=0)
-    return {s: ArraySource(rgb[ix], d.target[ix].astype(np.int64), name=f"digits{size}-{s}")
-            for s, ix in (("train", np.sort(idx_train)), ("test", np.sort(idx_test)))}
+        np.arange(len(grey)), test_size=0.25, stratify=d.target, random_state=0
+    )
+    return {
+        s: ArraySource(rgb[ix], d.target[ix].astype(np.int64), name=f"digits{size}-{s}")
+        for s, ix in (("train", np.sort(idx_train)), ("test", np.sort(idx_test)))
+    }
 
 
 def _prepare_command(key: str, data_dir: str) -> str:
     return f"python -m pand_jax.data.prepare --dataset {key} --data-dir {data_dir} --manual-dir RAW"
 
 
-def check_folder(info, data_dir: str | None, skip_bad_images: bool, train_split: str,
-                 batch_size: int, unlabeled: int = 0) -> list[tuple[str, str]]:
+def check_folder(
+    info,
+    data_dir: str | None,
+    skip_bad_images: bool,
+    train_split: str,
+    batch_size: int,
+    unlabeled: int = 0,
+) -> list[tuple[str, str]]:
     """The (path, reason) of an image folder's images to leave out, after decoding every image
     (unless it was prepared: preparing checks them) and checking that the training split, with
     `unlabeled` readable unlabelled images, fills one batch; every problem is raised before
@@ -77,14 +88,16 @@ def check_folder(info, data_dir: str | None, skip_bad_images: bool, train_split:
         raise folder.FolderError(
             f"{tree.root}/{train_split} is missing; expected {tree.root}/{train_split}/<class>/"
             "<images> (or, for a method that reads no labels, images without labels from "
-            "--unlabeled-data folder:DIR)")
+            "--unlabeled-data folder:DIR)"
+        )
     left_out = {p for p, _ in skipped}
     n = sum(p not in left_out for p, _ in tree.files.get(train_split, ()))
     if n + unlabeled < batch_size:
         where = f"{tree.root}/{train_split}" + (" with the unlabelled images" if unlabeled else "")
         raise folder.FolderError(
             f"{where} has {n + unlabeled} readable images, fewer than one training batch of "
-            f"{batch_size}; lower --batch-size or add images")
+            f"{batch_size}; lower --batch-size or add images"
+        )
     return skipped
 
 
@@ -99,8 +112,11 @@ def prepared_dir(dataset, data_dir: str) -> str | None:
     for name in (info.tfds_name, info.official_tfds_name):
         root = os.path.join(data_dir, name) if name else None
         if root and os.path.isdir(root):
-            versions = sorted(v for v in os.listdir(root)
-                              if os.path.exists(os.path.join(root, v, "dataset_info.json")))
+            versions = sorted(
+                v
+                for v in os.listdir(root)
+                if os.path.exists(os.path.join(root, v, "dataset_info.json"))
+            )
             if versions:
                 return os.path.join(root, versions[-1])
     return None
@@ -124,7 +140,8 @@ def load_split(dataset, split: str, data_dir: str | None = None, skip_bad_images
         return folder.FolderSource(info.tree, split, skip_bad_images)
     if path is None:
         raise FileNotFoundError(
-            f"dataset {key!r} is not prepared under {data_dir}; run:\n  {_prepare_command(key, data_dir)}")
+            f"dataset {key!r} is not prepared under {data_dir}; run:\n  {_prepare_command(key, data_dir)}"
+        )
     sources = tfds.builder_from_directory(path).as_data_source()
     if os.path.basename(os.path.dirname(path)) == info.official_tfds_name:
         split = info.official_splits.get(split, split)
@@ -137,5 +154,7 @@ def load_split(dataset, split: str, data_dir: str | None = None, skip_bad_images
 def _split_of(splits: dict, split: str, key: str):
     if split not in splits:
         extra = ["trainval"] if {"train", "val"} <= set(splits) else []
-        raise ValueError(f"dataset {key!r} has no split {split!r}; splits: {', '.join(list(splits) + extra)}")
+        raise ValueError(
+            f"dataset {key!r} has no split {split!r}; splits: {', '.join(list(splits) + extra)}"
+        )
     return splits[split]

@@ -7,6 +7,7 @@ crop; with learned anchors at the image size and dtype their PSC run recorded, z
 tower's own size) and classifies by cosine similarity to text anchors: learned ones from
 Stage-PSC, or the dataset's prompt template (zero-shot).
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,14 +32,15 @@ TOP_K = 5
 
 def split_loader(info, split: str, size: int, resize: str, batch: int, settings):
     """(source, in-order loader) of a split, as the trainer's evaluation reads it."""
-    source = data_lib.load_split(info.key, split, settings["data_dir"],
-                                 settings["skip_bad_images"])
-    return source, pipeline.Loader(source, global_batch_size=batch, image_size=size,
-                                   resize=resize, train=False)
+    source = data_lib.load_split(info.key, split, settings["data_dir"], settings["skip_bad_images"])
+    return source, pipeline.Loader(
+        source, global_batch_size=batch, image_size=size, resize=resize, train=False
+    )
 
 
-def teacher_logits(teacher: str, anchors: str | None, info, split: str, settings, batch: int,
-                   mesh) -> tuple[np.ndarray, np.ndarray]:
+def teacher_logits(
+    teacher: str, anchors: str | None, info, split: str, settings, batch: int, mesh
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C], labels [N]) of the CLIP teacher: CLIP's logit scale times the cosine
     similarity of image features and text anchors. With Stage-PSC's anchors the features are
     computed with the image size, resize and compute dtype that run recorded in them, so the
@@ -47,18 +49,26 @@ def teacher_logits(teacher: str, anchors: str | None, info, split: str, settings
     text, meta = anchors_lib.load(anchors, info) if anchors else (None, {})
     recorded = meta.get("features")
     if anchors and recorded is None:
-        print(f"warning: {anchors} does not record the settings of its teacher features (an "
-              "older Stage-PSC wrote it); the teacher sees its own image size, which may not "
-              "give the accuracy Stage-PSC reported", flush=True)
-    clip = load_clip(teacher, dtype=devices.compute_dtype(recorded["dtype"] if recorded else "auto"))
+        print(
+            f"warning: {anchors} does not record the settings of its teacher features (an "
+            "older Stage-PSC wrote it); the teacher sees its own image size, which may not "
+            "give the accuracy Stage-PSC reported",
+            flush=True,
+        )
+    clip = load_clip(
+        teacher, dtype=devices.compute_dtype(recorded["dtype"] if recorded else "auto")
+    )
     if text is None:
         text = prompts.template_anchors(clip, info.class_names, info.prompt_template)
     size = recorded["image_size"] if recorded else clip.config.vision.image_size
     clip.check_image_size(size, "the anchors' feature image size")
     resize = recorded["resize"] if recorded else "shorter_center_crop"
     _, loader = split_loader(info, split, size, resize, batch, settings)
-    encode = devices.jit_apply(clip, lambda m, b: losses.l2_normalize(
-        m.encode_image(augment.eval_transform(b["image"], size))), mesh)
+    encode = devices.jit_apply(
+        clip,
+        lambda m, b: losses.l2_normalize(m.encode_image(augment.eval_transform(b["image"], size))),
+        mesh,
+    )
     features, labels = devices.run_over_split(encode, loader, mesh, "teacher")
     scale = np.exp(np.float32(clip.logit_scale[...]))
     return scale * (features.astype(np.float32) @ text.T), labels
@@ -80,17 +90,28 @@ def metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     cm = confusion_matrix(top_k[:, 0], labels, num_classes)
     support = cm.sum(1)
     per_class = np.diag(cm) / np.maximum(support, 1)
-    return {"top1": float(np.mean(top_k[:, 0] == labels)),
-            f"top{TOP_K}": float(np.mean(np.any(top_k == labels[:, None], axis=1))),
-            "mean_per_class": float(np.mean(per_class[support > 0])),
-            "support": support, "per_class": per_class, "confusion": cm}
+    return {
+        "top1": float(np.mean(top_k[:, 0] == labels)),
+        f"top{TOP_K}": float(np.mean(np.any(top_k == labels[:, None], axis=1))),
+        "mean_per_class": float(np.mean(per_class[support > 0])),
+        "support": support,
+        "per_class": per_class,
+        "confusion": cm,
+    }
 
 
 SUMMARY_KEYS = ("top1", f"top{TOP_K}", "mean_per_class")
 
 
-def write_report(out: pathlib.Path, class_names, scores: dict[str, dict], header: dict[str, Any],
-                 logits: np.ndarray, labels: np.ndarray, source) -> None:
+def write_report(
+    out: pathlib.Path,
+    class_names,
+    scores: dict[str, dict],
+    header: dict[str, Any],
+    logits: np.ndarray,
+    labels: np.ndarray,
+    source,
+) -> None:
     """metrics.json, per_class.csv, predictions.npz, confusion.png and mistakes.png of the student
     (`scores["student"]`), plus the teacher's figures in metrics.json and per_class.csv."""
     out.mkdir(parents=True, exist_ok=True)
@@ -101,10 +122,18 @@ def write_report(out: pathlib.Path, class_names, scores: dict[str, dict], header
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["class", "support", "accuracy", *(["teacher_accuracy"] if "teacher" in scores else [])])
+        w.writerow(
+            ["class", "support", "accuracy", *(["teacher_accuracy"] if "teacher" in scores else [])]
+        )
         for c, name in enumerate(class_names):
-            w.writerow([name, int(student["support"][c]), f"{student['per_class'][c]:.6f}",
-                        *([f"{scores['teacher']['per_class'][c]:.6f}"] if "teacher" in scores else [])])
+            w.writerow(
+                [
+                    name,
+                    int(student["support"][c]),
+                    f"{student['per_class'][c]:.6f}",
+                    *([f"{scores['teacher']['per_class'][c]:.6f}"] if "teacher" in scores else []),
+                ]
+            )
     np.savez(out / "predictions.npz", logits=logits, labels=labels)
     plots.confusion(student["confusion"], class_names, out / "confusion.png")
     plots.mistakes(logits, labels, class_names, source, out / "mistakes.png")
@@ -113,14 +142,23 @@ def write_report(out: pathlib.Path, class_names, scores: dict[str, dict], header
 def table(scores: dict[str, dict]) -> str:
     rows = [f"{'model':<8} {'top-1':>7} {'top-5':>7} {'mean/class':>11}"]
     for name, s in scores.items():
-        rows.append(f"{name:<8} {100 * s['top1']:6.2f}% {100 * s[f'top{TOP_K}']:6.2f}% "
-                    f"{100 * s['mean_per_class']:10.2f}%")
+        rows.append(
+            f"{name:<8} {100 * s['top1']:6.2f}% {100 * s[f'top{TOP_K}']:6.2f}% "
+            f"{100 * s['mean_per_class']:10.2f}%"
+        )
     return "\n".join(rows)
 
 
-def evaluate(student_dir: str, dataset: str | None, split: str | None, out: pathlib.Path,
-             data_dir: str | None = None, batch_size: int | None = None,
-             teacher: str | None = None, anchors: str | None = None) -> dict[str, dict]:
+def evaluate(
+    student_dir: str,
+    dataset: str | None,
+    split: str | None,
+    out: pathlib.Path,
+    data_dir: str | None = None,
+    batch_size: int | None = None,
+    teacher: str | None = None,
+    anchors: str | None = None,
+) -> dict[str, dict]:
     """Evaluates the student (and the teacher when given) and writes the report to `out`."""
     student = student_lib.load(student_dir)
     settings = dict(student.settings, **({"data_dir": data_dir} if data_dir else {}))
@@ -134,14 +172,20 @@ def evaluate(student_dir: str, dataset: str | None, split: str | None, out: path
     # The one batch size no config schema has checked (--batch-size, or a run's on other devices).
     devices.check_batch_size(batch, mesh, "evaluation batch size")
     source, loader = split_loader(info, split, student.image_size, "stretch", batch, settings)
-    logits, labels = devices.run_over_split(student_lib.logits_fn(student, mesh), loader, mesh,
-                                            "student")
+    logits, labels = devices.run_over_split(
+        student_lib.logits_fn(student, mesh), loader, mesh, "student"
+    )
     scores = {"student": metrics(logits, labels)}
-    header = {"dataset": info.key, "split": split, "num_examples": int(len(labels)),
-              "student": str(student_dir)}
+    header = {
+        "dataset": info.key,
+        "split": split,
+        "num_examples": int(len(labels)),
+        "student": str(student_dir),
+    }
     if teacher:
-        scores["teacher"] = metrics(teacher_logits(teacher, anchors, info, split, settings, batch,
-                                                   mesh)[0], labels)
+        scores["teacher"] = metrics(
+            teacher_logits(teacher, anchors, info, split, settings, batch, mesh)[0], labels
+        )
         header.update(teacher_path=str(teacher), anchors=str(anchors) if anchors else "template")
     if jax.process_index() == 0:
         write_report(out, student.class_names, scores, header, logits, labels, source)

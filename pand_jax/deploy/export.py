@@ -5,6 +5,7 @@ size and return logits; a JSON file beside the model (FILE.json, so that student
 student.onnx in one folder each keep their own) records the architecture, classes and
 preprocessing.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,15 @@ ONNX_OPSET = 17
 def _head(model) -> str:
     c, d = model.num_classes, model.head_dim
     if d is not None:
-        return (f"anchor head: Linear(d, {d}) - BatchNorm1d - ReLU - Linear - L2 normalisation - "
-                f"class vectors [{c}, {d}] (pand_jax.convert.torchvision.anchor_head)")
+        return (
+            f"anchor head: Linear(d, {d}) - BatchNorm1d - ReLU - Linear - L2 normalisation - "
+            f"class vectors [{c}, {d}] (pand_jax.convert.torchvision.anchor_head)"
+        )
     if model.arch == clip_student.ARCH:
-        return (f"cosine: L2 normalisation - class text features times the logit scale "
-                f"[{c}, {model.embed_dim}] (pand_jax.convert.torchvision.cosine_head)")
+        return (
+            f"cosine: L2 normalisation - class text features times the logit scale "
+            f"[{c}, {model.embed_dim}] (pand_jax.convert.torchvision.cosine_head)"
+        )
     return "linear"
 
 
@@ -40,18 +45,34 @@ def metadata(student: student_lib.TrainedStudent, fmt: str) -> dict[str, Any]:
     size = student.image_size
     m = student.model
     return {
-        "format": fmt, "arch": m.arch, "num_classes": m.num_classes, "head": _head(m),
-        **({"model": "pand_jax.convert.clip_student.torch_student: open_clip's ViT image tower "
-                     f"with {m.prompt_tokens} visual prompt tokens at each of its first "
-                     f"{m.prompt_depth} layers", "clip_student": m.config()}
-           if m.arch == clip_student.ARCH else {}),
-        "class_names": student.class_names, "image_size": size,
-        "mean": augment.CLIP_MEAN.tolist(), "std": augment.CLIP_STD.tolist(),
-        "input": {"layout": "NCHW", "dtype": "float32", "shape": ["batch", 3, size, size],
-                  "normalisation": "(rgb / 255 - mean) / std",
-                  "resize": f"stretch the RGB image to {size}x{size} (bilinear, antialiased)"},
+        "format": fmt,
+        "arch": m.arch,
+        "num_classes": m.num_classes,
+        "head": _head(m),
+        **(
+            {
+                "model": "pand_jax.convert.clip_student.torch_student: open_clip's ViT image tower "
+                f"with {m.prompt_tokens} visual prompt tokens at each of its first "
+                f"{m.prompt_depth} layers",
+                "clip_student": m.config(),
+            }
+            if m.arch == clip_student.ARCH
+            else {}
+        ),
+        "class_names": student.class_names,
+        "image_size": size,
+        "mean": augment.CLIP_MEAN.tolist(),
+        "std": augment.CLIP_STD.tolist(),
+        "input": {
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": ["batch", 3, size, size],
+            "normalisation": "(rgb / 255 - mean) / std",
+            "resize": f"stretch the RGB image to {size}x{size} (bilinear, antialiased)",
+        },
         "output": "logits [batch, num_classes]",
-        "dataset": student.meta.get("dataset"), "top1": student.meta.get("top1"),
+        "dataset": student.meta.get("dataset"),
+        "top1": student.meta.get("top1"),
     }
 
 
@@ -64,7 +85,9 @@ def torchvision_model(student: student_lib.TrainedStudent):
     if m.arch == clip_student.ARCH:
         return clip_torch.torch_student(m)
     tv = torchvision_student(m.arch, m.num_classes, m.head_dim)
-    tv.load_state_dict({k: torch.from_numpy(v) for k, v in nnx_to_torchvision(student.model).items()})
+    tv.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in nnx_to_torchvision(student.model).items()}
+    )
     return tv.eval()
 
 
@@ -75,8 +98,9 @@ def model_path(out: str | pathlib.Path, fmt: str) -> pathlib.Path:
     return out if out.suffix in MODEL_SUFFIXES else out / FILE_NAMES[fmt]
 
 
-def export(student: student_lib.TrainedStudent, fmt: str,
-           out: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+def export(
+    student: student_lib.TrainedStudent, fmt: str, out: str | pathlib.Path
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Writes the model into the folder `out` (or to the file `out`, see `model_path`) and its
     metadata beside it; returns (model, metadata) paths."""
     import torch
@@ -97,9 +121,16 @@ def export(student: student_lib.TrainedStudent, fmt: str,
             warnings.simplefilter("ignore", DeprecationWarning)
             # A CLIP student's attention: shape checks traced as constants, which they are.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(tv, (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(
+                tv,
+                (example,),
+                str(out),
+                dynamo=False,
+                opset_version=ONNX_OPSET,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            )
     sidecar = out.with_name(out.name + ".json")
     sidecar.write_text(json.dumps(metadata(student, fmt), indent=2) + "\n")
     return out, sidecar

@@ -1,5 +1,6 @@
 """The evaluation figures: a confusion matrix whose class order puts classes that are mistaken for
 one another side by side, and a grid of the most confident mistakes."""
+
 from __future__ import annotations
 
 import pathlib
@@ -52,7 +53,7 @@ def top_confusions(cm: np.ndarray, n: int) -> list[tuple[int, int]]:
 
 
 def _short(name: str, width: int = 28) -> str:
-    return name if len(name) <= width else name[:width - 1] + "…"
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def confusion(cm: np.ndarray, class_names, path: pathlib.Path) -> None:
@@ -79,15 +80,27 @@ def confusion_figure(cm: np.ndarray, class_names) -> Figure:
     cmap = colormaps["viridis"].with_extremes(bad="0.85")
     norm = PowerNorm(0.5, vmin=0, vmax=max(errors.max(), 1e-9))
     im = ax.imshow(errors, cmap=cmap, norm=norm, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02,
-                 label="fraction of the true class predicted as the column's class")
+    fig.colorbar(
+        im,
+        ax=ax,
+        fraction=0.046,
+        pad=0.02,
+        label="fraction of the true class predicted as the column's class",
+    )
     if n <= MAX_COUNTS:
         counts = cm[np.ix_(order, order)]
         for (t, p), c in np.ndenumerate(counts):
             if c:  # dark text on the grey diagonal and bright colours, light on viridis' dark end
                 dark = t == p or norm(errors[t, p]) > 0.6
-                ax.text(p, t, str(c), ha="center", va="center", fontsize=max(5, 11 - n // 3),
-                        color="black" if dark else "white")
+                ax.text(
+                    p,
+                    t,
+                    str(c),
+                    ha="center",
+                    va="center",
+                    fontsize=max(5, 11 - n // 3),
+                    color="black" if dark else "white",
+                )
     if labelled:
         names = [_short(class_names[i]) for i in order]
         slanted = dict(rotation=30, ha="right") if n <= 10 else dict(rotation=90)  # less height
@@ -100,8 +113,11 @@ def confusion_figure(cm: np.ndarray, class_names) -> Figure:
     ax.set_xlabel("predicted class" + ("" if labelled else " (position in the clustered order)"))
     ax.set_ylabel("true class" + ("" if labelled else " (position in the clustered order)"))
     counted = ", counts in cells" if n <= MAX_COUNTS else ""
-    ax.set_title(f"confusions, {n} classes, ordered so that confused classes are adjacent\n"
-                 f"(diagonal grey{counted})", fontsize=10)
+    ax.set_title(
+        f"confusions, {n} classes, ordered so that confused classes are adjacent\n"
+        f"(diagonal grey{counted})",
+        fontsize=10,
+    )
     if not labelled:
         _largest_confusions(side, cm, order, class_names)
     fig.tight_layout()
@@ -112,16 +128,32 @@ def _largest_confusions(ax, cm: np.ndarray, order: np.ndarray, class_names) -> N
     """The most frequent mistakes by name, as text in `ax`, with their rows in the matrix."""
     ax.axis("off")
     position = np.argsort(order)
-    lines = [f"{cm[t, p]:>4}  {100 * row_rates(cm)[t, p]:5.1f}%  "
-             f"[{position[t]:>3}] {_short(class_names[t], 22)}  ->  {_short(class_names[p], 22)}"
-             for t, p in top_confusions(cm, TOP_CONFUSIONS)]
-    ax.text(0, 1, "largest confusions: count, % of true class, [row] true -> predicted\n\n"
-            + ("\n".join(lines) or "(none)"), va="top", ha="left", family="monospace",
-            fontsize=8, transform=ax.transAxes)
+    lines = [
+        f"{cm[t, p]:>4}  {100 * row_rates(cm)[t, p]:5.1f}%  "
+        f"[{position[t]:>3}] {_short(class_names[t], 22)}  ->  {_short(class_names[p], 22)}"
+        for t, p in top_confusions(cm, TOP_CONFUSIONS)
+    ]
+    ax.text(
+        0,
+        1,
+        "largest confusions: count, % of true class, [row] true -> predicted\n\n"
+        + ("\n".join(lines) or "(none)"),
+        va="top",
+        ha="left",
+        family="monospace",
+        fontsize=8,
+        transform=ax.transAxes,
+    )
 
 
-def mistakes(logits: np.ndarray, labels: np.ndarray, class_names, source,
-             path: pathlib.Path, n: int = MISTAKES) -> None:
+def mistakes(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_names,
+    source,
+    path: pathlib.Path,
+    n: int = MISTAKES,
+) -> None:
     """The n wrong predictions with the highest softmax probability, with their images
     (`source[i]["image"]`), true and predicted classes."""
     z = logits - logits.max(1, keepdims=True)
@@ -136,8 +168,10 @@ def mistakes(logits: np.ndarray, labels: np.ndarray, class_names, source,
         ax.axis("off")
     for ax, i in zip(axes.flat, worst):
         ax.imshow(np.asarray(source[int(i)]["image"]), interpolation="nearest")
-        title = (f"true: {class_names[labels[i]]}\npred: {class_names[predicted[i]]} "
-                 f"({probs[i, predicted[i]]:.2f})")
+        title = (
+            f"true: {class_names[labels[i]]}\npred: {class_names[predicted[i]]} "
+            f"({probs[i, predicted[i]]:.2f})"
+        )
         ax.set_title("\n".join(textwrap.fill(line, 34) for line in title.split("\n")), fontsize=8)
     if not len(worst):
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")

@@ -1,8 +1,10 @@
 """Classifying image files with a trained student, through the same transform as its evaluation."""
+
 from __future__ import annotations
 
 import pathlib
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -47,7 +49,7 @@ def predict(student: student_lib.TrainedStudent, paths, top_k: int) -> Iterator[
     paths = list(paths)
     for lo in progress_bar(iterable=range(0, len(paths), BATCH), desc="predict", unit="batch"):
         images, done = [], []
-        for p in paths[lo:lo + BATCH]:
+        for p in paths[lo : lo + BATCH]:
             try:
                 images.append(student_lib.resize(read_image(p), size))
                 done.append((p, None))
@@ -67,7 +69,7 @@ def _probabilities(logits_of, images: list[np.ndarray]) -> np.ndarray:
     if not images:
         return np.zeros((0, 0), np.float32)
     batch = np.zeros((BATCH, *images[0].shape), np.uint8)  # one shape: one compilation
-    batch[:len(images)] = images
-    logits = np.asarray(logits_of({"image": batch}), np.float64)[:len(images)]
+    batch[: len(images)] = images
+    logits = np.asarray(logits_of({"image": batch}), np.float64)[: len(images)]
     z = np.exp(logits - logits.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)

@@ -2,6 +2,7 @@
 Stage-NSD exports (or the NSD workdir holding it), its classes, and the settings of the
 evaluation it was selected with (image size, batch size, compute dtype, data directory, ...).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,14 @@ from pand_jax.models import student as student_lib
 STUDENT_DIR = "student"
 # The evaluation settings a student is used with: its own record's, else its workdir's
 # config.json's, else Stage-NSD's defaults in configs/nsd.json (`default_settings`).
-SETTINGS = ("image_size", "eval_batch_size", "dtype", "data_dir", "skip_bad_images",
-            "prompt_template")
+SETTINGS = (
+    "image_size",
+    "eval_batch_size",
+    "dtype",
+    "data_dir",
+    "skip_bad_images",
+    "prompt_template",
+)
 TRAIN_HINT = "Train one with: python train.py --stage nsd --dataset DATASET"
 
 
@@ -69,44 +76,59 @@ def load(path: str | pathlib.Path) -> TrainedStudent:
     if not path.exists():
         raise FileNotFoundError(f"no student at {path} (no such directory). {TRAIN_HINT}")
     if _recorded_stage(path) == "psc":
-        raise ValueError(f"{path} is a Stage-PSC workdir (it holds text anchors, not a student); "
-                         "pass the Stage-NSD workdir, or its student/")
+        raise ValueError(
+            f"{path} is a Stage-PSC workdir (it holds text anchors, not a student); "
+            "pass the Stage-NSD workdir, or its student/"
+        )
     if _workdir_config(path):
         student = weights.existing(path / STUDENT_DIR)
         if not (student / weights.CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"the Stage-NSD workdir {path} has no {STUDENT_DIR}/ yet: it "
-                                    "is written at the first evaluation of the training run")
+            raise FileNotFoundError(
+                f"the Stage-NSD workdir {path} has no {STUDENT_DIR}/ yet: it "
+                "is written at the first evaluation of the training run"
+            )
         path = path / STUDENT_DIR
     meta = weights.read_meta(path, student_lib.KIND, hint=TRAIN_HINT)
     cfg = _workdir_config(path.parent)
     settings = {k: meta.get(k, cfg.get(k, v)) for k, v in default_settings().items()}
     # A damaged trained student is made again by its training run, not by a converter.
-    model = student_lib.load_student(path, devices.compute_dtype(settings["dtype"]),
-                                     hint="Run its training command again: it resumes and "
-                                          f"exports the best student. {TRAIN_HINT}")
+    model = student_lib.load_student(
+        path,
+        devices.compute_dtype(settings["dtype"]),
+        hint="Run its training command again: it resumes and "
+        f"exports the best student. {TRAIN_HINT}",
+    )
     return TrainedStudent(model, meta, settings)
 
 
 def check_classes(student: TrainedStudent, info) -> None:
     """The student's head must predict `info`'s classes, in its label order."""
     if student.model.num_classes != info.num_classes:
-        raise ValueError(f"the student predicts {student.model.num_classes} classes but dataset "
-                         f"{info.key!r} has {info.num_classes}; pass the dataset it was trained "
-                         f"on (--dataset {student.meta.get('dataset') or '?'})")
-    if student.meta.get("class_names") and list(student.meta["class_names"]) != list(info.class_names):
-        raise ValueError(f"the student's class names differ from those of dataset {info.key!r}; "
-                         f"it was trained on {student.meta.get('dataset')!r}")
+        raise ValueError(
+            f"the student predicts {student.model.num_classes} classes but dataset "
+            f"{info.key!r} has {info.num_classes}; pass the dataset it was trained "
+            f"on (--dataset {student.meta.get('dataset') or '?'})"
+        )
+    if student.meta.get("class_names") and list(student.meta["class_names"]) != list(
+        info.class_names
+    ):
+        raise ValueError(
+            f"the student's class names differ from those of dataset {info.key!r}; "
+            f"it was trained on {student.meta.get('dataset')!r}"
+        )
 
 
 def logits_fn(student: TrainedStudent, mesh=None):
     """jitted `fn(batch) -> logits [B, C]` float32 on uint8 images already resized to the
     student's image size: Stage-NSD's evaluation transform (CLIP normalisation)."""
     size = student.image_size
-    return devices.jit_apply(student.model, lambda m, b: m(augment.eval_transform(b["image"], size))
-                             .astype(jnp.float32), mesh)
+    return devices.jit_apply(
+        student.model,
+        lambda m, b: m(augment.eval_transform(b["image"], size)).astype(jnp.float32),
+        mesh,
+    )
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 HWC RGB -> [size, size, 3] as Stage-NSD's evaluation loader does it (stretch)."""
     return pipeline.resize_image(image, size, "stretch")
-

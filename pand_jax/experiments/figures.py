@@ -1,5 +1,6 @@
 """The paper's figures from the runs: test accuracy per epoch, lambda_NSD sensitivity, and the
 t-SNE of the student's test-set features for VL2Lite against PAND (the paper's Figure 3)."""
+
 from __future__ import annotations
 
 import io
@@ -52,8 +53,11 @@ def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> 
     for ax, student in zip(axes[0], students):
         seen = set()
         for i, row in enumerate(ROW_ORDER):
-            curves = [epoch_top1(r.workdir) for r in results
-                      if (r.dataset, r.student) == (dataset, student) and row in r.rows]
+            curves = [
+                epoch_top1(r.workdir)
+                for r in results
+                if (r.dataset, r.student) == (dataset, student) and row in r.rows
+            ]
             if not curves:
                 continue
             epochs = sorted(set.intersection(*(set(c) for c in curves)))
@@ -61,13 +65,20 @@ def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> 
             y = np.asarray([[c[e] for e in epochs] for c in curves])
             mean = y.mean(0)
             x = np.asarray(epochs) + DODGE * (i - (len(ROW_ORDER) - 1) / 2)
-            ax.plot(x, mean, marker=MARKERS[i], markevery=max(1, len(epochs) // 20),
-                    markersize=5, markerfacecolor="none", linestyle=DASHES[i % len(DASHES)],
-                    color=colors(i), label=f"{row} (n={len(curves)})")
+            ax.plot(
+                x,
+                mean,
+                marker=MARKERS[i],
+                markevery=max(1, len(epochs) // 20),
+                markersize=5,
+                markerfacecolor="none",
+                linestyle=DASHES[i % len(DASHES)],
+                color=colors(i),
+                label=f"{row} (n={len(curves)})",
+            )
             if len(curves) > 1:
                 std = y.std(0, ddof=1)
-                ax.fill_between(x, mean - std, mean + std, color=colors(i), alpha=0.15,
-                                linewidth=0)
+                ax.fill_between(x, mean - std, mean + std, color=colors(i), alpha=0.15, linewidth=0)
         ax.set_title(f"{STUDENT_NAMES.get(student, student)} student")
         ax.set_xlabel("epoch")
         if len(seen) <= 12:  # a short run: a tick on every epoch, none between
@@ -79,8 +90,10 @@ def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")  # where it covers no point
     axes[0][0].set_ylabel("test top-1 accuracy (%)")
-    fig.suptitle(f"Test accuracy during Stage-NSD, {_title(dataset)}\n"
-                 "(mean over seeds, band: ±1 std; methods drawn slightly apart along x)")
+    fig.suptitle(
+        f"Test accuracy during Stage-NSD, {_title(dataset)}\n"
+        "(mean over seeds, band: ±1 std; methods drawn slightly apart along x)"
+    )
     fig.tight_layout()
     _save(fig, path)
     return fig
@@ -95,8 +108,7 @@ def lambda_sensitivity(results: list[Result], dataset: str, path: pathlib.Path) 
     ax = fig.subplots()
     colors = colormaps["tab10"]
     for i, student in enumerate(sorted({r.student for r in rs})):
-        points = [(lam, results_lib.top1s(rs, dataset, student, lambda_nsd=lam))
-                  for lam in lambdas]
+        points = [(lam, results_lib.top1s(rs, dataset, student, lambda_nsd=lam)) for lam in lambdas]
         points = [(lam, v) for lam, v in points if len(v)]
         if not points:
             continue
@@ -104,19 +116,33 @@ def lambda_sensitivity(results: list[Result], dataset: str, path: pathlib.Path) 
         mean = [v.mean() for _, v in points]
         std = [v.std(ddof=1) if len(v) > 1 else 0.0 for _, v in points]
         n = sorted({len(v) for _, v in points})
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, color=colors(i),
-                    label=f"{STUDENT_NAMES.get(student, student)}, ours "
-                          f"(n={'/'.join(map(str, n))})")
+        ax.errorbar(
+            x,
+            mean,
+            yerr=std,
+            marker="o",
+            capsize=4,
+            color=colors(i),
+            label=f"{STUDENT_NAMES.get(student, student)}, ours (n={'/'.join(map(str, n))})",
+        )
         paper = results_lib.PAPER_LAMBDA.get((dataset, student), {})
         if paper:
-            ax.plot(list(paper), list(paper.values()), linestyle="none", marker="*",
-                    markersize=12, color=colors(i),
-                    label=f"{STUDENT_NAMES.get(student, student)}, paper")
+            ax.plot(
+                list(paper),
+                list(paper.values()),
+                linestyle="none",
+                marker="*",
+                markersize=12,
+                color=colors(i),
+                label=f"{STUDENT_NAMES.get(student, student)}, paper",
+            )
     ax.set_xticks(lambdas, [f"{lam:g}" for lam in lambdas])
     ax.set_xlabel(r"$\lambda_{NSD}$")
     ax.set_ylabel("best test top-1 accuracy (%)")
-    ax.set_title(rf"PAND: sensitivity to $\lambda_{{NSD}}$, {_title(dataset)}"
-                 "\n(mean over seeds, error bars: ±1 std)")
+    ax.set_title(
+        rf"PAND: sensitivity to $\lambda_{{NSD}}$, {_title(dataset)}"
+        "\n(mean over seeds, error bars: ±1 std)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -136,12 +162,21 @@ def student_test_features(workdir: pathlib.Path) -> tuple[np.ndarray, np.ndarray
     info = data_lib.get_dataset(cfg["dataset"])
     mesh = devices.make_mesh()
     size = cfg["image_size"]
-    loader = setup.eval_loader(info, info.test_split, cfg, size, "stretch",
-                               cfg["eval_batch_size"], mesh, setup.host_cache_dir(cfg, workdir))
+    loader = setup.eval_loader(
+        info,
+        info.test_split,
+        cfg,
+        size,
+        "stretch",
+        cfg["eval_batch_size"],
+        mesh,
+        setup.host_cache_dir(cfg, workdir),
+    )
     extract = devices.jit_apply(
         load_student(workdir / "student"),
         lambda student, batch: student.features(augment.eval_transform(batch["image"], size)),
-        mesh)
+        mesh,
+    )
     return devices.run_over_split(extract, loader, mesh, f"test features {workdir.name}")
 
 
@@ -155,14 +190,21 @@ def tsne_embedding(workdir: pathlib.Path, cache: pathlib.Path) -> tuple[np.ndarr
         feats, labels = student_test_features(workdir)
         perplexity = min(30.0, (len(feats) - 1) / 3)
         xy = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(
-            feats.astype(np.float64))
+            feats.astype(np.float64)
+        )
         return {"xy": xy, "labels": labels}
 
     summary = json.loads((workdir / "summary.json").read_text())
     student_dir = workdir / "student"
-    key = dict(workdir=str(workdir.resolve()), best_epoch=summary["best_epoch"],
-               weights=sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                              for p in student_dir.rglob("*") if p.is_file()))
+    key = dict(
+        workdir=str(workdir.resolve()),
+        best_epoch=summary["best_epoch"],
+        weights=sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in student_dir.rglob("*")
+            if p.is_file()
+        ),
+    )
     arrays = features.cached_arrays(cache, key, compute)
     return arrays["xy"], arrays["labels"]
 
@@ -176,30 +218,47 @@ def class_colors(num_classes: int) -> np.ndarray:
     return colormaps["turbo"]((np.arange(num_classes) * 0.618034) % 1.0 * 0.9 + 0.05)
 
 
-def tsne_figure(left: Result, right: Result, cache_dir: pathlib.Path, path: pathlib.Path,
-                class_names: tuple[str, ...]) -> None:
+def tsne_figure(
+    left: Result,
+    right: Result,
+    cache_dir: pathlib.Path,
+    path: pathlib.Path,
+    class_names: tuple[str, ...],
+) -> None:
     """Figure 3: the test-set features of two students (VL2Lite, PAND) side by side."""
     fig = Figure(figsize=(12.8, 6.4))
     axes = fig.subplots(1, 2)
     colors = class_colors(len(class_names))
     many = len(class_names) > 20
     for ax, r, name in zip(axes, (left, right), ("VL2Lite", "PAND")):
-        xy, labels = tsne_embedding(r.workdir, cache_dir / f"tsne_{name.lower()}_"
-                                    f"{r.student}_seed{r.seed}.npz")
-        ax.scatter(xy[:, 0], xy[:, 1], c=colors[labels], s=4 if many else 10, linewidths=0,
-                   alpha=0.8, rasterized=True)
+        xy, labels = tsne_embedding(
+            r.workdir, cache_dir / f"tsne_{name.lower()}_{r.student}_seed{r.seed}.npz"
+        )
+        ax.scatter(
+            xy[:, 0],
+            xy[:, 1],
+            c=colors[labels],
+            s=4 if many else 10,
+            linewidths=0,
+            alpha=0.8,
+            rasterized=True,
+        )
         ax.set_title(f"{name} (test top-1 {100 * r.best_top1:.2f}%)")
         ax.set_xlabel("t-SNE dimension 1")
         ax.set_ylabel("t-SNE dimension 2")
         ax.set_xticks([])
         ax.set_yticks([])
     if not many:  # a legend of 200 names is unreadable: colours only tell classes apart
-        handles = [Line2D([], [], marker="o", linestyle="none", color=colors[i],
-                              label=class_names[i]) for i in range(len(class_names))]
+        handles = [
+            Line2D([], [], marker="o", linestyle="none", color=colors[i], label=class_names[i])
+            for i in range(len(class_names))
+        ]
         fig.legend(handles=handles, loc="center right", title="class", fontsize=8)
-    fig.suptitle(f"t-SNE of {STUDENT_NAMES.get(left.student, left.student)} test-set features, "
-                 f"{_title(left.dataset)}, seed {left.seed}: one colour per class "
-                 f"({len(class_names)} classes)")
+    fig.suptitle(
+        f"t-SNE of {STUDENT_NAMES.get(left.student, left.student)} test-set features, "
+        f"{_title(left.dataset)}, seed {left.seed}: one colour per class "
+        f"({len(class_names)} classes)"
+    )
     fig.tight_layout(rect=(0, 0, 0.9 if not many else 1, 1))
     _save(fig, path)
 
@@ -228,13 +287,20 @@ def make_figures(results: list[Result], out: pathlib.Path) -> list[pathlib.Path]
             path = fig_dir / f"{dataset}_lambda_sensitivity.png"
             lambda_sensitivity(rs, dataset, path)
             made.append(path)
-        pairs = [(a, b) for a in rs if "VL2Lite" in a.rows for b in rs if "PAND" in b.rows
-                 and (a.student, a.seed) == (b.student, b.seed)]
+        pairs = [
+            (a, b)
+            for a in rs
+            if "VL2Lite" in a.rows
+            for b in rs
+            if "PAND" in b.rows and (a.student, a.seed) == (b.student, b.seed)
+        ]
         if pairs:
-            left, right = min(pairs, key=lambda p: (p[0].student not in STUDENT_NAMES,
-                                                    p[0].student, p[0].seed))
+            left, right = min(
+                pairs, key=lambda p: (p[0].student not in STUDENT_NAMES, p[0].student, p[0].seed)
+            )
             path = fig_dir / f"{dataset}_tsne_vl2lite_vs_pand.png"
-            tsne_figure(left, right, fig_dir / "cache", path,
-                        datasets.get_dataset(dataset).class_names)
+            tsne_figure(
+                left, right, fig_dir / "cache", path, datasets.get_dataset(dataset).class_names
+            )
             made.append(path)
     return made

@@ -13,6 +13,7 @@ Layout under OUT:
     host_cache/                               decoded images, shared by every Stage-NSD run
     nsd/{student}/seed{S}/{variant}/          one Stage-NSD run
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ LAMBDA_KEY = "loss.pand.lambda_nsd"
 class Row:
     """A row of the tables: a method and the config values that make it (a value of None is
     configs/nsd.json's, named so that the sweep's run at that value is the same run)."""
+
     label: str
     method: str
     sets: tuple[tuple[str, Any], ...] = ()
@@ -50,19 +52,24 @@ def default_value(key: str) -> Any:
 
 def table1() -> tuple[Row, ...]:
     """One row per registered method, in the registry's (the paper's Table 1) order."""
-    return tuple(Row(m.label, m.name, m.table_sets) for m in methods.REGISTRY.values()
-                 if m.in_table)
+    return tuple(
+        Row(m.label, m.name, m.table_sets) for m in methods.REGISTRY.values() if m.in_table
+    )
 
 
 # Table 2, the paper's ablation of PSC and NSD: VL2Lite and PAND rows of Table 1 between them.
-ABLATIONS = (Row("+PSC", "pand", (("no_psc", False), (LAMBDA_KEY, 0.0))),
-             Row("+NSD", "pand", (("no_psc", True),)))
+ABLATIONS = (
+    Row("+PSC", "pand", (("no_psc", False), (LAMBDA_KEY, 0.0))),
+    Row("+NSD", "pand", (("no_psc", True),)),
+)
 TABLE2 = ("VL2Lite", "+PSC", "+NSD", "PAND")
 
 
 def sweep(lambdas) -> tuple[Row, ...]:
-    return tuple(Row(f"lambda {lam:g}", "pand", (("no_psc", False), (LAMBDA_KEY, float(lam))))
-                 for lam in lambdas)
+    return tuple(
+        Row(f"lambda {lam:g}", "pand", (("no_psc", False), (LAMBDA_KEY, float(lam))))
+        for lam in lambdas
+    )
 
 
 def rows(lambdas=SWEEP_LAMBDAS) -> tuple[Row, ...]:
@@ -70,9 +77,21 @@ def rows(lambdas=SWEEP_LAMBDAS) -> tuple[Row, ...]:
 
 
 # Keys the plan itself sets on every run; changing them with --set would merge rows silently.
-PLANNED_KEYS = ("dataset", "student", "method", "no_psc", "anchors", "seed", LAMBDA_KEY,
-                "teacher", "teacher_cache", "teacher_cache_dir", "host_cache_dir", "epochs",
-                "stage")
+PLANNED_KEYS = (
+    "dataset",
+    "student",
+    "method",
+    "no_psc",
+    "anchors",
+    "seed",
+    LAMBDA_KEY,
+    "teacher",
+    "teacher_cache",
+    "teacher_cache_dir",
+    "host_cache_dir",
+    "epochs",
+    "stage",
+)
 
 
 def _suffix(key: str, value: Any) -> str:
@@ -85,11 +104,11 @@ def _suffix(key: str, value: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    name: str            # for messages: "psc" or "resnet18 seed 0 pand-lambda0.5"
+    name: str  # for messages: "psc" or "resnet18 seed 0 pand-lambda0.5"
     argv: tuple[str, ...]
     workdir: pathlib.Path
     requires: tuple[str, ...]  # the runs whose output it reads (Stage-PSC's anchors, an IT)
-    builds_cache: bool   # the first run of its seed that reads the teacher cache: it builds it
+    builds_cache: bool  # the first run of its seed that reads the teacher cache: it builds it
     prerequisite: bool = False  # other runs read its output: it is in the first wave
 
 
@@ -118,10 +137,21 @@ def set_args(sets: list[str]) -> list[str]:
     return [a for item in sets for a in ("--set", item)]
 
 
-def plan(*, dataset: str, students: list[str], seeds: int, out: pathlib.Path,
-         teacher_cache: int, epochs: int | None = None, psc_epochs: int | None = None,
-         lambdas=SWEEP_LAMBDAS, psc_sets: tuple[str, ...] = (), nsd_sets: tuple[str, ...] = (),
-         teacher: str | None = None, data_dir: str | None = None) -> list[Run]:
+def plan(
+    *,
+    dataset: str,
+    students: list[str],
+    seeds: int,
+    out: pathlib.Path,
+    teacher_cache: int,
+    epochs: int | None = None,
+    psc_epochs: int | None = None,
+    lambdas=SWEEP_LAMBDAS,
+    psc_sets: tuple[str, ...] = (),
+    nsd_sets: tuple[str, ...] = (),
+    teacher: str | None = None,
+    data_dir: str | None = None,
+) -> list[Run]:
     """Stage-PSC, then every Stage-NSD run, in dependency order (see `first_wave`)."""
     out = pathlib.Path(out)
     common = ["--dataset", dataset] + (["--teacher", teacher] if teacher else [])
@@ -129,8 +159,9 @@ def plan(*, dataset: str, students: list[str], seeds: int, out: pathlib.Path,
     psc_dir = out / "psc"
     psc_argv = ["--stage", "psc", *common, "--workdir", str(psc_dir)]
     psc_argv += (["--epochs", str(psc_epochs)] if psc_epochs else []) + set_args(list(psc_sets))
-    runs = [Run("psc", tuple(psc_argv), psc_dir, requires=(), builds_cache=False,
-                prerequisite=True)]
+    runs = [
+        Run("psc", tuple(psc_argv), psc_dir, requires=(), builds_cache=False, prerequisite=True)
+    ]
     builders, its, rest = [], [], []
 
     def stage_run(name, method, stage_argv, workdir, seed, first=False, requires=()):
@@ -139,23 +170,49 @@ def plan(*, dataset: str, students: list[str], seeds: int, out: pathlib.Path,
         argv = [*stage_argv, *common]
         argv += ["--anchors", str(psc_dir / "anchors.npz")] if learned else []
         if method.reads_clip:
-            argv += ["--teacher-cache", str(teacher_cache),
-                     "--set", f"teacher_cache_dir={out / 'teacher_cache' / f'seed{seed}'}"]
-        argv += (["--epochs", str(epochs)] if epochs else [])
-        argv += ["--set", f"seed={seed}", "--set", f"host_cache_dir={out / 'host_cache'}",
-                 "--workdir", str(workdir)]
+            argv += [
+                "--teacher-cache",
+                str(teacher_cache),
+                "--set",
+                f"teacher_cache_dir={out / 'teacher_cache' / f'seed{seed}'}",
+            ]
+        argv += ["--epochs", str(epochs)] if epochs else []
+        argv += [
+            "--set",
+            f"seed={seed}",
+            "--set",
+            f"host_cache_dir={out / 'host_cache'}",
+            "--workdir",
+            str(workdir),
+        ]
         argv += set_args(list(nsd_sets))
-        return Run(name, tuple(argv), workdir, requires=("psc",) * learned + requires,
-                   builds_cache=first, prerequisite=first)
+        return Run(
+            name,
+            tuple(argv),
+            workdir,
+            requires=("psc",) * learned + requires,
+            builds_cache=first,
+            prerequisite=first,
+        )
 
-    wants_it = any(methods.get(r.method).teacher == methods.INTERMEDIATE
-                   for r in distinct_runs(lambdas))
+    wants_it = any(
+        methods.get(r.method).teacher == methods.INTERMEDIATE for r in distinct_runs(lambdas)
+    )
     for seed in range(seeds):
         it_dir = out / "it" / f"seed{seed}"
         if wants_it:  # one IT per seed (its architecture is configs' it_student), every student's
-            its.append(dataclasses.replace(stage_run(
-                f"it seed {seed}", methods.get(methods.IT_METHOD), ["--stage", "it"], it_dir,
-                seed), prerequisite=True))
+            its.append(
+                dataclasses.replace(
+                    stage_run(
+                        f"it seed {seed}",
+                        methods.get(methods.IT_METHOD),
+                        ["--stage", "it"],
+                        it_dir,
+                        seed,
+                    ),
+                    prerequisite=True,
+                )
+            )
         for student in students:
             for row in distinct_runs(lambdas):
                 method, name = methods.get(row.method), variant(row)
@@ -165,9 +222,15 @@ def plan(*, dataset: str, students: list[str], seeds: int, out: pathlib.Path,
                     argv += ["--intermediate-teacher", str(it_dir)]
                     requires = (f"it seed {seed}",)
                 first = method.reads_clip and teacher_cache > 0 and len(builders) == seed
-                run = stage_run(f"{student} seed {seed} {name}", method, argv,
-                                out / "nsd" / student_label(student) / f"seed{seed}" / name,
-                                seed, first, requires)
+                run = stage_run(
+                    f"{student} seed {seed} {name}",
+                    method,
+                    argv,
+                    out / "nsd" / student_label(student) / f"seed{seed}" / name,
+                    seed,
+                    first,
+                    requires,
+                )
                 (builders if first else rest).append(run)
     return runs + builders + its + rest
 

@@ -1,5 +1,6 @@
 """The runs' numbers gathered from their workdirs into results.csv and the paper's tables
 (results.md), each cell beside the number the paper reports."""
+
 from __future__ import annotations
 
 import csv
@@ -13,9 +14,16 @@ from pand_jax import config as config_lib
 from pand_jax import methods
 from pand_jax.experiments import plan
 
-DATASET_NAMES = {"cub": "CUB-200-2011", "aircraft": "FGVC-Aircraft", "pets": "Oxford-IIIT Pet",
-                 "dogs": "Stanford Dogs", "cars": "Stanford Cars", "flowers": "Oxford Flowers-102",
-                 "food": "Food-101", "digits": "digits (offline demo)"}
+DATASET_NAMES = {
+    "cub": "CUB-200-2011",
+    "aircraft": "FGVC-Aircraft",
+    "pets": "Oxford-IIIT Pet",
+    "dogs": "Stanford Dogs",
+    "cars": "Stanford Cars",
+    "flowers": "Oxford Flowers-102",
+    "food": "Food-101",
+    "digits": "digits (offline demo)",
+}
 STUDENT_NAMES = {"resnet18": "ResNet-18", "mobilenet_v2": "MobileNet-V2"}
 # Top-1 (%) the paper reports, by (dataset, student, row); every other cell is unknown to us.
 PAPER = {
@@ -25,9 +33,25 @@ PAPER = {
 PAPER_LAMBDA = {("cub", "resnet18"): {0.5: 76.41}}  # the sensitivity study (Fig. 4)
 # The paper's best PAND result per dataset, for which the public listings name no student.
 PAPER_BEST_UNKNOWN_STUDENT = {"aircraft": 64.75, "dogs": 74.98, "pets": 88.97}
-CSV_FIELDS = ("dataset", "student", "method", "no_psc", "lambda_nsd", "nsd_form", "seed",
-              "epochs", "best_top1", "last_top1", "best_epoch", "images_per_second",
-              "train_seconds", "wall_seconds", "teacher_mode", "teacher_forwards", "workdir")
+CSV_FIELDS = (
+    "dataset",
+    "student",
+    "method",
+    "no_psc",
+    "lambda_nsd",
+    "nsd_form",
+    "seed",
+    "epochs",
+    "best_top1",
+    "last_top1",
+    "best_epoch",
+    "images_per_second",
+    "train_seconds",
+    "wall_seconds",
+    "teacher_mode",
+    "teacher_forwards",
+    "workdir",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +60,7 @@ class Result:
     student: str
     method: str
     no_psc: bool
-    lambda_nsd: float | None   # methods with a `loss.pand` section only
+    lambda_nsd: float | None  # methods with a `loss.pand` section only
     nsd_form: str | None
     seed: int
     epochs: int
@@ -44,19 +68,22 @@ class Result:
     last_top1: float
     best_epoch: int
     images_per_second: float
-    train_seconds: float | None        # timed training steps; None: run of an earlier version
-    wall_seconds: float | None         # its epochs' wall time: compilation, evaluation too
-    teacher_mode: str | None           # "online", "cached", or None: no teacher
-    teacher_forwards: int | None       # teacher forward passes the method needs
+    train_seconds: float | None  # timed training steps; None: run of an earlier version
+    wall_seconds: float | None  # its epochs' wall time: compilation, evaluation too
+    teacher_mode: str | None  # "online", "cached", or None: no teacher
+    teacher_forwards: int | None  # teacher forward passes the method needs
     workdir: pathlib.Path
     config: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
     @property
     def rows(self) -> set[str]:
         """The labels of the rows of Tables 1-2 this run fills."""
-        return {row.label for row in plan.table1() + plan.ABLATIONS
-                if row.method == self.method
-                and all(_get(self.config, k) == v for k, v in row.values().items())}
+        return {
+            row.label
+            for row in plan.table1() + plan.ABLATIONS
+            if row.method == self.method
+            and all(_get(self.config, k) == v for k, v in row.values().items())
+        }
 
 
 def _get(cfg: dict, key: str):
@@ -74,16 +101,28 @@ def collect(out: pathlib.Path) -> list[Result]:
         cfg = config_lib.recorded_config(workdir, "nsd")
         # lambda_NSD and the NSD form, for the runs whose method reads PAND's section
         pand = {k: cfg["loss"][k] for k in methods.get(s["method"]).sections}.get("pand")
-        results.append(Result(
-            dataset=s["dataset"], student=s["student"], method=s["method"],
-            no_psc=bool(s["no_psc"]),
-            lambda_nsd=float(pand["lambda_nsd"]) if pand else None,
-            nsd_form=pand["nsd_form"] if pand else None, seed=int(cfg["seed"]),
-            epochs=int(s["epochs"]), best_top1=s["best_top1"], last_top1=s["last_top1"],
-            best_epoch=s["best_epoch"], images_per_second=s["images_per_second"],
-            train_seconds=s.get("train_seconds"), wall_seconds=s.get("wall_seconds"),
-            teacher_mode=s.get("teacher_mode"),
-            teacher_forwards=s.get("teacher_forwards"), workdir=workdir, config=cfg))
+        results.append(
+            Result(
+                dataset=s["dataset"],
+                student=s["student"],
+                method=s["method"],
+                no_psc=bool(s["no_psc"]),
+                lambda_nsd=float(pand["lambda_nsd"]) if pand else None,
+                nsd_form=pand["nsd_form"] if pand else None,
+                seed=int(cfg["seed"]),
+                epochs=int(s["epochs"]),
+                best_top1=s["best_top1"],
+                last_top1=s["last_top1"],
+                best_epoch=s["best_epoch"],
+                images_per_second=s["images_per_second"],
+                train_seconds=s.get("train_seconds"),
+                wall_seconds=s.get("wall_seconds"),
+                teacher_mode=s.get("teacher_mode"),
+                teacher_forwards=s.get("teacher_forwards"),
+                workdir=workdir,
+                config=cfg,
+            )
+        )
     return results
 
 
@@ -96,13 +135,26 @@ def write_csv(results: list[Result], path: pathlib.Path) -> None:
             w.writerow({k: "" if v is None else v for k, v in row.items()})
 
 
-def top1s(results: list[Result], dataset: str, student: str, row: str | None = None,
-          lambda_nsd: float | None = None) -> np.ndarray:
+def top1s(
+    results: list[Result],
+    dataset: str,
+    student: str,
+    row: str | None = None,
+    lambda_nsd: float | None = None,
+) -> np.ndarray:
     """Best top-1 (%) over seeds of one table cell: a row of Tables 1-2, or a PAND lambda."""
-    return np.asarray([100 * r.best_top1 for r in results
-                       if (r.dataset, r.student) == (dataset, student)
-                       and (row in r.rows if row is not None else
-                            (r.no_psc, r.lambda_nsd) == (False, lambda_nsd))])
+    return np.asarray(
+        [
+            100 * r.best_top1
+            for r in results
+            if (r.dataset, r.student) == (dataset, student)
+            and (
+                row in r.rows
+                if row is not None
+                else (r.no_psc, r.lambda_nsd) == (False, lambda_nsd)
+            )
+        ]
+    )
 
 
 def _cell(values: np.ndarray, paper: float | None) -> list[str]:
@@ -118,18 +170,23 @@ def _cell(values: np.ndarray, paper: float | None) -> list[str]:
 
 
 def _table(first: str, labels, students, cell) -> list[str]:
-    head = [first] + [f"{STUDENT_NAMES.get(s, s)} {c}" for s in students
-                      for c in ("ours", "n", "paper", "Δ")]
+    head = [first] + [
+        f"{STUDENT_NAMES.get(s, s)} {c}" for s in students for c in ("ours", "n", "paper", "Δ")
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in labels:
-        lines.append("| " + " | ".join([str(label)] + [x for s in students
-                                                        for x in cell(label, s)]) + " |")
+        lines.append(
+            "| " + " | ".join([str(label)] + [x for s in students for x in cell(label, s)]) + " |"
+        )
     return lines
 
 
 def _cost_table(labels, students, runs) -> list[str]:
-    head = ["method"] + [f"{STUDENT_NAMES.get(s, s)} {c}" for s in students
-                         for c in ("teacher", "teacher passes", "img/s", "wall s")]
+    head = ["method"] + [
+        f"{STUDENT_NAMES.get(s, s)} {c}"
+        for s in students
+        for c in ("teacher", "teacher passes", "img/s", "wall s")
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def mean(values, fmt):
@@ -141,9 +198,12 @@ def _cost_table(labels, students, runs) -> list[str]:
         for s in students:
             rs = runs(label, s)
             modes = sorted({r.teacher_mode or "none" for r in rs}) or ["-"]
-            cells += ["/".join(modes), mean([r.teacher_forwards for r in rs], ",.0f"),
-                      mean([r.images_per_second for r in rs], ".1f"),
-                      mean([r.wall_seconds for r in rs], ".1f")]
+            cells += [
+                "/".join(modes),
+                mean([r.teacher_forwards for r in rs], ",.0f"),
+                mean([r.images_per_second for r in rs], ".1f"),
+                mean([r.wall_seconds for r in rs], ".1f"),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -157,14 +217,20 @@ def markdown(results: list[Result]) -> str:
         epochs = sorted({r.epochs for r in rs})
         forms = sorted({r.nsd_form for r in rs if r.nsd_form}) or ["-"]
         paper = {s: PAPER.get((dataset, s), {}) for s in students}
-        lines += [f"# {DATASET_NAMES.get(dataset, dataset)}: ours beside the paper", "",
-                  "Top-1 test accuracy (%) at each run's best epoch: mean ± std over seeds (n "
-                  "runs); paper: the paper's number (\"-\": not known); Δ = ours − paper. "
-                  f"Epochs: {', '.join(map(str, epochs))}; NSD form: {', '.join(forms)}.", ""]
+        lines += [
+            f"# {DATASET_NAMES.get(dataset, dataset)}: ours beside the paper",
+            "",
+            "Top-1 test accuracy (%) at each run's best epoch: mean ± std over seeds (n "
+            'runs); paper: the paper\'s number ("-": not known); Δ = ours − paper. '
+            f"Epochs: {', '.join(map(str, epochs))}; NSD form: {', '.join(forms)}.",
+            "",
+        ]
         if dataset in PAPER_BEST_UNKNOWN_STUDENT:
-            lines += [f"The paper's best PAND result on this dataset is "
-                      f"{PAPER_BEST_UNKNOWN_STUDENT[dataset]:.2f} (the student is not stated).",
-                      ""]
+            lines += [
+                f"The paper's best PAND result on this dataset is "
+                f"{PAPER_BEST_UNKNOWN_STUDENT[dataset]:.2f} (the student is not stated).",
+                "",
+            ]
 
         def row_cell(label, s):
             return _cell(top1s(rs, dataset, s, row=label), paper[s].get(label))
@@ -172,25 +238,35 @@ def markdown(results: list[Result]) -> str:
         lambdas = sorted({r.lambda_nsd for r in rs if r.lambda_nsd is not None and not r.no_psc})
 
         def lambda_cell(lam, s):
-            return _cell(top1s(rs, dataset, s, lambda_nsd=lam),
-                         PAPER_LAMBDA.get((dataset, s), {}).get(lam))
+            return _cell(
+                top1s(rs, dataset, s, lambda_nsd=lam), PAPER_LAMBDA.get((dataset, s), {}).get(lam)
+            )
 
         table1 = [row.label for row in plan.table1()]
         lines += ["## Table 1: PAND against the baselines", ""]
         lines += _table("method", table1, students, row_cell) + [""]
-        lines += ["## What each method cost to train", "",
-                  "Per run, mean over seeds: where the teacher ran (online in every step, or "
-                  "cached once: its views shared by every run of a seed), the teacher forward "
-                  "passes the method needs (images through the teacher), training images/s "
-                  "(compilation excluded) and the wall time of its epochs (compilation and "
-                  "evaluation included; the teacher cache's build is counted in its passes). DAIT's "
-                  "passes are its intermediate teacher's training's, whose wall time is not "
-                  "added.", ""]
-        lines += _cost_table(table1, students, lambda label, s: [
-            r for r in rs if label in r.rows and r.student == s]) + [""]
+        lines += [
+            "## What each method cost to train",
+            "",
+            "Per run, mean over seeds: where the teacher ran (online in every step, or "
+            "cached once: its views shared by every run of a seed), the teacher forward "
+            "passes the method needs (images through the teacher), training images/s "
+            "(compilation excluded) and the wall time of its epochs (compilation and "
+            "evaluation included; the teacher cache's build is counted in its passes). DAIT's "
+            "passes are its intermediate teacher's training's, whose wall time is not "
+            "added.",
+            "",
+        ]
+        lines += _cost_table(
+            table1, students, lambda label, s: [r for r in rs if label in r.rows and r.student == s]
+        ) + [""]
         lines += ["## Table 2: ablation of PSC and NSD", ""]
         lines += _table("method", plan.TABLE2, students, row_cell) + [""]
         lines += ["## Sensitivity to lambda_NSD (PAND)", ""]
-        lines += _table("lambda_NSD", [f"{x:g}" for x in lambdas], students,
-                        lambda lam, s: lambda_cell(float(lam), s)) + [""]
+        lines += _table(
+            "lambda_NSD",
+            [f"{x:g}" for x in lambdas],
+            students,
+            lambda lam, s: lambda_cell(float(lam), s),
+        ) + [""]
     return "\n".join(lines)

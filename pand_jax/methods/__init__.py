@@ -5,6 +5,7 @@ from, whether it reads labels, and its config sections. docs/methods.md says how
     method = methods.get("pand")
     objective = functools.partial(method.objective, **method.settings(cfg["loss"], epochs, learned, cfg["dataset"]))
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,9 +14,20 @@ from pand_jax.methods import baselines, dait, fdbpl, pand, promptkd, vl2lite
 from pand_jax.methods.base import INTERMEDIATE, Inputs, Method, Rule
 
 # In the paper's Table 1 order, then the other systems: reproduce.py's rows follow it.
-REGISTRY: dict[str, Method] = {m.name: m for m in (
-    baselines.NONE, baselines.KD, baselines.RKD, vl2lite.VL2LITE, pand.PAND, promptkd.PROMPTKD,
-    fdbpl.FDBPL, dait.DAIT, dait.DAIT_IT)}
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        baselines.NONE,
+        baselines.KD,
+        baselines.RKD,
+        vl2lite.VL2LITE,
+        pand.PAND,
+        promptkd.PROMPTKD,
+        fdbpl.FDBPL,
+        dait.DAIT,
+        dait.DAIT_IT,
+    )
+}
 NAMES = tuple(REGISTRY)
 IT_METHOD = dait.DAIT_IT.name  # `train.py --stage it`: DAIT's first stage
 
@@ -31,26 +43,44 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
     method = get(cfg["method"])
     if cfg["unlabeled_data"] and method.reads_labels:
         label_free = [m.name for m in REGISTRY.values() if not m.reads_labels]
-        return ("unlabeled_data", cfg["unlabeled_data"],
-                f"null with --method {method.name}, which trains on labels (images without "
-                f"labels need a method that reads none: {', '.join(label_free)})")
+        return (
+            "unlabeled_data",
+            cfg["unlabeled_data"],
+            f"null with --method {method.name}, which trains on labels (images without "
+            f"labels need a method that reads none: {', '.join(label_free)})",
+        )
     if cfg["student_text_context"] and (method.anchor_head or method.dual_prompts):
-        return ("student_text_context", cfg["student_text_context"],
-                f"0 with --method {method.name}, which makes the student's classifier itself "
-                "(a projector onto the anchors, or its own dual prompts)")
+        return (
+            "student_text_context",
+            cfg["student_text_context"],
+            f"0 with --method {method.name}, which makes the student's classifier itself "
+            "(a projector onto the anchors, or its own dual prompts)",
+        )
     kind = cfg["soft_labels"]
     if kind != "embedding":
         if not cfg["teacher_cache"] or cfg["teacher_cache_online"]:
-            return ("soft_labels", kind, "embedding without --teacher-cache V: sparse soft "
-                    "labels are stored in the teacher cache")
+            return (
+                "soft_labels",
+                kind,
+                "embedding without --teacher-cache V: sparse soft "
+                "labels are stored in the teacher cache",
+            )
         if method.teacher_distribution is None:
             readers = [m.name for m in REGISTRY.values() if m.teacher_distribution]
-            return ("soft_labels", kind, f"embedding with --method {method.name}, which reads the "
-                    f"teacher's embedding (sparse labels serve {', '.join(readers)})")
+            return (
+                "soft_labels",
+                kind,
+                f"embedding with --method {method.name}, which reads the "
+                f"teacher's embedding (sparse labels serve {', '.join(readers)})",
+            )
         k = 1 if kind == "hard" else cfg["soft_labels_k"]
         if k >= num_classes:
-            return ("soft_labels_k", k, f"< the {num_classes} classes (the classes outside the "
-                    "top-K share the rest of the probability)")
+            return (
+                "soft_labels_k",
+                k,
+                f"< the {num_classes} classes (the classes outside the "
+                "top-K share the rest of the probability)",
+            )
     return method.rule(cfg, num_classes)
 
 

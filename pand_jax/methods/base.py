@@ -1,9 +1,11 @@
 """What a Stage-NSD method is: one `Method` entry (see `pand_jax.methods`), and the `Inputs`
 its objective sees for one batch."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
@@ -23,13 +25,14 @@ Rule = tuple[str, Any, str]
 
 class Inputs(NamedTuple):
     """What a Stage-NSD objective sees for one batch."""
-    logits: jax.Array                  # z_s [B, C]
-    features: jax.Array                # student penultimate features h before L2norm [B, d]
-    labels: jax.Array | None           # y [B]; None for a method that reads no labels
-    teacher: jax.Array | None          # t, the teacher's image embedding [B, D]
-    anchors: jax.Array | None          # T, text anchors [C, D]
-    heads: dict[str, Callable]         # the method's trainable heads, by name
-    epoch: jax.Array | int             # 0-based epoch e (loss-weight schedules read it)
+
+    logits: jax.Array  # z_s [B, C]
+    features: jax.Array  # student penultimate features h before L2norm [B, d]
+    labels: jax.Array | None  # y [B]; None for a method that reads no labels
+    teacher: jax.Array | None  # t, the teacher's image embedding [B, D]
+    anchors: jax.Array | None  # T, text anchors [C, D]
+    heads: dict[str, Callable]  # the method's trainable heads, by name
+    epoch: jax.Array | int  # 0-based epoch e (loss-weight schedules read it)
     # q [B, C]: the teacher's class distribution looked up in a sparse teacher cache (then
     # `teacher` is None); None: the method computes it from `teacher` and `anchors`.
     teacher_probs: jax.Array | None = None
@@ -54,15 +57,16 @@ def no_rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
 class Method:
     """One Stage-NSD method. Nothing outside `pand_jax.methods` branches on a method's name:
     the trainer, the CLI, reproduce.py and deploy read these fields."""
-    name: str                 # --method NAME
-    label: str                # its row in reproduce's tables
+
+    name: str  # --method NAME
+    label: str  # its row in reproduce's tables
     objective: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # (Inputs, **settings)
     # (configs/nsd.json's `loss` dict, epochs of the run, learned anchors?, dataset key) ->
     # objective kwargs
     settings: Callable[[dict[str, Any], int, bool, str], dict[str, Any]]
     sections: tuple[str, ...]  # the `loss` sections it reads (`loss.scale` is shared)
-    teacher: str | None        # one of TEACHER_SIGNALS, INTERMEDIATE, or None: no teacher
-    anchors: str | None        # one of ANCHOR_KINDS, or None: no text anchors
+    teacher: str | None  # one of TEACHER_SIGNALS, INTERMEDIATE, or None: no teacher
+    anchors: str | None  # one of ANCHOR_KINDS, or None: no text anchors
     reads_labels: bool
     heads: Callable[[int, int, nnx.Rngs], dict[str, nnx.Module]] = no_heads
     # None: the student classifies with its own linear head. Otherwise the student classifies
@@ -78,7 +82,7 @@ class Method:
     # The config values its row of reproduce's Table 1 pins, as (dotted key, value); None is
     # configs/nsd.json's value, named so that other rows at that value are the same run.
     table_sets: tuple[tuple[str, Any], ...] = ()
-    in_table: bool = True      # False: a stage of another method (DAIT's intermediate teacher)
+    in_table: bool = True  # False: a stage of another method (DAIT's intermediate teacher)
     # For a CLIP student: (loss section) -> (positive words, negative words, prompt template)
     # of dual text contexts (FDBPL's): the student classifies by its own positive context in
     # place of the anchor head, and the negative one trains beside it. CNN students ignore it.
@@ -90,8 +94,9 @@ class Method:
 
     def __post_init__(self):
         if self.teacher not in (None, *TEACHER_SIGNALS, INTERMEDIATE):
-            raise ValueError(f"{self.name}: teacher must be None, {INTERMEDIATE!r} or one of "
-                             f"{TEACHER_SIGNALS}")
+            raise ValueError(
+                f"{self.name}: teacher must be None, {INTERMEDIATE!r} or one of {TEACHER_SIGNALS}"
+            )
         if self.anchors not in (None, *ANCHOR_KINDS):
             raise ValueError(f"{self.name}: anchors must be None or one of {ANCHOR_KINDS}")
         if self.teacher_distribution and self.teacher != "logits":

@@ -1,4 +1,5 @@
 """The baselines of the paper's Table 1: no KD, KD (Hinton) and RKD (Park et al. 2019)."""
+
 from __future__ import annotations
 
 from pand_jax import losses
@@ -35,18 +36,37 @@ def rkd_objective(x: Inputs, *, distance_weight, angle_weight):
 
 
 NONE = Method(
-    name="none", label="no KD", objective=none_objective,
+    name="none",
+    label="no KD",
+    objective=none_objective,
     settings=lambda loss, epochs, learned, dataset: {},
-    sections=(), teacher=None, anchors=None, reads_labels=True)
+    sections=(),
+    teacher=None,
+    anchors=None,
+    reads_labels=True,
+)
 
 KD = Method(
-    name="kd", label="KD", objective=kd_objective,
-    settings=lambda loss, epochs, learned, dataset: dict(temperature=loss["kd"]["temperature"],
-                                                         scale=loss["scale"]),
-    sections=("kd",), teacher="logits", anchors="template", reads_labels=True,
-    teacher_distribution=lambda loss: (loss["scale"], loss["kd"]["temperature"]))
+    name="kd",
+    label="KD",
+    objective=kd_objective,
+    settings=lambda loss, epochs, learned, dataset: dict(
+        temperature=loss["kd"]["temperature"], scale=loss["scale"]
+    ),
+    sections=("kd",),
+    teacher="logits",
+    anchors="template",
+    reads_labels=True,
+    teacher_distribution=lambda loss: (loss["scale"], loss["kd"]["temperature"]),
+)
 
 RKD = Method(
-    name="rkd", label="RKD", objective=rkd_objective,
+    name="rkd",
+    label="RKD",
+    objective=rkd_objective,
     settings=lambda loss, epochs, learned, dataset: dict(loss["rkd"]),
-    sections=("rkd",), teacher="embedding", anchors=None, reads_labels=True)
+    sections=("rkd",),
+    teacher="embedding",
+    anchors=None,
+    reads_labels=True,
+)

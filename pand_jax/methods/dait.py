@@ -7,6 +7,7 @@ rest is our reading, marked in docs/paper_vs_code.md.
     stage 2 (`--method dait --intermediate-teacher DIR`): the frozen IT teaches the student
         through its spatial feature map (and optionally its logits).
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -29,11 +30,16 @@ def it_objective(x: Inputs, *, alpha, beta, temperature, scale):
     teacher's logit scale (`loss.dait.logit_scale`)."""
     cls = losses.cross_entropy(x.logits, x.labels)
     projected = x.heads["align"](x.features)
-    p_hat, t_hat = losses.l2_normalize(losses.fp32(projected)), losses.l2_normalize(
-        losses.fp32(x.teacher))
+    p_hat, t_hat = (
+        losses.l2_normalize(losses.fp32(projected)),
+        losses.l2_normalize(losses.fp32(x.teacher)),
+    )
     representation = jnp.mean(jnp.abs(p_hat - t_hat))
-    semantic = losses.kd(losses.teacher_logits(projected, x.anchors, scale),
-                         losses.teacher_logits(x.teacher, x.anchors, scale), temperature)
+    semantic = losses.kd(
+        losses.teacher_logits(projected, x.anchors, scale),
+        losses.teacher_logits(x.teacher, x.anchors, scale),
+        temperature,
+    )
     total = cls + alpha * representation + beta * semantic
     return total, {"cls": cls, "representation": representation, "semantic": semantic}
 
@@ -61,8 +67,9 @@ def dait_objective(x: Inputs, *, gamma, delta, temperature):
 
 def it_settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
     d = loss["dait"]
-    return dict(alpha=d["alpha"], beta=d["beta"], temperature=d["temperature"],
-                scale=d["logit_scale"])
+    return dict(
+        alpha=d["alpha"], beta=d["beta"], temperature=d["temperature"], scale=d["logit_scale"]
+    )
 
 
 def dait_settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
@@ -72,18 +79,38 @@ def dait_settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
 
 def dait_rule(cfg, num_classes: int):
     if not cfg["intermediate_teacher"]:
-        return ("intermediate_teacher", None, "the intermediate teacher's folder (made by "
-                f"python train.py --stage it --dataset {cfg['dataset']}): pass "
-                "--intermediate-teacher DIR")
+        return (
+            "intermediate_teacher",
+            None,
+            "the intermediate teacher's folder (made by "
+            f"python train.py --stage it --dataset {cfg['dataset']}): pass "
+            "--intermediate-teacher DIR",
+        )
     return None
 
 
 DAIT_IT = Method(
-    name="dait_it", label="DAIT intermediate teacher", objective=it_objective,
-    settings=it_settings, sections=("dait",), teacher="embedding", anchors="learned",
-    reads_labels=True, heads=it_heads, in_table=False)
+    name="dait_it",
+    label="DAIT intermediate teacher",
+    objective=it_objective,
+    settings=it_settings,
+    sections=("dait",),
+    teacher="embedding",
+    anchors="learned",
+    reads_labels=True,
+    heads=it_heads,
+    in_table=False,
+)
 
 DAIT = Method(
-    name="dait", label="DAIT", objective=dait_objective, settings=dait_settings,
-    sections=("dait",), teacher=INTERMEDIATE, anchors=None, reads_labels=True,
-    heads=adapter_heads, rule=dait_rule)
+    name="dait",
+    label="DAIT",
+    objective=dait_objective,
+    settings=dait_settings,
+    sections=("dait",),
+    teacher=INTERMEDIATE,
+    anchors=None,
+    reads_labels=True,
+    heads=adapter_heads,
+    rule=dait_rule,
+)

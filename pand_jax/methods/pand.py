@@ -1,4 +1,5 @@
 """PAND: the VL2Lite base loss with Stage-PSC's learned anchors, plus lambda_NSD * L_NSD."""
+
 from __future__ import annotations
 
 from pand_jax import losses
@@ -6,8 +7,9 @@ from pand_jax.methods import vl2lite
 from pand_jax.methods.base import Inputs, Method
 
 
-def pand_objective(x: Inputs, *, num_epochs, tau, scale, cls_offset, reduction, lambda_nsd,
-                   nsd_form, k, group_size):
+def pand_objective(
+    x: Inputs, *, num_epochs, tau, scale, cls_offset, reduction, lambda_nsd, nsd_form, k, group_size
+):
     """PAND's Stage-NSD objective with the anchors T learned by Stage-PSC:
 
         L_total = L_base + lambda_NSD * L_NSD
@@ -18,19 +20,31 @@ def pand_objective(x: Inputs, *, num_epochs, tau, scale, cls_offset, reduction, 
     distributions, Jensen-Shannon), or the released code's in-batch form. lambda_NSD = 0 gives
     the "+PSC only" ablation.
     """
-    total, terms = vl2lite.vl2lite_objective(x, num_epochs=num_epochs, tau=tau, scale=scale,
-                                             cls_offset=cls_offset, reduction=reduction)
+    total, terms = vl2lite.vl2lite_objective(
+        x, num_epochs=num_epochs, tau=tau, scale=scale, cls_offset=cls_offset, reduction=reduction
+    )
     if lambda_nsd:
-        terms["nsd"] = losses.nsd(x.logits, losses.teacher_logits(x.teacher, x.anchors, scale),
-                                  x.labels, nsd_form, k, group_size)
+        terms["nsd"] = losses.nsd(
+            x.logits,
+            losses.teacher_logits(x.teacher, x.anchors, scale),
+            x.labels,
+            nsd_form,
+            k,
+            group_size,
+        )
         total = total + lambda_nsd * terms["nsd"]
     return total, terms
 
 
 def settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
     p = loss["pand"]
-    return dict(vl2lite.settings(loss, num_epochs, learned, dataset), lambda_nsd=p["lambda_nsd"],
-                nsd_form=p["nsd_form"], k=p["nsd_k"], group_size=p["nsd_group_size"])
+    return dict(
+        vl2lite.settings(loss, num_epochs, learned, dataset),
+        lambda_nsd=p["lambda_nsd"],
+        nsd_form=p["nsd_form"],
+        k=p["nsd_k"],
+        group_size=p["nsd_group_size"],
+    )
 
 
 def rule(cfg, num_classes: int):
@@ -38,17 +52,28 @@ def rule(cfg, num_classes: int):
     p, batch = cfg["loss"]["pand"], cfg["batch_size"]
     group = p["nsd_group_size"] or batch
     if p["nsd_group_size"] and batch % group:
-        return ("loss.pand.nsd_group_size", group,
-                f"a divisor of batch_size ({batch}): the batch is split into groups")
+        return (
+            "loss.pand.nsd_group_size",
+            group,
+            f"a divisor of batch_size ({batch}): the batch is split into groups",
+        )
     if not p["lambda_nsd"]:
         return None
     if p["nsd_form"] == "paper" and p["nsd_k"] >= num_classes:
-        return ("loss.pand.nsd_k", p["nsd_k"], f"< the {num_classes} classes of {cfg['dataset']} "
-                "(the neighbourhood is the k nearest classes other than the true one); "
-                f"{_fix_k(num_classes)}")
+        return (
+            "loss.pand.nsd_k",
+            p["nsd_k"],
+            f"< the {num_classes} classes of {cfg['dataset']} "
+            "(the neighbourhood is the k nearest classes other than the true one); "
+            f"{_fix_k(num_classes)}",
+        )
     if p["nsd_form"] == "batch" and p["nsd_k"] >= group:
-        return ("loss.pand.nsd_k", p["nsd_k"], f"< the {group} samples of a neighbourhood group "
-                f"(loss.pand.nsd_group_size, else batch_size); {_fix_k(group)}")
+        return (
+            "loss.pand.nsd_k",
+            p["nsd_k"],
+            f"< the {group} samples of a neighbourhood group "
+            f"(loss.pand.nsd_group_size, else batch_size); {_fix_k(group)}",
+        )
     return None
 
 
@@ -60,7 +85,15 @@ def _fix_k(bound: int) -> str:
 
 
 PAND = Method(
-    name="pand", label="PAND", objective=pand_objective, settings=settings,
-    sections=("vl2lite", "pand"), teacher="embedding", anchors="learned", reads_labels=True,
-    heads=vl2lite.align_heads, rule=rule,
-    table_sets=(("no_psc", False), ("loss.pand.lambda_nsd", None)))
+    name="pand",
+    label="PAND",
+    objective=pand_objective,
+    settings=settings,
+    sections=("vl2lite", "pand"),
+    teacher="embedding",
+    anchors="learned",
+    reads_labels=True,
+    heads=vl2lite.align_heads,
+    rule=rule,
+    table_sets=(("no_psc", False), ("loss.pand.lambda_nsd", None)),
+)

@@ -1,6 +1,7 @@
 """PromptKD (Li et al., CVPR 2024): label-free distillation against the teacher's pre-stored
 class vectors. The student classifies by the anchors through a trained projector (its head is
 `models.heads.AnchorClassifier`), and its only loss is the teacher's class distribution."""
+
 from __future__ import annotations
 
 from pand_jax import losses
@@ -14,8 +15,9 @@ def promptkd_objective(x: Inputs, *, weight, temperature, scale):
     z_T = s L2norm(f_T) t^T (`losses.teacher_logits`), t the stored class vectors, or p_T the
     sparse cache's q. No labels."""
     if x.teacher_probs is None:
-        distill = losses.promptkd(x.logits, losses.teacher_logits(x.teacher, x.anchors, scale),
-                                  temperature)
+        distill = losses.promptkd(
+            x.logits, losses.teacher_logits(x.teacher, x.anchors, scale), temperature
+        )
     else:  # the batch-mean KL over C: the same sum over B * C entries
         distill = teacher_kd(x, scale, temperature) / x.logits.shape[1]
     return weight * distill, {"kd": distill}
@@ -33,9 +35,18 @@ def settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
 
 
 PROMPTKD = Method(
-    name="promptkd", label="PromptKD", objective=promptkd_objective, settings=settings,
-    sections=("promptkd",), teacher="logits", anchors="learned", reads_labels=False,
+    name="promptkd",
+    label="PromptKD",
+    objective=promptkd_objective,
+    settings=settings,
+    sections=("promptkd",),
+    teacher="logits",
+    anchors="learned",
+    reads_labels=False,
     anchor_head=lambda loss: loss["promptkd"]["logit_scale"],
-    teacher_distribution=lambda loss: (loss["promptkd"]["logit_scale"],
-                                       loss["promptkd"]["temperature"]),
-    table_sets=(("no_psc", False),))
+    teacher_distribution=lambda loss: (
+        loss["promptkd"]["logit_scale"],
+        loss["promptkd"]["temperature"],
+    ),
+    table_sets=(("no_psc", False),),
+)

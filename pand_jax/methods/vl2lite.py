@@ -1,4 +1,5 @@
 """VL2Lite: the base loss L_base of PAND, with two trainable align heads."""
+
 from __future__ import annotations
 
 import jax
@@ -27,8 +28,10 @@ class AlignMLP(nnx.Module):
 def align_heads(student_dim: int, teacher_dim: int, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
     """MLP_img and MLP_txt, from the teacher's width D to the student's feature width d (L_vis
     compares the student's features with MLP_img's output directly)."""
-    return {"align_image": AlignMLP(teacher_dim, student_dim, rngs=rngs),
-            "align_text": AlignMLP(teacher_dim, student_dim, rngs=rngs)}
+    return {
+        "align_image": AlignMLP(teacher_dim, student_dim, rngs=rngs),
+        "align_text": AlignMLP(teacher_dim, student_dim, rngs=rngs),
+    }
 
 
 def vl2lite_objective(x: Inputs, *, num_epochs, tau, scale, cls_offset, reduction):
@@ -45,9 +48,18 @@ def vl2lite_objective(x: Inputs, *, num_epochs, tau, scale, cls_offset, reductio
     0.01 / 0.495 / 0.495, i.e. cls_offset 0.01).
     """
     t_hat = losses.l2_normalize(losses.fp32(x.teacher))
-    cls, vis, txt = losses.vl2lite(x.features, t_hat, x.anchors, x.heads["align_image"](t_hat),
-                                   x.heads["align_text"](x.anchors), x.labels, x.logits, tau,
-                                   reduction, scale)
+    cls, vis, txt = losses.vl2lite(
+        x.features,
+        t_hat,
+        x.anchors,
+        x.heads["align_image"](t_hat),
+        x.heads["align_text"](x.anchors),
+        x.labels,
+        x.logits,
+        tau,
+        reduction,
+        scale,
+    )
     w_cls, w_vis, w_txt = losses.loss_weights(x.epoch, num_epochs, cls_offset)
     total = w_cls * cls + w_vis * vis + w_txt * txt
     return total, {"cls": cls, "vis": vis, "txt": txt, "w_cls": w_cls}
@@ -58,11 +70,23 @@ def settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
     reduction = v["txt_reduction"]
     if reduction == "auto":
         reduction = "pand" if learned else "vl2lite"
-    return dict(num_epochs=num_epochs, tau=v["tau"], scale=loss["scale"],
-                cls_offset=v["cls_offset"], reduction=reduction)
+    return dict(
+        num_epochs=num_epochs,
+        tau=v["tau"],
+        scale=loss["scale"],
+        cls_offset=v["cls_offset"],
+        reduction=reduction,
+    )
 
 
 VL2LITE = Method(
-    name="vl2lite", label="VL2Lite", objective=vl2lite_objective, settings=settings,
-    sections=("vl2lite",), teacher="embedding", anchors="template", reads_labels=True,
-    heads=align_heads)
+    name="vl2lite",
+    label="VL2Lite",
+    objective=vl2lite_objective,
+    settings=settings,
+    sections=("vl2lite",),
+    teacher="embedding",
+    anchors="template",
+    reads_labels=True,
+    heads=align_heads,
+)

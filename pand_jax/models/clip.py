@@ -5,6 +5,7 @@ config lives beside its module, and the vision config's `family` entry in the JS
 "vit") says which image tower it is. `pand_jax.convert.open_clip.config_from_open_clip` reads one
 from an open_clip model config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,10 @@ CONVERT_HINT = "Create them with `python convert_weights.py`."
 
 # family -> (vision config, image tower). Configs saved before ViT towers existed have no family
 # and are ConvNeXt ones.
-VISION_TOWERS = {"convnext": (ConvNeXtConfig, ConvNeXt), "vit": (vit.ViTConfig, vit.VisionTransformer)}
+VISION_TOWERS = {
+    "convnext": (ConvNeXtConfig, ConvNeXt),
+    "vit": (vit.ViTConfig, vit.VisionTransformer),
+}
 DEFAULT_FAMILY = "convnext"
 # The ConvNeXt stem (/4) and its three downsamples (/2) leave nothing of a smaller image.
 CONVNEXT_MIN_SIZE = 32
@@ -54,8 +58,10 @@ class CLIPConfig:
         v = dict(d["vision"])
         family = v.pop("family", DEFAULT_FAMILY)
         if family not in VISION_TOWERS:
-            raise ValueError(f"unknown image tower family {family!r} in a CLIP config; expected "
-                             f"one of {sorted(VISION_TOWERS)}")
+            raise ValueError(
+                f"unknown image tower family {family!r} in a CLIP config; expected "
+                f"one of {sorted(VISION_TOWERS)}"
+            )
         v = {k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}  # JSON lists
         return cls(d["embed_dim"], VISION_TOWERS[family][0](**v), TextConfig(**d["text"]))
 
@@ -83,8 +89,10 @@ class CLIP(nnx.Module):
         if self.config.family == "vit":
             vit.check_image_size(self.config.vision, size, name)
         elif size < CONVNEXT_MIN_SIZE:
-            raise ValueError(f"{name} {size} px is too small for the ConvNeXt image tower: it "
-                             f"takes at least {CONVNEXT_MIN_SIZE} px")
+            raise ValueError(
+                f"{name} {size} px is too small for the ConvNeXt image tower: it "
+                f"takes at least {CONVNEXT_MIN_SIZE} px"
+            )
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """[B, L] int tokens (EOT = the largest id in each row) -> [B, embed_dim]."""
@@ -127,7 +135,8 @@ def check_preprocessing(preprocess: dict[str, Any], what: str) -> None:
             raise ValueError(
                 f"{what} was trained on images normalised with {key} {tuple(theirs)}; pand_jax "
                 f"normalises with OpenAI's {key} ({', '.join(map(str, ours))}) for teacher and "
-                "student alike: use a CLIP trained with OpenAI's mean/std")
+                "student alike: use a CLIP trained with OpenAI's mean/std"
+            )
 
 
 def load_clip(path: str | pathlib.Path = "weights/teacher", dtype=jnp.float32) -> CLIP:
@@ -137,6 +146,7 @@ def load_clip(path: str | pathlib.Path = "weights/teacher", dtype=jnp.float32) -
     meta = weights.read_meta(path, "clip", hint=CONVERT_HINT)
     check_preprocessing(meta.get("preprocess", {}), f"the CLIP in {path}")
     config = CLIPConfig.from_dict(meta["config"])
-    model, _ = weights.load_module(path, lambda _: CLIP(config, dtype=dtype, rngs=nnx.Rngs(0)),
-                                   kind="clip", hint=CONVERT_HINT)
+    model, _ = weights.load_module(
+        path, lambda _: CLIP(config, dtype=dtype, rngs=nnx.Rngs(0)), kind="clip", hint=CONVERT_HINT
+    )
     return model

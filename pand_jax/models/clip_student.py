@@ -15,6 +15,7 @@ text tower always, the image tower unless `train` is "all". The class vectors ar
 text features of the run's prompt template, computed once and frozen, or with a text context
 computed from it every step; `folded` computes them once for the saved, exported student.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,7 @@ def is_clip(student: str) -> bool:
 
 def clip_dir(student: str) -> str:
     """DIR of `clip:DIR`."""
-    return student[len(PREFIX):]
+    return student[len(PREFIX) :]
 
 
 class TextContext(nnx.Module):
@@ -52,13 +53,19 @@ class TextContext(nnx.Module):
     s L2norm(text(prompt_c))^T [D, C]. The prompts' fixed embeddings around the context and the
     scale s are frozen, like the class vectors they stand for."""
 
-    def __init__(self, prefix: jax.Array, suffix: jax.Array, eot_index: jax.Array, scale: float,
-                 context: jax.Array):
-        self.prefix = heads.ClassVectors(prefix)        # [C, 1, W] the SOS embedding
-        self.suffix = heads.ClassVectors(suffix)        # [C, L - 1 - n, W] class text, EOS, ...
+    def __init__(
+        self,
+        prefix: jax.Array,
+        suffix: jax.Array,
+        eot_index: jax.Array,
+        scale: float,
+        context: jax.Array,
+    ):
+        self.prefix = heads.ClassVectors(prefix)  # [C, 1, W] the SOS embedding
+        self.suffix = heads.ClassVectors(suffix)  # [C, L - 1 - n, W] class text, EOS, ...
         self.eot_index = heads.ClassVectors(eot_index)  # [C]
         self.scale = heads.ClassVectors(jnp.asarray(scale, jnp.float32))
-        self.context = nnx.Param(context)               # [n, W]
+        self.context = nnx.Param(context)  # [n, W]
 
     def class_vectors(self, text: TextTransformer) -> jax.Array:
         ctx = self.context[...]
@@ -71,12 +78,22 @@ class TextContext(nnx.Module):
 class CLIPStudent(nnx.Module):
     arch = ARCH
 
-    def __init__(self, vision: vit.ViTConfig, embed_dim: int, num_classes: int, *,
-                 prompt_tokens: int, prompt_depth: int, train: str = "prompts",
-                 head_dim: int | None = None, text: TextConfig | None = None,
-                 text_context: TextContext | None = None,
-                 negative_context: TextContext | None = None, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vision: vit.ViTConfig,
+        embed_dim: int,
+        num_classes: int,
+        *,
+        prompt_tokens: int,
+        prompt_depth: int,
+        train: str = "prompts",
+        head_dim: int | None = None,
+        text: TextConfig | None = None,
+        text_context: TextContext | None = None,
+        negative_context: TextContext | None = None,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         check_prompts(vision, prompt_depth)
         if train not in TRAIN:
             raise ValueError(f"student_train = {train!r}: expected one of {list(TRAIN)}")
@@ -86,15 +103,24 @@ class CLIPStudent(nnx.Module):
         self.head_dim = head_dim
         self.prompt_tokens, self.prompt_depth, self.train_mode = prompt_tokens, prompt_depth, train
         self.visual = vit.VisionTransformer(vision, embed_dim, dtype=dtype, rngs=rngs)
-        self.prompts = nnx.Param(PROMPT_INIT_STD * jax.random.normal(
-            rngs.params(), (prompt_depth, prompt_tokens, vision.width), jnp.float32))
+        self.prompts = nnx.Param(
+            PROMPT_INIT_STD
+            * jax.random.normal(
+                rngs.params(), (prompt_depth, prompt_tokens, vision.width), jnp.float32
+            )
+        )
         self.num_features = embed_dim
-        self.classifier = (heads.CosineClassifier(embed_dim, num_classes) if head_dim is None
-                           else heads.AnchorClassifier(embed_dim, head_dim, num_classes,
-                                                       rngs=rngs))
+        self.classifier = (
+            heads.CosineClassifier(embed_dim, num_classes)
+            if head_dim is None
+            else heads.AnchorClassifier(embed_dim, head_dim, num_classes, rngs=rngs)
+        )
         # With a learned text context, the text tower (frozen) computes the class vectors.
-        self.text = (None if text_context is None else
-                     TextTransformer(text, embed_dim, dtype=dtype, rngs=rngs))
+        self.text = (
+            None
+            if text_context is None
+            else TextTransformer(text, embed_dim, dtype=dtype, rngs=rngs)
+        )
         self.text_context = text_context
         self.negative_context = negative_context  # FDBPL's negative prompts (training only)
 
@@ -108,9 +134,8 @@ class CLIPStudent(nnx.Module):
         [B, embed_dim]), both float32."""
         tokens = self.visual.tokens(x, self.prompts[...])
         g = self.vision.grid
-        patches = self.visual.ln_post(tokens[:, 1:1 + g * g])
-        return (rearrange(patches, "b (h w) c -> b h w c", h=g, w=g),
-                self.visual.head(tokens))
+        patches = self.visual.ln_post(tokens[:, 1 : 1 + g * g])
+        return (rearrange(patches, "b (h w) c -> b h w c", h=g, w=g), self.visual.head(tokens))
 
     def feature_map(self, x: jax.Array) -> jax.Array:
         return self.encode(x)[0]
@@ -132,8 +157,10 @@ class CLIPStudent(nnx.Module):
         if self.negative_context is None:
             return None
         positive, negative = self.class_vectors(), self.negative_context.class_vectors(self.text)
-        return (self.classifier(h, negative),
-                (losses.l2_normalize(positive.T), losses.l2_normalize(negative.T)))
+        return (
+            self.classifier(h, negative),
+            (losses.l2_normalize(positive.T), losses.l2_normalize(negative.T)),
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.logits(self.features(x))
@@ -143,9 +170,17 @@ class CLIPStudent(nnx.Module):
         the classifier, the text tower dropped (itself when it has none)."""
         if self.text_context is None:
             return self
-        out = nnx.eval_shape(lambda: CLIPStudent(
-            self.vision, self.embed_dim, self.num_classes, prompt_tokens=self.prompt_tokens,
-            prompt_depth=self.prompt_depth, train=self.train_mode, rngs=nnx.Rngs(0)))
+        out = nnx.eval_shape(
+            lambda: CLIPStudent(
+                self.vision,
+                self.embed_dim,
+                self.num_classes,
+                prompt_tokens=self.prompt_tokens,
+                prompt_depth=self.prompt_depth,
+                train=self.train_mode,
+                rngs=nnx.Rngs(0),
+            )
+        )
         state = nnx.state(out)
         state["visual"] = nnx.state(self.visual)
         state["prompts"] = nnx.state(self)["prompts"]
@@ -155,37 +190,65 @@ class CLIPStudent(nnx.Module):
 
     def config(self) -> dict[str, Any]:
         """What `build` rebuilds it from (the student's config.json)."""
-        cfg = {"arch": ARCH, "num_classes": self.num_classes, "embed_dim": self.embed_dim,
-               "vision": dataclasses.asdict(self.vision), "prompt_tokens": self.prompt_tokens,
-               "prompt_depth": self.prompt_depth, "train": self.train_mode}
+        cfg = {
+            "arch": ARCH,
+            "num_classes": self.num_classes,
+            "embed_dim": self.embed_dim,
+            "vision": dataclasses.asdict(self.vision),
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_depth": self.prompt_depth,
+            "train": self.train_mode,
+        }
         return cfg | ({"head_dim": self.head_dim} if self.head_dim is not None else {})
 
 
 def build(cfg: dict[str, Any], dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> CLIPStudent:
     """The CLIPStudent of a saved student's config (`CLIPStudent.config`)."""
-    return CLIPStudent(vit.ViTConfig(**cfg["vision"]), cfg["embed_dim"], cfg["num_classes"],
-                       prompt_tokens=cfg["prompt_tokens"], prompt_depth=cfg["prompt_depth"],
-                       train=cfg.get("train", "prompts"), head_dim=cfg.get("head_dim"),
-                       dtype=dtype, rngs=rngs or nnx.Rngs(0))
+    return CLIPStudent(
+        vit.ViTConfig(**cfg["vision"]),
+        cfg["embed_dim"],
+        cfg["num_classes"],
+        prompt_tokens=cfg["prompt_tokens"],
+        prompt_depth=cfg["prompt_depth"],
+        train=cfg.get("train", "prompts"),
+        head_dim=cfg.get("head_dim"),
+        dtype=dtype,
+        rngs=rngs or nnx.Rngs(0),
+    )
 
 
 def check_prompts(vision: vit.ViTConfig, depth: int) -> None:
     if not 1 <= depth <= vision.layers:
-        raise ValueError(f"student_prompt_depth = {depth}: expected 1 .. {vision.layers}, the "
-                         f"layers of the CLIP student's image tower")
+        raise ValueError(
+            f"student_prompt_depth = {depth}: expected 1 .. {vision.layers}, the "
+            f"layers of the CLIP student's image tower"
+        )
 
 
 def check_tower(clip, path: str | pathlib.Path, image_size: int) -> None:
     """One-line errors for a CLIP that cannot be a prompted student at `image_size`."""
     if clip.config.family != "vit":
-        raise ValueError(f"--student clip:{path}: the CLIP there has a {clip.config.family} image "
-                         "tower; a CLIP student needs a ViT one (its visual prompts are tokens)")
+        raise ValueError(
+            f"--student clip:{path}: the CLIP there has a {clip.config.family} image "
+            "tower; a CLIP student needs a ViT one (its visual prompts are tokens)"
+        )
     vit.check_image_size(clip.config.vision, image_size, "image_size")
 
 
-def from_clip(clip, num_classes: int, class_features: jax.Array | None, *, prompt_tokens: int,
-              prompt_depth: int, train: str, head_dim: int | None, dtype, rngs: nnx.Rngs,
-              text_prompts=None, negative_prompts=None) -> CLIPStudent:
+def from_clip(
+    clip,
+    num_classes: int,
+    class_features: jax.Array | None,
+    *,
+    prompt_tokens: int,
+    prompt_depth: int,
+    train: str,
+    head_dim: int | None,
+    dtype,
+    rngs: nnx.Rngs,
+    text_prompts=None,
+    negative_prompts=None,
+) -> CLIPStudent:
     """A CLIPStudent holding `clip`'s image tower, in train mode. Its class vectors: the text
     features `class_features` [C, D] times the CLIP's logit scale; or with `text_prompts`
     (prefix [C, 1, W], suffix [C, L', W] and EOT index [C] of CoOp prompts with n placeholders,
@@ -193,12 +256,24 @@ def from_clip(clip, num_classes: int, class_features: jax.Array | None, *, promp
     tower, `negative_prompts` likewise for a negative context beside it; or with `head_dim`
     (all None) an anchor head the method sets."""
     scale = float(jnp.exp(clip.logit_scale[...]))
-    context, negative = (None if p is None else TextContext(*p[:3], scale, p[3])
-                         for p in (text_prompts, negative_prompts))
-    model = CLIPStudent(clip.config.vision, clip.config.embed_dim, num_classes,
-                        prompt_tokens=prompt_tokens, prompt_depth=prompt_depth, train=train,
-                        head_dim=head_dim, text=clip.config.text, text_context=context,
-                        negative_context=negative, dtype=dtype, rngs=rngs)
+    context, negative = (
+        None if p is None else TextContext(*p[:3], scale, p[3])
+        for p in (text_prompts, negative_prompts)
+    )
+    model = CLIPStudent(
+        clip.config.vision,
+        clip.config.embed_dim,
+        num_classes,
+        prompt_tokens=prompt_tokens,
+        prompt_depth=prompt_depth,
+        train=train,
+        head_dim=head_dim,
+        text=clip.config.text,
+        text_context=context,
+        negative_context=negative,
+        dtype=dtype,
+        rngs=rngs,
+    )
     nnx.update(model.visual, nnx.state(clip.visual))
     if context is not None:
         nnx.update(model.text, nnx.state(clip.text))

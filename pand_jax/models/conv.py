@@ -30,6 +30,7 @@ other layouts) takes XLA's convolution, unchanged.
 Set PAND_NATIVE_CONV=1 to force XLA's ops everywhere, oneDNN's included; it is read when a
 function is traced, so the benchmarks set it around each measurement (bench/conv_paths.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,7 +43,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from pand_jax.models import onednn
-
 
 # The per-shape timings behind the thresholds below: bench/RESULTS.md, "Where the thresholds...".
 # Which dense convs take the matmul form (against XLA's Eigen kernel, which `import pand_jax`
@@ -57,9 +57,15 @@ IMAGE_CHANNELS, IMAGE_MAX_COPIES, IMAGE_MAX_MAP = 4, 2.25, 32 * 32
 
 def _dense_takes_matmul(kernel, strides, out_positions, in_channels) -> bool:
     copies = math.prod(kernel) / math.prod(strides)  # how often im2col copies each input value
-    return (copies <= 1 or out_positions <= SMALL_MAP
-            or (in_channels <= IMAGE_CHANNELS and copies <= IMAGE_MAX_COPIES
-                and out_positions <= IMAGE_MAX_MAP))
+    return (
+        copies <= 1
+        or out_positions <= SMALL_MAP
+        or (
+            in_channels <= IMAGE_CHANNELS
+            and copies <= IMAGE_MAX_COPIES
+            and out_positions <= IMAGE_MAX_MAP
+        )
+    )
 
 
 # Which convs go to oneDNN when it is there. Each custom
@@ -77,39 +83,92 @@ def _onednn_pays(rhs_shape, batch, out_positions, groups, strides) -> bool:
     if groups > 1:
         return out_positions >= ONEDNN_MIN_DEPTHWISE_MAP
     macs = batch * out_positions * math.prod(rhs_shape)
-    return (not _dense_takes_matmul(rhs_shape[:-2], strides, out_positions, rhs_shape[-2])
-            and macs >= ONEDNN_MIN_MACS)
+    return (
+        not _dense_takes_matmul(rhs_shape[:-2], strides, out_positions, rhs_shape[-2])
+        and macs >= ONEDNN_MIN_MACS
+    )
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None, out_sharding=None):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+):
     """Drop-in for `jax.lax.conv_general_dilated` (same arguments, same result)."""
+
     def native(lhs, rhs):
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
-            out_sharding=out_sharding)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+            out_sharding=out_sharding,
+        )
 
     if _xla_forced() or not _cpu_form_applies(
-            lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, out_sharding):
+        lhs,
+        rhs,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+        out_sharding,
+    ):
         return native(lhs, rhs)
-    pads = (lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
-            if isinstance(padding, str) else padding)
+    pads = (
+        lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
+        if isinstance(padding, str)
+        else padding
+    )
     out_positions = math.prod(_out_shape(lhs.shape, rhs.shape[:-2], window_strides, pads))
     # oneDNN only where this process computes on the CPU: a GPU host never builds it.
-    use_onednn = (lhs.ndim == 4 and jax.default_backend() == "cpu"
-                  and (onednn.forced() or _onednn_pays(rhs.shape, lhs.shape[0], out_positions,
-                                                        feature_group_count, window_strides))
-                  and onednn.enabled())
-    if not use_onednn and feature_group_count == 1 and not _dense_takes_matmul(
-            rhs.shape[:-2], window_strides, out_positions, lhs.shape[-1]):
+    use_onednn = (
+        lhs.ndim == 4
+        and jax.default_backend() == "cpu"
+        and (
+            onednn.forced()
+            or _onednn_pays(
+                rhs.shape, lhs.shape[0], out_positions, feature_group_count, window_strides
+            )
+        )
+        and onednn.enabled()
+    )
+    if (
+        not use_onednn
+        and feature_group_count == 1
+        and not _dense_takes_matmul(rhs.shape[:-2], window_strides, out_positions, lhs.shape[-1])
+    ):
         return native(lhs, rhs)
 
     def cpu(lhs, rhs):
-        return _cpu_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)),
-                         precision, preferred_element_type, feature_group_count, use_onednn)
+        return _cpu_conv(
+            lhs,
+            rhs,
+            tuple(window_strides),
+            tuple(map(tuple, pads)),
+            precision,
+            preferred_element_type,
+            feature_group_count,
+            use_onednn,
+        )
 
     # Chosen per platform when the computation is lowered, not by a Python check of
     # jax.default_backend() while tracing: the platform XLA compiles for is what matters (a CPU
@@ -129,23 +188,37 @@ def _xla_forced() -> bool:
 
 def _channels_last_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     spatial = tuple(range(1, ndim - 1))
-    return lax.ConvDimensionNumbers(lhs_spec=(0, ndim - 1, *spatial),
-                                    rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
-                                    out_spec=(0, ndim - 1, *spatial))
+    return lax.ConvDimensionNumbers(
+        lhs_spec=(0, ndim - 1, *spatial),
+        rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
+        out_spec=(0, ndim - 1, *spatial),
+    )
 
 
-def _cpu_form_applies(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                      feature_group_count, batch_group_count, out_sharding) -> bool:
+def _cpu_form_applies(
+    lhs,
+    rhs,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+    out_sharding,
+) -> bool:
     if dimension_numbers is None or lhs.ndim < 3:
         return False
     numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     in_ch, out_ch = lhs.shape[-1], rhs.shape[-1]
     depthwise = feature_group_count == in_ch == out_ch and rhs.shape[-2] == 1
-    return (numbers == _channels_last_numbers(lhs.ndim)
-            and all(d == 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))
-            and batch_group_count == 1 and out_sharding is None
-            and (feature_group_count == 1 or depthwise)
-            and (isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding)))
+    return (
+        numbers == _channels_last_numbers(lhs.ndim)
+        and all(d == 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))
+        and batch_group_count == 1
+        and out_sharding is None
+        and (feature_group_count == 1 or depthwise)
+        and (isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding))
+    )
 
 
 def _cpu_conv(x, w, strides, pads, precision, preferred_element_type, groups, use_onednn):
@@ -156,14 +229,16 @@ def _cpu_conv(x, w, strides, pads, precision, preferred_element_type, groups, us
     x, w = x.astype(acc_dtype), w.astype(acc_dtype)
     if use_onednn and acc_dtype == jnp.float32:
         y = onednn.conv(x, w, strides, pads, groups)
-    elif all(k == 1 for k in w.shape[:-2]) and all(st == 1 for st in strides) and not any(
-            map(any, pads)):
+    elif (
+        all(k == 1 for k in w.shape[:-2])
+        and all(st == 1 for st in strides)
+        and not any(map(any, pads))
+    ):
         y = _pointwise(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[-2:]), precision)
         y = y.reshape(*x.shape[:-1], -1)
     elif w.shape[-2] == x.shape[-1]:  # dense: im2col, one matmul over (taps x input channels)
         taps = list(_shifted_taps(x, w.shape[:-2], strides, pads))
-        y = jnp.dot(jnp.concatenate(taps, axis=-1), w.reshape(-1, w.shape[-1]),
-                    precision=precision)
+        y = jnp.dot(jnp.concatenate(taps, axis=-1), w.reshape(-1, w.shape[-1]), precision=precision)
     else:
         y = _depthwise(x, w, strides, pads)
     return y.astype(out_dtype)
@@ -173,6 +248,7 @@ def _cpu_conv(x, w, strides, pads, precision, preferred_element_type, groups, us
 # (contracting the positions of x and dy) made XLA:CPU write dy transposed from inside the fusion
 # that produces it and run a slow non-YNNPACK dot on that (67 ms for MobileNet-V2's 16->96 conv
 # at 112x112); on a materialised dy both gradients are plain matmuls.
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _pointwise(x, w, precision):
@@ -214,6 +290,7 @@ def _shifted_taps(x, kernel_shape, strides, pads):
 #   phases are then interleaved back.
 # `lax.optimization_barrier` keeps a pad or phase copy from being fused into its many readers.
 
+
 def _depthwise(x, w, strides, pads):
     return _depthwise_vjp(x, w, strides, pads, x.shape[1:-1])
 
@@ -227,8 +304,10 @@ def _depthwise_fwd(x, w, strides, pads, size):
     phases = _phases(x, strides, pads)
     out = _out_shape(x.shape, w.shape[:-2], strides, pads)
     per_tap = w.reshape(-1, w.shape[-1])
-    y = sum(_window(phases[phase], start, out) * per_tap[i]
-            for i, (phase, start) in enumerate(_tap_positions(w.shape[:-2], strides)))
+    y = sum(
+        _window(phases[phase], start, out) * per_tap[i]
+        for i, (phase, start) in enumerate(_tap_positions(w.shape[:-2], strides))
+    )
     return y, (phases, w)
 
 
@@ -238,19 +317,26 @@ def _depthwise_bwd(strides, pads, size, residuals, dy):
     phase_shape = next(iter(phases.values())).shape[1:-1]
     taps = list(_tap_positions(kernel, strides))
     reduce_axes = tuple(range(dy.ndim - 1))
-    dw = jnp.stack([jnp.sum(phases[phase] * _shift(dy, start, phase_shape), axis=reduce_axes)
-                    for phase, start in taps]).reshape(w.shape)
+    dw = jnp.stack(
+        [
+            jnp.sum(phases[phase] * _shift(dy, start, phase_shape), axis=reduce_axes)
+            for phase, start in taps
+        ]
+    ).reshape(w.shape)
 
     # Phase p of d input at u: sum over its taps t of dy[u - start_t] * w[t]; dy padded by the
     # largest start so that every term is a plain slice.
     reach = [max(start[d] for _, start in taps) for d in range(len(kernel))]
-    dy_padded = lax.optimization_barrier(jnp.pad(
-        dy, ((0, 0), *((r, p - o) for r, p, o in zip(reach, phase_shape, out)), (0, 0))))
+    dy_padded = lax.optimization_barrier(
+        jnp.pad(dy, ((0, 0), *((r, p - o) for r, p, o in zip(reach, phase_shape, out)), (0, 0)))
+    )
     per_tap = w.reshape(-1, w.shape[-1])
     d_phase = {phase: jnp.zeros_like(x) for phase, x in phases.items()}  # a phase may have no tap
     for i, (phase, start) in enumerate(taps):
-        d_phase[phase] = d_phase[phase] + _window(
-            dy_padded, [r - s for r, s in zip(reach, start)], phase_shape) * per_tap[i]
+        d_phase[phase] = (
+            d_phase[phase]
+            + _window(dy_padded, [r - s for r, s in zip(reach, start)], phase_shape) * per_tap[i]
+        )
     return _unphase(d_phase, strides, pads, size), dw
 
 
@@ -265,13 +351,15 @@ def max_pool(x, window, strides, padding):
     pads = tuple(map(tuple, padding))
 
     def native(x):
-        return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
-                                 ((0, 0), *pads, (0, 0)))
+        return lax.reduce_window(
+            x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+        )
 
     if _xla_forced():
         return native(x)
     return lax.platform_dependent(
-        x, cpu=lambda x: _max_pool_vjp(x, window, strides, pads, x.shape[1:-1]), default=native)
+        x, cpu=lambda x: _max_pool_vjp(x, window, strides, pads, x.shape[1:-1]), default=native
+    )
 
 
 # Max pool: y = max over kernel offsets t of the input shifted by t, read from the stride phases
@@ -280,6 +368,7 @@ def max_pool(x, window, strides, padding):
 # forward records, per output, the first tap in row-major order that attains the max (int8):
 # that tap gets the gradient, as in XLA's select-and-scatter and PyTorch's max_pool2d. The
 # gradient of each phase is then a sum of masked, shifted dy, all unit-stride slices.
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _max_pool_vjp(x, window, strides, pads, size):
@@ -301,16 +390,18 @@ def _max_pool_bwd(window, strides, pads, size, first, dy):
     phase_shape = _phase_shape(size, strides, pads)
     taps = list(_tap_positions(window, strides))
     reach = [max(start[d] for _, start in taps) for d in range(len(window))]
-    spread = ((0, 0), *((r, p - o) for r, p, o in zip(reach, phase_shape, dy.shape[1:-1])),
-              (0, 0))
+    spread = ((0, 0), *((r, p - o) for r, p, o in zip(reach, phase_shape, dy.shape[1:-1])), (0, 0))
     dy_padded = lax.optimization_barrier(jnp.pad(dy, spread))
     first_padded = lax.optimization_barrier(jnp.pad(first, spread, constant_values=-1))
-    d_phase = {phase: jnp.zeros((dy.shape[0], *phase_shape, dy.shape[-1]), dy.dtype)
-               for phase in itertools.product(*map(range, strides))}
+    d_phase = {
+        phase: jnp.zeros((dy.shape[0], *phase_shape, dy.shape[-1]), dy.dtype)
+        for phase in itertools.product(*map(range, strides))
+    }
     for t, (phase, start) in enumerate(taps):
         at = [r - s for r, s in zip(reach, start)]
         d_phase[phase] = d_phase[phase] + jnp.where(
-            _window(first_padded, at, phase_shape) == t, _window(dy_padded, at, phase_shape), 0)
+            _window(first_padded, at, phase_shape) == t, _window(dy_padded, at, phase_shape), 0
+        )
     return (_unphase(d_phase, strides, pads, size),)
 
 
@@ -318,16 +409,20 @@ _max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _out_shape(x_shape, kernel, strides, pads):
-    return [(n + lo + hi - k) // s + 1
-            for n, k, s, (lo, hi) in zip(x_shape[1:-1], kernel, strides, pads)]
+    return [
+        (n + lo + hi - k) // s + 1
+        for n, k, s, (lo, hi) in zip(x_shape[1:-1], kernel, strides, pads)
+    ]
 
 
 def _tap_positions(kernel, strides):
     """Per kernel offset (row-major, as HWIO stores them): its stride phase and its start
     within that phase."""
     for offsets in itertools.product(*map(range, kernel)):
-        yield (tuple(o % s for o, s in zip(offsets, strides)),
-               tuple(o // s for o, s in zip(offsets, strides)))
+        yield (
+            tuple(o % s for o, s in zip(offsets, strides)),
+            tuple(o // s for o, s in zip(offsets, strides)),
+        )
 
 
 def _phases(x, strides, pads, fill=0):
@@ -336,11 +431,21 @@ def _phases(x, strides, pads, fill=0):
     stride)."""
     size = x.shape[1:-1]
     shape = _phase_shape(size, strides, pads)
-    xp = jnp.pad(x, ((0, 0), *((lo, m * s - n - lo) for n, m, s, (lo, _) in zip(
-        size, shape, strides, pads)), (0, 0)), constant_values=fill)
-    return {phase: lax.optimization_barrier(
-                xp[(slice(None), *(slice(a, None, s) for a, s in zip(phase, strides)))])
-            for phase in itertools.product(*map(range, strides))}
+    xp = jnp.pad(
+        x,
+        (
+            (0, 0),
+            *((lo, m * s - n - lo) for n, m, s, (lo, _) in zip(size, shape, strides, pads)),
+            (0, 0),
+        ),
+        constant_values=fill,
+    )
+    return {
+        phase: lax.optimization_barrier(
+            xp[(slice(None), *(slice(a, None, s) for a, s in zip(phase, strides)))]
+        )
+        for phase in itertools.product(*map(range, strides))
+    }
 
 
 def _phase_shape(size, strides, pads):
@@ -349,14 +454,16 @@ def _phase_shape(size, strides, pads):
 
 
 def _window(x, start, size):
-    return lax.slice(x, (0, *start, 0), (x.shape[0], *(a + m for a, m in zip(start, size)),
-                                         x.shape[-1]))
+    return lax.slice(
+        x, (0, *start, 0), (x.shape[0], *(a + m for a, m in zip(start, size)), x.shape[-1])
+    )
 
 
 def _shift(dy, start, shape):
     """dy placed at `start` in zeros of spatial `shape`."""
-    return jnp.pad(dy, ((0, 0), *((a, n - a - m) for a, n, m in zip(start, shape, dy.shape[1:-1])),
-                        (0, 0)))
+    return jnp.pad(
+        dy, ((0, 0), *((a, n - a - m) for a, n, m in zip(start, shape, dy.shape[1:-1])), (0, 0))
+    )
 
 
 def _unphase(d_phase, strides, pads, size):
@@ -367,8 +474,12 @@ def _unphase(d_phase, strides, pads, size):
     rank = len(strides)
     stacked = stacked.reshape(*strides, batch, *phase_shape, channels)
     # [s1, s2, N, P1, P2, C] -> [N, P1, s1, P2, s2, C]: phase (a, b) at u lands at u * s + a.
-    order = (rank, *itertools.chain.from_iterable((rank + 1 + d, d) for d in range(rank)),
-             2 * rank + 1)
+    order = (
+        rank,
+        *itertools.chain.from_iterable((rank + 1 + d, d) for d in range(rank)),
+        2 * rank + 1,
+    )
     grid = stacked.transpose(order).reshape(
-        batch, *(p * s for p, s in zip(phase_shape, strides)), channels)
+        batch, *(p * s for p, s in zip(phase_shape, strides)), channels
+    )
     return grid[(slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, size)))]

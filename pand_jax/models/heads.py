@@ -4,6 +4,7 @@ class vectors (a CLIP student's class text features), and PromptKD's projector i
 Both keep s t_hat^T [D, C] as `classes`, so an exported student is one plain classifier:
 normalisation and a bias-free linear map, its class vectors folded in.
 """
+
 from __future__ import annotations
 
 import jax
@@ -17,7 +18,7 @@ from pand_jax.models.layers import BatchNorm
 def _torch_linear_bias_init(fan_in: int):
     """PyTorch's nn.Linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the released code's new
     head is a default-initialised nn.Linear."""
-    bound = fan_in ** -0.5
+    bound = fan_in**-0.5
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -28,9 +29,13 @@ def _torch_linear_bias_init(fan_in: int):
 def torch_linear(in_dim: int, out_dim: int, rngs: nnx.Rngs) -> nnx.Linear:
     """fp32 nn.Linear with PyTorch's default init (kaiming_uniform a=sqrt(5) =
     U(+-1/sqrt(fan_in)) for the kernel)."""
-    return nnx.Linear(in_dim, out_dim,
-                      kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                      bias_init=_torch_linear_bias_init(in_dim), rngs=rngs)
+    return nnx.Linear(
+        in_dim,
+        out_dim,
+        kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        bias_init=_torch_linear_bias_init(in_dim),
+        rngs=rngs,
+    )
 
 
 class ClassVectors(nnx.Variable):
@@ -52,15 +57,17 @@ class CosineClassifier(nnx.Module):
     def __call__(self, h: jax.Array, classes: jax.Array | None = None) -> jax.Array:
         """Logits of the features h [B, D]; `classes` [D, C] in place of the stored ones (a
         CLIP student's class vectors from its learned text context)."""
-        return jnp.matmul(losses.l2_normalize(losses.fp32(h)),
-                          self.classes[...] if classes is None else classes,
-                          precision=jax.lax.Precision.HIGHEST)
+        return jnp.matmul(
+            losses.l2_normalize(losses.fp32(h)),
+            self.classes[...] if classes is None else classes,
+            precision=jax.lax.Precision.HIGHEST,
+        )
 
 
 class AnchorClassifier(CosineClassifier):
     """PromptKD's classifier on the teacher's class vectors t [C, D]:
 
-        z = s L2norm(P(h)) t_hat^T,   P = Linear(d, D) - BatchNorm - ReLU - Linear(D, D)"""
+    z = s L2norm(P(h)) t_hat^T,   P = Linear(d, D) - BatchNorm - ReLU - Linear(D, D)"""
 
     def __init__(self, in_dim: int, dim: int, num_classes: int, *, rngs: nnx.Rngs):
         self.fc1 = torch_linear(in_dim, dim, rngs)
@@ -75,5 +82,8 @@ class AnchorClassifier(CosineClassifier):
 def classifier(in_dim: int, num_classes: int, head_dim: int | None, *, rngs: nnx.Rngs):
     """A student's head on its d = `in_dim` features: linear, or with `head_dim` = D an
     `AnchorClassifier` (fp32: it is tiny and the logits feed softmax/KL terms)."""
-    return (torch_linear(in_dim, num_classes, rngs) if head_dim is None
-            else AnchorClassifier(in_dim, head_dim, num_classes, rngs=rngs))
+    return (
+        torch_linear(in_dim, num_classes, rngs)
+        if head_dim is None
+        else AnchorClassifier(in_dim, head_dim, num_classes, rngs=rngs)
+    )

@@ -5,6 +5,7 @@
   tower (causal) and the ViT image tower (bidirectional) share.
 - `BatchNorm`, `conv`, `Sequential`, `global_avg_pool`: the torchvision students.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
-        q, k, v = (rearrange(t, "b n (heads d) -> b n heads d", heads=self.heads)
-                   for t in (q, k, v))
+        q, k, v = (
+            rearrange(t, "b n (heads d) -> b n heads d", heads=self.heads) for t in (q, k, v)
+        )
         # Softmax runs in float32 inside dot_product_attention whatever the input dtype.
         y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(rearrange(y, "b n heads d -> b n (heads d)"))
@@ -57,8 +59,17 @@ class ResidualAttentionBlock(nnx.Module):
     """open_clip's pre-LN block `x + attn(ln_1 x)`, `x + mlp(ln_2 x)` with a 4x MLP. The residual
     stream stays float32; matmuls and attention run in `dtype`."""
 
-    def __init__(self, width: int, heads: int, eps: float, *, causal: bool, quick: bool, dtype,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        eps: float,
+        *,
+        causal: bool,
+        quick: bool,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.ln_1 = layer_norm(width, eps, dtype, rngs)
         self.attn = Attention(width, heads, causal, dtype=dtype, rngs=rngs)
         self.ln_2 = layer_norm(width, eps, dtype, rngs)
@@ -88,8 +99,14 @@ class BatchNorm(nnx.Module):
     without an axis name.
     """
 
-    def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
-                 use_running_average: bool = False):
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        use_running_average: bool = False,
+    ):
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -113,10 +130,14 @@ class BatchNorm(nnx.Module):
         axes = tuple(range(x.ndim - 1))
         n = math.prod(x.shape[a] for a in axes)
         if n < 2:
-            raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {x.shape}")
+            raise ValueError(
+                f"BatchNorm in training mode needs more than 1 value per channel, got {x.shape}"
+            )
         x32 = at_least_fp32(x)
         mean = x32.mean(axes)
-        var = jnp.square(x32 - mean).mean(axes)  # two-pass, as PyTorch: no E[x^2]-E[x]^2 cancellation
+        var = jnp.square(x32 - mean).mean(
+            axes
+        )  # two-pass, as PyTorch: no E[x^2]-E[x]^2 cancellation
         m = self.momentum
         unbiased = jax.lax.stop_gradient(var) * (n / (n - 1))
         self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
@@ -138,15 +159,26 @@ class Sequential(nnx.List):
         return x
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *,
-         dtype, rngs: nnx.Rngs) -> nnx.Conv:
+def conv(
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *, dtype, rngs: nnx.Rngs
+) -> nnx.Conv:
     """Bias-free conv with PyTorch's symmetric padding (k - 1) // 2; Flax "SAME" pads stride-2
     convs asymmetrically and would shift every feature map by half a pixel."""
     pad = (kernel - 1) // 2
-    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                    feature_group_count=groups, use_bias=False, dtype=dtype,
-                    param_dtype=jnp.float32, kernel_init=CONV_INIT,
-                    conv_general_dilated=conv_general_dilated, rngs=rngs)
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=CONV_INIT,
+        conv_general_dilated=conv_general_dilated,
+        rngs=rngs,
+    )
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ Parameter paths are torchvision's keys with Flax leaf names: `features.3.conv.1.
 `features[3].conv[1][0].kernel`. The ImageNet classifier (dropout + linear) is not part of the
 backbone: `Student` adds a plain Linear, as the distillation code does.
 """
+
 from __future__ import annotations
 
 import jax
@@ -26,25 +27,37 @@ STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
 
 
-def conv_bn_relu6(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *,
-                  dtype, rngs: nnx.Rngs) -> Sequential:
+def conv_bn_relu6(
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *, dtype, rngs: nnx.Rngs
+) -> Sequential:
     """torchvision's Conv2dNormActivation: indices 0 (conv), 1 (bn), 2 (ReLU6, no parameters)."""
-    return Sequential([conv(in_ch, out_ch, kernel, stride, groups, dtype=dtype, rngs=rngs),
-                       BatchNorm(out_ch), jax.nn.relu6])
+    return Sequential(
+        [
+            conv(in_ch, out_ch, kernel, stride, groups, dtype=dtype, rngs=rngs),
+            BatchNorm(out_ch),
+            jax.nn.relu6,
+        ]
+    )
 
 
 class InvertedResidual(nnx.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, expand_ratio: int, *, dtype,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, expand_ratio: int, *, dtype, rngs: nnx.Rngs
+    ):
         hidden = in_ch * expand_ratio
         self.use_res_connect = stride == 1 and in_ch == out_ch
         # torchvision omits the 1x1 expansion when t == 1, which shifts the indices of `conv`.
-        expand = [conv_bn_relu6(in_ch, hidden, 1, dtype=dtype, rngs=rngs)] if expand_ratio != 1 else []
-        self.conv = Sequential(expand + [
-            conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden, dtype=dtype, rngs=rngs),
-            conv(hidden, out_ch, 1, dtype=dtype, rngs=rngs),  # linear bottleneck: no activation
-            BatchNorm(out_ch),
-        ])
+        expand = (
+            [conv_bn_relu6(in_ch, hidden, 1, dtype=dtype, rngs=rngs)] if expand_ratio != 1 else []
+        )
+        self.conv = Sequential(
+            expand
+            + [
+                conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden, dtype=dtype, rngs=rngs),
+                conv(hidden, out_ch, 1, dtype=dtype, rngs=rngs),  # linear bottleneck: no activation
+                BatchNorm(out_ch),
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.conv(x)
@@ -63,7 +76,9 @@ class MobileNetV2(nnx.Module):
         in_ch = STEM_CHANNELS
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             for i in range(n):
-                layers.append(InvertedResidual(in_ch, c, s if i == 0 else 1, t, dtype=dtype, rngs=rngs))
+                layers.append(
+                    InvertedResidual(in_ch, c, s if i == 0 else 1, t, dtype=dtype, rngs=rngs)
+                )
                 in_ch = c
         layers.append(conv_bn_relu6(in_ch, LAST_CHANNELS, 1, dtype=dtype, rngs=rngs))
         self.features = Sequential(layers)

@@ -20,6 +20,7 @@ says so in one warning and `pand_jax.models.conv` keeps its jnp forms: the same 
 forms); PAND_ONEDNN=0 turns oneDNN off (the benchmarks use it to measure the difference),
 PAND_ONEDNN=all sends it every conv it can run. Both are read when a function is traced.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,8 +40,11 @@ from pand_jax import files
 
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 SWITCH = "PAND_ONEDNN"
-_TARGETS = {"forward": "PandConvForward", "input_grad": "PandConvInputGrad",
-            "weight_grad": "PandConvWeightGrad"}
+_TARGETS = {
+    "forward": "PandConvForward",
+    "input_grad": "PandConvInputGrad",
+    "weight_grad": "PandConvWeightGrad",
+}
 
 
 class BuildError(RuntimeError):
@@ -53,8 +57,10 @@ MODES = {"1": "where it is faster (the default)", "0": "never", "all": "every co
 def mode() -> str:
     value = os.environ.get(SWITCH, "1")
     if value not in MODES:
-        raise ValueError(f"{SWITCH}={value!r}; expected one of: "
-                         + ", ".join(f"{k} ({v})" for k, v in MODES.items()))
+        raise ValueError(
+            f"{SWITCH}={value!r}; expected one of: "
+            + ", ".join(f"{k} ({v})" for k, v in MODES.items())
+        )
     return value
 
 
@@ -75,12 +81,16 @@ def available() -> bool:
     try:
         library = ctypes.CDLL(str(_build()))
     except (BuildError, OSError) as e:
-        warnings.warn(f"oneDNN convolutions unavailable ({e}); CPU convolutions use "
-                      "pand_jax's slower jnp forms (same results)", stacklevel=2)
+        warnings.warn(
+            f"oneDNN convolutions unavailable ({e}); CPU convolutions use "
+            "pand_jax's slower jnp forms (same results)",
+            stacklevel=2,
+        )
         return False
     for target in _TARGETS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)),
-                                    platform="cpu")
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu"
+        )
     return True
 
 
@@ -88,8 +98,9 @@ def _wheel_file(distribution: str, suffix: str) -> pathlib.Path:
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise BuildError(f"the {distribution} wheel is not installed "
-                         f"(pip install {distribution})") from None
+        raise BuildError(
+            f"the {distribution} wheel is not installed (pip install {distribution})"
+        ) from None
     for f in dist.files or ():
         if str(f).endswith(suffix):
             return pathlib.Path(dist.locate_file(f)).resolve()
@@ -101,9 +112,17 @@ def _build() -> pathlib.Path:
     header = _wheel_file("onednn-devel-cpu-gomp", "include/dnnl.hpp")
     compiler = os.environ.get("CXX", "g++")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([
-        source, str(library).encode(), importlib.metadata.version("onednn-cpu-gomp").encode(),
-        importlib.metadata.version("jaxlib").encode(), compiler.encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                str(library).encode(),
+                importlib.metadata.version("onednn-cpu-gomp").encode(),
+                importlib.metadata.version("jaxlib").encode(),
+                compiler.encode(),
+            ]
+        )
+    ).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
     target = cache / "pand_jax" / f"onednn_conv-{key}.so"
     if target.exists():
@@ -111,10 +130,22 @@ def _build() -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Whole or absent, when several processes build at once.
     with files.atomic_path(target) as built:
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-                   f"-I{header.parent}", f"-I{jax.ffi.include_dir()}", str(SOURCE),
-                   f"-L{library.parent}", "-ldnnl", f"-Wl,-rpath,{library.parent}",
-                   "-o", str(built)]
+        command = [
+            compiler,
+            "-O2",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-w",
+            f"-I{header.parent}",
+            f"-I{jax.ffi.include_dir()}",
+            str(SOURCE),
+            f"-L{library.parent}",
+            "-ldnnl",
+            f"-Wl,-rpath,{library.parent}",
+            "-o",
+            str(built),
+        ]
         try:
             subprocess.run(command, check=True, capture_output=True, text=True)
         except FileNotFoundError:
@@ -133,16 +164,23 @@ def conv(x, w, strides, pads, groups):
 
 
 def _call(pass_, shape, a, b, strides, pads, groups):
-    return jax.ffi.ffi_call(_TARGETS[pass_], jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="sequential")(
-        a, b, strides=np.array(strides, np.int64),
-        padding=np.array([p for pair in pads for p in pair], np.int64), groups=np.int64(groups))
+    return jax.ffi.ffi_call(
+        _TARGETS[pass_], jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential"
+    )(
+        a,
+        b,
+        strides=np.array(strides, np.int64),
+        padding=np.array([p for pair in pads for p in pair], np.int64),
+        groups=np.int64(groups),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, w, strides, pads, groups):
-    out = [(n + lo + hi - k) // s + 1
-           for n, k, s, (lo, hi) in zip(x.shape[1:3], w.shape[:2], strides, pads)]
+    out = [
+        (n + lo + hi - k) // s + 1
+        for n, k, s, (lo, hi) in zip(x.shape[1:3], w.shape[:2], strides, pads)
+    ]
     return _call("forward", (x.shape[0], *out, w.shape[-1]), x, w, strides, pads, groups)
 
 
@@ -152,8 +190,10 @@ def _conv_fwd(x, w, strides, pads, groups):
 
 def _conv_bwd(strides, pads, groups, residuals, dy):
     x, w = residuals
-    return (_call("input_grad", x.shape, dy, w, strides, pads, groups),
-            _call("weight_grad", w.shape, x, dy, strides, pads, groups))
+    return (
+        _call("input_grad", x.shape, dy, w, strides, pads, groups),
+        _call("weight_grad", w.shape, x, dy, strides, pads, groups),
+    )
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

@@ -4,6 +4,7 @@ Every parameter path is the torchvision state-dict key with Flax leaf names
 (`layer1.0.conv1.weight` -> `layer1[0].conv1.kernel`, `bn1.running_var` -> `bn1.var`), so the
 converter is a rename plus a layout transpose.
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,7 +23,8 @@ class BasicBlock(nnx.Module):
         self.bn2 = BatchNorm(out_ch)
         self.downsample = (
             Sequential([conv(in_ch, out_ch, 1, stride, dtype=dtype, rngs=rngs), BatchNorm(out_ch)])
-            if stride != 1 or in_ch != out_ch else None
+            if stride != 1 or in_ch != out_ch
+            else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,8 +50,10 @@ class ResNet18(nnx.Module):
         self.bn1 = BatchNorm(64)
         in_ch = 64
         for i, (ch, stride) in enumerate(RESNET18_STAGES, start=1):
-            blocks = [BasicBlock(in_ch, ch, stride, dtype=dtype, rngs=rngs),
-                      BasicBlock(ch, ch, 1, dtype=dtype, rngs=rngs)]
+            blocks = [
+                BasicBlock(in_ch, ch, stride, dtype=dtype, rngs=rngs),
+                BasicBlock(ch, ch, 1, dtype=dtype, rngs=rngs),
+            ]
             setattr(self, f"layer{i}", Sequential(blocks))
             in_ch = ch
 

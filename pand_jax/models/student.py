@@ -17,6 +17,7 @@ Inputs are NHWC images normalised by the caller. Parameters and BatchNorm statis
 `dtype` is the compute dtype of the convolutions. Train/eval through `model.train()` /
 `model.eval()` (BatchNorm batch statistics vs running averages).
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -52,8 +53,15 @@ def student_label(student: str) -> str:
 
 
 class Student(nnx.Module):
-    def __init__(self, arch: str, num_classes: int, *, head_dim: int | None = None,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        *,
+        head_dim: int | None = None,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         check_arch(arch)
         self.arch = arch
         self.num_classes = num_classes
@@ -115,8 +123,10 @@ class Distillee(nnx.Module):
 
 def _missing_hint(path: pathlib.Path) -> str:
     arch = path.name if path.name in ARCHS else "|".join(ARCHS)
-    return (f"Convert them with: python convert_weights.py --student {arch} --out {path}, or "
-            "train the student from scratch (no ImageNet start) with --set student_weights=null")
+    return (
+        f"Convert them with: python convert_weights.py --student {arch} --out {path}, or "
+        "train the student from scratch (no ImageNet start) with --set student_weights=null"
+    )
 
 
 def load_student(path: str | pathlib.Path, dtype=jnp.float32, hint: str | None = None) -> Student:
@@ -129,16 +139,27 @@ def load_student(path: str | pathlib.Path, dtype=jnp.float32, hint: str | None =
         cfg = meta["config"]
         if cfg["arch"] == clip_student.ARCH:
             return clip_student.build(cfg, dtype)
-        return Student(cfg["arch"], cfg["num_classes"], head_dim=cfg.get("head_dim"),
-                       dtype=dtype, rngs=nnx.Rngs(0))
+        return Student(
+            cfg["arch"],
+            cfg["num_classes"],
+            head_dim=cfg.get("head_dim"),
+            dtype=dtype,
+            rngs=nnx.Rngs(0),
+        )
 
     model, _ = weights.load_module(path, build, kind=KIND, hint=hint or _missing_hint(path))
     model.eval()
     return model
 
 
-def student_from_pretrained(path: str | pathlib.Path, num_classes: int, *, rngs: nnx.Rngs,
-                            head_dim: int | None = None, dtype=jnp.float32) -> Student:
+def student_from_pretrained(
+    path: str | pathlib.Path,
+    num_classes: int,
+    *,
+    rngs: nnx.Rngs,
+    head_dim: int | None = None,
+    dtype=jnp.float32,
+) -> Student:
     """Converted backbone + a fresh `num_classes` head, in train mode (the start of Stage-NSD)."""
     pretrained = load_student(path, dtype)
     model = Student(pretrained.arch, num_classes, head_dim=head_dim, dtype=dtype, rngs=rngs)

@@ -6,6 +6,7 @@ Names follow open_clip (`token_embedding`, `positional_embedding`, `resblocks[i]
 `ln_final`, `text_projection`); the blocks are `layers.ResidualAttentionBlock`. Residual
 stream and LayerNorm statistics stay float32; matmuls and attention run in `dtype`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,14 +32,26 @@ class TextConfig:
 class TextTransformer(nnx.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         w = cfg.width
-        self.token_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, w)))
+        self.token_embedding = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, w))
+        )
         self.positional_embedding = nnx.Param(
-            0.01 * jax.random.normal(rngs.params(), (cfg.context_length, w)))
-        self.resblocks = nnx.List([
-            ResidualAttentionBlock(w, cfg.heads, cfg.ln_eps, causal=True, quick=cfg.quick_gelu,
-                                   dtype=dtype, rngs=rngs)
-            for _ in range(cfg.layers)
-        ])
+            0.01 * jax.random.normal(rngs.params(), (cfg.context_length, w))
+        )
+        self.resblocks = nnx.List(
+            [
+                ResidualAttentionBlock(
+                    w,
+                    cfg.heads,
+                    cfg.ln_eps,
+                    causal=True,
+                    quick=cfg.quick_gelu,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(cfg.layers)
+            ]
+        )
         self.ln_final = layer_norm(w, cfg.ln_eps, jnp.float32, rngs)
         # Used as `x @ text_projection` (open_clip's layout, no transpose, no bias).
         self.text_projection = nnx.Param(w**-0.5 * jax.random.normal(rngs.params(), (w, embed_dim)))

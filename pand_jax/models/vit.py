@@ -9,6 +9,7 @@ grid, so the tower takes its own image size only (open_clip does not interpolate
 Precision as the text tower: parameters float32, matmuls and attention in `dtype`, the residual
 stream, LayerNorm statistics and the projection in float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,26 +44,38 @@ def check_image_size(cfg: ViTConfig, size: int, name: str = "image size") -> Non
         raise ValueError(
             f"{name} {size} px does not fit the ViT image tower: it takes {cfg.image_size} px "
             f"only (its positional embedding is a {cfg.grid} x {cfg.grid} grid of "
-            f"{cfg.patch_size} px patches); set {name} to {cfg.image_size}")
+            f"{cfg.patch_size} px patches); set {name} to {cfg.image_size}"
+        )
 
 
 class VisionTransformer(nnx.Module):
     def __init__(self, cfg: ViTConfig, embed_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         w, p = cfg.width, cfg.patch_size
         # Holds open_clip's patch conv (HWIO kernel); __call__ applies it as the matmul it is.
-        self.conv1 = nnx.Conv(3, w, (p, p), strides=p, padding="VALID", use_bias=False,
-                              dtype=dtype, rngs=rngs)
+        self.conv1 = nnx.Conv(
+            3, w, (p, p), strides=p, padding="VALID", use_bias=False, dtype=dtype, rngs=rngs
+        )
         self.dtype = dtype
         scale = w**-0.5  # open_clip's init
         self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (w,)))
         self.positional_embedding = nnx.Param(
-            scale * jax.random.normal(rngs.params(), (cfg.grid**2 + 1, w)))
+            scale * jax.random.normal(rngs.params(), (cfg.grid**2 + 1, w))
+        )
         self.ln_pre = layer_norm(w, cfg.ln_eps, jnp.float32, rngs)  # starts the fp32 residual
-        self.resblocks = nnx.List([
-            ResidualAttentionBlock(w, cfg.heads, cfg.ln_eps, causal=False, quick=cfg.quick_gelu,
-                                   dtype=dtype, rngs=rngs)
-            for _ in range(cfg.layers)
-        ])
+        self.resblocks = nnx.List(
+            [
+                ResidualAttentionBlock(
+                    w,
+                    cfg.heads,
+                    cfg.ln_eps,
+                    causal=False,
+                    quick=cfg.quick_gelu,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(cfg.layers)
+            ]
+        )
         self.ln_post = layer_norm(w, cfg.ln_eps, jnp.float32, rngs)
         # Used as `x @ proj` (open_clip's layout, no bias).
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (w, embed_dim)))
@@ -76,8 +89,11 @@ class VisionTransformer(nnx.Module):
         p = self.config.patch_size
         patches = rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
         kernel = rearrange(self.conv1.kernel[...], "p q c o -> (p q c) o")
-        return jnp.matmul(patches.astype(self.dtype), kernel.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.matmul(
+            patches.astype(self.dtype),
+            kernel.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
     def tokens(self, images: jax.Array, prompts: jax.Array | None = None) -> jax.Array:
         """images [B, S, S, 3] with S = config.image_size -> the residual stream after the last
@@ -89,8 +105,10 @@ class VisionTransformer(nnx.Module):
         before each block i in 1 .. D-1 the n last tokens (the previous block's outputs at the
         prompts) are replaced by prompts[i]. From block D on they flow through unreplaced."""
         if images.shape[1] != images.shape[2]:
-            raise ValueError(f"the ViT image tower takes square images, got "
-                             f"{images.shape[1]} x {images.shape[2]}")
+            raise ValueError(
+                f"the ViT image tower takes square images, got "
+                f"{images.shape[1]} x {images.shape[2]}"
+            )
         check_image_size(self.config, images.shape[1])
         x = self.patch_embed(images)
         batch = x.shape[0]
@@ -105,7 +123,7 @@ class VisionTransformer(nnx.Module):
         x = self.ln_pre(x)
         for i, block in enumerate(self.resblocks):
             if prompts is not None and 0 < i < prompts.shape[0]:
-                x = jnp.concatenate([x[:, :-prompts.shape[1]], prompt(i)], axis=1)
+                x = jnp.concatenate([x[:, : -prompts.shape[1]], prompt(i)], axis=1)
             x = block(x)
         return x
 

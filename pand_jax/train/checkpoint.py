@@ -13,6 +13,7 @@ that save, before it is started in the background, with one line that says how m
 checkpoint needs; a refusal that still comes in the background removes the partial directory
 and is reported the same way at the next save or at the end.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,9 +65,13 @@ class Checkpointer:
             self._reserve(self._saving[1])
             # The JSON is written in the background: a copy, or the loop's next changes to
             # its position dict could land in this checkpoint.
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(copy.deepcopy(meta))),
-                force=True)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(copy.deepcopy(meta))
+                ),
+                force=True,
+            )
 
     def _reserve(self, size: int) -> None:
         """Raises the disk's refusal now when a checkpoint of `size` bytes does not fit: in the
@@ -85,7 +90,8 @@ class Checkpointer:
             from jax.experimental import multihost_utils
 
             code = multihost_utils.broadcast_one_to_all(
-                np.int32(refused.errno if refused is not None else 0))
+                np.int32(refused.errno if refused is not None else 0)
+            )
             if refused is None and int(code):
                 refused = OSError(int(code), "refused on process 0")
         if refused is not None:
@@ -94,11 +100,16 @@ class Checkpointer:
     def restore(self, like: Any, step: int) -> tuple[Any, dict[str, Any]]:
         """Restores into arrays with the shapes, dtypes and shardings of `like`."""
         target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
+        )
         try:
             with _quiet():
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+                    ),
+                )
         except Exception as e:  # orbax raises many types; all mean the same to the user
             first_line = (str(e).strip().splitlines() or [""])[0][:160]
             raise CheckpointError(f"checkpoint {step}: {type(e).__name__}: {first_line}") from e
@@ -123,7 +134,8 @@ class Checkpointer:
         raise CheckpointError(
             f"no checkpoint in {self.directory} can be restored (newest: {failed[0][1]}); they "
             "are corrupt or from another model configuration.\nUse a new --workdir, or move "
-            f"{self.directory} aside to start afresh.")
+            f"{self.directory} aside to start afresh."
+        )
 
     def _move_aside(self, step: int, error: CheckpointError) -> None:
         if jax.process_index() == 0:
@@ -132,8 +144,10 @@ class Checkpointer:
             if target.exists():  # an earlier corrupt copy of the same step
                 shutil.rmtree(target)
             shutil.move(self.directory / str(step), target)
-            print(f"warning: {error}; moved it to {target} and resuming from an earlier one",
-                  flush=True)
+            print(
+                f"warning: {error}; moved it to {target} and resuming from an earlier one",
+                flush=True,
+            )
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("checkpoint: moved aside")
@@ -160,12 +174,19 @@ class Checkpointer:
             step, size = self._saving or (None, 0)
             self.manager.reload()
             last = self.manager.latest_step()
-            then = (f"resume from checkpoint {last}" if last is not None else
-                    "start afresh (no checkpoint was complete yet)")
+            then = (
+                f"resume from checkpoint {last}"
+                if last is not None
+                else "start afresh (no checkpoint was complete yet)"
+            )
             raise files.disk_full_error(
-                e, self.directory, size, f"checkpoint {step} in",
+                e,
+                self.directory,
+                size,
+                f"checkpoint {step} in",
                 f"free space there and run the same command again to {then}",
-                needs="a checkpoint") from None
+                needs="a checkpoint",
+            ) from None
 
 
 @contextlib.contextmanager

@@ -6,9 +6,9 @@ the prompt template, so that it knows something but its zero-shot prompt is not 
 Stage-PSC learns prompts on it and Stage-NSD distils it into a ResNet-18 trained from scratch.
 Settings: configs/demo.json.
 """
+
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -18,8 +18,8 @@ import optax
 from flax import nnx
 
 from pand_jax import config as config_lib
-from pand_jax import losses, prompts
 from pand_jax import data as data_lib
+from pand_jax import losses, prompts
 from pand_jax.data import augment, datasets
 from pand_jax.models.clip import CLIP, DEFAULT_FAMILY, CLIPConfig, save_clip
 from pand_jax.progress import progress_bar
@@ -47,8 +47,10 @@ def teacher_config(t: dict) -> CLIPConfig:
 def _split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     source = data_lib.load_split("digits", split)
     examples = [source[i] for i in range(len(source))]
-    return (np.stack([e["image"] for e in examples]),
-            np.asarray([e["label"] for e in examples], np.int32))
+    return (
+        np.stack([e["image"] for e in examples]),
+        np.asarray([e["label"] for e in examples], np.int32),
+    )
 
 
 def train_teacher(t: dict, out: pathlib.Path) -> float:
@@ -58,12 +60,16 @@ def train_teacher(t: dict, out: pathlib.Path) -> float:
     clip = CLIP(teacher_config(t), rngs=nnx.Rngs(t["seed"]))
     ctx_len = clip.config.text.context_length
     captions = [prompts.class_prompts(info.class_names, c) for c in t["captions"]]
-    tokens = jnp.asarray(prompts.cut_after_eot(prompts.tokenize(sum(captions, []), ctx_len))
-                         .reshape(len(captions), info.num_classes, -1))
+    tokens = jnp.asarray(
+        prompts.cut_after_eot(prompts.tokenize(sum(captions, []), ctx_len)).reshape(
+            len(captions), info.num_classes, -1
+        )
+    )
     images, labels = _split_arrays(info.train_split)
     graphdef, params = nnx.split(clip)
-    tx = optax.adamw(optax.cosine_decay_schedule(t["lr"], t["steps"]),
-                     weight_decay=t["weight_decay"])
+    tx = optax.adamw(
+        optax.cosine_decay_schedule(t["lr"], t["steps"]), weight_decay=t["weight_decay"]
+    )
     opt_state = tx.init(params)
 
     @jax.jit
@@ -82,14 +88,20 @@ def train_teacher(t: dict, out: pathlib.Path) -> float:
     bar = progress_bar(iterable=range(t["steps"]), desc="demo teacher", unit="step")
     for _ in bar:
         idx = rng.choice(len(labels), t["batch_size"], replace=False)
-        params, opt_state, loss = step(params, opt_state, images[idx], labels[idx],
-                                       rng.integers(len(captions)))
+        params, opt_state, loss = step(
+            params, opt_state, images[idx], labels[idx], rng.integers(len(captions))
+        )
         bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     clip = nnx.merge(graphdef, params)
     # The family is in the id, which keys the feature and teacher caches.
     family = "" if clip.config.family == DEFAULT_FAMILY else f"-{clip.config.family}"
-    save_clip(out, clip, teacher_id=f"pand-demo-clip{family}:digits", model=f"pand_demo{family}",
-              pretrained="digits")
+    save_clip(
+        out,
+        clip,
+        teacher_id=f"pand-demo-clip{family}:digits",
+        model=f"pand_demo{family}",
+        pretrained="digits",
+    )
     test_images, test_labels = _split_arrays(info.test_split)
     anchors = prompts.template_anchors(clip, info.class_names, info.prompt_template)
     img = np.asarray(losses.l2_normalize(clip.encode_image(augment.normalize(test_images))))

@@ -1,11 +1,13 @@
 """Caching what a frozen function computes over a whole split on disk, keyed by everything it
 depends on."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,8 +19,9 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_arrays(path: pathlib.Path, key: dict[str, Any],
-                  compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def cached_arrays(
+    path: pathlib.Path, key: dict[str, Any], compute: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """Loads `path` (.npz) when it was written for the same `key`, else computes and writes it.
 
     The key is stored inside the file; a stale, partial or damaged file (every .npz member

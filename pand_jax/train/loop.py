@@ -12,6 +12,7 @@ the tests' preemptions and kills land at a known step instead of wherever a time
 the output happened to put them. A SIGKILL waits for the checkpoint being written first (it
 models a kill after that checkpoint landed). Nothing else reads it; runs never set it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,8 @@ import os
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,12 +37,12 @@ from pand_jax.train.metrics import MetricsWriter
 
 @dataclasses.dataclass
 class Task:
-    name: str                                       # "psc" or "nsd", for messages
+    name: str  # "psc" or "nsd", for messages
     steps_per_epoch: int
     global_batch_size: int
-    batches: Callable[[int, int], Iterator[Any]]    # (epoch, start_step) -> device batches
+    batches: Callable[[int, int], Iterator[Any]]  # (epoch, start_step) -> device batches
     train_step: Callable[[Any, Any, int], tuple[Any, dict]]  # (state, batch, epoch)
-    evaluate: Callable[[Any], dict[str, float]]     # must contain "top1" and "select"
+    evaluate: Callable[[Any], dict[str, float]]  # must contain "top1" and "select"
     export_best: Callable[[Any, dict[str, float]], None]
 
 
@@ -109,21 +111,41 @@ class _StopRequest:
             signal.signal(s, handler)
 
 
-def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
-        checkpoints_to_keep: int, summary_extra: dict | None = None) -> dict[str, Any]:
+def fit(
+    task: Task,
+    state: Any,
+    *,
+    epochs: int,
+    workdir: pathlib.Path,
+    checkpoints_to_keep: int,
+    summary_extra: dict | None = None,
+) -> dict[str, Any]:
     """Runs (or resumes) `epochs` epochs; returns the summary also written to summary.json."""
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(workdir / "checkpoints", checkpoints_to_keep)
-    pos = {"epoch": 0, "step": 0, "best_top1": None, "best_select": -1.0, "best_epoch": None,
-           "last_top1": None, "history": [], "train_seconds": 0.0, "train_images": 0}
+    pos = {
+        "epoch": 0,
+        "step": 0,
+        "best_top1": None,
+        "best_select": -1.0,
+        "best_epoch": None,
+        "last_top1": None,
+        "history": [],
+        "train_seconds": 0.0,
+        "train_images": 0,
+    }
     restored = ckpt.restore_newest_good(state)
     if restored is not None:
         state, pos = restored
         if is_main:
-            print(f"[{task.name}] resuming from {workdir} at epoch {pos['epoch']}, "
-                  f"step {pos['step']}", flush=True)
-    metrics = MetricsWriter(workdir, pos["epoch"] * task.steps_per_epoch + pos["step"],
-                            pos["epoch"])
+            print(
+                f"[{task.name}] resuming from {workdir} at epoch {pos['epoch']}, "
+                f"step {pos['step']}",
+                flush=True,
+            )
+    metrics = MetricsWriter(
+        workdir, pos["epoch"] * task.steps_per_epoch + pos["step"], pos["epoch"]
+    )
     stop = _StopRequest()
     try:
         state = _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main)
@@ -132,12 +154,18 @@ def fit(task: Task, state: Any, *, epochs: int, workdir: pathlib.Path,
         metrics.close()
         ckpt.close()
     summary = {
-        "stage": task.name, "epochs": epochs, "best_top1": pos["best_top1"],
-        "best_epoch": pos["best_epoch"], "last_top1": pos["last_top1"],
+        "stage": task.name,
+        "epochs": epochs,
+        "best_top1": pos["best_top1"],
+        "best_epoch": pos["best_epoch"],
+        "last_top1": pos["last_top1"],
         "images_per_second": pos["train_images"] / max(pos["train_seconds"], 1e-9),
-        "train_seconds": pos["train_seconds"], "wall_seconds": pos.get("wall_seconds"),
-        "devices": jax.device_count(), "processes": jax.process_count(),
-        "global_batch_size": task.global_batch_size, **(summary_extra or {}),
+        "train_seconds": pos["train_seconds"],
+        "wall_seconds": pos.get("wall_seconds"),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "global_batch_size": task.global_batch_size,
+        **(summary_extra or {}),
     }
     if is_main:
         write_json(workdir / "summary.json", summary)
@@ -157,8 +185,9 @@ def _test_signal() -> tuple[signal.Signals, int, int] | None:
         signum, epoch, step = signal.Signals[name], int(epoch), int(step)
         (process,) = [int(p) for p in process] or [jax.process_index()]
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{TEST_SIGNAL}={spec!r}: expected NAME:EPOCH:STEP[:PROCESS], for "
-                         "example SIGTERM:1:0") from e
+        raise ValueError(
+            f"{TEST_SIGNAL}={spec!r}: expected NAME:EPOCH:STEP[:PROCESS], for example SIGTERM:1:0"
+        ) from e
     if process != jax.process_index():
         return None
     return signum, epoch, step
@@ -168,12 +197,14 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
     spe = task.steps_per_epoch
     test_signal = _test_signal()
     if is_main and pos["epoch"] < epochs:  # XLA compiles at the first step: 30 s of silence
-        print(f"[{task.name}] compiling the training step (first step; ~30 s on a CPU)...",
-              flush=True)
+        print(
+            f"[{task.name}] compiling the training step (first step; ~30 s on a CPU)...", flush=True
+        )
     while pos["epoch"] < epochs:
         epoch, start = pos["epoch"], pos["step"]
-        bar = progress_bar(total=spe, initial=start, desc=f"{task.name} epoch {epoch + 1}/{epochs}",
-                           unit="step")
+        bar = progress_bar(
+            total=spe, initial=start, desc=f"{task.name} epoch {epoch + 1}/{epochs}", unit="step"
+        )
         pending = None  # (step, device metrics): read one step late, so the host never waits
         t0, timed_images, stopping = None, 0, False
         epoch_start = time.perf_counter()
@@ -221,7 +252,8 @@ def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
             before = " (before its evaluation)" if pos["step"] == spe else ""
             raise SystemExit(
                 f"[{task.name}] stopped at epoch {pos['epoch'] + 1}, step {pos['step']}{before}; "
-                "checkpoint saved. Run the same command again to resume.")
+                "checkpoint saved. Run the same command again to resume."
+            )
     return state
 
 
@@ -243,7 +275,8 @@ def _log_step(task, metrics, bar, step, out):
         raise NonFiniteError(
             f"[{task.name}] non-finite values at step {step} (epoch {epoch}): {terms}. Stopped "
             "without saving that state; the last checkpoint holds the last good one. Lower "
-            "optimizer.lr or set optimizer.grad_clip, then run again.")
+            "optimizer.lr or set optimizer.grad_clip, then run again."
+        )
 
 
 def _end_epoch(task, state, pos, epoch, scores, metrics, is_main):
@@ -255,8 +288,14 @@ def _end_epoch(task, state, pos, epoch, scores, metrics, is_main):
         task.export_best(state, scores)
     pos["history"].append({"epoch": epoch + 1, **scores})
     pos["epoch"], pos["step"] = epoch + 1, 0
-    metrics.write("epoch", (epoch + 1) * task.steps_per_epoch,
-                  {"epoch": epoch + 1, **scores, "best_top1": pos["best_top1"]})
+    metrics.write(
+        "epoch",
+        (epoch + 1) * task.steps_per_epoch,
+        {"epoch": epoch + 1, **scores, "best_top1": pos["best_top1"]},
+    )
     if is_main:
-        print(f"[{task.name}] epoch {epoch + 1}: top1 {100 * scores['top1']:.2f}% "
-              f"(best {100 * pos['best_top1']:.2f}% at epoch {pos['best_epoch']})", flush=True)
+        print(
+            f"[{task.name}] epoch {epoch + 1}: top1 {100 * scores['top1']:.2f}% "
+            f"(best {100 * pos['best_top1']:.2f}% at epoch {pos['best_epoch']})",
+            flush=True,
+        )

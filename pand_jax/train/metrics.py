@@ -3,6 +3,7 @@ or "epoch") and the same scalars as TensorBoard events (tensorboardX needs no Te
 Only process 0 writes. A disk that refuses a write stops the run at that step with one line
 (`files.DiskFullError`), and metrics.jsonl keeps only whole records.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ class MetricsWriter:
             return
         self.path, self.tb_dir = workdir / "metrics.jsonl", workdir / "tensorboard"
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                    if _before(line, done_steps, done_epochs)]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines(keepends=True)
+                if _before(line, done_steps, done_epochs)
+            ]
             files.write_file(self.path, "".join(kept), "the metrics")
         # Unbuffered: each record reaches the disk (or fails) in the step that wrote it.
         self.file = open(self.path, "ab", buffering=0)
@@ -53,7 +57,7 @@ class MetricsWriter:
             try:
                 view = memoryview(line)
                 while view:  # a disk filling up mid-record writes part of it, then refuses
-                    view = view[self.file.write(view):]
+                    view = view[self.file.write(view) :]
             except OSError:
                 self.file.truncate(self.size)  # whole records only
                 raise
@@ -61,10 +65,16 @@ class MetricsWriter:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
-        events = [Event(wall_time=time.time(), step=step, summary=scalar(f"{kind}/{k}", v))
-                  for k, v in values.items() if isinstance(v, float) and math.isfinite(v)]
-        with files.disk_full_errors(self.tb_dir, sum(e.ByteSize() + 16 for e in events),
-                                    f"the TensorBoard events of step {step} in"):
+        events = [
+            Event(wall_time=time.time(), step=step, summary=scalar(f"{kind}/{k}", v))
+            for k, v in values.items()
+            if isinstance(v, float) and math.isfinite(v)
+        ]
+        with files.disk_full_errors(
+            self.tb_dir,
+            sum(e.ByteSize() + 16 for e in events),
+            f"the TensorBoard events of step {step} in",
+        ):
             for event in events:
                 self.tb.write_event(event)
             if kind == "epoch":  # buffered between epochs; a step's few records are small

@@ -1,4 +1,5 @@
 """What both stages do before training: the workdir, the dataset, the teacher, the loaders."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,19 +28,25 @@ def check_workdir(workdir: pathlib.Path, cfg: dict[str, Any], allow_change: bool
     existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
     if not existing.is_dir():
         where = "is a file" if existing == workdir else f"lies under the file {existing}"
-        raise WorkdirError(f"--workdir {workdir} {where}; pass a folder (it is created if "
-                           "missing)")
+        raise WorkdirError(f"--workdir {workdir} {where}; pass a folder (it is created if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise WorkdirError(f"cannot write into {existing} (read-only file system or no "
-                           "permission); pass a --workdir you can write to")
+        raise WorkdirError(
+            f"cannot write into {existing} (read-only file system or no "
+            "permission); pass a --workdir you can write to"
+        )
     config_lib.check_same_run(workdir, cfg, allow_change)
 
 
 _HELD: dict[pathlib.Path, Any] = {}  # workdir -> its open, locked lock file
 
 
-def claim_workdir(workdir: pathlib.Path, cfg: dict[str, Any], info, skipped,
-                  unlabeled: folder.Unlabeled | None = None) -> None:
+def claim_workdir(
+    workdir: pathlib.Path,
+    cfg: dict[str, Any],
+    info,
+    skipped,
+    unlabeled: folder.Unlabeled | None = None,
+) -> None:
     """Once every check of the run has passed: the workdir is created, locked for this run, and
     given its config.json (and an image folder's record of labels, and the images left out of
     it and of the unlabelled images).
@@ -59,8 +66,10 @@ def claim_workdir(workdir: pathlib.Path, cfg: dict[str, Any], info, skipped,
             lock.seek(0)
             pid = lock.read().strip() or "?"
             lock.close()
-            raise WorkdirError(f"another run (pid {pid}) is using {workdir}; wait for it to "
-                               "end, or pass another --workdir") from None
+            raise WorkdirError(
+                f"another run (pid {pid}) is using {workdir}; wait for it to "
+                "end, or pass another --workdir"
+            ) from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
@@ -89,8 +98,14 @@ def open_dataset(info, cfg: dict[str, Any], unlabeled: int = 0):
         info = dataclasses.replace(info, prompt_template=cfg["prompt_template"])
     skipped = []
     if info.tree is not None:
-        skipped = sources.check_folder(info, cfg["data_dir"], cfg["skip_bad_images"],
-                                       train_split(info, cfg), cfg["batch_size"], unlabeled)
+        skipped = sources.check_folder(
+            info,
+            cfg["data_dir"],
+            cfg["skip_bad_images"],
+            train_split(info, cfg),
+            cfg["batch_size"],
+            unlabeled,
+        )
     return info, skipped
 
 
@@ -137,10 +152,17 @@ def load_teacher(path: str, dtype, hint: str | None = None):
     from pand_jax import weights
     from pand_jax.models.clip import load_clip
 
-    meta = weights.read_meta(path, "clip", hint=hint or "Convert it with: python "
-                             f"convert_weights.py --out {path}  (or pass --teacher DIR)")
-    teacher_id = meta.get("teacher_id") or ":".join(
-        str(meta.get(k)) for k in ("model", "pretrained") if meta.get(k)) or str(path)
+    meta = weights.read_meta(
+        path,
+        "clip",
+        hint=hint
+        or f"Convert it with: python convert_weights.py --out {path}  (or pass --teacher DIR)",
+    )
+    teacher_id = (
+        meta.get("teacher_id")
+        or ":".join(str(meta.get(k)) for k in ("model", "pretrained") if meta.get(k))
+        or str(path)
+    )
     return load_clip(path, dtype=dtype), teacher_id
 
 
@@ -159,10 +181,13 @@ def load_intermediate(path: str, info, dtype):
     meta = weights.read_meta(model_dir, student_lib.KIND, hint=hint)
     trained_on = meta.get("dataset")
     if meta["config"]["num_classes"] != info.num_classes or (
-            meta.get("class_names") and list(meta["class_names"]) != list(info.class_names)):
-        raise ValueError(f"the intermediate teacher at {path} predicts the "
-                         f"{meta['config']['num_classes']} classes of {trained_on!r}, not the "
-                         f"{info.num_classes} of {info.key!r}. {hint}")
+        meta.get("class_names") and list(meta["class_names"]) != list(info.class_names)
+    ):
+        raise ValueError(
+            f"the intermediate teacher at {path} predicts the "
+            f"{meta['config']['num_classes']} classes of {trained_on!r}, not the "
+            f"{info.num_classes} of {info.key!r}. {hint}"
+        )
     return student_lib.load_student(model_dir, dtype, hint=hint)
 
 
@@ -170,8 +195,9 @@ def intermediate_teacher_forwards(path: str) -> int | None:
     """The CLIP teacher passes that training the intermediate teacher took (its workdir's
     summary.json); None when not known (a student folder without its workdir)."""
     try:
-        return int(json.loads((pathlib.Path(path) / "summary.json").read_text())
-                   ["teacher_forwards"])
+        return int(
+            json.loads((pathlib.Path(path) / "summary.json").read_text())["teacher_forwards"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -182,10 +208,25 @@ def process_slice(global_batch: int) -> tuple[int, int]:
     return jax.process_index() * local, (jax.process_index() + 1) * local
 
 
-def eval_loader(info, split: str, cfg: dict[str, Any], size: int, resize: str, batch: int, mesh,
-                cache_dir: pathlib.Path | None = None):
-    return pipeline.Loader(load_split(info, split, cfg), global_batch_size=batch, image_size=size,
-                           resize=resize, train=False, seed=cfg["seed"], cache_dir=cache_dir)
+def eval_loader(
+    info,
+    split: str,
+    cfg: dict[str, Any],
+    size: int,
+    resize: str,
+    batch: int,
+    mesh,
+    cache_dir: pathlib.Path | None = None,
+):
+    return pipeline.Loader(
+        load_split(info, split, cfg),
+        global_batch_size=batch,
+        image_size=size,
+        resize=resize,
+        train=False,
+        seed=cfg["seed"],
+        cache_dir=cache_dir,
+    )
 
 
 def host_cache_dir(cfg: dict[str, Any], workdir: pathlib.Path) -> pathlib.Path | None:
@@ -197,4 +238,3 @@ def host_cache_dir(cfg: dict[str, Any], workdir: pathlib.Path) -> pathlib.Path |
         return None
     base = pathlib.Path(cfg["host_cache_dir"] or workdir / "host_cache")
     return base / f"process{jax.process_index()}"
-

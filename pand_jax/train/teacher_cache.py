@@ -25,6 +25,7 @@ damaged on disk since, are computed again, each with one message.
 Multi-process runs: every process computes its slice of each global batch, process 0 writes,
 and all processes then read the same file, so `path` must be on a filesystem every process sees.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pand_jax import files, soft_labels as soft_labels_lib
+from pand_jax import files
+from pand_jax import soft_labels as soft_labels_lib
 from pand_jax.config import write_json
 from pand_jax.data import augment, pipeline
 from pand_jax.devices import place_frozen, replicate, to_global
@@ -62,6 +64,7 @@ AUGMENT_DIGEST = features.cache_key(source=inspect.getsource(augment))
 class _Field(NamedTuple):
     """One stored array [N, V, width]: the batch key `Cache.lookup` gives it, its file, the
     dtype the device writes and the trainer reads, and the one on disk (a same-size view)."""
+
     name: str
     file: str
     dtype: Any
@@ -74,8 +77,10 @@ def _fields(dtype: str, embed_dim: int, soft: soft_labels_lib.SoftLabels | None)
         device, disk = DTYPES[dtype]
         return (_Field("teacher", EMBEDDINGS, device, disk, embed_dim),)
     index = np.int16 if len(soft.anchors) <= np.iinfo(np.int16).max + 1 else np.int32
-    return (_Field("teacher_index", INDICES, index, index, soft.k),
-            _Field("teacher_value", VALUES, np.float16, np.float16, soft.k))
+    return (
+        _Field("teacher_index", INDICES, index, index, soft.k),
+        _Field("teacher_value", VALUES, np.float16, np.float16, soft.k),
+    )
 
 
 class Cache:
@@ -93,8 +98,9 @@ class Cache:
     @property
     def embeddings(self) -> np.ndarray:
         if "teacher" not in self.arrays:
-            raise TypeError("this teacher cache holds sparse soft labels, not embeddings: read "
-                            "it with lookup()")
+            raise TypeError(
+                "this teacher cache holds sparse soft labels, not embeddings: read it with lookup()"
+            )
         return self.arrays["teacher"]
 
     @property
@@ -116,9 +122,19 @@ def views_for_epoch(seed: int, epoch: int, num_examples: int, views: int) -> np.
     return rng.integers(0, views, num_examples, dtype=np.int32)
 
 
-def cache_key(key: dict[str, Any], source, *, views: int, seed: int, recipe: str,
-              host_image_size: int, image_size: int, compute_dtype, dtype: str,
-              soft_labels: soft_labels_lib.SoftLabels | None = None) -> dict[str, Any]:
+def cache_key(
+    key: dict[str, Any],
+    source,
+    *,
+    views: int,
+    seed: int,
+    recipe: str,
+    host_image_size: int,
+    image_size: int,
+    compute_dtype,
+    dtype: str,
+    soft_labels: soft_labels_lib.SoftLabels | None = None,
+) -> dict[str, Any]:
     """Everything the cached outputs depend on, in one place: the caller's `key` (teacher id,
     dataset, split, data_dir), the source's name (it follows an image folder's files and which
     copy is read) and size, the view settings, the teacher's compute dtype, the storage dtype
@@ -127,20 +143,49 @@ def cache_key(key: dict[str, Any], source, *, views: int, seed: int, recipe: str
     sparse = None
     if soft_labels is not None:
         anchors = np.ascontiguousarray(soft_labels.anchors, np.float32)
-        sparse = dict(kind=soft_labels.kind, k=soft_labels.k, scale=float(soft_labels.scale),
-                      temperature=float(soft_labels.temperature), anchors_shape=list(anchors.shape),
-                      anchors=hashlib.blake2b(anchors, digest_size=16).hexdigest())
-    return dict(key, source=getattr(source, "name", None), num_examples=len(source), views=views,
-                seed=seed, recipe=recipe, host_image_size=host_image_size, image_size=image_size,
-                compute_dtype=jnp.dtype(compute_dtype).name,
-                dtype=dtype if soft_labels is None else "float16", soft_labels=sparse,
-                augment=AUGMENT_DIGEST, version=VERSION)
+        sparse = dict(
+            kind=soft_labels.kind,
+            k=soft_labels.k,
+            scale=float(soft_labels.scale),
+            temperature=float(soft_labels.temperature),
+            anchors_shape=list(anchors.shape),
+            anchors=hashlib.blake2b(anchors, digest_size=16).hexdigest(),
+        )
+    return dict(
+        key,
+        source=getattr(source, "name", None),
+        num_examples=len(source),
+        views=views,
+        seed=seed,
+        recipe=recipe,
+        host_image_size=host_image_size,
+        image_size=image_size,
+        compute_dtype=jnp.dtype(compute_dtype).name,
+        dtype=dtype if soft_labels is None else "float16",
+        soft_labels=sparse,
+        augment=AUGMENT_DIGEST,
+        version=VERSION,
+    )
 
 
-def build(clip, source, *, views: int, seed: int, recipe: str, host_image_size: int,
-          image_size: int, batch_size: int, mesh, teacher_sharding: str, path: pathlib.Path,
-          key: dict[str, Any], compute_dtype, dtype: str,
-          soft_labels: soft_labels_lib.SoftLabels | None = None) -> Cache:
+def build(
+    clip,
+    source,
+    *,
+    views: int,
+    seed: int,
+    recipe: str,
+    host_image_size: int,
+    image_size: int,
+    batch_size: int,
+    mesh,
+    teacher_sharding: str,
+    path: pathlib.Path,
+    key: dict[str, Any],
+    compute_dtype,
+    dtype: str,
+    soft_labels: soft_labels_lib.SoftLabels | None = None,
+) -> Cache:
     """The cache of `clip.encode_image` (unnormalised) on view v of example i,
     `augment.augment(host image, example_keys(seed, i, v), recipe, image_size)`, for every
     example of `source` (index = position) and view; built or reused (module docstring).
@@ -160,13 +205,25 @@ def build(clip, source, *, views: int, seed: int, recipe: str, host_image_size: 
         soft_labels_lib.check(soft_labels.kind, soft_labels.k, len(soft_labels.anchors))
     path = pathlib.Path(path)
     fields = _fields(dtype, clip.config.embed_dim, soft_labels)
-    full_key = cache_key(key, source, views=views, seed=seed, recipe=recipe,
-                         host_image_size=host_image_size, image_size=image_size,
-                         compute_dtype=compute_dtype, dtype=dtype, soft_labels=soft_labels)
+    full_key = cache_key(
+        key,
+        source,
+        views=views,
+        seed=seed,
+        recipe=recipe,
+        host_image_size=host_image_size,
+        image_size=image_size,
+        compute_dtype=compute_dtype,
+        dtype=dtype,
+        soft_labels=soft_labels,
+    )
     digest = features.cache_key(**full_key)
-    meta = dict(key=full_key, digest=digest, chunk=batch_size,
-                files={f.file: [len(source), views, f.width, np.dtype(f.disk).name]
-                       for f in fields})
+    meta = dict(
+        key=full_key,
+        digest=digest,
+        chunk=batch_size,
+        files={f.file: [len(source), views, f.width, np.dtype(f.disk).name] for f in fields},
+    )
     num_chunks = -(-len(source) // batch_size)
 
     reason, done = _inspect(path, meta, fields, num_chunks)
@@ -175,24 +232,44 @@ def build(clip, source, *, views: int, seed: int, recipe: str, host_image_size: 
     todo = [c for c in range(num_chunks) if c not in done]
     if todo:
         if jax.process_index() == 0:
-            print(f"{reason}: building the teacher cache, {len(todo)} of {num_chunks} chunks "
-                  f"({len(source)} examples x {views} "
-                  f"views) to compute in {path}", flush=True)
-        _compute(clip, source, todo, fresh=not done, views=views, seed=seed, recipe=recipe,
-                 host_image_size=host_image_size, image_size=image_size, batch_size=batch_size,
-                 mesh=mesh, teacher_sharding=teacher_sharding, path=path, meta=meta,
-                 fields=fields, soft_labels=soft_labels)
+            print(
+                f"{reason}: building the teacher cache, {len(todo)} of {num_chunks} chunks "
+                f"({len(source)} examples x {views} "
+                f"views) to compute in {path}",
+                flush=True,
+            )
+        _compute(
+            clip,
+            source,
+            todo,
+            fresh=not done,
+            views=views,
+            seed=seed,
+            recipe=recipe,
+            host_image_size=host_image_size,
+            image_size=image_size,
+            batch_size=batch_size,
+            mesh=mesh,
+            teacher_sharding=teacher_sharding,
+            path=path,
+            meta=meta,
+            fields=fields,
+            soft_labels=soft_labels,
+        )
         multihost_utils.sync_global_devices("teacher_cache: written")
         reason, done = _inspect(path, meta, fields, num_chunks)
         if len(done) != num_chunks:
-            raise RuntimeError(f"the teacher cache in {path} is not readable after it was built "
-                               f"({reason}); with several processes, {path} must be on a "
-                               "filesystem that all of them share")
+            raise RuntimeError(
+                f"the teacher cache in {path} is not readable after it was built "
+                f"({reason}); with several processes, {path} must be on a "
+                "filesystem that all of them share"
+            )
     return Cache({f.name: _open(path, f) for f in fields})
 
 
-def _inspect(path: pathlib.Path, meta: dict[str, Any], fields: tuple,
-             num_chunks: int) -> tuple[str, set[int]]:
+def _inspect(
+    path: pathlib.Path, meta: dict[str, Any], fields: tuple, num_chunks: int
+) -> tuple[str, set[int]]:
     """(what the build must do, the chunks on disk whose rows match their checksums).
 
     A chunk is one batch of `meta["chunk"]` examples, in order; its checksum is recorded after
@@ -207,10 +284,13 @@ def _inspect(path: pathlib.Path, meta: dict[str, Any], fields: tuple,
         return f"warning: unreadable meta.json ({type(e).__name__}), rebuilding", set()
     if old.get("digest") != meta["digest"]:
         old_key = old.get("key") if isinstance(old.get("key"), dict) else {}
-        changed = sorted(k for k in {**old_key, **meta["key"]}
-                         if old_key.get(k) != meta["key"].get(k))
-        return ("warning: stale cache (it was made for another teacher, dataset, split, dtype, "
-                f"soft-label or augmentation setting: {', '.join(changed)}), rebuilding"), set()
+        changed = sorted(
+            k for k in {**old_key, **meta["key"]} if old_key.get(k) != meta["key"].get(k)
+        )
+        return (
+            "warning: stale cache (it was made for another teacher, dataset, split, dtype, "
+            f"soft-label or augmentation setting: {', '.join(changed)}), rebuilding"
+        ), set()
     if old.get("chunk") != meta["chunk"] or old.get("files") != meta["files"]:
         return "warning: the cache was laid out for another batch size, rebuilding", set()
     stored = []
@@ -222,12 +302,17 @@ def _inspect(path: pathlib.Path, meta: dict[str, Any], fields: tuple,
         if list(stored[-1].shape) != meta["files"][f.file][:3]:
             return f"warning: {f.file} has another shape, rebuilding", set()
     recorded = _checksums(path)
-    done = {c for c, digest in recorded.items()
-            if c < num_chunks and _chunk_digest(stored, c, meta["chunk"]) == digest}
+    done = {
+        c
+        for c, digest in recorded.items()
+        if c < num_chunks and _chunk_digest(stored, c, meta["chunk"]) == digest
+    }
     damaged = sorted(set(recorded) - done)
     if damaged:
-        return (f"warning: chunks {damaged} of {path} ({', '.join(f.file for f in fields)}) do "
-                "not match their checksums (damaged on disk), recomputing them"), done
+        return (
+            f"warning: chunks {damaged} of {path} ({', '.join(f.file for f in fields)}) do "
+            "not match their checksums (damaged on disk), recomputing them"
+        ), done
     return f"resuming the teacher cache build ({len(done)} chunks done)", done
 
 
@@ -250,7 +335,7 @@ def _chunk_digest(stored: list[np.ndarray], chunk: int, rows: int) -> str:
     """One digest over the chunk's rows of every stored file, in `_fields` order."""
     digest = hashlib.blake2b(digest_size=16)
     for array in stored:
-        digest.update(np.ascontiguousarray(array[chunk * rows:(chunk + 1) * rows]).view(np.uint8))
+        digest.update(np.ascontiguousarray(array[chunk * rows : (chunk + 1) * rows]).view(np.uint8))
     return digest.hexdigest()
 
 
@@ -258,10 +343,23 @@ def _open(path: pathlib.Path, field: _Field) -> np.ndarray:
     return np.load(path / field.file, mmap_mode="r").view(field.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "seed", "recipe", "image_size", "dtype",
-                                             "sparse"))
-def _encode(state, images, index, view, anchors=None, *, graphdef, seed, recipe, image_size,
-            dtype, sparse=None):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "seed", "recipe", "image_size", "dtype", "sparse")
+)
+def _encode(
+    state,
+    images,
+    index,
+    view,
+    anchors=None,
+    *,
+    graphdef,
+    seed,
+    recipe,
+    image_size,
+    dtype,
+    sparse=None,
+):
     """What the cache stores of view `view` of a batch, computed and cast on device: the teacher
     embeddings (B, D) in the storage dtype `dtype`, or, with `sparse` = (K, scale, temperature,
     index dtype), their soft labels over `anchors` [C, D]: top-K indices and fp16 values.
@@ -281,25 +379,57 @@ def _encode(state, images, index, view, anchors=None, *, graphdef, seed, recipe,
     return indices.astype(index_dtype), values
 
 
-def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recipe,
-             host_image_size, image_size, batch_size, mesh, teacher_sharding, path, meta,
-             fields, soft_labels) -> None:
+def _compute(
+    clip,
+    source,
+    chunks: list[int],
+    *,
+    fresh: bool,
+    views,
+    seed,
+    recipe,
+    host_image_size,
+    image_size,
+    batch_size,
+    mesh,
+    teacher_sharding,
+    path,
+    meta,
+    fields,
+    soft_labels,
+) -> None:
     """Runs the teacher over every (example, view) of `chunks` and writes their rows as they
     arrive, each chunk's checksum after its rows. `fresh`: new files, else the rows of the
     other chunks are kept."""
     is_main = jax.process_index() == 0
-    loader = pipeline.Loader(source, global_batch_size=batch_size, image_size=host_image_size,
-                             resize="stretch", train=False, seed=seed)
+    loader = pipeline.Loader(
+        source,
+        global_batch_size=batch_size,
+        image_size=host_image_size,
+        resize="stretch",
+        train=False,
+        seed=seed,
+    )
 
     graphdef, state = nnx.split(clip)
     state = place_frozen(mesh, state, teacher_sharding)
     anchors, sparse = None, None
     if soft_labels is not None:
         anchors = replicate(mesh, jnp.asarray(soft_labels.anchors, jnp.float32))
-        sparse = (soft_labels.k, float(soft_labels.scale), float(soft_labels.temperature),
-                  np.dtype(fields[0].dtype).name)
-    static = dict(graphdef=graphdef, seed=seed, recipe=recipe, image_size=image_size,
-                  dtype=meta["key"]["dtype"], sparse=sparse)
+        sparse = (
+            soft_labels.k,
+            float(soft_labels.scale),
+            float(soft_labels.temperature),
+            np.dtype(fields[0].dtype).name,
+        )
+    static = dict(
+        graphdef=graphdef,
+        seed=seed,
+        recipe=recipe,
+        image_size=image_size,
+        dtype=meta["key"]["dtype"],
+        sparse=sparse,
+    )
     out = sums = None
     if is_main:
         path.mkdir(parents=True, exist_ok=True)
@@ -308,8 +438,9 @@ def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recip
             # A cache of the other kind in the same directory is stale: free its disk space.
             for name in {EMBEDDINGS, INDICES, VALUES} - set(meta["files"]):
                 (path / name).unlink(missing_ok=True)
-            out = [_allocate(path / f.file, f.disk, tuple(meta["files"][f.file][:3]))
-                   for f in fields]
+            out = [
+                _allocate(path / f.file, f.disk, tuple(meta["files"][f.file][:3])) for f in fields
+            ]
             write_json(path / META, dict(meta, complete=False))
             recorded = {}
         else:
@@ -323,8 +454,9 @@ def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recip
     def write(pending):
         chunk, (per_view, index, mask) = pending
         # Gathering every host's rows; process_allgather waits for the device work.
-        per_view, index, mask = multihost_utils.process_allgather((per_view, index, mask),
-                                                                  tiled=True)
+        per_view, index, mask = multihost_utils.process_allgather(
+            (per_view, index, mask), tiled=True
+        )
         if out is not None:
             rows = np.asarray(index)[mask]
             for j, (f, stored) in enumerate(zip(fields, out)):
@@ -338,14 +470,22 @@ def _compute(clip, source, chunks: list[int], *, fresh: bool, views, seed, recip
     pending = None  # one batch in flight: decode and write overlap the device work
     try:
         batches = loader.epoch(0, min(chunks))
-        for chunk, batch in zip(range(min(chunks), loader.steps_per_epoch),
-                                progress_bar(iterable=batches, total=len(chunks),
-                                             unit="batch", desc=f"teacher cache ({views} views)")):
+        for chunk, batch in zip(
+            range(min(chunks), loader.steps_per_epoch),
+            progress_bar(
+                iterable=batches,
+                total=len(chunks),
+                unit="batch",
+                desc=f"teacher cache ({views} views)",
+            ),
+        ):
             if chunk not in todo:
                 continue
             g = to_global(mesh, batch)
-            per_view = tuple(_encode(state, g["image"], g["index"], np.int32(v), anchors,
-                                     **static) for v in range(views))
+            per_view = tuple(
+                _encode(state, g["image"], g["index"], np.int32(v), anchors, **static)
+                for v in range(views)
+            )
             if pending is not None:
                 write(pending)
             pending = (chunk, (per_view, g["index"], g["mask"]))
@@ -365,8 +505,12 @@ def _allocate(file: pathlib.Path, dtype, shape: tuple) -> np.ndarray:
     fills up while rows are written to a sparse memory map kills the process with SIGBUS."""
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     try:
-        with files.disk_full_errors(file, size, "the teacher cache", fix=(
-                "free space there, or set teacher_cache_dir to a disk with room")):
+        with files.disk_full_errors(
+            file,
+            size,
+            "the teacher cache",
+            fix=("free space there, or set teacher_cache_dir to a disk with room"),
+        ):
             out = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
             fd = os.open(file, os.O_RDWR)
             try:
