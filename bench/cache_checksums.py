@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 
+from pand_jax import cli
 from pand_jax.data.pipeline import CHUNK, Loader
 from pand_jax.data.sources import ArraySource
 
@@ -127,7 +128,10 @@ def main() -> None:
             return time.perf_counter() - t
 
         check = min(check_all() for _ in range(3))
-        make = lambda: Loader(source, cache_dir=tmp, **common)  # noqa: E731
+
+        def make():
+            return Loader(source, cache_dir=tmp, **common)
+
         computed = computing_epoch(make, args.model_size, checked=True)
         computed_first = computing_epoch(make, args.model_size, checked=False)
     print(
@@ -151,4 +155,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

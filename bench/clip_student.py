@@ -22,6 +22,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pand_jax import cli  # noqa: E402
 from pand_jax.cli.reproduce import demo_sets  # noqa: E402
 from pand_jax.cli.train import main as train  # noqa: E402
 from pand_jax.train import demo  # noqa: E402
@@ -105,4 +106,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

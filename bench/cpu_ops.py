@@ -5,9 +5,10 @@ timed alone: fwd = forward, fwd+bwd = forward and the gradient w.r.t. input and 
 sum(y^2). "XLA" traces with PAND_NATIVE_CONV=1 (XLA's convolution and reduce_window), "jnp"
 with `pand_jax.models.conv` without oneDNN (PAND_ONEDNN=0: its jnp forms, XLA's kernel where
 that is kept), "ours" with `pand_jax.models.conv` as it runs (oneDNN's convolutions where they
-build), torch is `nn.Conv2d` / `nn.MaxPool2d` in channels_last with as many threads as cores. Timed alone, an op also pays for
-first-touching its fresh output buffers (page faults), which a whole jitted step partly hides:
-read these rows for the ratio between columns, and `bench/student.py` for the step.
+build), torch is `nn.Conv2d` / `nn.MaxPool2d` in channels_last with as many threads as cores.
+Timed alone, an op also pays for first-touching its fresh output buffers (page faults), which a
+whole jitted step partly hides: read these rows for the ratio between columns, and
+`bench/student.py` for the step.
 
     python bench/cpu_ops.py                   # every row
     python bench/cpu_ops.py --only pool dw    # rows whose name contains one of these words
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from conv_paths import CPU_PATHS, traced_with
 
-from pand_jax.hugepages import relaunch_with_huge_pages
+from pand_jax import cli
 from pand_jax.models import conv
 
 BATCH = 16
@@ -150,23 +151,22 @@ def rule_row(size, cin, cout, k, stride, pad, batch) -> list[float]:
     x = jnp.asarray(rng.standard_normal((batch, size, size, cin), np.float32))
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32) * 0.1)
     pads = ((pad, pad), (pad, pad))
-    xla = lambda x, w: jax.lax.conv_general_dilated(
-        x,
-        w,
-        (stride, stride),
-        pads,  # noqa: E731
-        dimension_numbers=NHWC,
-    )
-    matmul = lambda x, w: conv._cpu_conv(
-        x,
-        w,
-        (stride, stride),
-        pads,
-        None,
-        None,
-        1,  # noqa: E731
-        use_onednn=False,
-    )
+
+    def xla(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=NHWC)
+
+    def matmul(x, w):
+        return conv._cpu_conv(
+            x,
+            w,
+            (stride, stride),
+            pads,
+            precision=None,
+            preferred_element_type=None,
+            groups=1,
+            use_onednn=False,
+        )
+
     return [*flax_ms(xla, x, w), *flax_ms(matmul, x, w)]
 
 
@@ -221,5 +221,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

@@ -14,7 +14,8 @@ on it first.
 
 For each seed: a MobileNet-V2 intermediate teacher per (alpha, beta), each then distilled into a
 ResNet-18 at the first (gamma, delta) pair, (1, 0); and, from the first IT, (1, 1), a ResNet-18
-per (gamma, delta). Prints one markdown table per dataset: mean and min/max of best top-1 over seeds.
+per (gamma, delta). Prints one markdown table per dataset: mean and min/max of best top-1 over
+seeds.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pand_jax import cli  # noqa: E402
 from pand_jax.cli.reproduce import demo_sets  # noqa: E402
 from pand_jax.cli.train import main as train  # noqa: E402
 
@@ -44,6 +46,24 @@ SHAPES = ("circle", "square", "triangle", "diamond", "ring", "hollow_square", "c
 
 def pairs(text: str) -> list[tuple[float, float]]:
     return [tuple(float(v) for v in pair.split(",")) for pair in text.split(";")]
+
+
+def draw_shape(d, shape: str, x: int, y: int, r: int, fill: tuple) -> None:
+    """One of SHAPES, centred at (x, y) with half-size r, onto the ImageDraw d."""
+    box = (x - r, y - r, x + r, y + r)
+    {
+        "circle": lambda: d.ellipse(box, fill=fill),
+        "square": lambda: d.rectangle(box, fill=fill),
+        "triangle": lambda: d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill),
+        "diamond": lambda: d.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill),
+        "ring": lambda: d.ellipse(box, outline=fill, width=4),
+        "hollow_square": lambda: d.rectangle(box, outline=fill, width=4),
+        "cross": lambda: (
+            d.rectangle((x - r, y - 3, x + r, y + 3), fill=fill),
+            d.rectangle((x - 3, y - r, x + 3, y + r), fill=fill),
+        ),
+        "bar": lambda: d.rectangle((x - r, y - 3, x + r, y + 3), fill=fill),
+    }[shape]()
 
 
 def draw_shapes(root: pathlib.Path, train_n: int = 150, test_n: int = 50) -> None:
@@ -61,24 +81,7 @@ def draw_shapes(root: pathlib.Path, train_n: int = 150, test_n: int = 50) -> Non
                 img = Image.new("RGB", (48, 48), tuple(rng.randrange(256) for _ in range(3)))
                 x, y, r = rng.randrange(16, 32), rng.randrange(16, 32), rng.randrange(9, 15)
                 fill = tuple(rng.randrange(256) for _ in range(3))
-                box, d = (x - r, y - r, x + r, y + r), ImageDraw.Draw(img)
-                {
-                    "circle": lambda: d.ellipse(box, fill=fill),
-                    "square": lambda: d.rectangle(box, fill=fill),
-                    "triangle": lambda: d.polygon(
-                        [(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill
-                    ),
-                    "diamond": lambda: d.polygon(
-                        [(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill
-                    ),
-                    "ring": lambda: d.ellipse(box, outline=fill, width=4),
-                    "hollow_square": lambda: d.rectangle(box, outline=fill, width=4),
-                    "cross": lambda: (
-                        d.rectangle((x - r, y - 3, x + r, y + 3), fill=fill),
-                        d.rectangle((x - 3, y - r, x + 3, y + r), fill=fill),
-                    ),
-                    "bar": lambda: d.rectangle((x - r, y - 3, x + r, y + 3), fill=fill),
-                }[shape]()
+                draw_shape(ImageDraw.Draw(img), shape, x, y, r, fill)
                 img.save(folder / f"{i}.png")
 
 
@@ -235,4 +238,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

@@ -5,10 +5,12 @@ and device augmentation images/s (released recipe, 256 -> 224).
         [--device-batch 32] [--device-steps 5] [--device-only]
 
 Builds a synthetic FGVC-Aircraft-like split (random JPEGs, 500x750, q90) with the project's
-own builder in a temporary folder, so it needs no download.
+own builder in a temporary folder, so it needs no download. The last line printed is a JSON
+summary of what each rate divides: images counted and seconds measured, per measurement.
 """
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -18,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from pand_jax import cli
 from pand_jax.data import augment, classnames, load_split
 from pand_jax.data.pipeline import Loader
 from pand_jax.data.prepare import prepare
-from pand_jax.hugepages import relaunch_with_huge_pages
 
 
 def make_raw(root: str, n: int) -> None:
@@ -43,16 +45,19 @@ def make_raw(root: str, n: int) -> None:
                 f.write(f"{name} {variants[i % 100]}\n")
 
 
-def host_rate(loader: Loader, epochs: int = 1) -> float:
+def host_rate(loader: Loader, epochs: int = 1) -> dict:
+    """Images the loader yields over `epochs` epochs and the seconds that took."""
     next(loader.epoch(0))  # warm up threads / page cache
     t, n = time.perf_counter(), 0
     for e in range(epochs):
         for batch in loader.epoch(e):
             n += len(batch["index"])
-    return n / (time.perf_counter() - t)
+    return {"images": n, "seconds": time.perf_counter() - t, "epochs": epochs}
 
 
-def device_rate(batch: int, steps: int = 5) -> tuple[float, str]:
+def device_rate(batch: int, steps: int = 5) -> dict:
+    """Images augmented over `steps` batches, the seconds that took, the device and the
+    augmented batch's shape."""
     imgs = jnp.asarray(
         np.random.default_rng(0).integers(0, 255, (batch, 256, 256, 3), dtype=np.uint8)
     )
@@ -63,7 +68,17 @@ def device_rate(batch: int, steps: int = 5) -> tuple[float, str]:
         keys = augment.example_keys(0, jnp.arange(batch), v + 1)
         out = augment.augment(imgs, keys, "released", 224)
     out.block_until_ready()
-    return batch * steps / (time.perf_counter() - t), str(jax.devices()[0])
+    return {
+        "images": batch * steps,
+        "seconds": time.perf_counter() - t,
+        "device": str(jax.devices()[0]),
+        "batch": batch,
+        "output_shape": list(out.shape),
+    }
+
+
+def rate(measured: dict) -> float:
+    return measured["images"] / measured["seconds"]
 
 
 def main() -> None:
@@ -75,15 +90,16 @@ def main() -> None:
     ap.add_argument("--device-steps", type=int, default=5, help="timed augmentation batches")
     ap.add_argument("--device-only", action="store_true", help="skip the host pipeline")
     args = ap.parse_args()
-    if not args.device_only:
-        report_host(args)
-    aug, device = device_rate(args.device_batch, args.device_steps)
+    summary = {} if args.device_only else {"host": report_host(args)}
+    summary["device"] = aug = device_rate(args.device_batch, args.device_steps)
     print(
-        f"device augment released 256->224 on {device}: {aug:,.0f} img/s (batch {args.device_batch})"
+        f"device augment released 256->224 on {aug['device']}: {rate(aug):,.0f} img/s "
+        f"(batch {aug['batch']})"
     )
+    print(json.dumps(summary))
 
 
-def report_host(args) -> None:
+def report_host(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         make_raw(f"{tmp}/raw", args.images)
         prepare("aircraft", f"{tmp}/data", f"{tmp}/raw")
@@ -99,14 +115,23 @@ def report_host(args) -> None:
         decode = host_rate(Loader(src, **common))
         t = time.perf_counter()
         cached_loader = Loader(src, cache_dir=f"{tmp}/cache", **common)
-        build = args.images / (time.perf_counter() - t)
+        build = {"images": len(src), "seconds": time.perf_counter() - t}
         cached = host_rate(cached_loader, epochs=20)
     print(f"cpu cores: {os.cpu_count()}  threads: {args.threads}  batch: {args.batch}")
-    print(f"host decode+resize (500x750 JPEG -> 256 stretch): {decode:,.0f} img/s")
-    print(f"host cache build: {build:,.0f} img/s")
-    print(f"host from uint8 cache (256x256): {cached:,.0f} img/s")
+    print(f"host decode+resize (500x750 JPEG -> 256 stretch): {rate(decode):,.0f} img/s")
+    print(f"host cache build: {rate(build):,.0f} img/s")
+    print(f"host from uint8 cache (256x256): {rate(cached):,.0f} img/s")
+    return {
+        "cpu_cores": os.cpu_count(),
+        "threads": args.threads,
+        "batch": args.batch,
+        "split": len(src),
+        "decode": decode,
+        "cache_build": build,
+        "cached": cached,
+    }
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

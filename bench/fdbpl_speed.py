@@ -31,6 +31,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pand_jax import cli  # noqa: E402
 from pand_jax.cli.reproduce import demo_sets, ensure_demo_teacher  # noqa: E402
 
 
@@ -115,4 +116,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

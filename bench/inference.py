@@ -21,9 +21,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pand_jax import cli
 from pand_jax.deploy import export
 from pand_jax.deploy import student as student_lib
-from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.student import ARCHS, Student
 
 NUM_CLASSES = 200  # a CUB-sized head
@@ -111,5 +111,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

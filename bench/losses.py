@@ -17,8 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pand_jax import losses
-from pand_jax.hugepages import relaunch_with_huge_pages
+from pand_jax import cli, losses
 
 SHAPES = [(128, 200), (4096, 1000)]
 K = 3
@@ -129,5 +128,5 @@ def main():
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

@@ -31,11 +31,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from pand_jax import cli, devices, losses, methods, prompts
 from pand_jax import config as config_lib
-from pand_jax import devices, losses, methods, prompts
 from pand_jax.convert.open_clip import DEMO_MODELS, config_from_open_clip
 from pand_jax.data import augment, datasets
-from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.clip import CLIP
 from pand_jax.train import nsd, psc, teacher_cache
 
@@ -92,7 +91,7 @@ def nsd_config() -> dict:
 def build(method, cfg, teacher_dim, dtype):
     # A CNN student reads only the class count of the dataset.
     info = types.SimpleNamespace(num_classes=CUB_CLASSES)
-    return nsd.build_model(method, cfg, info, teacher_dim, dtype)
+    return nsd.build_model(method, cfg, info, teacher_dim=teacher_dim, dtype=dtype)
 
 
 def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
@@ -123,16 +122,21 @@ def bench_ours(size: Size, dtype, mesh, steps: int) -> dict[str, float]:
     cfg.update(image_size=size.image, augment="released")
     tx, schedule = nsd.optimizer(cfg, CUB_TRAIN // b)
     method = methods.get(cfg["method"])
-    loss_fn = nsd.make_loss(method, cfg["loss"], True, NSD_EPOCHS, cfg["dataset"])
+    loss_fn = nsd.make_loss(
+        method, cfg["loss"], learned_anchors=True, num_epochs=NSD_EPOCHS, dataset=cfg["dataset"]
+    )
     epoch = jnp.int32(0)
     rates = {}
     for name, teacher_state, data in (("online", t_state, batch), ("cached", None, cached_batch)):
         graphdef, state = nsd.init_state(build(method, cfg, dim, dtype), tx)
-        step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
+        step = nsd.make_train_step(
+            cfg, graphdef=graphdef, loss_fn=loss_fn, tx=tx, schedule=schedule, teacher=t_graphdef
+        )
         box = [devices.replicate(mesh, state)]
 
-        def run():
-            box[0], metrics = step(box[0], (teacher_state, anchors), data, epoch)
+        # Called only within this iteration (by `timed`): the defaults bind its values.
+        def run(box=box, step=step, teacher_state=teacher_state, data=data):
+            box[0], metrics = step(box[0], nsd.Frozen(teacher_state, anchors), data, epoch)
             return metrics["loss"]
 
         rates[name] = b / timed(run, steps)
@@ -322,8 +326,8 @@ def main() -> None:
     proj = project(rates, size.batch, args.views)
 
     print(
-        f"device: {backend_devices[0].device_kind} x{len(backend_devices)}; size {args.size}; dtype {args.dtype}; "
-        f"batch {size.batch}; image {size.image}"
+        f"device: {backend_devices[0].device_kind} x{len(backend_devices)}; size {args.size}; "
+        f"dtype {args.dtype}; batch {size.batch}; image {size.image}"
     )
     print("| measurement | value |\n|---|---|")
     for name in ("online", "cached", "torch", "teacher_views", "teacher_features", "student_eval"):
@@ -343,5 +347,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

@@ -24,34 +24,19 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
+from demo_clip import random_demo_clip
 
+from pand_jax import cli, devices, soft_labels
 from pand_jax import config as config_lib
 from pand_jax import data as data_lib
-from pand_jax import devices, soft_labels
 from pand_jax.data.sources import ArraySource
-from pand_jax.models.clip import CLIP
-from pand_jax.train import demo, teacher_cache
+from pand_jax.train import teacher_cache
 
 # CUB-200-2011 with the full teacher (REFERENCE: 5,994 train images, embed_dim 1024, 200
 # classes; the vision forward is 395.9 GFLOP at 256 px, and NSD views are 224 px).
 CUB_N, CUB_D, CUB_C = 5994, 1024, 200
 TEACHER_GFLOP_224 = 395.9 * (224 / 256) ** 2
 PROJECTED_VIEWS = (4, 500)  # our default-sized cache; FDBPL's 500 crops per image
-
-
-def demo_teacher() -> CLIP:
-    """The demo CLIP, random weights drawn by NumPy (JAX's initialisers would compile per layer)."""
-    cfg = demo.teacher_config(demo.demo_config()["teacher"])
-    model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-
-    def draw(path, x):
-        centre = 1.0 if "['scale']" in jax.tree_util.keystr(path) else 0.0  # LayerNorm scales
-        return (centre + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
-    return model
 
 
 def spec_of(label: str, anchors: np.ndarray, scale: float) -> soft_labels.SoftLabels | None:
@@ -67,27 +52,28 @@ def bytes_per_view(label: str, embed_dim: int, num_classes: int, dtype: str) -> 
     )
 
 
-def timed_build(clip, source, spec, args, tmp: pathlib.Path) -> float:
-    settings = dict(
+def timed_build(clip, source, soft, args, tmp: pathlib.Path) -> float:
+    spec = teacher_cache.Spec(
+        teacher="bench",
+        dataset="soft",
+        split="train",
+        data_dir="None",
         views=args.views,
         seed=0,
         recipe="rrc",
         host_image_size=36,
         image_size=32,
-        batch_size=args.batch,
-        mesh=devices.make_mesh(),
-        teacher_sharding="replicated",
-        key={"bench": "soft"},
-        compute_dtype=np.float32,
+        compute_dtype="float32",
         dtype="bfloat16",
-        soft_labels=spec,
+        soft_labels=soft,
     )
+    settings = dict(batch_size=args.batch, mesh=devices.make_mesh(), teacher_sharding="replicated")
     times = []
     with contextlib.redirect_stdout(sys.stderr):  # the build's messages stay out of the tables
-        teacher_cache.build(clip, source, path=tmp / "cold", **settings)  # compiles
+        teacher_cache.build(clip, source, spec, path=tmp / "cold", **settings)  # compiles
         for repeat in range(args.repeats):
             t = time.perf_counter()
-            teacher_cache.build(clip, source, path=tmp / f"warm{repeat}", **settings)
+            teacher_cache.build(clip, source, spec, path=tmp / f"warm{repeat}", **settings)
             times.append(time.perf_counter() - t)
     return min(times)  # the least disturbed by the machine's other work
 
@@ -103,7 +89,7 @@ def main() -> None:
     train = data_lib.load_split("digits", "train")
     n = min(args.examples, len(train))
     source = ArraySource(train.images[:n], train.labels[:n], name="digits-train-bench")
-    clip = demo_teacher()
+    clip = random_demo_clip()  # the demo CLIP, random weights drawn by NumPy
     d, c = clip.config.embed_dim, 10
     anchors = np.random.default_rng(1).standard_normal((c, d)).astype(np.float32)
     scale = config_lib.default_config("nsd")["loss"]["scale"]  # s = 1/0.07 of z_t = s t T^T
@@ -155,4 +141,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

@@ -28,7 +28,7 @@ import optax
 from conv_paths import CPU_PATHS, traced_with
 from flax import nnx
 
-from pand_jax.hugepages import relaunch_with_huge_pages
+from pand_jax import cli
 from pand_jax.models.student import ARCHS, Student
 
 LR = 1e-4
@@ -203,5 +203,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

@@ -29,9 +29,9 @@ import torch
 from conv_paths import CPU_PATHS, traced_with
 from flax import nnx
 
+from pand_jax import cli
 from pand_jax.convert import open_clip as oc
 from pand_jax.convert.open_clip import config_from_open_clip
-from pand_jax.hugepages import relaunch_with_huge_pages
 from pand_jax.models.clip import CLIP
 
 MODELS = {"small": "pand_demo_convnext", "full": "convnext_xxlarge"}
@@ -157,8 +157,8 @@ def main() -> None:
             ),
             *(
                 [
-                    "- note: CPU at small size on a shared machine: this only proves the script; the "
-                    "figures that count come from `--size full` on a GPU."
+                    "- note: CPU at small size on a shared machine: this only proves the script; "
+                    "the figures that count come from `--size full` on a GPU."
                 ]
                 if device == "cpu"
                 else []
@@ -177,5 +177,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # as the command-line tools do (pand_jax/hugepages.py)
+    cli.start()  # as the command-line tools do: XLA:CPU's option, huge pages
     main()

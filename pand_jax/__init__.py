@@ -1,50 +1,5 @@
 """PAND (Prompt-Aware Neighborhood Distillation) in JAX/Flax.
 
-Importing the package sets one XLA:CPU compiler option (below) before JAX starts a backend.
+Importing the package changes no environment variable: the command-line tools set what the CPU
+needs before JAX starts (`pand_jax.cli.start`: `pand_jax.xla_cpu`, `pand_jax.hugepages`).
 """
-
-import importlib.metadata
-import os
-import sys
-import warnings
-
-# XLA:CPU sends dense convolutions to YNNPACK by default; in jaxlib 0.10 that kernel is about 2x
-# slower than XLA's Eigen convolution on ResNet-18's 56x56 maps (3x3 64->64, batch 16: 17.6 vs
-# 11.4 ms forward, 78 vs 49 ms with its gradients) and whole 224 px training steps took 20-25 %
-# longer; in jaxlib 0.11 and 0.12 both run whole steps equally fast (bench/RESULTS.md), and
-# `pand_jax.models.conv` picks its CPU forms for Eigen's kernel. The option changes nothing on
-# GPUs and TPUs. XLA reads XLA_FLAGS when JAX first starts a backend, so it applies only if
-# pand_jax is imported before any computation; a value the user set is kept. XLA aborts the
-# process on an option it does not know: every jaxlib pyproject.toml allows knows this one, and
-# a newer one is left alone.
-YNN_OPTION = "--xla_cpu_experimental_ynn_fusion_type"
-YNN_KNOWN_UP_TO = (0, 12)
-
-
-def _jaxlib_minor() -> tuple[int, int]:
-    try:
-        return tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return (0, 0)
-
-
-def _cpu_backend_started() -> bool:
-    bridge = sys.modules.get("jax._src.xla_bridge")  # only if JAX is imported already
-    return (
-        bridge is not None
-        and getattr(bridge, "backends_are_initialized", lambda: False)()
-        and sys.modules["jax"].default_backend() == "cpu"
-    )
-
-
-if YNN_OPTION not in os.environ.get("XLA_FLAGS", "") and _jaxlib_minor() <= YNN_KNOWN_UP_TO:
-    os.environ["XLA_FLAGS"] = " ".join(
-        filter(None, [os.environ.get("XLA_FLAGS"), f"{YNN_OPTION}=-individual_convolution"])
-    )
-    if _cpu_backend_started():
-        warnings.warn(
-            "JAX ran before pand_jax was imported, so XLA:CPU keeps its slower "
-            "convolution kernel; import pand_jax first for CPU speed (results agree "
-            "to float rounding either way)",
-            stacklevel=2,
-        )

@@ -69,7 +69,7 @@ def load(path: str | pathlib.Path, info) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def check_teacher(
-    path, anchors: np.ndarray, meta: dict[str, Any], teacher_id: str, width: int
+    path, anchors: np.ndarray, meta: dict[str, Any], *, teacher_id: str, width: int
 ) -> None:
     """Anchors are text features of one teacher: another teacher's (or another width) would
     compare the student with a space it never sees."""

@@ -4,18 +4,25 @@ schema (`validate`) before any work, and written into the workdir.
 
 Plain nested dicts keep the on-disk form (config.json in every run) and the in-memory form the
 same, and make "which run was this" a JSON diff. The schema (pydantic) only checks and
-normalises them: types, ranges, allowed choices and the rules that tie keys together.
+normalises them: types, ranges, allowed choices and the rules that tie keys together. A bound
+is written once, as pydantic's `Field(gt=0)`; the words of its error message ("a number > 0")
+are made from it (`_expected`). Each Stage-NSD method's `loss` section has its schema in the
+method's module (`pand_jax.methods`); the caller passes them in (`Facts.loss_sections`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import pathlib
+import types
+import typing
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+import annotated_types
 import pydantic
 from pydantic import Field
 
@@ -28,22 +35,25 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names it and what is expected."""
 
 
+# (config key, its value, what is allowed) of a broken rule, as `validate` reports it.
+Rule = tuple[str, Any, str]
+
+
 @dataclasses.dataclass(frozen=True)
 class Facts:
     """What the schema needs from the layers above it, passed in by the caller: the device
-    and process counts of the mesh, a dataset's number of classes, and the allowed values of
-    the choice keys, whose lists live where they are used (`methods.NAMES`, ...), and what
-    the Stage-NSD method needs (`pand_jax.methods`)."""
+    and process counts of the mesh, a dataset's number of classes, the allowed values of the
+    choice keys (their lists live where they are used: `methods.NAMES`, ...), and what the
+    Stage-NSD methods add: the schema of each `loss` section and the method's own rules."""
 
     devices: int
     processes: int
     # dataset key -> its number of classes; a ValueError saying what is valid for a bad key
     num_classes: Callable[[str], int]
     choices: dict[str, tuple[str, ...]]  # config key name -> allowed values
-    # Stage-NSD's method: does it run the teacher; the first rule of its own it breaks (a
-    # (key, value, expected) triple, given the config and the dataset's number of classes).
-    teacher_needed: Callable[[str], bool]
-    method_rule: Callable[[dict[str, Any], int], tuple[str, Any, str] | None]
+    loss_sections: dict[str, type[Schema]]  # `loss.NAME` -> its schema
+    # the first rule of its own that Stage-NSD's method finds broken (the config, the classes)
+    method_rule: Callable[[dict[str, Any], int], Rule | None]
 
 
 def _choice(value: Any, info: pydantic.ValidationInfo) -> Any:
@@ -74,246 +84,173 @@ def _dataset(value: str, info: pydantic.ValidationInfo) -> str:
     return value
 
 
-def _key(description: str, **bounds: Any) -> Any:
-    """A config key; `description` says what is allowed, and is the error message's end."""
-    return Field(description=description, **bounds)
-
-
-# The teacher's ConvNeXt reduces its input 32-fold (stem /4, three downsamples /2).
-TEACHER_MIN_SIZE = "an integer >= 32 (the teacher's ConvNeXt reduces its input 32-fold)"
-
-
-def _positive_int(description: str = "an integer >= 1") -> Any:
-    return _key(description, ge=1)
-
-
 # Any type in: a value outside the list (even of another type) gets the list in its message.
 Choice = Annotated[Any, pydantic.AfterValidator(_choice)]
 StudentArch = Annotated[Any, pydantic.AfterValidator(_student)]
-OptionalPath = Annotated[str | None, Field(description="a path, or null")]
-PositiveOrNone = Annotated[float, Field(gt=0)] | None
+TEMPLATE = r"\{\}"  # a prompt template's pattern: {} where the class name goes
 
 
-class _Schema(pydantic.BaseModel):
+class Schema(pydantic.BaseModel):
+    """A config section. Numbers carry their bounds (`Field(gt=0)`), and a `description` only
+    what the bounds do not say (a text's form, a note); `_expected` words both."""
+
     # strict: JSON true is not a number and 2.0 not an integer; forbid: no unknown keys; every
     # number finite (--set takes JSON, which reads NaN and Infinity).
     model_config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-class _Common(_Schema):
+class _Common(Schema):
     """Keys both stages share."""
 
-    dataset: Annotated[str, pydantic.AfterValidator(_dataset)] = _key(
-        "a dataset key, or folder:PATH"
+    dataset: Annotated[str, pydantic.AfterValidator(_dataset)] = Field(
+        description="a dataset key, or folder:PATH"
     )
-    data_dir: OptionalPath
-    train_split: str | None = _key("a split name, or null for the dataset's own")
-    prompt_template: Annotated[str, Field(pattern=r"\{\}")] | None = _key(
-        "a text with {} where the class name goes, or null for the dataset's own"
+    data_dir: str | None = Field(description="a path")
+    train_split: str | None = Field(description="a split name, or null for the dataset's own")
+    prompt_template: str | None = Field(
+        pattern=TEMPLATE,
+        description="a text with {} where the class name goes, or null for the dataset's own",
     )
-    skip_bad_images: bool = _key("true or false")
-    teacher: str = _key("a path")
+    skip_bad_images: bool
+    teacher: str = Field(description="a path")
     teacher_sharding: Choice
-    seed: int = _key("an integer >= 0", ge=0)
+    seed: int = Field(ge=0)
     dtype: Choice
-    epochs: int = _positive_int()
-    checkpoints_to_keep: int = _positive_int()
-    max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = _key("an integer >= 1, or null")
+    epochs: int = Field(ge=1)
+    checkpoints_to_keep: int = Field(ge=1)
+    max_steps_per_epoch: int | None = Field(ge=1)
 
 
-class PSCOptimizer(_Schema):
-    lr: float = _key("a number > 0", gt=0)
-    momentum: float = _key("a number in [0, 1)", ge=0, lt=1)
-    weight_decay: float = _key("a number >= 0", ge=0)
-    schedule: Literal["cosine", "constant"] = _key("one of ['cosine', 'constant']")
-    grad_clip: PositiveOrNone = _key("a number > 0, or null")
+class PSCOptimizer(Schema):
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    schedule: Literal["cosine", "constant"]
+    grad_clip: float | None = Field(gt=0)
 
 
 class PSCConfig(_Common):
-    stage: Literal["psc"] = _key("'psc'")
-    n_ctx: int = _positive_int()
-    ctx_init_std: float = _key("a number >= 0", ge=0)
-    batch_size: int = _positive_int()
-    feature_image_size: int = _key(TEACHER_MIN_SIZE, ge=32)
-    feature_batch_size: int = _positive_int()
+    stage: Literal["psc"]
+    n_ctx: int = Field(ge=1)
+    ctx_init_std: float = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    # The teacher refuses a size its image tower cannot take (`CLIPConfig.check_image_size`).
+    feature_image_size: int = Field(ge=1)
+    feature_batch_size: int = Field(ge=1)
     optimizer: PSCOptimizer
 
 
-class KDLoss(_Schema):
-    temperature: float = _key("a number > 0", gt=0)
-
-
-class RKDLoss(_Schema):
-    distance_weight: float = _key("a number >= 0", ge=0)
-    angle_weight: float = _key("a number >= 0", ge=0)
-
-
-class VL2LiteLoss(_Schema):
-    tau: float = _key("a number > 0", gt=0)
-    cls_offset: float = _key("a number in [0, 1]", ge=0, le=1)
-    txt_reduction: Choice
-
-
-class PANDLoss(_Schema):
-    lambda_nsd: float = _key("a number >= 0", ge=0)
-    nsd_form: Choice
-    nsd_k: int = _positive_int()
-    nsd_group_size: Annotated[int, Field(ge=2)] | None = _key(
-        "an integer >= 2 that divides batch_size, or null for the whole batch"
-    )
-
-
-class PromptKDWeights(_Schema):
-    model_config = pydantic.ConfigDict(extra="allow")  # any dataset key, and "default"
-    default: float = _key("a number > 0", gt=0)
-
-    @pydantic.model_validator(mode="after")
-    def _positive(self):
-        for key, value in (self.model_extra or {}).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"weight_by_dataset.{key} = {value!r}: expected a number > 0")
-        return self
-
-
-class PromptKDLoss(_Schema):
-    weight: PositiveOrNone = _key("a number > 0, or null for weight_by_dataset's")
-    weight_by_dataset: PromptKDWeights
-    temperature: float = _key("a number > 0", gt=0)
-    logit_scale: float = _key("a number > 0", gt=0)
-
-
-class FDBPLLoss(_Schema):
-    logit_scale: float = _key("a number > 0", gt=0)
-    temperature: float = _key("a number > 0", gt=0)
-    forward_weight: float = _key("a number >= 0", ge=0)
-    reverse_weight: float = _key("a number >= 0", ge=0)
-    # A CLIP student's dual prompts: the words its positive and negative text contexts start
-    # from, the prompt around them, and the negative path's weights.
-    positive_init: str = _key("a non-empty text", min_length=1)
-    negative_init: str = _key("a non-empty text", min_length=1)
-    prompt_template: Annotated[str, Field(pattern=r"\{\}")] = _key(
-        "a text with {} where the class name goes"
-    )
-    negative_weight: float = _key("a number >= 0", ge=0)
-    cosine_weight: float = _key("a number >= 0", ge=0)
-    cascade_weight: float = _key("a number >= 0", ge=0)
-
-
-class DAITLoss(_Schema):
-    alpha: float = _key("a number >= 0", ge=0)
-    beta: float = _key("a number >= 0", ge=0)
-    gamma: float = _key("a number >= 0", ge=0)
-    delta: float = _key("a number >= 0", ge=0)
-    temperature: float = _key("a number > 0", gt=0)
-    logit_scale: float = _key("a number > 0", gt=0)
-
-
-class NSDLoss(_Schema):
-    """One section per method (`pand_jax.methods` names the sections each reads)."""
-
-    scale: float = _key("a number > 0", gt=0)
-    kd: KDLoss
-    rkd: RKDLoss
-    vl2lite: VL2LiteLoss
-    pand: PANDLoss
-    promptkd: PromptKDLoss
-    fdbpl: FDBPLLoss
-    dait: DAITLoss
-
-
-class NSDOptimizer(_Schema):
-    name: Literal["adamw", "sgd"] = _key("one of ['adamw', 'sgd']")
-    momentum: float = _key("a number in [0, 1)", ge=0, lt=1)  # SGD's
-    warmup_epochs: int = _key("an integer >= 0", ge=0)
-    warmup_lr: float = _key("a number > 0", gt=0)
-    lr: float = _key("a number > 0", gt=0)
-    end_lr: float = _key("a number >= 0", ge=0)
-    weight_decay: float = _key("a number >= 0", ge=0)
-    schedule: Literal["cosine", "cosine_periodic"] = _key("one of ['cosine', 'cosine_periodic']")
-    t_max_epochs: int = _positive_int()
-    grad_clip: PositiveOrNone = _key("a number > 0, or null")
-    eps: float = _key("a number > 0", gt=0)
+class NSDOptimizer(Schema):
+    name: Literal["adamw", "sgd"]
+    momentum: float = Field(ge=0, lt=1)  # SGD's
+    warmup_epochs: int = Field(ge=0)
+    warmup_lr: float = Field(gt=0)
+    lr: float = Field(gt=0)
+    end_lr: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    schedule: Literal["cosine", "cosine_periodic"]
+    t_max_epochs: int = Field(ge=1)
+    grad_clip: float | None = Field(gt=0)
+    eps: float = Field(gt=0)
 
 
 class NSDConfig(_Common):
-    stage: Literal["nsd"] = _key("'nsd'")
+    stage: Literal["nsd"]
     student: StudentArch
-    student_weights: OptionalPath
+    student_weights: str | None = Field(description="a path")
     # A CLIP student's VPT-deep prompts (n tokens at each of the first D layers) and what trains.
-    student_prompt_tokens: int = _positive_int()
-    student_prompt_depth: int = _positive_int()
+    student_prompt_tokens: int = Field(ge=1)
+    student_prompt_depth: int = Field(ge=1)
     student_train: Choice
     # CoOp context vectors on a CLIP student's own text tower (0: its template's features).
-    student_text_context: int = _key("an integer >= 0", ge=0)
+    student_text_context: int = Field(ge=0)
     method: Choice
-    anchors: OptionalPath
-    unlabeled_data: Annotated[str, Field(pattern=r"^folder:.+")] | None = _key(
-        "folder:DIR (images in any layout, no labels), or null"
+    anchors: str | None = Field(description="a path")
+    unlabeled_data: str | None = Field(
+        pattern=r"^folder:.+", description="folder:DIR (images in any layout, no labels)"
     )
-    intermediate_teacher: OptionalPath
+    intermediate_teacher: str | None = Field(description="a path")
     it_student: Choice
-    no_psc: bool = _key("true or false")
+    no_psc: bool
     # BatchNorm statistics of a single example are degenerate, and RKD needs pairs.
-    batch_size: int = _key("an integer >= 2", ge=2)
-    eval_batch_size: int = _positive_int()
-    host_image_size: int = _positive_int()
-    image_size: int = _positive_int()
-    host_cache: bool = _key("true or false")
-    host_cache_dir: OptionalPath
+    batch_size: int = Field(ge=2)
+    eval_batch_size: int = Field(ge=1)
+    host_image_size: int = Field(ge=1)
+    # The teacher sees the student's view and refuses a size its tower cannot take.
+    image_size: int = Field(ge=1)
+    host_cache: bool
+    host_cache_dir: str | None = Field(description="a path")
     augment: Choice
-    teacher_cache: int = _key("an integer >= 0 (views; 0: online teacher)", ge=0)
-    teacher_cache_dir: OptionalPath
-    loss: NSDLoss
+    teacher_cache: int = Field(ge=0, description="(views; 0: online teacher)")
+    teacher_cache_dir: str | None = Field(description="a path")
+    loss: dict[str, Any]  # replaced by the methods' sections (`_nsd_schema`)
     optimizer: NSDOptimizer
-    teacher_cache_online: bool = _key("true or false")
+    teacher_cache_online: bool
     teacher_cache_dtype: Choice
     # What the teacher cache stores: embeddings, or FKD's sparse labels (`pand_jax.soft_labels`);
     # the K of ms and mr (hard keeps 1).
     soft_labels: Choice
-    soft_labels_k: int = _positive_int()
+    soft_labels_k: int = Field(ge=1)
 
 
-class DemoTeacherConfig(_Schema):
+class DemoTeacherConfig(Schema):
     """configs/demo.json's teacher section (the tiny CLIP the demo trains first)."""
 
-    model: dict[str, Any] = _key("a CLIP architecture (embed_dim, vision, text)")
-    seed: int = _key("an integer >= 0", ge=0)
-    steps: int = _positive_int()
-    batch_size: int = _positive_int()
-    lr: float = _key("a number > 0", gt=0)
-    weight_decay: float = _key("a number >= 0", ge=0)
-    captions: list[str] = _key("a non-empty list of caption templates", min_length=1)
+    model: dict[str, Any] = Field(description="a CLIP architecture (embed_dim, vision, text)")
+    seed: int = Field(ge=0)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    captions: list[str] = Field(min_length=1, description="a non-empty list of caption templates")
 
 
-SCHEMAS = {"psc": PSCConfig, "nsd": NSDConfig, "demo_teacher": DemoTeacherConfig}
+@functools.cache
+def _nsd_schema(sections: tuple[tuple[str, type[Schema]], ...]) -> type[NSDConfig]:
+    """NSDConfig with a `loss` of the shared `scale` and one section per method."""
+    loss = pydantic.create_model(
+        "NSDLoss",
+        __base__=Schema,
+        scale=(float, Field(gt=0)),
+        **{name: (schema, ...) for name, schema in sections},
+    )
+    return pydantic.create_model("NSDConfig", __base__=NSDConfig, loss=(loss, ...))
+
+
+def _schema(stage: str, facts: Facts) -> type[Schema]:
+    if stage == "nsd":
+        return _nsd_schema(tuple(sorted(facts.loss_sections.items())))
+    return {"psc": PSCConfig, "demo_teacher": DemoTeacherConfig}[stage]
 
 
 def validate(config: dict[str, Any], facts: Facts, schema: str) -> dict[str, Any]:
     """The checked, normalised config (ints where integers belong, floats for numbers), or a
     ConfigError of one line naming the first bad key, its value and what is allowed.
     `schema`: "psc", "nsd" or "demo_teacher"."""
-    model = SCHEMAS[schema]
+    model = _schema(schema, facts)
     try:
         checked = model.model_validate(config, context={"facts": facts})
     except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        key, expected = _describe(model, err["loc"])
-        if err["type"] == "value_error":  # our validators say what is allowed themselves
-            raise ConfigError(f"config {key} = {err['input']!r}: {err['ctx']['error']}") from None
-        if err["type"] == "finite_number":
-            raise ConfigError(
-                f"config {key} = {err['input']!r}: expected a finite number, {expected}"
-            ) from None
-        if err["type"] == "missing":
-            raise ConfigError(f"config {key} is missing: expected {expected}") from None
-        if err["type"] == "extra_forbidden":  # a key the schema lacks (configs/*.json has it)
-            raise ConfigError(f"unknown config key {'.'.join(map(str, err['loc']))!r}") from None
-        raise ConfigError(f"config {key} = {err['input']!r}: expected {expected}") from None
+        raise ConfigError(_message(model, e.errors()[0])) from None
     rule = _broken_rule(checked, facts)
     if rule:
         key, value, expected = rule
         raise ConfigError(f"config {key} = {value!r}: expected {expected}")
     return checked.model_dump()
+
+
+def _message(model: type[Schema], err: dict[str, Any]) -> str:
+    """The one line of a pydantic error."""
+    key, expected = _describe(model, err["loc"])
+    if err["type"] == "value_error":  # our validators say what is allowed themselves
+        return f"config {key} = {err['input']!r}: {err['ctx']['error']}"
+    if err["type"] == "finite_number":
+        return f"config {key} = {err['input']!r}: expected a finite number, {expected}"
+    if err["type"] == "missing":
+        return f"config {key} is missing: expected {expected}"
+    if err["type"] == "extra_forbidden":  # a key the schema lacks (configs/*.json has it)
+        return f"unknown config key {'.'.join(map(str, err['loc']))!r}"
+    return f"config {key} = {err['input']!r}: expected {expected}"
 
 
 def _describe(model: type[pydantic.BaseModel], loc: tuple) -> tuple[str, str]:
@@ -325,7 +262,7 @@ def _describe(model: type[pydantic.BaseModel], loc: tuple) -> tuple[str, str]:
         if field is None:
             break
         names.append(part)
-        expected = field.description or expected
+        expected = _expected(field)
         if not (
             isinstance(field.annotation, type) and issubclass(field.annotation, pydantic.BaseModel)
         ):
@@ -334,65 +271,103 @@ def _describe(model: type[pydantic.BaseModel], loc: tuple) -> tuple[str, str]:
     return ".".join(names), expected
 
 
-def _broken_rule(c: pydantic.BaseModel, facts: Facts) -> tuple[str, Any, str] | None:
-    """(key, value, what is allowed) of the first rule between keys that `c` breaks."""
-    if not isinstance(c, _Common):  # the demo teacher's keys are independent
+_BOUND_WORDS = {
+    annotated_types.Gt: "> {}",
+    annotated_types.Ge: ">= {}",
+    annotated_types.Lt: "< {}",
+    annotated_types.Le: "<= {}",
+}
+
+
+def _expected(field: pydantic.fields.FieldInfo) -> str:
+    """What a field allows, in words made from its type and bounds: "a number > 0", "an integer
+    >= 1", "a number in [0, 1)", "one of ['a', 'b']", "true or false", each with ", or null"
+    when None is allowed. A text's words are its description; a number's description is a
+    note after them."""
+    annotation, nullable = field.annotation, False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation, nullable = args[0], len(args) < len(typing.get_args(annotation))
+    if annotation in (int, float):
+        words = _number_words(annotation, field.metadata) + ", or null" * nullable
+        return words + (f" {field.description}" if field.description else "")
+    if annotation is bool:
+        words = "true or false"
+    elif typing.get_origin(annotation) is Literal:
+        words = f"one of {list(typing.get_args(annotation))}"
+    else:
+        words = field.description or "a valid value"
+    return words + ", or null" * (nullable and "null" not in words)
+
+
+def _number_words(annotation: type, metadata: list) -> str:
+    noun = "an integer" if annotation is int else "a number"
+    # annotated_types' Gt holds its bound as .gt, Ge as .ge, ...
+    bounds = {
+        type(m): getattr(m, type(m).__name__.lower()) for m in metadata if type(m) in _BOUND_WORDS
+    }
+    low = bounds.get(annotated_types.Ge, bounds.get(annotated_types.Gt))
+    high = bounds.get(annotated_types.Le, bounds.get(annotated_types.Lt))
+    if low is not None and high is not None:
+        left = "[" if annotated_types.Ge in bounds else "("
+        right = "]" if annotated_types.Le in bounds else ")"
+        return f"{noun} in {left}{low}, {high}{right}"
+    return " ".join([noun] + [_BOUND_WORDS[kind].format(v) for kind, v in bounds.items()])
+
+
+def _broken_rule(cfg: pydantic.BaseModel, facts: Facts) -> Rule | None:
+    """(key, value, what is allowed) of the first rule between keys that `cfg` breaks."""
+    if not isinstance(cfg, _Common):  # the demo teacher's keys are independent
         return None
     mesh = f"a multiple of the {facts.devices} devices (the batch is split evenly over them)"
-    batches = [("batch_size", c.batch_size)]
+    batches = [("batch_size", cfg.batch_size)]
     batches += (
-        [("feature_batch_size", c.feature_batch_size)]
-        if c.stage == "psc"
-        else [("eval_batch_size", c.eval_batch_size)]
+        [("feature_batch_size", cfg.feature_batch_size)]
+        if cfg.stage == "psc"
+        else [("eval_batch_size", cfg.eval_batch_size)]
     )
     for key, batch in batches:
         if batch % facts.devices:
             return key, batch, mesh
-    if c.batch_size % facts.processes:
-        return "batch_size", c.batch_size, f"a multiple of the {facts.processes} processes"
-    if c.stage == "psc":
+    if cfg.batch_size % facts.processes:
+        return "batch_size", cfg.batch_size, f"a multiple of the {facts.processes} processes"
+    if cfg.stage == "psc":
         return None
-
-    if c.image_size > c.host_image_size:
+    if cfg.image_size > cfg.host_image_size:
         return (
             "image_size",
-            c.image_size,
-            f"<= host_image_size ({c.host_image_size}), the size images are stored at",
+            cfg.image_size,
+            f"<= host_image_size ({cfg.host_image_size}), the size images are stored at",
         )
-    if facts.teacher_needed(c.method) and c.image_size < 32:  # it sees the student's view
-        return "image_size", c.image_size, TEACHER_MIN_SIZE
-    if c.optimizer.end_lr > c.optimizer.lr:
-        return "optimizer.end_lr", c.optimizer.end_lr, f"<= optimizer.lr ({c.optimizer.lr})"
-    if c.anchors and c.no_psc:
-        return "anchors", c.anchors, "null with no_psc = true (--anchors and --no-psc contradict)"
-    return facts.method_rule(c.model_dump(), facts.num_classes(c.dataset))
+    if cfg.optimizer.end_lr > cfg.optimizer.lr:
+        return "optimizer.end_lr", cfg.optimizer.end_lr, f"<= optimizer.lr ({cfg.optimizer.lr})"
+    if cfg.anchors and cfg.no_psc:
+        return "anchors", cfg.anchors, "null with no_psc = true (--anchors and --no-psc contradict)"
+    return facts.method_rule(cfg.model_dump(), facts.num_classes(cfg.dataset))
 
 
-# Keys renamed since runs were first written (old dotted key -> new): a workdir's config.json
-# holding them reads as the new spelling, and `--set` takes the old one too.
-RENAMED = {
-    "loss.kd_temperature": "loss.kd.temperature",
-    "loss.rkd_distance_weight": "loss.rkd.distance_weight",
-    "loss.rkd_angle_weight": "loss.rkd.angle_weight",
-    **{f"loss.{k}": f"loss.vl2lite.{k}" for k in ("tau", "cls_offset", "txt_reduction")},
-    **{
-        f"loss.{k}": f"loss.pand.{k}" for k in ("lambda_nsd", "nsd_form", "nsd_k", "nsd_group_size")
-    },
-}
-# Keys dropped since: `align_dim` could only equal the student's feature width.
-REMOVED = ("align_dim",)
+@functools.cache
+def _history() -> dict[str, Any]:
+    """configs/renamed.json: the keys renamed or removed since runs were first written, and
+    values renamed since (old -> new): a workdir's config.json holding them reads as today's
+    spelling, and `--set` takes the old one too."""
+    return json.loads((CONFIG_DIR / "renamed.json").read_text())
+
+
+def _renamed(key: str) -> str:
+    return _history()["keys"].get(key, key)
 
 
 def migrate(config: dict[str, Any]) -> dict[str, Any]:
-    """A config recorded by an earlier version, with renamed keys moved and removed ones gone."""
+    """A config recorded by an earlier version, with renamed keys moved, removed ones gone and
+    renamed values spelled as today."""
     config = copy.deepcopy(config)
-    for key in REMOVED:
+    history = _history()
+    for key in history["removed"]:
         config.pop(key, None)
-    for old, new in RENAMED.items():
+    for old, new in history["keys"].items():
         *parents, leaf = old.split(".")
-        node = config
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
+        node = _node(config, parents)
         if isinstance(node, dict) and leaf in node and not isinstance(node[leaf], dict):
             value = node.pop(leaf)
             *new_parents, new_leaf = new.split(".")
@@ -400,7 +375,19 @@ def migrate(config: dict[str, Any]) -> dict[str, Any]:
             for part in new_parents:
                 target = target.setdefault(part, {})
             target[new_leaf] = value
+    for key, renames in history["values"].items():
+        *parents, leaf = key.split(".")
+        node = _node(config, parents)
+        if isinstance(node, dict) and node.get(leaf) in renames:
+            node[leaf] = renames[node[leaf]]
     return config
+
+
+def _node(config: dict[str, Any], parents: list[str]) -> Any:
+    node = config
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def recorded_config(workdir: pathlib.Path, stage: str) -> dict[str, Any]:
@@ -430,12 +417,13 @@ def apply_recipe(config: dict[str, Any], name: str) -> dict[str, Any]:
     return config
 
 
+STAGES = ("psc", "nsd")
+
+
 def default_config(stage: str) -> dict[str, Any]:
-    path = CONFIG_DIR / f"{stage}.json"
-    if not path.is_file():
-        stages = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise ConfigError(f"unknown stage {stage!r}; expected one of {stages}")
-    return json.loads(path.read_text())
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
+    return json.loads((CONFIG_DIR / f"{stage}.json").read_text())
 
 
 def parse_value(text: str) -> Any:
@@ -448,7 +436,7 @@ def parse_value(text: str) -> Any:
 
 def override(config: dict[str, Any], key: str, value: Any) -> None:
     """Sets `a.b.c` in place; unknown keys are an error listing the valid ones at that level."""
-    *parents, leaf = RENAMED.get(key, key).split(".")
+    *parents, leaf = _renamed(key).split(".")
     node = config
     for i, part in enumerate(parents):
         if not isinstance(node.get(part), dict):
@@ -474,6 +462,11 @@ def apply_sets(config: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return config
 
 
+def canonical_key(key: str) -> str:
+    """Today's spelling of a dotted key that may be an old one."""
+    return _renamed(key)
+
+
 def flatten(d: dict[str, Any], prefix: str = ""):
     """(dotted key, value) of every leaf, as `override` and `--set` name them."""
     for k, v in d.items():
@@ -484,14 +477,7 @@ def flatten(d: dict[str, Any], prefix: str = ""):
 
 
 def write_config(workdir: pathlib.Path, config: dict[str, Any]) -> None:
-    write_json(workdir / "config.json", config, sort_keys=True)
-
-
-def write_json(path: pathlib.Path, data: Any, **dumps_kwargs: Any) -> None:
-    """Writes `path` whole or not at all (`files.atomic_path`): the other processes of a run,
-    or a later reader, never see it half written."""
-    with files.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, **dumps_kwargs) + "\n")
+    files.write_json(workdir / "config.json", config, sort_keys=True)
 
 
 def check_same_run(workdir: pathlib.Path, config: dict[str, Any], allow_change: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import pathlib
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 # The errnos of a write the disk refused; to the user they all mean "make room".
 REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -68,7 +70,7 @@ def _remove(path: pathlib.Path) -> None:
 
 @contextlib.contextmanager
 def disk_full_errors(
-    path: str | os.PathLike, size: int, what: str, fix: str = FREE_SPACE, needs: str = "it"
+    path: str | os.PathLike, size: int, what: str, *, fix: str = FREE_SPACE, needs: str = "it"
 ) -> Iterator[None]:
     """A write the disk refuses inside the block becomes one DiskFullError line: "no space left
     to write {what} {path}: {needs} needs about {size} ({reason}); {fix}". Writers clean up
@@ -80,7 +82,7 @@ def disk_full_errors(
     except Exception as e:
         if refusal(e) is None:
             raise
-        raise disk_full_error(e, path, size, what, fix, needs) from e
+        raise disk_full_error(e, path, size, what, fix=fix, needs=needs) from e
 
 
 def disk_full_error(
@@ -88,6 +90,7 @@ def disk_full_error(
     path: str | os.PathLike,
     size: int,
     what: str,
+    *,
     fix: str = FREE_SPACE,
     needs: str = "it",
 ) -> DiskFullError:
@@ -157,3 +160,10 @@ def human(size: float) -> str:
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1024
+
+
+def write_json(path: pathlib.Path, data: Any, **dumps_kwargs: Any) -> None:
+    """Writes `path` whole or not at all (`atomic_path`): the other processes of a run, or a
+    later reader, never see it half written."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, **dumps_kwargs) + "\n")

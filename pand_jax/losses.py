@@ -27,8 +27,9 @@ from jax import lax
 from jax.scipy.special import xlogy
 
 NSD_FORMS = ("paper", "batch")  # nsd_paper (Eq. 6-8) or nsd_batch (released code)
-# The text-KL reduction of `vl2lite`: PAND's batch mean, or VL2Lite's half of it.
-TXT_REDUCTIONS = ("pand", "vl2lite")
+# The text-KL reduction of `vl2lite`: the batch mean (PAND's released code with learned
+# prompts), or half of it (VL2Lite's KLDivLoss 'mean' over B*C times C/2).
+TXT_REDUCTIONS = ("batch_mean", "half_batch_mean")
 
 # Loss matmuls are small; "highest" keeps TF32/bf16 passes on accelerators from flipping
 # nearest-neighbour choices and from hiding parity errors.
@@ -226,7 +227,7 @@ def fdbpl_confidence(teacher_log_probs):
     return 1.0 - entropy / jnp.log(jnp.asarray(log_p.shape[1], log_p.dtype))
 
 
-def fdbpl_negative(positive_logits, negative_logits, confidence, negative_weight, cosine_weight):
+def fdbpl_negative(positive_logits, negative_logits, confidence, *, negative_weight, cosine_weight):
     """FDBPL's negative-prompt terms (released trainers/coop_off.py), with w the confidence [B]:
 
         c mean_b((1 - w) (-H(softmax(z-)))) + d mean_b(w cos(z+, z-))
@@ -286,6 +287,7 @@ def vl2lite(
     student_features,
     teacher_image_emb,
     text_anchors,
+    *,
     align_image,
     align_text,
     labels,
@@ -299,37 +301,22 @@ def vl2lite(
     cls = CE(z_s, y); vis = mean |h - a| with h, a the L2-normalised student features and
     image-align output; txt = tau^2 KL(softmax(s t T^T / tau) || softmax(s h A^T / tau)) with
     t, T, A the normalised teacher image embedding, text anchors and text-align output, s = scale.
-    reduction "pand": batch-mean KL (released code with learned prompts).
-    reduction "vl2lite": KLDivLoss 'mean' over B*C times C/2, i.e. half the batch-mean KL.
+    reduction "batch_mean": batch-mean KL (released code with learned prompts);
+    "half_batch_mean": KLDivLoss 'mean' over B*C times C/2, i.e. half the batch-mean KL.
     """
     if reduction not in TXT_REDUCTIONS:
         raise ValueError(f"reduction must be one of {TXT_REDUCTIONS}, got {reduction!r}")
     h, a = fp32(student_features), fp32(align_image)
     t, anchors, a_txt = fp32(teacher_image_emb), fp32(text_anchors), fp32(align_text)
     z_s = fp32(student_logits)
-    for name, x in [
-        ("student_features", h),
-        ("teacher_image_emb", t),
-        ("text_anchors", anchors),
-        ("align_image", a),
-        ("align_text", a_txt),
-        ("student_logits", z_s),
-    ]:
-        _check_ndim(name, x, 2)
-    batch, num_classes = z_s.shape
-    expected = {
-        "student_features": ((batch, a_txt.shape[1]), h),
-        "align_image": ((batch, a_txt.shape[1]), a),
-        "teacher_image_emb": ((batch, anchors.shape[1]), t),
-        "text_anchors": ((num_classes, anchors.shape[1]), anchors),
-        "align_text": ((num_classes, a_txt.shape[1]), a_txt),
-    }
-    for name, (shape, x) in expected.items():
-        if x.shape != shape:
-            raise ValueError(
-                f"{name} must have shape {shape} (B={batch}, C={num_classes}), got {x.shape}"
-            )
-
+    _check_vl2lite_shapes(
+        student_features=h,
+        align_image=a,
+        teacher_image_emb=t,
+        text_anchors=anchors,
+        align_text=a_txt,
+        student_logits=z_s,
+    )
     cls = cross_entropy(z_s, labels)
     h = l2_normalize(h)
     vis = jnp.mean(jnp.abs(h - l2_normalize(a)))
@@ -343,9 +330,30 @@ def vl2lite(
         text_log_probs(h, l2_normalize(a_txt)),
     )
     # 'mean' over B*C then * C/2 equals sum/(2B): half the batch mean.
-    factor = 1.0 if reduction == "pand" else 0.5
+    factor = 1.0 if reduction == "batch_mean" else 0.5
     txt = temperature**2 * factor * jnp.mean(kl)
     return cls, vis, txt
+
+
+def _check_vl2lite_shapes(**arrays):
+    """Every input 2-D, and B, C, D and d consistent across them."""
+    for name, x in arrays.items():
+        _check_ndim(name, x, 2)
+    batch, num_classes = arrays["student_logits"].shape
+    dim, width = arrays["text_anchors"].shape[1], arrays["align_text"].shape[1]
+    expected = {
+        "student_features": (batch, width),
+        "align_image": (batch, width),
+        "teacher_image_emb": (batch, dim),
+        "text_anchors": (num_classes, dim),
+        "align_text": (num_classes, width),
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (B={batch}, C={num_classes}), "
+                f"got {arrays[name].shape}"
+            )
 
 
 def loss_weights(epoch, num_epochs, cls_offset):
@@ -431,7 +439,7 @@ def teacher_logits(teacher, anchors, scale):
     )
 
 
-def nsd(z_s, z_t, labels, form, k, group_size):
+def nsd(z_s, z_t, labels, *, form, k, group_size):
     """L_NSD between student logits z_s and teacher logits z_t in the chosen form: "paper" =
     `nsd_paper` (Eq. 6-8, class neighbourhood), "batch" = `nsd_batch` (the released code's
     in-batch sample neighbourhood; `group_size` applies)."""

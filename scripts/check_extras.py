@@ -5,9 +5,9 @@
 For the interpreter running it, on this machine's platform, and for each accelerator extra (none,
 cuda12, cuda13, tpu), asks pip which distributions `pip install -c requirements/ci.txt
 '.[torch,deploy,test,EXTRA]'` would install (`pip install --dry-run --ignore-installed
---report`: it reads metadata, it installs nothing), prints the JAX side of the answer, and exits 1 when a
-variant does not resolve or resolves to a JAX other than the pinned one. It needs the network,
-so it runs by hand and not in the test suite.
+--report`: it reads metadata, it installs nothing), prints the JAX side of the answer, and exits
+1 when a variant does not resolve or resolves to a JAX other than the pinned one. It needs the
+network, so it runs by hand and not in the test suite.
 """
 
 from __future__ import annotations

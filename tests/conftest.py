@@ -55,7 +55,10 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-import pand_jax  # noqa: E402,F401  (its XLA:CPU option must be in XLA_FLAGS before any test runs JAX)
+from pand_jax.xla_cpu import prefer_eigen_convolutions  # noqa: E402
+
+# The tools' XLA:CPU option, in XLA_FLAGS before any test runs JAX (and in every subprocess's).
+prefer_eigen_convolutions()
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None)
@@ -125,12 +128,17 @@ def cpu_env(devices: int = 1, xla_flags: str = "", **extra) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip(), **extra}
 
 
-def run_train(args, *, devices=1, check=True, background=False, env=None):
+def run_train(args, *, devices=1, check=True, background=False, env=None, signal_at=None):
     """Runs train.py on `devices` fake CPU devices (with `env` added to the environment, its
-    XLA_FLAGS after the device count); `background` returns the Popen."""
+    XLA_FLAGS after the device count); `background` returns the Popen. `signal_at`
+    (NAME:EPOCH:STEP[:PROCESS]) raises that signal in the training loop just before that step
+    (tests/signal_at.py)."""
     env = dict(env or {})
     env = cpu_env(devices, env.pop("XLA_FLAGS", ""), PYTHONUNBUFFERED="1", **env)
-    cmd = [sys.executable, str(REPO / "train.py"), *map(str, args)]
+    script = (
+        [str(REPO / "tests" / "signal_at.py"), signal_at] if signal_at else [str(REPO / "train.py")]
+    )
+    cmd = [sys.executable, *script, *map(str, args)]
     if background:
         return subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -38,3 +38,47 @@ def classes_info(num_classes: int):
         class_names=[f"class {i}" for i in range(num_classes)],
         prompt_template="a photo of a {}.",
     )
+
+
+def cli_error(capsys) -> str:
+    """What a command-line entry point wrote to stderr, asserted to be its one-line error (no
+    traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def random_open_clip(name: str, seed: int):
+    """(open_clip model `name` with every parameter drawn from `seed`, its state dict)."""
+    from pand_jax.convert import open_clip as oc
+
+    torch_model = oc.build_torch_model(name, seed=seed)
+    oc.randomize_torch_model(torch_model, seed=seed)
+    return torch_model, torch_state_dict(torch_model)
+
+
+def open_clip_checkpoint(path, name: str, seed: int) -> dict[str, np.ndarray]:
+    """`random_open_clip(name, seed)`'s state dict written to `path` as safetensors; returned."""
+    from safetensors.numpy import save_file
+
+    _, sd = random_open_clip(name, seed)
+    save_file(sd, str(path))
+    return sd
+
+
+def random_demo_clip():
+    """bench/demo_clip.py's `random_demo_clip()`: the demo CLIP with NumPy-drawn random weights.
+    Its one copy lives in bench/ because the bench scripts, run as files, reach only their own
+    folder and pand_jax; the file is loaded here by its path (bench/ is no package)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    name = "bench_demo_clip"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "demo_clip.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name].random_demo_clip()

@@ -38,10 +38,16 @@ def steps(clip: CLIP):
     method = methods.get("pand")
     cfg.update(student="resnet18", student_weights=None)
     model = nsd.build_model(
-        method, cfg, classes_info(len(CLASSES)), clip.config.embed_dim, jnp.float32
+        method,
+        cfg,
+        classes_info(len(CLASSES)),
+        teacher_dim=clip.config.embed_dim,
+        dtype=jnp.float32,
     )
     tx, schedule = nsd.optimizer(cfg, 10)
-    loss_fn = nsd.make_loss(method, cfg["loss"], True, cfg["epochs"], "digits")
+    loss_fn = nsd.make_loss(
+        method, cfg["loss"], learned_anchors=True, num_epochs=cfg["epochs"], dataset="digits"
+    )
     graphdef, state = nsd.init_state(model, tx)
     t_graphdef, t_state = nnx.split(clip)
     rng = np.random.default_rng(0)
@@ -52,7 +58,9 @@ def steps(clip: CLIP):
         "label": rng.integers(0, len(CLASSES), BATCH).astype(np.int32),
         "index": np.arange(BATCH, dtype=np.int32),
     }
-    nsd_step = nsd.make_train_step(cfg, graphdef, loss_fn, tx, schedule, t_graphdef)
+    nsd_step = nsd.make_train_step(
+        cfg, graphdef=graphdef, loss_fn=loss_fn, tx=tx, schedule=schedule, teacher=t_graphdef
+    )
 
     pcfg = config.default_config("psc")
     ptx = psc.optimizer(pcfg, 10)
@@ -90,6 +98,7 @@ def family_report(family: str) -> dict:
     results = {}
     for sharding in ("replicated", "fsdp"):
         state, frozen, batch = place(mesh, sharding, *nsd_args)
+        frozen = nsd.Frozen(*frozen)  # (teacher, anchors)
         epoch = jnp.int32(1)
         pstate, pfrozen, pbatch = place(mesh, sharding, *psc_args)
         # the weights each step reads: NSD the image tower, PSC the text tower after its token

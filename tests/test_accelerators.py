@@ -229,10 +229,11 @@ def parses(args: list[str]):
 def test_slurm_example_is_valid_bash_with_directives_first():
     script = REPO / "examples" / "slurm_nsd.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    lines = [l for l in script.read_text().splitlines()[1:] if l.strip()]
-    first_command = next(i for i, l in enumerate(lines) if not l.startswith("#"))
-    assert any(l.startswith("#SBATCH --nodes=") for l in lines[:first_command])
-    assert not any(l.startswith("#SBATCH") for l in lines[first_command:])  # sbatch ignores them
+    lines = [line for line in script.read_text().splitlines()[1:] if line.strip()]
+    first_command = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    assert any(line.startswith("#SBATCH --nodes=") for line in lines[:first_command])
+    # sbatch ignores directives after the first command
+    assert not any(line.startswith("#SBATCH") for line in lines[first_command:])
     (args,) = train_commands(script.read_text())
     cfg, _ = parses(args)
     assert cfg["stage"] == "nsd" and cfg["dataset"] == "aircraft"

@@ -196,13 +196,35 @@ def test_cpu_ops_rows(args, row):
         assert rows[0][-1] == "matmul"
 
 
-def test_data_rates():
+def test_data_rates_are_the_images_counted_over_the_seconds_measured():
+    """Each printed rate is its measurement's images over its seconds (the JSON summary's), and
+    the images are those the settings make: one epoch of whole batches of the 16-image split
+    (train drops the remainder), 20 from the cache, the split once into the cache, and
+    --device-batch x --device-steps augmented to 224 px."""
     text = run_bench(
         "data.py", "--images", "16", "--batch", "8", "--device-batch", "4", "--device-steps", "1"
     )
     rates = [line for line in text.splitlines() if line.endswith("img/s") or "img/s (" in line]
     assert len(rates) == 4, text[-2000:]
     assert all(number(line.split(": ")[1]) > 0 for line in rates)
+    summary = json.loads(text.strip().splitlines()[-1])
+    host, device = summary["host"], summary["device"]
+    assert (host["threads"], host["batch"], host["split"]) == (8, 8, 16)
+    assert f"cpu cores: {host['cpu_cores']}  threads: 8  batch: 8" in text.splitlines()
+    assert (host["decode"]["images"], host["decode"]["epochs"]) == (16, 1)
+    assert (host["cached"]["images"], host["cached"]["epochs"]) == (20 * 16, 20)
+    assert host["cache_build"]["images"] == 16
+    assert (device["images"], device["batch"]) == (4 * 1, 4)
+    assert device["output_shape"] == [4, 224, 224, 3]
+    measured = [host["decode"], host["cache_build"], host["cached"], device]
+    for line, m in zip(rates, measured, strict=True):
+        assert m["seconds"] > 0, line
+        # printed with no decimals
+        assert math.isclose(
+            number(line.split(": ")[1]), m["images"] / m["seconds"], abs_tol=0.5 + 1e-9
+        ), (line, m)
+    assert rates[-1].startswith(f"device augment released 256->224 on {device['device']}: ")
+    assert rates[-1].endswith("img/s (batch 4)")
 
 
 def test_soft_label_bytes_follow_the_cache_layout_and_ratios_add_up():
@@ -229,6 +251,6 @@ def test_soft_label_bytes_follow_the_cache_layout_and_ratios_add_up():
         "hard": 4,
     }
     for name, size, v4, v500, ratio in cub_rows:
-        assert math.isclose(number(v4), number(size) * 5994 * 4 / 1e6, abs_tol=0.05)
-        assert math.isclose(number(v500), number(size) * 5994 * 500 / 1e6, abs_tol=0.05)
-        assert math.isclose(number(ratio), number(size) / 2048, abs_tol=5e-5)
+        assert math.isclose(number(v4), number(size) * 5994 * 4 / 1e6, abs_tol=0.05), name
+        assert math.isclose(number(v500), number(size) * 5994 * 500 / 1e6, abs_tol=0.05), name
+        assert math.isclose(number(ratio), number(size) / 2048, abs_tol=5e-5), name

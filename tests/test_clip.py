@@ -17,7 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import clip_embed, jit_call, max_rel, torch_state_dict
+from helpers import (
+    cli_error,
+    clip_embed,
+    jit_call,
+    max_rel,
+    open_clip_checkpoint,
+    random_open_clip,
+    torch_state_dict,
+)
 from safetensors.numpy import save_file
 
 from pand_jax.cli import convert as cli
@@ -33,10 +41,7 @@ DEMOS = ["pand_demo_convnext", "pand_demo_convnext_eps5"]
 @pytest.fixture(scope="module", params=DEMOS)
 def pair(request):
     """(name, randomised open_clip model, its state dict, the converted NNX CLIP)."""
-    seed = DEMOS.index(request.param)
-    torch_model = oc.build_torch_model(request.param, seed=seed)
-    oc.randomize_torch_model(torch_model, seed=seed)
-    sd = torch_state_dict(torch_model)
+    torch_model, sd = random_open_clip(request.param, seed=DEMOS.index(request.param))
     model = oc.convert_state_dict(sd, config_from_open_clip(request.param))
     return request.param, torch_model, sd, model
 
@@ -161,18 +166,9 @@ def test_load_missing_weights_says_how_to_create_them(tmp_path):
 def demo_checkpoint(tmp_path_factory):
     """A demo open_clip state dict on disk, and its model config as a JSON file."""
     d = tmp_path_factory.mktemp("ckpt")
-    torch_model = oc.build_torch_model("pand_demo_convnext", seed=11)
-    oc.randomize_torch_model(torch_model, seed=11)
-    sd = torch_state_dict(torch_model)
-    save_file(sd, str(d / "demo.safetensors"))
+    sd = open_clip_checkpoint(d / "demo.safetensors", "pand_demo_convnext", seed=11)
     (d / "demo.json").write_text(json.dumps(oc.DEMO_MODELS["pand_demo_convnext"]))
     return d, sd
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def test_cli_converts_from_model_config_and_verifies(demo_checkpoint, tmp_path, capsys):
@@ -221,24 +217,24 @@ def test_cli_demo_model(tmp_path, capsys):
 
 def test_cli_missing_file(tmp_path, capsys):
     rc = cli.main(["--checkpoint", str(tmp_path / "nope.bin"), "--out", str(tmp_path / "w")])
-    assert rc == 2 and "checkpoint file not found" in _error(capsys)
+    assert rc == 2 and "checkpoint file not found" in cli_error(capsys)
     (tmp_path / "empty.bin").touch()
     rc = cli.main(
         ["--checkpoint", str(tmp_path / "empty.bin"), "--model-config", str(tmp_path / "nope.json")]
     )
-    assert rc == 2 and "model config file not found" in _error(capsys)
+    assert rc == 2 and "model config file not found" in cli_error(capsys)
 
 
 def test_cli_wrong_model(demo_checkpoint, capsys):
     d, _ = demo_checkpoint
     rc = cli.main(["--checkpoint", str(d / "demo.safetensors"), "--model", "RN50"])
-    err = _error(capsys)
+    err = cli_error(capsys)
     assert rc == 2 and "RN50 is not supported" in err and "convnext_xxlarge" in err
     # A supported model of another architecture: the first tensor (in model order) that differs.
     rc = cli.main(["--checkpoint", str(d / "demo.safetensors"), "--model", "ViT-B-32"])
     assert rc == 2 and (
         "the checkpoint is not a ViT-B-32: token_embedding.weight is (500, 32) "
-        "in it but (49408, 512) in ViT-B-32" in _error(capsys)
+        "in it but (49408, 512) in ViT-B-32" in cli_error(capsys)
     )
 
 
@@ -257,7 +253,8 @@ def test_cli_wrong_model(demo_checkpoint, capsys):
             lambda sd: sd.update(
                 {"transformer.resblocks.1.attn.in_proj_weight": np.zeros((96, 33), np.float32)}
             ),
-            "the checkpoint is not a pand_demo_convnext: transformer.resblocks.1.attn.in_proj_weight "
+            "the checkpoint is not a pand_demo_convnext: "
+            "transformer.resblocks.1.attn.in_proj_weight "
             "is (96, 33) in it but (96, 32) in pand_demo_convnext (1 of 94 tensors differ)",
         ),
     ],
@@ -277,7 +274,7 @@ def test_cli_bad_checkpoint(demo_checkpoint, tmp_path, capsys, edit, expected):
             str(tmp_path / "w"),
         ]
     )
-    assert rc == 2 and expected in _error(capsys)
+    assert rc == 2 and expected in cli_error(capsys)
     assert not (tmp_path / "w").exists()
 
 
@@ -289,7 +286,7 @@ def test_cli_download_failure_says_pass_checkpoint(monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     assert cli.main([]) == 2
-    err = _error(capsys)
+    err = cli_error(capsys)
     assert "could not download laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup" in err
     assert "--checkpoint FILE" in err
 

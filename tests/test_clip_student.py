@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import NSD_ARGS
 from flax import nnx
-from helpers import classes_info, max_rel, torch_state_dict
+from helpers import classes_info, cli_error, max_rel, random_open_clip
 
 from pand_jax import methods, prompts
 from pand_jax.convert import open_clip as oc
@@ -70,9 +70,8 @@ def torch_prompted(visual, images, prompts_):
 
 @pytest.mark.parametrize("name", ["pand_demo_vit", "pand_demo_vit_quickgelu"])
 def test_vpt_deep_matches_open_clip_with_hooked_prompts(name):
-    torch_model = oc.build_torch_model(name, seed=3)
-    oc.randomize_torch_model(torch_model, seed=3)
-    model = oc.convert_state_dict(torch_state_dict(torch_model), config_from_open_clip(name))
+    torch_model, sd = random_open_clip(name, seed=3)
+    model = oc.convert_state_dict(sd, config_from_open_clip(name))
     v = model.config.vision
     rng = np.random.default_rng(0)
     images = rng.standard_normal((3, v.image_size, v.image_size, 3), dtype=np.float32)
@@ -118,7 +117,9 @@ def test_what_trains(vit_clip, train, context):
     import optax
 
     cfg = _cfg(vit_clip, student_train=train, student_text_context=context)
-    model = nsd.build_model(methods.get("none"), cfg, classes_info(10), 1, jnp.float32)
+    model = nsd.build_model(
+        methods.get("none"), cfg, classes_info(10), teacher_dim=None, dtype=jnp.float32
+    )
     _, state = nsd.init_state(model, optax.sgd(0.1))
     trained = {
         jax.tree_util.keystr(k)
@@ -151,7 +152,11 @@ def test_text_context_is_coop_on_the_students_text_tower(vit_clip, tmp_path):
 
     info = classes_info(10)
     model = nsd.build_model(
-        methods.get("none"), _cfg(vit_clip, student_text_context=3), info, 1, jnp.float32
+        methods.get("none"),
+        _cfg(vit_clip, student_text_context=3),
+        info,
+        teacher_dim=None,
+        dtype=jnp.float32,
     ).student
     clip = load_clip(vit_clip)
     x_token = _tokens(clip, [prompts.PLACEHOLDER])[0, 1]
@@ -182,7 +187,9 @@ def test_classes_are_the_clips_own_text_features(vit_clip):
     from pand_jax.models.clip import load_clip
 
     info = classes_info(10)
-    model = nsd.build_model(methods.get("none"), _cfg(vit_clip), info, 1, jnp.float32)
+    model = nsd.build_model(
+        methods.get("none"), _cfg(vit_clip), info, teacher_dim=None, dtype=jnp.float32
+    )
     clip = load_clip(vit_clip)
     text = prompts.template_anchors(clip, info.class_names, info.prompt_template)
     scale = float(np.exp(np.asarray(clip.logit_scale[...])))
@@ -277,7 +284,11 @@ def test_a_run_with_a_text_context_saves_its_class_vectors_folded(vit_clip, tmp_
     from pand_jax.data.datasets import get_dataset
 
     template = nsd.build_model(
-        methods.get("none"), _cfg(vit_clip), get_dataset("digits"), 1, jnp.float32
+        methods.get("none"),
+        _cfg(vit_clip),
+        get_dataset("digits"),
+        teacher_dim=None,
+        dtype=jnp.float32,
     ).student.classifier.classes[...]
     assert saved.classifier.classes.shape == template.shape
     assert max_rel(saved.classifier.classes[...], template) > 1e-2
@@ -358,12 +369,6 @@ def test_promptkd_with_a_clip_student_exports_its_anchor_head(teacher, psc_run, 
 # ----------------------------------------------------------------------------- bad input
 
 
-def _error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def convnext_clip(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("convnext_clip")
@@ -419,7 +424,7 @@ def test_bad_clip_students_are_one_line(case, vit_clip, convnext_clip, tmp_path,
         else:
             args += ["--set", s]
     assert main(args) == 2
-    assert expect in _error(capsys)
+    assert expect in cli_error(capsys)
     assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
@@ -437,7 +442,9 @@ def test_fdbpl_with_a_clip_student_trains_dual_prompts(teacher, psc_run, vit_cli
 
     info = get_dataset("digits")
     cfg = _cfg(vit_clip, method="fdbpl")
-    model = nsd.build_model(methods.get("fdbpl"), cfg, info, 64, jnp.float32).student
+    model = nsd.build_model(
+        methods.get("fdbpl"), cfg, info, teacher_dim=64, dtype=jnp.float32
+    ).student
     clip = load_clip(vit_clip)
     f = config_lib.default_config("nsd")["loss"]["fdbpl"]
     for context, words in (
@@ -575,6 +582,6 @@ def test_a_recipe_sets_its_values_under_the_flags(tmp_path, capsys):
         )
         == 2
     )
-    assert "unknown recipe 'nope'; expected one of ['fdbpl_clip', 'promptkd_clip']" in _error(
+    assert "unknown recipe 'nope'; expected one of ['fdbpl_clip', 'promptkd_clip']" in cli_error(
         capsys
     )

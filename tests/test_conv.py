@@ -3,10 +3,11 @@
 
 Every convolution shape the students and the teacher use, forward and gradients (w.r.t. input
 and kernel), odd sizes, bf16, under jit and vmap, through both CPU paths (oneDNN's kernels and
-the jnp forms used without them); and that only CPU lowerings use either. Tolerances: fp32 |ours - lax| <= 1e-5 * max|lax| (the sums run in another order; float32
-eps is 1.2e-7 and a sum of up to 7*7*64 terms stays far below 1e-5 relative); bf16 (bf16 in and out, as
-lax) within one bf16 rounding (2^-8 relative) of max|exact|, exact being lax's fp32 result on the
-same bf16-valued operands.
+the jnp forms used without them); and that only CPU lowerings use either. Tolerances: fp32
+|ours - lax| <= 1e-5 * max|lax| (the sums run in another order; float32 eps is 1.2e-7 and a sum
+of up to 7*7*64 terms stays far below 1e-5 relative); bf16 (bf16 in and out, as lax) within one
+bf16 rounding (2^-8 relative) of max|exact|, exact being lax's fp32 result on the same
+bf16-valued operands.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def test_vmap_over_input_and_kernel(cpu_path):
         ours, ref = both(8, stride, pad, depthwise)
         xs, ws = zip(*(operands(8, 8, k, depthwise, 7, seed=s) for s in range(3)))
         xs, ws = jnp.stack(xs), jnp.stack(ws)
-        got = jax.jit(jax.vmap(lambda x, w: forward_and_grads(ours, x, w)))(xs, ws)
-        want = jax.vmap(lambda x, w: forward_and_grads(ref, x, w))(xs, ws)
+        got = jax.jit(jax.vmap(lambda x, w, ours=ours: forward_and_grads(ours, x, w)))(xs, ws)
+        want = jax.vmap(lambda x, w, ref=ref: forward_and_grads(ref, x, w))(xs, ws)
         for g, r in zip(got, want):
             assert_close(g, r, FP32_TOL)
 
@@ -202,7 +203,9 @@ def test_unsupported_configuration_falls_back_to_lax():
         args = (x, w, (1, 1), ((1, 1), (1, 1)))
         hlo = (
             jax.jit(
-                lambda x, w: conv_general_dilated(x, w, *args[2:], dimension_numbers=NHWC, **kwargs)
+                lambda x, w, args=args, kwargs=kwargs: conv_general_dilated(
+                    x, w, *args[2:], dimension_numbers=NHWC, **kwargs
+                )
             )
             .lower(x, w)
             .as_text()
@@ -366,18 +369,25 @@ def test_max_pool_under_vmap_bf16_and_platforms():
             assert (op in hlo) == native, (platform, op)
 
 
-IMPORT_SCRIPT = """
+START_SCRIPT = """
 import json, os
 import numpy as np
-import pand_jax  # sets XLA's CPU option before JAX starts a backend
+import pand_jax
+before = os.environ["XLA_FLAGS"]  # importing the package changes nothing
+from pand_jax import cli
+cli.start()  # what every tool does first: XLA:CPU's option, before JAX starts a backend
 import jax
 from jax import lax
 rng = np.random.default_rng(0)
-x, w = rng.standard_normal((2, 30, 30, 16), np.float32), rng.standard_normal((3, 3, 16, 8), np.float32)
-y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+x = rng.standard_normal((2, 30, 30, 16), np.float32)
+w = rng.standard_normal((3, 3, 16, 8), np.float32)
+y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-ref = sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + 30, j:j + 30], w[i, j]) for i in range(3) for j in range(3))
-print(json.dumps({"flags": os.environ["XLA_FLAGS"], "devices": jax.device_count(),
+ref = sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + 30, j:j + 30], w[i, j])
+          for i in range(3) for j in range(3))
+print(json.dumps({"before": before, "flags": os.environ["XLA_FLAGS"],
+                  "devices": jax.device_count(),
                   "err": float(np.abs(np.asarray(y) - ref).max() / np.abs(ref).max())}))
 """
 
@@ -393,24 +403,35 @@ print(json.dumps({"flags": os.environ["XLA_FLAGS"], "devices": jax.device_count(
         ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_experimental_ynn_fusion_type="),
     ],
 )
-def test_import_sets_xla_cpu_convolution_option(user_flags, want):
-    """`import pand_jax` adds XLA's option for Eigen convolutions to the user's XLA_FLAGS (kept,
-    and still in force: 2 devices) unless the user set that option; the installed jaxlib accepts
-    it (XLA aborts the process on an unknown option or value), and XLA's convolution (30x30
-    maps take XLA's kernel) under it equals a float64 NumPy reference to fp32 rounding."""
-    env = {**os.environ, "XLA_FLAGS": user_flags, "JAX_PLATFORMS": "cpu"}
+def test_tools_set_the_xla_cpu_convolution_option(user_flags, want):
+    """Importing pand_jax leaves XLA_FLAGS alone; a tool's start (`pand_jax.cli.start`) adds
+    XLA's option for Eigen convolutions to the user's XLA_FLAGS (kept, and still in force: 2
+    devices) unless the user set that option; the installed jaxlib accepts it (XLA aborts the
+    process on an unknown option or value), and XLA's convolution (30x30 maps take XLA's kernel)
+    under it equals a float64 NumPy reference to fp32 rounding. GLIBC_TUNABLES set: no restart
+    for huge pages, so the script runs once."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": user_flags,
+        "JAX_PLATFORMS": "cpu",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0",
+    }
     proc = subprocess.run(
-        [sys.executable, "-c", IMPORT_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", START_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["before"] == user_flags
     assert got["flags"] == want
     assert got["devices"] == (2 if "device_count=2" in user_flags else 1)
     assert got["err"] <= FP32_TOL, got["err"]
 
 
-def test_import_after_jax_ran_warns_that_the_option_came_too_late():
-    script = "import jax; jax.numpy.ones(1); import pand_jax"
+def test_the_option_after_jax_ran_warns_that_it_came_too_late():
+    script = (
+        "import jax; jax.numpy.ones(1); from pand_jax import xla_cpu; "
+        "xla_cpu.prefer_eigen_convolutions()"
+    )
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-c", script],
         capture_output=True,
@@ -418,7 +439,8 @@ def test_import_after_jax_ran_warns_that_the_option_came_too_late():
         timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
     )
-    assert proc.returncode != 0 and "import pand_jax first" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "before any computation" in proc.stderr, proc.stderr[-2000:]
 
 
 FALLBACK_SCRIPT = """
@@ -428,16 +450,23 @@ import jax
 from jax import lax
 from pand_jax.models.conv import conv_general_dilated
 rng = np.random.default_rng(0)
-x, w = rng.standard_normal((2, 9, 9, 8), np.float32), rng.standard_normal((3, 3, 8, 8), np.float32)
+x = rng.standard_normal((2, 9, 9, 8), np.float32)
+w = rng.standard_normal((3, 3, 8, 8), np.float32)
 args = ((1, 1), ((1, 1), (1, 1)))
+dn = ("NHWC", "HWIO", "NHWC")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    f = jax.jit(jax.grad(lambda x, w: (conv_general_dilated(x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2).sum(), (0, 1)))
+    f = jax.jit(jax.grad(
+        lambda x, w: (conv_general_dilated(x, w, *args, dimension_numbers=dn) ** 2).sum(), (0, 1)
+    ))
     hlo = f.lower(x, w).as_text()
 got = f(x, w)
-want = jax.grad(lambda x, w: (lax.conv_general_dilated(x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2).sum(), (0, 1))(x, w)
+want = jax.grad(
+    lambda x, w: (lax.conv_general_dilated(x, w, *args, dimension_numbers=dn) ** 2).sum(), (0, 1)
+)(x, w)
+err = max(float(np.abs(g - r).max() / np.abs(r).max()) for g, r in zip(got, want))
 print(json.dumps({"warnings": [str(c.message) for c in caught], "onednn": "PandConv" in hlo,
-                  "err": max(float(np.abs(g - r).max() / np.abs(r).max()) for g, r in zip(got, want))}))
+                  "err": err}))
 """
 
 

@@ -106,7 +106,7 @@ def test_unknown_recipe_and_bad_shape():
         )
 
 
-# ------------------------------------------------------------------ pieces vs torchvision (float tensors)
+# ------------------------------------------------------------ pieces vs torchvision (float tensors)
 
 
 def _float_image(s=33, seed=1):
@@ -262,7 +262,7 @@ def test_colour_jitter_applies_each_examples_order_like_torchvision():
         assert np.abs(got - t.numpy().transpose(1, 2, 0)).max() < 1e-5, order
 
 
-# ------------------------------------------------------------------ whole ops vs torchvision, sampled params
+# --------------------------------------------------------- whole ops vs torchvision, sampled params
 
 
 def test_rrc_with_offset_matches_torchvision_resized_crop():

@@ -96,7 +96,8 @@ def test_relative_and_absolute_paths_name_the_same_dataset(tmp_path, monkeypatch
         (lambda r: __import__("shutil").rmtree(r / "test"), r"birds/test is missing"),
         (
             lambda r: __import__("shutil").rmtree(r / "test" / "cardinal"),
-            r"class folders of .*birds/train and .*birds/test differ: only in train: \['cardinal'\]",
+            r"class folders of .*birds/train and .*birds/test differ: "
+            r"only in train: \['cardinal'\]",
         ),
         (
             lambda r: [p.unlink() for p in (r / "test" / "blue-jay").iterdir()],
@@ -132,14 +133,21 @@ def test_a_folder_without_train_takes_its_classes_from_test(tmp_path):
         r"<class>/<images> \(or, for a method that reads "
         r"no labels, .*--unlabeled-data folder:DIR\)",
     ):
-        check_folder(info, None, False, "train", 4)
-    assert check_folder(info, None, False, "train", 4, unlabeled=4) == []
+        check_folder(info, None, skip_bad_images=False, train_split="train", batch_size=4)
+    assert (
+        check_folder(
+            info, None, skip_bad_images=False, train_split="train", batch_size=4, unlabeled=4
+        )
+        == []
+    )
     with pytest.raises(
         folder.FolderError,
         match=r"birds/train with the unlabelled images has 3 "
         r"readable images, fewer than one training batch",
     ):
-        check_folder(info, None, False, "train", 4, unlabeled=3)
+        check_folder(
+            info, None, skip_bad_images=False, train_split="train", batch_size=4, unlabeled=3
+        )
 
 
 def test_no_images_at_all(tmp_path):
@@ -156,13 +164,14 @@ def test_no_images_at_all(tmp_path):
 
 def test_fewer_images_than_one_batch(tmp_path):
     info = get_dataset(key(make_tree(tmp_path / "birds")))  # 12 training images
-    assert check_folder(info, None, False, "train", 12) == []  # all 12 read, none left out
+    # all 12 read, none left out
+    assert check_folder(info, None, skip_bad_images=False, train_split="train", batch_size=12) == []
     with pytest.raises(
         folder.FolderError,
         match=r"birds/train has 12 readable images, fewer than "
         r"one training batch of 16; lower --batch-size",
     ):
-        check_folder(info, None, False, "train", 16)
+        check_folder(info, None, skip_bad_images=False, train_split="train", batch_size=16)
 
 
 # ------------------------------------------------------------------ reading: modes, EXIF
@@ -179,7 +188,10 @@ def _modes(rng):
     palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 99, 199]], np.uint8)
     pal = Image.fromarray(pal_idx, "P")
     pal.putpalette(palette.ravel().tolist())
-    rep = lambda g: np.repeat(g[..., None], 3, axis=-1)  # noqa: E731
+
+    def rep(g):
+        return np.repeat(g[..., None], 3, axis=-1)
+
     nk = 255 - cmyk[..., 3:].astype(np.float64)
     return [
         ("L", Image.fromarray(grey), ".png", rep(grey)),
@@ -254,13 +266,13 @@ def test_every_bad_image_is_named_and_skip_leaves_them_out(tmp_path):
     bad = _break(root)
     info = get_dataset(key(root))
     with pytest.raises(folder.BadImagesError) as e:
-        check_folder(info, None, False, "train", 4)
+        check_folder(info, None, skip_bad_images=False, train_split="train", batch_size=4)
     msg = str(e.value)
     assert msg.startswith("2 image file(s) under") and "--skip-bad-images" in msg
     assert all(str(p) in msg for p in bad)
     with pytest.raises(folder.BadImagesError):
         load_split(info.key, "train", data_dir=str(tmp_path / "none"))
-    skipped = check_folder(info, None, True, "train", 4)
+    skipped = check_folder(info, None, skip_bad_images=True, train_split="train", batch_size=4)
     assert [p for p, _ in skipped] == [str(p) for p in bad]
     train = load_split(info.key, "train", data_dir=str(tmp_path / "none"), skip_bad_images=True)
     assert len(train) == 11 and str(bad[0]) not in [p for p, _ in train.files]

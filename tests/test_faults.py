@@ -463,11 +463,11 @@ def test_rebuilding_an_image_cache_never_shows_a_reader_half_written_labels(tmp_
 
 def test_psc_feature_cache_is_keyed_by_the_compute_dtype(teacher, tmp_path, capsys):
     """Features computed in bfloat16 are not reused for a float32 run (nor the reverse)."""
-    from pand_jax import config, devices
+    from pand_jax import config
     from pand_jax.data import get_dataset
     from pand_jax.train import psc, setup
+    from pand_jax.train.stage import Stage
 
-    info, mesh = get_dataset("digits"), devices.make_mesh()
     cfg = config.apply_sets(
         config.default_config("psc"),
         ["dataset=digits", "feature_image_size=32", "feature_batch_size=64"],
@@ -476,7 +476,8 @@ def test_psc_feature_cache_is_keyed_by_the_compute_dtype(teacher, tmp_path, caps
     printed = []
     for dtype in ("float32", "bfloat16"):
         cfg["dtype"] = dtype
-        psc.teacher_image_features(clip, info, "test", cfg, mesh, tmp_path, teacher_id)
+        stage = Stage.open("psc", cfg, tmp_path, get_dataset("digits"))
+        psc.teacher_image_features(stage, clip, teacher_id, "test")
         printed.append(capsys.readouterr().out)
     assert "recomputing" not in printed[0] and "warning: recomputing" in printed[1]
 
@@ -492,25 +493,32 @@ def test_truncated_teacher_cache_is_rebuilt(teacher, tmp_path, capsys):
     )
     clip, _ = setup.load_teacher(str(teacher), np.float32)
 
+    spec = teacher_cache.Spec(
+        teacher="t",
+        dataset="tiny",
+        split="train",
+        data_dir="None",
+        views=2,
+        seed=0,
+        recipe="rrc",
+        host_image_size=36,
+        image_size=32,
+        compute_dtype="float32",
+        dtype="float32",
+    )
+
     def build():
-        return np.asarray(
-            teacher_cache.build(
-                clip,
-                source,
-                views=2,
-                seed=0,
-                recipe="rrc",
-                host_image_size=36,
-                image_size=32,
-                batch_size=8,
-                mesh=devices.make_mesh(),
-                teacher_sharding="replicated",
-                path=tmp_path,
-                key={"t": 1},
-                compute_dtype=np.float32,
-                dtype="float32",
-            )
+        """Every (example, view) as the trainer reads it."""
+        cache = teacher_cache.build(
+            clip,
+            source,
+            spec,
+            batch_size=8,
+            mesh=devices.make_mesh(),
+            teacher_sharding="replicated",
+            path=tmp_path,
         )
+        return cache.lookup(np.arange(8).repeat(2), np.tile(np.arange(2), 8))["teacher"]
 
     first = build()
     with open(tmp_path / teacher_cache.EMBEDDINGS, "r+b") as f:

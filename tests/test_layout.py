@@ -36,3 +36,70 @@ def test_nothing_points_outside_the_repository():
         and any(p in (REPO / f).read_text(errors="ignore") for p in pointers)
     ]
     assert offenders == []
+
+
+def _functions():
+    """(path, function node) of every function in pand_jax/."""
+    import ast
+
+    for path in sorted((REPO / "pand_jax").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                yield path.relative_to(REPO), node
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_60_lines():
+    """A function reads as a short list of named steps: its `def` to its last line (as ruff
+    formats it) is at most 60 lines."""
+    long = [
+        f"{path}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for path, node in _functions()
+        if hasattr(node, "name") and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, "\n".join(long)
+
+
+# Signatures an outside API dictates: jax.custom_vjp passes its nondiff arguments and the
+# residuals positionally, and conv_general_dilated is jax.lax's (flax calls it positionally).
+OUTSIDE_SIGNATURES = {
+    "conv_general_dilated",
+    "_depthwise_vjp",
+    "_depthwise_fwd",
+    "_depthwise_bwd",
+    "_max_pool_vjp",
+    "_max_pool_fwd",
+    "_max_pool_bwd",
+    "_conv",
+    "_conv_fwd",
+    "_conv_bwd",
+}
+
+
+def test_functions_with_more_than_four_parameters_take_them_by_keyword():
+    """At most four positional parameters (self and cls not counted); the rest are keyword-only,
+    so a call names what it passes."""
+    found = []
+    for path, node in _functions():
+        a = node.args
+        positional = [x.arg for x in a.posonlyargs + a.args if x.arg not in ("self", "cls")]
+        name = getattr(node, "name", "lambda")
+        if len(positional) > 4 and name not in OUTSIDE_SIGNATURES:
+            found.append(f"{path}:{node.lineno} {name}({', '.join(positional)})")
+    assert not found, "\n".join(found)
+
+
+def test_the_package_has_no_test_only_switches():
+    """Tests inject their hooks from outside (`loop.BEFORE_STEP`, tests/signal_at.py): no
+    environment variable of the package exists for them."""
+    import ast
+
+    found = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path in sorted((REPO / "pand_jax").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and str(node.value).startswith("PAND_TEST")
+    ]
+    assert not found, found

@@ -22,6 +22,7 @@ from pand_jax import data as data_lib
 from pand_jax import methods
 from pand_jax.cli import reproduce
 from pand_jax.cli import train as train_cli
+from pand_jax.experiments import plan
 from pand_jax.experiments import results as results_lib
 
 SHORT = [
@@ -48,19 +49,8 @@ SHORT = [
     "n_ctx=4",
 ]
 # The distinct runs of one student and seed: Tables 1-2 plus the sweep {0, 0.5}, which
-# coincides with +PSC and PAND.
-VARIANTS = {
-    "none",
-    "kd",
-    "rkd",
-    "vl2lite",
-    "pand-lambda0",
-    "pand-nopsc",
-    "pand-lambda0.5",
-    "promptkd",
-    "fdbpl",
-    "dait",
-}
+# coincides with +PSC and PAND (`test_the_sweep_points_coincide_with_table_rows`).
+VARIANTS = {plan.variant(row) for row in plan.distinct_runs((0.0, 0.5))}
 RUNS = len(VARIANTS) + 2  # and Stage-PSC, and DAIT's intermediate teacher
 
 
@@ -113,6 +103,14 @@ def demo(teacher, tmp_path_factory):
     )
 
 
+def test_the_sweep_points_coincide_with_table_rows():
+    """One run per table row, and none more: the sweep's 0 is "+PSC", its 0.5 "PAND"."""
+    rows = plan.table1() + plan.ablations()
+    assert VARIANTS == {plan.variant(row) for row in rows}
+    assert len(VARIANTS) == len(rows)
+    assert {"pand-lambda0", "pand-lambda0.5", "pand-nopsc", "kd", "dait"} <= VARIANTS
+
+
 def test_a_failed_run_is_reported_and_the_others_complete(demo):
     rc, stdout, stderr = demo["first"]
     assert rc == 1
@@ -153,11 +151,11 @@ def test_results_csv_has_every_planned_run_with_its_summary(demo):
         assert float(r["last_top1"]) == pytest.approx(summary["last_top1"], abs=1e-12)
         assert (int(r["seed"]), int(r["epochs"]), int(r["best_epoch"])) == (0, 1, 1)
         assert (r["no_psc"] == "True") == summary["no_psc"]
-        if "pand" in summary["loss"]:  # the methods whose settings include PAND's section
-            assert r["nsd_form"] == summary["loss"]["pand"]["nsd_form"] == "paper"
-            assert float(r["lambda_nsd"]) == summary["loss"]["pand"]["lambda_nsd"]
+        section, leaf = plan.paper_method().sweep.key.split(".")[1:]  # loss.pand.lambda_nsd
+        if section in summary["loss"]:  # the methods whose settings include PAND's section
+            assert float(r["sweep_value"]) == summary["loss"][section][leaf]
         else:
-            assert r["lambda_nsd"] == r["nsd_form"] == ""
+            assert r["sweep_value"] == ""
         # what the run cost: every run but "none" reads the seed's cache of 2 views per image
         assert float(r["train_seconds"]) == pytest.approx(summary["train_seconds"], rel=1e-9)
         assert float(r["wall_seconds"]) == pytest.approx(summary["wall_seconds"], rel=1e-9)
@@ -175,15 +173,8 @@ def test_results_md_gives_each_cell_from_the_runs(demo):
     by_dir = {
         pathlib.Path(r["workdir"]).name: 100 * float(r["best_top1"]) for r in demo["second_csv"]
     }
-    for label, name in [
-        ("no KD", "none"),
-        ("KD", "kd"),
-        ("RKD", "rkd"),
-        ("VL2Lite", "vl2lite"),
-        ("+PSC", "pand-lambda0"),
-        ("+NSD", "pand-nopsc"),
-        ("PAND", "pand-lambda0.5"),
-    ]:
+    for row in plan.table1() + plan.ablations():
+        label, name = row.label, plan.variant(row)
         # digits has no paper numbers: paper and difference stay "-".
         assert f"| {label} | {by_dir[name]:.2f} | 1 | - | - |" in md
     assert f"| 0.5 | {by_dir['pand-lambda0.5']:.2f} | 1 | - | - |" in md
@@ -200,7 +191,6 @@ def test_results_md_puts_the_paper_beside_ours():
             method,
             no_psc,
             lam,
-            "paper",
             seed,
             300,
             top1,

@@ -6,6 +6,7 @@ CPU only, no network: torchvision models get random weights and random BatchNorm
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import textwrap
@@ -14,32 +15,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torchvision
+from conftest import cpu_env
 from flax import nnx
 from flax.traverse_util import flatten_dict
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
-
-from conftest import cpu_env  # noqa: E402
-
-from pand_jax.convert.state_dict import (
-    ConversionError,  # noqa: E402
-    relative_diff,  # noqa: E402
-)
-from pand_jax.convert.torchvision import (  # noqa: E402
+from pand_jax.convert.state_dict import ConversionError, relative_diff
+from pand_jax.convert.torchvision import (
     convert_student,
     student_from_state_dict,
     torchvision_outputs,
     torchvision_to_nnx,
 )
-from pand_jax.models.student import (  # noqa: E402
+from pand_jax.models.student import (
     ARCHS,
     Student,
     load_student,
     save_student,
     student_from_pretrained,
 )
-from pand_jax.weights import WeightsError  # noqa: E402
+from pand_jax.weights import WeightsError
 
 SIZE = 64  # smallest input that keeps every stage's feature map above 1x1 (2x2 at the end)
 BATCH = 3
@@ -91,7 +87,7 @@ def assert_close(got, want, tol=TOL, what=""):
 
 def test_students_param_counts_match_torchvision():
     for arch, expected in (("resnet18", 11_689_512), ("mobilenet_v2", 3_504_872)):
-        model = nnx.eval_shape(lambda: Student(arch, 1000, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda arch=arch: Student(arch, 1000, rngs=nnx.Rngs(0)))
         n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         assert n == expected, arch
 
@@ -144,6 +140,7 @@ def test_students_train_parity(arch):
 
 
 SYNC_BN_SCRIPT = textwrap.dedent("""
+    import json
     import jax
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp, numpy as np
@@ -151,7 +148,6 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
     from pand_jax import devices
     from pand_jax.models.student import Student
 
-    assert jax.device_count() == 8, jax.devices()
     model = Student("resnet18", 10, dtype=jnp.float64, rngs=nnx.Rngs(0))
     model.train()
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -170,30 +166,47 @@ SYNC_BN_SCRIPT = textwrap.dedent("""
     # As training shards: the mesh of pand_jax.devices, replicated state, batch split 2 per device.
     mesh = devices.make_mesh()
     sharded_x = jax.device_put(x, devices.batch_sharded(mesh))
-    assert len(sharded_x.sharding.device_set) == 8
     sharded = jax.jit(step)(*devices.replicate(mesh, (params, stats)), sharded_x)
 
-    def worst(xs, ys):
-        pairs = [(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(xs), jax.tree.leaves(ys))]
-        return max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in pairs)
-
-    # Logits, BN statistics and gradients of the global batch: statistics of each device's 2
-    # images put them off at O(1) (2.6 measured). In float64 because fp32 cannot tell: a ReLU
-    # input within fp32 rounding of 0 (1.3e-6 here, layer2.0 channel 76) switches on or off with
-    # the summation order and moves that channel's weight gradient by 4% (JAX 0.12 sums the
-    # sharded batch in another order than 0.10 does). float64 runs agree to 1.6e-14; 1e-9
-    # leaves wide margins both ways.
-    assert worst(single, sharded) < 1e-9, worst(single, sharded)
+    leaves = [
+        (np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded))
+    ]
+    print(json.dumps({
+        "devices": jax.device_count(),
+        "batch_devices": len(sharded_x.sharding.device_set),
+        "leaves": len(leaves),
+        "same_tree": jax.tree.structure(single) == jax.tree.structure(sharded),
+        "shapes_equal": all(a.shape == b.shape for a, b in leaves),
+        "worst": max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in leaves),
+    }))
 """)
 
 
 def test_students_sync_batchnorm_on_8_device_mesh():
-    """Batch sharded over 8 CPU devices: BN statistics (and gradients) are global-batch ones."""
+    """Batch sharded over 8 CPU devices: BN statistics (and gradients) are global-batch ones.
+
+    The subprocess reports the worst relative difference over every leaf of (logits, BN
+    statistics, gradients) between the single-device step and the step with the batch split 2
+    per device. Statistics of each device's 2 images would put them off at O(1) (2.6 measured).
+    In float64 because fp32 cannot tell: a ReLU input within fp32 rounding of 0 (1.3e-6 here,
+    layer2.0 channel 76) switches on or off with the summation order and moves that channel's
+    weight gradient by 4% (JAX 0.12 sums the sharded batch in another order than 0.10 does).
+    float64 runs agree to 1.6e-14; 1e-9 leaves wide margins both ways."""
     env = cpu_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", SYNC_BN_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 8 and got["batch_devices"] == 8, got
+    # Compared: the logits, every BatchNorm statistic and every parameter's gradient.
+    model = nnx.eval_shape(lambda: Student("resnet18", 10, rngs=nnx.Rngs(0)))
+    stats = len(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert stats > 0 and got["leaves"] == 1 + stats + params and got["same_tree"], got
+    assert got["shapes_equal"], got
+    assert got["worst"] < 1e-9, got
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -2,6 +2,7 @@
 labels equal those of the cached embeddings; the cache is reused only when its key matches and
 it is complete."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,33 +12,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from helpers import random_demo_clip
 
 from pand_jax import data as data_lib
 from pand_jax import devices, soft_labels
 from pand_jax.data import augment, pipeline
 from pand_jax.data.sources import ArraySource
-from pand_jax.models.clip import CLIP
-from pand_jax.train import demo, teacher_cache
+from pand_jax.train import teacher_cache
 
 N, VIEWS, SEED, HOST, SIZE, RECIPE = 10, 2, 3, 36, 32, "rrc"
-KEY = {"teacher": "random-demo-clip", "dataset": "digits", "split": "train", "data_dir": None}
+SPEC = teacher_cache.Spec(
+    teacher="random-demo-clip",
+    dataset="digits",
+    split="train",
+    data_dir="None",
+    views=VIEWS,
+    seed=SEED,
+    recipe=RECIPE,
+    host_image_size=HOST,
+    image_size=SIZE,
+    compute_dtype="float32",
+    dtype="bfloat16",
+)
 
 
 @pytest.fixture(scope="module")
 def clip():
     """The demo CLIP with random weights drawn by NumPy (compiling JAX's initialisers for every
     layer shape would cost more CPU than the rest of this file)."""
-    cfg = demo.teacher_config(demo.demo_config()["teacher"])
-    model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-
-    def draw(path, x):
-        centre = 1.0 if "['scale']" in jax.tree_util.keystr(path) else 0.0  # LayerNorm scales
-        return (centre + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
-    return model
+    return random_demo_clip()
 
 
 @pytest.fixture(scope="module")
@@ -52,32 +55,45 @@ def calls(monkeypatch):
     count = {"n": 0, "chunks": []}
     compute = teacher_cache._compute
 
-    def counted(clip, source, chunks, **kwargs):
+    def counted(clip, source, spec, job):
         count["n"] += 1
-        count["chunks"].append(list(chunks))
-        return compute(clip, source, chunks, **kwargs)
+        count["chunks"].append(list(job.chunks))
+        return compute(clip, source, spec, job)
 
     monkeypatch.setattr(teacher_cache, "_compute", counted)
     return count
 
 
 def build(clip, source, path, **overrides):
+    """`teacher_cache.build` of SPEC with `overrides` (of the spec's fields, or of the build's
+    batch size, mesh and sharding)."""
+    fields = {f.name for f in dataclasses.fields(SPEC)}
+    spec = dataclasses.replace(SPEC, **{k: v for k, v in overrides.items() if k in fields})
     # batch 4 over 10 examples: the last batch is padded, which the cache must drop.
-    args = dict(
-        views=VIEWS,
-        seed=SEED,
-        recipe=RECIPE,
-        host_image_size=HOST,
-        image_size=SIZE,
-        batch_size=4,
-        mesh=devices.make_mesh(),
-        teacher_sharding="replicated",
-        path=path,
-        key=KEY,
-        compute_dtype=np.float32,
-        dtype="bfloat16",
-    )
-    return teacher_cache.build(clip, source, **{**args, **overrides})
+    args = dict(batch_size=4, mesh=devices.make_mesh(), teacher_sharding="replicated")
+    args.update({k: v for k, v in overrides.items() if k not in fields})
+    return teacher_cache.build(clip, source, spec, path=path, **args)
+
+
+def read_all(cache, n=N, views=VIEWS) -> dict[str, np.ndarray]:
+    """The whole cache as the trainer reads it, `cache.lookup` of every (example, view), each
+    field reshaped to [n, views, ...]."""
+    got = cache.lookup(np.arange(n).repeat(views), np.tile(np.arange(views), n))
+    return {name: a.reshape(n, views, *a.shape[1:]) for name, a in got.items()}
+
+
+def embeddings(cache) -> np.ndarray:
+    """An embedding cache's teacher embeddings as the trainer reads them: float32 [N, V, D]."""
+    got = read_all(cache)
+    assert set(got) == {"teacher"}, sorted(got)
+    return got["teacher"].astype(np.float32)
+
+
+def on_disk(path, file=teacher_cache.EMBEDDINGS) -> np.ndarray:
+    """A cache file as stored (module docstring): bfloat16 embeddings are kept as their uint16
+    bit pattern, read back as a bfloat16 view."""
+    stored = np.load(path / file, mmap_mode="r")
+    return stored.view(jnp.bfloat16) if stored.dtype == np.uint16 else stored
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +112,13 @@ def online(clip, source):
 def test_cached_equals_online_teacher(clip, source, online, tmp_path, dtype, rtol):
     cache = build(clip, source, tmp_path, dtype=dtype)
     expected = online
-    assert cache.shape == (N, VIEWS, clip.config.embed_dim)
-    got = np.asarray(cache, np.float32)
+    stored = on_disk(tmp_path)
+    assert stored.shape == (N, VIEWS, clip.config.embed_dim)
+    assert stored.dtype == {"float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
+    rows = read_all(cache)["teacher"]
+    assert rows.dtype == stored.dtype  # the trainer reads the stored dtype
+    np.testing.assert_array_equal(rows, stored)
+    got = embeddings(cache)
     err = np.linalg.norm(got - expected, axis=-1) / np.linalg.norm(expected, axis=-1)
     assert err.max() < rtol, err.max()
     # The views differ, so a mix-up of views or examples would show above.
@@ -105,8 +126,8 @@ def test_cached_equals_online_teacher(clip, source, online, tmp_path, dtype, rto
 
 
 def test_reused_when_key_matches(clip, source, tmp_path, calls):
-    first = np.asarray(build(clip, source, tmp_path), np.float32)
-    second = np.asarray(build(clip, source, tmp_path), np.float32)
+    first = embeddings(build(clip, source, tmp_path))
+    second = embeddings(build(clip, source, tmp_path))
     assert calls["n"] == 1
     np.testing.assert_array_equal(first, second)
 
@@ -116,22 +137,20 @@ def test_rebuilt_when_key_changes(clip, source, tmp_path, calls, capsys):
     # The teacher's compute dtype and the storage dtype both key it: a bf16 teacher's cache in
     # a shared teacher_cache_dir is never read by an fp32 run, nor the other way round.
     changes = [
-        {"key": dict(KEY, teacher="another-teacher")},
+        {"teacher": "another-teacher"},
         {"seed": SEED + 1},
         {"recipe": "released"},
         {"views": VIEWS + 1},
-        {"compute_dtype": jnp.bfloat16},
+        {"compute_dtype": "bfloat16"},
         {"dtype": "float32"},
     ]
     for n, change in enumerate(changes, 2):
         cache = build(clip, source, tmp_path, **change)
         assert calls["n"] == n, change
-        assert _stale(capsys.readouterr().out) >= {
-            "teacher"
-            if "key" in change  # its entry
-            else next(iter(change))
-        }
-        assert cache.shape[1] == change.get("views", VIEWS)
+        assert _stale(capsys.readouterr().out) >= set(change)
+        views = change.get("views", VIEWS)
+        assert on_disk(tmp_path).shape == (N, views, clip.config.embed_dim), change
+        assert read_all(cache, views=views)["teacher"].shape == (N, views, clip.config.embed_dim)
 
 
 def _stale(out: str) -> set[str]:
@@ -161,14 +180,14 @@ def _drop_meta(path):
 def test_rebuilt_when_partial(clip, source, tmp_path, calls, capsys):
     """10 examples in batches of 4: chunks 0, 1, 2. A stopped build recomputes what it had not
     finished; a file cut short or without its meta.json is rebuilt whole."""
-    expected = np.asarray(build(clip, source, tmp_path), np.float32)
+    expected = embeddings(build(clip, source, tmp_path))
     for damage, chunks, message in [
         (_drop_last_checksum, [2], "resuming"),
         (_truncate, [0, 1, 2], "unreadable"),
         (_drop_meta, [0, 1, 2], "partial: no meta.json"),
     ]:
         damage(tmp_path)
-        again = np.asarray(build(clip, source, tmp_path), np.float32)
+        again = embeddings(build(clip, source, tmp_path))
         assert calls["chunks"][-1] == chunks, damage.__name__
         assert message in capsys.readouterr().out
         np.testing.assert_array_equal(again, expected)
@@ -181,7 +200,7 @@ def test_damaged_rows_are_found_and_only_their_chunk_recomputed(
     """Bytes overwritten inside embeddings.npy (zeros, or random bits with NaN among them) are
     caught by the chunk checksums: one warning, only that chunk computed again, and the cache
     equals the undisturbed one."""
-    expected = np.asarray(build(clip, source, tmp_path), np.float32)
+    expected = embeddings(build(clip, source, tmp_path))
     f = tmp_path / teacher_cache.EMBEDDINGS
     raw = bytearray(f.read_bytes())
     row_bytes = VIEWS * clip.config.embed_dim * 2  # bf16
@@ -195,7 +214,7 @@ def test_damaged_rows_are_found_and_only_their_chunk_recomputed(
     )
     raw[start : start + 40] = junk_bytes
     f.write_bytes(bytes(raw))
-    again = np.asarray(build(clip, source, tmp_path), np.float32)
+    again = embeddings(build(clip, source, tmp_path))
     out = capsys.readouterr().out
     assert "warning: chunks [1] of" in out and "do not match their checksums" in out, out
     assert calls["chunks"] == [[0, 1, 2], [1]]
@@ -228,7 +247,7 @@ def test_sparse_cache_is_the_top_k_of_the_embedding_caches_probabilities(
     sparse ones only."""
     emb = build(clip, source, tmp_path / "emb", dtype="float32")
     cache = build(clip, source, tmp_path / "ms", soft_labels=sparse(anchors))
-    probs = soft_labels.probabilities(np.asarray(emb, np.float32), anchors, SCALE, TEMPERATURE)
+    probs = soft_labels.probabilities(embeddings(emb), anchors, SCALE, TEMPERATURE)
     want_index, want_value = soft_labels.sparsify(probs, 3)
     assert float(np.max(probs)) < 0.99  # not one-hot: the values carry information
     assert sorted(p.name for p in (tmp_path / "ms").iterdir()) == [
@@ -237,22 +256,33 @@ def test_sparse_cache_is_the_top_k_of_the_embedding_caches_probabilities(
         teacher_cache.META,
         teacher_cache.VALUES,
     ]
-    stored = cache.arrays
+    stored = {
+        "teacher_index": on_disk(tmp_path / "ms", teacher_cache.INDICES),
+        "teacher_value": on_disk(tmp_path / "ms", teacher_cache.VALUES),
+    }
     assert stored["teacher_index"].dtype == np.int16 and stored["teacher_value"].dtype == np.float16
+    assert stored["teacher_index"].shape == stored["teacher_value"].shape == (N, VIEWS, 3)
     np.testing.assert_array_equal(stored["teacher_index"], want_index)
     np.testing.assert_allclose(
         stored["teacher_value"].astype(np.float32), np.asarray(want_value, np.float32), rtol=2**-10
     )
+    # The trainer reads the stored rows, in the stored dtypes.
+    every = read_all(cache)
+    assert set(every) == {"teacher_index", "teacher_value"}
+    for name, rows in every.items():
+        assert rows.dtype == stored[name].dtype, name
+        np.testing.assert_array_equal(rows, stored[name])
     index, view = np.array([9, 0, 4, 4]), np.array([1, 0, 0, 1])
     got = cache.lookup(index, view)
     assert set(got) == {"teacher_index", "teacher_value"}
     np.testing.assert_array_equal(got["teacher_index"], stored["teacher_index"][index, view])
+    np.testing.assert_array_equal(got["teacher_value"], stored["teacher_value"][index, view])
     assert got["teacher_value"].shape == (4, 3)
-    # The embedding cache reads per batch the same way, and as the [N, V, D] array it was.
-    np.testing.assert_array_equal(emb.lookup(index, view)["teacher"], np.asarray(emb)[index, view])
-    np.testing.assert_array_equal(emb[index, view], np.asarray(emb)[index, view])
-    with pytest.raises(TypeError, match="sparse soft labels, not embeddings: read it with lookup"):
-        cache[index, view]
+    # The embedding cache reads per batch the same way: the stored rows of those examples and
+    # views, under the one key "teacher".
+    emb_rows = emb.lookup(index, view)
+    assert set(emb_rows) == {"teacher"}
+    np.testing.assert_array_equal(emb_rows["teacher"], on_disk(tmp_path / "emb")[index, view])
 
 
 def test_sparse_cache_is_rebuilt_for_another_kind_k_or_anchors(
@@ -276,7 +306,8 @@ def test_sparse_cache_is_rebuilt_for_another_kind_k_or_anchors(
         assert calls["n"] == n, change
         first = {"dtype"} if not change else set()  # bfloat16 embeddings -> float16 values
         assert _stale(capsys.readouterr().out) == {"soft_labels", *first}
-        assert cache.arrays["teacher_value"].shape == (N, VIEWS, spec.k)
+        assert on_disk(tmp_path, teacher_cache.VALUES).shape == (N, VIEWS, spec.k), change
+        assert read_all(cache)["teacher_value"].shape == (N, VIEWS, spec.k), change
     assert not (tmp_path / teacher_cache.EMBEDDINGS).exists()
     build(clip, source, tmp_path, soft_labels=spec)
     assert calls["n"] == len(changes) + 1  # reused
@@ -370,11 +401,9 @@ def _build_in_subprocess(clip, source_dir, path, prelude: str) -> subprocess.Com
         + textwrap.dedent(prelude)
         + textwrap.dedent(f"""
         def build():
-            teacher_cache.build(clip, source, views={VIEWS}, seed={SEED}, recipe={RECIPE!r},
-                                host_image_size={HOST}, image_size={SIZE}, batch_size=4,
+            teacher_cache.build(clip, source, teacher_cache.{SPEC!r}, batch_size=4,
                                 mesh=devices.make_mesh(), teacher_sharding="replicated",
-                                path=pathlib.Path({str(path)!r}),
-                                key={KEY!r}, compute_dtype=np.float32, dtype="bfloat16")
+                                path=pathlib.Path({str(path)!r}))
         with common.stop_on_sigterm("the test"):
             raise SystemExit(common.run(build))
     """)
@@ -422,12 +451,10 @@ def test_a_build_stopped_by_sigterm_resumes_where_it_stopped(
         in stopped.stderr
         and "Traceback" not in stopped.stderr
     ), stopped.stderr
-    resumed = np.asarray(build(clip, source, path), np.float32)
+    resumed = embeddings(build(clip, source, path))
     assert "resuming the teacher cache build (1 chunks done)" in capsys.readouterr().out
     assert calls["chunks"] == [[1, 2]]
-    np.testing.assert_array_equal(
-        resumed, np.asarray(build(clip, source, tmp_path / "whole"), np.float32)
-    )
+    np.testing.assert_array_equal(resumed, embeddings(build(clip, source, tmp_path / "whole")))
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_size(clip, saved_source, tmp_path):

@@ -16,8 +16,6 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import NSD_ARGS, PSC_ARGS, run_train
 
-from pand_jax.train.loop import TEST_SIGNAL as TEST_SIGNAL_AT
-
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -79,7 +77,9 @@ def initial_nsd_state(workdir: pathlib.Path) -> dict:
     from pand_jax.train import nsd
 
     cfg = json.loads((workdir / "config.json").read_text())
-    model = nsd.build_model(methods.get(cfg["method"]), cfg, classes_info(10), 64, jnp.float32)
+    model = nsd.build_model(
+        methods.get(cfg["method"]), cfg, classes_info(10), teacher_dim=64, dtype=jnp.float32
+    )
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)}
 
@@ -234,7 +234,7 @@ def _free_port() -> int:
 
 def _two_processes(teacher, psc_run, workdir, signal_at=None):
     """The NSD_STEPS run as two processes of one job, started in the background (with the
-    loop's test signal `signal_at`, see `TEST_SIGNAL_AT`)."""
+    signal `signal_at` raised in the training loop, see tests/signal_at.py)."""
     args = NSD_STEPS_ARGS + [
         "--teacher",
         teacher,
@@ -247,8 +247,10 @@ def _two_processes(teacher, psc_run, workdir, signal_at=None):
         "--num-processes",
         "2",
     ]
-    env = {**ONEDNN, **({TEST_SIGNAL_AT: signal_at} if signal_at else {})}
-    return [run_train(args + ["--process-id", i], background=True, env=env) for i in (0, 1)]
+    return [
+        run_train(args + ["--process-id", i], background=True, env=ONEDNN, signal_at=signal_at)
+        for i in (0, 1)
+    ]
 
 
 def _finish(procs) -> list[str]:
@@ -271,7 +273,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
     teacher, psc_run, nsd_steps_run, tmp_path
 ):
     """A preempted host: only process 1 gets SIGTERM (raised by its loop as the first step
-    starts, see `TEST_SIGNAL_AT`). Both processes stop after the same step with one checkpoint
+    starts, see tests/signal_at.py). Both processes stop after the same step with one checkpoint
     (before, the other ran on into a collective and both hung), and the resumed pair's first
     epoch ends where one process's does."""
     procs = _two_processes(teacher, psc_run, tmp_path, signal_at="SIGTERM:1:0:1")
@@ -314,7 +316,7 @@ def test_killed_run_resumes_to_the_same_params(teacher, vl2lite_run, tmp_path):
     """SIGKILL in epoch 2 after its first step, once epoch 1's checkpoint is written: the rerun
     resumes from that checkpoint and ends where the uninterrupted run ends."""
     args = VL2LITE_ARGS + ["--teacher", teacher, "--workdir", tmp_path]
-    killed = run_train(args, check=False, env={TEST_SIGNAL_AT: "SIGKILL:2:1"})
+    killed = run_train(args, check=False, signal_at="SIGKILL:2:1")
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert checkpoint_steps(tmp_path) == [2]  # epoch 1's, whole
     assert not (tmp_path / "summary.json").exists()
@@ -334,7 +336,7 @@ def test_sigterm_inside_an_epoch_resumes_to_the_same_params(teacher, vl2lite_run
     taken after it): the loop checkpoints where it is, and the run resumed from there equals
     the uninterrupted one."""
     args = VL2LITE_ARGS + ["--teacher", teacher, "--workdir", tmp_path]
-    stopped = run_train(args, check=False, env={TEST_SIGNAL_AT: "SIGTERM:1:0"})
+    stopped = run_train(args, check=False, signal_at="SIGTERM:1:0")
     assert stopped.returncode == 1, stopped.stdout[-3000:] + stopped.stderr[-3000:]
     assert (
         "[nsd] stopped at epoch 1, step 1; checkpoint saved. Run the same command again to resume."

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import PSC_ARGS, run_train
 from flax import nnx
-from helpers import clip_embed, jit_call, max_rel, torch_state_dict
+from helpers import cli_error, clip_embed, jit_call, max_rel, open_clip_checkpoint, random_open_clip
 from safetensors.numpy import save_file
 
 from pand_jax.cli import convert as cli
@@ -38,9 +38,7 @@ BF16_TOLERANCE = 2e-2
 
 def _pair(name: str, seed: int):
     """(randomised open_clip model, its state dict, the converted NNX CLIP)."""
-    torch_model = oc.build_torch_model(name, seed=seed)
-    oc.randomize_torch_model(torch_model, seed=seed)
-    sd = torch_state_dict(torch_model)
+    torch_model, sd = random_open_clip(name, seed)
     return torch_model, sd, oc.convert_state_dict(sd, config_from_open_clip(name))
 
 
@@ -200,17 +198,8 @@ def test_checkpoint_of_another_vit_names_first_mismatch():
 @pytest.fixture(scope="module")
 def vit_checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("vit_ckpt")
-    torch_model = oc.build_torch_model("pand_demo_vit", seed=21)
-    oc.randomize_torch_model(torch_model, seed=21)
-    sd = torch_state_dict(torch_model)
-    save_file(sd, str(d / "vit.safetensors"))
+    sd = open_clip_checkpoint(d / "vit.safetensors", "pand_demo_vit", seed=21)
     return d / "vit.safetensors", sd
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def test_cli_converts_safetensors_offline_and_verifies(vit_checkpoint, tmp_path, capsys):
@@ -258,7 +247,7 @@ def test_cli_checkpoint_of_another_architecture(vit_checkpoint, tmp_path, capsys
             str(tmp_path / "w"),
         ]
     )
-    err = _error(capsys)
+    err = cli_error(capsys)
     assert rc == 2 and (
         "the checkpoint is not a pand_demo_vit_quickgelu: visual.conv1.weight "
         "is (48, 3, 8, 8) in it but (40, 3, 16, 16) in pand_demo_vit_quickgelu" in err
@@ -282,7 +271,7 @@ def test_cli_missing_tensor(vit_checkpoint, tmp_path, capsys):
         ]
     )
     assert rc == 2
-    assert "missing keys (1): visual.transformer.resblocks.1.attn.in_proj_bias" in _error(capsys)
+    assert "missing keys (1): visual.transformer.resblocks.1.attn.in_proj_bias" in cli_error(capsys)
 
 
 @pytest.fixture
@@ -305,7 +294,7 @@ def test_cli_download_by_tag(no_download, tmp_path, capsys):
     rc = cli.main(
         ["--model", "ViT-B-16", "--pretrained", "laion2b_s34b_b88k", "--out", str(tmp_path / "w")]
     )
-    err = _error(capsys)
+    err = cli_error(capsys)
     assert rc == 2 and "could not download laion/CLIP-ViT-B-16-laion2B-s34B-b88K" in err
     assert "--checkpoint FILE --model ViT-B-16" in err
     assert no_download == [
@@ -319,11 +308,13 @@ def test_cli_download_by_tag(no_download, tmp_path, capsys):
     [
         (
             ["--model", "ViT-B-32", "--pretrained", "openai"],
-            "ViT-B-32 / openai was trained with QuickGELU: convert it as --model ViT-B-32-quickgelu",
+            "ViT-B-32 / openai was trained with QuickGELU: "
+            "convert it as --model ViT-B-32-quickgelu",
         ),
         (
             ["--model", "ViT-L-14", "--pretrained", "laion2b_s32b_b82k"],
-            "ViT-L-14 / laion2b_s32b_b82k was trained on images normalised with mean (0.5, 0.5, 0.5)",
+            "ViT-L-14 / laion2b_s32b_b82k was trained on images normalised "
+            "with mean (0.5, 0.5, 0.5)",
         ),
         (
             ["--model", "ViT-B-16", "--pretrained", "nope"],
@@ -338,7 +329,7 @@ def test_cli_download_by_tag(no_download, tmp_path, capsys):
 )
 def test_cli_refuses_before_any_download(no_download, argv, expected, capsys):
     assert cli.main(argv) == 2
-    assert expected in _error(capsys)
+    assert expected in cli_error(capsys)
     assert no_download == []
 
 
@@ -375,7 +366,7 @@ def test_psc_refuses_an_image_size_the_teacher_cannot_take(vit_teacher, tmp_path
     args = [str(a) for a in PSC_ARGS + ["--teacher", vit_teacher, "--workdir", tmp_path / "w"]]
     args[args.index("feature_image_size=32")] = "feature_image_size=48"
     assert main(args) == 2
-    err = _error(capsys)
+    err = cli_error(capsys)
     assert "feature_image_size 48 px does not fit the ViT image tower: it takes 32 px only" in err
     assert not (tmp_path / "w").exists()  # refused before anything was written
 

@@ -161,7 +161,14 @@ def convert_teacher(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(out) as tmp:
         _save_verified(
-            read_state_dict(checkpoint), spec, cfg, tmp, out, meta, args.verify, args.tolerance
+            read_state_dict(checkpoint),
+            spec,
+            cfg,
+            tmp,
+            out=out,
+            meta=meta,
+            verify=args.verify,
+            tolerance=args.tolerance,
         )
     return 0
 
@@ -171,6 +178,7 @@ def _save_verified(
     spec,
     cfg: clip_lib.CLIPConfig,
     tmp: pathlib.Path,
+    *,
     out: pathlib.Path,
     meta: dict[str, Any],
     verify: bool,
@@ -218,10 +226,14 @@ def convert_demo(name: str, out: pathlib.Path, verify: bool, tolerance: float) -
             name,
             oc.config_from_open_clip(name),
             tmp,
-            out,
-            {"model": name, "checkpoint": str(out / file), "preprocess": oc.preprocess_meta(name)},
-            verify,
-            tolerance,
+            out=out,
+            meta={
+                "model": name,
+                "checkpoint": str(out / file),
+                "preprocess": oc.preprocess_meta(name),
+            },
+            verify=verify,
+            tolerance=tolerance,
         )
     return 0
 
@@ -230,7 +242,10 @@ def _tags(model: str) -> str:
     """open_clip's pretrained tags of `model`, for a message."""
     import open_clip
 
-    return "open_clip has: " + (", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none")
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    return (
+        f"open_clip has: {', '.join(tags)}" if tags else "open_clip has no pretrained tags for it"
+    )
 
 
 def download_checkpoint(model: str, tag: str) -> pathlib.Path:

@@ -63,10 +63,17 @@ def parser() -> common.Parser:
         f"configs/nsd.json, the paper's 300; --demo: {DEMO['epochs']})",
     )
     p.add_argument("--psc-epochs", type=int, help="Stage-PSC epochs (default: configs/psc.json)")
+    _add_run_flags(p)
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    method = plan_lib.paper_method()
     p.add_argument(
         "--lambdas",
-        default=",".join(f"{x:g}" for x in plan_lib.SWEEP_LAMBDAS),
-        help="the lambda_NSD sweep for PAND (default: the paper's %(default)s)",
+        default=",".join(f"{x:g}" for x in method.sweep.values),
+        help=f"the {method.sweep.symbol} sweep for {method.label} (default: the paper's "
+        "%(default)s)",
     )
     p.add_argument(
         "--teacher-cache",
@@ -97,7 +104,6 @@ def parser() -> common.Parser:
         action="store_true",
         help="only gather the finished runs into results.csv, results.md, figures/",
     )
-    return p
 
 
 def split_sets(sets: list[str]) -> tuple[list[str], list[str]]:
@@ -105,7 +111,7 @@ def split_sets(sets: list[str]) -> tuple[list[str], list[str]]:
     by_stage = {"psc": [], "nsd": []}
     for item in sets:
         key = item.partition("=")[0].strip()
-        key = config_lib.RENAMED.get(key, key)
+        key = config_lib.canonical_key(key)
         if "=" not in item:
             raise config_lib.ConfigError(f"--set expects key=value, got {item!r}")
         if key in plan_lib.PLANNED_KEYS:
@@ -141,26 +147,11 @@ def demo_sets() -> tuple[dict, list[str], list[str]]:
 
 
 def make_plan(args) -> tuple[list[plan_lib.Run], pathlib.Path]:
-    students = (
-        args.students.split(",")
-        if args.students
-        else list(DEMO["students"] if args.demo else ARCHS)
-    )
-    bad = [s for s in students if s not in ARCHS and not clip_student.is_clip(s)]
-    if bad:
-        raise config_lib.ConfigError(
-            f"unknown student {bad[0]!r} in --students; expected a "
-            f"comma-separated list from {list(ARCHS)} or clip:DIR"
-        )
+    students = _students(args)
     seeds = args.seeds if args.seeds is not None else (DEMO["seeds"] if args.demo else 3)
     if seeds < 1:
         raise config_lib.ConfigError(f"--seeds must be at least 1, got {seeds}")
-    try:
-        lambdas = [float(x) for x in args.lambdas.split(",")]
-    except ValueError:
-        raise config_lib.ConfigError(
-            f"--lambdas expects comma-separated numbers, got {args.lambdas!r}"
-        ) from None
+    sweep_values = _sweep_values(args.lambdas)
     if args.teacher_cache < 0:
         raise config_lib.ConfigError(f"--teacher-cache must be >= 0, got {args.teacher_cache}")
     psc_sets, nsd_sets = split_sets(args.set)
@@ -178,15 +169,9 @@ def make_plan(args) -> tuple[list[plan_lib.Run], pathlib.Path]:
         raise config_lib.ConfigError(
             "give --dataset NAME (cub, aircraft, pets, dogs, ...), or --demo"
         )
-    out = pathlib.Path(
-        args.out
-        or pathlib.Path("runs")
-        / "reproduce"
-        / ("demo" if args.demo else datasets.run_name(dataset))
-    )
-    if args.demo:
-        teacher = teacher or str(out / "teacher")
-    runs = plan_lib.plan(
+    name = "demo" if args.demo else datasets.run_name(dataset)
+    out = pathlib.Path(args.out or pathlib.Path("runs") / "reproduce" / name)
+    settings = plan_lib.Settings(
         dataset=dataset,
         students=students,
         seeds=seeds,
@@ -194,13 +179,35 @@ def make_plan(args) -> tuple[list[plan_lib.Run], pathlib.Path]:
         teacher_cache=args.teacher_cache,
         epochs=epochs,
         psc_epochs=psc_epochs,
-        lambdas=lambdas,
+        sweep_values=sweep_values,
         psc_sets=tuple(psc_sets),
         nsd_sets=tuple(nsd_sets),
-        teacher=teacher,
+        teacher=teacher or (str(out / "teacher") if args.demo else None),
         data_dir=args.data_dir,
     )
-    return runs, out
+    return plan_lib.plan(settings), out
+
+
+def _students(args) -> tuple[str, ...]:
+    students = (
+        args.students.split(",") if args.students else DEMO["students"] if args.demo else ARCHS
+    )
+    bad = [s for s in students if s not in ARCHS and not clip_student.is_clip(s)]
+    if bad:
+        raise config_lib.ConfigError(
+            f"unknown student {bad[0]!r} in --students; expected a "
+            f"comma-separated list from {list(ARCHS)} or clip:DIR"
+        )
+    return tuple(students)
+
+
+def _sweep_values(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise config_lib.ConfigError(
+            f"--lambdas expects comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def print_plan(runs: list[plan_lib.Run], demo: bool) -> None:
@@ -209,9 +216,9 @@ def print_plan(runs: list[plan_lib.Run], demo: bool) -> None:
     wave = plan_lib.first_wave(runs)
     note = (
         f"# {len(runs)} commands. The first {wave} (Stage-PSC, one run per seed that builds "
-        "that seed's teacher cache, and DAIT's intermediate teachers, which read those caches) run in this order and "
-        f"must finish before the other {len(runs) - wave}, which are independent of each other. Then: python "
-        "reproduce.py ... --collect"
+        "that seed's teacher cache, and DAIT's intermediate teachers, which read those caches) "
+        f"run in this order and must finish before the other {len(runs) - wave}, which are "
+        "independent of each other. Then: python reproduce.py ... --collect"
     )
     if demo:
         note += "\n# The demo teacher is trained by python reproduce.py --demo when missing."

@@ -17,11 +17,17 @@ from pand_jax import config as config_lib
 from pand_jax import methods, soft_labels
 from pand_jax.cli import common
 from pand_jax.data.datasets import DatasetInfo, get_dataset, run_name
-from pand_jax.losses import NSD_FORMS
 from pand_jax.models import clip_student
 from pand_jax.models.student import ARCHS, student_label
 
-# Flag -> config key; None values (flag not given) leave the config alone.
+
+def _dest(flag: str) -> str:
+    """argparse's attribute name of a flag."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+# Flag -> config key; None values (flag not given) leave the config alone. The methods' own
+# flags (`Method.flags`) are added to it.
 FLAG_KEYS = {
     "dataset": "dataset",
     "data_dir": "data_dir",
@@ -30,19 +36,16 @@ FLAG_KEYS = {
     "batch_size": "batch_size",
     "student": "student",
     "method": "method",
-    "nsd_form": "loss.pand.nsd_form",
-    "lambda_nsd": "loss.pand.lambda_nsd",
     "anchors": "anchors",
     "teacher_cache": "teacher_cache",
     "skip_bad_images": "skip_bad_images",
     "unlabeled_data": "unlabeled_data",
     "intermediate_teacher": "intermediate_teacher",
+    **{_dest(f.name): f.key for f in methods.flags()},
 }
 NSD_ONLY = (
     "student",
     "method",
-    "nsd_form",
-    "lambda_nsd",
     "anchors",
     "no_psc",
     "teacher_cache",
@@ -50,6 +53,7 @@ NSD_ONLY = (
     "soft_labels",
     "intermediate_teacher",
     "recipe",
+    *(_dest(f.name) for f in methods.flags()),
 )
 
 
@@ -76,55 +80,81 @@ def parser() -> common.Parser:
         choices=("convnext", *config_lib.demo_config()["teacher_variants"]),
         help="--demo: the tiny teacher's image tower (default %(default)s)",
     )
+    _add_data_flags(p)
+    _add_method_flags(p)
+    _add_run_flags(p)
+    return p
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
         help="cub, aircraft, pets, dogs, cars, flowers, food, digits, or "
         "folder:PATH for your own images (PATH/train/<class>/*.jpg, PATH/test/...)",
     )
+    p.add_argument("--data-dir", help="prepared datasets (python -m pand_jax.data.prepare)")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="folder datasets: leave out unreadable images (listed in the workdir)",
+    )
+    p.add_argument(
+        "--unlabeled-data",
+        metavar="folder:DIR",
+        help="Stage-NSD: more training images, in any layout, without labels (for a "
+        f"method that reads none: {', '.join(methods.names(lambda m: not m.reads_labels))})",
+    )
+    p.add_argument("--teacher", help="converted teacher weights (default: weights/teacher)")
     p.add_argument(
         "--student",
         metavar="|".join(ARCHS) + "|clip:DIR",
         help="the student: a torchvision backbone, or clip:DIR, the image tower of "
         "the converted ViT CLIP in DIR with visual prompts (docs/students.md)",
     )
-    p.add_argument("--method", choices=methods.NAMES)
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method",
+        choices=methods.NAMES,
+        help="the Stage-NSD method (docs/methods.md); label-free: "
+        f"{', '.join(methods.names(lambda m: not m.reads_labels and m.in_table))}",
+    )
     p.add_argument(
         "--recipe",
         metavar="NAME",
         help="a released recipe of configs/recipes/ (promptkd_clip, fdbpl_clip: "
         "the CLIP-student settings), under the other flags and --set",
     )
-    p.add_argument("--nsd-form", choices=NSD_FORMS)
-    p.add_argument("--lambda-nsd", type=float)
+    for flag in methods.flags():
+        p.add_argument(flag.name, type=flag.type, choices=flag.choices, help=f"--set {flag.key}")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--anchors", help="anchors.npz from Stage-PSC (default: runs/DATASET/psc/)")
     g.add_argument("--no-psc", action="store_true", help="template anchors (ablation +NSD only)")
-    p.add_argument(
-        "--soft-labels",
-        metavar="KIND[:K]",
-        help="Stage-NSD with --teacher-cache: store the teacher's top-K class "
-        "probabilities instead of its embedding (FKD): embedding (default), "
-        "ms, mr, hard, ms:K, mr:K (for kd, promptkd, fdbpl)",
-    )
-    p.add_argument(
-        "--intermediate-teacher",
-        metavar="DIR",
-        help="--method dait: the intermediate teacher (train.py --stage it's folder)",
-    )
-    p.add_argument(
-        "--unlabeled-data",
-        metavar="folder:DIR",
-        help="Stage-NSD: more training images, in any layout, without labels (for a "
-        "method that reads none: promptkd)",
-    )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument(
         "--teacher-cache",
         type=int,
         metavar="V",
         help="Stage-NSD: precompute the teacher on V augmented views (0: online)",
     )
+    p.add_argument(
+        "--soft-labels",
+        metavar="KIND[:K]",
+        help="Stage-NSD with --teacher-cache: store the teacher's top-K class "
+        "probabilities instead of its embedding (FKD): embedding (default), ms, mr, hard, "
+        f"ms:K, mr:K (for {', '.join(methods.names(lambda m: m.teacher_distribution))})",
+    )
+    p.add_argument(
+        "--intermediate-teacher",
+        metavar="DIR",
+        help="DAIT: the intermediate teacher (train.py --stage it's folder)",
+    )
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
     # --out DIR names the output folder of every command; --workdir is its earlier spelling.
     p.add_argument(
         "--out",
@@ -132,14 +162,6 @@ def parser() -> common.Parser:
         dest="workdir",
         metavar="DIR",
         help="the run's folder (default: runs/DATASET/STAGE[...]; --workdir too)",
-    )
-    p.add_argument("--teacher", help="converted teacher weights (default: weights/teacher)")
-    p.add_argument("--data-dir", help="prepared datasets (python -m pand_jax.data.prepare)")
-    p.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        default=None,
-        help="folder datasets: leave out unreadable images (listed in the workdir)",
     )
     p.add_argument(
         "--set",
@@ -156,18 +178,16 @@ def parser() -> common.Parser:
     p.add_argument("--coordinator", help="multi-process: coordinator host:port (process 0)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
-    return p
 
 
 @functools.cache
 def schema_facts() -> config_lib.Facts:
     """What the config schema checks against: this run's mesh, the datasets, the choices and
-    the methods' own rules."""
+    the methods' sections and rules."""
     import jax
 
     from pand_jax.data.augment import RECIPES
     from pand_jax.devices import DTYPE_NAMES, TEACHER_SHARDINGS
-    from pand_jax.methods.vl2lite import TXT_REDUCTION_CHOICES
     from pand_jax.train.teacher_cache import DTYPES
 
     return config_lib.Facts(
@@ -178,8 +198,6 @@ def schema_facts() -> config_lib.Facts:
             dtype=DTYPE_NAMES,
             student=ARCHS,
             method=methods.NAMES,
-            nsd_form=NSD_FORMS,
-            txt_reduction=TXT_REDUCTION_CHOICES,
             augment=RECIPES,
             teacher_cache_dtype=tuple(DTYPES),
             soft_labels=soft_labels.KINDS,
@@ -187,7 +205,7 @@ def schema_facts() -> config_lib.Facts:
             teacher_sharding=TEACHER_SHARDINGS,
             student_train=clip_student.TRAIN,
         ),
-        teacher_needed=lambda name: methods.get(name).reads_clip,
+        loss_sections=methods.loss_sections(),
         method_rule=methods.rule,
     )
 
@@ -273,6 +291,7 @@ def run_stage(cfg: dict, workdir: pathlib.Path, allow_change: bool = False, info
 
 def run_demo(
     workdir: pathlib.Path,
+    *,
     teacher_cache: int | None,
     sets: list[str],
     allow_change: bool,
@@ -337,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             devices.report_devices()
             run_demo(
                 pathlib.Path(args.workdir or "runs/demo"),
-                args.teacher_cache,
-                args.set,
-                args.allow_config_change,
-                args.demo_teacher,
+                teacher_cache=args.teacher_cache,
+                sets=args.set,
+                allow_change=args.allow_config_change,
+                family=args.demo_teacher,
             )
         else:
             cfg, workdir, info = resolve(args)

@@ -301,7 +301,7 @@ def preprocess_meta(name_or_dict: str | dict[str, Any], tag: str | None = None) 
         tags = open_clip.list_pretrained_tags_by_model(name_or_dict)
         raise ConversionError(
             f"open_clip has no pretrained tag {tag!r} for {name_or_dict}; "
-            f"its tags: {', '.join(tags) or 'none'}"
+            + (f"its tags: {', '.join(tags)}" if tags else "it has no pretrained tags")
         )
     trained_quick, quick = bool(tag_cfg.get("quick_gelu")), bool(d.get("quick_gelu"))
     if trained_quick != quick and _family(d.get("vision_cfg", {})) == "vit":
@@ -461,10 +461,11 @@ def register_demo_models() -> None:
         if timm.is_model(name):
             continue
 
-        def entry(pretrained=False, _n=name, _a=dict(depths=depths, dims=dims, norm_eps=eps), **kw):
+        def entry(pretrained=False, _n=name, _a=(depths, dims, eps), **kw):
             # A stub pretrained config: without one timm logs a warning on every build.
             kw["pretrained_cfg"] = kw.get("pretrained_cfg") or {"architecture": _n}
-            return _create_convnext(_n, pretrained=pretrained, **dict(_a, **kw))
+            arch = dict(depths=_a[0], dims=_a[1], norm_eps=_a[2])
+            return _create_convnext(_n, pretrained=pretrained, **{**arch, **kw})
 
         entry.__name__ = name  # timm registers under the function's name
         register_model(entry)

@@ -176,7 +176,8 @@ def student_from_state_dict(arch: str, state_dict: Mapping[str, np.ndarray]) -> 
 
 
 def _download(arch: str) -> tuple[dict[str, np.ndarray], str]:
-    """torchvision's IMAGENET1K_V1 weights through torch.hub's cache (same file torchvision uses)."""
+    """torchvision's IMAGENET1K_V1 weights through torch.hub's cache (the file torchvision
+    uses)."""
     import torch
     import torchvision
 

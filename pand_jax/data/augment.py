@@ -38,7 +38,10 @@ def example_keys(seed, index, view) -> jax.Array:
     """fold_in(fold_in(PRNGKey(seed), index), view); index/view scalars or broadcastable arrays."""
     index, view = jnp.broadcast_arrays(jnp.asarray(index, jnp.int32), jnp.asarray(view, jnp.int32))
     base = jax.random.PRNGKey(seed)
-    fold = lambda i, v: jax.random.fold_in(jax.random.fold_in(base, i), v)
+
+    def fold(i, v):
+        return jax.random.fold_in(jax.random.fold_in(base, i), v)
+
     flat = jax.vmap(fold)(index.ravel(), view.ravel())
     return flat.reshape(index.shape + flat.shape[1:])
 

@@ -63,7 +63,8 @@ def _check_names(found: list[str], expected: tuple[str, ...], what: str) -> None
         diff = [(i, f, e) for i, (f, e) in enumerate(zip(found, expected)) if f != e][:5]
         raise ValueError(
             f"{what}: {len(found)} classes in the archive, expected {len(expected)} in the "
-            f"order of pand_jax/data/classnames.py; first differences (index, found, expected): {diff}"
+            "order of pand_jax/data/classnames.py; first differences (index, found, expected): "
+            f"{diff}"
         )
 
 
@@ -132,7 +133,10 @@ class PandCub(_RawBuilder):
     """CUB-200-2011 from `CUB_200_2011/` (official train/test split)."""
 
     RAW_NAMES = classnames.CUB
-    LAYOUT = "CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/}"
+    LAYOUT = (
+        "CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, "
+        "images/}"
+    )
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Extract CUB_200_2011.tgz; the folder holds {LAYOUT}."
 
     def split_files(self, root):

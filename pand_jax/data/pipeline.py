@@ -263,7 +263,7 @@ class Loader:
             "command again"
         )
         with (
-            files.disk_full_errors(stem + ".images.npy", n * s * s * 3, "the image cache", fix),
+            files.disk_full_errors(stem + ".images.npy", n * s * s * 3, "the image cache", fix=fix),
             files.atomic_path(stem + ".images.npy") as images_tmp,
         ):
             images = np.lib.format.open_memmap(
@@ -290,7 +290,9 @@ class Loader:
             if os.path.exists(stem + ".json"):
                 os.remove(stem + ".json")
             with (
-                files.disk_full_errors(stem + ".labels.npy", labels.nbytes, "the image cache", fix),
+                files.disk_full_errors(
+                    stem + ".labels.npy", labels.nbytes, "the image cache", fix=fix
+                ),
                 files.atomic_path(stem + ".labels.npy") as labels_tmp,
             ):
                 np.save(labels_tmp, labels)

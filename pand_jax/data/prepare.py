@@ -38,7 +38,8 @@ def prepare(key: str, data_dir: str, manual_dir: str | None = None, official: bo
 
         if manual_dir is None:
             raise ValueError(
-                f"--manual-dir is required for {key!r}: {BUILDERS[key].MANUAL_DOWNLOAD_INSTRUCTIONS}"
+                f"--manual-dir is required for {key!r}: "
+                f"{BUILDERS[key].MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
         builder = BUILDERS[key](data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(
@@ -59,7 +60,8 @@ def _official_builder(info, data_dir: str):
         import tensorflow  # noqa: F401  (TFDS's official builders decode and encode with it)
     except ImportError as e:
         raise ImportError(
-            f"building TFDS's {info.official_tfds_name!r} needs TensorFlow: pip install 'pand_jax[tensorflow]', "
+            f"building TFDS's {info.official_tfds_name!r} needs TensorFlow: "
+            "pip install 'pand_jax[tensorflow]', "
             "or drop --official to use the project's builder on the raw archive (--manual-dir)"
         ) from e
     return tfds.builder(info.official_tfds_name, data_dir=data_dir, file_format="array_record")
@@ -72,7 +74,8 @@ def _verify(builder) -> None:
         n = len(sources[split])
         if n != split_info.num_examples or n == 0:
             raise RuntimeError(
-                f"{builder.data_dir}: split {split!r} reads {n} examples, expected {split_info.num_examples}"
+                f"{builder.data_dir}: split {split!r} reads {n} examples, expected "
+                f"{split_info.num_examples}"
             )
         sources[split][n - 1]  # the last record decodes
 

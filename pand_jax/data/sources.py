@@ -72,6 +72,7 @@ def _prepare_command(key: str, data_dir: str) -> str:
 def check_folder(
     info,
     data_dir: str | None,
+    *,
     skip_bad_images: bool,
     train_split: str,
     batch_size: int,
@@ -140,7 +141,8 @@ def load_split(dataset, split: str, data_dir: str | None = None, skip_bad_images
         return folder.FolderSource(info.tree, split, skip_bad_images)
     if path is None:
         raise FileNotFoundError(
-            f"dataset {key!r} is not prepared under {data_dir}; run:\n  {_prepare_command(key, data_dir)}"
+            f"dataset {key!r} is not prepared under {data_dir}; run:\n  "
+            f"{_prepare_command(key, data_dir)}"
         )
     sources = tfds.builder_from_directory(path).as_data_source()
     if os.path.basename(os.path.dirname(path)) == info.official_tfds_name:

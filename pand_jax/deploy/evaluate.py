@@ -30,7 +30,7 @@ from pand_jax.models.clip import load_clip
 TOP_K = 5
 
 
-def split_loader(info, split: str, size: int, resize: str, batch: int, settings):
+def split_loader(info, split: str, *, size: int, resize: str, batch: int, settings):
     """(source, in-order loader) of a split, as the trainer's evaluation reads it."""
     source = data_lib.load_split(info.key, split, settings["data_dir"], settings["skip_bad_images"])
     return source, pipeline.Loader(
@@ -39,7 +39,7 @@ def split_loader(info, split: str, size: int, resize: str, batch: int, settings)
 
 
 def teacher_logits(
-    teacher: str, anchors: str | None, info, split: str, settings, batch: int, mesh
+    teacher: str, anchors: str | None, info, split: str, *, settings, batch: int, mesh
 ) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C], labels [N]) of the CLIP teacher: CLIP's logit scale times the cosine
     similarity of image features and text anchors. With Stage-PSC's anchors the features are
@@ -63,7 +63,7 @@ def teacher_logits(
     size = recorded["image_size"] if recorded else clip.config.vision.image_size
     clip.check_image_size(size, "the anchors' feature image size")
     resize = recorded["resize"] if recorded else "shorter_center_crop"
-    _, loader = split_loader(info, split, size, resize, batch, settings)
+    _, loader = split_loader(info, split, size=size, resize=resize, batch=batch, settings=settings)
     encode = devices.jit_apply(
         clip,
         lambda m, b: losses.l2_normalize(m.encode_image(augment.eval_transform(b["image"], size))),
@@ -108,6 +108,7 @@ def write_report(
     class_names,
     scores: dict[str, dict],
     header: dict[str, Any],
+    *,
     logits: np.ndarray,
     labels: np.ndarray,
     source,
@@ -136,7 +137,7 @@ def write_report(
             )
     np.savez(out / "predictions.npz", logits=logits, labels=labels)
     plots.confusion(student["confusion"], class_names, out / "confusion.png")
-    plots.mistakes(logits, labels, class_names, source, out / "mistakes.png")
+    plots.mistakes(logits, labels, class_names, source, path=out / "mistakes.png")
 
 
 def table(scores: dict[str, dict]) -> str:
@@ -154,6 +155,7 @@ def evaluate(
     dataset: str | None,
     split: str | None,
     out: pathlib.Path,
+    *,
     data_dir: str | None = None,
     batch_size: int | None = None,
     teacher: str | None = None,
@@ -171,7 +173,9 @@ def evaluate(
     mesh = devices.make_mesh()
     # The one batch size no config schema has checked (--batch-size, or a run's on other devices).
     devices.check_batch_size(batch, mesh, "evaluation batch size")
-    source, loader = split_loader(info, split, student.image_size, "stretch", batch, settings)
+    source, loader = split_loader(
+        info, split, size=student.image_size, resize="stretch", batch=batch, settings=settings
+    )
     logits, labels = devices.run_over_split(
         student_lib.logits_fn(student, mesh), loader, mesh, "student"
     )
@@ -183,10 +187,19 @@ def evaluate(
         "student": str(student_dir),
     }
     if teacher:
-        scores["teacher"] = metrics(
-            teacher_logits(teacher, anchors, info, split, settings, batch, mesh)[0], labels
+        teacher_scores, _ = teacher_logits(
+            teacher, anchors, info, split, settings=settings, batch=batch, mesh=mesh
         )
+        scores["teacher"] = metrics(teacher_scores, labels)
         header.update(teacher_path=str(teacher), anchors=str(anchors) if anchors else "template")
     if jax.process_index() == 0:
-        write_report(out, student.class_names, scores, header, logits, labels, source)
+        write_report(
+            out,
+            student.class_names,
+            scores,
+            header,
+            logits=logits,
+            labels=labels,
+            source=source,
+        )
     return scores

@@ -88,28 +88,8 @@ def confusion_figure(cm: np.ndarray, class_names) -> Figure:
         label="fraction of the true class predicted as the column's class",
     )
     if n <= MAX_COUNTS:
-        counts = cm[np.ix_(order, order)]
-        for (t, p), c in np.ndenumerate(counts):
-            if c:  # dark text on the grey diagonal and bright colours, light on viridis' dark end
-                dark = t == p or norm(errors[t, p]) > 0.6
-                ax.text(
-                    p,
-                    t,
-                    str(c),
-                    ha="center",
-                    va="center",
-                    fontsize=max(5, 11 - n // 3),
-                    color="black" if dark else "white",
-                )
-    if labelled:
-        names = [_short(class_names[i]) for i in order]
-        slanted = dict(rotation=30, ha="right") if n <= 10 else dict(rotation=90)  # less height
-        ax.set_xticks(range(n), names, fontsize=max(4, 10 - n // 8), **slanted)
-        ax.set_yticks(range(n), names, fontsize=max(4, 10 - n // 8))
-    else:
-        ticks = np.arange(0, n, max(1, n // 10))
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
+        _write_counts(ax, cm[np.ix_(order, order)], errors, norm)
+    _set_ticks(ax, order, class_names, labelled)
     ax.set_xlabel("predicted class" + ("" if labelled else " (position in the clustered order)"))
     ax.set_ylabel("true class" + ("" if labelled else " (position in the clustered order)"))
     counted = ", counts in cells" if n <= MAX_COUNTS else ""
@@ -122,6 +102,37 @@ def confusion_figure(cm: np.ndarray, class_names) -> Figure:
         _largest_confusions(side, cm, order, class_names)
     fig.tight_layout()
     return fig
+
+
+def _write_counts(ax, counts: np.ndarray, errors: np.ma.MaskedArray, norm: PowerNorm) -> None:
+    """Each non-zero cell's count as text, legible on the cell's colour (few classes only)."""
+    n = len(counts)
+    for (t, p), c in np.ndenumerate(counts):
+        if c:  # dark text on the grey diagonal and bright colours, light on viridis' dark end
+            dark = t == p or norm(errors[t, p]) > 0.6
+            ax.text(
+                p,
+                t,
+                str(c),
+                ha="center",
+                va="center",
+                fontsize=max(5, 11 - n // 3),
+                color="black" if dark else "white",
+            )
+
+
+def _set_ticks(ax, order: np.ndarray, class_names, labelled: bool) -> None:
+    """Class names on both axes when they fit (`labelled`), else positions every tenth."""
+    n = len(order)
+    if labelled:
+        names = [_short(class_names[i]) for i in order]
+        slanted = dict(rotation=30, ha="right") if n <= 10 else dict(rotation=90)  # less height
+        ax.set_xticks(range(n), names, fontsize=max(4, 10 - n // 8), **slanted)
+        ax.set_yticks(range(n), names, fontsize=max(4, 10 - n // 8))
+    else:
+        ticks = np.arange(0, n, max(1, n // 10))
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
 
 
 def _largest_confusions(ax, cm: np.ndarray, order: np.ndarray, class_names) -> None:
@@ -151,6 +162,7 @@ def mistakes(
     labels: np.ndarray,
     class_names,
     source,
+    *,
     path: pathlib.Path,
     n: int = MISTAKES,
 ) -> None:

@@ -1,5 +1,6 @@
-"""The paper's figures from the runs: test accuracy per epoch, lambda_NSD sensitivity, and the
-t-SNE of the student's test-set features for VL2Lite against PAND (the paper's Figure 3)."""
+"""The paper's figures from the runs: test accuracy per epoch, the sensitivity study of the
+paper's method (PAND's lambda_NSD), and the t-SNE of the student's test-set features for the
+base method against the paper's (VL2Lite against PAND, the paper's Figure 3)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from pand_jax.experiments import results as results_lib
 from pand_jax.experiments.results import DATASET_NAMES, STUDENT_NAMES, Result
 
 # Table 1's rows (one per method of the registry), then Table 2's ablations.
-ROW_ORDER = tuple(dict.fromkeys([r.label for r in plan_lib.table1() + plan_lib.ABLATIONS]))
+ROW_ORDER = tuple(dict.fromkeys([r.label for r in plan_lib.table1() + plan_lib.ablations()]))
 # Methods often tie (short runs, or near chance), and a curve drawn over another hides it: each
 # method has its own marker and dash, and its points sit DODGE epochs to the side of the next's.
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">", "p")
 DASHES = ("-", "--", "-.", ":")
 DODGE = 0.05
+# Figure 3's two students: the ablation table's first row (the base method) and its last (the
+# paper's method): VL2Lite and PAND.
+TSNE_PAIR = (plan_lib.ablation_table()[0], plan_lib.ablation_table()[-1])
 
 
 def _title(dataset: str) -> str:
@@ -71,7 +75,7 @@ def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> 
                 marker=MARKERS[i],
                 markevery=max(1, len(epochs) // 20),
                 markersize=5,
-                markerfacecolor="none",
+                markerfacecolor=(0, 0, 0, 0),  # hollow
                 linestyle=DASHES[i % len(DASHES)],
                 color=colors(i),
                 label=f"{row} (n={len(curves)})",
@@ -99,16 +103,17 @@ def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> 
     return fig
 
 
-def lambda_sensitivity(results: list[Result], dataset: str, path: pathlib.Path) -> None:
-    """PAND's best top-1 against lambda_NSD: mean over seeds, error bars +- 1 std, the paper's
-    numbers where known."""
+def sweep_sensitivity(results: list[Result], dataset: str, path: pathlib.Path) -> None:
+    """The paper's method's best top-1 against its swept value (PAND's lambda_NSD): mean over
+    seeds, error bars +- 1 std, the paper's numbers where known."""
+    method = plan_lib.paper_method()
     rs = [r for r in results if r.dataset == dataset]
-    lambdas = sorted({r.lambda_nsd for r in rs if r.lambda_nsd is not None and not r.no_psc})
+    lambdas = sorted({r.sweep_value for r in rs if r.sweep_value is not None and not r.no_psc})
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.subplots()
     colors = colormaps["tab10"]
     for i, student in enumerate(sorted({r.student for r in rs})):
-        points = [(lam, results_lib.top1s(rs, dataset, student, lambda_nsd=lam)) for lam in lambdas]
+        points = [(x, results_lib.top1s(rs, dataset, student, sweep_value=x)) for x in lambdas]
         points = [(lam, v) for lam, v in points if len(v)]
         if not points:
             continue
@@ -125,22 +130,22 @@ def lambda_sensitivity(results: list[Result], dataset: str, path: pathlib.Path) 
             color=colors(i),
             label=f"{STUDENT_NAMES.get(student, student)}, ours (n={'/'.join(map(str, n))})",
         )
-        paper = results_lib.PAPER_LAMBDA.get((dataset, student), {})
+        paper = results_lib.PAPER_SWEEP.get((dataset, student), {})
         if paper:
             ax.plot(
                 list(paper),
                 list(paper.values()),
-                linestyle="none",
+                linestyle="None",
                 marker="*",
                 markersize=12,
                 color=colors(i),
                 label=f"{STUDENT_NAMES.get(student, student)}, paper",
             )
     ax.set_xticks(lambdas, [f"{lam:g}" for lam in lambdas])
-    ax.set_xlabel(r"$\lambda_{NSD}$")
+    ax.set_xlabel(f"${method.sweep.tex}$")
     ax.set_ylabel("best test top-1 accuracy (%)")
     ax.set_title(
-        rf"PAND: sensitivity to $\lambda_{{NSD}}$, {_title(dataset)}"
+        f"{method.label}: sensitivity to ${method.sweep.tex}$, {_title(dataset)}"
         "\n(mean over seeds, error bars: ±1 std)"
     )
     ax.grid(alpha=0.3)
@@ -166,11 +171,10 @@ def student_test_features(workdir: pathlib.Path) -> tuple[np.ndarray, np.ndarray
         info,
         info.test_split,
         cfg,
-        size,
-        "stretch",
-        cfg["eval_batch_size"],
-        mesh,
-        setup.host_cache_dir(cfg, workdir),
+        size=size,
+        resize="stretch",
+        batch=cfg["eval_batch_size"],
+        cache_dir=setup.host_cache_dir(cfg, workdir),
     )
     extract = devices.jit_apply(
         load_student(workdir / "student"),
@@ -221,6 +225,7 @@ def class_colors(num_classes: int) -> np.ndarray:
 def tsne_figure(
     left: Result,
     right: Result,
+    *,
     cache_dir: pathlib.Path,
     path: pathlib.Path,
     class_names: tuple[str, ...],
@@ -230,7 +235,7 @@ def tsne_figure(
     axes = fig.subplots(1, 2)
     colors = class_colors(len(class_names))
     many = len(class_names) > 20
-    for ax, r, name in zip(axes, (left, right), ("VL2Lite", "PAND")):
+    for ax, r, name in zip(axes, (left, right), TSNE_PAIR):
         xy, labels = tsne_embedding(
             r.workdir, cache_dir / f"tsne_{name.lower()}_{r.student}_seed{r.seed}.npz"
         )
@@ -250,7 +255,7 @@ def tsne_figure(
         ax.set_yticks([])
     if not many:  # a legend of 200 names is unreadable: colours only tell classes apart
         handles = [
-            Line2D([], [], marker="o", linestyle="none", color=colors[i], label=class_names[i])
+            Line2D([], [], marker="o", linestyle="None", color=colors[i], label=class_names[i])
             for i in range(len(class_names))
         ]
         fig.legend(handles=handles, loc="center right", title="class", fontsize=8)
@@ -283,24 +288,30 @@ def make_figures(results: list[Result], out: pathlib.Path) -> list[pathlib.Path]
         path = fig_dir / f"{dataset}_accuracy_per_epoch.png"
         accuracy_curves(rs, dataset, path)
         made.append(path)
-        if any(r.lambda_nsd is not None and not r.no_psc for r in rs):
-            path = fig_dir / f"{dataset}_lambda_sensitivity.png"
-            lambda_sensitivity(rs, dataset, path)
+        if any(r.sweep_value is not None and not r.no_psc for r in rs):
+            label = plan_lib.paper_method().sweep.label
+            path = fig_dir / f"{dataset}_{label}_sensitivity.png"
+            sweep_sensitivity(rs, dataset, path)
             made.append(path)
+        base, ours = TSNE_PAIR
         pairs = [
             (a, b)
             for a in rs
-            if "VL2Lite" in a.rows
+            if base in a.rows
             for b in rs
-            if "PAND" in b.rows and (a.student, a.seed) == (b.student, b.seed)
+            if ours in b.rows and (a.student, a.seed) == (b.student, b.seed)
         ]
         if pairs:
             left, right = min(
                 pairs, key=lambda p: (p[0].student not in STUDENT_NAMES, p[0].student, p[0].seed)
             )
-            path = fig_dir / f"{dataset}_tsne_vl2lite_vs_pand.png"
+            path = fig_dir / f"{dataset}_tsne_{base.lower()}_vs_{ours.lower()}.png"
             tsne_figure(
-                left, right, fig_dir / "cache", path, datasets.get_dataset(dataset).class_names
+                left,
+                right,
+                cache_dir=fig_dir / "cache",
+                path=path,
+                class_names=datasets.get_dataset(dataset).class_names,
             )
             made.append(path)
     return made

@@ -25,55 +25,38 @@ from pand_jax import config as config_lib
 from pand_jax import methods
 from pand_jax.models.student import student_label
 
-# The paper's sensitivity study of lambda_NSD (CUB, ResNet-18).
-SWEEP_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-LAMBDA_KEY = "loss.pand.lambda_nsd"
+Row = methods.Row
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """A row of the tables: a method and the config values that make it (a value of None is
-    configs/nsd.json's, named so that the sweep's run at that value is the same run)."""
-
-    label: str
-    method: str
-    sets: tuple[tuple[str, Any], ...] = ()
-
-    def values(self) -> dict[str, Any]:
-        return {k: default_value(k) if v is None else v for k, v in self.sets}
-
-
-def default_value(key: str) -> Any:
-    node = config_lib.default_config("nsd")
-    for part in key.split("."):
-        node = node[part]
-    return node
+def paper_method() -> methods.Method:
+    """The method whose paper's ablation table and sensitivity study reproduce.py runs (PAND's:
+    Table 2 and the lambda_NSD sweep hang off its entry)."""
+    return next(m for m in methods.REGISTRY.values() if m.sweep is not None)
 
 
 def table1() -> tuple[Row, ...]:
     """One row per registered method, in the registry's (the paper's Table 1) order."""
-    return tuple(
-        Row(m.label, m.name, m.table_sets) for m in methods.REGISTRY.values() if m.in_table
-    )
+    return tuple(m.table_row() for m in methods.REGISTRY.values() if m.in_table)
 
 
-# Table 2, the paper's ablation of PSC and NSD: VL2Lite and PAND rows of Table 1 between them.
-ABLATIONS = (
-    Row("+PSC", "pand", (("no_psc", False), (LAMBDA_KEY, 0.0))),
-    Row("+NSD", "pand", (("no_psc", True),)),
-)
-TABLE2 = ("VL2Lite", "+PSC", "+NSD", "PAND")
+def ablations() -> tuple[Row, ...]:
+    """The ablation table's own rows (its others are Table 1's)."""
+    return paper_method().ablations
 
 
-def sweep(lambdas) -> tuple[Row, ...]:
-    return tuple(
-        Row(f"lambda {lam:g}", "pand", (("no_psc", False), (LAMBDA_KEY, float(lam))))
-        for lam in lambdas
-    )
+def ablation_table() -> tuple[str, ...]:
+    """The ablation table's row labels, in order."""
+    return paper_method().ablation_table
 
 
-def rows(lambdas=SWEEP_LAMBDAS) -> tuple[Row, ...]:
-    return table1() + ABLATIONS + sweep(lambdas)
+def sweep(values=None) -> tuple[Row, ...]:
+    """The sensitivity study's rows at `values` (default: the paper's)."""
+    method = paper_method()
+    return method.sweep.rows(method.name, values)
+
+
+def rows(sweep_values=None) -> tuple[Row, ...]:
+    return table1() + ablations() + sweep(sweep_values)
 
 
 # Keys the plan itself sets on every run; changing them with --set would merge rows silently.
@@ -84,7 +67,7 @@ PLANNED_KEYS = (
     "no_psc",
     "anchors",
     "seed",
-    LAMBDA_KEY,
+    paper_method().sweep.key,
     "teacher",
     "teacher_cache",
     "teacher_cache_dir",
@@ -98,7 +81,8 @@ def _suffix(key: str, value: Any) -> str:
     """How a row's config value shows in its run's folder name."""
     if key == "no_psc":
         return "-nopsc" if value else ""
-    name = "lambda" if key == LAMBDA_KEY else key.rsplit(".", 1)[-1]
+    swept = paper_method().sweep
+    name = swept.label if key == swept.key else key.rsplit(".", 1)[-1]
     return f"-{name}{value:g}" if isinstance(value, float) else f"-{name}{value}"
 
 
@@ -124,115 +108,116 @@ def row_argv(row: Row) -> list[str]:
     return argv + set_args([f"{k}={v!r}" for k, v in values.items()])
 
 
-def distinct_runs(lambdas=SWEEP_LAMBDAS) -> list[Row]:
+def distinct_runs(sweep_values=None) -> list[Row]:
     """One row per distinct run of one student and seed, with the runs that read the teacher
     first (so that the first one builds the cache)."""
     unique = {}
-    for row in rows(lambdas):
+    for row in rows(sweep_values):
         unique.setdefault(variant(row), row)
     return sorted(unique.values(), key=lambda r: not methods.get(r.method).reads_clip)
 
 
-def set_args(sets: list[str]) -> list[str]:
+def set_args(sets) -> list[str]:
     return [a for item in sets for a in ("--set", item)]
 
 
-def plan(
-    *,
-    dataset: str,
-    students: list[str],
-    seeds: int,
-    out: pathlib.Path,
-    teacher_cache: int,
-    epochs: int | None = None,
-    psc_epochs: int | None = None,
-    lambdas=SWEEP_LAMBDAS,
-    psc_sets: tuple[str, ...] = (),
-    nsd_sets: tuple[str, ...] = (),
-    teacher: str | None = None,
-    data_dir: str | None = None,
-) -> list[Run]:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What reproduce.py asks of the plan."""
+
+    dataset: str
+    students: tuple[str, ...]
+    seeds: int
+    out: pathlib.Path
+    teacher_cache: int  # views; 0: every run's teacher online
+    epochs: int | None = None
+    psc_epochs: int | None = None
+    sweep_values: tuple[float, ...] | None = None  # None: the paper's
+    psc_sets: tuple[str, ...] = ()
+    nsd_sets: tuple[str, ...] = ()
+    teacher: str | None = None
+    data_dir: str | None = None
+
+    def common(self) -> list[str]:
+        """The flags of every run."""
+        argv = ["--dataset", self.dataset] + (["--teacher", self.teacher] if self.teacher else [])
+        return argv + (["--data-dir", self.data_dir] if self.data_dir else [])
+
+
+def plan(s: Settings) -> list[Run]:
     """Stage-PSC, then every Stage-NSD run, in dependency order (see `first_wave`)."""
-    out = pathlib.Path(out)
-    common = ["--dataset", dataset] + (["--teacher", teacher] if teacher else [])
-    common += ["--data-dir", data_dir] if data_dir else []
-    psc_dir = out / "psc"
-    psc_argv = ["--stage", "psc", *common, "--workdir", str(psc_dir)]
-    psc_argv += (["--epochs", str(psc_epochs)] if psc_epochs else []) + set_args(list(psc_sets))
-    runs = [
-        Run("psc", tuple(psc_argv), psc_dir, requires=(), builds_cache=False, prerequisite=True)
-    ]
+    psc_dir = s.out / "psc"
+    psc_argv = ["--stage", "psc", *s.common(), "--workdir", str(psc_dir)]
+    psc_argv += (["--epochs", str(s.psc_epochs)] if s.psc_epochs else []) + set_args(s.psc_sets)
+    runs = [Run("psc", tuple(psc_argv), psc_dir, (), builds_cache=False, prerequisite=True)]
     builders, its, rest = [], [], []
-
-    def stage_run(name, method, stage_argv, workdir, seed, first=False, requires=()):
-        """A Stage-NSD (or --stage it) run of `method`: its anchors, teacher cache and seed."""
-        learned = method.wants_learned_anchors("--no-psc" in stage_argv)
-        argv = [*stage_argv, *common]
-        argv += ["--anchors", str(psc_dir / "anchors.npz")] if learned else []
-        if method.reads_clip:
-            argv += [
-                "--teacher-cache",
-                str(teacher_cache),
-                "--set",
-                f"teacher_cache_dir={out / 'teacher_cache' / f'seed{seed}'}",
-            ]
-        argv += ["--epochs", str(epochs)] if epochs else []
-        argv += [
-            "--set",
-            f"seed={seed}",
-            "--set",
-            f"host_cache_dir={out / 'host_cache'}",
-            "--workdir",
-            str(workdir),
-        ]
-        argv += set_args(list(nsd_sets))
-        return Run(
-            name,
-            tuple(argv),
-            workdir,
-            requires=("psc",) * learned + requires,
-            builds_cache=first,
-            prerequisite=first,
-        )
-
-    wants_it = any(
-        methods.get(r.method).teacher == methods.INTERMEDIATE for r in distinct_runs(lambdas)
-    )
-    for seed in range(seeds):
-        it_dir = out / "it" / f"seed{seed}"
+    rows = distinct_runs(s.sweep_values)
+    wants_it = any(methods.get(r.method).teacher == methods.INTERMEDIATE for r in rows)
+    for seed in range(s.seeds):
         if wants_it:  # one IT per seed (its architecture is configs' it_student), every student's
-            its.append(
-                dataclasses.replace(
-                    stage_run(
-                        f"it seed {seed}",
-                        methods.get(methods.IT_METHOD),
-                        ["--stage", "it"],
-                        it_dir,
-                        seed,
-                    ),
-                    prerequisite=True,
-                )
-            )
-        for student in students:
-            for row in distinct_runs(lambdas):
-                method, name = methods.get(row.method), variant(row)
-                argv = ["--stage", "nsd", "--student", student, *row_argv(row)]
-                requires = ()
-                if method.teacher == methods.INTERMEDIATE:
-                    argv += ["--intermediate-teacher", str(it_dir)]
-                    requires = (f"it seed {seed}",)
-                first = method.reads_clip and teacher_cache > 0 and len(builders) == seed
-                run = stage_run(
-                    f"{student} seed {seed} {name}",
-                    method,
-                    argv,
-                    out / "nsd" / student_label(student) / f"seed{seed}" / name,
-                    seed,
-                    first,
-                    requires,
-                )
-                (builders if first else rest).append(run)
+            it = methods.get(methods.IT_METHOD)
+            argv = ["--stage", "it"]
+            its.append(_stage_run(s, it, argv, name=f"it seed {seed}", seed=seed, prior=True))
+        for student in s.students:
+            for row in rows:
+                first = methods.get(row.method).reads_clip and s.teacher_cache > 0
+                run = _nsd_run(s, row, student, seed, first=first and len(builders) == seed)
+                (builders if run.builds_cache else rest).append(run)
     return runs + builders + its + rest
+
+
+def _nsd_run(s: Settings, row: Row, student: str, seed: int, *, first: bool) -> Run:
+    """The Stage-NSD run of `row` for `student` and `seed`; the `first` of its seed that reads
+    the teacher builds the seed's cache."""
+    method, name = methods.get(row.method), variant(row)
+    argv = ["--stage", "nsd", "--student", student, *row_argv(row)]
+    requires = ()
+    if method.teacher == methods.INTERMEDIATE:
+        argv += ["--intermediate-teacher", str(_it_dir(s, seed))]
+        requires = (f"it seed {seed}",)
+    workdir = s.out / "nsd" / student_label(student) / f"seed{seed}" / name
+    return _stage_run(
+        s,
+        method,
+        argv,
+        name=f"{student} seed {seed} {name}",
+        seed=seed,
+        workdir=workdir,
+        first=first,
+        requires=requires,
+    )
+
+
+def _it_dir(s: Settings, seed: int) -> pathlib.Path:
+    return s.out / "it" / f"seed{seed}"
+
+
+def _stage_run(
+    s: Settings,
+    method: methods.Method,
+    stage_argv: list[str],
+    *,
+    name: str,
+    seed: int,
+    workdir: pathlib.Path | None = None,
+    first: bool = False,
+    requires: tuple[str, ...] = (),
+    prior: bool = False,
+) -> Run:
+    """A Stage-NSD (or --stage it, `prior`: a prerequisite) run of `method`: its anchors,
+    teacher cache and seed."""
+    workdir = workdir or _it_dir(s, seed)
+    learned = method.wants_learned_anchors("--no-psc" in stage_argv)
+    argv = [*stage_argv, *s.common()]
+    argv += ["--anchors", str(s.out / "psc" / "anchors.npz")] if learned else []
+    if method.reads_clip:
+        cache_dir = s.out / "teacher_cache" / f"seed{seed}"
+        argv += ["--teacher-cache", str(s.teacher_cache), "--set", f"teacher_cache_dir={cache_dir}"]
+    argv += ["--epochs", str(s.epochs)] if s.epochs else []
+    argv += ["--set", f"seed={seed}", "--set", f"host_cache_dir={s.out / 'host_cache'}"]
+    argv += ["--workdir", str(workdir), *set_args(s.nsd_sets)]
+    requires = ("psc",) * learned + requires
+    return Run(name, tuple(argv), workdir, requires, first, prerequisite=first or prior)
 
 
 def first_wave(runs: list[Run]) -> int:

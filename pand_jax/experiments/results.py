@@ -30,7 +30,7 @@ PAPER = {
     ("cub", "resnet18"): {"VL2Lite": 72.67, "+PSC": 73.52, "+NSD": 75.91, "PAND": 76.09},
     ("cub", "mobilenet_v2"): {"PAND": 76.52},
 }
-PAPER_LAMBDA = {("cub", "resnet18"): {0.5: 76.41}}  # the sensitivity study (Fig. 4)
+PAPER_SWEEP = {("cub", "resnet18"): {0.5: 76.41}}  # the sensitivity study (Fig. 4)
 # The paper's best PAND result per dataset, for which the public listings name no student.
 PAPER_BEST_UNKNOWN_STUDENT = {"aircraft": 64.75, "dogs": 74.98, "pets": 88.97}
 CSV_FIELDS = (
@@ -38,8 +38,7 @@ CSV_FIELDS = (
     "student",
     "method",
     "no_psc",
-    "lambda_nsd",
-    "nsd_form",
+    "sweep_value",
     "seed",
     "epochs",
     "best_top1",
@@ -60,8 +59,9 @@ class Result:
     student: str
     method: str
     no_psc: bool
-    lambda_nsd: float | None  # methods with a `loss.pand` section only
-    nsd_form: str | None
+    # the value of the sensitivity study's key (`plan.paper_method().sweep`), for the runs of
+    # the method that reads it
+    sweep_value: float | None
     seed: int
     epochs: int
     best_top1: float
@@ -80,7 +80,7 @@ class Result:
         """The labels of the rows of Tables 1-2 this run fills."""
         return {
             row.label
-            for row in plan.table1() + plan.ABLATIONS
+            for row in plan.table1() + plan.ablations()
             if row.method == self.method
             and all(_get(self.config, k) == v for k, v in row.values().items())
         }
@@ -92,6 +92,13 @@ def _get(cfg: dict, key: str):
     return cfg
 
 
+def _sweep_value(cfg: dict, method: str) -> float | None:
+    """The run's value of the swept key, if its method reads that key's section."""
+    key = plan.paper_method().sweep.key
+    section = key.split(".")[1]
+    return float(_get(cfg, key)) if section in methods.get(method).sections else None
+
+
 def collect(out: pathlib.Path) -> list[Result]:
     """Every finished Stage-NSD run under OUT/nsd (whatever plan made it)."""
     results = []
@@ -99,16 +106,13 @@ def collect(out: pathlib.Path) -> list[Result]:
         workdir = summary_path.parent
         s = json.loads(summary_path.read_text())
         cfg = config_lib.recorded_config(workdir, "nsd")
-        # lambda_NSD and the NSD form, for the runs whose method reads PAND's section
-        pand = {k: cfg["loss"][k] for k in methods.get(s["method"]).sections}.get("pand")
         results.append(
             Result(
                 dataset=s["dataset"],
                 student=s["student"],
                 method=s["method"],
                 no_psc=bool(s["no_psc"]),
-                lambda_nsd=float(pand["lambda_nsd"]) if pand else None,
-                nsd_form=pand["nsd_form"] if pand else None,
+                sweep_value=_sweep_value(cfg, s["method"]),
                 seed=int(cfg["seed"]),
                 epochs=int(s["epochs"]),
                 best_top1=s["best_top1"],
@@ -139,10 +143,12 @@ def top1s(
     results: list[Result],
     dataset: str,
     student: str,
+    *,
     row: str | None = None,
-    lambda_nsd: float | None = None,
+    sweep_value: float | None = None,
 ) -> np.ndarray:
-    """Best top-1 (%) over seeds of one table cell: a row of Tables 1-2, or a PAND lambda."""
+    """Best top-1 (%) over seeds of one table cell: a row of Tables 1-2, or a point of the
+    sensitivity study."""
     return np.asarray(
         [
             100 * r.best_top1
@@ -151,7 +157,7 @@ def top1s(
             and (
                 row in r.rows
                 if row is not None
-                else (r.no_psc, r.lambda_nsd) == (False, lambda_nsd)
+                else (r.no_psc, r.sweep_value) == (False, sweep_value)
             )
         ]
     )
@@ -197,7 +203,7 @@ def _cost_table(labels, students, runs) -> list[str]:
         cells = [label]
         for s in students:
             rs = runs(label, s)
-            modes = sorted({r.teacher_mode or "none" for r in rs}) or ["-"]
+            modes = sorted({r.teacher_mode or "no teacher" for r in rs}) or ["-"]
             cells += [
                 "/".join(modes),
                 mean([r.teacher_forwards for r in rs], ",.0f"),
@@ -208,65 +214,73 @@ def _cost_table(labels, students, runs) -> list[str]:
     return lines
 
 
+COST_NOTE = (
+    "Per run, mean over seeds: where the teacher ran (online in every step, or cached once: its "
+    "views shared by every run of a seed), the teacher forward passes the method needs (images "
+    "through the teacher), training images/s (compilation excluded) and the wall time of its "
+    "epochs (compilation and evaluation included; the teacher cache's build is counted in its "
+    "passes). DAIT's passes are its intermediate teacher's training's, whose wall time is not "
+    "added."
+)
+
+
 def markdown(results: list[Result]) -> str:
     """The paper's tables for every dataset in `results`."""
     lines = []
     for dataset in sorted({r.dataset for r in results}):
-        rs = [r for r in results if r.dataset == dataset]
-        students = sorted({r.student for r in rs}, key=lambda s: (s not in STUDENT_NAMES, s))
-        epochs = sorted({r.epochs for r in rs})
-        forms = sorted({r.nsd_form for r in rs if r.nsd_form}) or ["-"]
-        paper = {s: PAPER.get((dataset, s), {}) for s in students}
-        lines += [
-            f"# {DATASET_NAMES.get(dataset, dataset)}: ours beside the paper",
-            "",
-            "Top-1 test accuracy (%) at each run's best epoch: mean ± std over seeds (n "
-            'runs); paper: the paper\'s number ("-": not known); Δ = ours − paper. '
-            f"Epochs: {', '.join(map(str, epochs))}; NSD form: {', '.join(forms)}.",
-            "",
-        ]
-        if dataset in PAPER_BEST_UNKNOWN_STUDENT:
-            lines += [
-                f"The paper's best PAND result on this dataset is "
-                f"{PAPER_BEST_UNKNOWN_STUDENT[dataset]:.2f} (the student is not stated).",
-                "",
-            ]
-
-        def row_cell(label, s):
-            return _cell(top1s(rs, dataset, s, row=label), paper[s].get(label))
-
-        lambdas = sorted({r.lambda_nsd for r in rs if r.lambda_nsd is not None and not r.no_psc})
-
-        def lambda_cell(lam, s):
-            return _cell(
-                top1s(rs, dataset, s, lambda_nsd=lam), PAPER_LAMBDA.get((dataset, s), {}).get(lam)
-            )
-
-        table1 = [row.label for row in plan.table1()]
-        lines += ["## Table 1: PAND against the baselines", ""]
-        lines += _table("method", table1, students, row_cell) + [""]
-        lines += [
-            "## What each method cost to train",
-            "",
-            "Per run, mean over seeds: where the teacher ran (online in every step, or "
-            "cached once: its views shared by every run of a seed), the teacher forward "
-            "passes the method needs (images through the teacher), training images/s "
-            "(compilation excluded) and the wall time of its epochs (compilation and "
-            "evaluation included; the teacher cache's build is counted in its passes). DAIT's "
-            "passes are its intermediate teacher's training's, whose wall time is not "
-            "added.",
-            "",
-        ]
-        lines += _cost_table(
-            table1, students, lambda label, s: [r for r in rs if label in r.rows and r.student == s]
-        ) + [""]
-        lines += ["## Table 2: ablation of PSC and NSD", ""]
-        lines += _table("method", plan.TABLE2, students, row_cell) + [""]
-        lines += ["## Sensitivity to lambda_NSD (PAND)", ""]
-        lines += _table(
-            "lambda_NSD",
-            [f"{x:g}" for x in lambdas],
-            students,
-            lambda lam, s: lambda_cell(float(lam), s),
-        ) + [""]
+        lines += _dataset_markdown([r for r in results if r.dataset == dataset], dataset)
     return "\n".join(lines)
+
+
+def _dataset_markdown(rs: list[Result], dataset: str) -> list[str]:
+    students = sorted({r.student for r in rs}, key=lambda s: (s not in STUDENT_NAMES, s))
+    epochs = ", ".join(map(str, sorted({r.epochs for r in rs})))
+    lines = [
+        f"# {DATASET_NAMES.get(dataset, dataset)}: ours beside the paper",
+        "",
+        "Top-1 test accuracy (%) at each run's best epoch: mean ± std over seeds (n "
+        'runs); paper: the paper\'s number ("-": not known); Δ = ours − paper. '
+        f"Epochs: {epochs}.",
+        "",
+    ]
+    method = plan.paper_method()
+    if dataset in PAPER_BEST_UNKNOWN_STUDENT:
+        lines += [
+            f"The paper's best {method.label} result on this dataset is "
+            f"{PAPER_BEST_UNKNOWN_STUDENT[dataset]:.2f} (the student is not stated).",
+            "",
+        ]
+
+    def row_cell(label, s):
+        return _cell(top1s(rs, dataset, s, row=label), PAPER.get((dataset, s), {}).get(label))
+
+    def sweep_cell(value, s):
+        value, paper = float(value), PAPER_SWEEP.get((dataset, s), {})
+        return _cell(top1s(rs, dataset, s, sweep_value=value), paper.get(value))
+
+    def runs(label, s):
+        return [r for r in rs if label in r.rows and r.student == s]
+
+    table1 = [row.label for row in plan.table1()]
+    values = sorted({r.sweep_value for r in rs if r.sweep_value is not None and not r.no_psc})
+    symbol = method.sweep.symbol
+    return lines + [
+        f"## Table 1: {method.label} against the baselines",
+        "",
+        *_table("method", table1, students, row_cell),
+        "",
+        "## What each method cost to train",
+        "",
+        COST_NOTE,
+        "",
+        *_cost_table(table1, students, runs),
+        "",
+        "## Table 2: ablation",
+        "",
+        *_table("method", plan.ablation_table(), students, row_cell),
+        "",
+        f"## Sensitivity to {symbol} ({method.label})",
+        "",
+        *_table(symbol, [f"{x:g}" for x in values], students, sweep_cell),
+        "",
+    ]

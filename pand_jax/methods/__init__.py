@@ -1,25 +1,28 @@
 """Stage-NSD methods, one registry entry each (`Method`): the objective (one function per paper
 equation), the heads it adds to the student, the teacher signal it reads, where its anchors come
-from, whether it reads labels, and its config sections. docs/methods.md says how to add one.
+from, whether it reads labels, its config section and its schema. A method is its module here
+and a line in `REGISTRY`; docs/methods.md says how to add one.
 
     method = methods.get("pand")
-    objective = functools.partial(method.objective, **method.settings(cfg["loss"], epochs, learned, cfg["dataset"]))
+    settings = method.settings(cfg["loss"], epochs, learned, cfg["dataset"])
+    objective = functools.partial(method.objective, **settings)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pand_jax.methods import baselines, dait, fdbpl, pand, promptkd, vl2lite
-from pand_jax.methods.base import INTERMEDIATE, Inputs, Method, Rule
+from pand_jax import config
+from pand_jax.methods import dait, fdbpl, kd, no_kd, pand, promptkd, rkd, vl2lite
+from pand_jax.methods.base import INTERMEDIATE, Flag, Inputs, Method, Row, Rule, Sweep
 
 # In the paper's Table 1 order, then the other systems: reproduce.py's rows follow it.
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
-        baselines.NONE,
-        baselines.KD,
-        baselines.RKD,
+        no_kd.NONE,
+        kd.KD,
+        rkd.RKD,
         vl2lite.VL2LITE,
         pand.PAND,
         promptkd.PROMPTKD,
@@ -32,6 +35,21 @@ NAMES = tuple(REGISTRY)
 IT_METHOD = dait.DAIT_IT.name  # `train.py --stage it`: DAIT's first stage
 
 
+def loss_sections() -> dict[str, type[config.Schema]]:
+    """`loss.NAME` -> its schema, for `config.Facts`."""
+    return {m.name: m.schema for m in REGISTRY.values() if m.schema is not None}
+
+
+def names(where) -> list[str]:
+    """The names of the methods for which `where(method)` holds, in registry order."""
+    return [m.name for m in REGISTRY.values() if where(m)]
+
+
+def flags() -> tuple[Flag, ...]:
+    """Every method's own train.py flags."""
+    return tuple(f for m in REGISTRY.values() for f in m.flags)
+
+
 def get(name: str) -> Method:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; expected one of {list(NAMES)}")
@@ -42,7 +60,7 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
     """The first rule of the config's method that the config breaks (`config.Facts`)."""
     method = get(cfg["method"])
     if cfg["unlabeled_data"] and method.reads_labels:
-        label_free = [m.name for m in REGISTRY.values() if not m.reads_labels]
+        label_free = names(lambda m: not m.reads_labels)
         return (
             "unlabeled_data",
             cfg["unlabeled_data"],
@@ -66,7 +84,7 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
                 "labels are stored in the teacher cache",
             )
         if method.teacher_distribution is None:
-            readers = [m.name for m in REGISTRY.values() if m.teacher_distribution]
+            readers = names(lambda m: m.teacher_distribution)
             return (
                 "soft_labels",
                 kind,
@@ -84,4 +102,19 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
     return method.rule(cfg, num_classes)
 
 
-__all__ = ["INTERMEDIATE", "IT_METHOD", "Inputs", "Method", "NAMES", "REGISTRY", "get", "rule"]
+__all__ = [
+    "INTERMEDIATE",
+    "IT_METHOD",
+    "Flag",
+    "Inputs",
+    "Method",
+    "NAMES",
+    "REGISTRY",
+    "Row",
+    "Sweep",
+    "flags",
+    "get",
+    "loss_sections",
+    "names",
+    "rule",
+]

@@ -1,5 +1,6 @@
-"""What a Stage-NSD method is: one `Method` entry (see `pand_jax.methods`), and the `Inputs`
-its objective sees for one batch."""
+"""What a Stage-NSD method is: one `Method` entry (see `pand_jax.methods`), the `Inputs` its
+objective sees for one batch, and the rows of a paper's tables beyond Table 1 (`Row`, `Sweep`)
+and the command-line flags (`Flag`) a method may bring."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any, NamedTuple
 import jax
 from flax import nnx
 
+from pand_jax import config
+
 # What a method reads of the frozen CLIP teacher: its image embedding t, or only its class
 # logits z_t = s t T^T over the anchors (which a sparse teacher cache can also serve); or, in
 # place of the CLIP, a trained intermediate teacher's map and logits (DAIT's second stage).
@@ -19,8 +22,7 @@ INTERMEDIATE = "intermediate"
 # names a file, or Stage-PSC's learned prompts (template ones only with --no-psc).
 ANCHOR_KINDS = ("template", "learned")
 
-# (config key, its value, what is allowed) of a broken rule, as `config.validate` reports it.
-Rule = tuple[str, Any, str]
+Rule = config.Rule  # (config key, its value, what is allowed) of a broken rule
 
 
 class Inputs(NamedTuple):
@@ -45,6 +47,55 @@ class Inputs(NamedTuple):
     text_pair: tuple[jax.Array, jax.Array] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A row of reproduce's tables: a method and the config values that make it, as (dotted
+    key, value); a value of None is configs/nsd.json's, named so that other rows at that value
+    are the same run."""
+
+    label: str
+    method: str
+    sets: tuple[tuple[str, Any], ...] = ()
+
+    def values(self) -> dict[str, Any]:
+        defaults = config.default_config("nsd")
+        return {k: _get(defaults, k) if v is None else v for k, v in self.sets}
+
+
+def _get(cfg: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A paper's sensitivity study of one loss value of its method (reproduce.py's sweep)."""
+
+    key: str  # the dotted config key swept
+    symbol: str  # its name in tables, e.g. "lambda_NSD"
+    tex: str  # and in figures, e.g. r"\lambda_{NSD}"
+    label: str  # its rows' label before the value, e.g. "lambda" -> "lambda 0.5"
+    values: tuple[float, ...]  # the paper's
+    sets: tuple[tuple[str, Any], ...] = ()  # what every point of the sweep also sets
+
+    def rows(self, method: str, values=None) -> tuple[Row, ...]:
+        return tuple(
+            Row(f"{self.label} {v:g}", method, self.sets + ((self.key, float(v)),))
+            for v in (self.values if values is None else values)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A train.py flag of a method's own, setting one config key (None: flag not given)."""
+
+    name: str  # "--lambda-nsd"
+    key: str  # "loss.pand.lambda_nsd"
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+
 def no_heads(student_dim: int, teacher_dim: int, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
     return {}
 
@@ -55,8 +106,8 @@ def no_rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One Stage-NSD method. Nothing outside `pand_jax.methods` branches on a method's name:
-    the trainer, the CLI, reproduce.py and deploy read these fields."""
+    """One Stage-NSD method. Nothing outside `pand_jax.methods` names a method: the trainer,
+    the config schema, the CLI, reproduce.py and deploy read these fields."""
 
     name: str  # --method NAME
     label: str  # its row in reproduce's tables
@@ -68,6 +119,9 @@ class Method:
     teacher: str | None  # one of TEACHER_SIGNALS, INTERMEDIATE, or None: no teacher
     anchors: str | None  # one of ANCHOR_KINDS, or None: no text anchors
     reads_labels: bool
+    # The schema of the `loss` section named after it (config.py assembles the `loss` schema
+    # from these); None: it owns no section (it reads another method's).
+    schema: type[config.Schema] | None = None
     heads: Callable[[int, int, nnx.Rngs], dict[str, nnx.Module]] = no_heads
     # None: the student classifies with its own linear head. Otherwise the student classifies
     # by the anchors (PromptKD): z_s = s L2norm(P(h)) T_hat^T with a trained projector P, and
@@ -79,14 +133,20 @@ class Method:
     teacher_distribution: Callable[[dict[str, Any]], tuple[float, float]] | None = None
     # Rules between config keys that only this method has (run by `config.validate`).
     rule: Callable[[dict[str, Any], int], Rule | None] = no_rule
-    # The config values its row of reproduce's Table 1 pins, as (dotted key, value); None is
-    # configs/nsd.json's value, named so that other rows at that value are the same run.
-    table_sets: tuple[tuple[str, Any], ...] = ()
-    in_table: bool = True  # False: a stage of another method (DAIT's intermediate teacher)
     # For a CLIP student: (loss section) -> (positive words, negative words, prompt template)
     # of dual text contexts (FDBPL's): the student classifies by its own positive context in
     # place of the anchor head, and the negative one trains beside it. CNN students ignore it.
     dual_prompts: Callable[[dict[str, Any]], tuple[str, str, str]] | None = None
+    flags: tuple[Flag, ...] = ()  # its own train.py flags
+    # Its row of reproduce's Table 1: the config values it pins (a `Row`'s `sets`), and
+    # whether it has one (False: a stage of another method, DAIT's intermediate teacher).
+    table_sets: tuple[tuple[str, Any], ...] = ()
+    in_table: bool = True
+    # Its paper's other tables: the ablation rows beyond Table 1's, the ablation table's row
+    # labels in order (Table 1's included), and its sensitivity study.
+    ablations: tuple[Row, ...] = ()
+    ablation_table: tuple[str, ...] = ()
+    sweep: Sweep | None = None
 
     def anchor_head_for(self, clip_student: bool):
         """`anchor_head`, unless a CLIP student classifies by its own dual prompts."""
@@ -112,3 +172,6 @@ class Method:
     def wants_learned_anchors(self, no_psc: bool) -> bool:
         """Whether a run reads Stage-PSC's anchors.npz (--no-psc asks for templates)."""
         return self.anchors == "learned" and not no_psc
+
+    def table_row(self) -> Row:
+        return Row(self.label, self.name, self.table_sets)

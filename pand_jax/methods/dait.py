@@ -12,9 +12,22 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+from pydantic import Field
 
-from pand_jax import losses
+from pand_jax import config, losses
 from pand_jax.methods.base import INTERMEDIATE, Inputs, Method
+
+
+class DAITLoss(config.Schema):
+    """Both stages' weights (stage 1: alpha, beta; stage 2: gamma, delta) and their shared
+    temperature and logit scale."""
+
+    alpha: float = Field(ge=0)
+    beta: float = Field(ge=0)
+    gamma: float = Field(ge=0)
+    delta: float = Field(ge=0)
+    temperature: float = Field(gt=0)
+    logit_scale: float = Field(gt=0)
 
 
 def it_heads(student_dim: int, teacher_dim: int, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
@@ -108,6 +121,7 @@ DAIT = Method(
     objective=dait_objective,
     settings=dait_settings,
     sections=("dait",),
+    schema=DAITLoss,
     teacher=INTERMEDIATE,
     anchors=None,
     reads_labels=True,

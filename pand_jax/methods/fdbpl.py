@@ -11,9 +11,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from pydantic import Field
 
-from pand_jax import losses
+from pand_jax import config, losses
 from pand_jax.methods.base import Inputs, Method
+
+
+class FDBPLLoss(config.Schema):
+    logit_scale: float = Field(gt=0)
+    temperature: float = Field(gt=0)
+    forward_weight: float = Field(ge=0)
+    reverse_weight: float = Field(ge=0)
+    # A CLIP student's dual prompts: the words its positive and negative text contexts start
+    # from, the prompt around them, and the negative path's weights.
+    positive_init: str = Field(min_length=1, description="a non-empty text")
+    negative_init: str = Field(min_length=1, description="a non-empty text")
+    prompt_template: str = Field(
+        pattern=config.TEMPLATE, description="a text with {} where the class name goes"
+    )
+    negative_weight: float = Field(ge=0)
+    cosine_weight: float = Field(ge=0)
+    cascade_weight: float = Field(ge=0)
 
 
 def teacher_log_probs(x: Inputs, scale, temperature):
@@ -53,8 +71,8 @@ def fdbpl_objective(
             x.logits,
             x.negative_logits,
             losses.fdbpl_confidence(log_p),
-            negative_weight,
-            cosine_weight,
+            negative_weight=negative_weight,
+            cosine_weight=cosine_weight,
         )
         cascade = losses.fdbpl_cascade(*x.text_pair, jnp.argmax(log_p, axis=1))
         loss = loss + negative + cascade_weight * cascade
@@ -93,6 +111,7 @@ FDBPL = Method(
     objective=fdbpl_objective,
     settings=settings,
     sections=("fdbpl",),
+    schema=FDBPLLoss,
     teacher="logits",
     anchors="learned",
     reads_labels=False,

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from pand_jax import losses
+from typing import Literal
+
+from pydantic import Field
+
+from pand_jax import config, losses
 from pand_jax.methods import vl2lite
-from pand_jax.methods.base import Inputs, Method
+from pand_jax.methods.base import Flag, Inputs, Method, Row, Sweep
+
+LAMBDA_KEY = "loss.pand.lambda_nsd"
+
+
+class PANDLoss(config.Schema):
+    lambda_nsd: float = Field(ge=0)
+    nsd_form: Literal[losses.NSD_FORMS]
+    nsd_k: int = Field(ge=1)
+    # `rule` checks that it divides batch_size.
+    nsd_group_size: int | None = Field(ge=2, description="for the whole batch")
 
 
 def pand_objective(
@@ -14,7 +28,7 @@ def pand_objective(
 
         L_total = L_base + lambda_NSD * L_NSD
 
-    L_base is `vl2lite.vl2lite_objective` (with the batch-mean text KL, reduction "pand");
+    L_base is `vl2lite.vl2lite_objective` (with the batch-mean text KL);
     L_NSD is `losses.nsd` on z_s and the teacher logits z_t = s t_hat T_hat^T
     (`losses.teacher_logits`): the paper's Eq. 6-8 (K nearest non-target classes, margin
     distributions, Jensen-Shannon), or the released code's in-batch form. lambda_NSD = 0 gives
@@ -28,9 +42,9 @@ def pand_objective(
             x.logits,
             losses.teacher_logits(x.teacher, x.anchors, scale),
             x.labels,
-            nsd_form,
-            k,
-            group_size,
+            form=nsd_form,
+            k=k,
+            group_size=group_size,
         )
         total = total + lambda_nsd * terms["nsd"]
     return total, terms
@@ -90,10 +104,29 @@ PAND = Method(
     objective=pand_objective,
     settings=settings,
     sections=("vl2lite", "pand"),
+    schema=PANDLoss,
     teacher="embedding",
     anchors="learned",
     reads_labels=True,
     heads=vl2lite.align_heads,
     rule=rule,
-    table_sets=(("no_psc", False), ("loss.pand.lambda_nsd", None)),
+    flags=(
+        Flag("--nsd-form", "loss.pand.nsd_form", choices=losses.NSD_FORMS),
+        Flag("--lambda-nsd", LAMBDA_KEY, type=float),
+    ),
+    table_sets=(("no_psc", False), (LAMBDA_KEY, None)),
+    # The paper's Table 2 (CUB, ResNet-18) and its sensitivity study of lambda_NSD (Fig. 4).
+    ablations=(
+        Row("+PSC", "pand", (("no_psc", False), (LAMBDA_KEY, 0.0))),
+        Row("+NSD", "pand", (("no_psc", True),)),
+    ),
+    ablation_table=("VL2Lite", "+PSC", "+NSD", "PAND"),
+    sweep=Sweep(
+        key=LAMBDA_KEY,
+        symbol="lambda_NSD",
+        tex=r"\lambda_{NSD}",
+        label="lambda",
+        values=(0.0, 0.25, 0.5, 0.75, 1.0),
+        sets=(("no_psc", False),),
+    ),
 )

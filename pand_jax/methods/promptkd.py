@@ -4,9 +4,31 @@ class vectors. The student classifies by the anchors through a trained projector
 
 from __future__ import annotations
 
-from pand_jax import losses
+import pydantic
+from pydantic import Field
+
+from pand_jax import config, losses
 from pand_jax.methods.base import Inputs, Method
-from pand_jax.methods.baselines import teacher_kd
+from pand_jax.methods.kd import teacher_kd
+
+
+class WeightByDataset(config.Schema):
+    model_config = pydantic.ConfigDict(extra="allow")  # any dataset key, and "default"
+    default: float = Field(gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _positive(self):
+        for key, value in (self.model_extra or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"weight_by_dataset.{key} = {value!r}: expected a number > 0")
+        return self
+
+
+class PromptKDLoss(config.Schema):
+    weight: float | None = Field(gt=0, description="for weight_by_dataset's")
+    weight_by_dataset: WeightByDataset
+    temperature: float = Field(gt=0)
+    logit_scale: float = Field(gt=0)
 
 
 def promptkd_objective(x: Inputs, *, weight, temperature, scale):
@@ -40,6 +62,7 @@ PROMPTKD = Method(
     objective=promptkd_objective,
     settings=settings,
     sections=("promptkd",),
+    schema=PromptKDLoss,
     teacher="logits",
     anchors="learned",
     reads_labels=False,

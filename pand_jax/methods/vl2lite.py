@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 from flax import nnx
+from pydantic import Field
 
-from pand_jax import losses
+from pand_jax import config, losses
 from pand_jax.methods.base import Inputs, Method
 
 # `loss.vl2lite.txt_reduction`: "auto" is PAND's batch-mean text KL with learned anchors and
 # VL2Lite's half of it with template ones (the released code's two paths); resolved in
 # `settings`, the one place that reads it.
-TXT_REDUCTION_CHOICES = ("auto", *losses.TXT_REDUCTIONS)
+AUTO = "auto"
+
+
+class VL2LiteLoss(config.Schema):
+    tau: float = Field(gt=0)
+    cls_offset: float = Field(ge=0, le=1)
+    txt_reduction: Literal[(AUTO, *losses.TXT_REDUCTIONS)]
 
 
 class AlignMLP(nnx.Module):
@@ -52,13 +61,13 @@ def vl2lite_objective(x: Inputs, *, num_epochs, tau, scale, cls_offset, reductio
         x.features,
         t_hat,
         x.anchors,
-        x.heads["align_image"](t_hat),
-        x.heads["align_text"](x.anchors),
-        x.labels,
-        x.logits,
-        tau,
-        reduction,
-        scale,
+        align_image=x.heads["align_image"](t_hat),
+        align_text=x.heads["align_text"](x.anchors),
+        labels=x.labels,
+        student_logits=x.logits,
+        temperature=tau,
+        reduction=reduction,
+        scale=scale,
     )
     w_cls, w_vis, w_txt = losses.loss_weights(x.epoch, num_epochs, cls_offset)
     total = w_cls * cls + w_vis * vis + w_txt * txt
@@ -68,8 +77,8 @@ def vl2lite_objective(x: Inputs, *, num_epochs, tau, scale, cls_offset, reductio
 def settings(loss, num_epochs: int, learned: bool, dataset: str) -> dict:
     v = loss["vl2lite"]
     reduction = v["txt_reduction"]
-    if reduction == "auto":
-        reduction = "pand" if learned else "vl2lite"
+    if reduction == AUTO:
+        reduction = "batch_mean" if learned else "half_batch_mean"
     return dict(
         num_epochs=num_epochs,
         tau=v["tau"],
@@ -85,6 +94,7 @@ VL2LITE = Method(
     objective=vl2lite_objective,
     settings=settings,
     sections=("vl2lite",),
+    schema=VL2LiteLoss,
     teacher="embedding",
     anchors="template",
     reads_labels=True,

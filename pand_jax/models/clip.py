@@ -103,7 +103,8 @@ class CLIP(nnx.Module):
         return self.text.embed_tokens(tokens)
 
     def encode_text_embeds(self, token_embeddings: jax.Array, eot_index: jax.Array) -> jax.Array:
-        """[B, L, width] input embeddings, [B] EOT positions -> [B, embed_dim]. L may be cut short."""
+        """[B, L, width] input embeddings, [B] EOT positions -> [B, embed_dim]. L may be cut
+        short."""
         return self.text.encode_embeds(token_embeddings, eot_index)
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> jax.Array:

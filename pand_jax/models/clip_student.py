@@ -58,6 +58,7 @@ class TextContext(nnx.Module):
         prefix: jax.Array,
         suffix: jax.Array,
         eot_index: jax.Array,
+        *,
         scale: float,
         context: jax.Array,
     ):
@@ -257,7 +258,7 @@ def from_clip(
     (all None) an anchor head the method sets."""
     scale = float(jnp.exp(clip.logit_scale[...]))
     context, negative = (
-        None if p is None else TextContext(*p[:3], scale, p[3])
+        None if p is None else TextContext(*p[:3], scale=scale, context=p[3])
         for p in (text_prompts, negative_prompts)
     )
     model = CLIPStudent(

@@ -78,7 +78,7 @@ ONEDNN_MIN_MACS = 5e8
 ONEDNN_MIN_DEPTHWISE_MAP = 28 * 28
 
 
-def _onednn_pays(rhs_shape, batch, out_positions, groups, strides) -> bool:
+def _onednn_pays(rhs_shape, batch, out_positions, *, groups, strides) -> bool:
     """For an HWIO kernel of `rhs_shape` onto `out_positions` outputs per image."""
     if groups > 1:
         return out_positions >= ONEDNN_MIN_DEPTHWISE_MAP
@@ -104,72 +104,64 @@ def conv_general_dilated(
     out_sharding=None,
 ):
     """Drop-in for `jax.lax.conv_general_dilated` (same arguments, same result)."""
-
-    def native(lhs, rhs):
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            batch_group_count,
-            precision,
-            preferred_element_type,
-            out_sharding=out_sharding,
-        )
-
+    native = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding,
+    )
     if _xla_forced() or not _cpu_form_applies(
         lhs,
         rhs,
         padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-        out_sharding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        out_sharding=out_sharding,
     ):
         return native(lhs, rhs)
+    return _cpu_or_native(
+        lhs,
+        rhs,
+        native,
+        strides=window_strides,
+        padding=padding,
+        groups=feature_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def _cpu_or_native(
+    lhs, rhs, native, *, strides, padding, groups, precision, preferred_element_type
+):
+    """On the CPU, oneDNN or a jnp form where XLA's kernel is slow; `native` everywhere else."""
     pads = (
-        lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
+        lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)
         if isinstance(padding, str)
         else padding
     )
-    out_positions = math.prod(_out_shape(lhs.shape, rhs.shape[:-2], window_strides, pads))
-    # oneDNN only where this process computes on the CPU: a GPU host never builds it.
-    use_onednn = (
-        lhs.ndim == 4
-        and jax.default_backend() == "cpu"
-        and (
-            onednn.forced()
-            or _onednn_pays(
-                rhs.shape, lhs.shape[0], out_positions, feature_group_count, window_strides
-            )
-        )
-        and onednn.enabled()
-    )
-    if (
-        not use_onednn
-        and feature_group_count == 1
-        and not _dense_takes_matmul(rhs.shape[:-2], window_strides, out_positions, lhs.shape[-1])
-    ):
+    use_onednn = _cpu_route(lhs.shape, rhs.shape, strides, pads, groups=groups)
+    if use_onednn is None:
         return native(lhs, rhs)
-
-    def cpu(lhs, rhs):
-        return _cpu_conv(
-            lhs,
-            rhs,
-            tuple(window_strides),
-            tuple(map(tuple, pads)),
-            precision,
-            preferred_element_type,
-            feature_group_count,
-            use_onednn,
-        )
-
+    cpu = functools.partial(
+        _cpu_conv,
+        strides=tuple(strides),
+        pads=tuple(map(tuple, pads)),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        groups=groups,
+        use_onednn=use_onednn,
+    )
     # Chosen per platform when the computation is lowered, not by a Python check of
     # jax.default_backend() while tracing: the platform XLA compiles for is what matters (a CPU
     # computation on a GPU host, or an exported function, gets the right branch), and only the
@@ -177,6 +169,28 @@ def conv_general_dilated(
     # (under grad each branch returns zeros for the other's residuals; the conditional's index
     # is a constant after lowering, so XLA inlines the branch and drops them).
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=native)
+
+
+def _cpu_route(lhs_shape, rhs_shape, strides, pads, *, groups) -> bool | None:
+    """On the CPU: oneDNN (True), a jnp form (False), or None where XLA's kernel is faster."""
+    out_positions = math.prod(_out_shape(lhs_shape, rhs_shape[:-2], strides, pads))
+    # oneDNN only where this process computes on the CPU: a GPU host never builds it.
+    use_onednn = (
+        len(lhs_shape) == 4
+        and jax.default_backend() == "cpu"
+        and (
+            onednn.forced()
+            or _onednn_pays(rhs_shape, lhs_shape[0], out_positions, groups=groups, strides=strides)
+        )
+        and onednn.enabled()
+    )
+    if (
+        not use_onednn
+        and groups == 1
+        and not _dense_takes_matmul(rhs_shape[:-2], strides, out_positions, lhs_shape[-1])
+    ):
+        return None
+    return use_onednn
 
 
 XLA_SWITCH = "PAND_NATIVE_CONV"
@@ -199,6 +213,7 @@ def _cpu_form_applies(
     lhs,
     rhs,
     padding,
+    *,
     lhs_dilation,
     rhs_dilation,
     dimension_numbers,
@@ -221,14 +236,14 @@ def _cpu_form_applies(
     )
 
 
-def _cpu_conv(x, w, strides, pads, precision, preferred_element_type, groups, use_onednn):
+def _cpu_conv(x, w, strides, pads, *, precision, preferred_element_type, groups, use_onednn):
     out_dtype = preferred_element_type or jnp.result_type(x, w)
     # Everything in fp32 at least (XLA:CPU computes bf16 convs in fp32 too): the gradient w.r.t.
     # the input sums one term per tap, which bf16 would round at every add.
     acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
     x, w = x.astype(acc_dtype), w.astype(acc_dtype)
     if use_onednn and acc_dtype == jnp.float32:
-        y = onednn.conv(x, w, strides, pads, groups)
+        y = onednn.conv(x, w, strides, pads, groups=groups)
     elif (
         all(k == 1 for k in w.shape[:-2])
         and all(st == 1 for st in strides)

@@ -78,8 +78,8 @@ class Stage(nnx.Module):
         dim: int,
         depth: int,
         eps: float,
-        downsample: bool,
         *,
+        downsample: bool,
         dtype,
         rngs: nnx.Rngs,
     ):

@@ -160,7 +160,7 @@ class Sequential(nnx.List):
 
 
 def conv(
-    in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *, dtype, rngs: nnx.Rngs
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, groups: int = 1, dtype, rngs: nnx.Rngs
 ) -> nnx.Conv:
     """Bias-free conv with PyTorch's symmetric padding (k - 1) // 2; Flax "SAME" pads stride-2
     convs asymmetrically and would shift every feature map by half a pixel."""

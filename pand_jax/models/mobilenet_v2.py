@@ -28,12 +28,12 @@ LAST_CHANNELS = 1280
 
 
 def conv_bn_relu6(
-    in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *, dtype, rngs: nnx.Rngs
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, groups: int = 1, dtype, rngs: nnx.Rngs
 ) -> Sequential:
     """torchvision's Conv2dNormActivation: indices 0 (conv), 1 (bn), 2 (ReLU6, no parameters)."""
     return Sequential(
         [
-            conv(in_ch, out_ch, kernel, stride, groups, dtype=dtype, rngs=rngs),
+            conv(in_ch, out_ch, kernel, stride, groups=groups, dtype=dtype, rngs=rngs),
             BatchNorm(out_ch),
             jax.nn.relu6,
         ]

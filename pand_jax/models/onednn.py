@@ -156,14 +156,14 @@ def _build() -> pathlib.Path:
     return target
 
 
-def conv(x, w, strides, pads, groups):
+def conv(x, w, strides, pads, *, groups):
     """`lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
     feature_group_count=groups)` for fp32 x [N, H, W, C], w [KH, KW, C / groups, O] and explicit
     (lo, hi) padding, computed by oneDNN. Needs `enabled()`."""
     return _conv(x, w, tuple(strides), tuple(map(tuple, pads)), groups)
 
 
-def _call(pass_, shape, a, b, strides, pads, groups):
+def _call(pass_, shape, a, b, *, strides, pads, groups):
     return jax.ffi.ffi_call(
         _TARGETS[pass_], jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential"
     )(
@@ -181,7 +181,8 @@ def _conv(x, w, strides, pads, groups):
         (n + lo + hi - k) // s + 1
         for n, k, s, (lo, hi) in zip(x.shape[1:3], w.shape[:2], strides, pads)
     ]
-    return _call("forward", (x.shape[0], *out, w.shape[-1]), x, w, strides, pads, groups)
+    shape = (x.shape[0], *out, w.shape[-1])
+    return _call("forward", shape, x, w, strides=strides, pads=pads, groups=groups)
 
 
 def _conv_fwd(x, w, strides, pads, groups):
@@ -191,8 +192,8 @@ def _conv_fwd(x, w, strides, pads, groups):
 def _conv_bwd(strides, pads, groups, residuals, dy):
     x, w = residuals
     return (
-        _call("input_grad", x.shape, dy, w, strides, pads, groups),
-        _call("weight_grad", w.shape, x, dy, strides, pads, groups),
+        _call("input_grad", x.shape, dy, w, strides=strides, pads=pads, groups=groups),
+        _call("weight_grad", w.shape, x, dy, strides=strides, pads=pads, groups=groups),
     )
 
 

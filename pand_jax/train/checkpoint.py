@@ -184,7 +184,7 @@ class Checkpointer:
                 self.directory,
                 size,
                 f"checkpoint {step} in",
-                f"free space there and run the same command again to {then}",
+                fix=f"free space there and run the same command again to {then}",
                 needs="a checkpoint",
             ) from None
 

@@ -73,7 +73,7 @@ def train_teacher(t: dict, out: pathlib.Path) -> float:
     opt_state = tx.init(params)
 
     @jax.jit
-    def step(params, opt_state, images, labels, caption):
+    def step(params, opt_state, images, labels, *, caption):
         def loss_fn(params):
             m = nnx.merge(graphdef, params, copy=True)
             img = m.encode_image(augment.normalize(images))
@@ -89,7 +89,7 @@ def train_teacher(t: dict, out: pathlib.Path) -> float:
     for _ in bar:
         idx = rng.choice(len(labels), t["batch_size"], replace=False)
         params, opt_state, loss = step(
-            params, opt_state, images[idx], labels[idx], rng.integers(len(captions))
+            params, opt_state, images[idx], labels[idx], caption=rng.integers(len(captions))
         )
         bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     clip = nnx.merge(graphdef, params)

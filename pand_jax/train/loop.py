@@ -3,14 +3,9 @@ and checkpoint every epoch, a checkpoint on SIGTERM/Ctrl-C, best-epoch tracking,
 and a stop at the first step whose loss terms or gradient norm are not finite.
 
 A stage supplies a `Task`: how many steps an epoch has, its batches from any (epoch, step),
-a jitted train step, an evaluation, and what to export when the score improves.
-
-Test-only hook: with PAND_TEST_SIGNAL_AT=NAME:EPOCH:STEP[:PROCESS] in the environment (for
-example SIGTERM:1:0:1), the loop raises signal NAME in itself just before it runs step STEP
-(counted from 0) of epoch EPOCH (counted from 1), in process PROCESS only if one is given, so
-the tests' preemptions and kills land at a known step instead of wherever a timer or a poll of
-the output happened to put them. A SIGKILL waits for the checkpoint being written first (it
-models a kill after that checkpoint landed). Nothing else reads it; runs never set it.
+a jitted train step, an evaluation, and what to export when the score improves. `BEFORE_STEP`
+holds callables run before every training step (profilers; tests that stop a run at a known
+step append to it).
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import pathlib
 import signal
 import time
@@ -29,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from pand_jax.config import write_json
+from pand_jax.files import write_json
 from pand_jax.progress import progress_bar
 from pand_jax.train.checkpoint import Checkpointer
 from pand_jax.train.metrics import MetricsWriter
@@ -111,6 +105,32 @@ class _StopRequest:
             signal.signal(s, handler)
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands and what it has scored; saved with every checkpoint."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # steps done of the epoch after them
+    best_top1: float | None = None
+    best_select: float = -1.0  # the selection score of the best epoch so far
+    best_epoch: int | None = None  # counted from 1
+    last_top1: float | None = None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0  # timed steps (each session's first, compiling, is not)
+    train_images: int = 0  # the images of the timed steps
+    wall_seconds: float | None = None  # the epochs' wall time, compilation and evaluation too
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Progress:
+        """From a checkpoint's JSON (an older one may lack the fields added since)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in names})
+
+
+# Run before every training step as hook(epoch from 1, step from 0, the run's Checkpointer).
+BEFORE_STEP: list[Callable[[int, int, Checkpointer], None]] = []
+
+
 def fit(
     task: Task,
     state: Any,
@@ -123,45 +143,30 @@ def fit(
     """Runs (or resumes) `epochs` epochs; returns the summary also written to summary.json."""
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(workdir / "checkpoints", checkpoints_to_keep)
-    pos = {
-        "epoch": 0,
-        "step": 0,
-        "best_top1": None,
-        "best_select": -1.0,
-        "best_epoch": None,
-        "last_top1": None,
-        "history": [],
-        "train_seconds": 0.0,
-        "train_images": 0,
-    }
+    progress = Progress()
     restored = ckpt.restore_newest_good(state)
     if restored is not None:
-        state, pos = restored
+        state, progress = restored[0], Progress.from_meta(restored[1])
         if is_main:
             print(
-                f"[{task.name}] resuming from {workdir} at epoch {pos['epoch']}, "
-                f"step {pos['step']}",
+                f"[{task.name}] resuming from {workdir} at epoch {progress.epoch}, "
+                f"step {progress.step}",
                 flush=True,
             )
-    metrics = MetricsWriter(
-        workdir, pos["epoch"] * task.steps_per_epoch + pos["step"], pos["epoch"]
-    )
-    stop = _StopRequest()
+    run = _Run(task, epochs, workdir=workdir, ckpt=ckpt, progress=progress)
     try:
-        state = _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main)
+        state = run.epochs(state)
     finally:
-        stop.restore()
-        metrics.close()
-        ckpt.close()
+        run.close()
     summary = {
         "stage": task.name,
         "epochs": epochs,
-        "best_top1": pos["best_top1"],
-        "best_epoch": pos["best_epoch"],
-        "last_top1": pos["last_top1"],
-        "images_per_second": pos["train_images"] / max(pos["train_seconds"], 1e-9),
-        "train_seconds": pos["train_seconds"],
-        "wall_seconds": pos.get("wall_seconds"),
+        "best_top1": progress.best_top1,
+        "best_epoch": progress.best_epoch,
+        "last_top1": progress.last_top1,
+        "images_per_second": progress.train_images / max(progress.train_seconds, 1e-9),
+        "train_seconds": progress.train_seconds,
+        "wall_seconds": progress.wall_seconds,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "global_batch_size": task.global_batch_size,
@@ -172,130 +177,150 @@ def fit(
     return summary
 
 
-TEST_SIGNAL = "PAND_TEST_SIGNAL_AT"
+class _Run:
+    """One session of `fit`: the epochs from `progress` on, with their metrics, checkpoints
+    and stop requests."""
 
+    def __init__(
+        self,
+        task: Task,
+        epochs: int,
+        *,
+        workdir: pathlib.Path,
+        ckpt: Checkpointer,
+        progress: Progress,
+    ):
+        self.task, self.num_epochs, self.ckpt, self.progress = task, epochs, ckpt, progress
+        self.is_main = jax.process_index() == 0
+        done_steps = progress.epoch * task.steps_per_epoch + progress.step
+        self.metrics = MetricsWriter(workdir, done_steps, progress.epoch)
+        self.stop = _StopRequest()
 
-def _test_signal() -> tuple[signal.Signals, int, int] | None:
-    """(signal, epoch from 1, step from 0) of the test-only hook for this process, or None."""
-    spec = os.environ.get(TEST_SIGNAL)
-    if not spec:
-        return None
-    try:
-        name, epoch, step, *process = spec.split(":")
-        signum, epoch, step = signal.Signals[name], int(epoch), int(step)
-        (process,) = [int(p) for p in process] or [jax.process_index()]
-    except (KeyError, ValueError) as e:
-        raise ValueError(
-            f"{TEST_SIGNAL}={spec!r}: expected NAME:EPOCH:STEP[:PROCESS], for example SIGTERM:1:0"
-        ) from e
-    if process != jax.process_index():
-        return None
-    return signum, epoch, step
+    def close(self) -> None:
+        self.stop.restore()
+        self.metrics.close()
+        self.ckpt.close()
 
+    def epochs(self, state: Any) -> Any:
+        task, progress = self.task, self.progress
+        if self.is_main and progress.epoch < self.num_epochs:
+            # XLA compiles at the first step: 30 s of silence
+            print(
+                f"[{task.name}] compiling the training step (first step; ~30 s on a CPU)...",
+                flush=True,
+            )
+        while progress.epoch < self.num_epochs:
+            epoch_start = time.perf_counter()
+            state, stopping = self._train_epoch(state)
+            # An epoch whose steps are done is evaluated, unless a stop comes first: then its
+            # checkpoint holds the position (epoch, last step), and the rerun evaluates it.
+            if progress.step == task.steps_per_epoch and not self.stop.pending():
+                self._evaluate(state)
+            # Wall time of the epochs, compilation and evaluation included, summed over sessions.
+            progress.wall_seconds = (progress.wall_seconds or 0.0) + (
+                time.perf_counter() - epoch_start
+            )
+            self.ckpt.save(
+                progress.epoch * task.steps_per_epoch + progress.step,
+                state,
+                dataclasses.asdict(progress),
+            )
+            if (stopping or self.stop.pending()) and progress.epoch < self.num_epochs:
+                self.ckpt.wait()
+                before = " (before its evaluation)" if progress.step == task.steps_per_epoch else ""
+                raise SystemExit(
+                    f"[{task.name}] stopped at epoch {progress.epoch + 1}, step {progress.step}"
+                    f"{before}; checkpoint saved. Run the same command again to resume."
+                )
+        return state
 
-def _run_epochs(task, state, pos, epochs, ckpt, metrics, stop, is_main):
-    spe = task.steps_per_epoch
-    test_signal = _test_signal()
-    if is_main and pos["epoch"] < epochs:  # XLA compiles at the first step: 30 s of silence
-        print(
-            f"[{task.name}] compiling the training step (first step; ~30 s on a CPU)...", flush=True
-        )
-    while pos["epoch"] < epochs:
-        epoch, start = pos["epoch"], pos["step"]
+    def _train_epoch(self, state: Any) -> tuple[Any, bool]:
+        """The steps of the epoch from `progress.step` on; (state, whether a stop ended it)."""
+        task, progress = self.task, self.progress
+        epoch, steps = progress.epoch, task.steps_per_epoch
         bar = progress_bar(
-            total=spe, initial=start, desc=f"{task.name} epoch {epoch + 1}/{epochs}", unit="step"
+            total=steps,
+            initial=progress.step,
+            desc=f"{task.name} epoch {epoch + 1}/{self.num_epochs}",
+            unit="step",
         )
         pending = None  # (step, device metrics): read one step late, so the host never waits
         t0, timed_images, stopping = None, 0, False
-        epoch_start = time.perf_counter()
-        for step, batch in enumerate(task.batches(epoch, start), start):
-            if test_signal is not None and test_signal[1:] == (epoch + 1, step):
-                if test_signal[0] == signal.SIGKILL:
-                    ckpt.wait()
-                signal.raise_signal(test_signal[0])
+        for step, batch in enumerate(task.batches(epoch, progress.step), progress.step):
+            for hook in BEFORE_STEP:
+                hook(epoch + 1, step, self.ckpt)
             state, out = task.train_step(state, batch, epoch)
             if pending is not None:
-                _log_step(task, metrics, bar, *pending)
-            pending = (epoch * spe + step, out)
+                self._log_step(bar, *pending)
+            pending = (epoch * steps + step, out)
             if t0 is None:  # the first step of a session includes compilation: not timed
                 jax.block_until_ready(out)
                 t0 = time.perf_counter()
             else:
                 timed_images += task.global_batch_size
             bar.update(1)
-            pos["step"] = step + 1
-            if stop.after(epoch * spe + step):
+            progress.step = step + 1
+            if self.stop.after(epoch * steps + step):
                 stopping = True
                 break
         if pending is not None:
-            _log_step(task, metrics, bar, *pending)
+            self._log_step(bar, *pending)
         jax.block_until_ready(state)
         if t0 is not None and timed_images:
-            pos["train_seconds"] += time.perf_counter() - t0
-            pos["train_images"] += timed_images
+            progress.train_seconds += time.perf_counter() - t0
+            progress.train_images += timed_images
         bar.close()
-        # An epoch whose steps are done is evaluated, unless a stop comes first: then its
-        # checkpoint holds the position (epoch, last step), and the rerun evaluates it.
-        if pos["step"] == spe and not stop.pending():
-            try:
-                with stop.interruptible():
-                    scores = task.evaluate(state)
-            except _EvaluationStopped:
-                pass
-            else:
-                _end_epoch(task, state, pos, epoch, scores, metrics, is_main)
-        # Wall time of the epochs, compilation and evaluation included, summed over sessions.
-        pos["wall_seconds"] = pos.get("wall_seconds", 0.0) + time.perf_counter() - epoch_start
-        ckpt.save(pos["epoch"] * spe + pos["step"], state, pos)
-        if (stopping or stop.pending()) and pos["epoch"] < epochs:
-            ckpt.wait()
-            before = " (before its evaluation)" if pos["step"] == spe else ""
-            raise SystemExit(
-                f"[{task.name}] stopped at epoch {pos['epoch'] + 1}, step {pos['step']}{before}; "
-                "checkpoint saved. Run the same command again to resume."
+        return state, stopping
+
+    def _evaluate(self, state: Any) -> None:
+        try:
+            with self.stop.interruptible():
+                scores = self.task.evaluate(state)
+        except _EvaluationStopped:
+            return
+        self._end_epoch(state, scores)
+
+    def _log_step(self, bar, step: int, out) -> None:
+        """Writes step `step`'s metrics and stops the run when one is not finite. The step after
+        it has already been dispatched from its (bad) state, but no checkpoint is written before
+        every step's metrics have passed through here."""
+        values = {k: float(np.asarray(v)) for k, v in out.items()}
+        self.metrics.write("step", step, values)
+        bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+            epoch = step // self.task.steps_per_epoch + 1
+            raise NonFiniteError(
+                f"[{self.task.name}] non-finite values at step {step} (epoch {epoch}): {terms}. "
+                "Stopped without saving that state; the last checkpoint holds the last good one. "
+                "Lower optimizer.lr or set optimizer.grad_clip, then run again."
             )
-    return state
+
+    def _end_epoch(self, state, scores: dict[str, Any]) -> None:
+        """Records an evaluated epoch, and exports its state when it is the best so far."""
+        task, progress = self.task, self.progress
+        scores = {k: _jsonable(v) for k, v in scores.items()}
+        epoch = progress.epoch + 1  # counted from 1
+        progress.last_top1 = scores["top1"]
+        if scores["select"] > progress.best_select:
+            progress.best_select, progress.best_top1 = scores["select"], scores["top1"]
+            progress.best_epoch = epoch
+            task.export_best(state, scores)
+        progress.history.append({"epoch": epoch, **scores})
+        progress.epoch, progress.step = epoch, 0
+        self.metrics.write(
+            "epoch",
+            epoch * task.steps_per_epoch,
+            {"epoch": epoch, **scores, "best_top1": progress.best_top1},
+        )
+        if self.is_main:
+            print(
+                f"[{task.name}] epoch {epoch}: top1 {100 * scores['top1']:.2f}% "
+                f"(best {100 * progress.best_top1:.2f}% at epoch {progress.best_epoch})",
+                flush=True,
+            )
 
 
 class NonFiniteError(RuntimeError):
     """A loss term or the gradient norm of a step is NaN or infinite."""
-
-
-def _log_step(task, metrics, bar, step, out):
-    """Writes step `step`'s metrics and stops the run when one is not finite. The step after
-    it has already been dispatched from its (bad) state, but no checkpoint is written before
-    every step's metrics have passed through here."""
-    values = {k: float(np.asarray(v)) for k, v in out.items()}
-    metrics.write("step", step, values)
-    bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-        epoch = step // task.steps_per_epoch + 1
-        raise NonFiniteError(
-            f"[{task.name}] non-finite values at step {step} (epoch {epoch}): {terms}. Stopped "
-            "without saving that state; the last checkpoint holds the last good one. Lower "
-            "optimizer.lr or set optimizer.grad_clip, then run again."
-        )
-
-
-def _end_epoch(task, state, pos, epoch, scores, metrics, is_main):
-    scores = {k: _jsonable(v) for k, v in scores.items()}
-    pos["last_top1"] = scores["top1"]
-    improved = scores["select"] > pos["best_select"]
-    if improved:
-        pos.update(best_select=scores["select"], best_top1=scores["top1"], best_epoch=epoch + 1)
-        task.export_best(state, scores)
-    pos["history"].append({"epoch": epoch + 1, **scores})
-    pos["epoch"], pos["step"] = epoch + 1, 0
-    metrics.write(
-        "epoch",
-        (epoch + 1) * task.steps_per_epoch,
-        {"epoch": epoch + 1, **scores, "best_top1": pos["best_top1"]},
-    )
-    if is_main:
-        print(
-            f"[{task.name}] epoch {epoch + 1}: top1 {100 * scores['top1']:.2f}% "
-            f"(best {100 * pos['best_top1']:.2f}% at epoch {pos['best_epoch']})",
-            flush=True,
-        )

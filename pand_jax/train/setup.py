@@ -45,6 +45,7 @@ def claim_workdir(
     cfg: dict[str, Any],
     info,
     skipped,
+    *,
     unlabeled: folder.Unlabeled | None = None,
 ) -> None:
     """Once every check of the run has passed: the workdir is created, locked for this run, and
@@ -101,10 +102,10 @@ def open_dataset(info, cfg: dict[str, Any], unlabeled: int = 0):
         skipped = sources.check_folder(
             info,
             cfg["data_dir"],
-            cfg["skip_bad_images"],
-            train_split(info, cfg),
-            cfg["batch_size"],
-            unlabeled,
+            skip_bad_images=cfg["skip_bad_images"],
+            train_split=train_split(info, cfg),
+            batch_size=cfg["batch_size"],
+            unlabeled=unlabeled,
         )
     return info, skipped
 
@@ -112,7 +113,7 @@ def open_dataset(info, cfg: dict[str, Any], unlabeled: int = 0):
 def open_unlabeled(cfg: dict[str, Any]):
     """(`--unlabeled-data`'s images or None, the (path, reason) of those left out), every image
     decoded once; unreadable ones are refused unless --skip-bad-images."""
-    if not cfg["unlabeled_data"]:
+    if not cfg.get("unlabeled_data"):  # Stage-PSC has no such key
         return None, []
     unlabeled = folder.unlabeled_images(cfg["unlabeled_data"])
     return unlabeled, folder.check_unlabeled(unlabeled, cfg["skip_bad_images"])
@@ -212,12 +213,13 @@ def eval_loader(
     info,
     split: str,
     cfg: dict[str, Any],
+    *,
     size: int,
     resize: str,
     batch: int,
-    mesh,
     cache_dir: pathlib.Path | None = None,
 ):
+    """A split in order, every example once (the last batch padded)."""
     return pipeline.Loader(
         load_split(info, split, cfg),
         global_batch_size=batch,

@@ -7,7 +7,7 @@ indices and fp16 values of the teacher's class probabilities over the anchors
 Augmentation is a pure function of (seed, example index, view) (`augment.example_keys`), so
 the trainer can regenerate on device exactly the view whose teacher outputs it reads here:
 
-    cache = build(clip, source, views=V, ...)        # memory-mapped [N, V, ...] arrays
+    cache = build(clip, source, Spec(views=V, ...), ...)  # memory-mapped [N, V, ...]
     view = views_for_epoch(seed, epoch, N, V)[index]  # per example of a batch
     batch.update(cache.lookup(index, view))           # host gather: {"teacher": [B, D]}, or
                                                       # {"teacher_index", "teacher_value": [B, K]}
@@ -28,6 +28,7 @@ and all processes then read the same file, so `path` must be on a filesystem eve
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -44,9 +45,9 @@ from jax.experimental import multihost_utils
 
 from pand_jax import files
 from pand_jax import soft_labels as soft_labels_lib
-from pand_jax.config import write_json
 from pand_jax.data import augment, pipeline
 from pand_jax.devices import place_frozen, replicate, to_global
+from pand_jax.files import write_json
 from pand_jax.progress import progress_bar
 from pand_jax.train import features
 
@@ -94,25 +95,6 @@ class Cache:
         embedding cache) or {"teacher_index": [B, K], "teacher_value": [B, K] float16}."""
         return {name: np.asarray(a[index, view]) for name, a in self.arrays.items()}
 
-    # An embedding cache also reads as its [N, V, D] array, as it did before sparse labels.
-    @property
-    def embeddings(self) -> np.ndarray:
-        if "teacher" not in self.arrays:
-            raise TypeError(
-                "this teacher cache holds sparse soft labels, not embeddings: read it with lookup()"
-            )
-        return self.arrays["teacher"]
-
-    @property
-    def shape(self) -> tuple:
-        return self.embeddings.shape
-
-    def __getitem__(self, key) -> np.ndarray:
-        return self.embeddings[key]
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return np.asarray(self.embeddings, dtype)
-
 
 def views_for_epoch(seed: int, epoch: int, num_examples: int, views: int) -> np.ndarray:
     """int32 [N]: the cached view each example uses in `epoch`, uniform over [0, views)."""
@@ -122,110 +104,95 @@ def views_for_epoch(seed: int, epoch: int, num_examples: int, views: int) -> np.
     return rng.integers(0, views, num_examples, dtype=np.int32)
 
 
-def cache_key(
-    key: dict[str, Any],
-    source,
-    *,
-    views: int,
-    seed: int,
-    recipe: str,
-    host_image_size: int,
-    image_size: int,
-    compute_dtype,
-    dtype: str,
-    soft_labels: soft_labels_lib.SoftLabels | None = None,
-) -> dict[str, Any]:
-    """Everything the cached outputs depend on, in one place: the caller's `key` (teacher id,
-    dataset, split, data_dir), the source's name (it follows an image folder's files and which
-    copy is read) and size, the view settings, the teacher's compute dtype, the storage dtype
-    (float16 for soft labels), the soft labels' kind, K, scale, temperature and anchors (by
-    digest), the augmentation code and this module's layout version."""
-    sparse = None
-    if soft_labels is not None:
-        anchors = np.ascontiguousarray(soft_labels.anchors, np.float32)
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What the cache holds, and everything its outputs depend on besides the images and the
+    teacher's weights: where the images come from, the views, the teacher's compute dtype, the
+    storage dtype and the soft labels. `cache_key` turns it into the cache's key."""
+
+    teacher: str  # the teacher's id
+    dataset: str
+    split: str
+    data_dir: str
+    views: int
+    seed: int
+    recipe: str  # the augmentation recipe
+    host_image_size: int
+    image_size: int
+    compute_dtype: str  # the teacher's, e.g. "bfloat16"
+    dtype: str  # the embeddings' storage dtype, a DTYPES name (soft labels are float16)
+    soft_labels: soft_labels_lib.SoftLabels | None = None  # None: embeddings
+
+
+def cache_key(spec: Spec, source) -> dict[str, Any]:
+    """Everything the cached outputs depend on, in one place: the spec, the source's name (it
+    follows an image folder's files and which copy is read) and size, the soft labels' kind, K,
+    scale, temperature and anchors (by digest), the augmentation code and this module's layout
+    version."""
+    sparse, soft = None, spec.soft_labels
+    if soft is not None:
+        anchors = np.ascontiguousarray(soft.anchors, np.float32)
         sparse = dict(
-            kind=soft_labels.kind,
-            k=soft_labels.k,
-            scale=float(soft_labels.scale),
-            temperature=float(soft_labels.temperature),
+            kind=soft.kind,
+            k=soft.k,
+            scale=float(soft.scale),
+            temperature=float(soft.temperature),
             anchors_shape=list(anchors.shape),
             anchors=hashlib.blake2b(anchors, digest_size=16).hexdigest(),
         )
     return dict(
-        key,
+        dataclasses.asdict(spec),
         source=getattr(source, "name", None),
         num_examples=len(source),
-        views=views,
-        seed=seed,
-        recipe=recipe,
-        host_image_size=host_image_size,
-        image_size=image_size,
-        compute_dtype=jnp.dtype(compute_dtype).name,
-        dtype=dtype if soft_labels is None else "float16",
+        dtype=spec.dtype if soft is None else "float16",
         soft_labels=sparse,
         augment=AUGMENT_DIGEST,
         version=VERSION,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Build:
+    """One build: the chunks to compute (`fresh`: into new files), and where and how."""
+
+    chunks: list[int]
+    fresh: bool
+    batch_size: int
+    mesh: Any
+    teacher_sharding: str
+    path: pathlib.Path
+    meta: dict[str, Any]
+    fields: tuple
+
+
 def build(
     clip,
     source,
+    spec: Spec,
     *,
-    views: int,
-    seed: int,
-    recipe: str,
-    host_image_size: int,
-    image_size: int,
     batch_size: int,
     mesh,
     teacher_sharding: str,
     path: pathlib.Path,
-    key: dict[str, Any],
-    compute_dtype,
-    dtype: str,
-    soft_labels: soft_labels_lib.SoftLabels | None = None,
 ) -> Cache:
     """The cache of `clip.encode_image` (unnormalised) on view v of example i,
     `augment.augment(host image, example_keys(seed, i, v), recipe, image_size)`, for every
     example of `source` (index = position) and view; built or reused (module docstring).
-    Without `soft_labels` it stores those embeddings [N, V, D]; with them, per view
+    Without `spec.soft_labels` it stores those embeddings [N, V, D]; with them, per view
     `soft_labels.sparsify(soft_labels.probabilities(embedding, anchors, scale, temperature), K)`,
     indices and values [N, V, K] (a K outside [1, C) is one ValueError).
-
-    `key` names what the caller knows the outputs depend on (teacher id, dataset, split,
-    data_dir); `cache_key` adds the rest. `compute_dtype` is the teacher's (`clip` runs in it),
-    `dtype` the embeddings' storage dtype, a DTYPES name.
     """
-    if views < 1:
-        raise ValueError(f"the teacher cache needs views >= 1, got {views}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {list(DTYPES)}")
-    if soft_labels is not None:
-        soft_labels_lib.check(soft_labels.kind, soft_labels.k, len(soft_labels.anchors))
+    _check(spec)
     path = pathlib.Path(path)
-    fields = _fields(dtype, clip.config.embed_dim, soft_labels)
-    full_key = cache_key(
-        key,
-        source,
-        views=views,
-        seed=seed,
-        recipe=recipe,
-        host_image_size=host_image_size,
-        image_size=image_size,
-        compute_dtype=compute_dtype,
-        dtype=dtype,
-        soft_labels=soft_labels,
-    )
-    digest = features.cache_key(**full_key)
+    fields = _fields(spec.dtype, clip.config.embed_dim, spec.soft_labels)
+    full_key = cache_key(spec, source)
     meta = dict(
         key=full_key,
-        digest=digest,
+        digest=features.cache_key(**full_key),
         chunk=batch_size,
-        files={f.file: [len(source), views, f.width, np.dtype(f.disk).name] for f in fields},
+        files={f.file: [len(source), spec.views, f.width, np.dtype(f.disk).name] for f in fields},
     )
     num_chunks = -(-len(source) // batch_size)
-
     reason, done = _inspect(path, meta, fields, num_chunks)
     # Every process has decided before process 0 starts overwriting anything.
     multihost_utils.sync_global_devices("teacher_cache: checked")
@@ -234,28 +201,11 @@ def build(
         if jax.process_index() == 0:
             print(
                 f"{reason}: building the teacher cache, {len(todo)} of {num_chunks} chunks "
-                f"({len(source)} examples x {views} "
-                f"views) to compute in {path}",
+                f"({len(source)} examples x {spec.views} views) to compute in {path}",
                 flush=True,
             )
-        _compute(
-            clip,
-            source,
-            todo,
-            fresh=not done,
-            views=views,
-            seed=seed,
-            recipe=recipe,
-            host_image_size=host_image_size,
-            image_size=image_size,
-            batch_size=batch_size,
-            mesh=mesh,
-            teacher_sharding=teacher_sharding,
-            path=path,
-            meta=meta,
-            fields=fields,
-            soft_labels=soft_labels,
-        )
+        job = _Build(todo, not done, batch_size, mesh, teacher_sharding, path, meta, fields)
+        _compute(clip, source, spec, job)
         multihost_utils.sync_global_devices("teacher_cache: written")
         reason, done = _inspect(path, meta, fields, num_chunks)
         if len(done) != num_chunks:
@@ -265,6 +215,16 @@ def build(
                 "filesystem that all of them share"
             )
     return Cache({f.name: _open(path, f) for f in fields})
+
+
+def _check(spec: Spec) -> None:
+    if spec.views < 1:
+        raise ValueError(f"the teacher cache needs views >= 1, got {spec.views}")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"unknown cache dtype {spec.dtype!r}; expected one of {list(DTYPES)}")
+    if spec.soft_labels is not None:
+        soft = spec.soft_labels
+        soft_labels_lib.check(soft.kind, soft.k, len(soft.anchors))
 
 
 def _inspect(
@@ -351,8 +311,8 @@ def _encode(
     images,
     index,
     view,
-    anchors=None,
     *,
+    anchors=None,
     graphdef,
     seed,
     recipe,
@@ -379,125 +339,120 @@ def _encode(
     return indices.astype(index_dtype), values
 
 
-def _compute(
-    clip,
-    source,
-    chunks: list[int],
-    *,
-    fresh: bool,
-    views,
-    seed,
-    recipe,
-    host_image_size,
-    image_size,
-    batch_size,
-    mesh,
-    teacher_sharding,
-    path,
-    meta,
-    fields,
-    soft_labels,
-) -> None:
-    """Runs the teacher over every (example, view) of `chunks` and writes their rows as they
-    arrive, each chunk's checksum after its rows. `fresh`: new files, else the rows of the
-    other chunks are kept."""
-    is_main = jax.process_index() == 0
+def _compute(clip, source, spec: Spec, job: _Build) -> None:
+    """Runs the teacher over every (example, view) of `job.chunks` and writes their rows as
+    they arrive, each chunk's checksum after its rows. `job.fresh`: new files, else the rows of
+    the other chunks are kept."""
+    encode = _encoder(clip, spec, job)
+    writer = _Writer(job) if jax.process_index() == 0 else None
     loader = pipeline.Loader(
         source,
-        global_batch_size=batch_size,
-        image_size=host_image_size,
+        global_batch_size=job.batch_size,
+        image_size=spec.host_image_size,
         resize="stretch",
         train=False,
-        seed=seed,
+        seed=spec.seed,
     )
+    first, todo = min(job.chunks), set(job.chunks)
+    batches = progress_bar(
+        iterable=loader.epoch(0, first),
+        total=len(job.chunks),
+        unit="batch",
+        desc=f"teacher cache ({spec.views} views)",
+    )
+    pending = None  # one batch in flight: decode and write overlap the device work
+    try:
+        for chunk, batch in zip(range(first, loader.steps_per_epoch), batches):
+            if chunk not in todo:
+                continue
+            batch = to_global(job.mesh, batch)
+            current = (chunk, (encode(batch), batch["index"], batch["mask"]))
+            if pending is not None:
+                _write(writer, *pending)
+            pending = current
+        if pending is not None:
+            _write(writer, *pending)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        write_json(job.path / META, dict(job.meta, complete=True))
 
+
+def _encoder(clip, spec: Spec, job: _Build):
+    """global batch -> what the cache stores of each of its views (`_encode`), on device."""
     graphdef, state = nnx.split(clip)
-    state = place_frozen(mesh, state, teacher_sharding)
-    anchors, sparse = None, None
-    if soft_labels is not None:
-        anchors = replicate(mesh, jnp.asarray(soft_labels.anchors, jnp.float32))
-        sparse = (
-            soft_labels.k,
-            float(soft_labels.scale),
-            float(soft_labels.temperature),
-            np.dtype(fields[0].dtype).name,
-        )
+    state = place_frozen(job.mesh, state, job.teacher_sharding)
+    anchors, sparse, soft = None, None, spec.soft_labels
+    if soft is not None:
+        anchors = replicate(job.mesh, jnp.asarray(soft.anchors, jnp.float32))
+        index_dtype = np.dtype(job.fields[0].dtype).name
+        sparse = (soft.k, float(soft.scale), float(soft.temperature), index_dtype)
     static = dict(
         graphdef=graphdef,
-        seed=seed,
-        recipe=recipe,
-        image_size=image_size,
-        dtype=meta["key"]["dtype"],
+        seed=spec.seed,
+        recipe=spec.recipe,
+        image_size=spec.image_size,
+        dtype=job.meta["key"]["dtype"],
         sparse=sparse,
     )
-    out = sums = None
-    if is_main:
+
+    def encode(batch):
+        return tuple(
+            _encode(state, batch["image"], batch["index"], np.int32(v), anchors=anchors, **static)
+            for v in range(spec.views)
+        )
+
+    return encode
+
+
+def _write(writer: _Writer | None, chunk: int, outputs) -> None:
+    """A chunk's (views' outputs, indices, mask), gathered from every host, to the files."""
+    # process_allgather waits for the device work.
+    per_view, index, mask = multihost_utils.process_allgather(outputs, tiled=True)
+    if writer is not None:
+        writer.write(chunk, per_view, np.asarray(index), np.asarray(mask))
+
+
+class _Writer:
+    """Process 0's side of a build: the memory-mapped files and the checksums it appends."""
+
+    def __init__(self, job: _Build):
+        path, meta = job.path, job.meta
+        self.job = job
         path.mkdir(parents=True, exist_ok=True)
-        if fresh:
+        if job.fresh:
             (path / META).unlink(missing_ok=True)
             # A cache of the other kind in the same directory is stale: free its disk space.
             for name in {EMBEDDINGS, INDICES, VALUES} - set(meta["files"]):
                 (path / name).unlink(missing_ok=True)
-            out = [
-                _allocate(path / f.file, f.disk, tuple(meta["files"][f.file][:3])) for f in fields
+            self.out = [
+                _allocate(path / f.file, f.disk, tuple(meta["files"][f.file][:3]))
+                for f in job.fields
             ]
             write_json(path / META, dict(meta, complete=False))
             recorded = {}
         else:
-            out = [np.load(path / f.file, mmap_mode="r+") for f in fields]
+            self.out = [np.load(path / f.file, mmap_mode="r+") for f in job.fields]
             recorded = _checksums(path)
-        keep = {c: d for c, d in recorded.items() if c not in chunks}
-        sums = open(path / CHECKSUMS, "w")
-        sums.writelines(f"{c} {d}\n" for c, d in sorted(keep.items()))
-        sums.flush()
+        keep = {c: d for c, d in recorded.items() if c not in job.chunks}
+        self.sums = open(path / CHECKSUMS, "w")
+        self.sums.writelines(f"{c} {d}\n" for c, d in sorted(keep.items()))
+        self.sums.flush()
 
-    def write(pending):
-        chunk, (per_view, index, mask) = pending
-        # Gathering every host's rows; process_allgather waits for the device work.
-        per_view, index, mask = multihost_utils.process_allgather(
-            (per_view, index, mask), tiled=True
-        )
-        if out is not None:
-            rows = np.asarray(index)[mask]
-            for j, (f, stored) in enumerate(zip(fields, out)):
-                block = np.stack([np.asarray(v[j]) for v in per_view], axis=1)  # [B, V, width]
-                stored[rows] = block[np.asarray(mask)].view(f.disk)
-                stored.flush()
-            sums.write(f"{chunk} {_chunk_digest(out, chunk, batch_size)}\n")
-            sums.flush()
+    def write(self, chunk: int, per_view, index: np.ndarray, mask: np.ndarray) -> None:
+        rows = index[mask]
+        for j, (f, stored) in enumerate(zip(self.job.fields, self.out)):
+            block = np.stack([np.asarray(v[j]) for v in per_view], axis=1)  # [B, V, width]
+            stored[rows] = block[mask].view(f.disk)
+            stored.flush()
+        self.sums.write(f"{chunk} {_chunk_digest(self.out, chunk, self.job.batch_size)}\n")
+        self.sums.flush()
 
-    todo = set(chunks)
-    pending = None  # one batch in flight: decode and write overlap the device work
-    try:
-        batches = loader.epoch(0, min(chunks))
-        for chunk, batch in zip(
-            range(min(chunks), loader.steps_per_epoch),
-            progress_bar(
-                iterable=batches,
-                total=len(chunks),
-                unit="batch",
-                desc=f"teacher cache ({views} views)",
-            ),
-        ):
-            if chunk not in todo:
-                continue
-            g = to_global(mesh, batch)
-            per_view = tuple(
-                _encode(state, g["image"], g["index"], np.int32(v), anchors, **static)
-                for v in range(views)
-            )
-            if pending is not None:
-                write(pending)
-            pending = (chunk, (per_view, g["index"], g["mask"]))
-        if pending is not None:
-            write(pending)
-    finally:
-        if out is not None:
-            while out:  # flushed, then the map dropped
-                out.pop().flush()
-            sums.close()
-    if is_main:
-        write_json(path / META, dict(meta, complete=True))
+    def close(self) -> None:
+        while self.out:  # flushed, then the map dropped
+            self.out.pop().flush()
+        self.sums.close()
 
 
 def _allocate(file: pathlib.Path, dtype, shape: tuple) -> np.ndarray:

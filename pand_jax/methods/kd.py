@@ -1,15 +1,15 @@
-"""The baselines of the paper's Table 1: no KD, KD (Hinton) and RKD (Park et al. 2019)."""
+"""KD (Hinton et al., 2015) against the teacher's class logits over the anchors."""
 
 from __future__ import annotations
 
-from pand_jax import losses
+from pydantic import Field
+
+from pand_jax import config, losses
 from pand_jax.methods.base import Inputs, Method
 
 
-def none_objective(x: Inputs):
-    """No KD: L = CE(z_s, y)."""
-    cls = losses.cross_entropy(x.logits, x.labels)
-    return cls, {"cls": cls}
+class KDLoss(config.Schema):
+    temperature: float = Field(gt=0)
 
 
 def teacher_kd(x: Inputs, scale, temperature):
@@ -28,24 +28,6 @@ def kd_objective(x: Inputs, *, temperature, scale):
     return cls + distill, {"cls": cls, "kd": distill}
 
 
-def rkd_objective(x: Inputs, *, distance_weight, angle_weight):
-    """RKD on the penultimate features: L = CE + w_d L_distance(h, t) + w_a L_angle(h, t)."""
-    cls = losses.cross_entropy(x.logits, x.labels)
-    relational = losses.rkd(x.features, x.teacher, distance_weight, angle_weight)
-    return cls + relational, {"cls": cls, "rkd": relational}
-
-
-NONE = Method(
-    name="none",
-    label="no KD",
-    objective=none_objective,
-    settings=lambda loss, epochs, learned, dataset: {},
-    sections=(),
-    teacher=None,
-    anchors=None,
-    reads_labels=True,
-)
-
 KD = Method(
     name="kd",
     label="KD",
@@ -54,19 +36,9 @@ KD = Method(
         temperature=loss["kd"]["temperature"], scale=loss["scale"]
     ),
     sections=("kd",),
+    schema=KDLoss,
     teacher="logits",
     anchors="template",
     reads_labels=True,
     teacher_distribution=lambda loss: (loss["scale"], loss["kd"]["temperature"]),
-)
-
-RKD = Method(
-    name="rkd",
-    label="RKD",
-    objective=rkd_objective,
-    settings=lambda loss, epochs, learned, dataset: dict(loss["rkd"]),
-    sections=("rkd",),
-    teacher="embedding",
-    anchors=None,
-    reads_labels=True,
 )
