@@ -202,6 +202,82 @@ def kd_soft(student_logits, teacher_probs, temperature):
     return temperature**2 * jnp.mean(jnp.sum(xlogy(q, q) - q * log_q_s, axis=1))
 
 
+def standardize_logits(logits, eps):
+    """Logit standardisation (Sun et al., 2024): each row z-scored, (z - mean) / (eps + std),
+    with the unbiased std (`torch.std`'s default, which the released code calls). A constant
+    row maps to zeros; its std's gradient is taken as 0 there (torch's is NaN)."""
+    z = fp32(logits)
+    centred = z - jnp.mean(z, axis=-1, keepdims=True)
+    var = jnp.sum(centred * centred, axis=-1, keepdims=True) / (z.shape[-1] - 1)
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
+    return centred / (eps + std)
+
+
+def dkd(student_logits, teacher_logits, labels, *, alpha, beta, temperature):
+    """Decoupled KD's distillation term (Zhao et al., 2022), as mdistiller's `dkd_loss`:
+    alpha TCKD + beta NCKD, each T^2 times a KL summed over the batch and divided by B, without
+    the CE and the warm-up factor. TCKD compares the binary split (true class, the rest) of
+    softmax(z / T); NCKD compares softmax(z / T - 1000 [c = y]), the released code's way of
+    dropping the true class (exactly, while a row's logits / T lie within ~900 of each other).
+    The split's log-probabilities come from log-sum-exp, so large logits stay finite."""
+    z_s, z_t = _check_logit_pair(student_logits, teacher_logits)
+    labels = _check_labels(labels, *z_s.shape)
+    true = labels[:, None] == jnp.arange(z_s.shape[1])
+    # a (traced) label outside [0, C) marks no class: make the loss NaN, as elsewhere here
+    invalid = jnp.where(jnp.any(true, axis=1), 0.0, jnp.nan)
+
+    def binary(z):  # log [p_y, sum_{c != y} p_c] of p = softmax(z / T)
+        log_p = jax.nn.log_softmax(z / temperature, axis=1)
+        log_true = jnp.sum(jnp.where(true, log_p, 0.0), axis=1)
+        log_rest = jax.nn.logsumexp(jnp.where(true, -jnp.inf, log_p), axis=1)
+        return jnp.stack([log_true, log_rest], axis=1)
+
+    def non_target(z):
+        return jax.nn.log_softmax(z / temperature - 1000.0 * true, axis=1)
+
+    tckd = jnp.mean(_kl_rows(binary(z_t), binary(z_s)) + invalid)
+    nckd = jnp.mean(_kl_rows(non_target(z_t), non_target(z_s)) + invalid)
+    return temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def _cosine(x, y, eps):
+    """Row-wise cosine as `torch.nn.functional.cosine_similarity` (torch >= 2.0) computes it:
+    x / max(||x||, eps) . y / max(||y||, eps); a zero row gives 0 with a finite gradient."""
+
+    def unit(v):
+        sq = jnp.sum(v * v, axis=-1, keepdims=True)
+        norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+        return v / jnp.maximum(norm, eps)
+
+    return jnp.sum(unit(x) * unit(y), axis=-1)
+
+
+def _pearson(x, y, eps):
+    """Pearson correlation of each row of x with the same row of y (DIST's)."""
+    centre = lambda v: v - jnp.mean(v, axis=-1, keepdims=True)  # noqa: E731
+    return _cosine(centre(x), centre(y), eps)
+
+
+def dist_soft(student_logits, teacher_probs, *, beta, gamma, temperature):
+    """`dist` against a given teacher distribution q in place of softmax(z_t / tau) (FKD's
+    sparse soft labels, `pand_jax.soft_labels`)."""
+    z_s, q = _check_logit_pair(student_logits, teacher_probs)
+    p_s = jax.nn.softmax(z_s / temperature, axis=1)
+    inter = 1.0 - jnp.mean(_pearson(p_s, q, 1e-8))
+    intra = 1.0 - jnp.mean(_pearson(p_s.T, q.T, 1e-8))
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def dist(student_logits, teacher_logits, *, beta, gamma, temperature):
+    """DIST (Huang et al., 2022), as torchdistill's `DISTLoss`: with p = softmax(z / tau),
+    beta tau^2 (1 - mean Pearson over rows) + gamma tau^2 (1 - mean Pearson over columns), the
+    Pearson correlations of p_S and p_T within each sample (inter-class relation) and within
+    each class across the batch (intra-class); eps 1e-8 in the cosine, as released."""
+    z_s, z_t = _check_logit_pair(student_logits, teacher_logits)
+    q = jax.nn.softmax(z_t / temperature, axis=1)
+    return dist_soft(z_s, q, beta=beta, gamma=gamma, temperature=temperature)
+
+
 def fdbpl(student_logits, teacher_log_probs, forward_weight, reverse_weight):
     """FDBPL's positive-prompt loss (released trainers/coop_off.py) with p+ = softmax(z_s):
 

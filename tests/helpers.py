@@ -82,3 +82,46 @@ def random_demo_clip():
         spec.loader.exec_module(module)
         sys.modules[name] = module
     return sys.modules[name].random_demo_clip()
+
+
+# The released PyTorch losses of the general-purpose KD methods, transcribed line for line
+# (tensors in, tensor out): the loss references and the step-parity objectives share them.
+
+
+def torch_standardize(z):
+    """logit-standardization-KD's `normalize` (mdistiller/distillers/KD.py there)."""
+    return (z - z.mean(dim=-1, keepdims=True)) / (1e-7 + z.std(dim=-1, keepdims=True))
+
+
+def torch_dkd(zs, zt, y, alpha, beta, temperature):
+    """mdistiller's dkd_loss (mdistiller/distillers/DKD.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    gt = torch.zeros_like(zs).scatter_(1, y.unsqueeze(1), 1).bool()
+    other = torch.ones_like(zs).scatter_(1, y.unsqueeze(1), 0).bool()
+
+    def cat_mask(t):
+        return torch.cat([(t * gt).sum(1, keepdims=True), (t * other).sum(1, keepdims=True)], 1)
+
+    p_s = cat_mask(F.softmax(zs / temperature, 1))
+    p_t = cat_mask(F.softmax(zt / temperature, 1))
+    tckd = F.kl_div(torch.log(p_s), p_t, reduction="sum") * temperature**2 / len(y)
+    p_t2 = F.softmax(zt / temperature - 1000.0 * gt, 1)
+    log_p_s2 = F.log_softmax(zs / temperature - 1000.0 * gt, 1)
+    nckd = F.kl_div(log_p_s2, p_t2, reduction="sum") * temperature**2 / len(y)
+    return alpha * tckd + beta * nckd
+
+
+def torch_dist(zs, zt, beta, gamma, tau):
+    """torchdistill's DISTLoss.forward (torchdistill/losses/mid_level.py)."""
+    import torch.nn.functional as F
+
+    y_s, y_t = (zs / tau).softmax(dim=1), (zt / tau).softmax(dim=1)
+
+    def pearson(a, b):
+        return F.cosine_similarity(a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1), eps=1e-8)
+
+    inter = tau**2 * (1 - pearson(y_s, y_t).mean())
+    intra = tau**2 * (1 - pearson(y_s.transpose(0, 1), y_t.transpose(0, 1)).mean())
+    return beta * inter + gamma * intra

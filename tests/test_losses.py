@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import torch_dist, torch_dkd, torch_standardize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
+from scipy.special import logsumexp
 
 from pand_jax import losses as L
 
@@ -194,6 +196,56 @@ def torch_coop_ce(img, txt, y, scale):
     return F.cross_entropy(logits, torch.tensor(y).long()).item()
 
 
+def np_torch_dkd(zs, zt, y, alpha, beta, tau):
+    zs, zt, y = torch.tensor(zs), torch.tensor(zt), torch.tensor(y).long()
+    return torch_dkd(zs, zt, y, alpha, beta, tau).item()
+
+
+def ref_dkd(zs, zt, y, alpha, beta, tau):
+    """DKD from its formula in float64 NumPy, in log space (finite where the released
+    code's log of a sum underflows): TCKD on the binary (true class, rest) distributions,
+    NCKD on softmax(z / T - 1000 [c = y])."""
+    zs, zt = np.asarray(zs, np.float64), np.asarray(zt, np.float64)
+    true = np.arange(zs.shape[1]) == np.asarray(y)[:, None]
+
+    def kl(log_p, log_q):
+        return np.sum(np.exp(log_p) * (log_p - log_q), axis=1)
+
+    def binary(z):
+        log_p = ref_log_softmax(z / tau)
+        return np.stack([log_p[true], logsumexp(np.where(true, -np.inf, log_p), axis=1)], 1)
+
+    def non_target(z):
+        return ref_log_softmax(z / tau - 1000.0 * true)
+
+    tckd = kl(binary(zt), binary(zs)).mean()
+    nckd = kl(non_target(zt), non_target(zs)).mean()
+    return float(tau**2 * (alpha * tckd + beta * nckd))
+
+
+def np_torch_dist(zs, zt, beta, gamma, tau):
+    return torch_dist(torch.tensor(zs), torch.tensor(zt), beta, gamma, tau).item()
+
+
+def ref_dist(zs, zt, beta, gamma, tau):
+    """DIST from its formula in float64 NumPy: Pearson correlations of the softmaxes' rows
+    and columns (np.corrcoef; no row of a softmax is constant in these cases)."""
+    p_s, p_t = (np.exp(ref_log_softmax(np.asarray(z, np.float64) / tau)) for z in (zs, zt))
+
+    def mean_corr(a, b):
+        return np.mean([np.corrcoef(u, v)[0, 1] for u, v in zip(a, b)])
+
+    inter, intra = 1 - mean_corr(p_s, p_t), 1 - mean_corr(p_s.T, p_t.T)
+    return float(tau**2 * (beta * inter + gamma * intra))
+
+
+def ref_standardize(z, eps):
+    """The released `normalize` (logit-standardization-KD, mdistiller/distillers/KD.py) in
+    NumPy: (z - mean) / (eps + std) with the unbiased std (torch.std's default)."""
+    z = np.asarray(z, np.float64)
+    return (z - z.mean(-1, keepdims=True)) / (eps + z.std(-1, ddof=1, keepdims=True))
+
+
 # ---------------------------------------------------------------- parity
 
 PRECISIONS = [(np.float32, 1e-5), (np.float64, 1e-12)]
@@ -317,6 +369,52 @@ def test_kd_soft_is_kd_on_the_teachers_softmax_and_reads_zeros(dtype, rtol):
     np.testing.assert_allclose(
         run_in(dtype, "kd_soft", zs, hard, temperature=1.0), want, rtol=max(rtol, 1e-6)
     )
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("alpha,beta,tau", [(1.0, 8.0, 4.0), (1.0, 0.5, 1.0), (9.0, 4.5, 2.0)])
+def test_dkd_parity(dtype, rtol, alpha, beta, tau):
+    """Against mdistiller's dkd_loss in PyTorch float64, and the log-space NumPy formula."""
+    zs, zt = rng_arrays(12, (10, 13), (10, 13), scale=4.0)
+    y = np.random.default_rng(12).integers(0, 13, 10, dtype=np.int32)
+    got = run_in(dtype, "dkd", zs, zt, y, alpha=alpha, beta=beta, temperature=tau)
+    np.testing.assert_allclose(got, np_torch_dkd(zs, zt, y, alpha, beta, tau), rtol=rtol)
+    np.testing.assert_allclose(got, ref_dkd(zs, zt, y, alpha, beta, tau), rtol=rtol)
+
+
+def test_dkd_terms_decouple_kd():
+    """DKD's identity (Zhao et al., Eq. 2-3): KD = TCKD + (1 - p_t) NCKD per sample, with p_t
+    the teacher's probability of the true class; on one sample (B = 1) in float64."""
+    zs, zt = rng_arrays(13, (1, 9), (1, 9), scale=2.0)
+    y = np.array([4], np.int32)
+    tckd = run_in(np.float64, "dkd", zs, zt, y, alpha=1.0, beta=0.0, temperature=1.0)
+    nckd = run_in(np.float64, "dkd", zs, zt, y, alpha=0.0, beta=1.0, temperature=1.0)
+    p_true = np.exp(ref_log_softmax(zt[0]))[4]
+    kd = run_in(np.float64, "kd", zs, zt, temperature=1.0)
+    np.testing.assert_allclose(tckd + (1 - p_true) * nckd, kd, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("beta,gamma,tau", [(1.0, 1.0, 1.0), (2.0, 0.5, 4.0)])
+def test_dist_parity(dtype, rtol, beta, gamma, tau):
+    """Against torchdistill's DISTLoss in PyTorch float64 and np.corrcoef; `dist_soft` on the
+    teacher's softmax is the same loss."""
+    zs, zt = rng_arrays(14, (8, 11), (8, 11), scale=3.0)
+    got = run_in(dtype, "dist", zs, zt, beta=beta, gamma=gamma, temperature=tau)
+    np.testing.assert_allclose(got, np_torch_dist(zs, zt, beta, gamma, tau), rtol=rtol)
+    np.testing.assert_allclose(got, ref_dist(zs, zt, beta, gamma, tau), rtol=rtol)
+    q = np.exp(ref_log_softmax(zt / tau))
+    soft = run_in(dtype, "dist_soft", zs, q, beta=beta, gamma=gamma, temperature=tau)
+    np.testing.assert_allclose(soft, got, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+def test_standardize_logits_parity(dtype, rtol):
+    z = rng_arrays(15, (7, 10), scale=6.0)[0] + 3.0
+    got = run_in(dtype, "standardize_logits", z, eps=1e-7)
+    np.testing.assert_allclose(got, ref_standardize(z, 1e-7), rtol=rtol, atol=rtol)
+    want = torch_standardize(torch.tensor(z)).numpy()  # torch's std: the unbiased one
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
 
 
 @pytest.mark.parametrize("dtype,rtol", PRECISIONS)
@@ -530,6 +628,8 @@ def test_nsd_batch_gradient_reaches_neighbours():
 # ---------------------------------------------------------------- gradients and robustness
 
 B, C, D = 6, 7, 5
+# weights that make a scalar of the standardised logits (their plain sum is always 0)
+_W = rng_arrays(16, (B, C))[0].astype(np.float32)
 
 
 def loss_cases():
@@ -568,6 +668,9 @@ def loss_cases():
             (sf, te, ta, ai, at, zs),
         ),
         ("coop_ce", lambda i, t: L.coop_ce(i, t, y, 100.0), (img, txt)),
+        ("dkd", lambda s, t: L.dkd(s, t, y, alpha=1.0, beta=8.0, temperature=4.0), (zs, zt)),
+        ("dist", lambda s, t: L.dist(s, t, beta=1.0, gamma=1.0, temperature=4.0), (zs, zt)),
+        ("standardize_logits", lambda z: jnp.sum(L.standardize_logits(z, 1e-7) * _W), (zs,)),
     ]
 
 
@@ -686,6 +789,18 @@ VALUE_CASES = {
         lambda i, t: L.coop_ce(i, t, _Y, 100.0),
         lambda i, t: torch_coop_ce(i, t, _Y, 100.0),
     ),
+    "dkd": (
+        lambda s, t: L.dkd(s, t, _Y, alpha=1.0, beta=8.0, temperature=4.0),
+        lambda s, t: ref_dkd(s, t, _Y, 1.0, 8.0, 4.0),
+    ),
+    "dist": (
+        lambda s, t: L.dist(s, t, beta=1.0, gamma=1.0, temperature=4.0),
+        lambda s, t: np_torch_dist(s, t, 1.0, 1.0, 4.0),
+    ),
+    "standardize_logits": (
+        lambda z: jnp.sum(L.standardize_logits(z, eps=1e-7) * _W),
+        lambda z: float(np.sum(ref_standardize(z, 1e-7) * _W)),
+    ),
 }
 
 
@@ -790,6 +905,15 @@ def test_bad_inputs_raise():
     )
     raises_eager_and_traced("feature width", lambda s: L.coop_ce(s, s[:, :3], y, 1.0), zs)
     raises_eager_and_traced("same batch size", lambda s: L.rkd(s, s[:4], 25.0, 50.0), zs)
+    raises_eager_and_traced(
+        "same shape", lambda s, t: L.dkd(s, t[:, 1:], y, alpha=1, beta=8, temperature=4), zs, zt
+    )
+    raises_eager_and_traced(
+        "same shape", lambda s, t: L.dist(s, t[:4], beta=1, gamma=1, temperature=4), zs, zt
+    )
+    raises_eager_and_traced(
+        "labels must have shape", lambda s: L.dkd(s, s, y[:3], alpha=1, beta=8, temperature=4), zs
+    )
 
 
 @pytest.mark.parametrize("bad", [-1, 5])
@@ -800,6 +924,7 @@ def test_out_of_range_labels(bad):
     calls = [
         lambda y: L.nsd_paper(zs, zt, y, 3),
         lambda y: L.coop_ce(zs, zt[:5], y, 10.0),
+        lambda y: L.dkd(zs, zt, y, alpha=1.0, beta=8.0, temperature=4.0),
         lambda y: vl2lite_positional(zs, zs, zs[:5], zs, zs[:5], y, zs, 2.0, "batch_mean", 1.0)[0],
     ]
     for call in calls:

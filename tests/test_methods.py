@@ -11,6 +11,7 @@ import pathlib
 
 import pytest
 from conftest import NSD_ARGS, REPO
+from helpers import cli_error
 from PIL import Image
 
 from pand_jax import config, methods
@@ -88,6 +89,54 @@ def test_bound_words_are_made_from_the_bounds():
         with pytest.raises(config.ConfigError) as e:
             config.validate(config.apply_sets(cfg, [item]), schema_facts(), "nsd")
         assert message in str(e.value), (item, str(e.value))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--method", "dkd", "--set", "loss.dkd.warmup=2"],
+            "config loss.dkd.warmup = 2: expected <= epochs (1): the DKD term would not reach "
+            "its full weight",
+        ),
+        (
+            ["--method", "rkd", "--set", "loss.kd.standardize=true"],
+            "config loss.kd.standardize = True: expected false with --method rkd, which reads "
+            "no loss.kd (logit standardisation is a switch of kd, dkd)",
+        ),
+        (
+            ["--method", "kd", "--set", "loss.kd.standardize=true"]
+            + ["--teacher-cache", "2", "--soft-labels", "ms:3"],
+            "config soft_labels = 'ms': expected embedding with loss.kd.standardize = true: "
+            "standardisation z-scores the teacher's logits, and sparse soft labels keep only "
+            "their softmax",
+        ),
+        (
+            ["--method", "dkd", "--teacher-cache", "2", "--soft-labels", "ms:3"],
+            "config soft_labels = 'ms': expected embedding with --method dkd, which reads the "
+            "teacher's logits in full (sparse labels serve ",
+        ),
+        (
+            ["--method", "dist", "--unlabeled-data", "folder:UNLABELED"],
+            "config unlabeled_data = 'folder:UNLABELED': expected null with --method dist, "
+            "which trains on labels",
+        ),
+    ],
+)
+def test_logit_methods_refuse_what_they_cannot_read(extra, message, teacher, tmp_path, capsys):
+    """DKD, DIST and logit standardisation: each input they cannot use is one line, and
+    nothing is written."""
+    from pand_jax.cli.train import main
+
+    unlabeled = tmp_path / "unlabeled" / "a"
+    unlabeled.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(unlabeled / "u.png")
+    extra = [a.replace("UNLABELED", str(unlabeled.parent)) for a in extra]
+    argv = NSD_ARGS + ["--teacher", teacher, "--workdir", tmp_path / "run"] + extra
+    assert main([str(a) for a in argv]) == 2
+    err = cli_error(capsys)
+    assert message.replace("UNLABELED", str(unlabeled.parent)) in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_auto_text_reduction_resolves_in_one_place():

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import torchvision
 from flax import nnx
 from flax.traverse_util import flatten_dict
-from helpers import classes_info, torch_state_dict
+from helpers import classes_info, torch_dist, torch_dkd, torch_standardize, torch_state_dict
 
 from pand_jax import config as config_lib
 from pand_jax import methods, prompts
@@ -331,10 +331,22 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=N
     s, tau = lc["scale"], lc["vl2lite"]["tau"]
     t_hat, anchors = feature_norm(t), feature_norm(anchors)
     z_t = s * t_hat @ anchors.T
-    if method == "kd":
-        T = lc["kd"]["temperature"]
-        kd = T * T * torch_kl_batchmean(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1))
+    if method in ("kd", "dkd"):  # with logit standardisation as a switch of either
+        d = lc[method]
+        if d["standardize"]:
+            z_s, z_t = torch_standardize(z_s), torch_standardize(z_t)
+        T = d["temperature"]
+        if method == "dkd":  # mdistiller's DKD.forward_train (its epochs count from 1)
+            ramp = min((epoch + 1) / d["warmup"], 1.0)
+            dkd = ramp * torch_dkd(z_s, z_t, labels, d["alpha"], d["beta"], T)
+            return cls + dkd, {"cls": cls, "dkd": dkd}
+        kl = torch_kl_batchmean(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1))
+        kd = d["weight"] * T * T * kl
         return cls + kd, {"cls": cls, "kd": kd}
+    if method == "dist":  # torchdistill's DISTLoss beside CE
+        d = lc["dist"]
+        dist = torch_dist(z_s, z_t, d["beta"], d["gamma"], d["temperature"])
+        return cls + dist, {"cls": cls, "dist": dist}
     if method == "rkd":
         r = torch_rkd(h, t, lc["rkd"]["distance_weight"], lc["rkd"]["angle_weight"])
         return cls + r, {"cls": cls, "rkd": r}
@@ -538,6 +550,14 @@ NSD_CASES = {
         arch="resnet18", method="promptkd", learned=True, sets={"loss.promptkd.weight": 2.0}
     ),
     "fdbpl-resnet18": dict(arch="resnet18", method="fdbpl", learned=True),
+    # DKD's warm-up ramp over the 3 epochs, on standardised logits (the switch's recipe's T)
+    "dkd-resnet18-std": dict(
+        arch="resnet18",
+        method="dkd",
+        learned=False,
+        sets={"loss.dkd.warmup": EPOCHS, "loss.dkd.standardize": True, "loss.dkd.temperature": 2.0},
+    ),
+    "dist-resnet18": dict(arch="resnet18", method="dist", learned=False),
     "dait_it-resnet18": dict(arch="resnet18", method="dait_it", learned=True),
     # the frozen IT's map and logits (at 32 px both maps are 1x1: the resize has its own test)
     "dait-resnet18-kd": dict(
@@ -824,10 +844,13 @@ def degenerate_batch(case):
 DEGENERATE_METHODS = {  # name: config overrides (k and groups as large or small as allowed)
     "none": {},
     "kd": {},
+    "kd_std": {"loss.kd.standardize": True, "loss.kd.weight": 9.0, "loss.kd.temperature": 2.0},
     "rkd": {},
     "vl2lite": {},
     "promptkd": {},
     "fdbpl": {},
+    "dkd": {},
+    "dist": {},
     "pand_paper": {"loss.pand.nsd_form": "paper", "loss.pand.nsd_k": "c-1"},
     "pand_batch": {"loss.pand.nsd_form": "batch", "loss.pand.nsd_k": "b-1"},
     "pand_groups": {

@@ -35,8 +35,9 @@ def paper_method() -> methods.Method:
 
 
 def table1() -> tuple[Row, ...]:
-    """One row per registered method, in the registry's (the paper's Table 1) order."""
-    return tuple(m.table_row() for m in methods.REGISTRY.values() if m.in_table)
+    """A row per registered method and per variant of it, in the registry's order (the paper's
+    Table 1, then the other systems)."""
+    return tuple(row for m in methods.REGISTRY.values() if m.in_table for row in m.table_rows())
 
 
 def ablations() -> tuple[Row, ...]:
@@ -105,7 +106,12 @@ def variant(row: Row) -> str:
 def row_argv(row: Row) -> list[str]:
     values = row.values()
     argv = ["--method", row.method] + (["--no-psc"] if values.pop("no_psc", False) else [])
-    return argv + set_args([f"{k}={v!r}" for k, v in values.items()])
+    return argv + set_args([f"{k}={_set_value(v)}" for k, v in values.items()])
+
+
+def _set_value(value: Any) -> str:
+    """A config value as `--set` reads it (`config.parse_value`): JSON, strings plain."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def distinct_runs(sweep_values=None) -> list[Row]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from pand_jax import config
-from pand_jax.methods import dait, fdbpl, kd, no_kd, pand, promptkd, rkd, vl2lite
+from pand_jax.methods import dait, dist, dkd, fdbpl, kd, no_kd, pand, promptkd, rkd, vl2lite
 from pand_jax.methods.base import INTERMEDIATE, Flag, Inputs, Method, Row, Rule, Sweep
 
-# In the paper's Table 1 order, then the other systems: reproduce.py's rows follow it.
+# In the paper's Table 1 order, then the other systems, then the general-purpose KD methods:
+# reproduce.py's rows follow it.
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
@@ -29,6 +30,8 @@ REGISTRY: dict[str, Method] = {
         fdbpl.FDBPL,
         dait.DAIT,
         dait.DAIT_IT,
+        dkd.DKD,
+        dist.DIST,
     )
 }
 NAMES = tuple(REGISTRY)
@@ -85,11 +88,12 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
             )
         if method.teacher_distribution is None:
             readers = names(lambda m: m.teacher_distribution)
+            reads = "embedding" if method.teacher == "embedding" else "logits in full"
             return (
                 "soft_labels",
                 kind,
                 f"embedding with --method {method.name}, which reads the "
-                f"teacher's embedding (sparse labels serve {', '.join(readers)})",
+                f"teacher's {reads} (sparse labels serve {', '.join(readers)})",
             )
         k = 1 if kind == "hard" else cfg["soft_labels_k"]
         if k >= num_classes:
@@ -99,7 +103,21 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
                 f"< the {num_classes} classes (the classes outside the "
                 "top-K share the rest of the probability)",
             )
-    return method.rule(cfg, num_classes)
+    return _standardize_rule(cfg, method) or method.rule(cfg, num_classes)
+
+
+def _standardize_rule(cfg: dict[str, Any], method: Method) -> Rule | None:
+    """Logit standardisation switched on in a `loss` section the method does not read."""
+    switches = [n for n, schema in loss_sections().items() if "standardize" in schema.model_fields]
+    for section in switches:
+        if cfg["loss"][section]["standardize"] and section not in method.sections:
+            return (
+                f"loss.{section}.standardize",
+                True,
+                f"false with --method {method.name}, which reads no loss.{section} "
+                f"(logit standardisation is a switch of {', '.join(switches)})",
+            )
+    return None
 
 
 __all__ = [

@@ -41,7 +41,7 @@ def promptkd_objective(x: Inputs, *, weight, temperature, scale):
             x.logits, losses.teacher_logits(x.teacher, x.anchors, scale), temperature
         )
     else:  # the batch-mean KL over C: the same sum over B * C entries
-        distill = teacher_kd(x, scale, temperature) / x.logits.shape[1]
+        distill = teacher_kd(x, scale, temperature, standardize=False) / x.logits.shape[1]
     return weight * distill, {"kd": distill}
 
 

@@ -390,7 +390,6 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
     stage.claim()  # every check has passed
     cache = _teacher_cache(stage, method, teachers, anchors=anchors, source=data.source)
     graphdef, state = init_state(model, tx)
-    trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
     step = _step(
         stage,
         teachers,
@@ -411,8 +410,8 @@ def run(cfg: dict[str, Any], workdir: pathlib.Path, info) -> dict[str, Any]:
         _exporter(stage, graphdef),
     )
     summary = _summary(stage, method, teachers, data, cache=cache, learned=learned)
-    state = devices.replicate(stage.mesh, state)
-    return stage.fit(task, state, {**summary, "trainable_parameters": trainable})
+    summary["trainable_parameters"] = sum(x.size for x in jax.tree.leaves(state["params"]))
+    return stage.fit(task, devices.replicate(stage.mesh, state), summary)
 
 
 def _step(stage: Stage, teachers: Teachers, anchors, cache, *, graphdef, **step_args):
