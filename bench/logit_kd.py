@@ -1,5 +1,5 @@
-"""The general-purpose logit distillers beside KD: DKD, DIST, and KD and DKD with logit
-standardisation, each at its reproduce.py Table 1 row, over seeds.
+"""The general-purpose logit distillers beside KD and CE alone: DKD, DIST, and KD and DKD with
+logit standardisation, each at its reproduce.py Table 1 row, over seeds.
 
     python bench/logit_kd.py [--workdir runs/bench_logit_kd] [--seeds 0,1,2] [--epochs 6]
                              [--datasets digits,shapes]
@@ -32,7 +32,7 @@ from pand_jax import cli  # noqa: E402
 from pand_jax.cli.train import main as train  # noqa: E402
 from pand_jax.experiments import plan  # noqa: E402
 
-METHODS = ("kd", "dkd", "dist")
+METHODS = ("none", "kd", "dkd", "dist")  # with CE alone for scale
 
 
 def interval(values: list[float]) -> str:
