@@ -72,7 +72,7 @@ def accuracy_curves(results: list[Result], dataset: str, path: pathlib.Path) -> 
             ax.plot(
                 x,
                 mean,
-                marker=MARKERS[i],
+                marker=MARKERS[i % len(MARKERS)],
                 markevery=max(1, len(epochs) // 20),
                 markersize=5,
                 markerfacecolor=(0, 0, 0, 0),  # hollow

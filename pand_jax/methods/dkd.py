@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from pand_jax import config, losses
-from pand_jax.methods.base import Inputs, Method, Row
+from pand_jax.methods.base import Inputs, Method
 from pand_jax.methods.kd import logit_pair, refuse_sparse_standardized
 
 
@@ -53,17 +53,4 @@ DKD = Method(
     # No sparse soft labels: NCKD renormalises the classes other than the true one, which is
     # the tail a top-K cache replaces by an even share.
     rule=_rule,
-    # The logit-standardisation authors' DKD recipe: alpha and beta times --kd-weight 9, T 2.
-    variants=(
-        Row(
-            "DKD + logit std.",
-            "dkd",
-            (
-                ("loss.dkd.standardize", True),
-                ("loss.dkd.temperature", 2.0),
-                ("loss.dkd.alpha", 9.0),
-                ("loss.dkd.beta", 4.5),
-            ),
-        ),
-    ),
 )

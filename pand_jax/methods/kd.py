@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pand_jax import config, losses
-from pand_jax.methods.base import Inputs, Method, Row
+from pand_jax.methods.base import Inputs, Method
 
 # The released code's eps in (z - mean) / (eps + std).
 STANDARDIZE_EPS = 1e-7
@@ -74,13 +74,4 @@ KD = Method(
     reads_labels=True,
     teacher_distribution=lambda loss: (loss["scale"], loss["kd"]["temperature"]),
     rule=refuse_sparse_standardized("kd"),
-    # The logit-standardisation authors' KD recipe (their README's ImageNet command:
-    # --logit-stand --base-temp 2 --kd-weight 9, CE weight 1 from configs/imagenet/r34_r18).
-    variants=(
-        Row(
-            "KD + logit std.",
-            "kd",
-            (("loss.kd.standardize", True), ("loss.kd.temperature", 2.0), ("loss.kd.weight", 9.0)),
-        ),
-    ),
 )
