@@ -1,5 +1,6 @@
 """The general-purpose logit distillers beside KD and CE alone: DKD, DIST, and KD and DKD with
-logit standardisation, each at its reproduce.py Table 1 row, over seeds.
+logit standardisation, over seeds. Each method runs at its reproduce.py Table 1 row (its
+configs/nsd.json section); the standardised rows at their authors' recipes (STANDARDIZED).
 
     python bench/logit_kd.py [--workdir runs/bench_logit_kd] [--seeds 0,1,2] [--epochs 6]
                              [--datasets digits,shapes]
@@ -31,8 +32,28 @@ from dait_weights import DEMO_NSD, draw_shapes, run  # noqa: E402
 from pand_jax import cli  # noqa: E402
 from pand_jax.cli.train import main as train  # noqa: E402
 from pand_jax.experiments import plan  # noqa: E402
+from pand_jax.methods import Row  # noqa: E402
 
 METHODS = ("none", "kd", "dkd", "dist")  # with CE alone for scale
+# logit-standardization-KD's README commands (--logit-stand --base-temp 2 --kd-weight 9):
+# KD at T 2 with the KL weighted 9 (CE 1); DKD with alpha and beta times 9, T 2.
+STANDARDIZED = (
+    Row(
+        "KD + logit std.",
+        "kd",
+        (("loss.kd.standardize", True), ("loss.kd.temperature", 2.0), ("loss.kd.weight", 9.0)),
+    ),
+    Row(
+        "DKD + logit std.",
+        "dkd",
+        (
+            ("loss.dkd.standardize", True),
+            ("loss.dkd.temperature", 2.0),
+            ("loss.dkd.alpha", 9.0),
+            ("loss.dkd.beta", 4.5),
+        ),
+    ),
+)
 
 
 def interval(values: list[float]) -> str:
@@ -54,7 +75,7 @@ def main() -> None:
     demo = root / "demo"
     if not (demo / "teacher").is_dir():
         assert train(["--demo", "--workdir", str(demo)]) == 0
-    rows = [row for row in plan.table1() if row.method in METHODS]
+    rows = [row for row in plan.table1() if row.method in METHODS] + list(STANDARDIZED)
     for name in args.datasets.split(","):
         dataset = "digits"
         if name == "shapes":

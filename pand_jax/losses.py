@@ -80,6 +80,12 @@ def _label_logit(logits, labels):
     return jnp.where(valid[:, None], picked, jnp.nan)[:, 0]
 
 
+def _sqrt0(x):
+    """sqrt(x) for x >= 0 whose gradient at 0 is 0, not infinite (NaN once multiplied by 0)."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
 def l2_normalize(x, axis=-1):
     """x / ||x||, with zero vectors mapped to zero and given a zero (not infinite) gradient."""
     sq = jnp.sum(x * x, axis=axis, keepdims=True)
@@ -209,8 +215,7 @@ def standardize_logits(logits, eps):
     z = fp32(logits)
     centred = z - jnp.mean(z, axis=-1, keepdims=True)
     var = jnp.sum(centred * centred, axis=-1, keepdims=True) / (z.shape[-1] - 1)
-    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
-    return centred / (eps + std)
+    return centred / (eps + _sqrt0(var))
 
 
 def dkd(student_logits, teacher_logits, labels, *, alpha, beta, temperature):
@@ -245,9 +250,7 @@ def _cosine(x, y, eps):
     x / max(||x||, eps) . y / max(||y||, eps); a zero row gives 0 with a finite gradient."""
 
     def unit(v):
-        sq = jnp.sum(v * v, axis=-1, keepdims=True)
-        norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
-        return v / jnp.maximum(norm, eps)
+        return v / jnp.maximum(_sqrt0(jnp.sum(v * v, axis=-1, keepdims=True)), eps)
 
     return jnp.sum(unit(x) * unit(y), axis=-1)
 

@@ -107,15 +107,25 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
 
 
 def _standardize_rule(cfg: dict[str, Any], method: Method) -> Rule | None:
-    """Logit standardisation switched on in a `loss` section the method does not read."""
+    """Logit standardisation switched on in a `loss` section the method does not read, or
+    with sparse soft labels, which keep the softmax of the teacher's logits and not them."""
     switches = [n for n, schema in loss_sections().items() if "standardize" in schema.model_fields]
     for section in switches:
-        if cfg["loss"][section]["standardize"] and section not in method.sections:
+        if not cfg["loss"][section]["standardize"]:
+            continue
+        if section not in method.sections:
             return (
                 f"loss.{section}.standardize",
                 True,
                 f"false with --method {method.name}, which reads no loss.{section} "
                 f"(logit standardisation is a switch of {', '.join(switches)})",
+            )
+        if cfg["soft_labels"] != "embedding":
+            return (
+                "soft_labels",
+                cfg["soft_labels"],
+                f"embedding with loss.{section}.standardize = true: standardisation z-scores "
+                "the teacher's logits, and sparse soft labels keep only their softmax",
             )
     return None
 

@@ -142,8 +142,6 @@ class Method:
     # whether it has one (False: a stage of another method, DAIT's intermediate teacher).
     table_sets: tuple[tuple[str, Any], ...] = ()
     in_table: bool = True
-    # Table 1's rows of it with a switch on beyond its own row (KD with logit standardisation).
-    variants: tuple[Row, ...] = ()
     # Its paper's other tables: the ablation rows beyond Table 1's, the ablation table's row
     # labels in order (Table 1's included), and its sensitivity study.
     ablations: tuple[Row, ...] = ()
@@ -175,6 +173,5 @@ class Method:
         """Whether a run reads Stage-PSC's anchors.npz (--no-psc asks for templates)."""
         return self.anchors == "learned" and not no_psc
 
-    def table_rows(self) -> tuple[Row, ...]:
-        """Its rows of reproduce's Table 1: its own, then its variants."""
-        return (Row(self.label, self.name, self.table_sets), *self.variants)
+    def table_row(self) -> Row:
+        return Row(self.label, self.name, self.table_sets)

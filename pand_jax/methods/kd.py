@@ -30,7 +30,7 @@ def logit_pair(x: Inputs, scale, standardize):
 def teacher_kd(x: Inputs, scale, temperature, *, standardize):
     """T^2 batch-mean KL(p_T || softmax(z_s / T)), p_T = softmax(z_t / T) with the teacher's
     anchor logits z_t = s t_hat T_hat^T, or the sparse cache's q when the batch has it (never
-    with `standardize`: the cache stores no logits, `rule` below refuses it)."""
+    with `standardize`: the cache stores no logits, and `methods.rule` refuses the pair)."""
     if x.teacher_probs is not None:
         return losses.kd_soft(x.logits, x.teacher_probs, temperature)
     return losses.kd(*logit_pair(x, scale, standardize), temperature)
@@ -45,23 +45,6 @@ def kd_objective(x: Inputs, *, temperature, weight, standardize, scale):
     return cls + distill, {"cls": cls, "kd": distill}
 
 
-def refuse_sparse_standardized(section: str):
-    """The rule of a method whose `standardize` switch reads the teacher's logits, which a
-    sparse teacher cache does not store."""
-
-    def rule(cfg, num_classes):
-        if cfg["loss"][section]["standardize"] and cfg["soft_labels"] != "embedding":
-            return (
-                "soft_labels",
-                cfg["soft_labels"],
-                f"embedding with loss.{section}.standardize = true: standardisation z-scores "
-                "the teacher's logits, and sparse soft labels keep only their softmax",
-            )
-        return None
-
-    return rule
-
-
 KD = Method(
     name="kd",
     label="KD",
@@ -73,5 +56,4 @@ KD = Method(
     anchors="template",
     reads_labels=True,
     teacher_distribution=lambda loss: (loss["scale"], loss["kd"]["temperature"]),
-    rule=refuse_sparse_standardized("kd"),
 )
