@@ -429,6 +429,26 @@ def test_train_batches_shapes_and_determinism():
     assert all(a[0]["label"][j] == src[a[0]["index"][j]]["label"] for j in range(64))
 
 
+def test_partner_images_are_the_images_of_the_partners_the_hook_names():
+    """ "mixup"'s second images: the loader reads the images of whatever indices its `partners`
+    hook gives for (indices, epoch), in any shape, and zeros where it gives -1."""
+    n = 450
+
+    def partners(index, epoch):  # [b, 2]: the next example of the epoch's shift, and none
+        return np.stack([(index + epoch + 1) % n, np.where(index % 2, -1, index)], 1)
+
+    loader = _digits_loader(split="test", train=False, partners=partners)
+    batch = next(loader.epoch(3, start_step=7))  # the padded last batch
+    src = loader.source
+    want = partners(batch["index"], 3)
+    assert batch["partner"].shape == (64, 2, 32, 32, 3)
+    for row, index in zip(batch["partner"].reshape(-1, 32, 32, 3), want.ravel()):
+        if index < 0:
+            assert not row.any()
+        else:
+            assert np.array_equal(row, resize_image(src[int(index)]["image"], 32, "stretch"))
+
+
 def test_process_slices_are_disjoint_and_cover_each_global_batch():
     full = _digits_loader(global_batch_size=64)
     p0 = _digits_loader(global_batch_size=64, process_index=0, process_count=2)

@@ -36,19 +36,24 @@ def test_example_keys_fold_seed_index_view():
     assert np.array_equal(A.example_keys(7, 4, 2), ref)
 
 
-@pytest.mark.parametrize("recipe", ["released", "rrc"])
+@pytest.mark.parametrize("recipe", ["released", "rrc", A.MIXUP])
 def test_same_key_bit_identical_other_view_differs(recipe):
     imgs = _images()
     idx = jnp.arange(4)
-    a = A.augment(imgs, A.example_keys(0, idx, 1), recipe, 32)
-    b = A.augment(imgs, A.example_keys(0, idx, 1), recipe, 32)
-    c = A.augment(imgs, A.example_keys(0, idx, 2), recipe, 32)
+    partners = _images(seed=9) if recipe == A.MIXUP else None
+
+    def view(v, rows=slice(None)):
+        extra = None if partners is None else partners[rows]
+        return A.augment(
+            imgs[rows], A.example_keys(0, idx[rows], v), recipe, 32, partner_images=extra
+        )
+
+    a, b, c = view(1), view(1), view(2)
     assert a.shape == (4, 32, 32, 3) and a.dtype == jnp.float32 and bool(jnp.isfinite(a).all())
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert all(not np.array_equal(a[i], c[i]) for i in range(4))
     # an example's view does not depend on its batch neighbours
-    solo = A.augment(imgs[2:3], A.example_keys(0, idx[2:3], 1), recipe, 32)
-    assert np.allclose(solo[0], a[2], atol=1e-5)
+    assert np.allclose(view(1, slice(2, 3))[0], a[2], atol=1e-5)
 
 
 def test_released_parameter_ranges():
@@ -98,8 +103,15 @@ def test_eval_is_normalise_only_at_native_size_and_matches_pil_resize():
 
 
 def test_unknown_recipe_and_bad_shape():
+    keys = A.example_keys(0, jnp.arange(4), 0)
     with pytest.raises(ValueError, match="recipe 'autoaugment'"):
-        A.augment(_images(), A.example_keys(0, jnp.arange(4), 0), "autoaugment", 32)
+        A.augment(_images(), keys, "autoaugment", 32)
+    with pytest.raises(ValueError, match="'mixup' recipe, and only it, reads partner images"):
+        A.augment(_images(), keys, A.MIXUP, 32)
+    with pytest.raises(ValueError, match="'mixup' recipe, and only it, reads partner images"):
+        A.augment(_images(), keys, "rrc", 32, partner_images=_images())
+    with pytest.raises(ValueError, match="partner images"):
+        A.augment(_images(), keys, A.MIXUP, 32, partner_images=_images(s=36))
     with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
         A.augment(
             jnp.zeros((2, 8, 9, 3), jnp.uint8), A.example_keys(0, jnp.arange(2), 0), "eval", 8
@@ -265,15 +277,12 @@ def test_colour_jitter_applies_each_examples_order_like_torchvision():
 # --------------------------------------------------------- whole ops vs torchvision, sampled params
 
 
-def test_rrc_with_offset_matches_torchvision_resized_crop():
-    """Sampled crops (most off the origin) and flips through `apply_params`, against
-    torchvision's resized_crop (bilinear, antialiased) and hflip on the same region."""
-    imgs = _images(8, 48, seed=3)
-    p = sample_params(A.example_keys(2, jnp.arange(8), 0), "rrc", 48, 32)
-    ours = np.asarray(apply_params(imgs, p, "rrc", 32)) * A.CLIP_STD + A.CLIP_MEAN
-    region, flip = np.asarray(p["region"]).astype(int), np.asarray(p["flip"])
-    assert (region[:, :2] > 0).any(axis=1).sum() >= 6 and 0 < flip.sum() < 8
-    for img, (top, left, h, w), f, got in zip(np.asarray(imgs), region, flip, ours):
+def torchvision_rrc(imgs, params) -> np.ndarray:
+    """[B, 32, 32, 3] in [0, 1]: torchvision's resized_crop (bilinear, antialiased) and hflip of
+    each uint8 image on its sampled region."""
+    region, flip = np.asarray(params["region"]).astype(int), np.asarray(params["flip"])
+    out = []
+    for img, (top, left, h, w), f in zip(np.asarray(imgs), region, flip):
         ref = TF.resized_crop(
             _torch(img.astype(np.float32) / 255),
             top,
@@ -284,8 +293,57 @@ def test_rrc_with_offset_matches_torchvision_resized_crop():
             interpolation=TF.InterpolationMode.BILINEAR,
             antialias=True,
         )
-        ref = TF.hflip(ref) if f else ref
-        assert np.abs(got - ref.numpy().transpose(1, 2, 0)).max() < 1e-5
+        out.append((TF.hflip(ref) if f else ref).numpy().transpose(1, 2, 0))
+    return np.stack(out)
+
+
+def test_rrc_with_offset_matches_torchvision_resized_crop():
+    """Sampled crops (most off the origin) and flips through `apply_params`, against
+    torchvision's resized_crop (bilinear, antialiased) and hflip on the same region."""
+    imgs = _images(8, 48, seed=3)
+    p = sample_params(A.example_keys(2, jnp.arange(8), 0), "rrc", 48, 32)
+    ours = np.asarray(apply_params(imgs, p, "rrc", 32)) * A.CLIP_STD + A.CLIP_MEAN
+    region, flip = np.asarray(p["region"]).astype(int), np.asarray(p["flip"])
+    assert (region[:, :2] > 0).any(axis=1).sum() >= 6 and 0 < flip.sum() < 8
+    assert np.abs(ours - torchvision_rrc(imgs, p)).max() < 1e-5
+
+
+def test_mixup_is_the_weighted_sum_of_two_torchvision_crops():
+    """Function matching's view: w RRC(example) + (1 - w) RRC(partner), each crop torchvision's
+    on its own sampled region, w = max(a, 1 - a) from the example's key (1e-5 in [0, 1])."""
+    imgs, partners = _images(8, 48, seed=3), _images(8, 48, seed=4)
+    keys = A.example_keys(2, jnp.arange(8), 5)
+    p = jax.tree.map(np.asarray, sample_params(keys, A.MIXUP, 48, 32))
+    ours = (
+        np.asarray(A.augment(imgs, keys, A.MIXUP, 32, partner_images=partners)) * A.CLIP_STD
+        + A.CLIP_MEAN
+    )
+    w = p["weight"][:, None, None, None]
+    want = w * torchvision_rrc(imgs, p["own"]) + (1 - w) * torchvision_rrc(partners, p["partner"])
+    assert np.abs(ours - want).max() < 1e-5
+    assert not np.array_equal(p["own"]["region"], p["partner"]["region"])
+
+
+def test_mixup_weight_and_partner_are_drawn_as_big_vision_draws_them():
+    """w = max(a, 1 - a), a ~ Beta(1, 1): uniform on [0.5, 1]; the partner uniform over the
+    other examples, a pure function of (seed, index, view). Fixed keys and seeds: the tests'
+    p-values are the same on every run."""
+    from scipy import stats
+
+    keys = A.example_keys(0, jnp.arange(4000), 0)
+    w = np.asarray(sample_params(keys, A.MIXUP, 40, 32)["weight"])
+    assert w.min() >= 0.5 and w.max() <= 1.0
+    assert stats.kstest(w, "uniform", args=(0.5, 0.5)).pvalue > 1e-3
+    n, views = 7, np.arange(6000)
+    drawn = A.partners(1, np.full(views.shape, 3), views, n)
+    assert drawn.dtype == np.int32 and 3 not in drawn and set(drawn) == {0, 1, 2, 4, 5, 6}
+    assert stats.chisquare(np.bincount(drawn, minlength=n)[[0, 1, 2, 4, 5, 6]]).pvalue > 1e-3
+    index = np.array([0, 5, -1, 6])
+    again = A.partners(1, index, 2, n)
+    np.testing.assert_array_equal(again, A.partners(1, index, np.full(4, 2), n))
+    assert again[2] == -1 and (again[[0, 1, 3]] != index[[0, 1, 3]]).all()
+    other_views = np.stack([A.partners(1, index, v, n) for v in range(20)])
+    assert (other_views[:, [0, 1, 3]].std(0) > 0).all()  # the view draws again
 
 
 def test_rrc_fallback_is_torchvision_central_crop(monkeypatch):

@@ -37,12 +37,53 @@ NOT_TEACHER_TERMS = {"kind", "step", "loss", "cls", "grad_norm", "lr"}
 
 
 @pytest.mark.parametrize("method", methods.names(lambda m: m.teacher_distribution))
+def test_every_distribution_reader_gives_its_loss_from_the_looked_up_labels(method):
+    """MS with K = C - 1 keeps p_T whole: the one class left out gets 1 - sum of the others,
+    its own probability. So each method's objective on the stored fp16 labels gives its terms
+    on the teacher's embedding (2e-3 unless LOOKUP_RTOL says otherwise)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pand_jax import config, soft_labels
+
+    entry, (b, c, d, width) = methods.get(method), (6, 10, 12, 16)
+    loss_cfg = config.default_config("nsd")["loss"]
+    scale, temperature = entry.teacher_distribution(loss_cfg)
+    logits, features, t, noise = (
+        jnp.asarray(np.random.default_rng(5).standard_normal(s), jnp.float32)
+        for s in ((b, c), (b, d), (b, width), (c, width))
+    )
+    anchors = 1.0 + 0.05 * noise  # close class vectors: at s = 100 a spread of a few logits
+    index, value = soft_labels.sparsify(
+        soft_labels.probabilities(t, anchors, scale, temperature), c - 1
+    )
+    q = soft_labels.reconstruct(index, value, "ms", c)
+    heads = entry.heads(d, width, nnx.Rngs(0))
+    settings = entry.settings(loss_cfg, 4, True, "digits")
+
+    labels = jnp.arange(b) % c if entry.reads_labels else None
+
+    def terms(**teacher):
+        x = methods.Inputs(
+            logits, features, labels, anchors=anchors, heads=heads, epoch=1, **teacher
+        )
+        return jax.tree.map(float, entry.objective(x, **settings)[1])
+
+    emb, ms = terms(teacher=t), terms(teacher=None, teacher_probs=q)
+    assert emb.keys() == ms.keys()
+    for term in emb:
+        np.testing.assert_allclose(ms[term], emb[term], rtol=LOOKUP_RTOL.get(method, 2e-3))
+    assert any(ms[k] != emb[k] for k in emb)  # it did read the fp16 lookup
+
+
+# End to end (cache build, lookup, step) for FDBPL, whose setting this is, and for function
+# matching, whose cache views mix in a partner image: the lookup plumbing is the same for all.
+@pytest.mark.parametrize("method", ["fdbpl", "fm"])
 def test_ms_labels_of_all_but_one_class_give_the_embedding_caches_loss(
     method, teacher, psc_run, tmp_path
 ):
-    """MS with K = C - 1 keeps p_T whole: the one class left out gets 1 - sum of the others,
-    its own probability. So the lookup step's terms are the embedding step's, to the fp16
-    rounding of the stored values (2e-3 unless LOOKUP_RTOL says otherwise)."""
+    """The lookup step's terms are the embedding step's (the test above, through train.py)."""
     args = NSD_ARGS + [
         "--method",
         method,
@@ -53,6 +94,8 @@ def test_ms_labels_of_all_but_one_class_give_the_embedding_caches_loss(
         "--teacher-cache",
         "2",
     ]
+    for key, value in methods.get(method).table_sets:  # function matching's mixed views
+        args += ["--set", f"{key}={json.dumps(value)}"]
     assert cli(args + ["--workdir", tmp_path / "emb", "--set", "teacher_cache_dtype=float32"]) == 0
     assert cli(args + ["--workdir", tmp_path / "ms", "--soft-labels", "ms:9"]) == 0
     emb, ms = first_steps(tmp_path / "emb"), first_steps(tmp_path / "ms")

@@ -345,6 +345,38 @@ def test_kd_parity(dtype, rtol, tau):
     )
 
 
+def ref_big_vision_kl(student, teacher, t):
+    """big_vision's distillation distance 'kl' (evaluators/proj/distill/distance.py), float64:
+    t^2 softmax_xent(student / t, softmax(teacher / t), kl=True) per example, then the trainer's
+    mean over the batch."""
+    log_p = ref_log_softmax(np.asarray(teacher, np.float64) / t)
+    xent = -(np.exp(log_p) * ref_log_softmax(np.asarray(student, np.float64) / t)).sum(1)
+    return float(np.mean(t**2 * (xent + (np.exp(log_p) * log_p).sum(1))))
+
+
+@pytest.mark.parametrize("dtype,rtol", PRECISIONS)
+@pytest.mark.parametrize("t", [1.0, 10.0])  # big_vision's Flowers long and fast settings
+def test_function_matching_is_big_visions_kl_distance(dtype, rtol, t):
+    """The fm objective on the teacher's anchor logits z_t = s t_hat T_hat^T: big_vision's 'kl'
+    distance and nothing else (no labels, no cross-entropy); its gradient by finite
+    differences in float64."""
+    from pand_jax.methods import Inputs, fm
+
+    zs, te, anchors = rng_arrays(13, (6, 11), (6, 8), (11, 8), scale=3.0)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    want = ref_big_vision_kl(zs, 100.0 * unit(te) @ unit(anchors).T, t)
+
+    def loss(z, teacher, anchor_rows):
+        x = Inputs(z, z, None, teacher, anchor_rows, {}, 0)
+        return fm.fm_objective(x, temperature=t, scale=100.0)[0]
+
+    with jax.enable_x64(dtype == np.float64):
+        args = [jnp.asarray(a, dtype) for a in (zs, te, anchors)]
+        np.testing.assert_allclose(float(jax.jit(loss)(*args)), want, rtol=rtol)
+        if dtype == np.float64:
+            check_grads(lambda z: loss(z, *args[1:]), (args[0],), order=1, modes=["rev"])
+
+
 @pytest.mark.parametrize("dtype,rtol", PRECISIONS)
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_promptkd_parity(dtype, rtol, tau):

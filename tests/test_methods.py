@@ -121,11 +121,22 @@ def test_bound_words_are_made_from_the_bounds():
             "config unlabeled_data = 'folder:UNLABELED': expected null with --method dist, "
             "which trains on labels",
         ),
+        (
+            ["--method", "kd", "--set", "augment=mixup"],
+            "config augment = 'mixup': expected another recipe with --method kd, which trains "
+            "on labels: a mixed view shows two examples under one label (mixup serves the "
+            "methods that read none: promptkd, fdbpl, fm)",
+        ),
+        (
+            ["--method", "fm"],
+            "config augment = 'rrc': expected 'mixup' with --method fm: function matching "
+            "trains on mixed views (--set augment=mixup)",
+        ),
     ],
 )
 def test_logit_methods_refuse_what_they_cannot_read(extra, message, teacher, tmp_path, capsys):
-    """DKD, DIST and logit standardisation: each input they cannot use is one line, and
-    nothing is written."""
+    """DKD, DIST, logit standardisation and function matching: each input they cannot use is
+    one line, and nothing is written."""
     from pand_jax.cli.train import main
 
     unlabeled = tmp_path / "unlabeled" / "a"

@@ -127,10 +127,13 @@ def test_rerun_resumes_only_the_failed_run(demo):
 
 
 def test_teacher_cache_is_built_once_and_shared(demo):
+    """One cache of the shared views, and one of each row that sets its own augmentation."""
     out = demo["out"]
     built = (demo["first"][1] + demo["second"][1]).count("building the teacher cache")
-    assert built == 1
-    assert (out / "teacher_cache" / "seed0" / "meta.json").is_file()
+    own = sorted({r.values()["augment"] for r in plan.distinct_runs() if "augment" in r.values()})
+    assert built == 1 + len(own)
+    for name in ["seed0", *(f"seed0-{recipe}" for recipe in own)]:
+        assert (out / "teacher_cache" / name / "meta.json").is_file()
     assert not list((out / "nsd").rglob("teacher_cache"))
 
 
@@ -280,12 +283,24 @@ def test_list_prints_train_commands_in_dependency_order(demo, capsys):
         VARIANTS | {"pand-lambda0.25", "pand-lambda0.75", "pand-lambda1"}
     )
     assert "The first 3 (Stage-PSC, one run per seed that builds" in stderr
-    # Every run reads the one cache of its seed.
-    assert {
-        cfg.get("teacher_cache_dir")
+    # Every run reads the one cache of its seed, but a row that sets its own augmentation
+    # (function matching's mixup) reads one of its own.
+    caches = {
+        cfg["method"]: cfg.get("teacher_cache_dir")
         for cfg, _ in parsed[1:]
         if methods.get(cfg["method"]).reads_clip
-    } == {str(demo["out"] / "teacher_cache" / "seed0")}
+    }
+    own = {
+        m.name: dict(m.table_sets)["augment"]
+        for m in methods.REGISTRY.values()
+        if "augment" in dict(m.table_sets)
+    }
+    assert own and caches == {
+        method: str(
+            demo["out"] / "teacher_cache" / ("seed0" + (f"-{own[method]}" if method in own else ""))
+        )
+        for method in caches
+    }
 
 
 @pytest.mark.parametrize(

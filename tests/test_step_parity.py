@@ -325,6 +325,11 @@ def torch_objective(cfg, model, images, labels, t, anchors, epoch, learned, it=N
         rev = (log_p_s.exp() * (log_p_s - log_p_t)).sum(1)
         loss = (f["forward_weight"] * w * fwd).mean() + (f["reverse_weight"] * w * rev).mean()
         return loss, {"fdbpl": loss, "confidence": w.mean()}
+    if method == "fm":  # big_vision's 'kl' distance on the mixed view, no labels
+        T = lc["fm"]["temperature"]
+        z_t = lc["scale"] * feature_norm(t) @ feature_norm(anchors).T
+        kd = T * T * torch_kl_batchmean(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1))
+        return kd, {"kd": kd}
     cls = F.cross_entropy(z_s, labels)
     if method == "none":
         return cls, {"cls": cls}
@@ -496,11 +501,14 @@ def make_batches(cfg):
             "index": np.arange(BATCH, dtype=np.int32) + BATCH * (step % STEPS_PER_EPOCH),
             "teacher": rng.standard_normal((BATCH, TEACHER_DIM)).astype(np.float32),
         }
+        if cfg["augment"] == augment.MIXUP:  # the loader's partner images
+            batch["partner"] = rng.integers(0, 256, batch["image"].shape, np.uint8)
         views = augment.augment(
             batch["image"],
             augment.example_keys(SEED, batch["index"], epoch),
             cfg["augment"],
             IMAGE_SIZE,
+            partner_images=batch.get("partner"),
         )
         out.append((epoch, batch, np.asarray(views)))
     return out
@@ -558,6 +566,13 @@ NSD_CASES = {
         sets={"loss.dkd.warmup": EPOCHS, "loss.dkd.standardize": True, "loss.dkd.temperature": 2.0},
     ),
     "dist-resnet18": dict(arch="resnet18", method="dist", learned=False),
+    # function matching: the mixed views of the loader's partner images, big_vision's T
+    "fm-resnet18-mixup": dict(
+        arch="resnet18",
+        method="fm",
+        learned=False,
+        sets={"augment": "mixup", "loss.fm.temperature": 10.0},
+    ),
     "dait_it-resnet18": dict(arch="resnet18", method="dait_it", learned=True),
     # the frozen IT's map and logits (at 32 px both maps are 1x1: the resize has its own test)
     "dait-resnet18-kd": dict(
@@ -851,6 +866,7 @@ DEGENERATE_METHODS = {  # name: config overrides (k and groups as large or small
     "fdbpl": {},
     "dkd": {},
     "dist": {},
+    "fm": {},
     "pand_paper": {"loss.pand.nsd_form": "paper", "loss.pand.nsd_k": "c-1"},
     "pand_batch": {"loss.pand.nsd_form": "batch", "loss.pand.nsd_k": "b-1"},
     "pand_groups": {

@@ -108,6 +108,34 @@ def online(clip, source):
     )
 
 
+def test_mixup_cache_holds_each_views_mixture_with_its_drawn_partner(clip, source, tmp_path):
+    """Under "mixup" view v of example i mixes it with `augment.partners(seed, i, v, N)`: the
+    cache holds the teacher on exactly that mixture, which the trainer can draw again."""
+    host = np.stack([pipeline.resize_image(source[i]["image"], HOST, "stretch") for i in range(N)])
+    encode = devices.jit_apply(
+        clip,
+        lambda m, keys, partners: m.encode_image(
+            augment.augment(host, keys, augment.MIXUP, SIZE, partner_images=partners)
+        ),
+    )
+    index = np.arange(N)
+    want = np.stack(
+        [
+            np.asarray(
+                encode(
+                    augment.example_keys(SEED, index, v),
+                    host[augment.partners(SEED, index, v, N)],
+                )
+            )
+            for v in range(VIEWS)
+        ],
+        1,
+    )
+    got = embeddings(build(clip, source, tmp_path, dtype="float32", recipe=augment.MIXUP))
+    err = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert err.max() < 1e-5, err.max()
+
+
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("bfloat16", 1e-2)])
 def test_cached_equals_online_teacher(clip, source, online, tmp_path, dtype, rtol):
     cache = build(clip, source, tmp_path, dtype=dtype)

@@ -8,6 +8,10 @@ the parameter ranges. Recipes:
   random square crop of side U{192..224} resized back to 224, RandomRotation(60), GaussianBlur
   (kernel 5, sigma U[1e-5, 10]), ColorJitter(0.3, 0.1, 0.1, 0.1), horizontal flip.
 - "rrc": RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + horizontal flip.
+- "mixup": function matching's view (Beyer et al., CVPR 2022; big_vision's distill configs):
+  "rrc" of the example and "rrc" of a partner example, mixed with weight max(a, 1 - a),
+  a ~ Beta(1, 1). The partner is drawn on the host (`partners`) from the same (seed, index,
+  view) as the rest, and comes with the batch; the weight and both crops come from the key.
 - "eval": resize to out_size when the host size differs; no randomness.
 All end with CLIP mean/std normalisation. Inputs are uint8 [B, S, S, 3] from the host.
 """
@@ -21,7 +25,10 @@ import numpy as np
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-RECIPES = ("released", "rrc", "eval")
+RECIPES = ("released", "rrc", "mixup", "eval")
+MIXUP = "mixup"  # the recipe that reads a partner image per example
+MIXUP_P = 1.0  # a ~ Beta(p, p): big_vision's `config.mixup = dict(p=1.0, n=2)`
+PARTNER_STREAM = 11  # the partner draw's own seed word, apart from every other host draw
 ROTATION_DEG = 60.0
 BLUR_KERNEL, BLUR_SIGMA = 5, (1e-5, 10.0)
 JITTER = {"brightness": 0.3, "contrast": 0.1, "saturation": 0.1, "hue": 0.1}
@@ -44,6 +51,23 @@ def example_keys(seed, index, view) -> jax.Array:
 
     flat = jax.vmap(fold)(index.ravel(), view.ravel())
     return flat.reshape(index.shape + flat.shape[1:])
+
+
+def partners(seed: int, index, view, num_examples: int) -> np.ndarray:
+    """int32 like `index`: the partner "mixup" mixes example `index` with at `view`, uniform
+    over the other examples; a pure function of (seed, index, view), so a cached view's
+    partner is drawn again exactly. -1 where `index` is -1 (a padding row).
+
+    On the host, because the host reads the partner's image; NumPy's seeded generators give
+    one independent draw per (seed, index, view) without a key array on the host."""
+    index, view = np.broadcast_arrays(np.asarray(index), np.asarray(view))
+    out = np.full(index.shape, -1, np.int32)
+    others = max(num_examples - 1, 1)
+    for pos in zip(*np.nonzero(index >= 0)):
+        i = int(index[pos])
+        r = np.random.default_rng([PARTNER_STREAM, seed, i, int(view[pos])]).integers(others)
+        out[pos] = (i + 1 + r) % num_examples
+    return out
 
 
 # ---------------------------------------------------------------- parameters
@@ -98,8 +122,22 @@ def _rrc_params(key, in_size: int, out_size: int) -> dict:
     return {"region": jnp.stack([y, x, h, w]), "flip": jax.random.bernoulli(k[3])}
 
 
+def _mixup_params(key, in_size: int, out_size: int) -> dict:
+    """Both crops and the weight of the example (big_vision's mixup keeps the larger share on
+    the example itself: its Dirichlet weights sorted, first the example's)."""
+    k = jax.random.split(key, 3)
+    a = jax.random.beta(k[2], MIXUP_P, MIXUP_P)
+    return {
+        "own": _rrc_params(k[0], in_size, out_size),
+        "partner": _rrc_params(k[1], in_size, out_size),
+        "weight": jnp.maximum(a, 1 - a),
+    }
+
+
 def sample_params(keys: jax.Array, recipe: str, in_size: int, out_size: int) -> dict:
     """Per-example augmentation parameters, each an array with leading dim B."""
+    if recipe == MIXUP:
+        return jax.vmap(lambda k: _mixup_params(k, in_size, out_size))(keys)
     if recipe == "released":
         return jax.vmap(lambda k: _released_params(k, in_size, out_size))(keys)
     if recipe == "rrc":
@@ -282,19 +320,34 @@ def _apply_one(image, p, recipe: str, out_size: int):
     return _color_jitter(x, p)
 
 
-def apply_params(images, params: dict, recipe: str, out_size: int) -> jax.Array:
-    """uint8 [B,S,S,3] + sampled params -> float32 [B,out,out,3], CLIP-normalised."""
+def apply_params(
+    images, params: dict, recipe: str, out_size: int, *, partner_images=None
+) -> jax.Array:
+    """uint8 [B,S,S,3] + sampled params (+ the partners' images for "mixup") -> float32
+    [B,out,out,3], CLIP-normalised."""
+    if recipe == MIXUP:  # mixing after the normalisation: an affine map keeps convex mixtures
+        own = apply_params(images, params["own"], "rrc", out_size)
+        other = apply_params(partner_images, params["partner"], "rrc", out_size)
+        weight = params["weight"][:, None, None, None]
+        return weight * own + (1 - weight) * other
     x = jax.vmap(lambda im, p: _apply_one(im, p, recipe, out_size))(images, params)
     return (x - CLIP_MEAN) / CLIP_STD
 
 
 @functools.partial(jax.jit, static_argnames=("recipe", "out_size"))
-def augment(images, keys, recipe: str, out_size: int) -> jax.Array:
-    """uint8 [B,S,S,3], keys [B,2] (from `example_keys`) -> float32 [B,out,out,3]."""
+def augment(images, keys, recipe: str, out_size: int, *, partner_images=None) -> jax.Array:
+    """uint8 [B,S,S,3], keys [B,2] (from `example_keys`) -> float32 [B,out,out,3]. "mixup"
+    reads `partner_images`, the images [B,S,S,3] of `partners(seed, index, view, N)`."""
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[-1] != 3:
         raise ValueError(f"expected square uint8 images [B, S, S, 3], got shape {images.shape}")
+    if (recipe == MIXUP) != (partner_images is not None):
+        raise ValueError(f"the {MIXUP!r} recipe, and only it, reads partner images")
+    if partner_images is not None and partner_images.shape != images.shape:
+        raise ValueError(
+            f"partner images {partner_images.shape} must match the images {images.shape}"
+        )
     params = sample_params(keys, recipe, images.shape[1], out_size)
-    return apply_params(images, params, recipe, out_size)
+    return apply_params(images, params, recipe, out_size, partner_images=partner_images)
 
 
 def eval_transform(images, out_size: int) -> jax.Array:

@@ -11,10 +11,12 @@ warning. CRC-32, not BLAKE2: it finds the damage a disk does (flipped bits, zero
 blocks) at three times BLAKE2's speed here (bench/RESULTS.md), and nobody forges a cache.
 """
 
+import functools
 import json
 import os
 import threading
 import zlib
+from collections.abc import Callable
 
 import grain
 import numpy as np
@@ -69,10 +71,13 @@ class Loader:
     """Batches of one process for `source` (a `load_split` result or any random-access source).
 
     `epoch(e, start_step)` yields dicts {image uint8 [b,S,S,3], label int32 [b], index int32 [b],
-    mask bool [b]} with b = `local_batch_size`; the global batch is the concatenation of the
-    processes' batches in process order. The returned grain iterator has get_state/set_state.
-    `global_batch_size` is a multiple of the device count, hence of the process count: the
-    config schema checks that before any work (evaluate.py its --batch-size).
+    mask bool [b]} with b = `local_batch_size`, and with `partners` ((indices [b], epoch) ->
+    partner indices [b, ...], -1 for none) also "partner": their images [b, ..., S, S, 3]
+    (the "mixup" augmentation's second images, read in the loader's threads). The global batch
+    is the concatenation of the processes' batches in process order. The returned grain
+    iterator has get_state/set_state. `global_batch_size` is a multiple of the device count,
+    hence of the process count: the config schema checks that before any work (evaluate.py its
+    --batch-size).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class Loader:
         cache_dir: str | None = None,
         workers: int = 0,
         threads: int = 8,
+        partners: Callable[[np.ndarray, int], np.ndarray] | None = None,
     ):
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
@@ -105,7 +111,7 @@ class Loader:
         self.global_batch_size, self.image_size, self.resize = global_batch_size, image_size, resize
         self.process_index, self.process_count = process_index, process_count
         self.local_batch_size = global_batch_size // process_count
-        self.workers, self.threads = workers, threads
+        self.workers, self.threads, self.partners = workers, threads, partners
         self.cache = None if cache_dir is None else self._open_cache(cache_dir)
         if self.cache is not None:
             # grain's threads read batches at once: one lock per chunk, so a chunk is checked
@@ -130,7 +136,8 @@ class Loader:
     def epoch(self, epoch: int, start_step: int = 0) -> grain.DatasetIterator:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
-        ds = grain.MapDataset.source(self.local_order(epoch))[start_step:].map(self._load_batch)
+        load = functools.partial(self._load_batch, epoch=epoch)
+        ds = grain.MapDataset.source(self.local_order(epoch))[start_step:].map(load)
         # Each element is a whole batch, so a few in flight keep the threads busy.
         read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=2 * self.threads)
         it_ds = ds.to_iter_dataset(read)
@@ -138,7 +145,23 @@ class Loader:
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
         return iter(it_ds)
 
-    def _load_batch(self, indices: np.ndarray) -> dict:
+    def _load_batch(self, indices: np.ndarray, epoch: int) -> dict:
+        images, labels, valid = self._read(indices)
+        batch = {
+            "image": images,
+            "label": np.where(valid, labels, 0).astype(np.int32),
+            "index": indices.astype(np.int32),
+            "mask": valid,
+        }
+        if self.partners is not None:
+            partners = self.partners(indices, epoch)
+            batch["partner"] = self._read(partners.ravel())[0].reshape(
+                partners.shape + images.shape[1:]
+            )
+        return batch
+
+    def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(images, labels, valid) of `indices` [n] (-1: a zero image)."""
         valid = indices >= 0
         safe = np.where(valid, indices, 0)
         if self.cache is not None:
@@ -151,12 +174,7 @@ class Loader:
             labels = np.zeros(len(indices), np.int64)
             for j in np.flatnonzero(valid):  # decode + resize; PIL releases the GIL
                 images[j], labels[j] = self._decode(int(indices[j]))
-        return {
-            "image": images,
-            "label": np.where(valid, labels, 0).astype(np.int32),
-            "index": indices.astype(np.int32),
-            "mask": valid,
-        }
+        return images, labels, valid
 
     def _check_chunk(self, c: int) -> None:
         """Compares chunk `c` with its CRC-32 the first time it is read; a damaged one is decoded

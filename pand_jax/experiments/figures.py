@@ -23,7 +23,7 @@ from pand_jax.experiments.results import DATASET_NAMES, STUDENT_NAMES, Result
 ROW_ORDER = tuple(dict.fromkeys([r.label for r in plan_lib.table1() + plan_lib.ablations()]))
 # Methods often tie (short runs, or near chance), and a curve drawn over another hides it: each
 # method has its own marker and dash, and its points sit DODGE epochs to the side of the next's.
-MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">", "p")
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">", "p", "8", "H")
 DASHES = ("-", "--", "-.", ":")
 DODGE = 0.05
 # Figure 3's two students: the ablation table's first row (the base method) and its last (the

@@ -104,9 +104,17 @@ def variant(row: Row) -> str:
 
 
 def row_argv(row: Row) -> list[str]:
-    values = row.values()
-    argv = ["--method", row.method] + (["--no-psc"] if values.pop("no_psc", False) else [])
-    return argv + set_args([f"{k}={_set_value(v)}" for k, v in values.items()])
+    """The train.py flags that make the row's run: its method, then its config values."""
+    return row_flags(row) + row_sets(row)
+
+
+def row_flags(row: Row) -> list[str]:
+    return ["--method", row.method] + (["--no-psc"] if row.values().get("no_psc") else [])
+
+
+def row_sets(row: Row) -> list[str]:
+    values = {k: v for k, v in row.values().items() if k != "no_psc"}
+    return set_args([f"{k}={_set_value(v)}" for k, v in values.items()])
 
 
 def _set_value(value: Any) -> str:
@@ -176,7 +184,7 @@ def _nsd_run(s: Settings, row: Row, student: str, seed: int, *, first: bool) -> 
     """The Stage-NSD run of `row` for `student` and `seed`; the `first` of its seed that reads
     the teacher builds the seed's cache."""
     method, name = methods.get(row.method), variant(row)
-    argv = ["--stage", "nsd", "--student", student, *row_argv(row)]
+    argv = ["--stage", "nsd", "--student", student, *row_flags(row)]
     requires = ()
     if method.teacher == methods.INTERMEDIATE:
         argv += ["--intermediate-teacher", str(_it_dir(s, seed))]
@@ -191,6 +199,7 @@ def _nsd_run(s: Settings, row: Row, student: str, seed: int, *, first: bool) -> 
         workdir=workdir,
         first=first,
         requires=requires,
+        own_sets=tuple(row_sets(row)),
     )
 
 
@@ -209,6 +218,7 @@ def _stage_run(
     first: bool = False,
     requires: tuple[str, ...] = (),
     prior: bool = False,
+    own_sets: tuple[str, ...] = (),
 ) -> Run:
     """A Stage-NSD (or --stage it, `prior`: a prerequisite) run of `method`: its anchors,
     teacher cache and seed."""
@@ -217,13 +227,22 @@ def _stage_run(
     argv = [*stage_argv, *s.common()]
     argv += ["--anchors", str(s.out / "psc" / "anchors.npz")] if learned else []
     if method.reads_clip:
-        cache_dir = s.out / "teacher_cache" / f"seed{seed}"
+        cache_dir = s.out / "teacher_cache" / (f"seed{seed}" + _own_recipe(own_sets))
         argv += ["--teacher-cache", str(s.teacher_cache), "--set", f"teacher_cache_dir={cache_dir}"]
     argv += ["--epochs", str(s.epochs)] if s.epochs else []
     argv += ["--set", f"seed={seed}", "--set", f"host_cache_dir={s.out / 'host_cache'}"]
-    argv += ["--workdir", str(workdir), *set_args(s.nsd_sets)]
+    # The row's own values last: they define the row, over the demo's or the user's --set (a
+    # row's augmentation, say, over the demo's).
+    argv += ["--workdir", str(workdir), *set_args(s.nsd_sets), *own_sets]
     requires = ("psc",) * learned + requires
     return Run(name, tuple(argv), workdir, requires, first, prerequisite=first or prior)
+
+
+def _own_recipe(own_sets) -> str:
+    """ "-RECIPE" for a row that sets its own augmentation (its views are not the shared
+    cache's: it keeps a cache of its own), else ""."""
+    recipes = [item.split("=", 1)[1] for item in own_sets if item.startswith("augment=")]
+    return f"-{recipes[-1]}" if recipes else ""
 
 
 def first_wave(runs: list[Run]) -> int:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from pand_jax import config
-from pand_jax.methods import dait, dist, dkd, fdbpl, kd, no_kd, pand, promptkd, rkd, vl2lite
+from pand_jax.data import augment
+from pand_jax.methods import dait, dist, dkd, fdbpl, fm, kd, no_kd, pand, promptkd, rkd, vl2lite
 from pand_jax.methods.base import INTERMEDIATE, Flag, Inputs, Method, Row, Rule, Sweep
 
 # In the paper's Table 1 order, then the other systems, then the general-purpose KD methods:
@@ -32,6 +33,7 @@ REGISTRY: dict[str, Method] = {
         dait.DAIT_IT,
         dkd.DKD,
         dist.DIST,
+        fm.FM,
     )
 }
 NAMES = tuple(REGISTRY)
@@ -69,6 +71,14 @@ def rule(cfg: dict[str, Any], num_classes: int) -> Rule | None:
             cfg["unlabeled_data"],
             f"null with --method {method.name}, which trains on labels (images without "
             f"labels need a method that reads none: {', '.join(label_free)})",
+        )
+    if cfg["augment"] == augment.MIXUP and method.reads_labels:
+        return (
+            "augment",
+            cfg["augment"],
+            f"another recipe with --method {method.name}, which trains on labels: a mixed view "
+            f"shows two examples under one label (mixup serves the methods that read none: "
+            f"{', '.join(names(lambda m: not m.reads_labels))})",
         )
     if cfg["student_text_context"] and (method.anchor_head or method.dual_prompts):
         return (

@@ -325,7 +325,9 @@ def make_train_step(cfg, *, graphdef, loss_fn, tx, schedule, teacher=None, inter
     def train_step(state, frozen: Frozen, batch, epoch):
         view = batch.get("view", epoch)
         keys = augment.example_keys(seed, batch["index"], view)
-        images = augment.augment(batch["image"], keys, recipe, size)
+        images = augment.augment(
+            batch["image"], keys, recipe, size, partner_images=batch.get("partner")
+        )
         signals = signals_of(frozen, batch, images)
 
         def objective(params):
@@ -439,11 +441,13 @@ class TrainingData:
     loader: pipeline.Loader
     steps_per_epoch: int
     reads_labels: bool
+    view_of: Any  # (indices, epoch) -> the view each example trains on
 
     @classmethod
     def open(cls, stage: Stage, method: methods.Method) -> TrainingData:
         cfg = stage.cfg
         source = setup.train_source(stage.info, stage.train_split, cfg, stage.unlabeled)
+        view_of = teacher_cache.example_views(cfg["seed"], cfg["teacher_cache"], len(source))
         loader = pipeline.Loader(
             source,
             global_batch_size=cfg["batch_size"],
@@ -452,31 +456,40 @@ class TrainingData:
             train=True,
             seed=cfg["seed"],
             cache_dir=stage.host_cache_dir(),
+            partners=_partners(cfg, view_of, len(source)),
         )
         steps = setup.steps_per_epoch(loader.steps_per_epoch, cfg)
-        return cls(stage, source, loader, steps, method.reads_labels)
+        return cls(stage, source, loader, steps, method.reads_labels, view_of)
 
     def batches(self, cache: teacher_cache.Cache | None):
         """(epoch, start step) -> the epoch's device batches from `start` on: images, labels
-        (for a method that reads them: nothing else can), indices, the cached view of each
-        example and what the cache holds for it."""
-        seed, views, mesh = self.stage.cfg["seed"], self.stage.cfg["teacher_cache"], self.stage.mesh
-        keys = ("image", "label", "index") if self.reads_labels else ("image", "index")
+        (for a method that reads them: nothing else can), indices, the partners' images under
+        "mixup", the cached view of each example and what the cache holds for it."""
+        views, mesh = self.stage.cfg["teacher_cache"], self.stage.mesh
+        keys = ["image", "index"] + ["label"] * self.reads_labels
+        keys += ["partner"] * (self.loader.partners is not None)
 
         def batches(epoch, start):
-            if views:
-                epoch_views = teacher_cache.views_for_epoch(seed, epoch, len(self.source), views)
             for b in itertools.islice(
                 self.loader.epoch(epoch, start), self.steps_per_epoch - start
             ):
                 b = {k: b[k] for k in keys}
                 if views:
-                    b["view"] = epoch_views[b["index"]]
+                    b["view"] = self.view_of(b["index"], epoch)
                 if cache is not None:
                     b.update(cache.lookup(b["index"], b["view"]))
                 yield devices.to_global(mesh, b)
 
         return batches
+
+
+def _partners(cfg: dict[str, Any], view_of, num_examples: int):
+    """The loader's (indices, epoch) -> partner indices under "mixup" (None otherwise): each
+    example's partner at the view it trains on."""
+    if cfg["augment"] != augment.MIXUP:
+        return None
+    seed = cfg["seed"]
+    return lambda index, epoch: augment.partners(seed, index, view_of(index, epoch), num_examples)
 
 
 def _teacher_cache(stage: Stage, method: methods.Method, teachers: Teachers, *, anchors, source):

@@ -4,8 +4,9 @@ teacher's image embeddings or, given `soft_labels`, FKD's sparse soft labels: th
 indices and fp16 values of the teacher's class probabilities over the anchors
 (`pand_jax.soft_labels`).
 
-Augmentation is a pure function of (seed, example index, view) (`augment.example_keys`), so
-the trainer can regenerate on device exactly the view whose teacher outputs it reads here:
+Augmentation is a pure function of (seed, example index, view) (`augment.example_keys`; under
+"mixup" the partner too, `augment.partners`), so the trainer can regenerate on device exactly
+the view whose teacher outputs it reads here:
 
     cache = build(clip, source, Spec(views=V, ...), ...)  # memory-mapped [N, V, ...]
     view = views_for_epoch(seed, epoch, N, V)[index]  # per example of a batch
@@ -102,6 +103,21 @@ def views_for_epoch(seed: int, epoch: int, num_examples: int, views: int) -> np.
         raise ValueError(f"views must be >= 1, got {views}")
     rng = np.random.default_rng([seed, epoch, 7])  # 7: a stream apart from the batch order's
     return rng.integers(0, views, num_examples, dtype=np.int32)
+
+
+def example_views(seed: int, views: int, num_examples: int):
+    """(indices [B], epoch) -> int32 [B]: the view each example trains on in that epoch, its
+    cached view (`views_for_epoch`) with `views` of them, else the epoch (a fresh view each)."""
+    epoch_views = functools.lru_cache(maxsize=2)(
+        lambda epoch: views_for_epoch(seed, epoch, num_examples, views)
+    )
+
+    def view_of(index, epoch: int) -> np.ndarray:
+        if views:
+            return epoch_views(epoch)[index]
+        return np.full(np.shape(index), epoch, np.int32)
+
+    return view_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +328,7 @@ def _encode(
     index,
     view,
     *,
+    partners=None,
     anchors=None,
     graphdef,
     seed,
@@ -320,7 +337,8 @@ def _encode(
     dtype,
     sparse=None,
 ):
-    """What the cache stores of view `view` of a batch, computed and cast on device: the teacher
+    """What the cache stores of view `view` of a batch (with "mixup", `partners` [B, V, S, S, 3]
+    holds every view's partner images), computed and cast on device: the teacher
     embeddings (B, D) in the storage dtype `dtype`, or, with `sparse` = (K, scale, temperature,
     index dtype), their soft labels over `anchors` [C, D]: top-K indices and fp16 values.
 
@@ -328,7 +346,8 @@ def _encode(
     the teacher state and anchors are arguments, never baked-in constants."""
     # Padding rows carry index -1; any valid key will do, their rows are dropped.
     keys = augment.example_keys(seed, jnp.maximum(index, 0), view)
-    images = augment.augment(images, keys, recipe, image_size)
+    partner_images = None if partners is None else partners[:, view]
+    images = augment.augment(images, keys, recipe, image_size, partner_images=partner_images)
     teacher = nnx.merge(graphdef, state, copy=True)
     embeddings = teacher.encode_image(images)
     if sparse is None:
@@ -352,6 +371,9 @@ def _compute(clip, source, spec: Spec, job: _Build) -> None:
         resize="stretch",
         train=False,
         seed=spec.seed,
+        # Under "mixup" a batch carries V partner images per example: fewer batches in flight.
+        threads=2 if spec.recipe == augment.MIXUP else 8,
+        partners=_partners(spec, len(source)),
     )
     first, todo = min(job.chunks), set(job.chunks)
     batches = progress_bar(
@@ -379,6 +401,18 @@ def _compute(clip, source, spec: Spec, job: _Build) -> None:
         write_json(job.path / META, dict(job.meta, complete=True))
 
 
+def _partners(spec: Spec, num_examples: int):
+    """The cache loader's partners under "mixup" (None otherwise): [B, V], every view's."""
+    if spec.recipe != augment.MIXUP:
+        return None
+
+    def every_view(index, epoch):
+        views = range(spec.views)
+        return np.stack([augment.partners(spec.seed, index, v, num_examples) for v in views], 1)
+
+    return every_view
+
+
 def _encoder(clip, spec: Spec, job: _Build):
     """global batch -> what the cache stores of each of its views (`_encode`), on device."""
     graphdef, state = nnx.split(clip)
@@ -399,7 +433,15 @@ def _encoder(clip, spec: Spec, job: _Build):
 
     def encode(batch):
         return tuple(
-            _encode(state, batch["image"], batch["index"], np.int32(v), anchors=anchors, **static)
+            _encode(
+                state,
+                batch["image"],
+                batch["index"],
+                np.int32(v),
+                partners=batch.get("partner"),
+                anchors=anchors,
+                **static,
+            )
             for v in range(spec.views)
         )
 
