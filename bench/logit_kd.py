@@ -1,6 +1,7 @@
-"""The general-purpose logit distillers beside KD and CE alone: DKD, DIST, and KD and DKD with
-logit standardisation, over seeds. Each method runs at its reproduce.py Table 1 row (its
-configs/nsd.json section); the standardised rows at their authors' recipes (STANDARDIZED).
+"""The general-purpose logit distillers beside KD and CE alone: DKD, DIST, function matching,
+and KD and DKD with logit standardisation, over seeds. Each method runs at its reproduce.py
+Table 1 row (its configs/nsd.json section; function matching's sets augment=mixup); the
+standardised rows at their authors' recipes (STANDARDIZED).
 
     python bench/logit_kd.py [--workdir runs/bench_logit_kd] [--seeds 0,1,2] [--epochs 6]
                              [--datasets digits,shapes]
@@ -34,7 +35,7 @@ from pand_jax.cli.train import main as train  # noqa: E402
 from pand_jax.experiments import plan  # noqa: E402
 from pand_jax.methods import Row  # noqa: E402
 
-METHODS = ("none", "kd", "dkd", "dist")  # with CE alone for scale
+METHODS = ("none", "kd", "dkd", "dist", "fm")  # with CE alone for scale
 # logit-standardization-KD's README commands (--logit-stand --base-temp 2 --kd-weight 9):
 # KD at T 2 with the KL weighted 9 (CE 1); DKD with alpha and beta times 9, T 2.
 STANDARDIZED = (
@@ -70,12 +71,15 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--datasets", default="digits,shapes")
+    p.add_argument("--rows", help="only the rows of these methods (comma-separated names)")
     args = p.parse_args()
     root, seeds = args.workdir, [int(s) for s in args.seeds.split(",")]
     demo = root / "demo"
     if not (demo / "teacher").is_dir():
         assert train(["--demo", "--workdir", str(demo)]) == 0
     rows = [row for row in plan.table1() if row.method in METHODS] + list(STANDARDIZED)
+    if args.rows:
+        rows = [row for row in rows if row.method in args.rows.split(",")]
     for name in args.datasets.split(","):
         dataset = "digits"
         if name == "shapes":

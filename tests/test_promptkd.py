@@ -14,6 +14,7 @@ from conftest import NSD_ARGS
 from PIL import Image
 from test_train import checkpoint_steps, latest_state
 
+from pand_jax import methods
 from pand_jax.data import sources
 
 
@@ -165,7 +166,8 @@ def test_the_training_set_is_the_split_then_the_unlabelled_images(label_free):
             ["--method", "pand"],
             "config unlabeled_data = 'folder:UNLABELED': expected null with "
             "--method pand, which trains on labels (images without labels "
-            "need a method that reads none: promptkd, fdbpl)",
+            "need a method that reads none: "
+            f"{', '.join(methods.names(lambda m: not m.reads_labels))})",
         ),
         (
             lambda u: [p.unlink() for p in u.rglob("*.PNG")],

@@ -174,7 +174,9 @@ def plan(s: Settings) -> list[Run]:
             its.append(_stage_run(s, it, argv, name=f"it seed {seed}", seed=seed, prior=True))
         for student in s.students:
             for row in rows:
+                # a row with its own augmentation builds its own cache, not the shared one
                 first = methods.get(row.method).reads_clip and s.teacher_cache > 0
+                first = first and "augment" not in row.values()
                 run = _nsd_run(s, row, student, seed, first=first and len(builders) == seed)
                 (builders if run.builds_cache else rest).append(run)
     return runs + builders + its + rest
@@ -199,7 +201,7 @@ def _nsd_run(s: Settings, row: Row, student: str, seed: int, *, first: bool) -> 
         workdir=workdir,
         first=first,
         requires=requires,
-        own_sets=tuple(row_sets(row)),
+        row=row,
     )
 
 
@@ -218,31 +220,27 @@ def _stage_run(
     first: bool = False,
     requires: tuple[str, ...] = (),
     prior: bool = False,
-    own_sets: tuple[str, ...] = (),
+    row: Row | None = None,
 ) -> Run:
-    """A Stage-NSD (or --stage it, `prior`: a prerequisite) run of `method`: its anchors,
-    teacher cache and seed."""
+    """A Stage-NSD (or --stage it, `prior`: a prerequisite) run of `method` (of a table's
+    `row`): its anchors, teacher cache and seed. A row that sets its own augmentation has views
+    of its own, so it keeps a cache of its own (`seedS-RECIPE`)."""
+    own = row.values() if row else {}
     workdir = workdir or _it_dir(s, seed)
     learned = method.wants_learned_anchors("--no-psc" in stage_argv)
     argv = [*stage_argv, *s.common()]
     argv += ["--anchors", str(s.out / "psc" / "anchors.npz")] if learned else []
     if method.reads_clip:
-        cache_dir = s.out / "teacher_cache" / (f"seed{seed}" + _own_recipe(own_sets))
+        recipe = f"-{own['augment']}" if "augment" in own else ""
+        cache_dir = s.out / "teacher_cache" / f"seed{seed}{recipe}"
         argv += ["--teacher-cache", str(s.teacher_cache), "--set", f"teacher_cache_dir={cache_dir}"]
     argv += ["--epochs", str(s.epochs)] if s.epochs else []
     argv += ["--set", f"seed={seed}", "--set", f"host_cache_dir={s.out / 'host_cache'}"]
     # The row's own values last: they define the row, over the demo's or the user's --set (a
     # row's augmentation, say, over the demo's).
-    argv += ["--workdir", str(workdir), *set_args(s.nsd_sets), *own_sets]
+    argv += ["--workdir", str(workdir), *set_args(s.nsd_sets), *(row_sets(row) if row else [])]
     requires = ("psc",) * learned + requires
     return Run(name, tuple(argv), workdir, requires, first, prerequisite=first or prior)
-
-
-def _own_recipe(own_sets) -> str:
-    """ "-RECIPE" for a row that sets its own augmentation (its views are not the shared
-    cache's: it keeps a cache of its own), else ""."""
-    recipes = [item.split("=", 1)[1] for item in own_sets if item.startswith("augment=")]
-    return f"-{recipes[-1]}" if recipes else ""
 
 
 def first_wave(runs: list[Run]) -> int:
