@@ -176,7 +176,7 @@ def plan(s: Settings) -> list[Run]:
             for row in rows:
                 # a row with its own augmentation builds its own cache, not the shared one
                 first = methods.get(row.method).reads_clip and s.teacher_cache > 0
-                first = first and "augment" not in row.values()
+                first = first and _own_augment(row) is None
                 run = _nsd_run(s, row, student, seed, first=first and len(builders) == seed)
                 (builders if run.builds_cache else rest).append(run)
     return runs + builders + its + rest
@@ -225,14 +225,13 @@ def _stage_run(
     """A Stage-NSD (or --stage it, `prior`: a prerequisite) run of `method` (of a table's
     `row`): its anchors, teacher cache and seed. A row that sets its own augmentation has views
     of its own, so it keeps a cache of its own (`seedS-RECIPE`)."""
-    own = row.values() if row else {}
     workdir = workdir or _it_dir(s, seed)
     learned = method.wants_learned_anchors("--no-psc" in stage_argv)
     argv = [*stage_argv, *s.common()]
     argv += ["--anchors", str(s.out / "psc" / "anchors.npz")] if learned else []
     if method.reads_clip:
-        recipe = f"-{own['augment']}" if "augment" in own else ""
-        cache_dir = s.out / "teacher_cache" / f"seed{seed}{recipe}"
+        recipe = _own_augment(row)
+        cache_dir = s.out / "teacher_cache" / (f"seed{seed}-{recipe}" if recipe else f"seed{seed}")
         argv += ["--teacher-cache", str(s.teacher_cache), "--set", f"teacher_cache_dir={cache_dir}"]
     argv += ["--epochs", str(s.epochs)] if s.epochs else []
     argv += ["--set", f"seed={seed}", "--set", f"host_cache_dir={s.out / 'host_cache'}"]
@@ -241,6 +240,11 @@ def _stage_run(
     argv += ["--workdir", str(workdir), *set_args(s.nsd_sets), *(row_sets(row) if row else [])]
     requires = ("psc",) * learned + requires
     return Run(name, tuple(argv), workdir, requires, first, prerequisite=first or prior)
+
+
+def _own_augment(row: Row | None) -> str | None:
+    """The augmentation a table row sets itself (function matching's mixup), or None."""
+    return row.values().get("augment") if row else None
 
 
 def first_wave(runs: list[Run]) -> int:

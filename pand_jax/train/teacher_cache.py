@@ -407,8 +407,7 @@ def _partners(spec: Spec, num_examples: int):
         return None
 
     def every_view(index, epoch):
-        views = range(spec.views)
-        return np.stack([augment.partners(spec.seed, index, v, num_examples) for v in views], 1)
+        return augment.partners(spec.seed, index[:, None], np.arange(spec.views), num_examples)
 
     return every_view
 
